@@ -1,0 +1,94 @@
+//! Criterion benchmarks of the ingest hot path, without HTTP:
+//! parse + check + normalize + serialize a message and a 100-message batch,
+//! the murmur2 partitioner, and an embedded-log group commit.
+//!
+//! Run: `cargo bench --bench hot_paths`
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use traitline::envelope::EventType;
+use traitline::ingest::segment::{self, Shared};
+use traitline::log::embedded::EmbeddedLog;
+use traitline::log::partitioner::murmur2;
+use traitline::log::{EventLog, Record};
+
+const MESSAGE: &str = r#"{"userId":"user-4711","event":"Product Viewed","messageId":"bench-1","timestamp":"2026-11-21T09:30:00.250Z","sentAt":"2026-11-21T09:30:01Z","properties":{"product":"p-17","price":19.99,"currency":"EUR"},"context":{"library":{"name":"analytics.js","version":"5.0.0"},"locale":"en-GB","userAgent":"Mozilla/5.0"}}"#;
+
+fn batch_body(n: usize) -> String {
+    let items: Vec<String> = (0..n)
+        .map(|i| MESSAGE.replacen('{', &format!("{{\"type\":\"track\",\"messageId\":\"m{i}\","), 1).replace("\"messageId\":\"bench-1\",", ""))
+        .collect();
+    format!(r#"{{"batch":[{}]}}"#, items.join(","))
+}
+
+fn normalize(c: &mut Criterion) {
+    let mut group = c.benchmark_group("normalize");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("track", |b| {
+        b.iter(|| {
+            let message = segment::parse_message(MESSAGE.as_bytes()).unwrap();
+            let event = segment::normalize(message, EventType::Track, &Shared::default(), Utc::now()).unwrap();
+            serde_json::to_vec(&event).unwrap()
+        })
+    });
+    let body = batch_body(100);
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("batch_100", |b| {
+        b.iter(|| {
+            let batch = segment::parse_batch(body.as_bytes()).unwrap();
+            let events = segment::normalize_batch(&batch, 32 * 1024, Utc::now()).unwrap();
+            events.iter().map(|e| serde_json::to_vec(e).unwrap().len()).sum::<usize>()
+        })
+    });
+    group.finish();
+}
+
+fn partitioner(c: &mut Criterion) {
+    c.bench_function("murmur2/user_id", |b| b.iter(|| murmur2(b"user-4711-2f9c")));
+}
+
+fn embedded_append(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EmbeddedLog::open(dir.path(), 8, &["user_events".to_owned()]).unwrap());
+    let mut group = c.benchmark_group("embedded_append");
+    for (requests, per_request) in [(1usize, 1usize), (64, 1), (1, 100)] {
+        group.throughput(Throughput::Elements((requests * per_request) as u64));
+        group.bench_with_input(
+            BenchmarkId::new("requests_x_events", format!("{requests}x{per_request}")),
+            &(requests, per_request),
+            |b, &(requests, per_request)| {
+                b.to_async(&runtime).iter(|| {
+                    let log = log.clone();
+                    async move {
+                        let appends = (0..requests).map(|r| {
+                            let records = (0..per_request)
+                                .map(|i| Record {
+                                    key: Some(format!("user-{r}-{i}")),
+                                    value: MESSAGE.as_bytes().to_vec(),
+                                })
+                                .collect();
+                            let log = log.clone();
+                            async move { log.append("user_events", records).await.unwrap() }
+                        });
+                        futures_join_all(appends).await;
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// Awaits all futures concurrently (a tiny join_all, to keep dependencies few).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
+
+criterion_group!(benches, normalize, partitioner, embedded_append);
+criterion_main!(benches);

@@ -1,0 +1,77 @@
+//! The `traitline` command line: settings shared by every subcommand, and
+//! the subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::bench::BenchIngestArgs;
+use crate::config::Settings;
+
+/// Traitline: user-activity events in over HTTP, durable in an event log
+/// (embedded, or Apache Kafka), turned into user profiles.
+///
+/// With no subcommand, `serve` runs. Every setting can also come from a
+/// `TRAITLINE_*` environment variable or from `traitline.toml` (keys are
+/// the flag names without `--`); flags win over environment, environment
+/// over the file.
+#[derive(Parser, Debug)]
+#[command(name = "traitline", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+
+    /// Configuration file [default: traitline.toml when present]
+    #[arg(long, env = "TRAITLINE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the service (the default)
+    Serve,
+    /// Work with the events in the log
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Measure a running service
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventsCommand {
+    /// Print stored records as JSON lines, like kcat: one object a record
+    /// with topic, partition, offset, timestamp, key and value
+    Tail(TailArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TailArgs {
+    /// Start at the oldest record instead of only printing new ones
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Topic to read, without the prefix [default: user_events]
+    #[arg(long, default_value = "user_events")]
+    pub topic: String,
+    /// Exit once every partition is read to its end instead of waiting for
+    /// more (kcat -e)
+    #[arg(long, short = 'e')]
+    pub exit: bool,
+    /// Exit after this many records
+    #[arg(long, short = 'c')]
+    pub count: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Send events to a running service at a chosen concurrency and report
+    /// requests/s, events/s and latency percentiles
+    Ingest(BenchIngestArgs),
+}

@@ -1,0 +1,557 @@
+//! The one typed configuration of a Traitline process.
+//!
+//! Every setting is resolved in one order: built-in defaults, then the TOML
+//! file (`traitline.toml`, or `--config`), then `TRAITLINE_*` environment
+//! variables, then command-line flags. Flags and environment come through
+//! clap (which already prefers a flag over its variable); the file fills
+//! what neither set. [`Config::resolve`] validates the result once, at
+//! start-up, and every error names the setting the user has to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Settings as given by flags, environment or file, before defaults apply.
+///
+/// The same struct is parsed by clap (flags and `TRAITLINE_*` variables) and
+/// by serde (the TOML file, whose keys are the flag names without `--`), so
+/// a setting has exactly one name everywhere.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP API listens on [default: 127.0.0.1:8080]
+    #[arg(long, env = "TRAITLINE_LISTEN", global = true)]
+    pub listen: Option<String>,
+
+    /// Directory for the embedded log, the generated keys and (later) the
+    /// SQLite store [default: ./traitline-data]
+    #[arg(long, env = "TRAITLINE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Kafka bootstrap servers (host:port,...). Unset: the embedded log in
+    /// the data directory is used instead of Kafka
+    #[arg(long, env = "TRAITLINE_KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+
+    /// PostgreSQL URL for the stores. Unset: SQLite in the data directory
+    #[arg(long, env = "TRAITLINE_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Prefix put before every topic name (`user_events` becomes
+    /// `<prefix>user_events`) [default: empty]
+    #[arg(long, env = "TRAITLINE_TOPIC_PREFIX", global = true)]
+    pub topic_prefix: Option<String>,
+
+    /// Partitions of a topic Traitline creates (Kafka or embedded)
+    /// [default: 8]
+    #[arg(long, env = "TRAITLINE_PARTITIONS", global = true)]
+    pub partitions: Option<i32>,
+
+    /// Write keys that may send events, comma-separated. Unset: one is
+    /// generated on first start and saved in the data directory
+    #[arg(long, env = "TRAITLINE_WRITE_KEYS", value_delimiter = ',', global = true)]
+    pub write_keys: Option<Vec<String>>,
+
+    /// Read keys for the query API, comma-separated. Unset: generated
+    #[arg(long, env = "TRAITLINE_READ_KEYS", value_delimiter = ',', global = true)]
+    pub read_keys: Option<Vec<String>>,
+
+    /// Admin keys (may also delete), comma-separated. Unset: generated
+    #[arg(long, env = "TRAITLINE_ADMIN_KEYS", value_delimiter = ',', global = true)]
+    pub admin_keys: Option<Vec<String>>,
+
+    /// Stages this process runs, comma-separated from ingest, process, query
+    /// [default: ingest,process,query]
+    #[arg(long, env = "TRAITLINE_ROLES", value_delimiter = ',', global = true)]
+    pub roles: Option<Vec<String>>,
+
+    /// Largest accepted event, in bytes after decompression [default: 32768]
+    #[arg(long, env = "TRAITLINE_MAX_EVENT_BYTES", global = true)]
+    pub max_event_bytes: Option<usize>,
+
+    /// Largest accepted request body (a batch), in bytes after
+    /// decompression [default: 512000]
+    #[arg(long, env = "TRAITLINE_MAX_BATCH_BYTES", global = true)]
+    pub max_batch_bytes: Option<usize>,
+
+    /// How long a request may wait for the log to store its events before
+    /// it is answered 503, in milliseconds [default: 5000]
+    #[arg(long, env = "TRAITLINE_APPEND_TIMEOUT_MS", global = true)]
+    pub append_timeout_ms: Option<u64>,
+
+    /// Ingest requests in flight at once; past it requests get 503 at once
+    /// instead of queueing without bound [default: 2048]
+    #[arg(long, env = "TRAITLINE_MAX_IN_FLIGHT", global = true)]
+    pub max_in_flight: Option<usize>,
+
+    /// Replication factor of topics Traitline creates in Kafka; -1 takes the
+    /// broker's default [default: -1]
+    #[arg(long, env = "TRAITLINE_KAFKA_REPLICATION_FACTOR", global = true, allow_negative_numbers = true)]
+    pub kafka_replication_factor: Option<i32>,
+
+    /// Producer compression: none, gzip, snappy, lz4 or zstd [default: lz4]
+    #[arg(long, env = "TRAITLINE_KAFKA_COMPRESSION", global = true)]
+    pub kafka_compression: Option<String>,
+
+    /// Producer linger (batching delay) in milliseconds [default: 5]
+    #[arg(long, env = "TRAITLINE_KAFKA_LINGER_MS", global = true)]
+    pub kafka_linger_ms: Option<u32>,
+
+    /// Most messages the producer queues before sends wait (back-pressure)
+    /// [default: 100000]
+    #[arg(long, env = "TRAITLINE_KAFKA_QUEUE_MESSAGES", global = true)]
+    pub kafka_queue_messages: Option<u32>,
+
+    /// Extra librdkafka setting, `name=value`; repeatable (e.g.
+    /// `security.protocol=SASL_SSL`)
+    #[arg(long = "kafka-option", env = "TRAITLINE_KAFKA_OPTIONS", value_delimiter = ',', global = true)]
+    pub kafka_options: Option<Vec<String>>,
+
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+impl Settings {
+    /// Fills every setting this one leaves unset from `fallback`.
+    fn or(self, fallback: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(fallback.listen),
+            data_dir: self.data_dir.or(fallback.data_dir),
+            kafka_brokers: self.kafka_brokers.or(fallback.kafka_brokers),
+            database_url: self.database_url.or(fallback.database_url),
+            topic_prefix: self.topic_prefix.or(fallback.topic_prefix),
+            partitions: self.partitions.or(fallback.partitions),
+            write_keys: self.write_keys.or(fallback.write_keys),
+            read_keys: self.read_keys.or(fallback.read_keys),
+            admin_keys: self.admin_keys.or(fallback.admin_keys),
+            roles: self.roles.or(fallback.roles),
+            max_event_bytes: self.max_event_bytes.or(fallback.max_event_bytes),
+            max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
+            append_timeout_ms: self.append_timeout_ms.or(fallback.append_timeout_ms),
+            max_in_flight: self.max_in_flight.or(fallback.max_in_flight),
+            kafka_replication_factor: self
+                .kafka_replication_factor
+                .or(fallback.kafka_replication_factor),
+            kafka_compression: self.kafka_compression.or(fallback.kafka_compression),
+            kafka_linger_ms: self.kafka_linger_ms.or(fallback.kafka_linger_ms),
+            kafka_queue_messages: self.kafka_queue_messages.or(fallback.kafka_queue_messages),
+            kafka_options: self.kafka_options.or(fallback.kafka_options),
+            log_format: self.log_format.or(fallback.log_format),
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting `{setting}` (flag --{setting}, environment {env}): {reason}")]
+    Invalid {
+        setting: &'static str,
+        env: String,
+        reason: String,
+    },
+    #[error("cannot read the configuration file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        env: format!("TRAITLINE_{}", setting.replace('-', "_").to_uppercase()),
+        reason: reason.into(),
+    }
+}
+
+/// Where events are stored.
+#[derive(Debug, Clone)]
+pub enum LogBackend {
+    /// The durable log in `<data-dir>/log`, for one machine.
+    Embedded,
+    /// Apache Kafka (any Kafka-protocol broker).
+    Kafka(KafkaSettings),
+}
+
+/// Producer and admin settings for Kafka, each next to its librdkafka name.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Replication of created topics; -1 asks the broker's default.
+    pub replication_factor: i32,
+    /// `compression.type` (librdkafka default: none).
+    pub compression: String,
+    /// `linger.ms` (librdkafka default: 5).
+    pub linger_ms: u32,
+    /// `queue.buffering.max.messages` (librdkafka default: 100000).
+    pub queue_messages: u32,
+    /// Any other librdkafka setting, passed through unchanged.
+    pub options: Vec<(String, String)>,
+}
+
+/// The stages a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub process: bool,
+    pub query: bool,
+}
+
+/// Request size limits of the ingest API, applied after decompression.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest single event (a single-event request, or one batch item).
+    pub max_event_bytes: usize,
+    /// Largest request body.
+    pub max_batch_bytes: usize,
+    /// Ingest requests being handled at once.
+    pub max_in_flight: usize,
+}
+
+/// Keys as configured; an empty list means "generate and keep in the data
+/// directory".
+#[derive(Debug, Clone, Default)]
+pub struct KeySettings {
+    pub write: Vec<String>,
+    pub read: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration of a process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: LogBackend,
+    pub database_url: Option<String>,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub keys: KeySettings,
+    pub roles: Roles,
+    pub limits: Limits,
+    pub append_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+/// The default name of the configuration file, read when present.
+pub const DEFAULT_CONFIG_FILE: &str = "traitline.toml";
+
+impl Config {
+    /// Resolves flags and environment (`cli`), the configuration file and
+    /// the defaults into a validated configuration.
+    ///
+    /// `config_file` is the `--config` setting: a file named there must
+    /// exist; without it `traitline.toml` is read only when present.
+    pub fn resolve(cli: Settings, config_file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match config_file {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Settings::default(),
+        };
+        Config::from_settings(cli.or(file))
+    }
+
+    /// Applies defaults to `s` and validates every setting.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+        let listen = listen_text.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+
+        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("./traitline-data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data-dir", "must not be empty"));
+        }
+
+        let partitions = s.partitions.unwrap_or(8);
+        if !(1..=10_000).contains(&partitions) {
+            return Err(invalid(
+                "partitions",
+                format!("{partitions} is out of range; use 1 to 10000"),
+            ));
+        }
+
+        let topic_prefix = s.topic_prefix.unwrap_or_default();
+        if !topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            || topic_prefix.len() > 200
+        {
+            return Err(invalid(
+                "topic-prefix",
+                format!("`{topic_prefix}`: a Kafka topic name allows only a-z, A-Z, 0-9, `.`, `_` and `-`"),
+            ));
+        }
+
+        let log = match s.kafka_brokers.filter(|b| !b.trim().is_empty()) {
+            None => LogBackend::Embedded,
+            Some(brokers) => LogBackend::Kafka(kafka_settings(
+                brokers,
+                s.kafka_replication_factor,
+                s.kafka_compression,
+                s.kafka_linger_ms,
+                s.kafka_queue_messages,
+                s.kafka_options,
+            )?),
+        };
+
+        let keys = KeySettings {
+            write: key_list("write-keys", s.write_keys)?,
+            read: key_list("read-keys", s.read_keys)?,
+            admin: key_list("admin-keys", s.admin_keys)?,
+        };
+
+        let roles = roles(s.roles)?;
+
+        let limits = Limits {
+            max_event_bytes: s.max_event_bytes.unwrap_or(32 * 1024),
+            max_batch_bytes: s.max_batch_bytes.unwrap_or(500 * 1024),
+            max_in_flight: s.max_in_flight.unwrap_or(2048),
+        };
+        if limits.max_event_bytes < 256 {
+            return Err(invalid("max-event-bytes", "must be at least 256"));
+        }
+        if limits.max_batch_bytes < limits.max_event_bytes {
+            return Err(invalid(
+                "max-batch-bytes",
+                format!(
+                    "{} is smaller than max-event-bytes ({})",
+                    limits.max_batch_bytes, limits.max_event_bytes
+                ),
+            ));
+        }
+        if limits.max_in_flight == 0 {
+            return Err(invalid("max-in-flight", "must be at least 1"));
+        }
+
+        let append_timeout_ms = s.append_timeout_ms.unwrap_or(5000);
+        if !(10..=600_000).contains(&append_timeout_ms) {
+            return Err(invalid(
+                "append-timeout-ms",
+                format!("{append_timeout_ms} is out of range; use 10 to 600000"),
+            ));
+        }
+
+        let log_format = match s.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format!("`{other}`: use text or json"),
+                ));
+            }
+        };
+
+        let database_url = s.database_url.filter(|u| !u.trim().is_empty());
+        if let Some(url) = &database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database-url",
+                "must be a PostgreSQL URL like postgres://user:password@host/database",
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            data_dir,
+            log,
+            database_url,
+            topic_prefix,
+            partitions,
+            keys,
+            roles,
+            limits,
+            append_timeout: Duration::from_millis(append_timeout_ms),
+            log_format,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn kafka_settings(
+    brokers: String,
+    replication_factor: Option<i32>,
+    compression: Option<String>,
+    linger_ms: Option<u32>,
+    queue_messages: Option<u32>,
+    options: Option<Vec<String>>,
+) -> Result<KafkaSettings, ConfigError> {
+    let replication_factor = replication_factor.unwrap_or(-1);
+    if replication_factor == 0 || replication_factor < -1 {
+        return Err(invalid(
+            "kafka-replication-factor",
+            "use -1 (the broker's default) or a positive number",
+        ));
+    }
+    let compression = compression.unwrap_or_else(|| "lz4".to_owned());
+    if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&compression.as_str()) {
+        return Err(invalid(
+            "kafka-compression",
+            format!("`{compression}`: use none, gzip, snappy, lz4 or zstd"),
+        ));
+    }
+    let queue_messages = queue_messages.unwrap_or(100_000);
+    if queue_messages == 0 {
+        return Err(invalid("kafka-queue-messages", "must be at least 1"));
+    }
+    let options = options
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+            _ => Err(invalid(
+                "kafka-option",
+                format!("`{o}` is not name=value"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(KafkaSettings {
+        brokers,
+        replication_factor,
+        compression,
+        linger_ms: linger_ms.unwrap_or(5),
+        queue_messages,
+        options,
+    })
+}
+
+fn key_list(setting: &'static str, keys: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let keys: Vec<String> = keys
+        .unwrap_or_default()
+        .into_iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+        return Err(invalid(
+            setting,
+            format!(
+                "a key of {} characters is too easy to guess; use at least 16",
+                short.len()
+            ),
+        ));
+    }
+    Ok(keys)
+}
+
+fn roles(roles: Option<Vec<String>>) -> Result<Roles, ConfigError> {
+    let Some(list) = roles else {
+        return Ok(Roles {
+            ingest: true,
+            process: true,
+            query: true,
+        });
+    };
+    let mut roles = Roles {
+        ingest: false,
+        process: false,
+        query: false,
+    };
+    for role in list.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        match role {
+            "ingest" => roles.ingest = true,
+            "process" => roles.process = true,
+            "query" => roles.query = true,
+            other => {
+                return Err(invalid(
+                    "roles",
+                    format!("unknown role `{other}`; use ingest, process or query"),
+                ));
+            }
+        }
+    }
+    if !(roles.ingest || roles.process || roles.query) {
+        return Err(invalid("roles", "name at least one of ingest, process, query"));
+    }
+    Ok(roles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_embedded_on_localhost_8080() {
+        let c = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./traitline-data"));
+        assert!(matches!(c.log, LogBackend::Embedded));
+        assert_eq!(c.partitions, 8);
+        assert_eq!(c.limits.max_event_bytes, 32 * 1024);
+        assert_eq!(c.limits.max_batch_bytes, 500 * 1024);
+        assert_eq!(c.append_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_and_environment_win_over_the_file() {
+        let cli = Settings {
+            partitions: Some(3),
+            ..Settings::default()
+        };
+        let file: Settings = toml::from_str("partitions = 12\nlisten = \"0.0.0.0:9000\"").unwrap();
+        let c = Config::from_settings(cli.or(file)).unwrap();
+        assert_eq!(c.partitions, 3);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn a_bad_setting_names_itself() {
+        let err = Config::from_settings(Settings {
+            listen: Some("localhost".into()),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`listen`") && err.contains("TRAITLINE_LISTEN"), "{err}");
+
+        let err = Config::from_settings(Settings {
+            roles: Some(vec!["ingest".into(), "dashboard".into()]),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`roles`") && err.contains("dashboard"), "{err}");
+
+        let err = Config::from_settings(Settings {
+            kafka_brokers: Some("localhost:9092".into()),
+            kafka_compression: Some("brotli".into()),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("TRAITLINE_KAFKA_COMPRESSION"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<Settings>("listn = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! Every way an ingest request can fail, and the one place each becomes an
+//! HTTP answer.
+//!
+//! Client mistakes (4xx) say exactly what is wrong and where; the log being
+//! unavailable (503) says when to come back. No answer carries internal
+//! detail: those go to the log line.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::log::AppendError;
+
+/// Why an ingest request was not accepted. Nothing of a failed request is
+/// acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body is not JSON, or not the JSON shape of the route.
+    #[error("{message}")]
+    InvalidJson { message: String, field: Option<String> },
+    /// A required field is absent or empty.
+    #[error("{field}: required{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
+    MissingField { field: String, hint: Option<&'static str> },
+    /// A field has the wrong JSON type.
+    #[error("{field}: {message}")]
+    InvalidType { field: String, message: String },
+    /// A field has the right type but a value that breaks a rule.
+    #[error("{field}: {message}")]
+    InvalidValue { field: String, message: String },
+    /// One event is larger than `max-event-bytes`.
+    #[error("{}event is {size} bytes; the limit is {limit} bytes (setting max-event-bytes)", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    EventTooLarge { field: Option<String>, size: usize, limit: usize },
+    /// The request body is larger than `max-batch-bytes`.
+    #[error("request body is over the limit of {limit} bytes (setting max-batch-bytes)")]
+    BatchTooLarge { limit: usize },
+    /// A `Content-Encoding` other than gzip or identity.
+    #[error("Content-Encoding `{0}` is not supported; send gzip or no encoding")]
+    UnsupportedEncoding(String),
+    /// A gzip body that does not decompress.
+    #[error("the gzip body cannot be decompressed: {0}")]
+    InvalidGzip(String),
+    /// No key in `Authorization` nor `writeKey`.
+    #[error("a write key is required: send it as the HTTP Basic user name, as `Authorization: Bearer <key>`, or as `writeKey` in the body")]
+    MissingKey,
+    /// A key that Traitline does not know.
+    #[error("the key is not valid")]
+    UnknownKey,
+    /// A known key without the right scope (a read key sending events).
+    #[error("this key may not send events; use a write key")]
+    WrongScope,
+    /// Too many requests in flight: the log is slower than the clients.
+    #[error("Traitline is busy storing earlier events; retry shortly")]
+    Overloaded,
+    /// The log could not store the events in time.
+    #[error("the event log cannot store events right now; retry shortly")]
+    LogUnavailable,
+    /// The log refused the events for good (a bug or a broker limit).
+    #[error("the event log refused these events")]
+    LogRejected,
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for a person and for a program.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code (`missing_field`, `invalid_type`, ...).
+    #[schema(example = "missing_field")]
+    pub code: &'static str,
+    /// What is wrong, in a sentence.
+    pub message: String,
+    /// Where in the request, as a path (`batch[3].userId`), when it is one
+    /// field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "batch[3].userId")]
+    pub field: Option<String>,
+}
+
+/// How long a client should wait before retrying a 503.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        use IngestError::*;
+        match self {
+            InvalidJson { .. } | InvalidGzip(_) => StatusCode::BAD_REQUEST,
+            MissingField { .. } | InvalidType { .. } | InvalidValue { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            EventTooLarge { .. } | BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
+            WrongScope => StatusCode::FORBIDDEN,
+            Overloaded | LogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            LogRejected => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use IngestError::*;
+        match self {
+            InvalidJson { .. } => "invalid_json",
+            MissingField { .. } => "missing_field",
+            InvalidType { .. } => "invalid_type",
+            InvalidValue { .. } => "invalid_value",
+            EventTooLarge { .. } => "event_too_large",
+            BatchTooLarge { .. } => "batch_too_large",
+            UnsupportedEncoding(_) => "unsupported_encoding",
+            InvalidGzip(_) => "invalid_gzip",
+            MissingKey => "missing_key",
+            UnknownKey => "invalid_key",
+            WrongScope => "wrong_key_scope",
+            Overloaded => "overloaded",
+            LogUnavailable => "log_unavailable",
+            LogRejected => "log_rejected",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        use IngestError::*;
+        match self {
+            InvalidJson { field, .. } | EventTooLarge { field, .. } => field.clone(),
+            MissingField { field, .. } | InvalidType { field, .. } | InvalidValue { field, .. } => {
+                Some(field.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts `prefix` before the field path (`userId` in item 3 of a batch
+    /// becomes `batch[3].userId`).
+    pub fn within(self, prefix: &str) -> IngestError {
+        let join = |field: String| {
+            if field.is_empty() {
+                prefix.to_owned()
+            } else if field.starts_with('[') {
+                format!("{prefix}{field}")
+            } else {
+                format!("{prefix}.{field}")
+            }
+        };
+        use IngestError::*;
+        match self {
+            InvalidJson { message, field } => InvalidJson {
+                message,
+                field: Some(join(field.unwrap_or_default())),
+            },
+            MissingField { field, hint } => MissingField { field: join(field), hint },
+            InvalidType { field, message } => InvalidType { field: join(field), message },
+            InvalidValue { field, message } => InvalidValue { field: join(field), message },
+            EventTooLarge { field, size, limit } => EventTooLarge {
+                field: Some(join(field.unwrap_or_default())),
+                size,
+                limit,
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<AppendError> for IngestError {
+    fn from(error: AppendError) -> Self {
+        if error.is_retryable() {
+            tracing::warn!("answered 503: {error}");
+            IngestError::LogUnavailable
+        } else {
+            tracing::error!("answered 500: {error}");
+            IngestError::LogRejected
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                field: self.field(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER.as_secs()),
+            );
+        }
+        response
+    }
+}
+
+/// Turns a serde error at `path` into the client's error: a syntax error is
+/// 400, a well-formed body of the wrong shape 422 naming the field.
+pub fn from_serde(error: serde_path_to_error::Error<serde_json::Error>) -> IngestError {
+    let path = error.path().to_string();
+    let field = if path == "." { String::new() } else { path };
+    let inner = error.into_inner();
+    let message = strip_position(&inner.to_string());
+    use serde_json::error::Category;
+    match inner.classify() {
+        Category::Syntax | Category::Eof | Category::Io => IngestError::InvalidJson {
+            message: format!("the body is not valid JSON: {message}"),
+            field: None,
+        },
+        Category::Data => {
+            if let Some(name) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                let field = if field.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{field}.{name}")
+                };
+                IngestError::MissingField { field, hint: None }
+            } else if message.starts_with("invalid type") {
+                if field.is_empty() {
+                    IngestError::InvalidJson {
+                        message: format!("the body must be a JSON object: {message}"),
+                        field: None,
+                    }
+                } else {
+                    IngestError::InvalidType { field, message }
+                }
+            } else {
+                IngestError::InvalidValue { field, message }
+            }
+        }
+    }
+}
+
+/// serde_json ends its messages with "at line 1 column 20", which means
+/// little to a client; the field path says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}

@@ -1,0 +1,274 @@
+//! Ingest: events in over HTTP, answered only once they are durable in the
+//! log.
+//!
+//! Every route runs the same steps: admit the request (bounded in-flight
+//! work), authenticate it with a write key, read the body within its size
+//! limit, parse and check every event, normalize each into an
+//! [`EventEnvelope`], append them all to `user_events`, and answer 200 only
+//! when the log has stored every one. A bad request changes nothing.
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod seed;
+pub mod segment;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Json;
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use utoipa::ToSchema;
+
+use self::body::BodyLimit;
+use self::error::{ErrorBody, IngestError};
+use self::segment::{BatchRequest, BodyKey, SegmentMessage, Shared};
+use crate::config::Limits;
+use crate::envelope::{EventEnvelope, EventType};
+use crate::keys::ApiKeys;
+use crate::log::{EventLog, Record};
+
+/// What the ingest routes share.
+#[derive(Clone)]
+pub struct Ingest {
+    pub log: Arc<dyn EventLog>,
+    pub keys: Arc<ApiKeys>,
+    pub limits: Limits,
+    /// The full name of the events topic.
+    pub topic: String,
+    /// How long a request may wait for the log before it gets 503.
+    pub append_timeout: Duration,
+    /// One permit a request being handled; none left means 503 at once.
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// Always true: every event of the request is stored.
+    pub success: bool,
+}
+
+impl Ingest {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        keys: Arc<ApiKeys>,
+        limits: Limits,
+        topic: String,
+        append_timeout: Duration,
+    ) -> Ingest {
+        Ingest {
+            log,
+            keys,
+            limits,
+            topic,
+            append_timeout,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        }
+    }
+
+    /// The ingest routes.
+    pub fn routes(self) -> Router {
+        Router::new()
+            .route("/event/user/track", post(seed_track))
+            .route("/v1/track", post(track))
+            .route("/v1/identify", post(identify))
+            .route("/v1/page", post(page))
+            .route("/v1/screen", post(screen))
+            .route("/v1/group", post(group))
+            .route("/v1/alias", post(alias))
+            .route("/v1/batch", post(batch))
+            .with_state(self)
+    }
+
+    /// Takes an in-flight slot, or refuses at once when all are taken: a
+    /// client faster than the log gets 503 instead of growing a queue.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, IngestError> {
+        self.in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| IngestError::Overloaded)
+    }
+
+    /// Authenticates by header when there is one; the body's `writeKey` is
+    /// checked after parsing otherwise.
+    fn header_key(&self, headers: &HeaderMap) -> Result<Option<String>, IngestError> {
+        let key = auth::key_from_headers(headers)?;
+        if let Some(key) = &key {
+            auth::require_write(&self.keys, Some(key))?;
+        }
+        Ok(key)
+    }
+
+    /// Appends the envelopes and waits until all are durable.
+    async fn store(&self, events: Vec<EventEnvelope>) -> Result<Json<Accepted>, IngestError> {
+        let records = events
+            .iter()
+            .map(|event| {
+                Ok(Record {
+                    key: event.record_key().map(str::to_owned),
+                    value: serde_json::to_vec(event).map_err(|e| {
+                        tracing::error!("cannot serialize an event envelope: {e}");
+                        IngestError::LogRejected
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, IngestError>>()?;
+        match tokio::time::timeout(self.append_timeout, self.log.append(&self.topic, records)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::warn!(
+                    "answered 503: the {} did not store {} events within {:?}",
+                    self.log.describe(),
+                    events.len(),
+                    self.append_timeout
+                );
+                return Err(IngestError::LogUnavailable);
+            }
+        }
+        Ok(Json(Accepted { success: true }))
+    }
+
+    /// One Segment message of type `kind`.
+    async fn single(
+        &self,
+        kind: EventType,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Json<Accepted>, IngestError> {
+        let _permit = self.admit()?;
+        let header_key = self.header_key(&headers)?;
+        let bytes = body::read(body, &headers, BodyLimit::Event(self.limits.max_event_bytes)).await?;
+        let received_at = Utc::now();
+        let message = segment::parse_message(&bytes);
+        if header_key.is_none() {
+            let key = match &message {
+                Ok(m) => m.write_key.clone(),
+                Err(_) => body_key(&bytes),
+            };
+            auth::require_write(&self.keys, key.as_deref())?;
+        }
+        let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
+        self.store(vec![event]).await
+    }
+}
+
+/// The body's `writeKey` when the body is JSON but not a valid message
+/// (so the client learns what is wrong only once it is authenticated).
+fn body_key(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<BodyKey>(bytes).ok().and_then(|k| k.write_key)
+}
+
+/// Track an event (seed API).
+///
+/// The original trait service's route. Needs a write key.
+#[utoipa::path(
+    post, path = "/event/user/track", tag = "seed",
+    request_body = seed::SeedEvent,
+    responses(
+        (status = 200, description = "The event is stored", body = Accepted),
+        (status = 400, description = "Not JSON, or not the route's shape", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "The key may not send events", body = ErrorBody),
+        (status = 413, description = "Over a size limit", body = ErrorBody),
+        (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
+        (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+        (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
+    ),
+    security(("basic" = []), ("bearer" = []))
+)]
+pub async fn seed_track(
+    State(ingest): State<Ingest>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, IngestError> {
+    let _permit = ingest.admit()?;
+    let key = auth::key_from_headers(&headers)?;
+    auth::require_write(&ingest.keys, key.as_deref())?;
+    let bytes = body::read(body, &headers, BodyLimit::Event(ingest.limits.max_event_bytes)).await?;
+    let event = seed::parse(&bytes, Utc::now())?;
+    ingest.store(vec![event]).await
+}
+
+/// Declares a Segment single-message route.
+macro_rules! segment_route {
+    ($name:ident, $path:literal, $kind:expr, $summary:literal) => {
+        #[doc = $summary]
+        #[utoipa::path(
+            post, path = $path, tag = "segment",
+            request_body = SegmentMessage,
+            responses(
+                (status = 200, description = "The event is stored", body = Accepted),
+                (status = 400, description = "Not JSON, or not the route's shape", body = ErrorBody),
+                (status = 401, description = "Missing or unknown key", body = ErrorBody),
+                (status = 403, description = "The key may not send events", body = ErrorBody),
+                (status = 413, description = "Over max-event-bytes", body = ErrorBody),
+                (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
+                (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+                (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
+            ),
+            security(("basic" = []), ("bearer" = []), ())
+        )]
+        pub async fn $name(
+            State(ingest): State<Ingest>,
+            headers: HeaderMap,
+            body: Body,
+        ) -> Result<Json<Accepted>, IngestError> {
+            ingest.single($kind, headers, body).await
+        }
+    };
+}
+
+segment_route!(track, "/v1/track", EventType::Track, "Record an action a user performed (Segment `track`).");
+segment_route!(identify, "/v1/identify", EventType::Identify, "Tie a user to their traits (Segment `identify`).");
+segment_route!(page, "/v1/page", EventType::Page, "Record a page view (Segment `page`).");
+segment_route!(screen, "/v1/screen", EventType::Screen, "Record a mobile screen view (Segment `screen`).");
+segment_route!(group, "/v1/group", EventType::Group, "Tie a user to a group or account (Segment `group`).");
+segment_route!(alias, "/v1/alias", EventType::Alias, "Merge a previous id into a user id (Segment `alias`).");
+
+/// Send many messages of any type at once (Segment `batch`).
+///
+/// All or nothing: the first bad message refuses the whole batch, named by
+/// its index (`batch[3].userId`).
+#[utoipa::path(
+    post, path = "/v1/batch", tag = "segment",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Every message is stored", body = Accepted),
+        (status = 400, description = "Not JSON, or not the route's shape", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "The key may not send events", body = ErrorBody),
+        (status = 413, description = "Over max-batch-bytes, or a message over max-event-bytes", body = ErrorBody),
+        (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
+        (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+        (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
+    ),
+    security(("basic" = []), ("bearer" = []), ())
+)]
+pub async fn batch(
+    State(ingest): State<Ingest>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, IngestError> {
+    let _permit = ingest.admit()?;
+    let header_key = ingest.header_key(&headers)?;
+    let bytes = body::read(body, &headers, BodyLimit::Batch(ingest.limits.max_batch_bytes)).await?;
+    let received_at = Utc::now();
+    let parsed: Result<BatchRequest, IngestError> = segment::parse_batch(&bytes);
+    if header_key.is_none() {
+        let key = match &parsed {
+            Ok(b) => b.write_key.clone(),
+            Err(_) => body_key(&bytes),
+        };
+        auth::require_write(&ingest.keys, key.as_deref())?;
+    }
+    let events = segment::normalize_batch(&parsed?, ingest.limits.max_event_bytes, received_at)?;
+    ingest.store(events).await
+}

@@ -1,0 +1,19 @@
+//! Traitline: user-activity events in over HTTP, durable in an event log,
+//! turned into profiles by stream processors.
+//!
+//! The modules follow the pipeline: [`ingest`] takes events over HTTP and
+//! appends them to the [`log`] (Kafka or the embedded log); [`server`] wires
+//! the stages into one process. [`config`] holds the one typed configuration
+//! every stage reads; [`keys`] the API keys that guard the routes.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod ingest;
+pub mod keys;
+pub mod log;
+pub mod openapi;
+pub mod server;
+pub mod tail;
+pub mod telemetry;

@@ -1,0 +1,388 @@
+//! The event log on Apache Kafka (any Kafka-protocol broker), via rdkafka.
+//!
+//! One producer per process, shared by every request (the seed's
+//! per-request producer cost a connection each time). Its settings, next to
+//! librdkafka's defaults:
+//!
+//! | setting | here | librdkafka default | why |
+//! |---|---|---|---|
+//! | `enable.idempotence` | true | false | retries never duplicate or reorder a partition |
+//! | `acks` | all | all | a 2xx means every in-sync replica has it |
+//! | `compression.type` | lz4 | none | cheap CPU, 3-5x less network and disk for JSON |
+//! | `linger.ms` | 5 | 5 | small batches under light load, full ones under heavy load |
+//! | `batch.size` | 1 MB | 1 MB | |
+//! | `queue.buffering.max.messages` | 100000 | 100000 | bounded: a full queue makes requests wait, then 503 |
+//! | `message.timeout.ms` | the append timeout | 300000 | a message is not delivered long after its request got 503 |
+//! | `partitioner` | murmur2_random | consistent_random | the Java client's partitioner, as the embedded log |
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{AppendError, EventLog, LogReader, Polled, ReadError, Record, StartAt, StoredRecord};
+use crate::config::KafkaSettings;
+
+/// Kafka cannot be used as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("invalid Kafka client setting (check --kafka-option and the kafka-* settings): {0}")]
+    Client(KafkaError),
+    #[error(
+        "cannot reach Kafka at {brokers} (setting kafka-brokers / TRAITLINE_KAFKA_BROKERS): {reason}"
+    )]
+    Unreachable { brokers: String, reason: String },
+    #[error("cannot create topic {topic} in Kafka: {reason}")]
+    CreateTopic { topic: String, reason: String },
+}
+
+/// The shared producer and what it needs to answer for a topic.
+pub struct KafkaLog {
+    producer: FutureProducer,
+    brokers: String,
+    /// The topic `check_ready` looks at.
+    ready_topic: String,
+    append_timeout: Duration,
+}
+
+/// The client settings every Traitline Kafka client shares.
+fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("client.id", "traitline");
+    for (name, value) in &settings.options {
+        config.set(name, value);
+    }
+    config
+}
+
+impl KafkaLog {
+    /// Connects, checks the broker answers, and creates the `topics` that
+    /// are missing with `partitions` partitions.
+    pub async fn connect(
+        settings: &KafkaSettings,
+        partitions: i32,
+        topics: &[String],
+        append_timeout: Duration,
+    ) -> Result<KafkaLog, KafkaSetupError> {
+        let mut config = base_config(settings);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &settings.compression)
+            .set("linger.ms", settings.linger_ms.to_string())
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", settings.queue_messages.to_string())
+            .set("message.timeout.ms", append_timeout.as_millis().to_string())
+            .set("partitioner", "murmur2_random");
+        // Pass-through options win over Traitline's choices.
+        for (name, value) in &settings.options {
+            config.set(name, value);
+        }
+        let producer: FutureProducer = config.create().map_err(KafkaSetupError::Client)?;
+        ensure_topics(settings, partitions, topics).await?;
+        let ready_topic = topics.first().cloned().unwrap_or_default();
+        Ok(KafkaLog {
+            producer,
+            brokers: settings.brokers.clone(),
+            ready_topic,
+            append_timeout,
+        })
+    }
+
+    /// Enqueues one record, waiting while the producer queue is full (the
+    /// back-pressure of a bounded queue) until `deadline`.
+    async fn enqueue(
+        &self,
+        topic: &str,
+        record: &Record,
+        deadline: Instant,
+    ) -> Result<rdkafka::producer::DeliveryFuture, AppendError> {
+        loop {
+            let mut message = FutureRecord::to(topic).payload(&record.value);
+            if let Some(key) = &record.key {
+                message = message.key(key.as_str());
+            }
+            match self.producer.send_result(message) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if Instant::now() >= deadline {
+                        return Err(AppendError::TimedOut(self.append_timeout));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+}
+
+/// Sorts a produce error into retryable (503) or permanent.
+fn classify(error: KafkaError) -> AppendError {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::MessageTimedOut) => AppendError::Unavailable(
+            "Kafka did not acknowledge the write in time (broker down or overloaded)".into(),
+        ),
+        Some(
+            code @ (C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidTopic
+            | C::UnsupportedForMessageFormat),
+        ) => AppendError::Rejected(format!("{code:?}")),
+        _ => AppendError::Unavailable(error.to_string()),
+    }
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<(), AppendError> {
+        let deadline = Instant::now() + self.append_timeout;
+        // Enqueue in order (per-key order is the enqueue order), then wait
+        // for every acknowledgement.
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in &records {
+            deliveries.push(self.enqueue(topic, record, deadline).await?);
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let acks = tokio::time::timeout(wait, async {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Err(classify(e)),
+                    Err(_) => {
+                        return Err(AppendError::Unavailable("the producer was closed".into()));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        acks.unwrap_or(Err(AppendError::TimedOut(self.append_timeout)))
+    }
+
+    async fn check_ready(&self) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let topic = self.ready_topic.clone();
+        let brokers = self.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                .map_err(|e| format!("Kafka at {brokers} does not answer: {e}"))?;
+            let topic_meta = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .ok_or_else(|| format!("topic {topic} is missing"))?;
+            if let Some(err) = topic_meta.error() {
+                return Err(format!("topic {topic}: {err:?}"));
+            }
+            if topic_meta.partitions().iter().any(|p| p.leader() < 0) {
+                return Err(format!("a partition of {topic} has no leader"));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn close(&self, deadline: Duration) {
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(deadline)).await;
+        match flushed {
+            Ok(Ok(())) => tracing::info!("the Kafka producer delivered everything it held"),
+            Ok(Err(e)) => tracing::warn!(
+                "the Kafka producer could not deliver everything within {deadline:?}: {e}; those requests were answered 503"
+            ),
+            Err(e) => tracing::warn!("flushing the Kafka producer failed: {e}"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("Kafka at {}", self.brokers)
+    }
+}
+
+/// Checks the broker answers and creates the missing topics.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    partitions: i32,
+    topics: &[String],
+) -> Result<(), KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(settings).create().map_err(KafkaSetupError::Client)?;
+    let admin = Arc::new(admin);
+    let existing = {
+        let admin = admin.clone();
+        let brokers = settings.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.name().to_owned())
+                        .collect::<HashSet<_>>()
+                })
+                .map_err(|e| KafkaSetupError::Unreachable {
+                    brokers,
+                    reason: e.to_string(),
+                })
+        })
+        .await
+        .map_err(|e| KafkaSetupError::Unreachable {
+            brokers: settings.brokers.clone(),
+            reason: e.to_string(),
+        })??
+    };
+    let missing: Vec<&String> = topics.iter().filter(|t| !existing.contains(*t)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(settings.replication_factor)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|e| KafkaSetupError::CreateTopic {
+            topic: missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","),
+            reason: e.to_string(),
+        })?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(topic, partitions, "created Kafka topic {topic} with {partitions} partitions"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaSetupError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a topic from Kafka without joining a consumer group (every
+/// partition assigned, nothing committed), as kcat does.
+pub struct KafkaReader {
+    consumer: StreamConsumer,
+    topic: String,
+    /// Partitions at their end since their last record.
+    at_end: HashSet<i32>,
+    partitions: usize,
+}
+
+impl KafkaReader {
+    pub fn open(settings: &KafkaSettings, topic: &str, start: StartAt) -> Result<KafkaReader, ReadError> {
+        let error = |reason: String| ReadError {
+            topic: topic.to_owned(),
+            reason,
+        };
+        let consumer: StreamConsumer = base_config(settings)
+            .set("group.id", format!("traitline-reader-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(|e| error(e.to_string()))?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| error(format!("cannot reach Kafka at {}: {e}", settings.brokers)))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .filter(|t| t.error() != Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART))
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(error("the topic does not exist".into()));
+        }
+        let offset = match start {
+            StartAt::Beginning => Offset::Beginning,
+            StartAt::End => Offset::End,
+        };
+        let mut assignment = TopicPartitionList::new();
+        for p in &partitions {
+            assignment
+                .add_partition_offset(topic, *p, offset)
+                .map_err(|e| error(e.to_string()))?;
+        }
+        consumer.assign(&assignment).map_err(|e| error(e.to_string()))?;
+        Ok(KafkaReader {
+            consumer,
+            topic: topic.to_owned(),
+            at_end: HashSet::new(),
+            partitions: partitions.len(),
+        })
+    }
+}
+
+#[async_trait]
+impl LogReader for KafkaReader {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut records = Vec::new();
+        while records.len() < max {
+            let caught_up = self.at_end.len() >= self.partitions;
+            if caught_up && !records.is_empty() {
+                break;
+            }
+            let next = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(next) => next,
+            };
+            match next {
+                Ok(message) => {
+                    self.at_end.remove(&message.partition());
+                    records.push(StoredRecord {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                        key: message.key().map(<[u8]>::to_vec),
+                        value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    });
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    self.at_end.insert(p);
+                    if self.at_end.len() >= self.partitions && records.is_empty() {
+                        return Ok(Polled {
+                            records,
+                            caught_up: true,
+                        });
+                    }
+                }
+                Err(e) => {
+                    return Err(ReadError {
+                        topic: self.topic.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let caught_up = self.at_end.len() >= self.partitions;
+        Ok(Polled { records, caught_up })
+    }
+}

@@ -1,0 +1,77 @@
+//! The `traitline` binary: parse the configuration, set up logging, and run
+//! the chosen subcommand. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+
+use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
+use traitline::config::Config;
+use traitline::{bench, server, tail, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::resolve(cli.settings, cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("traitline: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let outcome = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Events {
+            command: EventsCommand::Tail(args),
+        } => tail::run(&config, &args, &mut std::io::stdout().lock())
+            .await
+            .map_err(|e| e.to_string()),
+        Command::Bench {
+            command: BenchCommand::Ingest(args),
+        } => bench::run_ingest(&config, args).await.map_err(|e| e.to_string()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("traitline: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        format!(
+            "cannot listen on {} (setting listen / TRAITLINE_LISTEN): {e}",
+            config.listen
+        )
+    })?;
+    server::serve(config, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("interrupted; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

@@ -1,0 +1,175 @@
+//! One Traitline process: opens the log, builds the routes of its roles,
+//! serves until the shutdown future resolves, then drains.
+//!
+//! Shutdown order: stop accepting connections, let in-flight requests
+//! finish (each is answered only once its events are durable or failed),
+//! then close the log (the Kafka producer flushes what it holds).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::config::{Config, LogBackend};
+use crate::ingest::Ingest;
+use crate::keys::{ApiKeys, KeyFileError, KeySource};
+use crate::log::{self, EventLog, OpenError, Topics};
+use crate::openapi::ApiDoc;
+
+/// Why a process could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Keys(#[from] KeyFileError),
+    #[error(transparent)]
+    Log(#[from] OpenError),
+    #[error("the HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// How long the log may take to write out what it holds at shutdown.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs the configured roles on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (keys, key_source) = ApiKeys::load_or_generate(&config.keys, &config.data_dir)?;
+    let log = log::open(&config).await?;
+    let address = listener.local_addr()?;
+    let router = router(&config, log.clone(), Arc::new(keys));
+    announce(&config, address, &key_source, log.as_ref());
+
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("stopped accepting requests; closing the {}", log.describe());
+    log.close(CLOSE_DEADLINE).await;
+    tracing::info!("Traitline stopped");
+    Ok(())
+}
+
+/// The routes of the configured roles, plus health, readiness and the
+/// OpenAPI document.
+pub fn router(config: &Config, log: Arc<dyn EventLog>, keys: Arc<ApiKeys>) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz).with_state(log.clone()))
+        .route("/openapi.json", get(openapi));
+    if config.roles.ingest {
+        let ingest = Ingest::new(
+            log,
+            keys,
+            config.limits,
+            Topics::new(&config.topic_prefix).events(),
+            config.append_timeout,
+        );
+        router = router.merge(ingest.routes());
+    }
+    router
+}
+
+/// The process is alive.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Whether the process can take events now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: &'static str,
+    /// Which log this process writes to.
+    pub log: String,
+    /// Why it is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Liveness: answers while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: 200 when the log can take writes, else 503 with the reason.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "The log takes writes", body = Readiness),
+        (status = 503, description = "The log cannot take writes; `reason` says why", body = Readiness),
+    ))]
+pub async fn readyz(State(log): State<Arc<dyn EventLog>>) -> Response {
+    match log.check_ready().await {
+        Ok(()) => Json(Readiness {
+            status: "ready",
+            log: log.describe(),
+            reason: None,
+        })
+        .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(Readiness {
+                status: "unavailable",
+                log: log.describe(),
+                reason: Some(reason),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    match ApiDoc::openapi().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => {
+            tracing::error!("cannot render the OpenAPI document: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Tells the user, on standard output, where to send events and how.
+fn announce(config: &Config, address: SocketAddr, keys: &KeySource, log: &dyn EventLog) {
+    let host = if address.ip().is_unspecified() {
+        format!("127.0.0.1:{}", address.port())
+    } else {
+        address.to_string()
+    };
+    let mode = match &config.log {
+        LogBackend::Embedded => "embedded mode",
+        LogBackend::Kafka(_) => "Kafka mode",
+    };
+    println!("Traitline is listening on http://{host} ({mode}: {}).", log.describe());
+    if let Some(file) = &keys.file {
+        let verb = if keys.created { "generated and saved" } else { "read" };
+        println!("API keys ({verb}): {}", file.display());
+    }
+    let key = keys
+        .example_write_key
+        .clone()
+        .unwrap_or_else(|| "$TRAITLINE_WRITE_KEY".to_owned());
+    println!("Send an event:");
+    println!(
+        "  curl -u '{key}:' http://{host}/v1/track -H 'Content-Type: application/json' \\\n    -d '{{\"userId\": \"u1\", \"event\": \"Signed Up\", \"properties\": {{\"plan\": \"pro\"}}}}'"
+    );
+    println!("Or with the seed API:");
+    println!(
+        "  curl -u '{key}:' http://{host}/event/user/track -H 'Content-Type: application/json' \\\n    -d '{{\"key\": \"landing.user.home.click\", \"user_id\": \"u1\", \"payload\": {{\"client_os\": \"iOS\", \"client_version\": \"1.0.0\"}}}}'"
+    );
+    println!("See what was stored: traitline events tail --from-beginning   (API: http://{host}/openapi.json)");
+}

@@ -1,0 +1,67 @@
+//! Kafka faults, injected with librdkafka's mock cluster: a broker that is
+//! down gives 503 with Retry-After within the append bound, never a 2xx and
+//! never a hang; after recovery, requests succeed again.
+
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{Backend, spawn_app_with, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_gives_503_and_recovery_brings_2xx_back() {
+    tokio::time::timeout(Duration::from_secs(120), outage_and_recovery())
+        .await
+        .expect("the fault test finishes (a mock cluster can hang a client on drop)");
+}
+
+async fn outage_and_recovery() {
+    let cluster = MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("fault{}_", uuid::Uuid::new_v4().simple());
+    cluster
+        .create_topic(&format!("{prefix}user_events"), 4, 1)
+        .expect("the topic is created");
+    let brokers = cluster.bootstrap_servers();
+    let app = spawn_app_with(Backend::Kafka, |s| {
+        s.kafka_brokers = Some(brokers.clone());
+        s.topic_prefix = Some(prefix.clone());
+        s.append_timeout_ms = Some(1500);
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15)) // a hang guard, far past the 1.5 s bound
+        .build()
+        .unwrap();
+    let send = |i: u32| {
+        client
+            .post(app.url("/v1/track"))
+            .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "e", "messageId": format!("m{i}")}))
+            .send()
+    };
+    assert_eq!(send(0).await.unwrap().status(), StatusCode::OK);
+
+    cluster.broker_down(1).unwrap();
+    for i in 1..=3 {
+        let response = send(i).await.expect("answered, not hung");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "log_unavailable");
+    }
+    let ready = client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    cluster.broker_up(1).unwrap();
+    let mut i = 100;
+    wait_for("a 2xx after the broker is back", Duration::from_secs(60), || {
+        i += 1;
+        let request = send(i);
+        async move { request.await.map(|r| r.status() == StatusCode::OK).unwrap_or(false) }
+    })
+    .await;
+    drop(app);
+    drop(cluster);
+}

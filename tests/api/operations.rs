@@ -1,0 +1,155 @@
+//! Running the binary: start-up messages, a bad setting, graceful
+//! shutdown, and `traitline events tail`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{ServiceProcess, TestDir, WRITE_KEY, binary, embedded_env, env_refs};
+
+#[tokio::test]
+async fn first_start_generates_keys_and_prints_a_curl_that_works() {
+    let dir = TestDir::new();
+    let data = dir.path().join("data");
+    let data_dir = data.display().to_string();
+    let env = [("TRAITLINE_LISTEN", "127.0.0.1:0"), ("TRAITLINE_DATA_DIR", data_dir.as_str())];
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env).await;
+    let printed = std::fs::read_to_string(&service.stdout).unwrap();
+    assert!(printed.contains("embedded mode"), "{printed}");
+    let key = printed
+        .split("curl -u '")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("a curl command with the key is printed")
+        .to_owned();
+    assert!(key.starts_with("tlw_"), "{key}");
+    let saved: Value = serde_json::from_slice(&std::fs::read(data.join("keys.json")).unwrap()).unwrap();
+    assert_eq!(saved["write"][0], key.as_str());
+    assert!(saved["read"][0].as_str().unwrap().starts_with("tlr_"));
+    assert!(saved["admin"][0].as_str().unwrap().starts_with("tla_"));
+
+    let response = reqwest::Client::new()
+        .post(service.url("/v1/track"))
+        .basic_auth(&key, Some(""))
+        .json(&json!({"userId": "u1", "event": "Signed Up"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert!(service.terminate().await.success());
+
+    // A second start reads the same keys back.
+    let service = ServiceProcess::start(dir.path(), "second", &[], &env).await;
+    let printed = std::fs::read_to_string(&service.stdout).unwrap();
+    assert!(printed.contains(&key));
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_naming_it() {
+    let output = Command::new(binary())
+        .env("TRAITLINE_LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`listen`") && stderr.contains("TRAITLINE_LISTEN"), "{stderr}");
+
+    let output = Command::new(binary())
+        .args(["--partitions", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`partitions`"));
+}
+
+#[test]
+fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
+    let dir = TestDir::new();
+    let output = Command::new(binary())
+        .current_dir(dir.path())
+        .args(["--kafka-brokers", "127.0.0.1:1", "--listen", "127.0.0.1:0", "--write-keys", WRITE_KEY])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach Kafka") && stderr.contains("kafka-brokers"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let dir = TestDir::new();
+    let env = embedded_env(dir.path());
+    let mut service = ServiceProcess::start(dir.path(), "service", &[], &env_refs(&env)).await;
+    let client = reqwest::Client::new();
+    let mut requests = Vec::new();
+    for i in 0..64 {
+        let request = client
+            .post(service.url("/v1/track"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": format!("u{i}"), "event": "e", "messageId": format!("m{i}")}))
+            .send();
+        requests.push(tokio::spawn(request));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let status = service.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    let mut acknowledged = Vec::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        if let Ok(Ok(response)) = request.await
+            && response.status().is_success()
+        {
+            acknowledged.push(format!("m{i}"));
+        }
+    }
+    let stored = tail(dir.path(), &["--from-beginning", "--exit"]);
+    for id in &acknowledged {
+        assert!(stored.iter().any(|r| r["value"]["messageId"] == id.as_str()), "{id} is stored");
+    }
+}
+
+/// Runs `traitline events tail` on the test's embedded log.
+fn tail(dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
+    let output = Command::new(binary())
+        .args(["events", "tail"])
+        .args(args)
+        .env("TRAITLINE_DATA_DIR", dir.join("data"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn events_tail_prints_stored_records_as_json_lines() {
+    let dir = TestDir::new();
+    let env = embedded_env(dir.path());
+    let service = ServiceProcess::start(dir.path(), "service", &[], &env_refs(&env)).await;
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let response = client
+            .post(service.url("/v1/identify"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u7", "traits": {"n": i}, "messageId": format!("id-{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+    let records = tail(dir.path(), &["--from-beginning", "--exit"]);
+    assert_eq!(records.len(), 3);
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(record["topic"], "user_events");
+        assert_eq!(record["key"], "u7");
+        assert_eq!(record["offset"], i as i64);
+        assert_eq!(record["value"]["messageId"], format!("id-{i}"));
+        assert_eq!(record["value"]["type"], "identify");
+    }
+    // Without --from-beginning it starts at the end: nothing old is shown.
+    assert!(tail(dir.path(), &["--exit"]).is_empty());
+    assert_eq!(tail(dir.path(), &["--from-beginning", "--count", "2"]).len(), 2);
+}
