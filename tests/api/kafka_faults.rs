@@ -24,8 +24,11 @@ async fn outage_and_recovery() {
         .create_topic(&format!("{prefix}user_events"), 4, 1)
         .expect("the topic is created");
     let brokers = cluster.bootstrap_servers();
-    let app = spawn_app_with(Backend::Kafka, |s| {
+    // Embedded settings turned to Kafka on the mock cluster (not the broker
+    // the test command started).
+    let app = spawn_app_with(Backend::Embedded, |s| {
         s.kafka_brokers = Some(brokers.clone());
+        s.kafka_replication_factor = Some(1);
         s.topic_prefix = Some(prefix.clone());
         s.append_timeout_ms = Some(1500);
     })
