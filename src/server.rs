@@ -171,5 +171,7 @@ fn announce(config: &Config, address: SocketAddr, keys: &KeySource, log: &dyn Ev
     println!(
         "  curl -u '{key}:' http://{host}/event/user/track -H 'Content-Type: application/json' \\\n    -d '{{\"key\": \"landing.user.home.click\", \"user_id\": \"u1\", \"payload\": {{\"client_os\": \"iOS\", \"client_version\": \"1.0.0\"}}}}'"
     );
-    println!("See what was stored: traitline events tail --from-beginning   (API: http://{host}/openapi.json)");
+    println!("See what was stored: traitline events tail --from-beginning");
+    println!("  (from the source tree: cargo run --release -- events tail --from-beginning)");
+    println!("Every route: http://{host}/openapi.json");
 }
