@@ -10,6 +10,12 @@ use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
 use traitline::config::Config;
 use traitline::{bench, server, tail, telemetry};
 
+/// mimalloc instead of the system allocator: ingest allocates and frees
+/// many small strings and maps per event, and glibc malloc took a quarter
+/// of the CPU under load (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -199,6 +199,30 @@ impl IntoResponse for IngestError {
     }
 }
 
+/// Deserializes `T` from `de` (reading `bytes`). The fast path tracks no
+/// field path; only when it fails is the body parsed again with the path
+/// tracked, so that the error can name the field.
+pub fn parse_json<'de, T: serde::Deserialize<'de>>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+    bytes: &'de [u8],
+) -> Result<T, IngestError> {
+    match T::deserialize(&mut *de) {
+        Ok(value) => Ok(value),
+        Err(_) => {
+            let mut again = serde_json::Deserializer::from_slice(bytes);
+            match serde_path_to_error::deserialize::<_, T>(&mut again) {
+                Err(e) => Err(from_serde(e)),
+                // Cannot happen (the same bytes failed a moment ago), but
+                // stays an error rather than a panic.
+                Ok(_) => Err(IngestError::InvalidJson {
+                    message: "the body is not valid JSON".into(),
+                    field: None,
+                }),
+            }
+        }
+    }
+}
+
 /// Turns a serde error at `path` into the client's error: a syntax error is
 /// 400, a well-formed body of the wrong shape 422 naming the field.
 pub fn from_serde(error: serde_path_to_error::Error<serde_json::Error>) -> IngestError {

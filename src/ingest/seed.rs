@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::error::{IngestError, from_serde};
+use super::error::{IngestError, parse_json};
 use crate::envelope::{EventEnvelope, EventType, Source};
 
 /// A user event of the seed API.
@@ -60,7 +60,7 @@ pub fn valid_key(key: &str) -> bool {
 /// Parses and checks a seed event and builds its envelope.
 pub fn parse(bytes: &[u8], received_at: DateTime<Utc>) -> Result<EventEnvelope, IngestError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let event: SeedEvent = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    let event: SeedEvent = parse_json(&mut de, bytes)?;
     de.end().map_err(|e| IngestError::InvalidJson {
         message: format!("the body is not valid JSON: {e}"),
         field: None,

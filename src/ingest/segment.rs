@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::error::{IngestError, from_serde};
+use super::error::{IngestError, parse_json};
 use crate::envelope::{EventEnvelope, EventType, Source};
 
 /// One Segment message. Which fields are required depends on its type:
@@ -163,7 +163,7 @@ impl EventType {
 /// Parses a single message body.
 pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage, IngestError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let message: SegmentMessage = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    let message: SegmentMessage = parse_json(&mut de, bytes)?;
     de.end().map_err(|e| IngestError::InvalidJson {
         message: format!("the body is not valid JSON: {e}"),
         field: None,
@@ -174,7 +174,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage, IngestError> {
 /// Parses a `/v1/batch` body (the messages stay raw until [`normalize_batch`]).
 pub fn parse_batch(bytes: &[u8]) -> Result<BatchRequest, IngestError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let batch: BatchRequest = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    let batch: BatchRequest = parse_json(&mut de, bytes)?;
     de.end().map_err(|e| IngestError::InvalidJson {
         message: format!("the body is not valid JSON: {e}"),
         field: None,
