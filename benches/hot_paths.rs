@@ -14,6 +14,10 @@ use traitline::log::embedded::EmbeddedLog;
 use traitline::log::partitioner::murmur2;
 use traitline::log::{EventLog, Record};
 
+/// The binary's allocator, so the figures match the service.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MESSAGE: &str = r#"{"userId":"user-4711","event":"Product Viewed","messageId":"bench-1","timestamp":"2026-11-21T09:30:00.250Z","sentAt":"2026-11-21T09:30:01Z","properties":{"product":"p-17","price":19.99,"currency":"EUR"},"context":{"library":{"name":"analytics.js","version":"5.0.0"},"locale":"en-GB","userAgent":"Mozilla/5.0"}}"#;
 
 fn batch_body(n: usize) -> String {

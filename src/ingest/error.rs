@@ -199,28 +199,22 @@ impl IntoResponse for IngestError {
     }
 }
 
-/// Deserializes `T` from `de` (reading `bytes`). The fast path tracks no
-/// field path; only when it fails is the body parsed again with the path
-/// tracked, so that the error can name the field.
-pub fn parse_json<'de, T: serde::Deserialize<'de>>(
-    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
-    bytes: &'de [u8],
-) -> Result<T, IngestError> {
-    match T::deserialize(&mut *de) {
-        Ok(value) => Ok(value),
-        Err(_) => {
-            let mut again = serde_json::Deserializer::from_slice(bytes);
-            match serde_path_to_error::deserialize::<_, T>(&mut again) {
-                Err(e) => Err(from_serde(e)),
-                // Cannot happen (the same bytes failed a moment ago), but
-                // stays an error rather than a panic.
-                Ok(_) => Err(IngestError::InvalidJson {
-                    message: "the body is not valid JSON".into(),
-                    field: None,
-                }),
-            }
-        }
-    }
+/// Parses a whole body as `T`. The fast path tracks no field path; only
+/// when it fails is the body parsed again with the path tracked, so that
+/// the error can name the field. Trailing bytes after the JSON value are an
+/// error.
+pub fn parse_json<'de, T: serde::Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, IngestError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = T::deserialize(&mut de).and_then(|value| de.end().map(|()| value));
+    parsed.or_else(|_| {
+        let mut again = serde_json::Deserializer::from_slice(bytes);
+        let value = serde_path_to_error::deserialize::<_, T>(&mut again).map_err(from_serde)?;
+        again.end().map_err(|e| IngestError::InvalidJson {
+            message: format!("the body is not valid JSON: {}", strip_position(&e.to_string())),
+            field: None,
+        })?;
+        Ok(value)
+    })
 }
 
 /// Turns a serde error at `path` into the client's error: a syntax error is

@@ -59,12 +59,7 @@ pub fn valid_key(key: &str) -> bool {
 
 /// Parses and checks a seed event and builds its envelope.
 pub fn parse(bytes: &[u8], received_at: DateTime<Utc>) -> Result<EventEnvelope, IngestError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let event: SeedEvent = parse_json(&mut de, bytes)?;
-    de.end().map_err(|e| IngestError::InvalidJson {
-        message: format!("the body is not valid JSON: {e}"),
-        field: None,
-    })?;
+    let event: SeedEvent = parse_json(bytes)?;
     if !valid_key(&event.key) {
         return Err(IngestError::InvalidValue {
             field: "key".into(),

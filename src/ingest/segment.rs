@@ -162,23 +162,13 @@ impl EventType {
 
 /// Parses a single message body.
 pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage, IngestError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let message: SegmentMessage = parse_json(&mut de, bytes)?;
-    de.end().map_err(|e| IngestError::InvalidJson {
-        message: format!("the body is not valid JSON: {e}"),
-        field: None,
-    })?;
+    let message: SegmentMessage = parse_json(bytes)?;
     Ok(message)
 }
 
 /// Parses a `/v1/batch` body (the messages stay raw until [`normalize_batch`]).
 pub fn parse_batch(bytes: &[u8]) -> Result<BatchRequest, IngestError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let batch: BatchRequest = parse_json(&mut de, bytes)?;
-    de.end().map_err(|e| IngestError::InvalidJson {
-        message: format!("the body is not valid JSON: {e}"),
-        field: None,
-    })?;
+    let batch: BatchRequest = parse_json(bytes)?;
     Ok(batch)
 }
 

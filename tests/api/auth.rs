@@ -4,18 +4,8 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, READ_KEY, WRITE_KEY, spawn_app};
+use crate::helpers::{INGEST_ROUTES as ROUTES, Backend, READ_KEY, WRITE_KEY, spawn_app};
 
-const ROUTES: [&str; 8] = [
-    "/event/user/track",
-    "/v1/track",
-    "/v1/identify",
-    "/v1/page",
-    "/v1/screen",
-    "/v1/group",
-    "/v1/alias",
-    "/v1/batch",
-];
 
 fn valid_body(route: &str) -> Value {
     match route {

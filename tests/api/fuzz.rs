@@ -5,18 +5,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde_json::{Map, Value, json};
 
-use crate::helpers::{Backend, WRITE_KEY, spawn_app};
+use crate::helpers::{INGEST_ROUTES as ROUTES, Backend, WRITE_KEY, spawn_app};
 
-const ROUTES: [&str; 8] = [
-    "/event/user/track",
-    "/v1/track",
-    "/v1/identify",
-    "/v1/page",
-    "/v1/screen",
-    "/v1/group",
-    "/v1/alias",
-    "/v1/batch",
-];
 
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![

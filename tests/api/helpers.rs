@@ -16,6 +16,18 @@ use traitline::config::{Config, Settings};
 use traitline::envelope::EventEnvelope;
 use traitline::log::{self, StartAt, StoredRecord, Topics};
 
+/// Every ingest route; `/v1/batch` is last.
+pub const INGEST_ROUTES: [&str; 8] = [
+    "/event/user/track",
+    "/v1/track",
+    "/v1/identify",
+    "/v1/page",
+    "/v1/screen",
+    "/v1/group",
+    "/v1/alias",
+    "/v1/batch",
+];
+
 /// Which event log a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
