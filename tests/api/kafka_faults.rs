@@ -68,3 +68,71 @@ async fn outage_and_recovery() {
     drop(app);
     drop(cluster);
 }
+
+/// In-flight work is bounded: with every slot held by requests waiting on a
+/// stalled log, the next request is refused at once with 503 `overloaded`
+/// instead of queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_in_flight_bound_get_503_at_once() {
+    tokio::time::timeout(Duration::from_secs(120), overload())
+        .await
+        .expect("the overload test finishes");
+}
+
+async fn overload() {
+    let cluster = MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("busy{}_", uuid::Uuid::new_v4().simple());
+    cluster.create_topic(&format!("{prefix}user_events"), 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let app = spawn_app_with(Backend::Embedded, |s| {
+        s.kafka_brokers = Some(brokers.clone());
+        s.kafka_replication_factor = Some(1);
+        s.topic_prefix = Some(prefix.clone());
+        s.append_timeout_ms = Some(3000);
+        s.max_in_flight = Some(2);
+    })
+    .await;
+    cluster.broker_down(1).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let (client, url, stop) = (app.client.clone(), app.url("/v1/track"), stop.clone());
+        hogs.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = client
+                    .post(&url)
+                    .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+                    .json(&json!({"userId": "u1", "event": "slow"}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status());
+            }
+            statuses
+        }));
+    }
+    wait_for("a request refused as overloaded", Duration::from_secs(30), || {
+        let request = app
+            .client
+            .post(app.url("/v1/track"))
+            .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u2", "event": "probe"}))
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            assert_ne!(response.status(), StatusCode::OK, "nothing is stored while the broker is down");
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["error"]["code"] == "overloaded"
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for hog in hogs {
+        let statuses = hog.await.unwrap();
+        assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+    }
+    drop(app);
+    drop(cluster);
+}
