@@ -219,7 +219,7 @@ pub fn parse_json<'de, T: serde::Deserialize<'de>>(bytes: &'de [u8]) -> Result<T
 
 /// Turns a serde error at `path` into the client's error: a syntax error is
 /// 400, a well-formed body of the wrong shape 422 naming the field.
-pub fn from_serde(error: serde_path_to_error::Error<serde_json::Error>) -> IngestError {
+fn from_serde(error: serde_path_to_error::Error<serde_json::Error>) -> IngestError {
     let path = error.path().to_string();
     let field = if path == "." { String::new() } else { path };
     let inner = error.into_inner();

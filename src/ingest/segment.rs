@@ -162,14 +162,12 @@ impl EventType {
 
 /// Parses a single message body.
 pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage, IngestError> {
-    let message: SegmentMessage = parse_json(bytes)?;
-    Ok(message)
+    parse_json(bytes)
 }
 
 /// Parses a `/v1/batch` body (the messages stay raw until [`normalize_batch`]).
 pub fn parse_batch(bytes: &[u8]) -> Result<BatchRequest, IngestError> {
-    let batch: BatchRequest = parse_json(bytes)?;
-    Ok(batch)
+    parse_json(bytes)
 }
 
 /// Checks a message against the rules of `kind` and builds its envelope.

@@ -11,9 +11,9 @@
 //!
 //! One writer thread owns every file. Appends from many requests queue on
 //! a bounded channel; the writer takes all that are waiting, writes them,
-//! and fsyncs each touched file once, in parallel, before it answers any of them (group
-//! commit), so concurrent requests share an fsync and no request is
-//! answered before its records are on disk. On open, each partition is
+//! and fsyncs each touched file once (the files in parallel) before it
+//! answers any of them (group commit), so concurrent requests share an
+//! fsync and no request is answered before its records are on disk. On open, each partition is
 //! scanned and a torn or corrupt tail (a crash mid-write) is cut off.
 //!
 //! A process-wide lock file keeps a second writer out; readers

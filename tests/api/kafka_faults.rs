@@ -5,10 +5,35 @@
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use reqwest::StatusCode;
 use serde_json::json;
+use traitline::config::Settings;
 
-use crate::helpers::{Backend, spawn_app_with, wait_for};
+use crate::helpers::{Backend, TestApp, spawn_app_with, wait_for};
+
+/// A service on a one-broker mock cluster (not the broker the test command
+/// started), its events topic created with `partitions` partitions.
+async fn app_on_mock_cluster(
+    partitions: i32,
+    adjust: impl FnOnce(&mut Settings),
+) -> (MockCluster<'static, DefaultProducerContext>, TestApp) {
+    let cluster = MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("mock{}_", uuid::Uuid::new_v4().simple());
+    cluster
+        .create_topic(&format!("{prefix}user_events"), partitions, 1)
+        .expect("the topic is created");
+    let brokers = cluster.bootstrap_servers();
+    // Embedded settings, turned to Kafka on the mock cluster.
+    let app = spawn_app_with(Backend::Embedded, |s| {
+        s.kafka_brokers = Some(brokers);
+        s.kafka_replication_factor = Some(1);
+        s.topic_prefix = Some(prefix);
+        adjust(s);
+    })
+    .await;
+    (cluster, app)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_gives_503_and_recovery_brings_2xx_back() {
@@ -18,21 +43,7 @@ async fn a_broker_outage_gives_503_and_recovery_brings_2xx_back() {
 }
 
 async fn outage_and_recovery() {
-    let cluster = MockCluster::new(1).expect("a mock cluster starts");
-    let prefix = format!("fault{}_", uuid::Uuid::new_v4().simple());
-    cluster
-        .create_topic(&format!("{prefix}user_events"), 4, 1)
-        .expect("the topic is created");
-    let brokers = cluster.bootstrap_servers();
-    // Embedded settings turned to Kafka on the mock cluster (not the broker
-    // the test command started).
-    let app = spawn_app_with(Backend::Embedded, |s| {
-        s.kafka_brokers = Some(brokers.clone());
-        s.kafka_replication_factor = Some(1);
-        s.topic_prefix = Some(prefix.clone());
-        s.append_timeout_ms = Some(1500);
-    })
-    .await;
+    let (cluster, app) = app_on_mock_cluster(4, |s| s.append_timeout_ms = Some(1500)).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15)) // a hang guard, far past the 1.5 s bound
         .build()
@@ -80,14 +91,7 @@ async fn requests_past_the_in_flight_bound_get_503_at_once() {
 }
 
 async fn overload() {
-    let cluster = MockCluster::new(1).expect("a mock cluster starts");
-    let prefix = format!("busy{}_", uuid::Uuid::new_v4().simple());
-    cluster.create_topic(&format!("{prefix}user_events"), 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let app = spawn_app_with(Backend::Embedded, |s| {
-        s.kafka_brokers = Some(brokers.clone());
-        s.kafka_replication_factor = Some(1);
-        s.topic_prefix = Some(prefix.clone());
+    let (cluster, app) = app_on_mock_cluster(1, |s| {
         s.append_timeout_ms = Some(3000);
         s.max_in_flight = Some(2);
     })
