@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod keys;
 pub mod log;
 pub mod openapi;
+pub mod profile;
 pub mod server;
 pub mod tail;
 pub mod telemetry;

@@ -1,0 +1,308 @@
+//! Profile semantics: what a user's events make of their profile. Pure code,
+//! no I/O; the store loads profiles, [`Book`] applies a batch of events to
+//! them, and the store writes back what changed.
+//!
+//! Every part of a profile is a merge that does not depend on order: counts
+//! add, first/last seen take the minimum/maximum, and every value that can
+//! be overwritten (a trait, the context, the user id) is a register that
+//! keeps the write with the greatest [`Stamp`] (event time, then message id
+//! to break ties). So any arrival order of the same events, and any order of
+//! merging two profiles, gives the same profile.
+
+mod book;
+
+pub use book::{Applied, Book, Change, Merge};
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::envelope::{EventEnvelope, EventType};
+
+/// When a write happened: the event's (skew-corrected) time, then its
+/// message id, so two writes are never tied.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Stamp {
+    pub at: DateTime<Utc>,
+    pub message_id: String,
+}
+
+impl Stamp {
+    pub fn of(event: &EventEnvelope) -> Stamp {
+        Stamp {
+            at: event.timestamp,
+            message_id: event.message_id.clone(),
+        }
+    }
+}
+
+/// A value and the stamp of the write that set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped<T> {
+    pub stamp: Stamp,
+    pub value: T,
+}
+
+impl<T: Clone> Stamped<T> {
+    /// Keeps the later of two writes.
+    fn keep_latest(slot: &mut Option<Stamped<T>>, write: Stamped<T>) {
+        match slot {
+            Some(current) if current.stamp >= write.stamp => {}
+            _ => *slot = Some(write),
+        }
+    }
+}
+
+/// Puts `write` into `map[key]` unless a later (or, with `earliest`, an
+/// earlier) write is there.
+fn register<T>(map: &mut BTreeMap<String, Stamped<T>>, key: &str, write: Stamped<T>, earliest: bool) {
+    match map.get(key) {
+        Some(current) if (current.stamp <= write.stamp) == earliest => {}
+        _ => {
+            map.insert(key.to_owned(), write);
+        }
+    }
+}
+
+/// The full state of one profile, as the store keeps it. The registers are
+/// kept (not only their values) so that later events and merges still
+/// resolve by time. [`ProfileView`] is what the API shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The user id of the latest event that carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Stamped<String>>,
+    /// Every id that resolves to this profile: user ids, anonymous ids and
+    /// aliased ids.
+    pub ids: BTreeSet<String>,
+    /// The ids that came as `anonymousId` or an alias's `previousId`.
+    pub anonymous_ids: BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<DateTime<Utc>>,
+    pub event_count: u64,
+    /// Per event name; calls other than `track` count as `$identify`,
+    /// `$page`, `$screen`, `$group` and `$alias`.
+    pub event_counts: BTreeMap<String, u64>,
+    /// The context of the latest event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Stamped<Map<String, Value>>>,
+    /// Traits set by `identify` or `$set`, and removed by `$unset` (a `None`
+    /// value is a removal that still wins over older sets).
+    #[serde(default)]
+    pub traits: BTreeMap<String, Stamped<Option<Value>>>,
+    /// Traits set by `$set_once`: the earliest write wins.
+    #[serde(default)]
+    pub traits_once: BTreeMap<String, Stamped<Value>>,
+}
+
+impl Profile {
+    /// Adds one event's effect. The caller has already resolved that the
+    /// event belongs to this profile and that it was not applied before.
+    pub fn apply(&mut self, event: &EventEnvelope) {
+        let stamp = Stamp::of(event);
+        if let Some(user_id) = &event.user_id {
+            self.ids.insert(user_id.clone());
+            Stamped::keep_latest(
+                &mut self.user_id,
+                Stamped {
+                    stamp: stamp.clone(),
+                    value: user_id.clone(),
+                },
+            );
+        }
+        let linked = [
+            event.anonymous_id.as_ref(),
+            event.previous_id.as_ref().filter(|_| event.kind == EventType::Alias),
+        ];
+        for id in linked.into_iter().flatten() {
+            // A `track` with both ids is the user's; it links nothing.
+            if event.user_id.is_none() || links_ids(event) {
+                self.ids.insert(id.clone());
+                self.anonymous_ids.insert(id.clone());
+            }
+        }
+        self.first_seen = Some(self.first_seen.map_or(event.timestamp, |t| t.min(event.timestamp)));
+        self.last_seen = Some(self.last_seen.map_or(event.timestamp, |t| t.max(event.timestamp)));
+        self.event_count += 1;
+        *self.event_counts.entry(count_name(event)).or_default() += 1;
+        if !event.context.is_empty() {
+            Stamped::keep_latest(
+                &mut self.context,
+                Stamped {
+                    stamp: stamp.clone(),
+                    value: event.context.clone(),
+                },
+            );
+        }
+        self.apply_traits(event, &stamp);
+    }
+
+    fn apply_traits(&mut self, event: &EventEnvelope, stamp: &Stamp) {
+        let set = |traits: &mut BTreeMap<String, Stamped<Option<Value>>>, key: &str, value: Option<Value>| {
+            let write = Stamped {
+                stamp: stamp.clone(),
+                value,
+            };
+            register(traits, key, write, false);
+        };
+        if event.kind == EventType::Identify {
+            for (key, value) in &event.traits {
+                set(&mut self.traits, key, Some(value.clone()));
+            }
+        }
+        if let Some(Value::Object(values)) = event.properties.get("$set") {
+            for (key, value) in values {
+                set(&mut self.traits, key, Some(value.clone()));
+            }
+        }
+        if let Some(Value::Object(values)) = event.properties.get("$set_once") {
+            for (key, value) in values {
+                let write = Stamped {
+                    stamp: stamp.clone(),
+                    value: value.clone(),
+                };
+                register(&mut self.traits_once, key, write, true);
+            }
+        }
+        match event.properties.get("$unset") {
+            Some(Value::Array(keys)) => {
+                for key in keys.iter().filter_map(Value::as_str) {
+                    set(&mut self.traits, key, None);
+                }
+            }
+            Some(Value::Object(keys)) => {
+                for key in keys.keys() {
+                    set(&mut self.traits, key, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Folds `other` into this profile: what either knew, with every
+    /// register resolved by stamp, counts added.
+    pub fn merge(&mut self, other: Profile) {
+        if let Some(user_id) = other.user_id {
+            Stamped::keep_latest(&mut self.user_id, user_id);
+        }
+        self.ids.extend(other.ids);
+        self.anonymous_ids.extend(other.anonymous_ids);
+        self.first_seen = min_option(self.first_seen, other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        self.event_count += other.event_count;
+        for (name, count) in other.event_counts {
+            *self.event_counts.entry(name).or_default() += count;
+        }
+        if let Some(context) = other.context {
+            Stamped::keep_latest(&mut self.context, context);
+        }
+        for (key, write) in other.traits {
+            register(&mut self.traits, &key, write, false);
+        }
+        for (key, write) in other.traits_once {
+            register(&mut self.traits_once, &key, write, true);
+        }
+    }
+
+    /// The effective traits: a trait's latest `identify`/`$set` value; a
+    /// `$set_once` value when the trait was never set, or was unset before
+    /// the `$set_once`.
+    pub fn effective_traits(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        for (key, once) in &self.traits_once {
+            match self.traits.get(key) {
+                Some(set) if set.stamp >= once.stamp || set.value.is_some() => {}
+                _ => {
+                    out.insert(key.clone(), once.value.clone());
+                }
+            }
+        }
+        for (key, set) in &self.traits {
+            if let Some(value) = &set.value {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+        out
+    }
+
+    /// The profile as the query API shows it.
+    pub fn view(&self) -> ProfileView {
+        let user_id = self.user_id.as_ref().map(|u| u.value.clone());
+        ProfileView {
+            anonymous_ids: self
+                .anonymous_ids
+                .iter()
+                .filter(|id| Some(*id) != user_id.as_ref())
+                .cloned()
+                .collect(),
+            user_id,
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            event_count: self.event_count,
+            event_counts: self.event_counts.clone(),
+            context: self.context.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
+            traits: self.effective_traits(),
+        }
+    }
+}
+
+/// Whether an event links its ids into one profile: an `alias`, or an
+/// `identify` that carries both a user id and an anonymous id.
+pub fn links_ids(event: &EventEnvelope) -> bool {
+    match event.kind {
+        EventType::Alias => event.previous_id.is_some(),
+        EventType::Identify => event.user_id.is_some() && event.anonymous_id.is_some(),
+        _ => false,
+    }
+}
+
+fn count_name(event: &EventEnvelope) -> String {
+    match (event.kind, &event.event) {
+        (EventType::Track, Some(name)) => name.clone(),
+        (EventType::Track, None) => "$track".to_owned(),
+        (EventType::Identify, _) => "$identify".to_owned(),
+        (EventType::Page, _) => "$page".to_owned(),
+        (EventType::Screen, _) => "$screen".to_owned(),
+        (EventType::Group, _) => "$group".to_owned(),
+        (EventType::Alias, _) => "$alias".to_owned(),
+    }
+}
+
+fn min_option<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A profile as the query API returns it. These field names are fixed by
+/// the design; fields may be added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProfileView {
+    /// The user id of the latest event that carried one.
+    pub user_id: Option<String>,
+    /// Other ids linked to the profile (anonymous ids, aliased ids).
+    pub anonymous_ids: Vec<String>,
+    pub first_seen: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Every event applied to the profile, each counted once.
+    pub event_count: u64,
+    /// Per event name (`track`'s event; `$identify`, `$page`, ... for other
+    /// calls).
+    pub event_counts: BTreeMap<String, u64>,
+    /// The context of the latest event (`client_os`, `client_version`,
+    /// `library`, `locale`, `userAgent`, ...).
+    #[schema(value_type = Object)]
+    pub context: Map<String, Value>,
+    /// Effective traits from `identify`, `$set`, `$set_once`, `$unset`.
+    #[schema(value_type = Object)]
+    pub traits: Map<String, Value>,
+}
+
+#[cfg(test)]
+mod tests;

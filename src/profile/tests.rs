@@ -1,0 +1,276 @@
+use std::collections::HashMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+use super::*;
+use crate::envelope::Source;
+
+fn at(second: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_790_000_000 + second, 0).single().expect("valid time")
+}
+
+fn event(kind: EventType, user: Option<&str>, anon: Option<&str>, second: i64, id: &str) -> EventEnvelope {
+    EventEnvelope {
+        kind,
+        event: (kind == EventType::Track).then(|| "order.create".to_owned()),
+        name: None,
+        user_id: user.map(str::to_owned),
+        anonymous_id: anon.map(str::to_owned),
+        group_id: None,
+        previous_id: None,
+        message_id: id.to_owned(),
+        timestamp: at(second),
+        original_timestamp: None,
+        received_at: at(second),
+        sent_at: None,
+        properties: Map::new(),
+        traits: Map::new(),
+        context: Map::new(),
+        integrations: Map::new(),
+        source: Source::Segment,
+    }
+}
+
+fn track(user: &str, second: i64, id: &str, properties: Value) -> EventEnvelope {
+    let mut e = event(EventType::Track, Some(user), None, second, id);
+    e.properties = properties.as_object().cloned().unwrap_or_default();
+    e
+}
+
+fn identify(user: &str, anon: Option<&str>, second: i64, id: &str, traits: Value) -> EventEnvelope {
+    let mut e = event(EventType::Identify, Some(user), anon, second, id);
+    e.traits = traits.as_object().cloned().unwrap_or_default();
+    e
+}
+
+fn alias(user: &str, previous: &str, second: i64, id: &str) -> EventEnvelope {
+    let mut e = event(EventType::Alias, Some(user), None, second, id);
+    e.previous_id = Some(previous.to_owned());
+    e
+}
+
+/// A store in memory: what the database keeps between batches.
+#[derive(Default)]
+struct MemoryStore {
+    ids: HashMap<String, String>,
+    profiles: HashMap<String, Profile>,
+}
+
+impl MemoryStore {
+    fn apply_batch(&mut self, events: &[EventEnvelope]) -> Applied {
+        let mut book = Book::default();
+        for event in events {
+            for id in Book::ids_of(event) {
+                let profile_id = self.ids.get(id).cloned();
+                if let Some(profile_id) = &profile_id {
+                    book.load_profile(profile_id.clone(), self.profiles[profile_id].clone());
+                }
+                book.load_id(id.to_owned(), profile_id);
+            }
+        }
+        for event in events {
+            book.apply(event);
+        }
+        let applied = book.finish();
+        for merge in &applied.merges {
+            self.profiles.remove(&merge.from);
+            for profile_id in self.ids.values_mut().filter(|p| **p == merge.from) {
+                profile_id.clone_from(&merge.into);
+            }
+        }
+        for (id, profile_id) in &applied.new_ids {
+            self.ids.insert(id.clone(), profile_id.clone());
+        }
+        for (profile_id, profile) in &applied.profiles {
+            self.profiles.insert(profile_id.clone(), profile.clone());
+        }
+        applied
+    }
+
+    fn view(&self, id: &str) -> ProfileView {
+        self.profiles[&self.ids[id]].view()
+    }
+
+    /// Every profile's view, in a stable order.
+    fn views(&self) -> Vec<ProfileView> {
+        let mut views: Vec<_> = self.profiles.values().map(Profile::view).collect();
+        views.sort_by_key(|v| serde_json::to_string(v).expect("views serialize"));
+        views
+    }
+}
+
+fn profile_of(events: &[EventEnvelope]) -> MemoryStore {
+    let mut store = MemoryStore::default();
+    store.apply_batch(events);
+    store
+}
+
+#[test]
+fn counts_and_first_and_last_seen_cover_every_event() {
+    let store = profile_of(&[
+        track("u1", 20, "m1", json!({})),
+        track("u1", 10, "m2", json!({})),
+        identify("u1", None, 30, "m3", json!({})),
+    ]);
+    let view = store.view("u1");
+    assert_eq!(view.event_count, 3);
+    assert_eq!(view.event_counts["order.create"], 2);
+    assert_eq!(view.event_counts["$identify"], 1);
+    assert_eq!(view.first_seen, Some(at(10)));
+    assert_eq!(view.last_seen, Some(at(30)));
+}
+
+#[test]
+fn the_context_is_the_latest_events_even_when_it_arrives_first() {
+    let mut late = track("u1", 50, "m1", json!({}));
+    late.context = json!({"client_os": "iOS", "client_version": "2.0"}).as_object().cloned().unwrap_or_default();
+    let mut early = track("u1", 10, "m2", json!({}));
+    early.context = json!({"client_os": "Android"}).as_object().cloned().unwrap_or_default();
+    let view = profile_of(&[late, early]).view("u1");
+    assert_eq!(Value::Object(view.context), json!({"client_os": "iOS", "client_version": "2.0"}));
+}
+
+#[test]
+fn a_trait_takes_the_value_of_its_latest_write() {
+    let store = profile_of(&[
+        identify("u1", None, 30, "m1", json!({"plan": "pro", "email": "a@x"})),
+        track("u1", 10, "m2", json!({"$set": {"plan": "free"}})),
+        track("u1", 40, "m3", json!({"$set": {"email": "b@x"}})),
+    ]);
+    assert_eq!(Value::Object(store.view("u1").traits), json!({"plan": "pro", "email": "b@x"}));
+}
+
+#[test]
+fn set_once_keeps_the_earliest_value_and_yields_to_set() {
+    let store = profile_of(&[
+        track("u1", 20, "m1", json!({"$set_once": {"source": "ads", "first": "b"}})),
+        track("u1", 10, "m2", json!({"$set_once": {"first": "a"}})),
+        track("u1", 5, "m3", json!({"$set": {"source": "seo"}})),
+    ]);
+    assert_eq!(Value::Object(store.view("u1").traits), json!({"first": "a", "source": "seo"}));
+}
+
+#[test]
+fn unset_removes_a_trait_until_a_later_set() {
+    let store = profile_of(&[
+        identify("u1", None, 10, "m1", json!({"plan": "pro", "email": "a@x"})),
+        track("u1", 20, "m2", json!({"$unset": ["plan", "email"]})),
+        track("u1", 30, "m3", json!({"$set": {"email": "b@x"}})),
+        // An older set arriving late does not bring the removed trait back.
+        track("u1", 15, "m4", json!({"$set": {"plan": "team"}})),
+    ]);
+    assert_eq!(Value::Object(store.view("u1").traits), json!({"email": "b@x"}));
+}
+
+#[test]
+fn set_once_after_an_unset_applies_again() {
+    let store = profile_of(&[
+        track("u1", 10, "m1", json!({"$set": {"plan": "pro"}})),
+        track("u1", 20, "m2", json!({"$unset": ["plan"]})),
+        track("u1", 30, "m3", json!({"$set_once": {"plan": "trial"}})),
+    ]);
+    assert_eq!(Value::Object(store.view("u1").traits), json!({"plan": "trial"}));
+}
+
+#[test]
+fn identify_with_an_anonymous_id_merges_the_anonymous_profile() {
+    let mut store = MemoryStore::default();
+    store.apply_batch(&[
+        event(EventType::Page, None, Some("a1"), 10, "m1"),
+        event(EventType::Track, None, Some("a1"), 11, "m2"),
+    ]);
+    store.apply_batch(&[track("u1", 5, "m3", json!({"$set": {"plan": "pro"}}))]);
+    let applied = store.apply_batch(&[identify("u1", Some("a1"), 20, "m4", json!({"email": "u1@x"}))]);
+
+    assert_eq!(applied.merges.len(), 1, "two stored profiles become one");
+    let view = store.view("a1");
+    assert_eq!(view, store.view("u1"), "both ids resolve to the merged profile");
+    assert_eq!(view.user_id.as_deref(), Some("u1"));
+    assert_eq!(view.anonymous_ids, vec!["a1".to_owned()]);
+    assert_eq!(view.event_count, 4);
+    assert_eq!(view.first_seen, Some(at(5)));
+    assert_eq!(Value::Object(view.traits), json!({"plan": "pro", "email": "u1@x"}));
+    assert_eq!(store.profiles.len(), 1);
+    let gone = applied.changes.iter().find(|c| c.after.is_none()).expect("a change for the merged-away profile");
+    assert!(gone.before.is_some());
+}
+
+#[test]
+fn alias_links_the_previous_id_and_later_events_for_it_count_once() {
+    let mut store = MemoryStore::default();
+    store.apply_batch(&[alias("u2", "old-id", 10, "m1")]);
+    store.apply_batch(&[event(EventType::Track, None, Some("old-id"), 11, "m2")]);
+    let view = store.view("u2");
+    assert_eq!(view.event_count, 2);
+    assert_eq!(view.anonymous_ids, vec!["old-id".to_owned()]);
+    assert_eq!(store.profiles.len(), 1);
+}
+
+#[test]
+fn a_track_with_both_ids_does_not_link_them() {
+    let mut e = track("u1", 10, "m1", json!({}));
+    e.anonymous_id = Some("a9".into());
+    let store = profile_of(&[e]);
+    assert!(store.view("u1").anonymous_ids.is_empty());
+    assert!(!store.ids.contains_key("a9"));
+}
+
+#[test]
+fn changes_carry_before_after_and_their_causes() {
+    let mut store = MemoryStore::default();
+    store.apply_batch(&[track("u1", 10, "m1", json!({}))]);
+    let applied = store.apply_batch(&[track("u1", 20, "m2", json!({})), track("u1", 30, "m3", json!({}))]);
+    assert_eq!(applied.changes.len(), 1);
+    let change = &applied.changes[0];
+    assert_eq!(change.before.as_ref().map(|v| v.event_count), Some(1));
+    assert_eq!(change.after.as_ref().map(|v| v.event_count), Some(3));
+    assert_eq!(change.causes, vec!["m2".to_owned(), "m3".to_owned()]);
+}
+
+/// Random events over a few users and anonymous ids, every call type that
+/// changes a profile, unique message ids.
+fn events() -> impl Strategy<Value = Vec<EventEnvelope>> {
+    let users = prop::sample::select(vec!["u1", "u2", "u3"]);
+    let anons = prop::sample::select(vec!["a1", "a2", "a3", "a4"]);
+    let keys = prop::sample::select(vec!["plan", "email", "age"]);
+    let one = (0..6u8, users, anons, keys, 0..50i64, 0..3i64);
+    prop::collection::vec(one, 1..40).prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (kind, user, anon, key, second, value))| {
+                let id = format!("m{i}");
+                match kind {
+                    0 => track(user, second, &id, json!({"$set": {key: value}})),
+                    1 => track(user, second, &id, json!({"$set_once": {key: value}})),
+                    2 => track(user, second, &id, json!({"$unset": [key]})),
+                    3 => identify(user, Some(anon), second, &id, json!({key: value})),
+                    4 => alias(user, anon, second, &id),
+                    _ => event(EventType::Page, None, Some(anon), second, &id),
+                }
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn any_arrival_order_and_batching_gives_the_same_profiles(
+        (events, shuffled) in events().prop_flat_map(|e| (Just(e.clone()), Just(e).prop_shuffle())),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+    ) {
+        let expected = profile_of(&events).views();
+
+        // The same events in another order, applied in several batches.
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(shuffled.len())).collect();
+        bounds.extend([0, shuffled.len()]);
+        bounds.sort_unstable();
+        let mut store = MemoryStore::default();
+        for window in bounds.windows(2) {
+            store.apply_batch(&shuffled[window[0]..window[1]]);
+        }
+        prop_assert_eq!(store.views(), expected);
+    }
+}
