@@ -22,7 +22,15 @@ const MESSAGE: &str = r#"{"userId":"user-4711","event":"Product Viewed","message
 
 fn batch_body(n: usize) -> String {
     let items: Vec<String> = (0..n)
-        .map(|i| MESSAGE.replacen('{', &format!("{{\"type\":\"track\",\"messageId\":\"m{i}\","), 1).replace("\"messageId\":\"bench-1\",", ""))
+        .map(|i| {
+            MESSAGE
+                .replacen(
+                    '{',
+                    &format!("{{\"type\":\"track\",\"messageId\":\"m{i}\","),
+                    1,
+                )
+                .replace("\"messageId\":\"bench-1\",", "")
+        })
         .collect();
     format!(r#"{{"batch":[{}]}}"#, items.join(","))
 }
@@ -33,7 +41,9 @@ fn normalize(c: &mut Criterion) {
     group.bench_function("track", |b| {
         b.iter(|| {
             let message = segment::parse_message(MESSAGE.as_bytes()).unwrap();
-            let event = segment::normalize(message, EventType::Track, &Shared::default(), Utc::now()).unwrap();
+            let event =
+                segment::normalize(message, EventType::Track, &Shared::default(), Utc::now())
+                    .unwrap();
             serde_json::to_vec(&event).unwrap()
         })
     });
@@ -43,7 +53,10 @@ fn normalize(c: &mut Criterion) {
         b.iter(|| {
             let batch = segment::parse_batch(body.as_bytes()).unwrap();
             let events = segment::normalize_batch(&batch, 32 * 1024, Utc::now()).unwrap();
-            events.iter().map(|e| serde_json::to_vec(e).unwrap().len()).sum::<usize>()
+            events
+                .iter()
+                .map(|e| serde_json::to_vec(e).unwrap().len())
+                .sum::<usize>()
         })
     });
     group.finish();
@@ -87,7 +100,9 @@ fn embedded_append(c: &mut Criterion) {
 }
 
 /// Awaits all futures concurrently (a tiny join_all, to keep dependencies few).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
     for handle in handles {
         handle.await.unwrap();

@@ -133,10 +133,17 @@ fn body(batch_size: usize, users: u64, run: &str, worker: usize, seq: u64) -> St
 pub async fn run_ingest(config: &Config, args: BenchIngestArgs) -> Result<(), BenchError> {
     let key = write_key(config, &args)?;
     let report = load(&args, &key).await?;
-    let route = if args.batch_size <= 1 { "/v1/track" } else { "/v1/batch" };
+    let route = if args.batch_size <= 1 {
+        "/v1/track"
+    } else {
+        "/v1/batch"
+    };
     println!(
         "{} {route}: {} connections, {} event(s) a request, {} s measured",
-        args.url, args.concurrency, args.batch_size.max(1), args.duration_secs
+        args.url,
+        args.concurrency,
+        args.batch_size.max(1),
+        args.duration_secs
     );
     println!("{report}");
     Ok(())
@@ -149,7 +156,11 @@ pub async fn load(args: &BenchIngestArgs, key: &str) -> Result<Report, BenchErro
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| BenchError::Client(e.to_string()))?;
-    let route = if args.batch_size <= 1 { "/v1/track" } else { "/v1/batch" };
+    let route = if args.batch_size <= 1 {
+        "/v1/track"
+    } else {
+        "/v1/batch"
+    };
     let url = format!("{}{route}", args.url.trim_end_matches('/'));
     let run = format!("bench-{}", uuid::Uuid::new_v4().simple());
 
@@ -207,7 +218,9 @@ pub async fn load(args: &BenchIngestArgs, key: &str) -> Result<Report, BenchErro
                 if (200..300).contains(&status) {
                     report.requests += 1;
                     report.events += batch_size.max(1) as u64;
-                    report.latencies_us.push((done - sent).as_micros().min(u32::MAX as u128) as u32);
+                    report
+                        .latencies_us
+                        .push((done - sent).as_micros().min(u32::MAX as u128) as u32);
                 } else {
                     *report.failures.entry(status).or_default() += 1;
                 }

@@ -52,15 +52,30 @@ pub struct Settings {
 
     /// Write keys that may send events, comma-separated. Unset: one is
     /// generated on first start and saved in the data directory
-    #[arg(long, env = "TRAITLINE_WRITE_KEYS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "TRAITLINE_WRITE_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub write_keys: Option<Vec<String>>,
 
     /// Read keys for the query API, comma-separated. Unset: generated
-    #[arg(long, env = "TRAITLINE_READ_KEYS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "TRAITLINE_READ_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub read_keys: Option<Vec<String>>,
 
     /// Admin keys (may also delete), comma-separated. Unset: generated
-    #[arg(long, env = "TRAITLINE_ADMIN_KEYS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "TRAITLINE_ADMIN_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub admin_keys: Option<Vec<String>>,
 
     /// Stages this process runs, comma-separated from ingest, process, query
@@ -89,7 +104,12 @@ pub struct Settings {
 
     /// Replication factor of topics Traitline creates in Kafka; -1 takes the
     /// broker's default [default: -1]
-    #[arg(long, env = "TRAITLINE_KAFKA_REPLICATION_FACTOR", global = true, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "TRAITLINE_KAFKA_REPLICATION_FACTOR",
+        global = true,
+        allow_negative_numbers = true
+    )]
     pub kafka_replication_factor: Option<i32>,
 
     /// Producer compression: none, gzip, snappy, lz4 or zstd [default: lz4]
@@ -107,8 +127,27 @@ pub struct Settings {
 
     /// Extra librdkafka setting, `name=value`; repeatable (e.g.
     /// `security.protocol=SASL_SSL`)
-    #[arg(long = "kafka-option", env = "TRAITLINE_KAFKA_OPTIONS", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "kafka-option",
+        env = "TRAITLINE_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub kafka_options: Option<Vec<String>>,
+
+    /// Most events the profile processor applies in one store transaction
+    /// [default: 1000]
+    #[arg(long, env = "TRAITLINE_PROCESS_BATCH", global = true)]
+    pub process_batch: Option<usize>,
+
+    /// How long a message id is remembered, so a client's retry of an event
+    /// is not counted again, in hours [default: 168 (7 days)]
+    #[arg(long, env = "TRAITLINE_DEDUP_WINDOW_HOURS", global = true)]
+    pub dedup_window_hours: Option<u64>,
+
+    /// How long the `events` table keeps each event, in days [default: 90]
+    #[arg(long, env = "TRAITLINE_EVENTS_RETENTION_DAYS", global = true)]
+    pub events_retention_days: Option<u64>,
 
     /// Log format: text or json [default: text]
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
@@ -133,6 +172,11 @@ impl Settings {
             max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
             append_timeout_ms: self.append_timeout_ms.or(fallback.append_timeout_ms),
             max_in_flight: self.max_in_flight.or(fallback.max_in_flight),
+            process_batch: self.process_batch.or(fallback.process_batch),
+            dedup_window_hours: self.dedup_window_hours.or(fallback.dedup_window_hours),
+            events_retention_days: self
+                .events_retention_days
+                .or(fallback.events_retention_days),
             kafka_replication_factor: self
                 .kafka_replication_factor
                 .or(fallback.kafka_replication_factor),
@@ -240,6 +284,12 @@ pub struct Config {
     pub roles: Roles,
     pub limits: Limits,
     pub append_timeout: Duration,
+    /// Most events a processor applies in one transaction.
+    pub process_batch: usize,
+    /// How long a message id is remembered for deduplication.
+    pub dedup_window: Duration,
+    /// How long the `events` table keeps an event.
+    pub events_retention: Duration,
     pub log_format: LogFormat,
 }
 
@@ -273,7 +323,9 @@ impl Config {
             )
         })?;
 
-        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("./traitline-data"));
+        let data_dir = s
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("./traitline-data"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data-dir", "must not be empty"));
         }
@@ -294,7 +346,9 @@ impl Config {
         {
             return Err(invalid(
                 "topic-prefix",
-                format!("`{topic_prefix}`: a Kafka topic name allows only a-z, A-Z, 0-9, `.`, `_` and `-`"),
+                format!(
+                    "`{topic_prefix}`: a Kafka topic name allows only a-z, A-Z, 0-9, `.`, `_` and `-`"
+                ),
             ));
         }
 
@@ -347,6 +401,22 @@ impl Config {
             ));
         }
 
+        let process_batch = s.process_batch.unwrap_or(1000);
+        if !(1..=100_000).contains(&process_batch) {
+            return Err(invalid(
+                "process-batch",
+                format!("{process_batch} is out of range; use 1 to 100000"),
+            ));
+        }
+        let dedup_window_hours = s.dedup_window_hours.unwrap_or(168);
+        if dedup_window_hours == 0 {
+            return Err(invalid("dedup-window-hours", "must be at least 1"));
+        }
+        let events_retention_days = s.events_retention_days.unwrap_or(90);
+        if events_retention_days == 0 {
+            return Err(invalid("events-retention-days", "must be at least 1"));
+        }
+
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -379,6 +449,9 @@ impl Config {
             roles,
             limits,
             append_timeout: Duration::from_millis(append_timeout_ms),
+            process_batch,
+            dedup_window: Duration::from_secs(dedup_window_hours * 3600),
+            events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,
         })
     }
@@ -427,10 +500,7 @@ fn kafka_settings(
         .filter(|o| !o.trim().is_empty())
         .map(|o| match o.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-            _ => Err(invalid(
-                "kafka-option",
-                format!("`{o}` is not name=value"),
-            )),
+            _ => Err(invalid("kafka-option", format!("`{o}` is not name=value"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(KafkaSettings {
@@ -489,7 +559,10 @@ fn roles(roles: Option<Vec<String>>) -> Result<Roles, ConfigError> {
         }
     }
     if !(roles.ingest || roles.process || roles.query) {
-        return Err(invalid("roles", "name at least one of ingest, process, query"));
+        return Err(invalid(
+            "roles",
+            "name at least one of ingest, process, query",
+        ));
     }
     Ok(roles)
 }
@@ -530,7 +603,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("`listen`") && err.contains("TRAITLINE_LISTEN"), "{err}");
+        assert!(
+            err.contains("`listen`") && err.contains("TRAITLINE_LISTEN"),
+            "{err}"
+        );
 
         let err = Config::from_settings(Settings {
             roles: Some(vec!["ingest".into(), "dashboard".into()]),
@@ -538,7 +614,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("`roles`") && err.contains("dashboard"), "{err}");
+        assert!(
+            err.contains("`roles`") && err.contains("dashboard"),
+            "{err}"
+        );
 
         let err = Config::from_settings(Settings {
             kafka_brokers: Some("localhost:9092".into()),

@@ -142,7 +142,8 @@ mod tests {
     #[test]
     fn without_a_timestamp_the_receive_time_is_used() {
         let received = at("2026-11-20T10:00:06Z");
-        let t = EventEnvelope::corrected_timestamp(None, Some(at("2026-11-20T11:00:05Z")), received);
+        let t =
+            EventEnvelope::corrected_timestamp(None, Some(at("2026-11-20T11:00:05Z")), received);
         assert_eq!(t, received);
     }
 }

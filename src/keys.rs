@@ -60,7 +60,11 @@ impl ApiKeys {
     /// Builds the key table from explicit lists.
     pub fn new(write: &[String], read: &[String], admin: &[String]) -> ApiKeys {
         let mut scopes = HashMap::new();
-        for (keys, scope) in [(write, Scope::Write), (read, Scope::Read), (admin, Scope::Admin)] {
+        for (keys, scope) in [
+            (write, Scope::Write),
+            (read, Scope::Read),
+            (admin, Scope::Admin),
+        ] {
             for key in keys {
                 scopes.insert(key.clone(), scope);
             }
@@ -79,8 +83,9 @@ impl ApiKeys {
         configured: &KeySettings,
         data_dir: &Path,
     ) -> Result<(ApiKeys, KeySource), KeyFileError> {
-        let needs_file =
-            configured.write.is_empty() || configured.read.is_empty() || configured.admin.is_empty();
+        let needs_file = configured.write.is_empty()
+            || configured.read.is_empty()
+            || configured.admin.is_empty();
         if !needs_file {
             let keys = ApiKeys::new(&configured.write, &configured.read, &configured.admin);
             let source = KeySource {
@@ -111,13 +116,16 @@ impl ApiKeys {
             }
         }
         let created = existing.is_none()
-            || existing.as_ref().is_some_and(|e| {
-                e.write.is_empty() || e.read.is_empty() || e.admin.is_empty()
-            });
+            || existing
+                .as_ref()
+                .is_some_and(|e| e.write.is_empty() || e.read.is_empty() || e.admin.is_empty());
         if created {
             std::fs::create_dir_all(data_dir).map_err(io)?;
-            write_private(&path, &serde_json::to_vec_pretty(&stored).map_err(|e| io(e.into()))?)
-                .map_err(io)?;
+            write_private(
+                &path,
+                &serde_json::to_vec_pretty(&stored).map_err(|e| io(e.into()))?,
+            )
+            .map_err(io)?;
         }
         let pick = |configured: &Vec<String>, stored: &Vec<String>| {
             if configured.is_empty() {
@@ -176,12 +184,14 @@ mod tests {
     #[test]
     fn generated_keys_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, source) = ApiKeys::load_or_generate(&KeySettings::default(), dir.path()).unwrap();
+        let (first, source) =
+            ApiKeys::load_or_generate(&KeySettings::default(), dir.path()).unwrap();
         assert!(source.created);
         let key = source.example_write_key.unwrap();
         assert_eq!(first.scope(&key), Some(Scope::Write));
 
-        let (second, source) = ApiKeys::load_or_generate(&KeySettings::default(), dir.path()).unwrap();
+        let (second, source) =
+            ApiKeys::load_or_generate(&KeySettings::default(), dir.path()).unwrap();
         assert!(!source.created);
         assert_eq!(source.example_write_key.as_deref(), Some(key.as_str()));
         assert_eq!(second.scope(&key), Some(Scope::Write));

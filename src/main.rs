@@ -36,7 +36,9 @@ async fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Command::Bench {
             command: BenchCommand::Ingest(args),
-        } => bench::run_ingest(&config, args).await.map_err(|e| e.to_string()),
+        } => bench::run_ingest(&config, args)
+            .await
+            .map_err(|e| e.to_string()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

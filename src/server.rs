@@ -17,13 +17,20 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::config::{Config, LogBackend};
 use crate::ingest::Ingest;
 use crate::keys::{ApiKeys, KeyFileError, KeySource};
-use crate::log::{self, EventLog, OpenError, Topics};
+use crate::log::embedded::EmbeddedReader;
+use crate::log::kafka::KafkaReader;
+use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
 use crate::openapi::ApiDoc;
+use crate::process::profiles::{self, ProfileProcessor};
+use crate::process::{Runner, RunnerSettings};
+use crate::query::QueryState;
+use crate::store::{Store, StoreError};
 
 /// Why a process could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,10 @@ pub enum ServeError {
     Log(#[from] OpenError),
     #[error("the HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
 }
 
 /// How long the log may take to write out what it holds at shutdown.
@@ -47,26 +58,105 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (keys, key_source) = ApiKeys::load_or_generate(&config.keys, &config.data_dir)?;
     let log = log::open(&config).await?;
+    let store = if config.roles.process || config.roles.query {
+        Some(Store::open(config.database_url.as_deref(), &config.data_dir).await?)
+    } else {
+        None
+    };
     let address = listener.local_addr()?;
-    let router = router(&config, log.clone(), Arc::new(keys));
+    let router = router(&config, log.clone(), Arc::new(keys), store.clone());
+    let (stop_processors, stopped) = watch::channel(false);
+    let mut processors = Vec::new();
+    if config.roles.process
+        && let Some(store) = &store
+    {
+        let runner = profile_runner(&config, store.clone(), log.clone(), false)?;
+        let mut stopped = stopped.clone();
+        processors.push(tokio::spawn(runner.run(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })));
+    }
     announce(&config, address, &key_source, log.as_ref());
 
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await?;
-    tracing::info!("stopped accepting requests; closing the {}", log.describe());
+    tracing::info!("stopped accepting requests; finishing the processors' batches");
+    let _ = stop_processors.send(true);
+    for processor in processors {
+        let _ = processor.await;
+    }
+    tracing::info!("closing the {}", log.describe());
     log.close(CLOSE_DEADLINE).await;
+    if let Some(store) = store {
+        store.close().await;
+    }
     tracing::info!("Traitline stopped");
     Ok(())
 }
 
+/// The profile processor's runner on `user_events`: a consumer group
+/// member in Kafka mode, a reader of the whole topic when embedded.
+/// `replay` reads with a group of its own and stops at the end.
+pub fn profile_runner(
+    config: &Config,
+    store: Store,
+    log: Arc<dyn EventLog>,
+    replay: bool,
+) -> Result<Runner<ProfileProcessor>, ServeError> {
+    let topics = Topics::new(&config.topic_prefix);
+    let topic = topics.events();
+    let reader: Box<dyn LogReader> = match &config.log {
+        LogBackend::Embedded => Box::new(EmbeddedReader::open(
+            &config.data_dir.join("log"),
+            &topic,
+            StartAt::Beginning,
+        )?),
+        LogBackend::Kafka(settings) => {
+            let group = if replay {
+                format!(
+                    "{}traitline-replay-{}",
+                    config.topic_prefix,
+                    uuid::Uuid::new_v4().simple()
+                )
+            } else {
+                format!("{}traitline-{}", config.topic_prefix, profiles::PROCESSOR)
+            };
+            Box::new(KafkaReader::join_group(settings, &topic, &group)?)
+        }
+    };
+    let settings = RunnerSettings {
+        topic,
+        rejected_topic: topics.rejected(),
+        max_batch: config.process_batch,
+        max_wait: Duration::from_millis(50),
+        stop_when_caught_up: replay,
+    };
+    Ok(Runner::new(
+        Arc::new(ProfileProcessor::new(store)),
+        reader,
+        log,
+        settings,
+    ))
+}
+
 /// The routes of the configured roles, plus health, readiness and the
 /// OpenAPI document.
-pub fn router(config: &Config, log: Arc<dyn EventLog>, keys: Arc<ApiKeys>) -> Router {
+pub fn router(
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    keys: Arc<ApiKeys>,
+    store: Option<Store>,
+) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz).with_state(log.clone()))
         .route("/openapi.json", get(openapi));
+    if config.roles.query
+        && let Some(store) = store
+    {
+        router = router.merge(QueryState::new(store, keys.clone()).routes());
+    }
     if config.roles.ingest {
         let ingest = Ingest::new(
             log,
@@ -154,9 +244,16 @@ fn announce(config: &Config, address: SocketAddr, keys: &KeySource, log: &dyn Ev
         LogBackend::Embedded => "embedded mode",
         LogBackend::Kafka(_) => "Kafka mode",
     };
-    println!("Traitline is listening on http://{host} ({mode}: {}).", log.describe());
+    println!(
+        "Traitline is listening on http://{host} ({mode}: {}).",
+        log.describe()
+    );
     if let Some(file) = &keys.file {
-        let verb = if keys.created { "generated and saved" } else { "read" };
+        let verb = if keys.created {
+            "generated and saved"
+        } else {
+            "read"
+        };
         println!("API keys ({verb}): {}", file.display());
     }
     let key = keys

@@ -40,7 +40,9 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<String>, IngestErr
 
 /// Checks that `key` may send events.
 pub fn require_write(keys: &ApiKeys, key: Option<&str>) -> Result<(), IngestError> {
-    let key = key.filter(|k| !k.is_empty()).ok_or(IngestError::MissingKey)?;
+    let key = key
+        .filter(|k| !k.is_empty())
+        .ok_or(IngestError::MissingKey)?;
     match keys.scope(key) {
         Some(Scope::Write) => Ok(()),
         Some(_) => Err(IngestError::WrongScope),
@@ -83,8 +85,17 @@ mod tests {
     fn scopes_are_enforced() {
         let keys = ApiKeys::new(&["w".into()], &["r".into()], &[]);
         assert!(require_write(&keys, Some("w")).is_ok());
-        assert!(matches!(require_write(&keys, Some("r")), Err(IngestError::WrongScope)));
-        assert!(matches!(require_write(&keys, Some("x")), Err(IngestError::UnknownKey)));
-        assert!(matches!(require_write(&keys, None), Err(IngestError::MissingKey)));
+        assert!(matches!(
+            require_write(&keys, Some("r")),
+            Err(IngestError::WrongScope)
+        ));
+        assert!(matches!(
+            require_write(&keys, Some("x")),
+            Err(IngestError::UnknownKey)
+        ));
+        assert!(matches!(
+            require_write(&keys, None),
+            Err(IngestError::MissingKey)
+        ));
     }
 }

@@ -21,10 +21,16 @@ use crate::log::AppendError;
 pub enum IngestError {
     /// The body is not JSON, or not the JSON shape of the route.
     #[error("{message}")]
-    InvalidJson { message: String, field: Option<String> },
+    InvalidJson {
+        message: String,
+        field: Option<String>,
+    },
     /// A required field is absent or empty.
     #[error("{field}: required{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
-    MissingField { field: String, hint: Option<&'static str> },
+    MissingField {
+        field: String,
+        hint: Option<&'static str>,
+    },
     /// A field has the wrong JSON type.
     #[error("{field}: {message}")]
     InvalidType { field: String, message: String },
@@ -33,7 +39,11 @@ pub enum IngestError {
     InvalidValue { field: String, message: String },
     /// One event is larger than `max-event-bytes`.
     #[error("{}event is {size} bytes; the limit is {limit} bytes (setting max-event-bytes)", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
-    EventTooLarge { field: Option<String>, size: usize, limit: usize },
+    EventTooLarge {
+        field: Option<String>,
+        size: usize,
+        limit: usize,
+    },
     /// The request body is larger than `max-batch-bytes`.
     #[error("request body is over the limit of {limit} bytes (setting max-batch-bytes)")]
     BatchTooLarge { limit: usize },
@@ -44,7 +54,9 @@ pub enum IngestError {
     #[error("the gzip body cannot be decompressed: {0}")]
     InvalidGzip(String),
     /// No key in `Authorization` nor `writeKey`.
-    #[error("a write key is required: send it as the HTTP Basic user name, as `Authorization: Bearer <key>`, or as `writeKey` in the body")]
+    #[error(
+        "a write key is required: send it as the HTTP Basic user name, as `Authorization: Bearer <key>`, or as `writeKey` in the body"
+    )]
     MissingKey,
     /// A key that Traitline does not know.
     #[error("the key is not valid")]
@@ -153,9 +165,18 @@ impl IngestError {
                 message,
                 field: Some(join(field.unwrap_or_default())),
             },
-            MissingField { field, hint } => MissingField { field: join(field), hint },
-            InvalidType { field, message } => InvalidType { field: join(field), message },
-            InvalidValue { field, message } => InvalidValue { field: join(field), message },
+            MissingField { field, hint } => MissingField {
+                field: join(field),
+                hint,
+            },
+            InvalidType { field, message } => InvalidType {
+                field: join(field),
+                message,
+            },
+            InvalidValue { field, message } => InvalidValue {
+                field: join(field),
+                message,
+            },
             EventTooLarge { field, size, limit } => EventTooLarge {
                 field: Some(join(field.unwrap_or_default())),
                 size,
@@ -210,7 +231,10 @@ pub fn parse_json<'de, T: serde::Deserialize<'de>>(bytes: &'de [u8]) -> Result<T
         let mut again = serde_json::Deserializer::from_slice(bytes);
         let value = serde_path_to_error::deserialize::<_, T>(&mut again).map_err(from_serde)?;
         again.end().map_err(|e| IngestError::InvalidJson {
-            message: format!("the body is not valid JSON: {}", strip_position(&e.to_string())),
+            message: format!(
+                "the body is not valid JSON: {}",
+                strip_position(&e.to_string())
+            ),
             field: None,
         })?;
         Ok(value)

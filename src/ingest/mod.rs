@@ -16,12 +16,12 @@ pub mod segment;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -121,7 +121,8 @@ impl Ingest {
                 })
             })
             .collect::<Result<Vec<_>, IngestError>>()?;
-        match tokio::time::timeout(self.append_timeout, self.log.append(&self.topic, records)).await {
+        match tokio::time::timeout(self.append_timeout, self.log.append(&self.topic, records)).await
+        {
             Ok(result) => result?,
             Err(_) => {
                 tracing::warn!(
@@ -145,7 +146,12 @@ impl Ingest {
     ) -> Result<Json<Accepted>, IngestError> {
         let _permit = self.admit()?;
         let header_key = self.header_key(&headers)?;
-        let bytes = body::read(body, &headers, BodyLimit::Event(self.limits.max_event_bytes)).await?;
+        let bytes = body::read(
+            body,
+            &headers,
+            BodyLimit::Event(self.limits.max_event_bytes),
+        )
+        .await?;
         let received_at = Utc::now();
         let message = segment::parse_message(&bytes);
         if header_key.is_none() {
@@ -163,7 +169,9 @@ impl Ingest {
 /// The body's `writeKey` when the body is JSON but not a valid message
 /// (so the client learns what is wrong only once it is authenticated).
 fn body_key(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<BodyKey>(bytes).ok().and_then(|k| k.write_key)
+    serde_json::from_slice::<BodyKey>(bytes)
+        .ok()
+        .and_then(|k| k.write_key)
 }
 
 /// Track an event (seed API).
@@ -192,7 +200,12 @@ pub async fn seed_track(
     let _permit = ingest.admit()?;
     let key = auth::key_from_headers(&headers)?;
     auth::require_write(&ingest.keys, key.as_deref())?;
-    let bytes = body::read(body, &headers, BodyLimit::Event(ingest.limits.max_event_bytes)).await?;
+    let bytes = body::read(
+        body,
+        &headers,
+        BodyLimit::Event(ingest.limits.max_event_bytes),
+    )
+    .await?;
     let event = seed::parse(&bytes, Utc::now())?;
     ingest.store(vec![event]).await
 }
@@ -226,12 +239,42 @@ macro_rules! segment_route {
     };
 }
 
-segment_route!(track, "/v1/track", EventType::Track, "Record an action a user performed (Segment `track`).");
-segment_route!(identify, "/v1/identify", EventType::Identify, "Tie a user to their traits (Segment `identify`).");
-segment_route!(page, "/v1/page", EventType::Page, "Record a page view (Segment `page`).");
-segment_route!(screen, "/v1/screen", EventType::Screen, "Record a mobile screen view (Segment `screen`).");
-segment_route!(group, "/v1/group", EventType::Group, "Tie a user to a group or account (Segment `group`).");
-segment_route!(alias, "/v1/alias", EventType::Alias, "Merge a previous id into a user id (Segment `alias`).");
+segment_route!(
+    track,
+    "/v1/track",
+    EventType::Track,
+    "Record an action a user performed (Segment `track`)."
+);
+segment_route!(
+    identify,
+    "/v1/identify",
+    EventType::Identify,
+    "Tie a user to their traits (Segment `identify`)."
+);
+segment_route!(
+    page,
+    "/v1/page",
+    EventType::Page,
+    "Record a page view (Segment `page`)."
+);
+segment_route!(
+    screen,
+    "/v1/screen",
+    EventType::Screen,
+    "Record a mobile screen view (Segment `screen`)."
+);
+segment_route!(
+    group,
+    "/v1/group",
+    EventType::Group,
+    "Tie a user to a group or account (Segment `group`)."
+);
+segment_route!(
+    alias,
+    "/v1/alias",
+    EventType::Alias,
+    "Merge a previous id into a user id (Segment `alias`)."
+);
 
 /// Send many messages of any type at once (Segment `batch`).
 ///
@@ -259,7 +302,12 @@ pub async fn batch(
 ) -> Result<Json<Accepted>, IngestError> {
     let _permit = ingest.admit()?;
     let header_key = ingest.header_key(&headers)?;
-    let bytes = body::read(body, &headers, BodyLimit::Batch(ingest.limits.max_batch_bytes)).await?;
+    let bytes = body::read(
+        body,
+        &headers,
+        BodyLimit::Batch(ingest.limits.max_batch_bytes),
+    )
+    .await?;
     let received_at = Utc::now();
     let parsed: Result<BatchRequest, IngestError> = segment::parse_batch(&bytes);
     if header_key.is_none() {

@@ -130,7 +130,11 @@ mod tests {
 
     #[test]
     fn key_rule() {
-        for good in ["landing.user.home.click", "checkout.order_item.create", "a.b"] {
+        for good in [
+            "landing.user.home.click",
+            "checkout.order_item.create",
+            "a.b",
+        ] {
             assert!(valid_key(good), "{good}");
         }
         for bad in [
@@ -163,8 +167,14 @@ mod tests {
 
     #[test]
     fn a_numeric_client_os_names_the_field() {
-        let err = parse(br#"{"key":"landing.user.home.click","payload":{"client_os":33}}"#, Utc::now())
-            .unwrap_err();
-        assert!(matches!(&err, IngestError::InvalidType { field, .. } if field == "payload.client_os"), "{err:?}");
+        let err = parse(
+            br#"{"key":"landing.user.home.click","payload":{"client_os":33}}"#,
+            Utc::now(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, IngestError::InvalidType { field, .. } if field == "payload.client_os"),
+            "{err:?}"
+        );
     }
 }

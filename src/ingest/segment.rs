@@ -311,7 +311,12 @@ mod tests {
     }
 
     fn track(json: &str) -> Result<EventEnvelope, IngestError> {
-        normalize(parse_message(json.as_bytes())?, EventType::Track, &Shared::default(), now())
+        normalize(
+            parse_message(json.as_bytes())?,
+            EventType::Track,
+            &Shared::default(),
+            now(),
+        )
     }
 
     #[test]
@@ -341,7 +346,10 @@ mod tests {
     #[test]
     fn missing_identity_names_the_field() {
         let err = track(r#"{"event":"x"}"#).unwrap_err();
-        assert!(matches!(&err, IngestError::MissingField { field, .. } if field == "userId"), "{err:?}");
+        assert!(
+            matches!(&err, IngestError::MissingField { field, .. } if field == "userId"),
+            "{err:?}"
+        );
         let err = track(r#"{"userId":"","anonymousId":null,"event":"x"}"#).unwrap_err();
         assert!(matches!(err, IngestError::MissingField { .. }));
     }
@@ -349,9 +357,15 @@ mod tests {
     #[test]
     fn a_wrong_type_names_the_field() {
         let err = track(r#"{"userId":"u","event":"x","properties":[1]}"#).unwrap_err();
-        assert!(matches!(&err, IngestError::InvalidType { field, .. } if field == "properties"), "{err:?}");
+        assert!(
+            matches!(&err, IngestError::InvalidType { field, .. } if field == "properties"),
+            "{err:?}"
+        );
         let err = track(r#"{"userId":"u","event":"x","timestamp":"yesterday"}"#).unwrap_err();
-        assert!(matches!(&err, IngestError::InvalidValue { field, .. } if field == "timestamp"), "{err:?}");
+        assert!(
+            matches!(&err, IngestError::InvalidValue { field, .. } if field == "timestamp"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -374,7 +388,10 @@ mod tests {
         )
         .unwrap();
         let err = normalize_batch(&batch, 32 * 1024, now()).unwrap_err();
-        assert!(matches!(&err, IngestError::MissingField { field, .. } if field == "batch[3].userId"), "{err:?}");
+        assert!(
+            matches!(&err, IngestError::MissingField { field, .. } if field == "batch[3].userId"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -388,6 +405,9 @@ mod tests {
         let events = normalize_batch(&batch, 32 * 1024, now()).unwrap();
         assert_eq!(events[0].context["locale"], "de");
         assert_eq!(events[0].context["library"]["name"], "x");
-        assert_eq!(events[0].timestamp, "2026-11-22T09:59:50Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(
+            events[0].timestamp,
+            "2026-11-22T09:59:50Z".parse::<DateTime<Utc>>().unwrap()
+        );
     }
 }

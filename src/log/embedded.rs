@@ -87,7 +87,11 @@ struct AppendRequest {
 impl EmbeddedLog {
     /// Opens (creating when missing) the log in `dir` and the given topics,
     /// each with `partitions` partitions unless it exists already.
-    pub fn open(dir: &Path, partitions: i32, topics: &[String]) -> Result<EmbeddedLog, EmbeddedError> {
+    pub fn open(
+        dir: &Path,
+        partitions: i32,
+        topics: &[String],
+    ) -> Result<EmbeddedLog, EmbeddedError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join("writer.lock");
         let lock = OpenOptions::new()
@@ -98,7 +102,9 @@ impl EmbeddedLog {
             .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(EmbeddedError::Locked(dir.to_owned())),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(EmbeddedError::Locked(dir.to_owned()));
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
 
@@ -146,9 +152,11 @@ impl EventLog for EmbeddedLog {
             .send(request)
             .await
             .map_err(|_| AppendError::Unavailable("the log writer has stopped".into()))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(AppendError::Unavailable("the log writer has stopped".into())))
+        answer.await.unwrap_or_else(|_| {
+            Err(AppendError::Unavailable(
+                "the log writer has stopped".into(),
+            ))
+        })
     }
 
     async fn check_ready(&self) -> Result<(), String> {
@@ -248,10 +256,11 @@ fn open_topic(dir: &Path, topic: &str, default_partitions: i32) -> Result<Topic,
     let meta_path = topic_dir.join("topic.json");
     let partitions = match std::fs::read(&meta_path) {
         Ok(bytes) => {
-            let meta: TopicMeta = serde_json::from_slice(&bytes).map_err(|e| EmbeddedError::Damaged {
-                path: meta_path.clone(),
-                reason: e.to_string(),
-            })?;
+            let meta: TopicMeta =
+                serde_json::from_slice(&bytes).map_err(|e| EmbeddedError::Damaged {
+                    path: meta_path.clone(),
+                    reason: e.to_string(),
+                })?;
             if meta.partitions != default_partitions {
                 tracing::warn!(
                     topic,
@@ -347,7 +356,13 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
     })
 }
 
-fn encode_frame(buf: &mut Vec<u8>, offset: u64, timestamp_ms: i64, key: Option<&[u8]>, value: &[u8]) {
+fn encode_frame(
+    buf: &mut Vec<u8>,
+    offset: u64,
+    timestamp_ms: i64,
+    key: Option<&[u8]>,
+    value: &[u8],
+) {
     let key_len = key.map_or(0, <[u8]>::len);
     let body_len = FIXED_BODY_LEN + key_len + value.len();
     let start = buf.len();
@@ -372,7 +387,11 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn run_writer(mut files: TopicFiles, mut queue: mpsc::Receiver<AppendRequest>, broken: Arc<AtomicBool>) {
+fn run_writer(
+    mut files: TopicFiles,
+    mut queue: mpsc::Receiver<AppendRequest>,
+    broken: Arc<AtomicBool>,
+) {
     let mut group: Vec<AppendRequest> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = queue.blocking_recv() {
         group.push(first);
@@ -459,7 +478,11 @@ fn commit_group(files: &mut TopicFiles, group: &mut Vec<AppendRequest>, broken: 
 
 fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::io::Result<()> {
     for (topic, p) in touched {
-        let part = &mut files.topics.get_mut(topic).expect("touched topics are open").partitions[*p];
+        let part = &mut files
+            .topics
+            .get_mut(topic)
+            .expect("touched topics are open")
+            .partitions[*p];
         part.file.write_all(&part.pending)?;
     }
     // fsync the touched files in parallel: each takes a disk round trip,
@@ -479,14 +502,21 @@ fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::i
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked"))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")))
+                    })
                     .collect()
             })
         }
     };
     synced.into_iter().collect::<std::io::Result<()>>()?;
     for (topic, p) in touched {
-        let part = &mut files.topics.get_mut(topic).expect("touched topics are open").partitions[*p];
+        let part = &mut files
+            .topics
+            .get_mut(topic)
+            .expect("touched topics are open")
+            .partitions[*p];
         part.len += part.pending.len() as u64;
         part.next_offset += part.pending_records;
         part.pending.clear();
@@ -500,9 +530,17 @@ fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::i
 fn roll_back(files: &mut TopicFiles, touched: &[(String, usize)]) -> bool {
     let mut ok = true;
     for (topic, p) in touched {
-        let part = &mut files.topics.get_mut(topic).expect("touched topics are open").partitions[*p];
+        let part = &mut files
+            .topics
+            .get_mut(topic)
+            .expect("touched topics are open")
+            .partitions[*p];
         if !part.pending.is_empty() {
-            if let Err(e) = part.file.set_len(part.len).and_then(|_| part.file.sync_all()) {
+            if let Err(e) = part
+                .file
+                .set_len(part.len)
+                .and_then(|_| part.file.sync_all())
+            {
                 tracing::error!(path = %part.path.display(), "cannot undo a failed write: {e}");
                 ok = false;
             }
@@ -621,6 +659,12 @@ struct PartitionReader {
     path: PathBuf,
     position: u64,
     scanner: Option<FrameScanner<BufReader<File>>>,
+    /// Records below this offset are read past, not returned (a seek).
+    skip_below: i64,
+    /// The offset after the last record read.
+    next_offset: i64,
+    /// Whether the last read reached the end of the file.
+    at_end: bool,
 }
 
 impl EmbeddedReader {
@@ -666,6 +710,9 @@ impl EmbeddedReader {
                 path,
                 position,
                 scanner: None,
+                skip_below: 0,
+                next_offset: 0,
+                at_end: false,
             });
         }
         Ok(())
@@ -673,7 +720,11 @@ impl EmbeddedReader {
 
     /// Reads what is there now, up to `max` records, fairly across
     /// partitions. Returns whether every partition is at its end.
-    fn read_available(&mut self, max: usize, out: &mut Vec<StoredRecord>) -> Result<bool, ReadError> {
+    fn read_available(
+        &mut self,
+        max: usize,
+        out: &mut Vec<StoredRecord>,
+    ) -> Result<bool, ReadError> {
         self.open_partitions()?;
         if self.partitions.is_empty() {
             return Ok(true);
@@ -695,7 +746,10 @@ impl EmbeddedReader {
                                 topic: self.topic.clone(),
                                 reason: e.to_string(),
                             })?;
-                        part.scanner = Some(FrameScanner::new(BufReader::with_capacity(256 * 1024, f), part.position));
+                        part.scanner = Some(FrameScanner::new(
+                            BufReader::with_capacity(256 * 1024, f),
+                            part.position,
+                        ));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         at_end[i] = true;
@@ -716,6 +770,11 @@ impl EmbeddedReader {
                 })? {
                     Scan::Frame(frame) => {
                         part.position = scanner.position;
+                        part.next_offset = frame.offset as i64 + 1;
+                        part.at_end = false;
+                        if (frame.offset as i64) < part.skip_below {
+                            continue;
+                        }
                         out.push(StoredRecord {
                             topic: self.topic.clone(),
                             partition: part.partition,
@@ -729,6 +788,7 @@ impl EmbeddedReader {
                         // Re-open from the last good position next time: the
                         // frame may be mid-write.
                         part.scanner = None;
+                        part.at_end = true;
                         at_end[i] = true;
                         break;
                     }
@@ -749,9 +809,34 @@ impl LogReader for EmbeddedReader {
             if !records.is_empty() || Instant::now() >= deadline {
                 return Ok(Polled { records, caught_up });
             }
-            // Nothing new: look again shortly (the writer is another process).
+            // Nothing new: look again shortly (the writer may be another
+            // process).
             tokio::time::sleep(Duration::from_millis(20).min(deadline - Instant::now())).await;
         }
+    }
+
+    fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError> {
+        self.open_partitions()?;
+        let Some(part) = self
+            .partitions
+            .iter_mut()
+            .find(|p| p.partition == partition)
+        else {
+            return Err(self.error(format!("no partition {partition}")));
+        };
+        // Frames have no index yet: read from the start, past what is below.
+        part.position = 0;
+        part.scanner = None;
+        part.skip_below = offset.unwrap_or(0);
+        part.at_end = false;
+        Ok(())
+    }
+
+    fn high_watermark(&self, partition: i32) -> Option<i64> {
+        self.partitions
+            .iter()
+            .find(|p| p.partition == partition && p.at_end)
+            .map(|p| p.next_offset)
     }
 }
 
@@ -800,9 +885,21 @@ mod tests {
         encode_frame(&mut bytes, 7, 42, Some(b"user-1"), b"{\"a\":1}");
         encode_frame(&mut bytes, 8, 43, None, b"");
         let mut scanner = FrameScanner::new(&bytes[..], 0);
-        let Scan::Frame(a) = scanner.next_frame().unwrap() else { panic!("frame expected") };
-        assert_eq!((a.offset, a.timestamp_ms, a.key.as_deref(), a.value.as_slice()), (7, 42, Some(&b"user-1"[..]), &b"{\"a\":1}"[..]));
-        let Scan::Frame(b) = scanner.next_frame().unwrap() else { panic!("frame expected") };
+        let Scan::Frame(a) = scanner.next_frame().unwrap() else {
+            panic!("frame expected")
+        };
+        assert_eq!(
+            (
+                a.offset,
+                a.timestamp_ms,
+                a.key.as_deref(),
+                a.value.as_slice()
+            ),
+            (7, 42, Some(&b"user-1"[..]), &b"{\"a\":1}"[..])
+        );
+        let Scan::Frame(b) = scanner.next_frame().unwrap() else {
+            panic!("frame expected")
+        };
         assert_eq!((b.offset, b.key, b.value.len()), (8, None, 0));
         assert!(matches!(scanner.next_frame().unwrap(), Scan::End));
     }

@@ -17,13 +17,16 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -73,7 +76,7 @@ impl KafkaLog {
     pub async fn connect(
         settings: &KafkaSettings,
         partitions: i32,
-        topics: &[String],
+        topics: &[(String, bool)],
         append_timeout: Duration,
     ) -> Result<KafkaLog, KafkaSetupError> {
         let mut config = base_config(settings);
@@ -83,7 +86,10 @@ impl KafkaLog {
             .set("compression.type", &settings.compression)
             .set("linger.ms", settings.linger_ms.to_string())
             .set("batch.size", "1000000")
-            .set("queue.buffering.max.messages", settings.queue_messages.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                settings.queue_messages.to_string(),
+            )
             .set("message.timeout.ms", append_timeout.as_millis().to_string())
             .set("partitioner", "murmur2_random");
         // Pass-through options win over Traitline's choices.
@@ -92,7 +98,10 @@ impl KafkaLog {
         }
         let producer: FutureProducer = config.create().map_err(KafkaSetupError::Client)?;
         ensure_topics(settings, partitions, topics).await?;
-        let ready_topic = topics.first().cloned().unwrap_or_default();
+        let ready_topic = topics
+            .first()
+            .map(|(name, _)| name.clone())
+            .unwrap_or_default();
         Ok(KafkaLog {
             producer,
             brokers: settings.brokers.clone(),
@@ -223,10 +232,11 @@ impl EventLog for KafkaLog {
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     partitions: i32,
-    topics: &[String],
+    topics: &[(String, bool)],
 ) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> =
-        base_config(settings).create().map_err(KafkaSetupError::Client)?;
+    let admin: AdminClient<DefaultClientContext> = base_config(settings)
+        .create()
+        .map_err(KafkaSetupError::Client)?;
     let admin = Arc::new(admin);
     let existing = {
         let admin = admin.clone();
@@ -253,25 +263,47 @@ pub async fn ensure_topics(
             reason: e.to_string(),
         })??
     };
-    let missing: Vec<&String> = topics.iter().filter(|t| !existing.contains(*t)).collect();
+    let missing: Vec<&(String, bool)> = topics
+        .iter()
+        .filter(|(t, _)| !existing.contains(t))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     let new_topics: Vec<NewTopic> = missing
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(settings.replication_factor)))
+        .map(|(t, compacted)| {
+            let topic = NewTopic::new(
+                t,
+                partitions,
+                TopicReplication::Fixed(settings.replication_factor),
+            );
+            if *compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics(new_topics.iter(), &options)
         .await
         .map_err(|e| KafkaSetupError::CreateTopic {
-            topic: missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","),
+            topic: missing
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             reason: e.to_string(),
         })?;
     for result in results {
         match result {
-            Ok(topic) => tracing::info!(topic, partitions, "created Kafka topic {topic} with {partitions} partitions"),
+            Ok(topic) => tracing::info!(
+                topic,
+                partitions,
+                "created Kafka topic {topic} with {partitions} partitions"
+            ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(KafkaSetupError::CreateTopic {
@@ -284,28 +316,73 @@ pub async fn ensure_topics(
     Ok(())
 }
 
-/// Reads a topic from Kafka without joining a consumer group (every
-/// partition assigned, nothing committed), as kcat does.
+/// Tells a [`KafkaReader`] that its consumer group moved partitions.
+struct ReaderContext {
+    rebalanced: Arc<AtomicBool>,
+}
+
+impl ClientContext for ReaderContext {}
+
+impl ConsumerContext for ReaderContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!("Kafka consumer group rebalance failed: {e}");
+        }
+        self.rebalanced.store(true, Ordering::Release);
+    }
+}
+
+/// Reads a topic from Kafka: either every partition without a consumer
+/// group, as kcat does ([`KafkaReader::open`]), or the partitions a
+/// consumer group gives it ([`KafkaReader::join_group`]).
 pub struct KafkaReader {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ReaderContext>,
     topic: String,
     /// Partitions at their end since their last record.
     at_end: HashSet<i32>,
+    /// How many partitions this reader has now.
     partitions: usize,
+    rebalanced: Arc<AtomicBool>,
+    /// Whether partitions come from a consumer group (and may change).
+    grouped: bool,
+}
+
+fn reader_consumer(
+    settings: &KafkaSettings,
+    topic: &str,
+    group: &str,
+) -> Result<(StreamConsumer<ReaderContext>, Arc<AtomicBool>), ReadError> {
+    let rebalanced = Arc::new(AtomicBool::new(false));
+    let context = ReaderContext {
+        rebalanced: rebalanced.clone(),
+    };
+    let consumer = base_config(settings)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        .create_with_context(context)
+        .map_err(|e| ReadError {
+            topic: topic.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok((consumer, rebalanced))
 }
 
 impl KafkaReader {
-    pub fn open(settings: &KafkaSettings, topic: &str, start: StartAt) -> Result<KafkaReader, ReadError> {
+    /// Reads every partition of `topic` from `start`, committing nothing.
+    pub fn open(
+        settings: &KafkaSettings,
+        topic: &str,
+        start: StartAt,
+    ) -> Result<KafkaReader, ReadError> {
         let error = |reason: String| ReadError {
             topic: topic.to_owned(),
             reason,
         };
-        let consumer: StreamConsumer = base_config(settings)
-            .set("group.id", format!("traitline-reader-{}", uuid::Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(|e| error(e.to_string()))?;
+        let group = format!("traitline-reader-{}", uuid::Uuid::new_v4().simple());
+        let (consumer, rebalanced) = reader_consumer(settings, topic, &group)?;
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(|e| error(format!("cannot reach Kafka at {}: {e}", settings.brokers)))?;
@@ -329,12 +406,40 @@ impl KafkaReader {
                 .add_partition_offset(topic, *p, offset)
                 .map_err(|e| error(e.to_string()))?;
         }
-        consumer.assign(&assignment).map_err(|e| error(e.to_string()))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| error(e.to_string()))?;
         Ok(KafkaReader {
             consumer,
             topic: topic.to_owned(),
             at_end: HashSet::new(),
             partitions: partitions.len(),
+            rebalanced,
+            grouped: false,
+        })
+    }
+
+    /// Joins consumer group `group` on `topic`: Kafka shares the
+    /// partitions among the group's members and moves them when a member
+    /// comes or goes. A partition the group never committed starts at its
+    /// oldest record.
+    pub fn join_group(
+        settings: &KafkaSettings,
+        topic: &str,
+        group: &str,
+    ) -> Result<KafkaReader, ReadError> {
+        let (consumer, rebalanced) = reader_consumer(settings, topic, group)?;
+        consumer.subscribe(&[topic]).map_err(|e| ReadError {
+            topic: topic.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(KafkaReader {
+            consumer,
+            topic: topic.to_owned(),
+            at_end: HashSet::new(),
+            partitions: 0,
+            rebalanced,
+            grouped: true,
         })
     }
 }
@@ -384,5 +489,52 @@ impl LogReader for KafkaReader {
         }
         let caught_up = self.at_end.len() >= self.partitions;
         Ok(Polled { records, caught_up })
+    }
+
+    fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError> {
+        let offset = offset.map_or(Offset::Beginning, Offset::Offset);
+        self.at_end.remove(&partition);
+        self.consumer
+            .seek(&self.topic, partition, offset, Duration::from_secs(10))
+            .map_err(|e| ReadError {
+                topic: self.topic.clone(),
+                reason: format!("cannot seek partition {partition} to {offset:?}: {e}"),
+            })
+    }
+
+    fn take_assignment_change(&mut self) -> bool {
+        if !self.rebalanced.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if self.grouped {
+            let assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
+            self.partitions = assigned;
+            self.at_end.clear();
+        }
+        true
+    }
+
+    fn note_committed(&mut self, partition: i32, next: i64) {
+        if !self.grouped {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        if offsets
+            .add_partition_offset(&self.topic, partition, Offset::Offset(next))
+            .is_ok()
+            && let Err(e) = self.consumer.commit(&offsets, CommitMode::Async)
+        {
+            tracing::debug!(
+                partition,
+                "could not commit the consumer group offset (the store keeps the truth): {e}"
+            );
+        }
+    }
+
+    fn high_watermark(&self, partition: i32) -> Option<i64> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_millis(500))
+            .ok()
+            .map(|(_, high)| high)
     }
 }

@@ -105,6 +105,29 @@ pub trait LogReader: Send {
     /// Returns up to `max` records, waiting at most `wait` when none is
     /// there yet.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError>;
+
+    /// Moves `partition` so the next record read from it is the first at or
+    /// after `offset` (`None`: the oldest stored). Records of the partition
+    /// already read but not yet returned are dropped.
+    fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError>;
+
+    /// True (once) when the partitions this reader is given have changed
+    /// since the last call: a consumer-group rebalance.
+    fn take_assignment_change(&mut self) -> bool {
+        false
+    }
+
+    /// Tells the log how far a consumer has durably got (Kafka: the
+    /// consumer group's committed offsets), best effort: the store's
+    /// offsets are the truth, this only makes a restart start closer.
+    fn note_committed(&mut self, _partition: i32, _next: i64) {}
+
+    /// The offset the next record appended to `partition` will get, when
+    /// known; with the processed position, the partition's lag. May ask
+    /// the broker (a short blocking call): call it now and then.
+    fn high_watermark(&self, _partition: i32) -> Option<i64> {
+        None
+    }
 }
 
 /// A reader that cannot go on.
@@ -137,6 +160,32 @@ impl Topics {
     pub fn named(&self, short: &str) -> String {
         format!("{}{short}", self.prefix)
     }
+
+    /// Records a processor could not handle, with the reason.
+    pub fn rejected(&self) -> String {
+        self.named("user_events_rejected")
+    }
+
+    /// The latest snapshot of each profile; a tombstone on delete.
+    pub fn profiles(&self) -> String {
+        self.named("user_profiles")
+    }
+
+    /// One record per profile change.
+    pub fn profile_changes(&self) -> String {
+        self.named("user_profile_changes")
+    }
+
+    /// Every topic Traitline writes, and whether Kafka should compact it
+    /// (keep only the latest record of a key).
+    pub fn all(&self) -> Vec<(String, bool)> {
+        vec![
+            (self.events(), false),
+            (self.rejected(), false),
+            (self.profiles(), true),
+            (self.profile_changes(), false),
+        ]
+    }
 }
 
 /// Why a log could not be opened at start-up.
@@ -157,7 +206,11 @@ pub async fn open(config: &Config) -> Result<Arc<dyn EventLog>, OpenError> {
             let log = embedded::EmbeddedLog::open(
                 &config.data_dir.join("log"),
                 config.partitions,
-                &[topics.events()],
+                &topics
+                    .all()
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
             )?;
             Ok(Arc::new(log))
         }
@@ -165,7 +218,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn EventLog>, OpenError> {
             let log = kafka::KafkaLog::connect(
                 settings,
                 config.partitions,
-                &[topics.events()],
+                &topics.all(),
                 config.append_timeout,
             )
             .await?;
@@ -187,8 +240,8 @@ pub fn open_reader(
             topic,
             start,
         )?)),
-        LogBackend::Kafka(settings) => Ok(Box::new(kafka::KafkaReader::open(
-            settings, topic, start,
-        )?)),
+        LogBackend::Kafka(settings) => {
+            Ok(Box::new(kafka::KafkaReader::open(settings, topic, start)?))
+        }
     }
 }

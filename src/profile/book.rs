@@ -101,7 +101,15 @@ impl Book {
         }
         let profile = self.profiles.entry(target.clone()).or_default();
         profile.apply(event);
-        self.causes.entry(target).or_default().push(event.message_id.clone());
+        self.causes
+            .entry(target)
+            .or_default()
+            .push(event.message_id.clone());
+    }
+
+    /// The profile `id` resolves to now, if any.
+    pub fn profile_of(&self, id: &str) -> Option<&str> {
+        self.ids.get(id).and_then(|p| p.as_deref())
     }
 
     fn resolve_or_create(&mut self, id: &str) -> String {
@@ -133,7 +141,10 @@ impl Book {
         for (_, profile_id) in self.new_ids.iter_mut().filter(|(_, p)| *p == from) {
             profile_id.clone_from(&into);
         }
-        self.profiles.entry(into.clone()).or_default().merge(absorbed);
+        self.profiles
+            .entry(into.clone())
+            .or_default()
+            .merge(absorbed);
         if let Some(causes) = self.causes.remove(&from) {
             self.causes.entry(into.clone()).or_default().extend(causes);
         }

@@ -58,7 +58,12 @@ impl<T: Clone> Stamped<T> {
 
 /// Puts `write` into `map[key]` unless a later (or, with `earliest`, an
 /// earlier) write is there.
-fn register<T>(map: &mut BTreeMap<String, Stamped<T>>, key: &str, write: Stamped<T>, earliest: bool) {
+fn register<T>(
+    map: &mut BTreeMap<String, Stamped<T>>,
+    key: &str,
+    write: Stamped<T>,
+    earliest: bool,
+) {
     match map.get(key) {
         Some(current) if (current.stamp <= write.stamp) == earliest => {}
         _ => {
@@ -117,7 +122,10 @@ impl Profile {
         }
         let linked = [
             event.anonymous_id.as_ref(),
-            event.previous_id.as_ref().filter(|_| event.kind == EventType::Alias),
+            event
+                .previous_id
+                .as_ref()
+                .filter(|_| event.kind == EventType::Alias),
         ];
         for id in linked.into_iter().flatten() {
             // A `track` with both ids is the user's; it links nothing.
@@ -126,8 +134,14 @@ impl Profile {
                 self.anonymous_ids.insert(id.clone());
             }
         }
-        self.first_seen = Some(self.first_seen.map_or(event.timestamp, |t| t.min(event.timestamp)));
-        self.last_seen = Some(self.last_seen.map_or(event.timestamp, |t| t.max(event.timestamp)));
+        self.first_seen = Some(
+            self.first_seen
+                .map_or(event.timestamp, |t| t.min(event.timestamp)),
+        );
+        self.last_seen = Some(
+            self.last_seen
+                .map_or(event.timestamp, |t| t.max(event.timestamp)),
+        );
         self.event_count += 1;
         *self.event_counts.entry(count_name(event)).or_default() += 1;
         if !event.context.is_empty() {
@@ -143,7 +157,9 @@ impl Profile {
     }
 
     fn apply_traits(&mut self, event: &EventEnvelope, stamp: &Stamp) {
-        let set = |traits: &mut BTreeMap<String, Stamped<Option<Value>>>, key: &str, value: Option<Value>| {
+        let set = |traits: &mut BTreeMap<String, Stamped<Option<Value>>>,
+                   key: &str,
+                   value: Option<Value>| {
             let write = Stamped {
                 stamp: stamp.clone(),
                 value,
@@ -245,7 +261,11 @@ impl Profile {
             last_seen: self.last_seen,
             event_count: self.event_count,
             event_counts: self.event_counts.clone(),
-            context: self.context.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
+            context: self
+                .context
+                .as_ref()
+                .map(|c| c.value.clone())
+                .unwrap_or_default(),
             traits: self.effective_traits(),
         }
     }

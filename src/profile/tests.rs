@@ -8,10 +8,18 @@ use super::*;
 use crate::envelope::Source;
 
 fn at(second: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(1_790_000_000 + second, 0).single().expect("valid time")
+    Utc.timestamp_opt(1_790_000_000 + second, 0)
+        .single()
+        .expect("valid time")
 }
 
-fn event(kind: EventType, user: Option<&str>, anon: Option<&str>, second: i64, id: &str) -> EventEnvelope {
+fn event(
+    kind: EventType,
+    user: Option<&str>,
+    anon: Option<&str>,
+    second: i64,
+    id: &str,
+) -> EventEnvelope {
     EventEnvelope {
         kind,
         event: (kind == EventType::Track).then(|| "order.create".to_owned()),
@@ -125,11 +133,20 @@ fn counts_and_first_and_last_seen_cover_every_event() {
 #[test]
 fn the_context_is_the_latest_events_even_when_it_arrives_first() {
     let mut late = track("u1", 50, "m1", json!({}));
-    late.context = json!({"client_os": "iOS", "client_version": "2.0"}).as_object().cloned().unwrap_or_default();
+    late.context = json!({"client_os": "iOS", "client_version": "2.0"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let mut early = track("u1", 10, "m2", json!({}));
-    early.context = json!({"client_os": "Android"}).as_object().cloned().unwrap_or_default();
+    early.context = json!({"client_os": "Android"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let view = profile_of(&[late, early]).view("u1");
-    assert_eq!(Value::Object(view.context), json!({"client_os": "iOS", "client_version": "2.0"}));
+    assert_eq!(
+        Value::Object(view.context),
+        json!({"client_os": "iOS", "client_version": "2.0"})
+    );
 }
 
 #[test]
@@ -139,17 +156,28 @@ fn a_trait_takes_the_value_of_its_latest_write() {
         track("u1", 10, "m2", json!({"$set": {"plan": "free"}})),
         track("u1", 40, "m3", json!({"$set": {"email": "b@x"}})),
     ]);
-    assert_eq!(Value::Object(store.view("u1").traits), json!({"plan": "pro", "email": "b@x"}));
+    assert_eq!(
+        Value::Object(store.view("u1").traits),
+        json!({"plan": "pro", "email": "b@x"})
+    );
 }
 
 #[test]
 fn set_once_keeps_the_earliest_value_and_yields_to_set() {
     let store = profile_of(&[
-        track("u1", 20, "m1", json!({"$set_once": {"source": "ads", "first": "b"}})),
+        track(
+            "u1",
+            20,
+            "m1",
+            json!({"$set_once": {"source": "ads", "first": "b"}}),
+        ),
         track("u1", 10, "m2", json!({"$set_once": {"first": "a"}})),
         track("u1", 5, "m3", json!({"$set": {"source": "seo"}})),
     ]);
-    assert_eq!(Value::Object(store.view("u1").traits), json!({"first": "a", "source": "seo"}));
+    assert_eq!(
+        Value::Object(store.view("u1").traits),
+        json!({"first": "a", "source": "seo"})
+    );
 }
 
 #[test]
@@ -161,7 +189,10 @@ fn unset_removes_a_trait_until_a_later_set() {
         // An older set arriving late does not bring the removed trait back.
         track("u1", 15, "m4", json!({"$set": {"plan": "team"}})),
     ]);
-    assert_eq!(Value::Object(store.view("u1").traits), json!({"email": "b@x"}));
+    assert_eq!(
+        Value::Object(store.view("u1").traits),
+        json!({"email": "b@x"})
+    );
 }
 
 #[test]
@@ -171,7 +202,10 @@ fn set_once_after_an_unset_applies_again() {
         track("u1", 20, "m2", json!({"$unset": ["plan"]})),
         track("u1", 30, "m3", json!({"$set_once": {"plan": "trial"}})),
     ]);
-    assert_eq!(Value::Object(store.view("u1").traits), json!({"plan": "trial"}));
+    assert_eq!(
+        Value::Object(store.view("u1").traits),
+        json!({"plan": "trial"})
+    );
 }
 
 #[test]
@@ -182,18 +216,35 @@ fn identify_with_an_anonymous_id_merges_the_anonymous_profile() {
         event(EventType::Track, None, Some("a1"), 11, "m2"),
     ]);
     store.apply_batch(&[track("u1", 5, "m3", json!({"$set": {"plan": "pro"}}))]);
-    let applied = store.apply_batch(&[identify("u1", Some("a1"), 20, "m4", json!({"email": "u1@x"}))]);
+    let applied = store.apply_batch(&[identify(
+        "u1",
+        Some("a1"),
+        20,
+        "m4",
+        json!({"email": "u1@x"}),
+    )]);
 
     assert_eq!(applied.merges.len(), 1, "two stored profiles become one");
     let view = store.view("a1");
-    assert_eq!(view, store.view("u1"), "both ids resolve to the merged profile");
+    assert_eq!(
+        view,
+        store.view("u1"),
+        "both ids resolve to the merged profile"
+    );
     assert_eq!(view.user_id.as_deref(), Some("u1"));
     assert_eq!(view.anonymous_ids, vec!["a1".to_owned()]);
     assert_eq!(view.event_count, 4);
     assert_eq!(view.first_seen, Some(at(5)));
-    assert_eq!(Value::Object(view.traits), json!({"plan": "pro", "email": "u1@x"}));
+    assert_eq!(
+        Value::Object(view.traits),
+        json!({"plan": "pro", "email": "u1@x"})
+    );
     assert_eq!(store.profiles.len(), 1);
-    let gone = applied.changes.iter().find(|c| c.after.is_none()).expect("a change for the merged-away profile");
+    let gone = applied
+        .changes
+        .iter()
+        .find(|c| c.after.is_none())
+        .expect("a change for the merged-away profile");
     assert!(gone.before.is_some());
 }
 
@@ -221,7 +272,10 @@ fn a_track_with_both_ids_does_not_link_them() {
 fn changes_carry_before_after_and_their_causes() {
     let mut store = MemoryStore::default();
     store.apply_batch(&[track("u1", 10, "m1", json!({}))]);
-    let applied = store.apply_batch(&[track("u1", 20, "m2", json!({})), track("u1", 30, "m3", json!({}))]);
+    let applied = store.apply_batch(&[
+        track("u1", 20, "m2", json!({})),
+        track("u1", 30, "m3", json!({})),
+    ]);
     assert_eq!(applied.changes.len(), 1);
     let change = &applied.changes[0];
     assert_eq!(change.before.as_ref().map(|v| v.event_count), Some(1));

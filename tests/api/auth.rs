@@ -4,8 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{INGEST_ROUTES as ROUTES, Backend, READ_KEY, WRITE_KEY, spawn_app};
-
+use crate::helpers::{Backend, INGEST_ROUTES as ROUTES, READ_KEY, WRITE_KEY, spawn_app};
 
 fn valid_body(route: &str) -> Value {
     match route {
@@ -21,17 +20,32 @@ async fn missing_and_unknown_keys_get_401_on_every_route() {
     for route in ROUTES {
         let body = valid_body(route).to_string().into_bytes();
         let response = app.post_raw(route, None, body.clone(), None).await;
-        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{route} without a key");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "{route} without a key"
+        );
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["error"]["code"], "missing_key");
 
-        let response = app.post_raw(route, Some("tlw_not_a_key_of_ours"), body, None).await;
-        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{route} with an unknown key");
+        let response = app
+            .post_raw(route, Some("tlw_not_a_key_of_ours"), body, None)
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "{route} with an unknown key"
+        );
     }
     let mut with_bad_body_key = valid_body("/v1/track");
     with_bad_body_key["writeKey"] = json!("nope");
     let response = app
-        .post_raw("/v1/track", None, with_bad_body_key.to_string().into_bytes(), None)
+        .post_raw(
+            "/v1/track",
+            None,
+            with_bad_body_key.to_string().into_bytes(),
+            None,
+        )
         .await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(app.stored_events().await.is_empty());
@@ -61,9 +75,13 @@ async fn a_malformed_authorization_header_is_refused() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     // Without a key, a malformed body says 401, not what is wrong with it.
-    let response = app.post_raw("/v1/track", None, b"{oops".to_vec(), None).await;
+    let response = app
+        .post_raw("/v1/track", None, b"{oops".to_vec(), None)
+        .await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     // With the key it says what is wrong.
-    let response = app.post_raw("/v1/track", Some(WRITE_KEY), b"{oops".to_vec(), None).await;
+    let response = app
+        .post_raw("/v1/track", Some(WRITE_KEY), b"{oops".to_vec(), None)
+        .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }

@@ -12,7 +12,9 @@ use tokio::sync::Mutex;
 use traitline::config::{Config, Settings};
 use traitline::log::Topics;
 
-use crate::helpers::{ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, read_all, wait_for};
+use crate::helpers::{
+    ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, read_all, wait_for,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_event() {
@@ -22,7 +24,10 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
 
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let answered = Arc::new(AtomicU64::new(0));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let mut workers = Vec::new();
     for worker in 0..16 {
         let (client, url) = (client.clone(), service.url("/v1/batch"));
@@ -73,12 +78,18 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     let mut copies: HashMap<String, u32> = HashMap::new();
     for record in &records {
         let event: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
-        *copies.entry(event["messageId"].as_str().unwrap().to_owned()).or_default() += 1;
+        *copies
+            .entry(event["messageId"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     let acknowledged = acknowledged.lock().await;
     assert!(acknowledged.len() >= 2500);
     for id in acknowledged.iter() {
-        assert_eq!(copies.get(id), Some(&1), "acknowledged event {id} is stored exactly once");
+        assert_eq!(
+            copies.get(id),
+            Some(&1),
+            "acknowledged event {id} is stored exactly once"
+        );
     }
     assert!(copies.values().all(|n| *n == 1), "no event is stored twice");
 

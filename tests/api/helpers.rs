@@ -69,7 +69,12 @@ pub struct TestDir {
 impl TestDir {
     pub fn new() -> TestDir {
         TestDir {
-            dir: Some(tempfile::Builder::new().prefix("traitline-test-").tempdir().unwrap()),
+            dir: Some(
+                tempfile::Builder::new()
+                    .prefix("traitline-test-")
+                    .tempdir()
+                    .unwrap(),
+            ),
         }
     }
 
@@ -84,7 +89,10 @@ impl Drop for TestDir {
             && let Some(dir) = self.dir.take()
         {
             let kept = dir.keep();
-            eprintln!("test failed: its data directory is kept at {}", kept.display());
+            eprintln!(
+                "test failed: its data directory is kept at {}",
+                kept.display()
+            );
         }
     }
 }
@@ -123,12 +131,34 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await
 }
 
-/// Starts a service whose settings `adjust` may change.
+/// Starts a service whose settings `adjust` may change. On Kafka it is the
+/// production deployment: its store is a fresh PostgreSQL database.
 pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = Arc::new(TestDir::new());
     let mut settings = test_settings(backend, dir.path());
+    if backend == Backend::Kafka {
+        settings.database_url = Some(test_database().await);
+    }
     adjust(&mut settings);
     start(settings, dir).await
+}
+
+/// A fresh PostgreSQL database for one test, on the server the test
+/// command started.
+pub async fn test_database() -> String {
+    let base = std::env::var("TRAITLINE_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("TRAITLINE_TEST_DATABASE_URL is not set: run the tests with ./scripts/test, which starts PostgreSQL")
+    });
+    let name = format!("traitline_test_{}", uuid::Uuid::new_v4().simple());
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
+        .await
+        .expect("the test PostgreSQL answers");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut connection)
+        .await
+        .expect("a test database is created");
+    let (server, _) = base.rsplit_once('/').expect("the URL names a database");
+    format!("{server}/{name}")
 }
 
 /// Starts a service from `settings` in `dir` (a restart reuses both).
@@ -166,14 +196,18 @@ impl TestApp {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "the service did not become ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "the service did not become ready within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// POSTs a JSON body with the write key as HTTP Basic user name.
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
-        self.post_raw(path, Some(WRITE_KEY), body.to_string().into_bytes(), None).await
+        self.post_raw(path, Some(WRITE_KEY), body.to_string().into_bytes(), None)
+            .await
     }
 
     /// POSTs raw bytes, with an optional key and `Content-Encoding`.
@@ -196,6 +230,42 @@ impl TestApp {
             request = request.header("content-encoding", encoding);
         }
         request.send().await.expect("the service answers")
+    }
+
+    /// GETs `path` with `key` (Basic user name); the status and JSON body.
+    pub async fn get_as(&self, path: &str, key: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .basic_auth(key, Some(""))
+            .send()
+            .await
+            .expect("the service answers");
+        let status = response.status();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Waits until the profile of `id` satisfies `done`, and returns it.
+    pub async fn wait_for_profile(
+        &self,
+        id: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get_as(&format!("/v1/profiles/{id}"), READ_KEY).await;
+            if status == reqwest::StatusCode::OK && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the profile of {id} did not reach the expected state within 30 s; last: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// The full name of the events topic.
@@ -256,7 +326,10 @@ pub async fn read_all(config: &Config, topic: &str) -> Vec<StoredRecord> {
         if done {
             return records;
         }
-        assert!(Instant::now() < deadline, "reading {topic} did not reach its end within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end within 30 s"
+        );
     }
 }
 
@@ -273,7 +346,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -290,7 +366,12 @@ impl ServiceProcess {
     /// Starts `traitline` with `args` and `env` (on top of a clean
     /// environment of `TRAITLINE_*`), its output in files in `dir`, and
     /// waits until it prints where it listens.
-    pub async fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> ServiceProcess {
+    pub async fn start(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServiceProcess {
         let stdout = dir.join(format!("{name}.stdout"));
         let stderr = dir.join(format!("{name}.stderr"));
         let mut command = std::process::Command::new(binary());
@@ -322,10 +403,17 @@ impl ServiceProcess {
                     std::fs::read_to_string(&stderr).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "traitline did not start listening within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "traitline did not start listening within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        ServiceProcess { child, base, stdout }
+        ServiceProcess {
+            child,
+            base,
+            stdout,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -341,13 +429,19 @@ impl ServiceProcess {
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "traitline did not exit within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "traitline did not exit within 30 s of SIGTERM"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -9,6 +9,7 @@ use rdkafka::producer::DefaultProducerContext;
 use reqwest::StatusCode;
 use serde_json::json;
 use traitline::config::Settings;
+use traitline::log::Topics;
 
 use crate::helpers::{Backend, TestApp, spawn_app_with, wait_for};
 
@@ -20,15 +21,19 @@ async fn app_on_mock_cluster(
 ) -> (MockCluster<'static, DefaultProducerContext>, TestApp) {
     let cluster = MockCluster::new(1).expect("a mock cluster starts");
     let prefix = format!("mock{}_", uuid::Uuid::new_v4().simple());
-    cluster
-        .create_topic(&format!("{prefix}user_events"), partitions, 1)
-        .expect("the topic is created");
+    for (topic, _) in Topics::new(&prefix).all() {
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("the topic is created");
+    }
     let brokers = cluster.bootstrap_servers();
     // Embedded settings, turned to Kafka on the mock cluster.
     let app = spawn_app_with(Backend::Embedded, |s| {
         s.kafka_brokers = Some(brokers);
         s.kafka_replication_factor = Some(1);
         s.topic_prefix = Some(prefix);
+        // Ingest only: a consumer on the mock cluster can hang on drop.
+        s.roles = Some(vec!["ingest".into()]);
         adjust(s);
     })
     .await;
@@ -70,11 +75,20 @@ async fn outage_and_recovery() {
 
     cluster.broker_up(1).unwrap();
     let mut i = 100;
-    wait_for("a 2xx after the broker is back", Duration::from_secs(60), || {
-        i += 1;
-        let request = send(i);
-        async move { request.await.map(|r| r.status() == StatusCode::OK).unwrap_or(false) }
-    })
+    wait_for(
+        "a 2xx after the broker is back",
+        Duration::from_secs(60),
+        || {
+            i += 1;
+            let request = send(i);
+            async move {
+                request
+                    .await
+                    .map(|r| r.status() == StatusCode::OK)
+                    .unwrap_or(false)
+            }
+        },
+    )
     .await;
     drop(app);
     drop(cluster);
@@ -117,25 +131,38 @@ async fn overload() {
             statuses
         }));
     }
-    wait_for("a request refused as overloaded", Duration::from_secs(30), || {
-        let request = app
-            .client
-            .post(app.url("/v1/track"))
-            .basic_auth(crate::helpers::WRITE_KEY, Some(""))
-            .json(&json!({"userId": "u2", "event": "probe"}))
-            .send();
-        async move {
-            let response = request.await.unwrap();
-            assert_ne!(response.status(), StatusCode::OK, "nothing is stored while the broker is down");
-            let body: serde_json::Value = response.json().await.unwrap();
-            body["error"]["code"] == "overloaded"
-        }
-    })
+    wait_for(
+        "a request refused as overloaded",
+        Duration::from_secs(30),
+        || {
+            let request = app
+                .client
+                .post(app.url("/v1/track"))
+                .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u2", "event": "probe"}))
+                .send();
+            async move {
+                let response = request.await.unwrap();
+                assert_ne!(
+                    response.status(),
+                    StatusCode::OK,
+                    "nothing is stored while the broker is down"
+                );
+                let body: serde_json::Value = response.json().await.unwrap();
+                body["error"]["code"] == "overloaded"
+            }
+        },
+    )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for hog in hogs {
         let statuses = hog.await.unwrap();
-        assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+        assert!(
+            statuses
+                .iter()
+                .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
+            "{statuses:?}"
+        );
     }
     drop(app);
     drop(cluster);

@@ -19,21 +19,34 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 fn padded_track(size: usize) -> Vec<u8> {
     let base = json!({"userId": "u1", "event": "big", "properties": {"pad": ""}}).to_string();
     let pad = "x".repeat(size.saturating_sub(base.len()));
-    json!({"userId": "u1", "event": "big", "properties": {"pad": pad}}).to_string().into_bytes()
+    json!({"userId": "u1", "event": "big", "properties": {"pad": pad}})
+        .to_string()
+        .into_bytes()
 }
 
 #[tokio::test]
 async fn an_event_over_32_kb_gets_413_naming_the_limit() {
     let app = spawn_app(Backend::Embedded).await;
-    let response = app.post_raw("/v1/track", Some(WRITE_KEY), padded_track(33 * 1024), None).await;
+    let response = app
+        .post_raw("/v1/track", Some(WRITE_KEY), padded_track(33 * 1024), None)
+        .await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "event_too_large");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("32768") && message.contains("max-event-bytes"), "{message}");
+    assert!(
+        message.contains("32768") && message.contains("max-event-bytes"),
+        "{message}"
+    );
 
-    let response = app.post_raw("/v1/track", Some(WRITE_KEY), padded_track(31 * 1024), None).await;
-    assert_eq!(response.status(), StatusCode::OK, "just under the limit is fine");
+    let response = app
+        .post_raw("/v1/track", Some(WRITE_KEY), padded_track(31 * 1024), None)
+        .await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "just under the limit is fine"
+    );
     assert_eq!(app.stored_events().await.len(), 1);
 }
 
@@ -46,7 +59,12 @@ async fn a_batch_over_500_kb_gets_413_and_an_oversized_item_is_named() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "batch_too_large");
-    assert!(body["error"]["message"].as_str().unwrap().contains("max-batch-bytes"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max-batch-bytes")
+    );
 
     let big: Value = serde_json::from_slice(&padded_track(40 * 1024)).unwrap();
     let mut big_item = big.clone();
@@ -66,7 +84,9 @@ async fn limits_are_configurable() {
         s.max_batch_bytes = Some(4096);
     })
     .await;
-    let response = app.post_raw("/v1/track", Some(WRITE_KEY), padded_track(2000), None).await;
+    let response = app
+        .post_raw("/v1/track", Some(WRITE_KEY), padded_track(2000), None)
+        .await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("1024"));
@@ -77,7 +97,12 @@ async fn gzip_bodies_are_accepted() {
     let app = spawn_app(Backend::Embedded).await;
     let batch = json!({"batch": (0..50).map(|i| json!({"type": "track", "userId": format!("u{i}"), "event": "zipped"})).collect::<Vec<_>>()});
     let response = app
-        .post_raw("/v1/batch", Some(WRITE_KEY), gzip(batch.to_string().as_bytes()), Some("gzip"))
+        .post_raw(
+            "/v1/batch",
+            Some(WRITE_KEY),
+            gzip(batch.to_string().as_bytes()),
+            Some("gzip"),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(app.stored_events().await.len(), 50);
@@ -90,7 +115,9 @@ async fn the_limit_applies_after_decompression() {
     let body = padded_track(40 * 1024);
     let compressed = gzip(&body);
     assert!(compressed.len() < 2048);
-    let response = app.post_raw("/v1/track", Some(WRITE_KEY), compressed, Some("gzip")).await;
+    let response = app
+        .post_raw("/v1/track", Some(WRITE_KEY), compressed, Some("gzip"))
+        .await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
@@ -106,7 +133,9 @@ async fn a_gzip_bomb_is_refused_without_inflating_it() {
     let bomb = encoder.finish().unwrap();
     assert!(bomb.len() < 2 << 20);
     // The compressed bomb is larger than the batch limit: refused unread.
-    let response = app.post_raw("/v1/batch", Some(WRITE_KEY), bomb, Some("gzip")).await;
+    let response = app
+        .post_raw("/v1/batch", Some(WRITE_KEY), bomb, Some("gzip"))
+        .await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
     // A small bomb (100 MB inflated from ~100 KB) under the raw limit is cut
@@ -117,7 +146,9 @@ async fn a_gzip_bomb_is_refused_without_inflating_it() {
     }
     let small_bomb = encoder.finish().unwrap();
     assert!(small_bomb.len() < 500 * 1024);
-    let response = app.post_raw("/v1/batch", Some(WRITE_KEY), small_bomb, Some("gzip")).await;
+    let response = app
+        .post_raw("/v1/batch", Some(WRITE_KEY), small_bomb, Some("gzip"))
+        .await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "batch_too_large");
@@ -127,7 +158,12 @@ async fn a_gzip_bomb_is_refused_without_inflating_it() {
 async fn broken_gzip_and_unknown_encodings_are_refused() {
     let app = spawn_app(Backend::Embedded).await;
     let response = app
-        .post_raw("/v1/track", Some(WRITE_KEY), b"not gzip at all".to_vec(), Some("gzip"))
+        .post_raw(
+            "/v1/track",
+            Some(WRITE_KEY),
+            b"not gzip at all".to_vec(),
+            Some("gzip"),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let response = app

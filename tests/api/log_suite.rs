@@ -10,20 +10,6 @@ use traitline::log::partitioner::partition_for_key;
 
 use crate::helpers::{Backend, spawn_app};
 
-/// Runs each named scenario against both logs.
-macro_rules! both_logs {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            use crate::helpers::Backend;
-            $( #[tokio::test] async fn $name() { super::$name(Backend::Embedded).await } )*
-        }
-        mod kafka {
-            use crate::helpers::Backend;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Kafka).await } )*
-        }
-    };
-}
-
 both_logs!(
     every_accepted_event_is_read_back_with_its_fields,
     records_are_keyed_by_user_on_the_murmur2_partition,
@@ -55,10 +41,18 @@ async fn every_accepted_event_is_read_back_with_its_fields(backend: Backend) {
     for item in &batch {
         sent.insert(item["messageId"].as_str().unwrap().to_owned(), item.clone());
     }
-    assert_eq!(app.post("/v1/batch", &json!({"batch": batch})).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
     let seed = json!({"key": "landing.user.home.click", "user_id": "seed-user", "message_id": "seed-1",
                       "payload": {"client_os": "iOS", "client_version": "1.0.0"}});
-    assert_eq!(app.post("/event/user/track", &seed).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.post("/event/user/track", &seed).await.status(),
+        StatusCode::OK
+    );
 
     let stored = app.stored_events().await;
     assert_eq!(stored.len(), 51);
@@ -72,11 +66,20 @@ async fn every_accepted_event_is_read_back_with_its_fields(backend: Backend) {
         }
         let original = &sent[&event.message_id];
         assert_eq!(event.user_id.as_deref(), original["userId"].as_str());
-        assert_eq!(event.anonymous_id.as_deref(), original["anonymousId"].as_str());
+        assert_eq!(
+            event.anonymous_id.as_deref(),
+            original["anonymousId"].as_str()
+        );
         if event.message_id.starts_with("single-") {
-            assert_eq!(Value::Object(event.properties.clone()), original["properties"]);
+            assert_eq!(
+                Value::Object(event.properties.clone()),
+                original["properties"]
+            );
             assert_eq!(Value::Object(event.context.clone()), original["context"]);
-            assert_eq!(event.timestamp.to_rfc3339(), "2026-11-21T09:30:00.250+00:00");
+            assert_eq!(
+                event.timestamp.to_rfc3339(),
+                "2026-11-21T09:30:00.250+00:00"
+            );
             assert_eq!(event.event.as_deref(), Some("Product Viewed"));
         } else {
             assert_eq!(Value::Object(event.traits.clone()), original["traits"]);
@@ -89,9 +92,17 @@ async fn records_are_keyed_by_user_on_the_murmur2_partition(backend: Backend) {
     let batch: Vec<Value> = (0..64)
         .map(|i| json!({"type": "track", "userId": format!("customer-{i}"), "event": "e"}))
         .collect();
-    assert_eq!(app.post("/v1/batch", &json!({"batch": batch})).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
     let anonymous = json!({"anonymousId": "device-1", "event": "e"});
-    assert_eq!(app.post("/v1/track", &anonymous).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.post("/v1/track", &anonymous).await.status(),
+        StatusCode::OK
+    );
 
     let records = app.stored_records().await;
     assert_eq!(records.len(), 65);
@@ -99,13 +110,24 @@ async fn records_are_keyed_by_user_on_the_murmur2_partition(backend: Backend) {
     let mut used = HashSet::new();
     for record in &records {
         let event: Value = serde_json::from_slice(&record.value).unwrap();
-        let expected_key = event["userId"].as_str().or(event["anonymousId"].as_str()).unwrap();
+        let expected_key = event["userId"]
+            .as_str()
+            .or(event["anonymousId"].as_str())
+            .unwrap();
         let key = record.key.as_deref().expect("every record is keyed");
         assert_eq!(key, expected_key.as_bytes());
-        assert_eq!(record.partition, partition_for_key(key, partitions), "key {expected_key}");
+        assert_eq!(
+            record.partition,
+            partition_for_key(key, partitions),
+            "key {expected_key}"
+        );
         used.insert(record.partition);
     }
-    assert_eq!(used.len() as i32, partitions, "64 users spread over every partition");
+    assert_eq!(
+        used.len() as i32,
+        partitions,
+        "64 users spread over every partition"
+    );
 }
 
 async fn concurrent_requests_are_each_stored_once(backend: Backend) {

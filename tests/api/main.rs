@@ -1,6 +1,21 @@
 //! Integration tests: one binary, so the service is built once. Each module
 //! specifies one area of behaviour; `helpers` starts services.
 
+/// Runs each named scenario against both deployments: the embedded log
+/// with SQLite, and Kafka (the tansu broker) with PostgreSQL.
+macro_rules! both_logs {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            use crate::helpers::Backend;
+            $( #[tokio::test] async fn $name() { super::$name(Backend::Embedded).await } )*
+        }
+        mod kafka {
+            use crate::helpers::Backend;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Kafka).await } )*
+        }
+    };
+}
+
 mod helpers;
 
 mod auth;
@@ -11,5 +26,6 @@ mod limits;
 mod log_suite;
 mod openapi;
 mod operations;
+mod profiles;
 mod seed;
 mod segment;

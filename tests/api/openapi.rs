@@ -8,7 +8,12 @@ use crate::helpers::{Backend, INGEST_ROUTES, spawn_app};
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_each_one_answers() {
     let app = spawn_app(Backend::Embedded).await;
-    let response = app.client.get(app.url("/openapi.json")).send().await.unwrap();
+    let response = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let doc: Value = response.json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
@@ -18,19 +23,31 @@ async fn the_openapi_document_lists_every_route_and_each_one_answers() {
         assert!(op.is_object(), "{path} is documented");
         assert!(op["requestBody"].is_object(), "{path} documents its body");
         for status in ["200", "401", "413", "422", "503"] {
-            assert!(op["responses"][status].is_object(), "{path} documents {status}");
+            assert!(
+                op["responses"][status].is_object(),
+                "{path} documents {status}"
+            );
         }
         // The route exists: without a key it is 401, not 404.
         let answer = app.post_raw(path, None, b"{}".to_vec(), None).await;
         assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
     for path in ["/healthz", "/readyz"] {
-        assert!(doc["paths"][path]["get"].is_object(), "{path} is documented");
+        assert!(
+            doc["paths"][path]["get"].is_object(),
+            "{path} is documented"
+        );
         let answer = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK, "{path}");
     }
     let schemas = &doc["components"]["schemas"];
-    for name in ["SegmentMessage", "BatchRequest", "SeedEvent", "ErrorBody", "EventEnvelope"] {
+    for name in [
+        "SegmentMessage",
+        "BatchRequest",
+        "SeedEvent",
+        "ErrorBody",
+        "EventEnvelope",
+    ] {
         assert!(schemas[name].is_object(), "schema {name}");
     }
     assert!(doc["components"]["securitySchemes"]["basic"].is_object());

@@ -13,7 +13,10 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
     let dir = TestDir::new();
     let data = dir.path().join("data");
     let data_dir = data.display().to_string();
-    let env = [("TRAITLINE_LISTEN", "127.0.0.1:0"), ("TRAITLINE_DATA_DIR", data_dir.as_str())];
+    let env = [
+        ("TRAITLINE_LISTEN", "127.0.0.1:0"),
+        ("TRAITLINE_DATA_DIR", data_dir.as_str()),
+    ];
     let mut service = ServiceProcess::start(dir.path(), "first", &[], &env).await;
     let printed = std::fs::read_to_string(&service.stdout).unwrap();
     assert!(printed.contains("embedded mode"), "{printed}");
@@ -24,7 +27,8 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
         .expect("a curl command with the key is printed")
         .to_owned();
     assert!(key.starts_with("tlw_"), "{key}");
-    let saved: Value = serde_json::from_slice(&std::fs::read(data.join("keys.json")).unwrap()).unwrap();
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(data.join("keys.json")).unwrap()).unwrap();
     assert_eq!(saved["write"][0], key.as_str());
     assert!(saved["read"][0].as_str().unwrap().starts_with("tlr_"));
     assert!(saved["admin"][0].as_str().unwrap().starts_with("tla_"));
@@ -53,7 +57,10 @@ fn a_bad_setting_stops_start_up_naming_it() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("`listen`") && stderr.contains("TRAITLINE_LISTEN"), "{stderr}");
+    assert!(
+        stderr.contains("`listen`") && stderr.contains("TRAITLINE_LISTEN"),
+        "{stderr}"
+    );
 
     let output = Command::new(binary())
         .args(["--partitions", "0"])
@@ -68,12 +75,22 @@ fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
     let dir = TestDir::new();
     let output = Command::new(binary())
         .current_dir(dir.path())
-        .args(["--kafka-brokers", "127.0.0.1:1", "--listen", "127.0.0.1:0", "--write-keys", WRITE_KEY])
+        .args([
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--write-keys",
+            WRITE_KEY,
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot reach Kafka") && stderr.contains("kafka-brokers"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach Kafka") && stderr.contains("kafka-brokers"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +121,12 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     }
     let stored = tail(dir.path(), &["--from-beginning", "--exit"]);
     for id in &acknowledged {
-        assert!(stored.iter().any(|r| r["value"]["messageId"] == id.as_str()), "{id} is stored");
+        assert!(
+            stored
+                .iter()
+                .any(|r| r["value"]["messageId"] == id.as_str()),
+            "{id} is stored"
+        );
     }
 }
 
@@ -116,7 +138,11 @@ fn tail(dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
         .env("TRAITLINE_DATA_DIR", dir.join("data"))
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout)
         .unwrap()
         .lines()
@@ -151,5 +177,8 @@ async fn events_tail_prints_stored_records_as_json_lines() {
     }
     // Without --from-beginning it starts at the end: nothing old is shown.
     assert!(tail(dir.path(), &["--exit"]).is_empty());
-    assert_eq!(tail(dir.path(), &["--from-beginning", "--count", "2"]).len(), 2);
+    assert_eq!(
+        tail(dir.path(), &["--from-beginning", "--count", "2"]).len(),
+        2
+    );
 }

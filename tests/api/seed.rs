@@ -39,7 +39,10 @@ async fn track_invalid_payload() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_type");
     assert_eq!(body["error"]["field"], "payload.client_os");
-    assert!(app.stored_events().await.is_empty(), "a refused event is not stored");
+    assert!(
+        app.stored_events().await.is_empty(),
+        "a refused event is not stored"
+    );
 }
 
 #[tokio::test]
@@ -75,20 +78,31 @@ async fn a_seed_event_is_stored_as_a_track_envelope() {
 async fn a_key_outside_the_naming_rule_gets_422_naming_the_rule() {
     let app = spawn_app(Backend::Embedded).await;
     let response = app
-        .post("/event/user/track", &event("v1.landing.user.order.create", empty_payload()))
+        .post(
+            "/event/user/track",
+            &event("v1.landing.user.order.create", empty_payload()),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["field"], "key");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("dot-separated") && message.contains("lowercase"), "{message}");
+    assert!(
+        message.contains("dot-separated") && message.contains("lowercase"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn malformed_json_gets_400() {
     let app = spawn_app(Backend::Embedded).await;
     let response = app
-        .post_raw("/event/user/track", Some(WRITE_KEY), b"{\"key\": \"a.b\", ".to_vec(), None)
+        .post_raw(
+            "/event/user/track",
+            Some(WRITE_KEY),
+            b"{\"key\": \"a.b\", ".to_vec(),
+            None,
+        )
         .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().await.unwrap();
@@ -98,7 +112,9 @@ async fn malformed_json_gets_400() {
 #[tokio::test]
 async fn the_seed_route_needs_a_write_key() {
     let app = spawn_app(Backend::Embedded).await;
-    let body = event("landing.user.home.click", empty_payload()).to_string().into_bytes();
+    let body = event("landing.user.home.click", empty_payload())
+        .to_string()
+        .into_bytes();
     let response = app.post_raw("/event/user/track", None, body, None).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }

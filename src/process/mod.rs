@@ -1,0 +1,437 @@
+//! Stream processing: the one [`Runner`] every processor uses to read the
+//! log, and the processors themselves ([`profiles`]).
+//!
+//! The runner owns batching, offsets, rebalances, dead letters and stop.
+//! Its promise, whatever the crash, restart, rebalance or redelivery: each
+//! record's effect is in the store exactly once. It gets there by
+//! committing each batch's effects and the partitions' next offsets in one
+//! store transaction, and by trusting only the store's offsets: records
+//! below them are skipped, a gap above them is re-read (seek), and a
+//! commit whose expected offset is no longer the stored one is refused
+//! (fenced) because another reader got there first.
+
+pub mod profiles;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::log::{EventLog, LogReader, Record, StoredRecord};
+use crate::store::{BatchOutcome, OffsetAdvance, StoreError};
+
+/// A record a processor cannot handle, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub record: StoredRecord,
+    pub reason: String,
+}
+
+/// A processor: turns a batch of records into store effects.
+#[async_trait]
+pub trait Processor: Send + Sync + 'static {
+    /// What a batch becomes before it is committed.
+    type Prepared: Send;
+
+    /// The name its offsets are stored under.
+    fn name(&self) -> &str;
+
+    /// Parses and checks `records` (in offset order per partition); the
+    /// ones it cannot handle come back as rejects, and the rest are applied
+    /// at commit.
+    fn prepare(&self, records: &[StoredRecord]) -> (Self::Prepared, Vec<Rejected>);
+
+    /// Writes a prepared batch and moves `offsets`, in one transaction.
+    async fn commit(
+        &self,
+        prepared: &Self::Prepared,
+        topic: &str,
+        offsets: Vec<OffsetAdvance>,
+    ) -> Result<BatchOutcome, StoreError>;
+
+    /// The next offset of each partition of `topic` in the store.
+    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError>;
+}
+
+/// How a runner reads.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    pub topic: String,
+    /// Where rejected records go (`user_events_rejected`).
+    pub rejected_topic: String,
+    /// Most records in one batch (one transaction).
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill.
+    pub max_wait: Duration,
+    /// Stop once every partition is read to its end (replay).
+    pub stop_when_caught_up: bool,
+}
+
+/// Where the runner is in one partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    /// The next offset to process (committed in the store).
+    pub next_offset: Option<i64>,
+    /// The next offset the log will write, when known.
+    pub high_watermark: Option<i64>,
+}
+
+impl PartitionLag {
+    /// Records in the log not yet processed, when known.
+    pub fn lag(&self) -> Option<i64> {
+        Some((self.high_watermark? - self.next_offset.unwrap_or(0)).max(0))
+    }
+}
+
+/// What a runner has done so far, shared with whoever watches it.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RunnerStats {
+    pub batches: u64,
+    pub applied: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub fenced: u64,
+    pub partitions: BTreeMap<i32, PartitionLag>,
+    /// Whether the last poll found every partition at its end.
+    pub caught_up: bool,
+}
+
+/// The processor's view of one partition.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    /// The store's next offset (`None`: nothing stored).
+    expected: Option<i64>,
+    /// Whether the reader is known to deliver from `expected` on (checked
+    /// on the partition's first record, or after a seek).
+    verified: bool,
+}
+
+/// Reads a topic, hands batches to a processor, commits them with their
+/// offsets. One runner per processor per process; Kafka's consumer group
+/// shares partitions among the processes.
+pub struct Runner<P: Processor> {
+    processor: Arc<P>,
+    reader: Box<dyn LogReader>,
+    log: Arc<dyn EventLog>,
+    settings: RunnerSettings,
+    positions: HashMap<i32, Position>,
+    stored: Option<HashMap<i32, i64>>,
+    stats: Arc<Mutex<RunnerStats>>,
+    last_lag_probe: Option<Instant>,
+}
+
+/// How long to wait before retrying a failed store or log write.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+impl<P: Processor> Runner<P> {
+    pub fn new(
+        processor: Arc<P>,
+        reader: Box<dyn LogReader>,
+        log: Arc<dyn EventLog>,
+        settings: RunnerSettings,
+    ) -> Runner<P> {
+        Runner {
+            processor,
+            reader,
+            log,
+            settings,
+            positions: HashMap::new(),
+            stored: None,
+            stats: Arc::new(Mutex::new(RunnerStats::default())),
+            last_lag_probe: None,
+        }
+    }
+
+    /// What the runner has done, updated as it goes.
+    pub fn stats(&self) -> Arc<Mutex<RunnerStats>> {
+        self.stats.clone()
+    }
+
+    /// Runs until `stop` resolves (the batch in flight is finished and
+    /// committed first) or, with `stop_when_caught_up`, until the topic is
+    /// read to its end.
+    pub async fn run(mut self, stop: impl Future<Output = ()> + Send) {
+        tokio::pin!(stop);
+        loop {
+            let polled = tokio::select! {
+                biased;
+                () = &mut stop => break,
+                polled = self.reader.poll(self.settings.max_batch, self.settings.max_wait) => polled,
+            };
+            let polled = match polled {
+                Ok(polled) => polled,
+                Err(e) => {
+                    tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            if self.reader.take_assignment_change() {
+                // Partitions came or went: trust nothing remembered.
+                self.positions.clear();
+                self.stored = None;
+            }
+            let records = match self.admit(polled.records).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot read the stored offsets of {}: {e}; trying again",
+                        self.settings.topic
+                    );
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            if !records.is_empty() && !self.process(records, &mut stop).await {
+                break;
+            }
+            self.probe_lag(polled.caught_up);
+            if polled.caught_up && self.settings.stop_when_caught_up {
+                break;
+            }
+        }
+        tracing::info!(
+            processor = self.processor.name(),
+            "the {} processor stopped",
+            self.processor.name()
+        );
+    }
+
+    /// Keeps the records the store has not seen: drops those below the
+    /// stored offset, and seeks back when the reader starts above it.
+    async fn admit(&mut self, records: Vec<StoredRecord>) -> Result<Vec<StoredRecord>, StoreError> {
+        if records.is_empty() {
+            return Ok(records);
+        }
+        if self.stored.is_none() {
+            self.stored = Some(self.processor.stored_offsets(&self.settings.topic).await?);
+        }
+        let stored = self.stored.as_ref().expect("loaded above");
+        let mut kept = Vec::with_capacity(records.len());
+        let mut sought = Vec::new();
+        for record in records {
+            let position = self
+                .positions
+                .entry(record.partition)
+                .or_insert_with(|| Position {
+                    expected: stored.get(&record.partition).copied(),
+                    verified: false,
+                });
+            if sought.contains(&record.partition) {
+                continue;
+            }
+            if let Some(expected) = position.expected
+                && record.offset < expected
+            {
+                continue;
+            }
+            if !position.verified {
+                let starts_late = match position.expected {
+                    Some(expected) => record.offset > expected,
+                    // Nothing stored: everything from the oldest record.
+                    None => record.offset > 0,
+                };
+                position.verified = true;
+                if starts_late {
+                    // The reader resumed past the store (Kafka's committed
+                    // offset ahead of it): go back and read what is missing.
+                    tracing::info!(
+                        partition = record.partition,
+                        "partition {} resumed at offset {} but the store is at {:?}; seeking back",
+                        record.partition,
+                        record.offset,
+                        position.expected
+                    );
+                    if let Err(e) = self.reader.seek(record.partition, position.expected) {
+                        tracing::warn!("{e}");
+                    }
+                    sought.push(record.partition);
+                    continue;
+                }
+            }
+            kept.push(record);
+        }
+        Ok(kept)
+    }
+
+    /// Rejects, commits and records one batch. Returns false when `stop`
+    /// came while the batch could not be committed (it will be read again).
+    async fn process(
+        &mut self,
+        records: Vec<StoredRecord>,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> bool {
+        let (prepared, rejects) = self.processor.prepare(&records);
+        if !rejects.is_empty() && !self.reject(&rejects, stop).await {
+            return false;
+        }
+        let mut advances: BTreeMap<i32, OffsetAdvance> = BTreeMap::new();
+        for record in &records {
+            let expected = self
+                .positions
+                .get(&record.partition)
+                .and_then(|p| p.expected);
+            advances
+                .entry(record.partition)
+                .and_modify(|a| a.next = a.next.max(record.offset + 1))
+                .or_insert(OffsetAdvance {
+                    partition: record.partition,
+                    expected,
+                    next: record.offset + 1,
+                });
+        }
+        let advances: Vec<OffsetAdvance> = advances.into_values().collect();
+        loop {
+            match self
+                .processor
+                .commit(&prepared, &self.settings.topic, advances.clone())
+                .await
+            {
+                Ok(outcome) => {
+                    for advance in &advances {
+                        if let Some(position) = self.positions.get_mut(&advance.partition) {
+                            position.expected = Some(advance.next);
+                        }
+                        if let Some(stored) = self.stored.as_mut() {
+                            stored.insert(advance.partition, advance.next);
+                        }
+                        self.reader.note_committed(advance.partition, advance.next);
+                    }
+                    let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    stats.batches += 1;
+                    stats.applied += outcome.applied as u64;
+                    stats.duplicates += outcome.duplicates as u64;
+                    stats.rejected += rejects.len() as u64;
+                    for advance in &advances {
+                        stats
+                            .partitions
+                            .entry(advance.partition)
+                            .or_default()
+                            .next_offset = Some(advance.next);
+                    }
+                    return true;
+                }
+                Err(e @ StoreError::Fenced { .. }) => {
+                    // Another reader committed this partition: drop the
+                    // batch, reload the store's offsets, read from there.
+                    tracing::warn!("{e}");
+                    self.stats.lock().unwrap_or_else(|e| e.into_inner()).fenced += 1;
+                    self.stored = None;
+                    if let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await {
+                        for advance in &advances {
+                            let next = stored.get(&advance.partition).copied();
+                            if let Err(e) = self.reader.seek(advance.partition, next) {
+                                tracing::debug!("{e}");
+                            }
+                        }
+                        self.stored = Some(stored);
+                    }
+                    self.positions.clear();
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
+                        records.len()
+                    );
+                    tokio::select! {
+                        biased;
+                        () = &mut *stop => return false,
+                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes rejects to the dead-letter topic, retrying until it works
+    /// or `stop` comes (then false: the batch is not committed).
+    async fn reject(
+        &mut self,
+        rejects: &[Rejected],
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> bool {
+        let records: Vec<Record> = rejects
+            .iter()
+            .map(|r| Record {
+                key: r
+                    .record
+                    .key
+                    .as_ref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: serde_json::to_vec(&serde_json::json!({
+                    "reason": r.reason,
+                    "processor": self.processor.name(),
+                    "topic": r.record.topic,
+                    "partition": r.record.partition,
+                    "offset": r.record.offset,
+                    "value": String::from_utf8_lossy(&r.record.value),
+                }))
+                .unwrap_or_default(),
+            })
+            .collect();
+        for r in rejects {
+            tracing::warn!(
+                partition = r.record.partition,
+                offset = r.record.offset,
+                "record {}/{} cannot be processed ({}); it goes to {}",
+                r.record.partition,
+                r.record.offset,
+                r.reason,
+                self.settings.rejected_topic
+            );
+        }
+        loop {
+            match self
+                .log
+                .append(&self.settings.rejected_topic, records.clone())
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot write rejected records to {}: {e}; trying again",
+                        self.settings.rejected_topic
+                    );
+                    tokio::select! {
+                        biased;
+                        () = &mut *stop => return false,
+                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refreshes each partition's high watermark now and then.
+    fn probe_lag(&mut self, caught_up: bool) {
+        if self
+            .last_lag_probe
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            self.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .caught_up = caught_up;
+            return;
+        }
+        self.last_lag_probe = Some(Instant::now());
+        let partitions: Vec<i32> = self.positions.keys().copied().collect();
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.caught_up = caught_up;
+        for partition in partitions {
+            let lag = stats.partitions.entry(partition).or_default();
+            lag.next_offset = self
+                .positions
+                .get(&partition)
+                .and_then(|p| p.expected)
+                .or(lag.next_offset);
+            if let Some(high) = self.reader.high_watermark(partition) {
+                lag.high_watermark = Some(high);
+            }
+        }
+    }
+}

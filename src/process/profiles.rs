@@ -1,0 +1,79 @@
+//! The profile processor: applies `user_events` to profiles in the store.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use super::{Processor, Rejected};
+use crate::envelope::EventEnvelope;
+use crate::log::StoredRecord;
+use crate::store::{BatchOutcome, OffsetAdvance, ProfileBatch, Store, StoreError};
+
+/// The name the profile processor's offsets are stored under.
+pub const PROCESSOR: &str = "profiles";
+
+/// Builds profiles from events; see [`crate::profile`] for the rules.
+pub struct ProfileProcessor {
+    store: Store,
+}
+
+impl ProfileProcessor {
+    pub fn new(store: Store) -> ProfileProcessor {
+        ProfileProcessor { store }
+    }
+}
+
+/// Parses a record into an event envelope with its text, or says why not.
+fn parse(record: &StoredRecord) -> Result<(EventEnvelope, String), String> {
+    let text =
+        std::str::from_utf8(&record.value).map_err(|e| format!("the record is not UTF-8: {e}"))?;
+    let event: EventEnvelope = serde_json::from_str(text)
+        .map_err(|e| format!("the record is not an event envelope: {e}"))?;
+    if event.user_id.is_none() && event.anonymous_id.is_none() {
+        return Err("the event has neither userId nor anonymousId".to_owned());
+    }
+    Ok((event, text.to_owned()))
+}
+
+#[async_trait]
+impl Processor for ProfileProcessor {
+    type Prepared = Vec<(EventEnvelope, String)>;
+
+    fn name(&self) -> &str {
+        PROCESSOR
+    }
+
+    fn prepare(&self, records: &[StoredRecord]) -> (Self::Prepared, Vec<Rejected>) {
+        let mut events = Vec::with_capacity(records.len());
+        let mut rejects = Vec::new();
+        for record in records {
+            match parse(record) {
+                Ok(event) => events.push(event),
+                Err(reason) => rejects.push(Rejected {
+                    record: record.clone(),
+                    reason,
+                }),
+            }
+        }
+        (events, rejects)
+    }
+
+    async fn commit(
+        &self,
+        prepared: &Self::Prepared,
+        topic: &str,
+        offsets: Vec<OffsetAdvance>,
+    ) -> Result<BatchOutcome, StoreError> {
+        let batch = ProfileBatch {
+            processor: PROCESSOR,
+            topic,
+            offsets,
+            events: prepared,
+        };
+        self.store.apply_profile_batch(&batch).await
+    }
+
+    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        self.store.offsets(PROCESSOR, topic).await
+    }
+}

@@ -1,0 +1,380 @@
+//! The query API: profiles, their changes and their events, read from the
+//! store; and deletion (GDPR).
+//!
+//! Read keys and admin keys may read; only admin keys may delete; write
+//! keys may only send events.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::ingest::auth::key_from_headers;
+use crate::ingest::error::{ErrorBody, ErrorDetail};
+use crate::keys::{ApiKeys, Scope};
+use crate::profile::ProfileView;
+use crate::store::{ChangeRecord, Store};
+
+/// Largest page a client may ask for.
+const MAX_LIMIT: u32 = 1000;
+const DEFAULT_LIMIT: u32 = 50;
+
+/// What the query routes need.
+#[derive(Clone)]
+pub struct QueryState {
+    store: Store,
+    keys: Arc<ApiKeys>,
+}
+
+/// Why a query was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("send an API key as the HTTP Basic user name or as a Bearer token")]
+    MissingKey,
+    #[error("the API key is not known")]
+    UnknownKey,
+    #[error("this key may not {0}; use {1}")]
+    WrongScope(&'static str, &'static str),
+    #[error("no profile has the id {0:?}")]
+    NotFound(String),
+    #[error("{field}: {message}")]
+    BadParameter {
+        field: &'static str,
+        message: String,
+    },
+    #[error("the store is unavailable; try again")]
+    Unavailable,
+}
+
+impl QueryError {
+    fn status(&self) -> StatusCode {
+        match self {
+            QueryError::MissingKey | QueryError::UnknownKey => StatusCode::UNAUTHORIZED,
+            QueryError::WrongScope(..) => StatusCode::FORBIDDEN,
+            QueryError::NotFound(_) => StatusCode::NOT_FOUND,
+            QueryError::BadParameter { .. } => StatusCode::BAD_REQUEST,
+            QueryError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            QueryError::MissingKey => "missing_key",
+            QueryError::UnknownKey => "unknown_key",
+            QueryError::WrongScope(..) => "forbidden",
+            QueryError::NotFound(_) => "not_found",
+            QueryError::BadParameter { .. } => "invalid_parameter",
+            QueryError::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for QueryError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!("a query failed: {e}");
+        QueryError::Unavailable
+    }
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let field = match &self {
+            QueryError::BadParameter { field, .. } => Some((*field).to_owned()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                field,
+            },
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        if matches!(self, QueryError::Unavailable) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}
+
+/// Checks the request's key: reads need a read or admin key, deletes an
+/// admin key.
+fn authorize(keys: &ApiKeys, headers: &HeaderMap, delete: bool) -> Result<(), QueryError> {
+    let key = key_from_headers(headers)
+        .map_err(|_| QueryError::UnknownKey)?
+        .ok_or(QueryError::MissingKey)?;
+    match (keys.scope(&key), delete) {
+        (None, _) => Err(QueryError::UnknownKey),
+        (Some(Scope::Admin), _) | (Some(Scope::Read), false) => Ok(()),
+        (Some(_), true) => Err(QueryError::WrongScope("delete profiles", "an admin key")),
+        (Some(Scope::Write), false) => Err(QueryError::WrongScope("read profiles", "a read key")),
+    }
+}
+
+/// Paging parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct Paging {
+    /// Items per page, 1 to 1000 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl Paging {
+    fn limit(&self) -> Result<u32, QueryError> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(_) => Err(QueryError::BadParameter {
+                field: "limit",
+                message: format!("must be between 1 and {MAX_LIMIT}"),
+            }),
+        }
+    }
+
+    fn cursor(&self) -> Result<Option<String>, QueryError> {
+        self.cursor
+            .as_deref()
+            .map(|c| {
+                URL_SAFE_NO_PAD
+                    .decode(c)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or(QueryError::BadParameter {
+                        field: "cursor",
+                        message: "is not a cursor this API gave".to_owned(),
+                    })
+            })
+            .transpose()
+    }
+}
+
+fn encode_cursor(text: &str) -> String {
+    URL_SAFE_NO_PAD.encode(text)
+}
+
+/// A page of profiles.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProfileList {
+    pub profiles: Vec<ProfileView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of a profile's changes, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangeList {
+    pub changes: Vec<ChangeRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of a profile's events, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// What a delete removed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: bool,
+    /// The deleted profile's user id.
+    pub user_id: Option<String>,
+    /// Every id that resolved to it; later events for them start a new profile.
+    pub ids: Vec<String>,
+}
+
+impl QueryState {
+    pub fn new(store: Store, keys: Arc<ApiKeys>) -> QueryState {
+        QueryState { store, keys }
+    }
+
+    pub fn routes(self) -> Router {
+        Router::new()
+            .route("/v1/profiles", get(list_profiles))
+            .route("/v1/profiles/{id}", get(get_profile).delete(delete_profile))
+            .route("/v1/profiles/{id}/changes", get(profile_changes))
+            .route("/v1/profiles/{id}/events", get(profile_events))
+            .with_state(self)
+    }
+}
+
+/// A profile, by user id or any linked anonymous id.
+#[utoipa::path(get, path = "/v1/profiles/{id}", tag = "profiles",
+    params(("id" = String, Path, description = "A user id or a linked anonymous id")),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile", body = ProfileView),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 404, description = "No profile has this id", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn get_profile(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ProfileView>, QueryError> {
+    authorize(&state.keys, &headers, false)?;
+    state
+        .store
+        .profile(&id)
+        .await?
+        .map(Json)
+        .ok_or(QueryError::NotFound(id))
+}
+
+/// Every profile, in a stable order, a page at a time.
+#[utoipa::path(get, path = "/v1/profiles", tag = "profiles",
+    params(Paging),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of profiles", body = ProfileList),
+        (status = 400, description = "A bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+    ))]
+pub async fn list_profiles(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Query(paging): Query<Paging>,
+) -> Result<Json<ProfileList>, QueryError> {
+    authorize(&state.keys, &headers, false)?;
+    let page = state
+        .store
+        .profiles(paging.limit()?, paging.cursor()?.as_deref())
+        .await?;
+    Ok(Json(ProfileList {
+        profiles: page.profiles,
+        next_cursor: page.next.as_deref().map(encode_cursor),
+    }))
+}
+
+/// A profile's change history (change data capture), newest first.
+#[utoipa::path(get, path = "/v1/profiles/{id}/changes", tag = "profiles",
+    params(("id" = String, Path, description = "A user id or a linked anonymous id"), Paging),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of changes", body = ChangeList),
+        (status = 400, description = "A bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 404, description = "No profile has this id", body = ErrorBody),
+    ))]
+pub async fn profile_changes(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(paging): Query<Paging>,
+) -> Result<Json<ChangeList>, QueryError> {
+    authorize(&state.keys, &headers, false)?;
+    let before = paging
+        .cursor()?
+        .map(|c| {
+            c.parse::<i64>().map_err(|_| QueryError::BadParameter {
+                field: "cursor",
+                message: "is not a cursor this API gave".to_owned(),
+            })
+        })
+        .transpose()?;
+    let (changes, next) = state
+        .store
+        .changes(&id, paging.limit()?, before)
+        .await?
+        .ok_or(QueryError::NotFound(id))?;
+    Ok(Json(ChangeList {
+        changes,
+        next_cursor: next.map(|n| encode_cursor(&n.to_string())),
+    }))
+}
+
+/// A profile's stored events, newest first.
+#[utoipa::path(get, path = "/v1/profiles/{id}/events", tag = "profiles",
+    params(("id" = String, Path, description = "A user id or a linked anonymous id"), Paging),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of events", body = EventList),
+        (status = 400, description = "A bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 404, description = "No profile has this id", body = ErrorBody),
+    ))]
+pub async fn profile_events(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(paging): Query<Paging>,
+) -> Result<Json<EventList>, QueryError> {
+    authorize(&state.keys, &headers, false)?;
+    let before = paging
+        .cursor()?
+        .map(|c| {
+            c.split_once(':')
+                .and_then(|(at, message_id)| Some((at.parse::<i64>().ok()?, message_id.to_owned())))
+                .ok_or(QueryError::BadParameter {
+                    field: "cursor",
+                    message: "is not a cursor this API gave".to_owned(),
+                })
+        })
+        .transpose()?;
+    let page = state
+        .store
+        .events(&id, paging.limit()?, before)
+        .await?
+        .ok_or(QueryError::NotFound(id))?;
+    Ok(Json(EventList {
+        events: page.events,
+        next_cursor: page
+            .next
+            .map(|(at, message_id)| encode_cursor(&format!("{at}:{message_id}"))),
+    }))
+}
+
+/// Deletes a profile (GDPR): the profile, its change history and its
+/// stored events; a tombstone is published to `user_profiles`. Later
+/// events for its ids start a new profile.
+#[utoipa::path(delete, path = "/v1/profiles/{id}", tag = "profiles",
+    params(("id" = String, Path, description = "A user id or a linked anonymous id")),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No profile has this id", body = ErrorBody),
+    ))]
+pub async fn delete_profile(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, QueryError> {
+    authorize(&state.keys, &headers, true)?;
+    let view = state
+        .store
+        .delete_profile(&id)
+        .await?
+        .ok_or(QueryError::NotFound(id))?;
+    tracing::info!(user_id = ?view.user_id, "deleted a profile and its history");
+    let mut ids = view.anonymous_ids.clone();
+    ids.extend(view.user_id.clone());
+    Ok(Json(Deleted {
+        deleted: true,
+        user_id: view.user_id,
+        ids,
+    }))
+}

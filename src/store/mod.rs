@@ -1,0 +1,285 @@
+//! The store: where processors keep what they make of the log (profiles,
+//! their changes, the raw events sink) together with the log offsets that
+//! produced it. PostgreSQL in production, a SQLite file in the data
+//! directory when embedded.
+//!
+//! One implementation serves both through sqlx's `Any` driver: the SQL is
+//! written once in the subset both databases share (`$n` parameters,
+//! `ON CONFLICT`, `RETURNING`, row values), the schema once per dialect
+//! (`migrations/`), and [`Dialect`] holds the few differences (row locks,
+//! how a write transaction begins, which errors mean "try again"). The
+//! shared test suite runs against both.
+
+mod profiles;
+
+pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row};
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or opened at start-up.
+    #[error("cannot open the store ({setting}): {reason}")]
+    Open {
+        setting: &'static str,
+        reason: String,
+    },
+    /// Another reader of this partition has committed past where this
+    /// processor started: this processor's batch is stale and was not
+    /// written.
+    #[error(
+        "partition {partition} of {topic} was processed elsewhere (stored offset moved); the batch was not written"
+    )]
+    Fenced { topic: String, partition: i32 },
+    /// The database failed; the transaction was rolled back.
+    #[error("the store failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Stored JSON that does not parse: a bug or a manual edit.
+    #[error("the store holds a row that does not parse: {0}")]
+    Corrupt(String),
+    /// A concurrent transaction changed rows this one read; it was rolled
+    /// back and may be run again.
+    #[error("a concurrent change conflicted with this transaction")]
+    Conflict,
+}
+
+/// How often a transaction that hit a conflict (deadlock, serialization,
+/// a concurrent insert of the same id, SQLite busy) is tried again.
+const MAX_ATTEMPTS: u32 = 20;
+
+/// The store of one deployment. Cheap to clone (a pool inside).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Opens the store the configuration names: PostgreSQL at `database_url`,
+    /// else `traitline.db` (SQLite) in `data_dir`. Applies the migrations.
+    pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (url, dialect, setting) = match database_url {
+            Some(url) => (url.to_owned(), Dialect::Postgres, "database-url"),
+            None => {
+                std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+                    setting: "data-dir",
+                    reason: format!("cannot create {}: {e}", data_dir.display()),
+                })?;
+                let path = data_dir.join("traitline.db");
+                (
+                    format!("sqlite://{}?mode=rwc", path.display()),
+                    Dialect::Sqlite,
+                    "data-dir",
+                )
+            }
+        };
+        let open_error = |e: &dyn std::fmt::Display| StoreError::Open {
+            setting,
+            reason: e.to_string(),
+        };
+        let options = match dialect {
+            Dialect::Postgres => AnyPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10)),
+            // One file, one writer at a time: a few connections let the
+            // query API read while a processor writes (WAL).
+            Dialect::Sqlite => AnyPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // Process crashes lose nothing with synchronous=NORMAL
+                        // in WAL mode; a power loss may drop the last commits,
+                        // and with them their offsets, so they are redone
+                        // from the log: never half a batch.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                }),
+        };
+        let pool = options.connect(&url).await.map_err(|e| open_error(&e))?;
+        let sql = match dialect {
+            Dialect::Postgres => include_str!("migrations/postgres.sql"),
+            Dialect::Sqlite => include_str!("migrations/sqlite.sql"),
+        };
+        let migrator = Migrator::with_migrations(vec![Migration::new(
+            1,
+            "profiles, identities, changes, events, offsets".into(),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql),
+            false,
+        )]);
+        migrator.run(&pool).await.map_err(|e| open_error(&e))?;
+        Ok(Store { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// A one-line description for start-up messages.
+    pub fn describe(&self) -> String {
+        match self.dialect {
+            Dialect::Postgres => "PostgreSQL store".to_owned(),
+            Dialect::Sqlite => "SQLite store".to_owned(),
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Begins a transaction that will write. SQLite takes the write lock at
+    /// once, so two writers wait for each other instead of failing later.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            Dialect::Postgres => self.pool.begin().await,
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+        }
+    }
+
+    /// The row lock clause for rows a transaction will update (PostgreSQL);
+    /// SQLite's write transaction already excludes other writers.
+    fn for_update(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// Whether a failed transaction may succeed when run again: a deadlock,
+    /// a serialization failure, a concurrent insert of the same key, or
+    /// SQLite's busy and locked answers.
+    fn is_conflict(&self, error: &StoreError) -> bool {
+        let StoreError::Database(sqlx::Error::Database(db)) = error else {
+            return matches!(error, StoreError::Conflict);
+        };
+        let code = db.code().unwrap_or_default();
+        match self.dialect {
+            Dialect::Postgres => matches!(code.as_ref(), "40001" | "40P01" | "23505"),
+            Dialect::Sqlite => {
+                let primary = code.parse::<i32>().map(|c| c & 0xff).unwrap_or(0);
+                primary == 5 || primary == 6
+            }
+        }
+    }
+
+    /// The next offset of every partition of `topic` that `processor` has
+    /// committed.
+    pub async fn offsets(
+        &self,
+        processor: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, i64>, StoreError> {
+        let rows = sqlx::query("SELECT partition, next_offset FROM processor_offsets WHERE processor = $1 AND topic = $2")
+            .bind(processor)
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row: &AnyRow| Ok((row.try_get::<i32, _>(0)?, row.try_get::<i64, _>(1)?)))
+            .collect()
+    }
+
+    /// Deletes what the deduplication window and the events retention no
+    /// longer keep. Returns the rows deleted.
+    pub async fn purge(
+        &self,
+        dedup_before_ms: i64,
+        events_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let dedup = sqlx::query("DELETE FROM processed_messages WHERE seen_at < $1")
+            .bind(dedup_before_ms)
+            .execute(&self.pool)
+            .await?;
+        let events = sqlx::query("DELETE FROM events WHERE received_at < $1")
+            .bind(events_before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(dedup.rows_affected() + events.rows_affected())
+    }
+}
+
+/// Where a processor is in a partition, and where a batch takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetAdvance {
+    pub partition: i32,
+    /// The next offset this processor believes is stored (`None`: nothing
+    /// stored yet). The commit fails as fenced when the stored one differs.
+    pub expected: Option<i64>,
+    /// The next offset after this batch.
+    pub next: i64,
+}
+
+/// Moves the stored offsets of `topic`, failing with [`StoreError::Fenced`]
+/// when one is not where the batch expects it: another reader of the
+/// partition committed first, so this batch is stale.
+async fn advance_offsets(
+    tx: &mut sqlx::AnyConnection,
+    processor: &str,
+    topic: &str,
+    advances: &[OffsetAdvance],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    for advance in advances {
+        let moved = match advance.expected {
+            Some(expected) => sqlx::query(
+                "UPDATE processor_offsets SET next_offset = $1, updated_at = $2 \
+                 WHERE processor = $3 AND topic = $4 AND partition = $5 AND next_offset = $6",
+            )
+            .bind(advance.next)
+            .bind(now_ms)
+            .bind(processor)
+            .bind(topic)
+            .bind(advance.partition)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await?,
+            None => sqlx::query(
+                "INSERT INTO processor_offsets (processor, topic, partition, next_offset, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(processor)
+            .bind(topic)
+            .bind(advance.partition)
+            .bind(advance.next)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?,
+        };
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::Fenced {
+                topic: topic.to_owned(),
+                partition: advance.partition,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

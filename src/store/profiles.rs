@@ -1,0 +1,677 @@
+//! Profiles in the store: applying a batch of events in one transaction
+//! with its offsets, and the reads and deletes of the query API.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use utoipa::ToSchema;
+
+use super::{OffsetAdvance, Store, StoreError, advance_offsets, now_ms};
+use crate::envelope::EventEnvelope;
+use crate::profile::{Applied, Book, Profile, ProfileView};
+
+/// Rows written by one multi-row `INSERT`, well under both databases'
+/// limits on bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
+/// One batch for the profile processor: events in log order with their
+/// stored bytes, and where the batch takes each partition's offset.
+#[derive(Debug)]
+pub struct ProfileBatch<'a> {
+    pub processor: &'a str,
+    pub topic: &'a str,
+    pub offsets: Vec<OffsetAdvance>,
+    /// Each event with the record value it came in (kept in `events`).
+    pub events: &'a [(EventEnvelope, String)],
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events applied to profiles.
+    pub applied: usize,
+    /// Events whose message id was applied before (client retries,
+    /// redelivery): they changed nothing.
+    pub duplicates: usize,
+    /// Events of deleted profiles received before the deletion.
+    pub skipped_deleted: usize,
+    /// Profiles changed (one change record each).
+    pub changed_profiles: usize,
+}
+
+/// `$start, $start+1, ...`: `count` placeholders.
+fn params(count: usize, start: usize) -> String {
+    (start..start + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
+fn tuples(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", params(columns, 1 + r * columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs and maps cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl Store {
+    /// Applies a batch and moves its offsets in one transaction, retrying
+    /// on conflicts with concurrent transactions. Fails with
+    /// [`StoreError::Fenced`] (nothing written) when a partition's stored
+    /// offset is not where the batch expects it.
+    pub async fn apply_profile_batch(
+        &self,
+        batch: &ProfileBatch<'_>,
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.begin_write().await?;
+            match self.try_apply(&mut tx, batch).await {
+                Ok(outcome) => match tx.commit().await {
+                    Ok(()) => return Ok(outcome),
+                    Err(e) => {
+                        let e = StoreError::from(e);
+                        if !self.is_conflict(&e) || attempt >= super::MAX_ATTEMPTS {
+                            return Err(e);
+                        }
+                    }
+                },
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    if !self.is_conflict(&e) || attempt >= super::MAX_ATTEMPTS {
+                        return Err(e);
+                    }
+                }
+            }
+            tracing::debug!(
+                attempt,
+                "a batch conflicted with a concurrent transaction; trying again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
+        }
+    }
+
+    async fn try_apply(
+        &self,
+        tx: &mut AnyConnection,
+        batch: &ProfileBatch<'_>,
+    ) -> Result<BatchOutcome, StoreError> {
+        let now = now_ms();
+        advance_offsets(tx, batch.processor, batch.topic, &batch.offsets, now).await?;
+
+        // Deduplicate: first within the batch, then against the window.
+        let mut seen = HashSet::new();
+        let candidates: Vec<&(EventEnvelope, String)> = batch
+            .events
+            .iter()
+            .filter(|(e, _)| seen.insert(e.message_id.as_str()))
+            .collect();
+        let mut fresh = HashSet::new();
+        for chunk in candidates.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO processed_messages (message_id, seen_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
+                tuples(chunk.len(), 2)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (event, _) in chunk {
+                query = query.bind(event.message_id.as_str()).bind(now);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                fresh.insert(row.try_get::<String, _>(0)?);
+            }
+        }
+        let mut outcome = BatchOutcome {
+            duplicates: batch.events.len() - fresh.len(),
+            ..BatchOutcome::default()
+        };
+        let events: Vec<&(EventEnvelope, String)> = candidates
+            .into_iter()
+            .filter(|(e, _)| fresh.contains(&e.message_id))
+            .collect();
+        if events.is_empty() {
+            return Ok(outcome);
+        }
+
+        let ids: Vec<&str> = {
+            let mut ids: Vec<&str> = events.iter().flat_map(|(e, _)| Book::ids_of(e)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let deleted = self.deleted_before(tx, &ids).await?;
+        let events: Vec<&(EventEnvelope, String)> = events
+            .into_iter()
+            .filter(|(e, _)| {
+                let received = e.received_at.timestamp_millis();
+                !Book::ids_of(e).any(|id| deleted.get(id).is_some_and(|at| received <= *at))
+            })
+            .collect();
+        outcome.skipped_deleted = fresh.len() - events.len();
+
+        let mut book = self.load_book(tx, &ids).await?;
+        for (event, _) in &events {
+            book.apply(event);
+        }
+        let targets: Vec<String> = events
+            .iter()
+            .map(|(e, _)| {
+                let primary = e
+                    .user_id
+                    .as_deref()
+                    .or(e.anonymous_id.as_deref())
+                    .unwrap_or_default();
+                book.profile_of(primary).unwrap_or(primary).to_owned()
+            })
+            .collect();
+        let applied = book.finish();
+        outcome.applied = events.len();
+        outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
+        write_applied(tx, &applied, now).await?;
+        insert_events(tx, &events, &targets).await?;
+        Ok(outcome)
+    }
+
+    /// When each of `ids` was deleted, for the ids that were.
+    async fn deleted_before(
+        &self,
+        tx: &mut AnyConnection,
+        ids: &[&str],
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        let mut deleted = HashMap::new();
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id IN ({})",
+                params(chunk.len(), 1)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                deleted.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Loads the ids and the profiles they resolve to, locking the profile
+    /// rows (PostgreSQL) so concurrent batches touching the same profile
+    /// take turns.
+    async fn load_book(&self, tx: &mut AnyConnection, ids: &[&str]) -> Result<Book, StoreError> {
+        let mut book = Book::default();
+        let mut mapped: HashMap<String, String> = HashMap::new();
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "SELECT distinct_id, profile_id FROM identities WHERE distinct_id IN ({})",
+                params(chunk.len(), 1)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                mapped.insert(row.try_get(0)?, row.try_get(1)?);
+            }
+        }
+        let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
+        profile_ids.sort_unstable();
+        profile_ids.dedup();
+        let mut found = HashSet::new();
+        for chunk in profile_ids.chunks(ROWS_PER_INSERT) {
+            // Sorted, so two transactions lock shared rows in one order.
+            let sql = format!(
+                "SELECT profile_id, state_json FROM profiles WHERE profile_id IN ({}) ORDER BY profile_id{}",
+                params(chunk.len(), 1),
+                self.for_update()
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let profile_id: String = row.try_get(0)?;
+                let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
+                found.insert(profile_id.clone());
+                book.load_profile(profile_id, state);
+            }
+        }
+        if profile_ids.iter().any(|p| !found.contains(*p)) {
+            // A concurrent merge removed a profile between the two reads.
+            return Err(StoreError::Conflict);
+        }
+        for id in ids {
+            let profile_id = mapped.remove(*id);
+            book.load_id((*id).to_owned(), profile_id);
+        }
+        Ok(book)
+    }
+
+    /// The profile `id` (a user id or any linked id) resolves to.
+    pub async fn profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
+        let row = sqlx::query(
+            "SELECT p.view_json FROM identities i JOIN profiles p ON p.profile_id = i.profile_id WHERE i.distinct_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| parse(&row.try_get::<String, _>(0)?))
+            .transpose()
+    }
+
+    /// Profiles in a stable order (their profile id), `limit` at a time,
+    /// after the profile id `after`.
+    pub async fn profiles(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<ProfilePage, StoreError> {
+        let rows = sqlx::query(
+            "SELECT profile_id, view_json FROM profiles WHERE profile_id > $1 ORDER BY profile_id LIMIT $2",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut profiles = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in rows.iter().take(limit as usize) {
+            last = Some(row.try_get::<String, _>(0)?);
+            profiles.push(parse(&row.try_get::<String, _>(1)?)?);
+        }
+        let next = if rows.len() > limit as usize {
+            last
+        } else {
+            None
+        };
+        Ok(ProfilePage { profiles, next })
+    }
+
+    async fn profile_id_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT profile_id FROM identities WHERE distinct_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// A profile's changes, newest first, `limit` at a time, before the
+    /// change id `before`. `None` when no profile has the id.
+    pub async fn changes(
+        &self,
+        id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Option<(Vec<ChangeRecord>, Option<i64>)>, StoreError> {
+        let Some(profile_id) = self.profile_id_of(id).await? else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(
+            "SELECT change_id, profile_id, user_id, before_view, after_view, causes, changed_at FROM profile_changes \
+             WHERE profile_id = $1 AND change_id < $2 ORDER BY change_id DESC LIMIT $3",
+        )
+        .bind(profile_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changes = rows
+            .iter()
+            .take(limit as usize)
+            .map(change_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = (rows.len() > limit as usize)
+            .then(|| changes.last().map(|c| c.change_id))
+            .flatten();
+        changes.truncate(limit as usize);
+        Ok(Some((changes, next)))
+    }
+
+    /// A profile's stored events, newest first (event time, then message
+    /// id), `limit` at a time, after the cursor. `None` when no profile has
+    /// the id.
+    pub async fn events(
+        &self,
+        id: &str,
+        limit: u32,
+        before: Option<(i64, String)>,
+    ) -> Result<Option<EventPage>, StoreError> {
+        let Some(profile_id) = self.profile_id_of(id).await? else {
+            return Ok(None);
+        };
+        let newest_first = "ORDER BY occurred_at DESC, message_id DESC LIMIT";
+        let query = match before {
+            None => sqlx::query(AssertSqlSafe(format!(
+                "SELECT message_id, occurred_at, body FROM events WHERE profile_id = $1 {newest_first} $2"
+            )))
+            .bind(profile_id),
+            Some((at, message_id)) => sqlx::query(AssertSqlSafe(format!(
+                "SELECT message_id, occurred_at, body FROM events WHERE profile_id = $1 \
+                 AND (occurred_at < $2 OR (occurred_at = $2 AND message_id < $3)) {newest_first} $4"
+            )))
+            .bind(profile_id)
+            .bind(at)
+            .bind(message_id),
+        };
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in rows.iter().take(limit as usize) {
+            let message_id: String = row.try_get(0)?;
+            let occurred_at: i64 = row.try_get(1)?;
+            events.push(parse(&row.try_get::<String, _>(2)?)?);
+            last = Some((occurred_at, message_id));
+        }
+        let next = if rows.len() > limit as usize {
+            last
+        } else {
+            None
+        };
+        Ok(Some(EventPage { events, next }))
+    }
+
+    /// Deletes a profile (GDPR): the profile, its ids, its change history
+    /// and its stored events; records its ids as deleted and leaves one
+    /// change without a body for the relay to publish as a tombstone.
+    /// Returns the deleted profile's last view, or `None` when no profile
+    /// has the id.
+    pub async fn delete_profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.begin_write().await?;
+            let result = self.try_delete(&mut tx, id).await;
+            let result = match result {
+                Ok(view) => tx.commit().await.map(|()| view).map_err(StoreError::from),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            };
+            match result {
+                Err(e) if self.is_conflict(&e) && attempt < super::MAX_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)))
+                        .await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_delete(
+        &self,
+        tx: &mut AnyConnection,
+        id: &str,
+    ) -> Result<Option<ProfileView>, StoreError> {
+        let sql = format!(
+            "SELECT p.profile_id, p.state_json FROM identities i JOIN profiles p ON p.profile_id = i.profile_id \
+             WHERE i.distinct_id = $1{}",
+            self.for_update()
+        );
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let profile_id: String = row.try_get(0)?;
+        let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
+        let now = now_ms();
+        for table in ["profiles", "identities", "profile_changes", "events"] {
+            let sql = format!("DELETE FROM {table} WHERE profile_id = $1");
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&profile_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for distinct_id in &state.ids {
+            sqlx::query(
+                "INSERT INTO deleted_ids (distinct_id, deleted_at) VALUES ($1, $2) \
+                 ON CONFLICT (distinct_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+            )
+            .bind(distinct_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let view = state.view();
+        sqlx::query(
+            "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) \
+             VALUES ($1, $2, NULL, NULL, $3, $4)",
+        )
+        .bind(&profile_id)
+        .bind(view.user_id.clone())
+        .bind("[\"$delete\"]")
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(Some(view))
+    }
+
+    /// Changes not yet published by the relay, oldest first.
+    pub async fn unpublished_changes(&self, limit: u32) -> Result<Vec<ChangeRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT change_id, profile_id, user_id, before_view, after_view, causes, changed_at FROM profile_changes \
+             WHERE published = 0 ORDER BY change_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_record).collect()
+    }
+
+    /// Marks changes as published.
+    pub async fn mark_published(&self, change_ids: &[i64]) -> Result<(), StoreError> {
+        for chunk in change_ids.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "UPDATE profile_changes SET published = 1 WHERE change_id IN ({})",
+                params(chunk.len(), 1)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets everything the profile processor made, so a replay can
+    /// rebuild it from the log. Deleted ids stay deleted.
+    pub async fn reset_profiles(&self, processor: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for table in [
+            "profiles",
+            "identities",
+            "profile_changes",
+            "events",
+            "processed_messages",
+        ] {
+            let sql = format!("DELETE FROM {table}");
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM processor_offsets WHERE processor = $1")
+            .bind(processor)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Writes what a batch did to the profiles: merges first (so moved rows
+/// point at the survivor), then ids, profiles and change records.
+async fn write_applied(
+    tx: &mut AnyConnection,
+    applied: &Applied,
+    now: i64,
+) -> Result<(), StoreError> {
+    for merge in &applied.merges {
+        sqlx::query("DELETE FROM profiles WHERE profile_id = $1")
+            .bind(&merge.from)
+            .execute(&mut *tx)
+            .await?;
+        for table in ["identities", "events", "profile_changes"] {
+            let sql = format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2");
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&merge.into)
+                .bind(&merge.from)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    for chunk in applied.new_ids.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO identities (distinct_id, profile_id) VALUES {}",
+            tuples(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (id, profile_id) in chunk {
+            query = query.bind(id.as_str()).bind(profile_id.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for chunk in applied.profiles.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO profiles (profile_id, user_id, state_json, view_json, updated_at) VALUES {} \
+             ON CONFLICT (profile_id) DO UPDATE SET user_id = excluded.user_id, state_json = excluded.state_json, \
+             view_json = excluded.view_json, updated_at = excluded.updated_at",
+            tuples(chunk.len(), 5)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (profile_id, profile) in chunk {
+            query = query
+                .bind(profile_id.as_str())
+                .bind(profile.user_id.as_ref().map(|u| u.value.clone()))
+                .bind(to_json(profile))
+                .bind(to_json(&profile.view()))
+                .bind(now);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for chunk in applied.changes.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) VALUES {}",
+            tuples(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for change in chunk {
+            let user_id = change
+                .after
+                .as_ref()
+                .or(change.before.as_ref())
+                .and_then(|v| v.user_id.clone());
+            query = query
+                .bind(change.profile_id.as_str())
+                .bind(user_id)
+                .bind(change.before.as_ref().map(to_json))
+                .bind(change.after.as_ref().map(to_json))
+                .bind(to_json(&change.causes))
+                .bind(now);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// The raw events sink: each applied event under the profile it went to.
+async fn insert_events(
+    tx: &mut AnyConnection,
+    events: &[&(EventEnvelope, String)],
+    targets: &[String],
+) -> Result<(), StoreError> {
+    let rows: Vec<_> = events.iter().zip(targets).collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO events (message_id, profile_id, type, event, occurred_at, received_at, body) VALUES {} \
+             ON CONFLICT DO NOTHING",
+            tuples(chunk.len(), 7)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for ((event, body), profile_id) in chunk {
+            let kind = serde_json::to_value(event.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            query = query
+                .bind(event.message_id.as_str())
+                .bind(profile_id.as_str())
+                .bind(kind)
+                .bind(event.event.clone())
+                .bind(event.timestamp.timestamp_millis())
+                .bind(event.received_at.timestamp_millis())
+                .bind(body.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+fn change_record(row: &AnyRow) -> Result<ChangeRecord, StoreError> {
+    let json = |i: usize| -> Result<Option<ProfileView>, StoreError> {
+        row.try_get::<Option<String>, _>(i)?
+            .map(|t| parse(&t))
+            .transpose()
+    };
+    let changed_at: i64 = row.try_get(6)?;
+    Ok(ChangeRecord {
+        change_id: row.try_get(0)?,
+        profile_id: row.try_get(1)?,
+        user_id: row.try_get(2)?,
+        before: json(3)?,
+        after: json(4)?,
+        causes: parse(&row.try_get::<String, _>(5)?)?,
+        changed_at: DateTime::<Utc>::from_timestamp_millis(changed_at).unwrap_or_default(),
+    })
+}
+
+/// One profile change, as `profile_changes` keeps it and the relay
+/// publishes it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChangeRecord {
+    /// Increasing; a stable identity for consumers that deduplicate.
+    pub change_id: i64,
+    pub profile_id: String,
+    pub user_id: Option<String>,
+    /// The profile before; `null` for a new profile.
+    pub before: Option<ProfileView>,
+    /// The profile after; `null` when it was merged into another or deleted.
+    pub after: Option<ProfileView>,
+    /// Message ids of the events that caused it (`$delete` for a deletion).
+    pub causes: Vec<String>,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// A page of profiles and the cursor of the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfilePage {
+    pub profiles: Vec<ProfileView>,
+    /// The last profile id of this page when more follow.
+    pub next: Option<String>,
+}
+
+/// A page of events and the cursor of the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPage {
+    /// Each event's envelope, as it was in the log.
+    pub events: Vec<Value>,
+    pub next: Option<(i64, String)>,
+}

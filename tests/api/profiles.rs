@@ -1,0 +1,293 @@
+//! Profiles end to end: events in over HTTP, processed from the log into
+//! the store, read back through the query API; for both deployments.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, WRITE_KEY, spawn_app, spawn_app_with};
+
+both_logs!(
+    a_profile_is_built_from_every_call_type,
+    identify_merges_anonymous_history_and_both_ids_resolve,
+    client_retries_with_the_same_message_id_count_once,
+    profiles_page_in_a_stable_order,
+    delete_removes_the_profile_and_later_events_start_a_new_one,
+);
+
+async fn a_profile_is_built_from_every_call_type(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let sends = [
+        (
+            "/event/user/track",
+            json!({"key": "landing.user.home.click", "user_id": "u1", "timestamp": "2026-11-20T10:00:00Z",
+            "payload": {"client_os": "Android", "client_version": "0.9"}}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "order.create", "timestamp": "2026-11-21T09:30:00Z",
+            "properties": {"$set": {"plan": "pro"}, "$set_once": {"first_plan": "pro"}},
+            "context": {"client_os": "iOS", "client_version": "1.0.0"}}),
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "timestamp": "2026-11-20T12:00:00Z", "traits": {"email": "u1@example.com", "plan": "free"}}),
+        ),
+        (
+            "/v1/page",
+            json!({"userId": "u1", "name": "Home", "timestamp": "2026-11-20T11:00:00Z"}),
+        ),
+    ];
+    for (route, body) in &sends {
+        assert_eq!(
+            app.post(route, body).await.status(),
+            StatusCode::OK,
+            "{route}"
+        );
+    }
+    let profile = app.wait_for_profile("u1", |p| p["event_count"] == 4).await;
+    assert_eq!(
+        profile,
+        json!({
+            "user_id": "u1", "anonymous_ids": [],
+            "first_seen": "2026-11-20T10:00:00Z", "last_seen": "2026-11-21T09:30:00Z",
+            "event_count": 4,
+            "event_counts": {"landing.user.home.click": 1, "order.create": 1, "$identify": 1, "$page": 1},
+            "context": {"client_os": "iOS", "client_version": "1.0.0"},
+            // `plan`: the $set of 2026-11-21 is later than the identify.
+            "traits": {"email": "u1@example.com", "plan": "pro", "first_plan": "pro"}
+        })
+    );
+}
+
+async fn identify_merges_anonymous_history_and_both_ids_resolve(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for i in 0..3 {
+        let body = json!({"anonymousId": "anon-7", "event": "Viewed", "properties": {"i": i}});
+        assert_eq!(app.post("/v1/track", &body).await.status(), StatusCode::OK);
+    }
+    app.wait_for_profile("anon-7", |p| p["event_count"] == 3)
+        .await;
+    let body = json!({"userId": "u7", "anonymousId": "anon-7", "traits": {"name": "Ada"}});
+    assert_eq!(
+        app.post("/v1/identify", &body).await.status(),
+        StatusCode::OK
+    );
+    let body = json!({"userId": "u7", "previousId": "old-login-7"});
+    assert_eq!(app.post("/v1/alias", &body).await.status(), StatusCode::OK);
+
+    let merged = app.wait_for_profile("u7", |p| p["event_count"] == 5).await;
+    assert_eq!(merged["user_id"], "u7");
+    assert_eq!(merged["anonymous_ids"], json!(["anon-7", "old-login-7"]));
+    assert_eq!(merged["traits"], json!({"name": "Ada"}));
+    for id in ["anon-7", "old-login-7"] {
+        let (status, profile) = app.get_as(&format!("/v1/profiles/{id}"), READ_KEY).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(profile, merged, "{id} resolves to the merged profile");
+    }
+    let (_, events) = app
+        .get_as("/v1/profiles/u7/events?limit=10", READ_KEY)
+        .await;
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(5),
+        "the anonymous events moved with the merge"
+    );
+}
+
+async fn client_retries_with_the_same_message_id_count_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let event = json!({"userId": "u-retry", "event": "Paid", "messageId": "pay-1"});
+    for _ in 0..3 {
+        assert_eq!(app.post("/v1/track", &event).await.status(), StatusCode::OK);
+    }
+    let batch = json!({"batch": [
+        {"type": "track", "userId": "u-retry", "event": "Paid", "messageId": "pay-1"},
+        {"type": "track", "userId": "u-retry", "event": "Paid", "messageId": "pay-2"},
+    ]});
+    assert_eq!(app.post("/v1/batch", &batch).await.status(), StatusCode::OK);
+    let marker = json!({"userId": "u-retry", "event": "Done", "messageId": "done-1"});
+    assert_eq!(
+        app.post("/v1/track", &marker).await.status(),
+        StatusCode::OK
+    );
+
+    let profile = app
+        .wait_for_profile("u-retry", |p| p["event_counts"]["Done"] == 1)
+        .await;
+    assert_eq!(profile["event_counts"], json!({"Paid": 2, "Done": 1}));
+    assert_eq!(
+        app.stored_events().await.len(),
+        6,
+        "the log keeps every request; the profile counts each message once"
+    );
+}
+
+async fn profiles_page_in_a_stable_order(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let batch: Vec<Value> = (0..25)
+        .map(|i| json!({"type": "track", "userId": format!("pager-{i:02}"), "event": "Seen"}))
+        .collect();
+    assert_eq!(
+        app.post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    app.wait_for_profile("pager-24", |_| true).await;
+    crate::helpers::wait_for(
+        "all 25 profiles",
+        std::time::Duration::from_secs(30),
+        || async {
+            app.get_as("/v1/profiles?limit=1000", READ_KEY).await.1["profiles"]
+                .as_array()
+                .map(Vec::len)
+                == Some(25)
+        },
+    )
+    .await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/profiles?limit=10&cursor={c}"),
+            None => "/v1/profiles?limit=10".to_owned(),
+        };
+        let (status, page) = app.get_as(&path, READ_KEY).await;
+        assert_eq!(status, StatusCode::OK);
+        seen.extend(
+            page["profiles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["user_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("pager-{i:02}")).collect();
+    assert_eq!(seen, expected, "every profile once, in order, across pages");
+
+    let (status, error) = app.get_as("/v1/profiles?limit=0", READ_KEY).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["field"], "limit");
+    let (status, _) = app.get_as("/v1/profiles?cursor=%%%", READ_KEY).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+async fn delete_removes_the_profile_and_later_events_start_a_new_one(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = json!({"userId": "gone", "anonymousId": "gone-anon", "traits": {"email": "gone@example.com"}});
+    assert_eq!(
+        app.post("/v1/identify", &body).await.status(),
+        StatusCode::OK
+    );
+    app.wait_for_profile("gone", |p| p["event_count"] == 1)
+        .await;
+
+    let delete = |key: &'static str| {
+        app.client
+            .delete(app.url("/v1/profiles/gone-anon"))
+            .basic_auth(key, Some(""))
+            .send()
+    };
+    assert_eq!(
+        delete(READ_KEY).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let response = delete(ADMIN_KEY).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let deleted: Value = response.json().await.unwrap();
+    assert_eq!(deleted["user_id"], "gone");
+    for path in [
+        "/v1/profiles/gone",
+        "/v1/profiles/gone-anon",
+        "/v1/profiles/gone/events",
+        "/v1/profiles/gone/changes",
+    ] {
+        assert_eq!(
+            app.get_as(path, READ_KEY).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        delete(ADMIN_KEY).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let body = json!({"userId": "gone", "event": "Came Back"});
+    assert_eq!(app.post("/v1/track", &body).await.status(), StatusCode::OK);
+    let fresh = app.wait_for_profile("gone", |_| true).await;
+    assert_eq!(fresh["event_count"], 1);
+    assert_eq!(
+        fresh["traits"],
+        json!({}),
+        "nothing of the deleted profile comes back"
+    );
+}
+
+#[tokio::test]
+async fn keys_only_do_what_their_scope_allows() {
+    let app = spawn_app_with(Backend::Embedded, |_| {}).await;
+    assert_eq!(
+        app.post("/v1/track", &json!({"userId": "s1", "event": "E"}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    app.wait_for_profile("s1", |_| true).await;
+
+    assert_eq!(
+        app.get_as("/v1/profiles/s1", WRITE_KEY).await.0,
+        StatusCode::FORBIDDEN,
+        "a write key cannot read"
+    );
+    assert_eq!(
+        app.get_as("/v1/profiles/s1", ADMIN_KEY).await.0,
+        StatusCode::OK,
+        "an admin key can read"
+    );
+    assert_eq!(
+        app.get_as("/v1/profiles/s1", "tlr_unknown").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let anonymous = app
+        .client
+        .get(app.url("/v1/profiles/s1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let write_delete = app
+        .client
+        .delete(app.url("/v1/profiles/s1"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        write_delete.status(),
+        StatusCode::FORBIDDEN,
+        "a write key cannot delete"
+    );
+    let read_send = app
+        .post_raw(
+            "/v1/track",
+            Some(READ_KEY),
+            br#"{"userId":"s1","event":"E"}"#.to_vec(),
+            None,
+        )
+        .await;
+    assert_eq!(
+        read_send.status(),
+        StatusCode::FORBIDDEN,
+        "a read key cannot send"
+    );
+    assert_eq!(
+        app.get_as("/v1/profiles/s1", READ_KEY).await.1["event_count"],
+        1
+    );
+}
