@@ -7,7 +7,10 @@ use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::ingest::error::{ErrorBody, ErrorDetail};
 use crate::ingest::segment::{BatchRequest, SegmentMessage};
 use crate::ingest::{Accepted, seed::SeedEvent};
+use crate::profile::ProfileView;
+use crate::query::{ChangeList, Deleted, EventList, ProfileList};
 use crate::server::{Health, Readiness};
+use crate::store::ChangeRecord;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,17 +27,24 @@ use crate::server::{Health, Readiness};
         crate::ingest::group,
         crate::ingest::alias,
         crate::ingest::batch,
+        crate::query::get_profile,
+        crate::query::list_profiles,
+        crate::query::profile_changes,
+        crate::query::profile_events,
+        crate::query::delete_profile,
         crate::server::healthz,
         crate::server::readyz,
     ),
     components(schemas(
         SeedEvent, SegmentMessage, BatchRequest, Accepted, ErrorBody, ErrorDetail,
-        EventEnvelope, EventType, Source, Health, Readiness
+        EventEnvelope, EventType, Source, Health, Readiness,
+        ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted
     )),
     modifiers(&Security),
     tags(
         (name = "segment", description = "The Segment HTTP Tracking API"),
         (name = "seed", description = "The original trait service route"),
+        (name = "profiles", description = "Profiles built from the events: read with a read or admin key, delete with an admin key"),
         (name = "operations", description = "Health and readiness"),
     )
 )]

@@ -4,7 +4,15 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, WRITE_KEY, spawn_app, spawn_app_with};
+use std::sync::Arc;
+use std::time::Duration;
+
+use traitline::config::Config;
+use traitline::log::{Record, Topics};
+
+use crate::helpers::{
+    ADMIN_KEY, Backend, READ_KEY, TestDir, WRITE_KEY, read_all, spawn_app, spawn_app_with, start, test_database, test_settings,
+};
 
 both_logs!(
     a_profile_is_built_from_every_call_type,
@@ -12,6 +20,7 @@ both_logs!(
     client_retries_with_the_same_message_id_count_once,
     profiles_page_in_a_stable_order,
     delete_removes_the_profile_and_later_events_start_a_new_one,
+    a_poison_record_goes_to_rejected_and_later_records_are_processed,
 );
 
 async fn a_profile_is_built_from_every_call_type(backend: Backend) {
@@ -290,4 +299,36 @@ async fn keys_only_do_what_their_scope_allows() {
         app.get_as("/v1/profiles/s1", READ_KEY).await.1["event_count"],
         1
     );
+}
+
+async fn a_poison_record_goes_to_rejected_and_later_records_are_processed(backend: Backend) {
+    let dir = Arc::new(TestDir::new());
+    let mut settings = test_settings(backend, dir.path());
+    if backend == Backend::Kafka {
+        settings.database_url = Some(test_database().await);
+    }
+    // Write straight to the log, before the service starts: a record that
+    // is not an envelope, then a good event of the same user.
+    let config = Config::from_settings(settings.clone()).unwrap();
+    let topics = Topics::new(&config.topic_prefix);
+    let log = traitline::log::open(&config).await.unwrap();
+    let good = json!({"type": "track", "event": "After", "userId": "p1", "messageId": "good-1",
+        "timestamp": "2026-11-20T10:00:00Z", "receivedAt": "2026-11-20T10:00:00Z", "source": "segment"});
+    let records = vec![
+        Record { key: Some("p1".into()), value: b"{not an envelope".to_vec() },
+        Record { key: Some("p1".into()), value: good.to_string().into_bytes() },
+    ];
+    log.append(&topics.events(), records).await.unwrap();
+    log.close(Duration::from_secs(5)).await;
+    drop(log);
+
+    let app = start(settings, dir).await;
+    let profile = app.wait_for_profile("p1", |_| true).await;
+    assert_eq!(profile["event_counts"], json!({"After": 1}));
+    let rejected = read_all(&app.config, &topics.rejected()).await;
+    assert_eq!(rejected.len(), 1, "the poison record, once");
+    let dead: Value = serde_json::from_slice(&rejected[0].value).unwrap();
+    assert_eq!(dead["value"], "{not an envelope");
+    assert!(dead["reason"].as_str().unwrap().contains("not an event envelope"), "{dead}");
+    assert_eq!(rejected[0].key.as_deref(), Some(&b"p1"[..]));
 }
