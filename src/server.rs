@@ -28,6 +28,7 @@ use crate::log::kafka::KafkaReader;
 use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
 use crate::openapi::ApiDoc;
 use crate::process::profiles::{self, ProfileProcessor};
+use crate::process::relay::ChangeRelay;
 use crate::process::{Runner, RunnerSettings};
 use crate::query::QueryState;
 use crate::store::{Store, StoreError};
@@ -70,11 +71,23 @@ pub async fn serve(
     if config.roles.process
         && let Some(store) = &store
     {
-        let runner = profile_runner(&config, store.clone(), log.clone(), false)?;
-        let mut stopped = stopped.clone();
-        processors.push(tokio::spawn(runner.run(async move {
+        let stop = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
-        })));
+        };
+        let runner = profile_runner(&config, store.clone(), log.clone(), false)?;
+        processors.push(tokio::spawn(runner.run(stop(stopped.clone()))));
+        let relay = ChangeRelay::new(
+            store.clone(),
+            log.clone(),
+            Topics::new(&config.topic_prefix),
+        );
+        processors.push(tokio::spawn(relay.run(stop(stopped.clone()))));
+        processors.push(tokio::spawn(purge(
+            store.clone(),
+            config.dedup_window,
+            config.events_retention,
+            stop(stopped.clone()),
+        )));
     }
     announce(&config, address, &key_source, log.as_ref());
 
@@ -93,6 +106,35 @@ pub async fn serve(
     }
     tracing::info!("Traitline stopped");
     Ok(())
+}
+
+/// Deletes, once an hour, message ids older than the deduplication window
+/// and events older than the retention.
+async fn purge(
+    store: Store,
+    dedup_window: Duration,
+    retention: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stop => return,
+            _ = every.tick() => {}
+        }
+        let now = crate::store::now_ms();
+        let before = |age: Duration| now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        match store.purge(before(dedup_window), before(retention)).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(
+                rows,
+                "purged {rows} rows past the deduplication window or the events retention"
+            ),
+            Err(e) => tracing::warn!("cannot purge old rows: {e}; trying again in an hour"),
+        }
+    }
 }
 
 /// The profile processor's runner on `user_events`: a consumer group

@@ -119,7 +119,12 @@ impl KafkaLog {
         deadline: Instant,
     ) -> Result<rdkafka::producer::DeliveryFuture, AppendError> {
         loop {
-            let mut message = FutureRecord::to(topic).payload(&record.value);
+            // An empty value is a tombstone: a null payload, which a
+            // compacted topic reads as "delete this key".
+            let mut message: FutureRecord<str, [u8]> = FutureRecord::to(topic);
+            if !record.value.is_empty() {
+                message = message.payload(&record.value);
+            }
             if let Some(key) = &record.key {
                 message = message.key(key.as_str());
             }
@@ -321,7 +326,19 @@ struct ReaderContext {
     rebalanced: Arc<AtomicBool>,
 }
 
-impl ClientContext for ReaderContext {}
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching a partition's end is how a reader knows it caught up,
+        // not a fault.
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
 
 impl ConsumerContext for ReaderContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

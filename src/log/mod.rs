@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use crate::config::{Config, LogBackend};
 
 /// One record to append: an optional key (which picks the partition) and
-/// the value bytes.
+/// the value bytes. An empty value is a tombstone (in Kafka a null
+/// payload: a compacted topic then forgets the key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Option<String>,

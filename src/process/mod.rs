@@ -1,5 +1,6 @@
 //! Stream processing: the one [`Runner`] every processor uses to read the
-//! log, and the processors themselves ([`profiles`]).
+//! log, the processors themselves ([`profiles`]), and the [`relay`] that
+//! publishes profile changes back to the log.
 //!
 //! The runner owns batching, offsets, rebalances, dead letters and stop.
 //! Its promise, whatever the crash, restart, rebalance or redelivery: each
@@ -11,6 +12,7 @@
 //! (fenced) because another reader got there first.
 
 pub mod profiles;
+pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -56,26 +56,48 @@ async fn the_openapi_document_lists_every_route_and_each_one_answers() {
 #[tokio::test]
 async fn the_query_routes_are_documented_with_their_security_and_answer_without_a_key_401() {
     let app = spawn_app(Backend::Embedded).await;
-    let doc: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let routes = [
         ("get", "/v1/profiles", "/v1/profiles"),
         ("get", "/v1/profiles/{id}", "/v1/profiles/u1"),
         ("delete", "/v1/profiles/{id}", "/v1/profiles/u1"),
-        ("get", "/v1/profiles/{id}/changes", "/v1/profiles/u1/changes"),
+        (
+            "get",
+            "/v1/profiles/{id}/changes",
+            "/v1/profiles/u1/changes",
+        ),
         ("get", "/v1/profiles/{id}/events", "/v1/profiles/u1/events"),
     ];
     for (method, documented, concrete) in routes {
         let op = &doc["paths"][documented][method];
         assert!(op.is_object(), "{method} {documented} is documented");
-        assert!(op["security"].is_array(), "{method} {documented} documents its keys");
+        assert!(
+            op["security"].is_array(),
+            "{method} {documented} documents its keys"
+        );
         for status in ["200", "401", "403"] {
-            assert!(op["responses"][status].is_object(), "{method} {documented} documents {status}");
+            assert!(
+                op["responses"][status].is_object(),
+                "{method} {documented} documents {status}"
+            );
         }
         let request = match method {
             "delete" => app.client.delete(app.url(concrete)),
             _ => app.client.get(app.url(concrete)),
         };
-        assert_eq!(request.send().await.unwrap().status(), StatusCode::UNAUTHORIZED, "{method} {concrete}");
+        assert_eq!(
+            request.send().await.unwrap().status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {concrete}"
+        );
     }
     assert!(doc["components"]["schemas"]["ProfileView"].is_object());
 }

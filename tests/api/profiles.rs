@@ -11,7 +11,8 @@ use traitline::config::Config;
 use traitline::log::{Record, Topics};
 
 use crate::helpers::{
-    ADMIN_KEY, Backend, READ_KEY, TestDir, WRITE_KEY, read_all, spawn_app, spawn_app_with, start, test_database, test_settings,
+    ADMIN_KEY, Backend, READ_KEY, TestDir, WRITE_KEY, read_all, spawn_app, spawn_app_with, start,
+    test_database, test_settings,
 };
 
 both_logs!(
@@ -21,6 +22,7 @@ both_logs!(
     profiles_page_in_a_stable_order,
     delete_removes_the_profile_and_later_events_start_a_new_one,
     a_poison_record_goes_to_rejected_and_later_records_are_processed,
+    changes_are_published_in_order_and_a_delete_publishes_a_tombstone,
 );
 
 async fn a_profile_is_built_from_every_call_type(backend: Backend) {
@@ -315,8 +317,14 @@ async fn a_poison_record_goes_to_rejected_and_later_records_are_processed(backen
     let good = json!({"type": "track", "event": "After", "userId": "p1", "messageId": "good-1",
         "timestamp": "2026-11-20T10:00:00Z", "receivedAt": "2026-11-20T10:00:00Z", "source": "segment"});
     let records = vec![
-        Record { key: Some("p1".into()), value: b"{not an envelope".to_vec() },
-        Record { key: Some("p1".into()), value: good.to_string().into_bytes() },
+        Record {
+            key: Some("p1".into()),
+            value: b"{not an envelope".to_vec(),
+        },
+        Record {
+            key: Some("p1".into()),
+            value: good.to_string().into_bytes(),
+        },
     ];
     log.append(&topics.events(), records).await.unwrap();
     log.close(Duration::from_secs(5)).await;
@@ -329,6 +337,95 @@ async fn a_poison_record_goes_to_rejected_and_later_records_are_processed(backen
     assert_eq!(rejected.len(), 1, "the poison record, once");
     let dead: Value = serde_json::from_slice(&rejected[0].value).unwrap();
     assert_eq!(dead["value"], "{not an envelope");
-    assert!(dead["reason"].as_str().unwrap().contains("not an event envelope"), "{dead}");
+    assert!(
+        dead["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not an event envelope"),
+        "{dead}"
+    );
     assert_eq!(rejected[0].key.as_deref(), Some(&b"p1"[..]));
+}
+
+async fn changes_are_published_in_order_and_a_delete_publishes_a_tombstone(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for (i, plan) in ["free", "pro", "team"].iter().enumerate() {
+        let body = json!({"userId": "cdc-1", "traits": {"plan": plan}, "timestamp": format!("2026-11-20T10:00:0{i}Z")});
+        assert_eq!(
+            app.post("/v1/identify", &body).await.status(),
+            StatusCode::OK
+        );
+        // One batch per event, so each makes its own change.
+        app.wait_for_profile("cdc-1", |p| p["traits"]["plan"] == *plan)
+            .await;
+    }
+    let (status, changes) = app.get_as("/v1/profiles/cdc-1/changes", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK);
+    let plans: Vec<&Value> = changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["after"]["traits"]["plan"])
+        .collect();
+    assert_eq!(
+        plans,
+        [&json!("team"), &json!("pro"), &json!("free")],
+        "newest first"
+    );
+    let first = changes["changes"].as_array().unwrap().last().unwrap();
+    assert!(
+        first["before"].is_null(),
+        "the first change creates the profile"
+    );
+
+    let topics = Topics::new(&app.config.topic_prefix);
+    let published_at_least = |n: usize| {
+        let (config, topic) = (&app.config, topics.profile_changes());
+        async move {
+            crate::helpers::wait_for(
+                &format!("{n} published changes"),
+                Duration::from_secs(30),
+                || async { read_all(config, &topic).await.len() >= n },
+            )
+            .await
+        }
+    };
+    // A delete also removes changes not yet published: wait for them first.
+    published_at_least(3).await;
+    let response = app
+        .client
+        .delete(app.url("/v1/profiles/cdc-1"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    published_at_least(4).await;
+    let published = read_all(&app.config, &topics.profile_changes()).await;
+    let published: Vec<Value> = published
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).unwrap())
+        .collect();
+    let ids: Vec<i64> = published
+        .iter()
+        .map(|c| c["change_id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in change order: {ids:?}"
+    );
+    assert_eq!(published[2]["after"]["traits"]["plan"], "team");
+    assert_eq!(published[3]["causes"], json!(["$delete"]));
+
+    let snapshots = read_all(&app.config, &topics.profiles()).await;
+    assert_eq!(snapshots.len(), 4);
+    assert!(
+        snapshots
+            .iter()
+            .all(|r| r.key.as_deref() == Some(&b"cdc-1"[..])),
+        "keyed by user id"
+    );
+    let latest: Value = serde_json::from_slice(&snapshots[2].value).unwrap();
+    assert_eq!(latest["traits"]["plan"], "team");
+    assert!(snapshots[3].value.is_empty(), "the delete is a tombstone");
 }
