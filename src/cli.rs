@@ -38,6 +38,9 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Rebuild every profile from the log, from its first record (stop the
+    /// service's process role first)
+    Replay,
     /// Measure a running service
     Bench {
         #[command(subcommand)]

@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod process;
 pub mod profile;
 pub mod query;
+pub mod replay;
 pub mod server;
 pub mod store;
 pub mod tail;

@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
 use traitline::config::Config;
-use traitline::{bench, server, tail, telemetry};
+use traitline::{bench, replay, server, tail, telemetry};
 
 /// mimalloc instead of the system allocator: ingest allocates and frees
 /// many small strings and maps per event, and glibc malloc took a quarter
@@ -34,6 +34,9 @@ async fn main() -> ExitCode {
         } => tail::run(&config, &args, &mut std::io::stdout().lock())
             .await
             .map_err(|e| e.to_string()),
+        Command::Replay => replay::run(&config, &mut std::io::stderr())
+            .await
+            .map(|_| ()),
         Command::Bench {
             command: BenchCommand::Ingest(args),
         } => bench::run_ingest(&config, args)

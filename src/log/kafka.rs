@@ -436,6 +436,20 @@ impl KafkaReader {
         })
     }
 
+    /// A group member's partitions are the group's to give: count them
+    /// again (a local call).
+    fn refresh_partitions(&mut self) {
+        if self.grouped {
+            self.partitions = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        }
+    }
+
+    /// Every partition this reader has is at its end (and it has some:
+    /// a group member waiting for its assignment is not caught up).
+    fn caught_up(&self) -> bool {
+        self.partitions > 0 && self.at_end.len() >= self.partitions
+    }
+
     /// Joins consumer group `group` on `topic`: Kafka shares the
     /// partitions among the group's members and moves them when a member
     /// comes or goes. A partition the group never committed starts at its
@@ -466,8 +480,9 @@ impl LogReader for KafkaReader {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut records = Vec::new();
+        self.refresh_partitions();
         while records.len() < max {
-            let caught_up = self.at_end.len() >= self.partitions;
+            let caught_up = self.caught_up();
             if caught_up && !records.is_empty() {
                 break;
             }
@@ -489,7 +504,8 @@ impl LogReader for KafkaReader {
                 }
                 Err(KafkaError::PartitionEOF(p)) => {
                     self.at_end.insert(p);
-                    if self.at_end.len() >= self.partitions && records.is_empty() {
+                    self.refresh_partitions();
+                    if self.caught_up() && records.is_empty() {
                         return Ok(Polled {
                             records,
                             caught_up: true,
@@ -504,7 +520,7 @@ impl LogReader for KafkaReader {
                 }
             }
         }
-        let caught_up = self.at_end.len() >= self.partitions;
+        let caught_up = self.caught_up();
         Ok(Polled { records, caught_up })
     }
 
@@ -524,9 +540,8 @@ impl LogReader for KafkaReader {
             return false;
         }
         if self.grouped {
-            let assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
-            self.partitions = assigned;
             self.at_end.clear();
+            self.refresh_partitions();
         }
         true
     }

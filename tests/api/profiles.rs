@@ -23,6 +23,7 @@ both_logs!(
     delete_removes_the_profile_and_later_events_start_a_new_one,
     a_poison_record_goes_to_rejected_and_later_records_are_processed,
     changes_are_published_in_order_and_a_delete_publishes_a_tombstone,
+    replay_rebuilds_the_same_profiles_as_live_processing,
 );
 
 async fn a_profile_is_built_from_every_call_type(backend: Backend) {
@@ -428,4 +429,60 @@ async fn changes_are_published_in_order_and_a_delete_publishes_a_tombstone(backe
     let latest: Value = serde_json::from_slice(&snapshots[2].value).unwrap();
     assert_eq!(latest["traits"]["plan"], "team");
     assert!(snapshots[3].value.is_empty(), "the delete is a tombstone");
+}
+
+/// Every profile the store holds, in a stable order.
+async fn all_profiles(app: &crate::helpers::TestApp) -> Vec<Value> {
+    let (status, page) = app.get_as("/v1/profiles?limit=1000", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut profiles = page["profiles"].as_array().unwrap().clone();
+    profiles.sort_by_key(|p| p.to_string());
+    profiles
+}
+
+async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        let user = format!("r{}", i % 20);
+        let anon = format!("ra{}", i % 20);
+        batch.push(match i % 6 {
+            0 => json!({"type": "track", "anonymousId": anon, "event": "Browse", "messageId": format!("r-{i}")}),
+            1 => json!({"type": "identify", "userId": user, "anonymousId": anon, "traits": {"n": i}, "messageId": format!("r-{i}")}),
+            2 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$set": {"last": i}}, "messageId": format!("r-{i}")}),
+            3 => json!({"type": "alias", "userId": user, "previousId": format!("old-{}", i % 7), "messageId": format!("r-{i}")}),
+            4 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$unset": ["n"]}, "messageId": format!("r-{i}")}),
+            _ => json!({"type": "page", "userId": user, "name": "Home", "messageId": format!("r-{i}")}),
+        });
+    }
+    // Client retries: one event in ten sent again, the same event with the
+    // same message id.
+    let resent: Vec<Value> = batch.iter().step_by(10).cloned().collect();
+    batch.extend(resent);
+    let unique: std::collections::HashSet<&str> = batch.iter().map(|e| e["messageId"].as_str().unwrap()).collect();
+    for chunk in batch.chunks(50) {
+        assert_eq!(app.post("/v1/batch", &json!({"batch": chunk})).await.status(), StatusCode::OK);
+    }
+    crate::helpers::wait_for("every unique event applied", Duration::from_secs(60), || async {
+        let total: u64 = all_profiles(&app).await.iter().map(|p| p["event_count"].as_u64().unwrap()).sum();
+        total == unique.len() as u64
+    })
+    .await;
+    let live = all_profiles(&app).await;
+    let config = app.config.clone();
+    let settings_dir = app.stop().await;
+
+    let mut progress = Vec::new();
+    let report = traitline::replay::run(&config, &mut progress).await.expect("the replay runs");
+    assert_eq!(report.applied as usize, unique.len());
+    assert_eq!(report.duplicates as usize, batch.len() - unique.len());
+    let progress = String::from_utf8(progress).unwrap();
+    assert!(progress.contains("events/s"), "{progress}");
+
+    let store = traitline::store::Store::open(config.database_url.as_deref(), &config.data_dir).await.unwrap();
+    let page = store.profiles(1000, None).await.unwrap();
+    let mut replayed: Vec<Value> = page.profiles.iter().map(|p| serde_json::to_value(p).unwrap()).collect();
+    replayed.sort_by_key(|p| p.to_string());
+    assert_eq!(replayed, live);
+    drop(settings_dir);
 }

@@ -1,0 +1,99 @@
+//! `traitline replay`: rebuilds every profile from the log, from its first
+//! record (event sourcing). The profile store is emptied (deleted ids stay
+//! deleted), then the profile processor reads `user_events` to its end
+//! with a consumer group of its own, showing progress as it goes.
+//!
+//! Run it with the service's process role stopped: in embedded mode the
+//! log refuses a second writer, so replay cannot run beside a service.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::log;
+use crate::process::RunnerStats;
+use crate::process::profiles::PROCESSOR;
+use crate::server::profile_runner;
+use crate::store::Store;
+
+/// How long the log may take to write out rejects at the end.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a replay did.
+#[derive(Debug, Clone)]
+pub struct ReplayReport {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub elapsed: Duration,
+}
+
+impl ReplayReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.applied as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Rebuilds the profiles, writing progress lines to `progress`.
+pub async fn run(config: &Config, progress: &mut (impl Write + Send)) -> Result<ReplayReport, String> {
+    let store = Store::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let log = log::open(config).await.map_err(|e| format!("{e} (is the service still running?)"))?;
+    store.reset_profiles(PROCESSOR).await.map_err(|e| e.to_string())?;
+    let _ = writeln!(progress, "replay: profiles cleared; rebuilding them from the log");
+
+    let runner = profile_runner(config, store.clone(), log.clone(), true).map_err(|e| e.to_string())?;
+    let stats = runner.stats();
+    let started = Instant::now();
+    let task = tokio::spawn(runner.run(std::future::pending()));
+    tokio::pin!(task);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let finished = loop {
+        tokio::select! {
+            finished = &mut task => break finished,
+            _ = tick.tick() => {
+                let snapshot = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let _ = writeln!(progress, "{}", progress_line(&snapshot, started.elapsed()));
+            }
+        }
+    };
+    finished.map_err(|e| format!("the replay stopped: {e}"))?;
+    log.close(CLOSE_DEADLINE).await;
+    store.close().await;
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let report = ReplayReport {
+        applied: stats.applied,
+        duplicates: stats.duplicates,
+        rejected: stats.rejected,
+        elapsed: started.elapsed(),
+    };
+    let _ = writeln!(
+        progress,
+        "replay: done: {} events applied, {} duplicates, {} rejected in {:.1} s ({:.0} events/s)",
+        report.applied,
+        report.duplicates,
+        report.rejected,
+        report.elapsed.as_secs_f64(),
+        report.events_per_second()
+    );
+    Ok(report)
+}
+
+/// `replay: [#####-----]  52%  120000 events  48000 events/s  lag 110000`
+fn progress_line(stats: &RunnerStats, elapsed: Duration) -> String {
+    let done: i64 = stats.partitions.values().filter_map(|p| p.next_offset).sum();
+    let lag: Option<i64> = stats.partitions.values().map(|p| p.lag()).sum();
+    let rate = stats.applied as f64 / elapsed.as_secs_f64().max(1e-9);
+    let bar = match lag {
+        Some(lag) if done + lag > 0 => {
+            let share = done as f64 / (done + lag) as f64;
+            let filled = (share * 20.0).round() as usize;
+            format!("[{}{}] {:>3.0}%  ", "#".repeat(filled), "-".repeat(20 - filled), share * 100.0)
+        }
+        _ => String::new(),
+    };
+    let lag = lag.map(|l| format!("  lag {l}")).unwrap_or_default();
+    format!("replay: {bar}{} events  {rate:.0} events/s{lag}", stats.applied)
+}
