@@ -35,15 +35,27 @@ impl ReplayReport {
 }
 
 /// Rebuilds the profiles, writing progress lines to `progress`.
-pub async fn run(config: &Config, progress: &mut (impl Write + Send)) -> Result<ReplayReport, String> {
+pub async fn run(
+    config: &Config,
+    progress: &mut (impl Write + Send),
+) -> Result<ReplayReport, String> {
     let store = Store::open(config.database_url.as_deref(), &config.data_dir)
         .await
         .map_err(|e| e.to_string())?;
-    let log = log::open(config).await.map_err(|e| format!("{e} (is the service still running?)"))?;
-    store.reset_profiles(PROCESSOR).await.map_err(|e| e.to_string())?;
-    let _ = writeln!(progress, "replay: profiles cleared; rebuilding them from the log");
+    let log = log::open(config)
+        .await
+        .map_err(|e| format!("{e} (is the service still running?)"))?;
+    store
+        .reset_profiles(PROCESSOR)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = writeln!(
+        progress,
+        "replay: profiles cleared; rebuilding them from the log"
+    );
 
-    let runner = profile_runner(config, store.clone(), log.clone(), true).map_err(|e| e.to_string())?;
+    let runner =
+        profile_runner(config, store.clone(), log.clone(), true).map_err(|e| e.to_string())?;
     let stats = runner.stats();
     let started = Instant::now();
     let task = tokio::spawn(runner.run(std::future::pending()));
@@ -83,17 +95,29 @@ pub async fn run(config: &Config, progress: &mut (impl Write + Send)) -> Result<
 
 /// `replay: [#####-----]  52%  120000 events  48000 events/s  lag 110000`
 fn progress_line(stats: &RunnerStats, elapsed: Duration) -> String {
-    let done: i64 = stats.partitions.values().filter_map(|p| p.next_offset).sum();
+    let done: i64 = stats
+        .partitions
+        .values()
+        .filter_map(|p| p.next_offset)
+        .sum();
     let lag: Option<i64> = stats.partitions.values().map(|p| p.lag()).sum();
     let rate = stats.applied as f64 / elapsed.as_secs_f64().max(1e-9);
     let bar = match lag {
         Some(lag) if done + lag > 0 => {
             let share = done as f64 / (done + lag) as f64;
             let filled = (share * 20.0).round() as usize;
-            format!("[{}{}] {:>3.0}%  ", "#".repeat(filled), "-".repeat(20 - filled), share * 100.0)
+            format!(
+                "[{}{}] {:>3.0}%  ",
+                "#".repeat(filled),
+                "-".repeat(20 - filled),
+                share * 100.0
+            )
         }
         _ => String::new(),
     };
     let lag = lag.map(|l| format!("  lag {l}")).unwrap_or_default();
-    format!("replay: {bar}{} events  {rate:.0} events/s{lag}", stats.applied)
+    format!(
+        "replay: {bar}{} events  {rate:.0} events/s{lag}",
+        stats.applied
+    )
 }

@@ -323,7 +323,10 @@ pub async fn ensure_topics(
 
 /// Tells a [`KafkaReader`] that its consumer group moved partitions.
 struct ReaderContext {
+    /// For the runner: the partitions changed ([`LogReader::take_assignment_change`]).
     rebalanced: Arc<AtomicBool>,
+    /// For the reader itself: count the partitions again.
+    recount: Arc<AtomicBool>,
 }
 
 impl ClientContext for ReaderContext {
@@ -342,10 +345,26 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Error(e) = rebalance {
-            tracing::warn!("Kafka consumer group rebalance failed: {e}");
+        let partitions = |list: &TopicPartitionList| {
+            list.elements()
+                .iter()
+                .map(|e| e.partition().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match rebalance {
+            Rebalance::Assign(list) => tracing::info!(
+                "the consumer group gave this instance partitions [{}]",
+                partitions(list)
+            ),
+            Rebalance::Revoke(list) => tracing::info!(
+                "the consumer group took partitions [{}] from this instance",
+                partitions(list)
+            ),
+            Rebalance::Error(e) => tracing::warn!("Kafka consumer group rebalance failed: {e}"),
         }
         self.rebalanced.store(true, Ordering::Release);
+        self.recount.store(true, Ordering::Release);
     }
 }
 
@@ -360,18 +379,28 @@ pub struct KafkaReader {
     /// How many partitions this reader has now.
     partitions: usize,
     rebalanced: Arc<AtomicBool>,
+    recount: Arc<AtomicBool>,
     /// Whether partitions come from a consumer group (and may change).
     grouped: bool,
 }
+
+/// A consumer and the two flags its context raises on a rebalance.
+type ReaderParts = (
+    StreamConsumer<ReaderContext>,
+    Arc<AtomicBool>,
+    Arc<AtomicBool>,
+);
 
 fn reader_consumer(
     settings: &KafkaSettings,
     topic: &str,
     group: &str,
-) -> Result<(StreamConsumer<ReaderContext>, Arc<AtomicBool>), ReadError> {
+) -> Result<ReaderParts, ReadError> {
     let rebalanced = Arc::new(AtomicBool::new(false));
+    let recount = Arc::new(AtomicBool::new(false));
     let context = ReaderContext {
         rebalanced: rebalanced.clone(),
+        recount: recount.clone(),
     };
     let consumer = base_config(settings)
         .set("group.id", group)
@@ -384,7 +413,7 @@ fn reader_consumer(
             topic: topic.to_owned(),
             reason: e.to_string(),
         })?;
-    Ok((consumer, rebalanced))
+    Ok((consumer, rebalanced, recount))
 }
 
 impl KafkaReader {
@@ -399,7 +428,7 @@ impl KafkaReader {
             reason,
         };
         let group = format!("traitline-reader-{}", uuid::Uuid::new_v4().simple());
-        let (consumer, rebalanced) = reader_consumer(settings, topic, &group)?;
+        let (consumer, rebalanced, recount) = reader_consumer(settings, topic, &group)?;
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(|e| error(format!("cannot reach Kafka at {}: {e}", settings.brokers)))?;
@@ -432,14 +461,15 @@ impl KafkaReader {
             at_end: HashSet::new(),
             partitions: partitions.len(),
             rebalanced,
+            recount,
             grouped: false,
         })
     }
 
     /// A group member's partitions are the group's to give: count them
-    /// again (a local call).
+    /// again after a rebalance.
     fn refresh_partitions(&mut self) {
-        if self.grouped {
+        if self.grouped && self.recount.swap(false, Ordering::AcqRel) {
             self.partitions = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
         }
     }
@@ -459,7 +489,7 @@ impl KafkaReader {
         topic: &str,
         group: &str,
     ) -> Result<KafkaReader, ReadError> {
-        let (consumer, rebalanced) = reader_consumer(settings, topic, group)?;
+        let (consumer, rebalanced, recount) = reader_consumer(settings, topic, group)?;
         consumer.subscribe(&[topic]).map_err(|e| ReadError {
             topic: topic.to_owned(),
             reason: e.to_string(),
@@ -470,6 +500,7 @@ impl KafkaReader {
             at_end: HashSet::new(),
             partitions: 0,
             rebalanced,
+            recount,
             grouped: true,
         })
     }
@@ -541,6 +572,7 @@ impl LogReader for KafkaReader {
         }
         if self.grouped {
             self.at_end.clear();
+            self.recount.store(true, Ordering::Release);
             self.refresh_partitions();
         }
         true

@@ -105,3 +105,241 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     let after = read_all(&config, &Topics::new("").events()).await;
     assert_eq!(after.len(), records.len() + 1);
 }
+
+/// Sends one batch until the service answers 2xx, as an SDK retries: the
+/// same events, the same message ids.
+async fn send_until_accepted(client: &reqwest::Client, url: &str, batch: &serde_json::Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = client
+            .post(url)
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(batch)
+            .send()
+            .await;
+        if matches!(&response, Ok(r) if r.status().is_success()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a batch was not accepted within 60 s: {response:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_count_every_event_once_across_two_sigkills() {
+    const USERS: usize = 500;
+    const PER_USER: usize = 100;
+    let dir = TestDir::new();
+    let env = embedded_env(dir.path());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    // 50,000 events in 100-event batches, user-major within each batch;
+    // one batch in ten is sent a second time (a client retry).
+    let batches: Vec<serde_json::Value> = (0..USERS * PER_USER / 100)
+        .map(|b| {
+            let events: Vec<_> = (0..100)
+                .map(|j| {
+                    let n = b * 100 + j;
+                    let event = if n % 3 == 0 { "Buy" } else { "View" };
+                    json!({"type": "track", "userId": format!("k{}", n % USERS), "event": event, "messageId": format!("k-{n}")})
+                })
+                .collect();
+            json!({"batch": events})
+        })
+        .collect();
+    let mut sends: Vec<&serde_json::Value> = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        sends.push(batch);
+        if i % 10 == 0 {
+            sends.push(batch);
+        }
+    }
+
+    let thirds = sends.len() / 3;
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    for (round, part) in sends.chunks(thirds).enumerate() {
+        for batch in part {
+            send_until_accepted(&client, &service.url("/v1/batch"), batch).await;
+        }
+        if round < 2 {
+            // The processor is still working through what was just sent.
+            service.kill();
+            service = ServiceProcess::start(
+                dir.path(),
+                &format!("restart-{round}"),
+                &[],
+                &env_refs(&env),
+            )
+            .await;
+        }
+    }
+
+    let profiles = || async {
+        let response = client
+            .get(service.url("/v1/profiles?limit=1000"))
+            .basic_auth(crate::helpers::READ_KEY, Some(""))
+            .send()
+            .await
+            .unwrap();
+        let page: serde_json::Value = response.json().await.unwrap();
+        page["profiles"].as_array().cloned().unwrap_or_default()
+    };
+    wait_for(
+        "every event processed",
+        Duration::from_secs(120),
+        || async {
+            let total: u64 = profiles()
+                .await
+                .iter()
+                .map(|p| p["event_count"].as_u64().unwrap_or(0))
+                .sum();
+            total >= (USERS * PER_USER) as u64
+        },
+    )
+    .await;
+    let profiles = profiles().await;
+    assert_eq!(profiles.len(), USERS);
+    for profile in &profiles {
+        let user: usize = profile["user_id"].as_str().unwrap()[1..].parse().unwrap();
+        let buys = (0..PER_USER)
+            .filter(|k| (k * USERS + user) % 3 == 0)
+            .count() as u64;
+        assert_eq!(profile["event_count"], PER_USER as u64, "{profile}");
+        assert_eq!(
+            profile["event_counts"]["Buy"].as_u64().unwrap_or(0),
+            buys,
+            "{profile}"
+        );
+    }
+}
+
+/// Two processes in one consumer group share one PostgreSQL store; one is
+/// killed mid-stream and the survivor takes over its partitions.
+///
+/// The broker is librdkafka's mock cluster (its TCP listener, shared by the
+/// two processes), not tansu: tansu 0.6.0 does not give a dead member's
+/// partitions to the survivors (its JoinGroup keeps generation 1 and
+/// SyncGroup returns the old assignment), so a failover cannot happen on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_consumer_group_lose_and_double_nothing_when_one_is_killed() {
+    tokio::time::timeout(Duration::from_secs(240), failover())
+        .await
+        .expect("the failover test finishes");
+}
+
+async fn failover() {
+    const USERS: usize = 200;
+    const PER_USER: usize = 100;
+    let dir = TestDir::new();
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("cg{}_", uuid::Uuid::new_v4().simple());
+    for (topic, _) in Topics::new(&prefix).all() {
+        cluster
+            .create_topic(&topic, 4, 1)
+            .expect("the topic is created");
+    }
+    let mut env = embedded_env(dir.path());
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", cluster.bootstrap_servers()),
+        (
+            "TRAITLINE_DATABASE_URL",
+            crate::helpers::test_database().await,
+        ),
+        ("TRAITLINE_TOPIC_PREFIX", prefix),
+        ("TRAITLINE_PARTITIONS", "4".to_owned()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".to_owned()),
+        // Notice a dead member within seconds, not the default 45 s.
+        (
+            "TRAITLINE_KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500".to_owned(),
+        ),
+    ]);
+    let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let read = |path: &'static str| {
+        let (client, url) = (client.clone(), first.url(path));
+        async move {
+            let response = client
+                .get(url)
+                .basic_auth(crate::helpers::READ_KEY, Some(""))
+                .send()
+                .await
+                .unwrap();
+            let page: serde_json::Value = response.json().await.unwrap();
+            page["profiles"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let processed = || async {
+        read("/v1/profiles?limit=1000")
+            .await
+            .iter()
+            .map(|p| p["event_count"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+
+    let batches = USERS * PER_USER / 100;
+    for b in 0..batches {
+        let events: Vec<_> = (0..100)
+            .map(|j| {
+                let n = b * 100 + j;
+                json!({"type": "track", "userId": format!("g{}", n % USERS), "event": "E", "messageId": format!("g-{n}")})
+            })
+            .collect();
+        // Ingest alternates between the two instances until one is killed.
+        let target = if b % 2 == 0 || b > batches / 2 {
+            &first
+        } else {
+            &second
+        };
+        send_until_accepted(&client, &target.url("/v1/batch"), &json!({"batch": events})).await;
+        if b == batches / 2 {
+            // Both process once the group has settled; then one dies.
+            let half = (b as u64 + 1) * 100;
+            wait_for(
+                "both instances to process",
+                Duration::from_secs(60),
+                || async { processed().await >= half / 2 },
+            )
+            .await;
+            second.kill();
+        }
+    }
+
+    wait_for(
+        "the survivor to process every event",
+        Duration::from_secs(120),
+        || async { processed().await >= (USERS * PER_USER) as u64 },
+    )
+    .await;
+    let profiles = read("/v1/profiles?limit=1000").await;
+    assert_eq!(profiles.len(), USERS);
+    assert!(
+        profiles.iter().all(|p| p["event_count"] == PER_USER as u64),
+        "every user counted exactly"
+    );
+    let log =
+        |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap();
+    assert!(
+        log("second").contains("gave this instance partitions ["),
+        "the second instance had partitions"
+    );
+    let first = log("first");
+    let after_revoke = first
+        .split_once("took partitions")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    assert!(
+        after_revoke.contains("gave this instance partitions [0, 1, 2, 3]"),
+        "the survivor got every partition after the kill:\n{first}"
+    );
+}

@@ -459,29 +459,53 @@ async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) 
     // same message id.
     let resent: Vec<Value> = batch.iter().step_by(10).cloned().collect();
     batch.extend(resent);
-    let unique: std::collections::HashSet<&str> = batch.iter().map(|e| e["messageId"].as_str().unwrap()).collect();
+    let unique: std::collections::HashSet<&str> = batch
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
     for chunk in batch.chunks(50) {
-        assert_eq!(app.post("/v1/batch", &json!({"batch": chunk})).await.status(), StatusCode::OK);
+        assert_eq!(
+            app.post("/v1/batch", &json!({"batch": chunk}))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
-    crate::helpers::wait_for("every unique event applied", Duration::from_secs(60), || async {
-        let total: u64 = all_profiles(&app).await.iter().map(|p| p["event_count"].as_u64().unwrap()).sum();
-        total == unique.len() as u64
-    })
+    crate::helpers::wait_for(
+        "every unique event applied",
+        Duration::from_secs(60),
+        || async {
+            let total: u64 = all_profiles(&app)
+                .await
+                .iter()
+                .map(|p| p["event_count"].as_u64().unwrap())
+                .sum();
+            total == unique.len() as u64
+        },
+    )
     .await;
     let live = all_profiles(&app).await;
     let config = app.config.clone();
     let settings_dir = app.stop().await;
 
     let mut progress = Vec::new();
-    let report = traitline::replay::run(&config, &mut progress).await.expect("the replay runs");
+    let report = traitline::replay::run(&config, &mut progress)
+        .await
+        .expect("the replay runs");
     assert_eq!(report.applied as usize, unique.len());
     assert_eq!(report.duplicates as usize, batch.len() - unique.len());
     let progress = String::from_utf8(progress).unwrap();
     assert!(progress.contains("events/s"), "{progress}");
 
-    let store = traitline::store::Store::open(config.database_url.as_deref(), &config.data_dir).await.unwrap();
+    let store = traitline::store::Store::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .unwrap();
     let page = store.profiles(1000, None).await.unwrap();
-    let mut replayed: Vec<Value> = page.profiles.iter().map(|p| serde_json::to_value(p).unwrap()).collect();
+    let mut replayed: Vec<Value> = page
+        .profiles
+        .iter()
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
     replayed.sort_by_key(|p| p.to_string());
     assert_eq!(replayed, live);
     drop(settings_dir);
