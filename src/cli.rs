@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::bench::BenchIngestArgs;
+use crate::bench::latency::BenchLatencyArgs;
+use crate::bench::process::BenchProcessArgs;
 use crate::config::Settings;
 
 /// Traitline: user-activity events in over HTTP, durable in an event log
@@ -77,4 +79,11 @@ pub enum BenchCommand {
     /// Send events to a running service at a chosen concurrency and report
     /// requests/s, events/s and latency percentiles
     Ingest(BenchIngestArgs),
+    /// Measure profile processing throughput into the configured store
+    /// (a scratch database and log), beside a one-transaction-per-event
+    /// consumer
+    Process(BenchProcessArgs),
+    /// Measure the time from a 2xx to the profile being visible, under a
+    /// steady background load, against a running service
+    Latency(BenchLatencyArgs),
 }

@@ -42,6 +42,14 @@ async fn main() -> ExitCode {
         } => bench::run_ingest(&config, args)
             .await
             .map_err(|e| e.to_string()),
+        Command::Bench {
+            command: BenchCommand::Process(args),
+        } => bench::process::run(&config, args).await,
+        Command::Bench {
+            command: BenchCommand::Latency(args),
+        } => bench::latency::run(&config, args)
+            .await
+            .map_err(|e| e.to_string()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,7 +31,7 @@ use crate::process::profiles::{self, ProfileProcessor};
 use crate::process::relay::ChangeRelay;
 use crate::process::{Runner, RunnerSettings};
 use crate::query::QueryState;
-use crate::store::{Store, StoreError};
+use crate::store::{Dialect, Store, StoreError};
 
 /// Why a process could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +173,12 @@ pub fn profile_runner(
         max_batch: config.process_batch,
         max_wait: Duration::from_millis(50),
         stop_when_caught_up: replay,
+        // SQLite has one writer at a time; PostgreSQL runs transactions
+        // side by side.
+        parallel_commits: match store.dialect() {
+            Dialect::Postgres => 2,
+            Dialect::Sqlite => 1,
+        },
     };
     Ok(Runner::new(
         Arc::new(ProfileProcessor::new(store)),

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::log::{EventLog, LogReader, Record, StoredRecord};
@@ -70,6 +71,9 @@ pub struct RunnerSettings {
     pub max_wait: Duration,
     /// Stop once every partition is read to its end (replay).
     pub stop_when_caught_up: bool,
+    /// Transactions a batch is split into, committed at once (by
+    /// partition).
+    pub parallel_commits: usize,
 }
 
 /// Where the runner is in one partition.
@@ -261,17 +265,104 @@ impl<P: Processor> Runner<P> {
 
     /// Rejects, commits and records one batch. Returns false when `stop`
     /// came while the batch could not be committed (it will be read again).
+    ///
+    /// The batch's partitions are split into `parallel_commits` groups,
+    /// each committed in its own transaction at the same time: a database
+    /// runs one transaction on one core, so this is how a batch uses more.
+    /// A partition is in one group only, so its order and offsets stay one
+    /// transaction's; profiles shared across groups (merges) are row-locked.
     async fn process(
         &mut self,
         records: Vec<StoredRecord>,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
-        let (prepared, rejects) = self.processor.prepare(&records);
+        let groups = self.split(records);
+        let mut prepared = Vec::with_capacity(groups.len());
+        let mut rejects = Vec::new();
+        for group in &groups {
+            let (batch, rejected) = self.processor.prepare(group);
+            prepared.push(batch);
+            rejects.extend(rejected);
+        }
         if !rejects.is_empty() && !self.reject(&rejects, stop).await {
             return false;
         }
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rejected += rejects.len() as u64;
+        let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
+        let mut pending: Vec<usize> = (0..groups.len()).collect();
+        loop {
+            let topic = &self.settings.topic;
+            let processor = &self.processor;
+            let results = join_all(
+                pending
+                    .iter()
+                    .map(|&i| processor.commit(&prepared[i], topic, advances[i].clone())),
+            )
+            .await;
+            let mut failed = Vec::new();
+            let mut fenced = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(outcome) => self.committed(&advances[i], outcome),
+                    Err(e @ StoreError::Fenced { .. }) => {
+                        // Another reader committed this partition: drop
+                        // the group, read again from the store's offsets.
+                        tracing::warn!("{e}");
+                        fenced.push(i);
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
+                            groups[i].len()
+                        );
+                        failed.push(i);
+                    }
+                }
+            }
+            if !fenced.is_empty() {
+                let partitions: Vec<i32> = fenced
+                    .iter()
+                    .flat_map(|&i| advances[i].iter().map(|a| a.partition))
+                    .collect();
+                self.refence(&partitions).await;
+            }
+            if failed.is_empty() {
+                return true;
+            }
+            pending = failed;
+            tokio::select! {
+                biased;
+                () = &mut *stop => return false,
+                () = tokio::time::sleep(RETRY_DELAY) => {}
+            }
+        }
+    }
+
+    /// Splits a batch into groups of whole partitions.
+    fn split(&self, records: Vec<StoredRecord>) -> Vec<Vec<StoredRecord>> {
+        let mut partitions: Vec<i32> = records.iter().map(|r| r.partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let count = self
+            .settings
+            .parallel_commits
+            .clamp(1, partitions.len().max(1));
+        let mut groups: Vec<Vec<StoredRecord>> = vec![Vec::new(); count];
+        for record in records {
+            let slot = partitions.binary_search(&record.partition).unwrap_or(0) % count;
+            groups[slot].push(record);
+        }
+        groups.retain(|g| !g.is_empty());
+        groups
+    }
+
+    /// Where a group takes each of its partitions.
+    fn advances(&self, records: &[StoredRecord]) -> Vec<OffsetAdvance> {
         let mut advances: BTreeMap<i32, OffsetAdvance> = BTreeMap::new();
-        for record in &records {
+        for record in records {
             let expected = self
                 .positions
                 .get(&record.partition)
@@ -285,67 +376,46 @@ impl<P: Processor> Runner<P> {
                     next: record.offset + 1,
                 });
         }
-        let advances: Vec<OffsetAdvance> = advances.into_values().collect();
-        loop {
-            match self
-                .processor
-                .commit(&prepared, &self.settings.topic, advances.clone())
-                .await
-            {
-                Ok(outcome) => {
-                    for advance in &advances {
-                        if let Some(position) = self.positions.get_mut(&advance.partition) {
-                            position.expected = Some(advance.next);
-                        }
-                        if let Some(stored) = self.stored.as_mut() {
-                            stored.insert(advance.partition, advance.next);
-                        }
-                        self.reader.note_committed(advance.partition, advance.next);
-                    }
-                    let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-                    stats.batches += 1;
-                    stats.applied += outcome.applied as u64;
-                    stats.duplicates += outcome.duplicates as u64;
-                    stats.rejected += rejects.len() as u64;
-                    for advance in &advances {
-                        stats
-                            .partitions
-                            .entry(advance.partition)
-                            .or_default()
-                            .next_offset = Some(advance.next);
-                    }
-                    return true;
-                }
-                Err(e @ StoreError::Fenced { .. }) => {
-                    // Another reader committed this partition: drop the
-                    // batch, reload the store's offsets, read from there.
-                    tracing::warn!("{e}");
-                    self.stats.lock().unwrap_or_else(|e| e.into_inner()).fenced += 1;
-                    self.stored = None;
-                    if let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await {
-                        for advance in &advances {
-                            let next = stored.get(&advance.partition).copied();
-                            if let Err(e) = self.reader.seek(advance.partition, next) {
-                                tracing::debug!("{e}");
-                            }
-                        }
-                        self.stored = Some(stored);
-                    }
-                    self.positions.clear();
-                    return true;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
-                        records.len()
-                    );
-                    tokio::select! {
-                        biased;
-                        () = &mut *stop => return false,
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
-                    }
+        advances.into_values().collect()
+    }
+
+    /// Records a committed group.
+    fn committed(&mut self, advances: &[OffsetAdvance], outcome: BatchOutcome) {
+        for advance in advances {
+            if let Some(position) = self.positions.get_mut(&advance.partition) {
+                position.expected = Some(advance.next);
+            }
+            if let Some(stored) = self.stored.as_mut() {
+                stored.insert(advance.partition, advance.next);
+            }
+            self.reader.note_committed(advance.partition, advance.next);
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.batches += 1;
+        stats.applied += outcome.applied as u64;
+        stats.duplicates += outcome.duplicates as u64;
+        for advance in advances {
+            stats
+                .partitions
+                .entry(advance.partition)
+                .or_default()
+                .next_offset = Some(advance.next);
+        }
+    }
+
+    /// After a fenced commit: reload the store's offsets and move the
+    /// fenced partitions back to them.
+    async fn refence(&mut self, partitions: &[i32]) {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).fenced += 1;
+        self.stored = None;
+        self.positions.clear();
+        if let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await {
+            for partition in partitions {
+                if let Err(e) = self.reader.seek(*partition, stored.get(partition).copied()) {
+                    tracing::debug!("{e}");
                 }
             }
+            self.stored = Some(stored);
         }
     }
 

@@ -10,7 +10,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
-use super::{OffsetAdvance, Store, StoreError, advance_offsets, now_ms};
+use super::{Dialect, OffsetAdvance, Store, StoreError, advance_offsets, now_ms};
 use crate::envelope::EventEnvelope;
 use crate::profile::{Applied, Book, Profile, ProfileView};
 
@@ -43,20 +43,27 @@ pub struct BatchOutcome {
     pub changed_profiles: usize,
 }
 
-/// `$start, $start+1, ...`: `count` placeholders.
-fn params(count: usize, start: usize) -> String {
-    (start..start + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+impl Dialect {
+    /// `count` placeholders for parameters `start..`: `$3, $4` for
+    /// PostgreSQL; plain `?` for SQLite, whose driver looks numbered
+    /// parameters up one by one (quadratic in a 3,000-parameter insert).
+    fn params(self, count: usize, start: usize) -> String {
+        match self {
+            Dialect::Postgres => (start..start + count)
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Dialect::Sqlite => vec!["?"; count].join(", "),
+        }
+    }
 
-/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
-fn tuples(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", params(columns, 1 + r * columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
+    fn tuples(self, rows: usize, columns: usize) -> String {
+        (0..rows)
+            .map(|r| format!("({})", self.params(columns, 1 + r * columns)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -125,7 +132,7 @@ impl Store {
         for chunk in candidates.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO processed_messages (message_id, seen_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
-                tuples(chunk.len(), 2)
+                self.dialect.tuples(chunk.len(), 2)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (event, _) in chunk {
@@ -181,8 +188,8 @@ impl Store {
         let applied = book.finish();
         outcome.applied = events.len();
         outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
-        write_applied(tx, &applied, now).await?;
-        insert_events(tx, &events, &targets).await?;
+        write_applied(tx, self.dialect, &applied, now).await?;
+        insert_events(tx, self.dialect, &events, &targets).await?;
         Ok(outcome)
     }
 
@@ -196,7 +203,7 @@ impl Store {
         for chunk in ids.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id IN ({})",
-                params(chunk.len(), 1)
+                self.dialect.params(chunk.len(), 1)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
@@ -218,7 +225,7 @@ impl Store {
         for chunk in ids.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "SELECT distinct_id, profile_id FROM identities WHERE distinct_id IN ({})",
-                params(chunk.len(), 1)
+                self.dialect.params(chunk.len(), 1)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
@@ -236,7 +243,7 @@ impl Store {
             // Sorted, so two transactions lock shared rows in one order.
             let sql = format!(
                 "SELECT profile_id, state_json FROM profiles WHERE profile_id IN ({}) ORDER BY profile_id{}",
-                params(chunk.len(), 1),
+                self.dialect.params(chunk.len(), 1),
                 self.for_update()
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -264,12 +271,12 @@ impl Store {
     /// The profile `id` (a user id or any linked id) resolves to.
     pub async fn profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
         let row = sqlx::query(
-            "SELECT p.view_json FROM identities i JOIN profiles p ON p.profile_id = i.profile_id WHERE i.distinct_id = $1",
+            "SELECT p.state_json FROM identities i JOIN profiles p ON p.profile_id = i.profile_id WHERE i.distinct_id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| parse(&row.try_get::<String, _>(0)?))
+        row.map(|row| Ok(parse::<Profile>(&row.try_get::<String, _>(0)?)?.view()))
             .transpose()
     }
 
@@ -281,7 +288,7 @@ impl Store {
         after: Option<&str>,
     ) -> Result<ProfilePage, StoreError> {
         let rows = sqlx::query(
-            "SELECT profile_id, view_json FROM profiles WHERE profile_id > $1 ORDER BY profile_id LIMIT $2",
+            "SELECT profile_id, state_json FROM profiles WHERE profile_id > $1 ORDER BY profile_id LIMIT $2",
         )
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit) + 1)
@@ -291,7 +298,7 @@ impl Store {
         let mut last = None;
         for row in rows.iter().take(limit as usize) {
             last = Some(row.try_get::<String, _>(0)?);
-            profiles.push(parse(&row.try_get::<String, _>(1)?)?);
+            profiles.push(parse::<Profile>(&row.try_get::<String, _>(1)?)?.view());
         }
         let next = if rows.len() > limit as usize {
             last
@@ -483,7 +490,7 @@ impl Store {
         for chunk in change_ids.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "UPDATE profile_changes SET published = 1 WHERE change_id IN ({})",
-                params(chunk.len(), 1)
+                self.dialect.params(chunk.len(), 1)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
@@ -521,6 +528,7 @@ impl Store {
 /// point at the survivor), then ids, profiles and change records.
 async fn write_applied(
     tx: &mut AnyConnection,
+    dialect: Dialect,
     applied: &Applied,
     now: i64,
 ) -> Result<(), StoreError> {
@@ -541,7 +549,7 @@ async fn write_applied(
     for chunk in applied.new_ids.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO identities (distinct_id, profile_id) VALUES {}",
-            tuples(chunk.len(), 2)
+            dialect.tuples(chunk.len(), 2)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (id, profile_id) in chunk {
@@ -551,10 +559,10 @@ async fn write_applied(
     }
     for chunk in applied.profiles.chunks(ROWS_PER_INSERT) {
         let sql = format!(
-            "INSERT INTO profiles (profile_id, user_id, state_json, view_json, updated_at) VALUES {} \
+            "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) VALUES {} \
              ON CONFLICT (profile_id) DO UPDATE SET user_id = excluded.user_id, state_json = excluded.state_json, \
-             view_json = excluded.view_json, updated_at = excluded.updated_at",
-            tuples(chunk.len(), 5)
+             updated_at = excluded.updated_at",
+            dialect.tuples(chunk.len(), 4)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (profile_id, profile) in chunk {
@@ -562,7 +570,6 @@ async fn write_applied(
                 .bind(profile_id.as_str())
                 .bind(profile.user_id.as_ref().map(|u| u.value.clone()))
                 .bind(to_json(profile))
-                .bind(to_json(&profile.view()))
                 .bind(now);
         }
         query.execute(&mut *tx).await?;
@@ -570,7 +577,7 @@ async fn write_applied(
     for chunk in applied.changes.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) VALUES {}",
-            tuples(chunk.len(), 6)
+            dialect.tuples(chunk.len(), 6)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for change in chunk {
@@ -595,6 +602,7 @@ async fn write_applied(
 /// The raw events sink: each applied event under the profile it went to.
 async fn insert_events(
     tx: &mut AnyConnection,
+    dialect: Dialect,
     events: &[&(EventEnvelope, String)],
     targets: &[String],
 ) -> Result<(), StoreError> {
@@ -603,7 +611,7 @@ async fn insert_events(
         let sql = format!(
             "INSERT INTO events (message_id, profile_id, type, event, occurred_at, received_at, body) VALUES {} \
              ON CONFLICT DO NOTHING",
-            tuples(chunk.len(), 7)
+            dialect.tuples(chunk.len(), 7)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for ((event, body), profile_id) in chunk {

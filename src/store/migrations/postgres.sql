@@ -19,13 +19,12 @@ CREATE TABLE processed_messages (
 );
 CREATE INDEX processed_messages_seen_at ON processed_messages (seen_at);
 
--- One row a profile: its full state (registers, JSON) and the view the API
--- serves (JSON).
+-- One row a profile: its full state (registers, JSON); the API computes
+-- the view from it.
 CREATE TABLE profiles (
     profile_id TEXT   PRIMARY KEY,
     user_id    TEXT,
     state_json TEXT   NOT NULL,
-    view_json  TEXT   NOT NULL,
     updated_at BIGINT NOT NULL
 );
 

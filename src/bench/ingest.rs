@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::keys::StoredKeys;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchIngestArgs {
@@ -39,7 +38,9 @@ pub struct BenchIngestArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("no write key: pass --write-key, or run where the service's data directory is")]
+    #[error(
+        "no API key: pass --write-key / --read-key, or run where the service's data directory is"
+    )]
     NoKey,
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
@@ -98,17 +99,9 @@ impl std::fmt::Display for Report {
 }
 
 fn write_key(config: &Config, args: &BenchIngestArgs) -> Result<String, BenchError> {
-    if let Some(key) = &args.write_key {
-        return Ok(key.clone());
-    }
-    if let Some(key) = config.keys.write.first() {
-        return Ok(key.clone());
-    }
-    let stored: StoredKeys = std::fs::read(config.data_dir.join("keys.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or(BenchError::NoKey)?;
-    stored.write.into_iter().next().ok_or(BenchError::NoKey)
+    super::key(config, args.write_key.as_ref(), &config.keys.write, |k| {
+        k.write
+    })
 }
 
 /// One request body: a `track` event, or a batch of them.
