@@ -67,10 +67,10 @@ fn event(n: usize, users: usize) -> EventEnvelope {
         integrations: Default::default(),
         source: Source::Segment,
     };
-    if n % 10 == 0 {
+    if n.is_multiple_of(10) {
         event.kind = EventType::Identify;
         event.event = None;
-        event.traits = serde_json::json!({"plan": if n % 20 == 0 { "pro" } else { "free" }, "email": format!("u{n}@example.com")})
+        event.traits = serde_json::json!({"plan": if n.is_multiple_of(20) { "pro" } else { "free" }, "email": format!("u{n}@example.com")})
             .as_object()
             .cloned()
             .unwrap_or_default();

@@ -315,24 +315,20 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
     let file_len = file.metadata().map_err(io_err(path))?.len();
     let mut scanner = FrameScanner::new(BufReader::with_capacity(1 << 20, &file), 0);
     let mut next_offset = 0u64;
-    loop {
-        match scanner.next_frame().map_err(io_err(path))? {
-            Scan::Frame(frame) => {
-                if frame.offset != next_offset {
-                    return Err(EmbeddedError::Damaged {
-                        path: path.to_owned(),
-                        reason: format!(
-                            "offset {} follows {} at byte {}",
-                            frame.offset,
-                            next_offset.wrapping_sub(1),
-                            scanner.position
-                        ),
-                    });
-                }
-                next_offset += 1;
-            }
-            Scan::End | Scan::Partial | Scan::Corrupt => break,
+    // Up to the first frame that is not whole (the torn tail, if any).
+    while let Scan::Frame(frame) = scanner.next_frame().map_err(io_err(path))? {
+        if frame.offset != next_offset {
+            return Err(EmbeddedError::Damaged {
+                path: path.to_owned(),
+                reason: format!(
+                    "offset {} follows {} at byte {}",
+                    frame.offset,
+                    next_offset.wrapping_sub(1),
+                    scanner.position
+                ),
+            });
         }
+        next_offset += 1;
     }
     let valid_len = scanner.position;
     if valid_len < file_len {

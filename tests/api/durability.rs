@@ -208,7 +208,7 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
     for profile in &profiles {
         let user: usize = profile["user_id"].as_str().unwrap()[1..].parse().unwrap();
         let buys = (0..PER_USER)
-            .filter(|k| (k * USERS + user) % 3 == 0)
+            .filter(|k| (k * USERS + user).is_multiple_of(3))
             .count() as u64;
         assert_eq!(profile["event_count"], PER_USER as u64, "{profile}");
         assert_eq!(
