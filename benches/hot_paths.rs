@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the ingest hot path, without HTTP:
 //! parse + check + normalize + serialize a message and a 100-message batch,
-//! the murmur2 partitioner, and an embedded-log group commit.
+//! the murmur2 partitioner, an embedded-log group commit, and the profile
+//! rules on a batch.
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -13,6 +14,7 @@ use traitline::ingest::segment::{self, Shared};
 use traitline::log::embedded::EmbeddedLog;
 use traitline::log::partitioner::murmur2;
 use traitline::log::{EventLog, Record};
+use traitline::profile::{Book, Profile};
 
 /// The binary's allocator, so the figures match the service.
 #[global_allocator]
@@ -109,5 +111,38 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
-criterion_group!(benches, normalize, partitioner, embedded_append);
+/// The profile rules on a batch: identity resolution, applying 1,000
+/// events to 100 users' profiles, and the change records; and the JSON
+/// round trip of a profile's state, which the store pays per profile.
+fn profiles(c: &mut Criterion) {
+    let events: Vec<_> = (0..1000)
+        .map(|n| traitline::bench::process::event(n, 100))
+        .collect();
+    let mut group = c.benchmark_group("profile");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("apply_1000_events_100_users", |b| {
+        b.iter(|| {
+            let mut book = Book::default();
+            for event in &events {
+                book.apply(event);
+            }
+            book.finish()
+        })
+    });
+    let mut book = Book::default();
+    for event in &events {
+        book.apply(event);
+    }
+    let (_, profile) = book.finish().profiles.swap_remove(0);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("state_json_round_trip", |b| {
+        b.iter(|| {
+            let text = serde_json::to_string(&profile).unwrap();
+            serde_json::from_str::<Profile>(&text).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, normalize, partitioner, embedded_append, profiles);
 criterion_main!(benches);

@@ -37,9 +37,10 @@ pub struct BenchProcessArgs {
     pub naive_events: usize,
 }
 
-/// One generated event: mostly `track` with properties and context, every
+/// One generated event (also used by the criterion benchmarks): mostly
+/// `track` with properties and context, every
 /// tenth an `identify` with traits, every fiftieth an anonymous page view.
-fn event(n: usize, users: usize) -> EventEnvelope {
+pub fn event(n: usize, users: usize) -> EventEnvelope {
     let user = format!("user-{}", (n.wrapping_mul(2_654_435_761)) % users.max(1));
     let now = Utc::now();
     let mut event = EventEnvelope {
@@ -142,7 +143,7 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
     }
     println!(
-        "{} store; {} events for {} users written to a scratch log in {:.1} s",
+        "{}; {} events for {} users written to a scratch log in {:.1} s",
         store.describe(),
         args.events,
         args.users,

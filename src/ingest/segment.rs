@@ -202,13 +202,12 @@ pub fn normalize(
         }
     }
     match kind {
-        EventType::Track
-            if message.event.as_deref().is_none_or(str::is_empty) => {
-                return Err(IngestError::MissingField {
-                    field: "event".into(),
-                    hint: None,
-                });
-            }
+        EventType::Track if message.event.as_deref().is_none_or(str::is_empty) => {
+            return Err(IngestError::MissingField {
+                field: "event".into(),
+                hint: None,
+            });
+        }
         EventType::Group => required(&message.group_id, "groupId")?,
         _ => {}
     }

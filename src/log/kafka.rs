@@ -402,7 +402,19 @@ fn reader_consumer(
         rebalanced: rebalanced.clone(),
         recount: recount.clone(),
     };
-    let consumer = base_config(settings)
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("client.id", "traitline")
+        // How long the broker may hold a fetch that has no data yet
+        // (librdkafka: 500 ms). Kafka answers as soon as data arrives, but
+        // some brokers (tansu) hold every fetch the full time, which is
+        // then the floor of end-to-end latency.
+        .set("fetch.wait.max.ms", "50");
+    for (name, value) in &settings.options {
+        config.set(name, value);
+    }
+    let consumer = config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -93,6 +93,31 @@ fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
     );
 }
 
+#[test]
+fn an_unreachable_database_stops_start_up_naming_the_setting() {
+    let dir = TestDir::new();
+    let output = Command::new(binary())
+        .current_dir(dir.path())
+        .args([
+            "--database-url",
+            "postgres://traitline:x@127.0.0.1:1/traitline",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot open the store (database-url)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(":x@"),
+        "the password is not printed: {stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let dir = TestDir::new();
