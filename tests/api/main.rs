@@ -29,3 +29,4 @@ mod operations;
 mod profiles;
 mod seed;
 mod segment;
+mod store;
