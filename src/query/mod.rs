@@ -143,7 +143,9 @@ impl Paging {
         }
     }
 
-    fn cursor(&self) -> Result<Option<String>, QueryError> {
+    /// The cursor, decoded and read by `read`; a cursor this API did not
+    /// give is a 400 naming `cursor`.
+    fn cursor<T>(&self, read: impl FnOnce(String) -> Option<T>) -> Result<Option<T>, QueryError> {
         self.cursor
             .as_deref()
             .map(|c| {
@@ -151,6 +153,7 @@ impl Paging {
                     .decode(c)
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(read)
                     .ok_or(QueryError::BadParameter {
                         field: "cursor",
                         message: "is not a cursor this API gave".to_owned(),
@@ -258,7 +261,7 @@ pub async fn list_profiles(
     authorize(&state.keys, &headers, false)?;
     let page = state
         .store
-        .profiles(paging.limit()?, paging.cursor()?.as_deref())
+        .profiles(paging.limit()?, paging.cursor(Some)?.as_deref())
         .await?;
     Ok(Json(ProfileList {
         profiles: page.profiles,
@@ -284,15 +287,7 @@ pub async fn profile_changes(
     Query(paging): Query<Paging>,
 ) -> Result<Json<ChangeList>, QueryError> {
     authorize(&state.keys, &headers, false)?;
-    let before = paging
-        .cursor()?
-        .map(|c| {
-            c.parse::<i64>().map_err(|_| QueryError::BadParameter {
-                field: "cursor",
-                message: "is not a cursor this API gave".to_owned(),
-            })
-        })
-        .transpose()?;
+    let before = paging.cursor(|c| c.parse::<i64>().ok())?;
     let (changes, next) = state
         .store
         .changes(&id, paging.limit()?, before)
@@ -322,17 +317,10 @@ pub async fn profile_events(
     Query(paging): Query<Paging>,
 ) -> Result<Json<EventList>, QueryError> {
     authorize(&state.keys, &headers, false)?;
-    let before = paging
-        .cursor()?
-        .map(|c| {
-            c.split_once(':')
-                .and_then(|(at, message_id)| Some((at.parse::<i64>().ok()?, message_id.to_owned())))
-                .ok_or(QueryError::BadParameter {
-                    field: "cursor",
-                    message: "is not a cursor this API gave".to_owned(),
-                })
-        })
-        .transpose()?;
+    let before = paging.cursor(|c| {
+        let (at, message_id) = c.split_once(':')?;
+        Some((at.parse::<i64>().ok()?, message_id.to_owned()))
+    })?;
     let page = state
         .store
         .events(&id, paging.limit()?, before)

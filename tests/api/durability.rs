@@ -180,30 +180,13 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
         }
     }
 
-    let profiles = || async {
-        let response = client
-            .get(service.url("/v1/profiles?limit=1000"))
-            .basic_auth(crate::helpers::READ_KEY, Some(""))
-            .send()
-            .await
-            .unwrap();
-        let page: serde_json::Value = response.json().await.unwrap();
-        page["profiles"].as_array().cloned().unwrap_or_default()
-    };
     wait_for(
         "every event processed",
         Duration::from_secs(120),
-        || async {
-            let total: u64 = profiles()
-                .await
-                .iter()
-                .map(|p| p["event_count"].as_u64().unwrap_or(0))
-                .sum();
-            total >= (USERS * PER_USER) as u64
-        },
+        || async { processed(&service.profiles(&client).await) >= (USERS * PER_USER) as u64 },
     )
     .await;
-    let profiles = profiles().await;
+    let profiles = service.profiles(&client).await;
     assert_eq!(profiles.len(), USERS);
     for profile in &profiles {
         let user: usize = profile["user_id"].as_str().unwrap()[1..].parse().unwrap();
@@ -266,27 +249,6 @@ async fn failover() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let read = |path: &'static str| {
-        let (client, url) = (client.clone(), first.url(path));
-        async move {
-            let response = client
-                .get(url)
-                .basic_auth(crate::helpers::READ_KEY, Some(""))
-                .send()
-                .await
-                .unwrap();
-            let page: serde_json::Value = response.json().await.unwrap();
-            page["profiles"].as_array().cloned().unwrap_or_default()
-        }
-    };
-    let processed = || async {
-        read("/v1/profiles?limit=1000")
-            .await
-            .iter()
-            .map(|p| p["event_count"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-
     let batches = USERS * PER_USER / 100;
     for b in 0..batches {
         let events: Vec<_> = (0..100)
@@ -308,7 +270,7 @@ async fn failover() {
             wait_for(
                 "both instances to process",
                 Duration::from_secs(60),
-                || async { processed().await >= half / 2 },
+                || async { processed(&first.profiles(&client).await) >= half / 2 },
             )
             .await;
             second.kill();
@@ -318,10 +280,10 @@ async fn failover() {
     wait_for(
         "the survivor to process every event",
         Duration::from_secs(120),
-        || async { processed().await >= (USERS * PER_USER) as u64 },
+        || async { processed(&first.profiles(&client).await) >= (USERS * PER_USER) as u64 },
     )
     .await;
-    let profiles = read("/v1/profiles?limit=1000").await;
+    let profiles = first.profiles(&client).await;
     assert_eq!(profiles.len(), USERS);
     assert!(
         profiles.iter().all(|p| p["event_count"] == PER_USER as u64),
@@ -342,4 +304,12 @@ async fn failover() {
         after_revoke.contains("gave this instance partitions [0, 1, 2, 3]"),
         "the survivor got every partition after the kill:\n{first}"
     );
+}
+
+/// Events applied over all `profiles`.
+fn processed(profiles: &[serde_json::Value]) -> u64 {
+    profiles
+        .iter()
+        .map(|p| p["event_count"].as_u64().unwrap_or(0))
+        .sum()
 }

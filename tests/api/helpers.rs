@@ -420,6 +420,18 @@ impl ServiceProcess {
         format!("{}{path}", self.base)
     }
 
+    /// Every profile the process serves (up to 1,000), read with the read key.
+    pub async fn profiles(&self, client: &reqwest::Client) -> Vec<serde_json::Value> {
+        let response = client
+            .get(self.url("/v1/profiles?limit=1000"))
+            .basic_auth(READ_KEY, Some(""))
+            .send()
+            .await
+            .expect("the service answers");
+        let page: serde_json::Value = response.json().await.unwrap_or_default();
+        page["profiles"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Kills the process at once (SIGKILL): no flush, no cleanup.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
