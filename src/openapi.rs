@@ -9,7 +9,7 @@ use crate::ingest::segment::{BatchRequest, SegmentMessage};
 use crate::ingest::{Accepted, seed::SeedEvent};
 use crate::profile::ProfileView;
 use crate::query::{ChangeList, Deleted, EventList, ProfileList};
-use crate::server::{Health, Readiness};
+use crate::server::{Health, Processing, Readiness};
 use crate::store::ChangeRecord;
 
 #[derive(OpenApi)]
@@ -37,7 +37,7 @@ use crate::store::ChangeRecord;
     ),
     components(schemas(
         SeedEvent, SegmentMessage, BatchRequest, Accepted, ErrorBody, ErrorDetail,
-        EventEnvelope, EventType, Source, Health, Readiness,
+        EventEnvelope, EventType, Source, Health, Readiness, Processing,
         ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted
     )),
     modifiers(&Security),

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -29,7 +29,7 @@ use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topic
 use crate::openapi::ApiDoc;
 use crate::process::profiles::{self, ProfileProcessor};
 use crate::process::relay::ChangeRelay;
-use crate::process::{Runner, RunnerSettings};
+use crate::process::{Runner, RunnerSettings, RunnerStats};
 use crate::query::QueryState;
 use crate::store::{Dialect, Store, StoreError};
 
@@ -65,9 +65,9 @@ pub async fn serve(
         None
     };
     let address = listener.local_addr()?;
-    let router = router(&config, log.clone(), Arc::new(keys), store.clone());
     let (stop_processors, stopped) = watch::channel(false);
     let mut processors = Vec::new();
+    let mut processing = None;
     if config.roles.process
         && let Some(store) = &store
     {
@@ -75,6 +75,7 @@ pub async fn serve(
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let runner = profile_runner(&config, store.clone(), log.clone(), false)?;
+        processing = Some(runner.stats());
         processors.push(tokio::spawn(runner.run(stop(stopped.clone()))));
         let relay = ChangeRelay::new(
             store.clone(),
@@ -89,6 +90,11 @@ pub async fn serve(
             stop(stopped.clone()),
         )));
     }
+    let state = Readying {
+        log: log.clone(),
+        processing,
+    };
+    let router = router(&config, state, Arc::new(keys), store.clone());
     announce(&config, address, &key_source, log.as_ref());
 
     axum::serve(listener, router)
@@ -192,13 +198,14 @@ pub fn profile_runner(
 /// OpenAPI document.
 pub fn router(
     config: &Config,
-    log: Arc<dyn EventLog>,
+    readying: Readying,
     keys: Arc<ApiKeys>,
     store: Option<Store>,
 ) -> Router {
+    let log = readying.log.clone();
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz).with_state(log.clone()))
+        .route("/readyz", get(readyz).with_state(readying))
         .route("/openapi.json", get(openapi));
     if config.roles.query
         && let Some(store) = store
@@ -225,6 +232,14 @@ pub struct Health {
     pub status: &'static str,
 }
 
+/// What `/readyz` looks at: the log, and the profile processor when this
+/// process runs one.
+#[derive(Clone)]
+pub struct Readying {
+    pub log: Arc<dyn EventLog>,
+    pub processing: Option<Arc<Mutex<RunnerStats>>>,
+}
+
 /// Whether the process can take events now.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
@@ -235,6 +250,43 @@ pub struct Readiness {
     /// Why it is unavailable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The profile processor of this process, if it runs one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processing: Option<Processing>,
+}
+
+/// How the profile processor is doing. Its trouble does not make the
+/// process unready (ingest goes on without it); it shows here.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Processing {
+    /// Events applied since start.
+    pub applied: u64,
+    /// Events skipped as already applied (retries, redelivery).
+    pub duplicates: u64,
+    /// Records sent to `user_events_rejected`.
+    pub rejected: u64,
+    /// Records in the log not yet processed, when known.
+    pub lag: Option<i64>,
+    /// Why the last read or commit failed, until one succeeds again.
+    pub error: Option<String>,
+}
+
+impl Readying {
+    fn processing(&self) -> Option<Processing> {
+        let stats = self
+            .processing
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(Processing {
+            applied: stats.applied,
+            duplicates: stats.duplicates,
+            rejected: stats.rejected,
+            lag: stats.lag(),
+            error: stats.last_error,
+        })
+    }
 }
 
 /// Liveness: answers while the process runs.
@@ -250,12 +302,14 @@ pub async fn healthz() -> Json<Health> {
         (status = 200, description = "The log takes writes", body = Readiness),
         (status = 503, description = "The log cannot take writes; `reason` says why", body = Readiness),
     ))]
-pub async fn readyz(State(log): State<Arc<dyn EventLog>>) -> Response {
+pub async fn readyz(State(readying): State<Readying>) -> Response {
+    let log = &readying.log;
     match log.check_ready().await {
         Ok(()) => Json(Readiness {
             status: "ready",
             log: log.describe(),
             reason: None,
+            processing: readying.processing(),
         })
         .into_response(),
         Err(reason) => (
@@ -265,6 +319,7 @@ pub async fn readyz(State(log): State<Arc<dyn EventLog>>) -> Response {
                 status: "unavailable",
                 log: log.describe(),
                 reason: Some(reason),
+                processing: readying.processing(),
             }),
         )
             .into_response(),

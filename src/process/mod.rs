@@ -103,6 +103,18 @@ pub struct RunnerStats {
     pub partitions: BTreeMap<i32, PartitionLag>,
     /// Whether the last poll found every partition at its end.
     pub caught_up: bool,
+    /// Why the last read or commit failed, until one succeeds again.
+    pub last_error: Option<String>,
+}
+
+impl RunnerStats {
+    /// Records not yet processed, over the partitions whose lag is known.
+    pub fn lag(&self) -> Option<i64> {
+        self.partitions
+            .values()
+            .filter_map(PartitionLag::lag)
+            .reduce(|a, b| a + b)
+    }
 }
 
 /// The processor's view of one partition.
@@ -171,6 +183,10 @@ impl<P: Processor> Runner<P> {
                 Ok(polled) => polled,
                 Err(e) => {
                     tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
+                    self.stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(e.to_string());
                     tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
@@ -318,6 +334,10 @@ impl<P: Processor> Runner<P> {
                             "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
                             groups[i].len()
                         );
+                        self.stats
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .last_error = Some(e.to_string());
                         failed.push(i);
                     }
                 }
@@ -391,6 +411,7 @@ impl<P: Processor> Runner<P> {
             self.reader.note_committed(advance.partition, advance.next);
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.last_error = None;
         stats.batches += 1;
         stats.applied += outcome.applied as u64;
         stats.duplicates += outcome.duplicates as u64;

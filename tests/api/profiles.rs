@@ -510,3 +510,88 @@ async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) 
     assert_eq!(replayed, live);
     drop(settings_dir);
 }
+
+/// PostgreSQL goes away (connections refused, open ones cut) while events
+/// keep coming: ingest goes on, reads say 503, and once the database is back
+/// every event is in its profile exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_and_doubles_nothing() {
+    let app = spawn_app(Backend::Kafka).await;
+    let url = app.config.database_url.clone().expect("a PostgreSQL store");
+    let (server, name) = url.rsplit_once('/').unwrap();
+    let admin_url = format!("{server}/postgres");
+    let admin = |sql: String| {
+        let admin_url = admin_url.clone();
+        async move {
+            let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+    };
+    let send = |from: usize, to: usize| {
+        let batch: Vec<Value> = (from..to)
+            .map(|i| json!({"type": "track", "userId": format!("o{}", i % 5), "event": "E", "messageId": format!("o-{i}")}))
+            .collect();
+        let app = &app;
+        async move { app.post("/v1/batch", &json!({"batch": batch})).await }
+    };
+    assert_eq!(send(0, 50).await.status(), StatusCode::OK);
+    app.wait_for_profile("o4", |p| p["event_count"] == 10).await;
+
+    admin(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await;
+    admin(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .await;
+    for from in (50..250).step_by(50) {
+        assert_eq!(
+            send(from, from + 50).await.status(),
+            StatusCode::OK,
+            "ingest does not need the database"
+        );
+    }
+    crate::helpers::wait_for(
+        "reads to fail while the database is down",
+        Duration::from_secs(30),
+        || async {
+            app.get_as("/v1/profiles/o1", READ_KEY).await.0 == StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
+    .await;
+    crate::helpers::wait_for(
+        "the processor to report the outage",
+        Duration::from_secs(30),
+        || async {
+            let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+            ready["processing"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not currently accepting connections"))
+        },
+    )
+    .await;
+    admin(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+
+    for user in 0..5 {
+        app.wait_for_profile(&format!("o{user}"), |p| {
+            p["event_count"].as_u64() >= Some(50)
+        })
+        .await;
+    }
+    let (_, page) = app.get_as("/v1/profiles?limit=100", READ_KEY).await;
+    let counts: Vec<&Value> = page["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["event_count"])
+        .collect();
+    assert_eq!(counts, vec![&json!(50); 5], "every event once");
+    let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+    assert!(
+        ready["processing"]["error"].is_null(),
+        "the error clears once a commit succeeds: {ready}"
+    );
+}
