@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::ConnectOptions;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row};
 
@@ -118,7 +119,18 @@ impl Store {
                     })
                 }),
         };
-        let pool = options.connect(&url).await.map_err(|e| open_error(&e))?;
+        // sqlx logs every statement at debug and a slow one (over 1 s) as a
+        // warning with its whole text; a slow statement here is a batch
+        // waiting for a lock, which the processor's own logs explain.
+        let connect = url
+            .parse::<AnyConnectOptions>()
+            .map_err(|e| open_error(&e))?
+            .log_statements(log::LevelFilter::Trace)
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+        let pool = options
+            .connect_with(connect)
+            .await
+            .map_err(|e| open_error(&e))?;
         let sql = match dialect {
             Dialect::Postgres => include_str!("migrations/postgres.sql"),
             Dialect::Sqlite => include_str!("migrations/sqlite.sql"),

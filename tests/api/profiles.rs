@@ -24,6 +24,7 @@ both_logs!(
     a_poison_record_goes_to_rejected_and_later_records_are_processed,
     changes_are_published_in_order_and_a_delete_publishes_a_tombstone,
     replay_rebuilds_the_same_profiles_as_live_processing,
+    a_profiles_events_and_changes_page_newest_first,
 );
 
 async fn a_profile_is_built_from_every_call_type(backend: Backend) {
@@ -594,4 +595,65 @@ async fn a_database_outage_loses_and_doubles_nothing() {
         ready["processing"]["error"].is_null(),
         "the error clears once a commit succeeds: {ready}"
     );
+}
+
+/// Follows `next_cursor` through every page of `path` (a list under `field`).
+async fn every_page(app: &crate::helpers::TestApp, path: &str, field: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}?limit=10&cursor={c}"),
+            None => format!("{path}?limit=10"),
+        };
+        let (status, page) = app.get_as(&url, READ_KEY).await;
+        assert_eq!(status, StatusCode::OK, "{url}: {page}");
+        let got = page[field].as_array().unwrap();
+        assert!(got.len() <= 10);
+        items.extend(got.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return items,
+        }
+    }
+}
+
+async fn a_profiles_events_and_changes_page_newest_first(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // 25 events; the last sent happened at second 22, like step-22: event
+    // time orders them, then the message id.
+    for i in 0..25 {
+        let second = if i == 24 { 22 } else { i };
+        let body = json!({"userId": "pg-1", "event": "Step", "messageId": format!("step-{i:02}"),
+            "timestamp": format!("2026-11-20T10:00:{second:02}Z"), "properties": {"$set": {"step": i}}});
+        assert_eq!(app.post("/v1/track", &body).await.status(), StatusCode::OK);
+    }
+    app.wait_for_profile("pg-1", |p| p["event_count"] == 25)
+        .await;
+
+    let events = every_page(&app, "/v1/profiles/pg-1/events", "events").await;
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<String> = (0..24).rev().map(|i| format!("step-{i:02}")).collect();
+    expected.insert(1, "step-24".to_owned());
+    assert_eq!(ids, expected, "newest first, each once, across pages");
+
+    let changes = every_page(&app, "/v1/profiles/pg-1/changes", "changes").await;
+    let change_ids: Vec<i64> = changes
+        .iter()
+        .map(|c| c["change_id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        change_ids.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {change_ids:?}"
+    );
+    let caused: usize = changes
+        .iter()
+        .map(|c| c["causes"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(caused, 25, "every event caused exactly one change record");
+    // The latest $set by event time is step 23's.
+    assert_eq!(changes[0]["after"]["traits"]["step"], 23);
 }
