@@ -145,7 +145,8 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_DEDUP_WINDOW_HOURS", global = true)]
     pub dedup_window_hours: Option<u64>,
 
-    /// How long the `events` table keeps each event, in days [default: 90]
+    /// How long the `events` table keeps each event, in days; at least the
+    /// deduplication window [default: 90]
     #[arg(long, env = "TRAITLINE_EVENTS_RETENTION_DAYS", global = true)]
     pub events_retention_days: Option<u64>,
 
@@ -416,6 +417,15 @@ impl Config {
         if events_retention_days == 0 {
             return Err(invalid("events-retention-days", "must be at least 1"));
         }
+        if events_retention_days * 24 < dedup_window_hours {
+            return Err(invalid(
+                "events-retention-days",
+                format!(
+                    "{events_retention_days} days is shorter than dedup-window-hours ({dedup_window_hours} h): \
+                     the stored events are also the record of which message ids were applied"
+                ),
+            ));
+        }
 
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -627,6 +637,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("TRAITLINE_KAFKA_COMPRESSION"), "{err}");
+
+        // Stored events are the record of applied message ids.
+        let err = Config::from_settings(Settings {
+            events_retention_days: Some(2),
+            dedup_window_hours: Some(72),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`events-retention-days`") && err.contains("dedup-window-hours"),
+            "{err}"
+        );
     }
 
     #[test]

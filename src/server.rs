@@ -85,7 +85,6 @@ pub async fn serve(
         processors.push(tokio::spawn(relay.run(stop(stopped.clone()))));
         processors.push(tokio::spawn(purge(
             store.clone(),
-            config.dedup_window,
             config.events_retention,
             stop(stopped.clone()),
         )));
@@ -114,14 +113,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Deletes, once an hour, message ids older than the deduplication window
-/// and events older than the retention.
-async fn purge(
-    store: Store,
-    dedup_window: Duration,
-    retention: Duration,
-    stop: impl Future<Output = ()>,
-) {
+/// Deletes, once an hour, stored events past their retention (which is at
+/// least the deduplication window).
+async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
@@ -130,15 +124,17 @@ async fn purge(
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        let now = crate::store::now_ms();
-        let before = |age: Duration| now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-        match store.purge(before(dedup_window), before(retention)).await {
+        let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store
+            .purge(crate::store::now_ms().saturating_sub(age))
+            .await
+        {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,
-                "purged {rows} rows past the deduplication window or the events retention"
+                "deleted {rows} stored events past the events retention"
             ),
-            Err(e) => tracing::warn!("cannot purge old rows: {e}; trying again in an hour"),
+            Err(e) => tracing::warn!("cannot delete old events: {e}; trying again in an hour"),
         }
     }
 }

@@ -215,22 +215,15 @@ impl Store {
             .collect()
     }
 
-    /// Deletes what the deduplication window and the events retention no
-    /// longer keep. Returns the rows deleted.
-    pub async fn purge(
-        &self,
-        dedup_before_ms: i64,
-        events_before_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let dedup = sqlx::query("DELETE FROM processed_messages WHERE seen_at < $1")
-            .bind(dedup_before_ms)
-            .execute(&self.pool)
-            .await?;
+    /// Deletes the events received before `before_ms` (the retention, at
+    /// least the deduplication window: with an event goes the record that
+    /// its message id was applied). Returns the rows deleted.
+    pub async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
         let events = sqlx::query("DELETE FROM events WHERE received_at < $1")
-            .bind(events_before_ms)
+            .bind(before_ms)
             .execute(&self.pool)
             .await?;
-        Ok(dedup.rows_affected() + events.rows_affected())
+        Ok(events.rows_affected())
     }
 }
 

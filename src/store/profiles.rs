@@ -121,34 +121,43 @@ impl Store {
         let now = now_ms();
         advance_offsets(tx, batch.processor, batch.topic, &batch.offsets, now).await?;
 
-        // Deduplicate: first within the batch, then against the window.
+        // Deduplicate: first within the batch, then against the `events`
+        // table, which holds every applied event's message id for at least
+        // the deduplication window. A concurrent batch inserting one of
+        // these ids too makes the insert below fail, and this batch is run
+        // again (then it sees the id).
         let mut seen = HashSet::new();
         let candidates: Vec<&(EventEnvelope, String)> = batch
             .events
             .iter()
             .filter(|(e, _)| seen.insert(e.message_id.as_str()))
             .collect();
-        let mut fresh = HashSet::new();
+        let mut known = HashSet::new();
         for chunk in candidates.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO processed_messages (message_id, seen_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
-                self.dialect.tuples(chunk.len(), 2)
+                "SELECT message_id FROM events WHERE message_id IN ({})",
+                self.dialect.params(chunk.len(), 1)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (event, _) in chunk {
-                query = query.bind(event.message_id.as_str()).bind(now);
+                query = query.bind(event.message_id.as_str());
             }
             for row in query.fetch_all(&mut *tx).await? {
-                fresh.insert(row.try_get::<String, _>(0)?);
+                known.insert(row.try_get::<String, _>(0)?);
             }
         }
+        let fresh: HashSet<&str> = candidates
+            .iter()
+            .map(|(e, _)| e.message_id.as_str())
+            .filter(|id| !known.contains(*id))
+            .collect();
         let mut outcome = BatchOutcome {
             duplicates: batch.events.len() - fresh.len(),
             ..BatchOutcome::default()
         };
         let events: Vec<&(EventEnvelope, String)> = candidates
             .into_iter()
-            .filter(|(e, _)| fresh.contains(&e.message_id))
+            .filter(|(e, _)| fresh.contains(e.message_id.as_str()))
             .collect();
         if events.is_empty() {
             return Ok(outcome);
@@ -505,13 +514,7 @@ impl Store {
     /// rebuild it from the log. Deleted ids stay deleted.
     pub async fn reset_profiles(&self, processor: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        for table in [
-            "profiles",
-            "identities",
-            "profile_changes",
-            "events",
-            "processed_messages",
-        ] {
+        for table in ["profiles", "identities", "profile_changes", "events"] {
             let sql = format!("DELETE FROM {table}");
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
@@ -609,8 +612,7 @@ async fn insert_events(
     let rows: Vec<_> = events.iter().zip(targets).collect();
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
-            "INSERT INTO events (message_id, profile_id, type, event, occurred_at, received_at, body) VALUES {} \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO events (message_id, profile_id, type, event, occurred_at, received_at, body) VALUES {}",
             dialect.tuples(chunk.len(), 7)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));

@@ -12,13 +12,6 @@ CREATE TABLE processor_offsets (
     PRIMARY KEY (processor, topic, partition)
 );
 
--- Message ids already applied, kept for the deduplication window.
-CREATE TABLE processed_messages (
-    message_id TEXT   PRIMARY KEY,
-    seen_at    BIGINT NOT NULL
-);
-CREATE INDEX processed_messages_seen_at ON processed_messages (seen_at);
-
 -- One row a profile: its full state (registers, JSON); the API computes
 -- the view from it.
 CREATE TABLE profiles (
@@ -49,7 +42,9 @@ CREATE TABLE profile_changes (
 CREATE INDEX profile_changes_profile ON profile_changes (profile_id, change_id);
 CREATE INDEX profile_changes_unpublished ON profile_changes (change_id) WHERE published = 0;
 
--- The raw events sink: every applied event, idempotent on message id.
+-- The raw events sink: every applied event, idempotent on message id. It is
+-- also the record of applied message ids (deduplication), so it keeps events
+-- at least for the deduplication window.
 CREATE TABLE events (
     message_id  TEXT   PRIMARY KEY,
     profile_id  TEXT   NOT NULL,
