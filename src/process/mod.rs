@@ -203,6 +203,14 @@ impl<P: Processor> Runner<P> {
                         "cannot read the stored offsets of {}: {e}; trying again",
                         self.settings.topic
                     );
+                    // The records just read are dropped: forget where each
+                    // partition is, so the next records are checked against
+                    // the store and the reader is sent back to them.
+                    self.positions.clear();
+                    self.stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(e.to_string());
                     tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
