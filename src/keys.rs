@@ -47,6 +47,8 @@ pub struct KeySource {
     /// The write key to show in the printed example, when it came from the
     /// data directory (configured keys are never printed).
     pub example_write_key: Option<String>,
+    /// The read key to show, likewise.
+    pub example_read_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,7 @@ impl ApiKeys {
                 file: None,
                 created: false,
                 example_write_key: None,
+                example_read_key: None,
             };
             return Ok((keys, source));
         }
@@ -135,22 +138,23 @@ impl ApiKeys {
             }
         };
         let write = pick(&configured.write, &stored.write);
-        let example_write_key = configured
-            .write
-            .is_empty()
-            .then(|| write.first().cloned())
-            .flatten();
-        let keys = ApiKeys::new(
-            &write,
-            &pick(&configured.read, &stored.read),
-            &pick(&configured.admin, &stored.admin),
-        );
+        let read = pick(&configured.read, &stored.read);
+        let example = |configured: &Vec<String>, keys: &Vec<String>| {
+            configured
+                .is_empty()
+                .then(|| keys.first().cloned())
+                .flatten()
+        };
+        let example_write_key = example(&configured.write, &write);
+        let example_read_key = example(&configured.read, &read);
+        let keys = ApiKeys::new(&write, &read, &pick(&configured.admin, &stored.admin));
         Ok((
             keys,
             KeySource {
                 file: Some(path),
                 created,
                 example_write_key,
+                example_read_key,
             },
         ))
     }

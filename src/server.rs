@@ -367,6 +367,14 @@ fn announce(config: &Config, address: SocketAddr, keys: &KeySource, log: &dyn Ev
     println!(
         "  curl -u '{key}:' http://{host}/event/user/track -H 'Content-Type: application/json' \\\n    -d '{{\"key\": \"landing.user.home.click\", \"user_id\": \"u1\", \"payload\": {{\"client_os\": \"iOS\", \"client_version\": \"1.0.0\"}}}}'"
     );
+    if config.roles.query {
+        let read = keys
+            .example_read_key
+            .clone()
+            .unwrap_or_else(|| "$TRAITLINE_READ_KEY".to_owned());
+        println!("Read the profile the events make:");
+        println!("  curl -u '{read}:' http://{host}/v1/profiles/u1");
+    }
     println!("See what was stored: traitline events tail --from-beginning");
     println!("  (from the source tree: cargo run --release -- events tail --from-beginning)");
     println!("Every route: http://{host}/openapi.json");

@@ -41,6 +41,30 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
         .await
         .unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);
+
+    // The printed read command works too: the event is in u1's profile.
+    let read_key = printed
+        .split("Read the profile the events make:")
+        .nth(1)
+        .and_then(|rest| rest.split("curl -u '").nth(1))
+        .and_then(|rest| rest.split(':').next())
+        .expect("a curl command to read a profile is printed")
+        .to_owned();
+    assert_eq!(saved["read"][0], read_key.as_str());
+    crate::helpers::wait_for(
+        "the profile of u1",
+        std::time::Duration::from_secs(30),
+        || async {
+            let response = reqwest::Client::new()
+                .get(service.url("/v1/profiles/u1"))
+                .basic_auth(&read_key, Some(""))
+                .send()
+                .await
+                .unwrap();
+            response.status().is_success()
+        },
+    )
+    .await;
     assert!(service.terminate().await.success());
 
     // A second start reads the same keys back.
