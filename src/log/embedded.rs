@@ -16,6 +16,12 @@
 //! fsync and no request is answered before its records are on disk. On open, each partition is
 //! scanned and a torn or corrupt tail (a crash mid-write) is cut off.
 //!
+//! `<partition>.index` is a sparse index, a hint for readers that seek: a
+//! 16-byte entry (u64 LE offset, u64 LE byte position) for every
+//! [`INDEX_EVERY`]th record. The writer rebuilds it from its scan on open
+//! and appends to it after each group commit, without fsync; a reader
+//! checks the frame an entry points at before trusting it.
+//!
 //! A process-wide lock file keeps a second writer out; readers
 //! ([`EmbeddedReader`]) take no lock and stop at a partial frame.
 
@@ -42,6 +48,19 @@ const MAX_FRAME: usize = 64 * 1024 * 1024;
 const QUEUE_REQUESTS: usize = 4096;
 /// Most appends committed with one fsync round.
 const MAX_GROUP: usize = 1024;
+
+/// Records between two entries of a partition's sparse index.
+pub const INDEX_EVERY: u64 = 1024;
+
+/// Appends an index entry for the frame of `offset` at byte `position`.
+fn index_entry(buf: &mut Vec<u8>, offset: u64, position: u64) {
+    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(&position.to_le_bytes());
+}
+
+fn index_path(partition_path: &Path) -> PathBuf {
+    partition_path.with_extension("index")
+}
 
 /// A log that cannot be opened.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +228,9 @@ struct Partition {
     /// Frames encoded in the current group, not yet written.
     pending: Vec<u8>,
     pending_records: u64,
+    /// The sparse index, and its entries for the pending frames.
+    index: File,
+    pending_index: Vec<u8>,
 }
 
 impl TopicFiles {
@@ -315,8 +337,14 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
     let file_len = file.metadata().map_err(io_err(path))?.len();
     let mut scanner = FrameScanner::new(BufReader::with_capacity(1 << 20, &file), 0);
     let mut next_offset = 0u64;
+    let mut index = Vec::new();
+    let mut start = 0;
     // Up to the first frame that is not whole (the torn tail, if any).
     while let Scan::Frame(frame) = scanner.next_frame().map_err(io_err(path))? {
+        if frame.offset.is_multiple_of(INDEX_EVERY) {
+            index_entry(&mut index, frame.offset, start);
+        }
+        start = scanner.position;
         if frame.offset != next_offset {
             return Err(EmbeddedError::Damaged {
                 path: path.to_owned(),
@@ -342,6 +370,12 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
         file.set_len(valid_len).map_err(io_err(path))?;
         file.sync_all().map_err(io_err(path))?;
     }
+    let index_file = index_path(path);
+    std::fs::write(&index_file, &index).map_err(io_err(&index_file))?;
+    let index = OpenOptions::new()
+        .append(true)
+        .open(&index_file)
+        .map_err(io_err(&index_file))?;
     Ok(Partition {
         path: path.to_owned(),
         file,
@@ -349,6 +383,8 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
         len: valid_len,
         pending: Vec::new(),
         pending_records: 0,
+        index,
+        pending_index: Vec::new(),
     })
 }
 
@@ -441,6 +477,10 @@ fn commit_group(files: &mut TopicFiles, group: &mut Vec<AppendRequest>, broken: 
                 touched.push((request.topic.clone(), p));
             }
             let offset = part.next_offset + part.pending_records;
+            if offset.is_multiple_of(INDEX_EVERY) {
+                let position = part.len + part.pending.len() as u64;
+                index_entry(&mut part.pending_index, offset, position);
+            }
             encode_frame(
                 &mut part.pending,
                 offset,
@@ -517,6 +557,13 @@ fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::i
         part.next_offset += part.pending_records;
         part.pending.clear();
         part.pending_records = 0;
+        if !part.pending_index.is_empty() {
+            // A hint: readers check it, so a failure here costs speed only.
+            if let Err(e) = part.index.write_all(&part.pending_index) {
+                tracing::warn!(path = %part.path.display(), "cannot extend the partition index: {e}");
+            }
+            part.pending_index.clear();
+        }
     }
     Ok(())
 }
@@ -542,6 +589,7 @@ fn roll_back(files: &mut TopicFiles, touched: &[(String, usize)]) -> bool {
             }
             part.pending.clear();
             part.pending_records = 0;
+            part.pending_index.clear();
         }
     }
     ok
@@ -638,6 +686,28 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// The byte position of the last indexed frame at or before `target`,
+/// if the partition's index has one and the frame there is that record.
+fn indexed_position(partition_path: &Path, target: i64) -> Option<u64> {
+    let index = std::fs::read(index_path(partition_path)).ok()?;
+    let (offset, position) = index
+        .chunks_exact(16)
+        .map(|e| {
+            let offset = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+            let position = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+            (offset, position)
+        })
+        .take_while(|(offset, _)| (*offset as i64) <= target)
+        .last()?;
+    let mut file = File::open(partition_path).ok()?;
+    file.seek(SeekFrom::Start(position)).ok()?;
+    let mut scanner = FrameScanner::new(BufReader::new(file), position);
+    match scanner.next_frame().ok()? {
+        Scan::Frame(frame) if frame.offset == offset => Some(position),
+        _ => None,
+    }
 }
 
 /// Reads a topic of the embedded log, beside a running writer.
@@ -820,10 +890,13 @@ impl LogReader for EmbeddedReader {
         else {
             return Err(self.error(format!("no partition {partition}")));
         };
-        // Frames have no index yet: read from the start, past what is below.
-        part.position = 0;
+        let target = offset.unwrap_or(0);
+        // Start at the last indexed frame at or before the target, when
+        // the index has one that checks out; else at the file's start.
+        // Records below the target are read past.
+        part.position = indexed_position(&part.path, target).unwrap_or(0);
         part.scanner = None;
-        part.skip_below = offset.unwrap_or(0);
+        part.skip_below = target;
         part.at_end = false;
         Ok(())
     }
@@ -873,6 +946,50 @@ mod tests {
         let part = open_partition(&path).unwrap();
         assert_eq!(part.next_offset, 1);
         assert_eq!(part.len, good as u64);
+    }
+
+    #[tokio::test]
+    async fn a_seek_starts_at_the_indexed_frame_before_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = "t".to_owned();
+        let records = |from: u64, to: u64| {
+            (from..to)
+                .map(|i| Record {
+                    key: Some("one-key".into()),
+                    value: format!("v{i}").into_bytes(),
+                })
+                .collect::<Vec<_>>()
+        };
+        // Written over two writer lifetimes: the index is rebuilt on open
+        // and extended by appends.
+        let log = EmbeddedLog::open(dir.path(), 1, std::slice::from_ref(&topic)).unwrap();
+        log.append(&topic, records(0, 1500)).await.unwrap();
+        log.close(Duration::from_secs(5)).await;
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), 1, std::slice::from_ref(&topic)).unwrap();
+        log.append(&topic, records(1500, 2600)).await.unwrap();
+        let index = std::fs::read(dir.path().join("t").join("00000.index")).unwrap();
+        assert_eq!(index.len(), 3 * 16, "entries for offsets 0, 1024 and 2048");
+
+        let mut reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
+        reader.seek(0, Some(2100)).unwrap();
+        assert!(
+            reader.partitions[0].position > 0,
+            "the seek starts at the entry of 2048, not the file start"
+        );
+        let polled = reader.poll(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(polled.records[0].offset, 2100);
+        assert_eq!(polled.records[0].value, b"v2100");
+
+        // An entry that points at the wrong place is not trusted: the
+        // seek reads from the start and still lands right.
+        let mut wrong = Vec::new();
+        index_entry(&mut wrong, 1024, 5);
+        std::fs::write(dir.path().join("t").join("00000.index"), wrong).unwrap();
+        reader.seek(0, Some(1030)).unwrap();
+        assert_eq!(reader.partitions[0].position, 0);
+        let polled = reader.poll(1, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(polled.records[0].offset, 1030);
     }
 
     #[test]

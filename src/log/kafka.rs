@@ -568,6 +568,19 @@ impl LogReader for KafkaReader {
     }
 
     fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError> {
+        if self.grouped {
+            let assigned = self.consumer.assignment().map(|a| {
+                a.elements_for_topic(&self.topic)
+                    .iter()
+                    .any(|e| e.partition() == partition)
+            });
+            if !matches!(assigned, Ok(true)) {
+                return Err(ReadError {
+                    topic: self.topic.clone(),
+                    reason: format!("partition {partition} is not assigned to this instance"),
+                });
+            }
+        }
         let offset = offset.map_or(Offset::Beginning, Offset::Offset);
         self.at_end.remove(&partition);
         self.consumer

@@ -173,6 +173,17 @@ impl<P: Processor> Runner<P> {
     /// read to its end.
     pub async fn run(mut self, stop: impl Future<Output = ()> + Send) {
         tokio::pin!(stop);
+        // Start each partition where the store is. A consumer-group reader
+        // has no partitions yet and refuses; it is checked on its first
+        // records instead (`admit`).
+        if let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await {
+            for (partition, next) in &stored {
+                if let Err(e) = self.reader.seek(*partition, Some(*next)) {
+                    tracing::debug!("not seeking partition {partition} before it is assigned: {e}");
+                }
+            }
+            self.stored = Some(stored);
+        }
         loop {
             let polled = tokio::select! {
                 biased;
