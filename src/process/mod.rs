@@ -194,10 +194,7 @@ impl<P: Processor> Runner<P> {
                 Ok(polled) => polled,
                 Err(e) => {
                     tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
-                    self.stats
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(e.to_string());
+                    self.note_error(&e);
                     tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
@@ -218,10 +215,7 @@ impl<P: Processor> Runner<P> {
                     // partition is, so the next records are checked against
                     // the store and the reader is sent back to them.
                     self.positions.clear();
-                    self.stats
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(e.to_string());
+                    self.note_error(&e);
                     tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
@@ -239,6 +233,15 @@ impl<P: Processor> Runner<P> {
             "the {} processor stopped",
             self.processor.name()
         );
+    }
+
+    /// Shows why the last read or commit failed (in `/readyz`), until one
+    /// succeeds.
+    fn note_error(&self, error: &impl std::fmt::Display) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_error = Some(error.to_string());
     }
 
     /// Keeps the records the store has not seen: drops those below the
@@ -353,10 +356,7 @@ impl<P: Processor> Runner<P> {
                             "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
                             groups[i].len()
                         );
-                        self.stats
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .last_error = Some(e.to_string());
+                        self.note_error(&e);
                         failed.push(i);
                     }
                 }

@@ -133,18 +133,13 @@ impl Store {
             .filter(|(e, _)| seen.insert(e.message_id.as_str()))
             .collect();
         let mut known = HashSet::new();
-        for chunk in candidates.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "SELECT message_id FROM events WHERE message_id IN ({})",
-                self.dialect.params(chunk.len(), 1)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (event, _) in chunk {
-                query = query.bind(event.message_id.as_str());
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                known.insert(row.try_get::<String, _>(0)?);
-            }
+        let message_ids: Vec<&str> = candidates
+            .iter()
+            .map(|(e, _)| e.message_id.as_str())
+            .collect();
+        let select = "SELECT message_id FROM events WHERE message_id";
+        for row in self.rows_in(tx, select, "", &message_ids).await? {
+            known.insert(row.try_get::<String, _>(0)?);
         }
         let fresh: HashSet<&str> = candidates
             .iter()
@@ -202,6 +197,30 @@ impl Store {
         Ok(outcome)
     }
 
+    /// The rows of `select ... IN (values)` (then `suffix`), in chunks
+    /// well under the databases' limits on bound parameters.
+    async fn rows_in(
+        &self,
+        tx: &mut AnyConnection,
+        select: &str,
+        suffix: &str,
+        values: &[&str],
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in values.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "{select} IN ({}){suffix}",
+                self.dialect.params(chunk.len(), 1)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for value in chunk {
+                query = query.bind(*value);
+            }
+            rows.extend(query.fetch_all(&mut *tx).await?);
+        }
+        Ok(rows)
+    }
+
     /// When each of `ids` was deleted, for the ids that were.
     async fn deleted_before(
         &self,
@@ -209,18 +228,9 @@ impl Store {
         ids: &[&str],
     ) -> Result<HashMap<String, i64>, StoreError> {
         let mut deleted = HashMap::new();
-        for chunk in ids.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id IN ({})",
-                self.dialect.params(chunk.len(), 1)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                deleted.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-            }
+        let select = "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id";
+        for row in self.rows_in(tx, select, "", ids).await? {
+            deleted.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
         }
         Ok(deleted)
     }
@@ -231,40 +241,22 @@ impl Store {
     async fn load_book(&self, tx: &mut AnyConnection, ids: &[&str]) -> Result<Book, StoreError> {
         let mut book = Book::default();
         let mut mapped: HashMap<String, String> = HashMap::new();
-        for chunk in ids.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "SELECT distinct_id, profile_id FROM identities WHERE distinct_id IN ({})",
-                self.dialect.params(chunk.len(), 1)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                mapped.insert(row.try_get(0)?, row.try_get(1)?);
-            }
+        let select = "SELECT distinct_id, profile_id FROM identities WHERE distinct_id";
+        for row in self.rows_in(tx, select, "", ids).await? {
+            mapped.insert(row.try_get(0)?, row.try_get(1)?);
         }
         let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
         profile_ids.sort_unstable();
         profile_ids.dedup();
         let mut found = HashSet::new();
-        for chunk in profile_ids.chunks(ROWS_PER_INSERT) {
-            // Sorted, so two transactions lock shared rows in one order.
-            let sql = format!(
-                "SELECT profile_id, state_json FROM profiles WHERE profile_id IN ({}) ORDER BY profile_id{}",
-                self.dialect.params(chunk.len(), 1),
-                self.for_update()
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                let profile_id: String = row.try_get(0)?;
-                let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
-                found.insert(profile_id.clone());
-                book.load_profile(profile_id, state);
-            }
+        // Sorted, so two transactions lock shared rows in one order.
+        let select = "SELECT profile_id, state_json FROM profiles WHERE profile_id";
+        let suffix = format!(" ORDER BY profile_id{}", self.for_update());
+        for row in self.rows_in(tx, select, &suffix, &profile_ids).await? {
+            let profile_id: String = row.try_get(0)?;
+            let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
+            found.insert(profile_id.clone());
+            book.load_profile(profile_id, state);
         }
         if profile_ids.iter().any(|p| !found.contains(*p)) {
             // A concurrent merge removed a profile between the two reads.
