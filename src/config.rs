@@ -287,8 +287,6 @@ pub struct Config {
     pub append_timeout: Duration,
     /// Most events a processor applies in one transaction.
     pub process_batch: usize,
-    /// How long a message id is remembered for deduplication.
-    pub dedup_window: Duration,
     /// How long the `events` table keeps an event.
     pub events_retention: Duration,
     pub log_format: LogFormat,
@@ -460,7 +458,6 @@ impl Config {
             limits,
             append_timeout: Duration::from_millis(append_timeout_ms),
             process_batch,
-            dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,
         })

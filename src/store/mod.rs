@@ -10,8 +10,6 @@
 //! how a write transaction begins, which errors mean "try again"). The
 //! shared test suite runs against both.
 
-mod profiles;
-
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
 use std::collections::HashMap;
@@ -61,6 +59,48 @@ pub enum StoreError {
 /// How often a transaction that hit a conflict (deadlock, serialization,
 /// a concurrent insert of the same id, SQLite busy) is tried again.
 const MAX_ATTEMPTS: u32 = 20;
+
+/// `in_write_transaction!(store, |tx| work)`: runs `work` (an expression
+/// using `tx: &mut AnyConnection`) in a write transaction and commits it; a
+/// transaction that conflicted with a concurrent one ([`Store::is_conflict`])
+/// is rolled back and run again, up to [`MAX_ATTEMPTS`] times. (A macro:
+/// an async closure borrowing `tx` cannot be required to be `Send`.)
+macro_rules! in_write_transaction {
+    ($store:expr, |$tx:ident| $work:expr) => {{
+        let store: &$crate::store::Store = $store;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut transaction = store.begin_write().await?;
+            let $tx: &mut sqlx::AnyConnection = &mut transaction;
+            let result = match $work.await {
+                Ok(value) => transaction
+                    .commit()
+                    .await
+                    .map(|()| value)
+                    .map_err(StoreError::from),
+                Err(e) => {
+                    let _ = transaction.rollback().await;
+                    Err(e)
+                }
+            };
+            match result {
+                Err(e) if store.is_conflict(&e) && attempt < $crate::store::MAX_ATTEMPTS => {
+                    tracing::debug!(
+                        attempt,
+                        "a transaction conflicted with a concurrent one; trying again"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)))
+                        .await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+pub(crate) use in_write_transaction;
+
+mod profiles;
 
 /// The store of one deployment. Cheap to clone (a pool inside).
 #[derive(Debug, Clone)]

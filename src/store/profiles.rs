@@ -84,33 +84,7 @@ impl Store {
         &self,
         batch: &ProfileBatch<'_>,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut tx = self.begin_write().await?;
-            match self.try_apply(&mut tx, batch).await {
-                Ok(outcome) => match tx.commit().await {
-                    Ok(()) => return Ok(outcome),
-                    Err(e) => {
-                        let e = StoreError::from(e);
-                        if !self.is_conflict(&e) || attempt >= super::MAX_ATTEMPTS {
-                            return Err(e);
-                        }
-                    }
-                },
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    if !self.is_conflict(&e) || attempt >= super::MAX_ATTEMPTS {
-                        return Err(e);
-                    }
-                }
-            }
-            tracing::debug!(
-                attempt,
-                "a batch conflicted with a concurrent transaction; trying again"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
-        }
+        super::in_write_transaction!(self, |tx| self.try_apply(tx, batch))
     }
 
     async fn try_apply(
@@ -401,26 +375,7 @@ impl Store {
     /// Returns the deleted profile's last view, or `None` when no profile
     /// has the id.
     pub async fn delete_profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut tx = self.begin_write().await?;
-            let result = self.try_delete(&mut tx, id).await;
-            let result = match result {
-                Ok(view) => tx.commit().await.map(|()| view).map_err(StoreError::from),
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    Err(e)
-                }
-            };
-            match result {
-                Err(e) if self.is_conflict(&e) && attempt < super::MAX_ATTEMPTS => {
-                    tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)))
-                        .await;
-                }
-                other => return other,
-            }
-        }
+        super::in_write_transaction!(self, |tx| self.try_delete(tx, id))
     }
 
     async fn try_delete(

@@ -159,27 +159,11 @@ async fn profiles_page_in_a_stable_order(backend: Backend) {
     )
     .await;
 
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/profiles?limit=10&cursor={c}"),
-            None => "/v1/profiles?limit=10".to_owned(),
-        };
-        let (status, page) = app.get_as(&path, READ_KEY).await;
-        assert_eq!(status, StatusCode::OK);
-        seen.extend(
-            page["profiles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["user_id"].as_str().unwrap().to_owned()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => break,
-        }
-    }
+    let seen: Vec<String> = every_page(&app, "/v1/profiles", "profiles")
+        .await
+        .iter()
+        .map(|p| p["user_id"].as_str().unwrap().to_owned())
+        .collect();
     let expected: Vec<String> = (0..25).map(|i| format!("pager-{i:02}")).collect();
     assert_eq!(seen, expected, "every profile once, in order, across pages");
 
