@@ -51,7 +51,12 @@ pub enum KafkaSetupError {
 
 /// The shared producer and what it needs to answer for a topic.
 pub struct KafkaLog {
-    producer: FutureProducer,
+    /// The producer in use and its generation. A producer that hits a
+    /// fatal error (for example fenced after an epoch bump that followed
+    /// timed-out writes) never produces again, so it is replaced.
+    producer: std::sync::RwLock<(u64, FutureProducer)>,
+    /// How to build a replacement.
+    producer_config: ClientConfig,
     brokers: String,
     /// The topic `check_ready` looks at.
     ready_topic: String,
@@ -103,17 +108,49 @@ impl KafkaLog {
             .map(|(name, _)| name.clone())
             .unwrap_or_default();
         Ok(KafkaLog {
-            producer,
+            producer: std::sync::RwLock::new((0, producer)),
+            producer_config: config,
             brokers: settings.brokers.clone(),
             ready_topic,
             append_timeout,
         })
     }
 
+    /// The producer in use, with its generation.
+    fn producer(&self) -> (u64, FutureProducer) {
+        self.producer.read().expect("never poisoned").clone()
+    }
+
+    /// Replaces producer `generation`, which can no longer produce: it hit
+    /// a fatal error, or the broker fenced it (tansu does, after the epoch
+    /// bump that follows timed-out writes). Such a producer fails every
+    /// later write, so without this one broker hiccup would stop ingest
+    /// until a restart.
+    fn replace_producer(&self, generation: u64, reason: &str) {
+        let mut current = self.producer.write().expect("never poisoned");
+        if current.0 != generation {
+            return; // another request replaced it already
+        }
+        match self.producer_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(
+                    "the Kafka producer cannot produce any more ({reason}); a new producer replaces it, and the writes it held were answered 503"
+                );
+                let old = std::mem::replace(&mut *current, (generation + 1, fresh));
+                // Dropping a producer joins its thread: not on this one.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::error!(
+                "the Kafka producer cannot produce any more ({reason}) and a new one cannot be made: {e}"
+            ),
+        }
+    }
+
     /// Enqueues one record, waiting while the producer queue is full (the
     /// back-pressure of a bounded queue) until `deadline`.
     async fn enqueue(
         &self,
+        producer: &FutureProducer,
         topic: &str,
         record: &Record,
         deadline: Instant,
@@ -128,7 +165,7 @@ impl KafkaLog {
             if let Some(key) = &record.key {
                 message = message.key(key.as_str());
             }
-            match self.producer.send_result(message) {
+            match producer.send_result(message) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if Instant::now() >= deadline {
@@ -139,6 +176,48 @@ impl KafkaLog {
                 Err((e, _)) => return Err(classify(e)),
             }
         }
+    }
+
+    /// Enqueues `records` in order (per-key order is the enqueue order),
+    /// then waits for every acknowledgement until the append deadline.
+    async fn append_with(
+        &self,
+        generation: u64,
+        producer: &FutureProducer,
+        topic: &str,
+        records: &[Record],
+    ) -> Result<(), AppendError> {
+        let deadline = Instant::now() + self.append_timeout;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            deliveries.push(self.enqueue(producer, topic, record, deadline).await?);
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let acks = tokio::time::timeout(wait, async {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        if matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                RDKafkaErrorCode::ProducerFenced
+                                    | RDKafkaErrorCode::InvalidProducerEpoch
+                            )
+                        ) {
+                            self.replace_producer(generation, &e.to_string());
+                        }
+                        return Err(classify(e));
+                    }
+                    Err(_) => {
+                        return Err(AppendError::Unavailable("the producer was closed".into()));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        acks.unwrap_or(Err(AppendError::TimedOut(self.append_timeout)))
     }
 }
 
@@ -166,32 +245,27 @@ fn classify(error: KafkaError) -> AppendError {
 #[async_trait]
 impl EventLog for KafkaLog {
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<(), AppendError> {
-        let deadline = Instant::now() + self.append_timeout;
-        // Enqueue in order (per-key order is the enqueue order), then wait
-        // for every acknowledgement.
-        let mut deliveries = Vec::with_capacity(records.len());
-        for record in &records {
-            deliveries.push(self.enqueue(topic, record, deadline).await?);
+        let (generation, producer) = self.producer();
+        let result = self
+            .append_with(generation, &producer, topic, &records)
+            .await;
+        if result.is_err()
+            && let Some((code, reason)) = producer.client().fatal_error()
+        {
+            self.replace_producer(generation, &format!("{code:?}: {reason}"));
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
-        let acks = tokio::time::timeout(wait, async {
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(classify(e)),
-                    Err(_) => {
-                        return Err(AppendError::Unavailable("the producer was closed".into()));
-                    }
-                }
-            }
-            Ok(())
-        })
-        .await;
-        acks.unwrap_or(Err(AppendError::TimedOut(self.append_timeout)))
+        result
     }
 
     async fn check_ready(&self) -> Result<(), String> {
-        let producer = self.producer.clone();
+        let (generation, producer) = self.producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            let reason = format!("{code:?}: {reason}");
+            self.replace_producer(generation, &reason);
+            return Err(format!(
+                "the Kafka producer hit a fatal error ({reason}); it was replaced"
+            ));
+        }
         let topic = self.ready_topic.clone();
         let brokers = self.brokers.clone();
         tokio::task::spawn_blocking(move || {
@@ -217,7 +291,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn close(&self, deadline: Duration) {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(deadline)).await;
         match flushed {
             Ok(Ok(())) => tracing::info!("the Kafka producer delivered everything it held"),

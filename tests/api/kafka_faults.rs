@@ -167,3 +167,138 @@ async fn overload() {
     drop(app);
     drop(cluster);
 }
+
+/// A tansu broker of the test's own (the shared one must not be stopped),
+/// killed when dropped.
+struct OwnBroker {
+    child: std::process::Child,
+    brokers: String,
+    log: std::path::PathBuf,
+}
+
+impl OwnBroker {
+    async fn start(dir: &std::path::Path) -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = dir.join("tansu.log");
+        let child = std::process::Command::new("tansu")
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
+            .spawn()
+            .expect("tansu is on PATH (./scripts/test installs it)");
+        let brokers = format!("127.0.0.1:{port}");
+        let address = brokers.clone();
+        wait_for(
+            "the test's own tansu to listen",
+            Duration::from_secs(30),
+            || {
+                let address = address.clone();
+                async move { tokio::net::TcpStream::connect(address).await.is_ok() }
+            },
+        )
+        .await;
+        OwnBroker {
+            child,
+            brokers,
+            log,
+        }
+    }
+
+    /// Sends `signal` (STOP or CONT) to the broker process.
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} tansu");
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("the test's tansu log is {}", self.log.display());
+        }
+    }
+}
+
+/// The tansu process frozen (SIGSTOP) under the full pipeline: requests get
+/// 503 within the append bound and never a 2xx; after SIGCONT a client that
+/// retries its 503s with the same messageIds, as Segment's SDKs do, gets
+/// every event counted exactly once in the profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_broker_process_gives_503_and_retries_count_once() {
+    tokio::time::timeout(Duration::from_secs(180), stopped_broker_process())
+        .await
+        .expect("the fault test finishes");
+}
+
+async fn stopped_broker_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = OwnBroker::start(dir.path()).await;
+    let app = spawn_app_with(Backend::Kafka, |s| {
+        s.kafka_brokers = Some(broker.brokers.clone());
+        s.append_timeout_ms = Some(1500);
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15)) // a hang guard, far past the 1.5 s bound
+        .build()
+        .unwrap();
+    let send = |i: u32| {
+        client
+            .post(app.url("/v1/track"))
+            .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+            .json(&json!({"userId": "frozen", "event": "e", "messageId": format!("m{i}")}))
+            .send()
+    };
+    for i in 0..10 {
+        assert_eq!(send(i).await.unwrap().status(), StatusCode::OK);
+    }
+
+    broker.signal("STOP");
+    for i in 10..13 {
+        let response = send(i).await.expect("answered, not hung");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+    let ready = client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    broker.signal("CONT");
+    for i in 10..20 {
+        wait_for(
+            &format!("a 2xx for m{i} after the broker resumed"),
+            Duration::from_secs(60),
+            || async move {
+                send(i)
+                    .await
+                    .map(|r| r.status() == StatusCode::OK)
+                    .unwrap_or(false)
+            },
+        )
+        .await;
+    }
+    // A marker behind every event of this user's partition: once it is
+    // counted, so is everything the broker stored before it.
+    let marker = json!({"userId": "frozen", "event": "marker", "messageId": "marker"});
+    assert_eq!(
+        app.post("/v1/track", &marker).await.status(),
+        StatusCode::OK
+    );
+    let profile = app
+        .wait_for_profile("frozen", |p| p["event_counts"]["marker"] == 1)
+        .await;
+    assert_eq!(profile["event_count"], 21, "{profile}");
+    drop(app);
+}
