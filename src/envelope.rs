@@ -5,7 +5,7 @@
 //! (kcat, Kafka Connect, a Java consumer) can read `user_events` without
 //! Traitline's code.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -95,14 +95,19 @@ impl EventEnvelope {
 
     /// Segment's clock-skew correction: the client's clock may be wrong, but
     /// the time between its `timestamp` and `sentAt` is right, so the event
-    /// happened that long before Traitline received it.
+    /// happened that long before Traitline received it. A correction that
+    /// leaves the years 0000-9999 (a nonsense `sentAt`) keeps the client's
+    /// own timestamp.
     pub fn corrected_timestamp(
         original: Option<DateTime<Utc>>,
         sent_at: Option<DateTime<Utc>>,
         received_at: DateTime<Utc>,
     ) -> DateTime<Utc> {
         match (original, sent_at) {
-            (Some(original), Some(sent)) => received_at - (sent - original),
+            (Some(original), Some(sent)) => received_at
+                .checked_sub_signed(sent - original)
+                .filter(|t| (0..=9999).contains(&t.year()))
+                .unwrap_or(original),
             (Some(original), None) => original,
             (None, _) => received_at,
         }
@@ -137,6 +142,17 @@ mod tests {
             at("2026-11-20T10:00:06Z"),
         );
         assert_eq!(t, at("2026-11-20T11:00:00Z"));
+    }
+
+    #[test]
+    fn a_correction_past_the_year_0000_keeps_the_client_timestamp() {
+        let original = at("0001-01-01T00:00:00Z");
+        let t = EventEnvelope::corrected_timestamp(
+            Some(original),
+            Some(at("9999-01-01T00:00:00Z")),
+            at("2026-11-20T10:00:06Z"),
+        );
+        assert_eq!(t, original);
     }
 
     #[test]

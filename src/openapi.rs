@@ -1,5 +1,6 @@
 //! The OpenAPI 3 document of every route, served at `GET /openapi.json`.
 
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -65,4 +66,81 @@ impl Modify for Security {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// The Segment call types, their route, and the fields each requires
+/// beyond `userId` or `anonymousId` (alias: instead of them).
+const CALLS: [(&str, &str, &[&str]); 6] = [
+    ("track", "TrackCall", &["event"]),
+    ("identify", "IdentifyCall", &[]),
+    ("page", "PageCall", &[]),
+    ("screen", "ScreenCall", &[]),
+    ("group", "GroupCall", &["groupId"]),
+    ("alias", "AliasCall", &["userId", "previousId"]),
+];
+
+/// The fields that hold an id.
+const IDS: [&str; 5] = [
+    "userId",
+    "anonymousId",
+    "messageId",
+    "groupId",
+    "previousId",
+];
+
+/// The document as served: utoipa's, plus what its derive cannot say. Each
+/// Segment route's body names the fields that call requires (present, not
+/// null, not empty), and a batch message is one of those calls by its
+/// `type`, so a schema-driven tester generates only requests the service
+/// accepts as valid.
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document is JSON");
+    let schemas = &mut doc["components"]["schemas"];
+    // Ids may be numbers (kept as text), as Segment's API accepts.
+    for id in IDS {
+        schemas["SegmentMessage"]["properties"][id]["type"] = json!(["string", "number", "null"]);
+    }
+    // A single route ignores `type` (the route says it); a batch message's
+    // `type` is one of the calls (below).
+    schemas["SegmentMessage"]["properties"]["type"] = json!({
+        "type": ["string", "null"],
+        "description": "The call type: required inside a batch (track, identify, page, screen, group or alias), ignored on the single routes.",
+    });
+    schemas["SeedEvent"]["properties"]["payload"]["properties"] = json!({
+        "client_os": {"type": ["string", "null"]},
+        "client_version": {"type": ["string", "null"]},
+    });
+    let present = |field: &str| {
+        let kind = if IDS.contains(&field) {
+            json!(["string", "number"])
+        } else {
+            json!("string")
+        };
+        json!({"required": [field], "properties": {field: {"type": kind, "minLength": 1}}})
+    };
+    let mut batch_items = Vec::new();
+    for (kind, name, required) in CALLS {
+        let mut rules = vec![json!({"$ref": "#/components/schemas/SegmentMessage"})];
+        if kind != "alias" {
+            rules.push(json!({"anyOf": [present("userId"), present("anonymousId")]}));
+        }
+        rules.extend(required.iter().map(|field| present(field)));
+        doc["components"]["schemas"][name] = json!({
+            "description": format!("A `{kind}` call: the fields it requires."),
+            "allOf": rules,
+        });
+        doc["paths"][format!("/v1/{kind}")]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"] = json!({"$ref": format!("#/components/schemas/{name}")});
+        batch_items.push(json!({"allOf": [
+            {"$ref": format!("#/components/schemas/{name}")},
+            {"required": ["type"], "properties": {"type": {"const": kind}}},
+        ]}));
+    }
+    doc["components"]["schemas"]["BatchRequest"]["properties"]["batch"] = json!({
+        "type": "array",
+        "minItems": 1,
+        "description": "The messages; each has a `type` and the fields that call requires.",
+        "items": {"oneOf": batch_items},
+    });
+    doc
 }

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use crate::config::{Config, LogBackend};
 use crate::ingest::Ingest;
@@ -26,7 +26,6 @@ use crate::keys::{ApiKeys, KeyFileError, KeySource};
 use crate::log::embedded::EmbeddedReader;
 use crate::log::kafka::KafkaReader;
 use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
-use crate::openapi::ApiDoc;
 use crate::process::profiles::{self, ProfileProcessor};
 use crate::process::relay::ChangeRelay;
 use crate::process::{Runner, RunnerSettings, RunnerStats};
@@ -323,13 +322,13 @@ pub async fn readyz(State(readying): State<Readying>) -> Response {
 }
 
 async fn openapi() -> Response {
-    match ApiDoc::openapi().to_json() {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Err(e) => {
-            tracing::error!("cannot render the OpenAPI document: {e}");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
+    static DOCUMENT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| crate::openapi::document().to_string());
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+        .into_response()
 }
 
 /// Tells the user, on standard output, where to send events and how.

@@ -19,7 +19,11 @@ use crate::envelope::{EventEnvelope, EventType, Source};
 pub struct SeedEvent {
     /// What happened, as dot-separated lowercase segments, from the general
     /// to the specific: where, who, what (`landing.user.order.create`).
-    #[schema(example = "landing.user.home.click")]
+    #[schema(
+        example = "landing.user.home.click",
+        max_length = 255,
+        pattern = r"^[a-z]+(_[a-z]+)*(\.[a-z]+(_[a-z]+)*)+$"
+    )]
     pub key: String,
     /// Free-form details; `client_os` and `client_version`, when present,
     /// must be strings.
@@ -34,7 +38,7 @@ pub struct SeedEvent {
     #[serde(default)]
     pub message_id: Option<String>,
     /// When it happened; the receive time when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::segment::time")]
     pub timestamp: Option<DateTime<Utc>>,
 }
 

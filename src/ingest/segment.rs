@@ -6,7 +6,7 @@
 //! (serde_path_to_error), then each message is checked for the fields its
 //! type requires and normalized into an [`EventEnvelope`].
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -54,10 +54,10 @@ pub struct SegmentMessage {
     #[schema(value_type = Option<String>)]
     pub previous_id: Option<String>,
     /// When the event happened, by the client's clock (ISO 8601).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "time")]
     pub timestamp: Option<DateTime<Utc>>,
     /// When the client sent the request, by its clock; used to correct skew.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "time")]
     pub sent_at: Option<DateTime<Utc>>,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -91,7 +91,7 @@ pub struct BatchRequest {
     #[schema(value_type = Option<Object>)]
     pub integrations: Option<Map<String, Value>>,
     /// When the client sent the batch; applies to messages without their own.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "time")]
     pub sent_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub write_key: Option<String>,
@@ -136,6 +136,26 @@ fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::E
         }
     }
     deserializer.deserialize_any(IdVisitor)
+}
+
+/// Reads an ISO 8601 time; empty or null means absent, as for ids.
+pub(super) fn time<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    match Option::<std::borrow::Cow<str>>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(text) if text.is_empty() => Ok(None),
+        Some(text) => match text.parse::<DateTime<Utc>>() {
+            // ISO 8601 without its expanded years: 0000 to 9999.
+            Ok(time) if (0..=9999).contains(&time.year()) => Ok(Some(time)),
+            Ok(_) => Err(serde::de::Error::custom(
+                "not an ISO 8601 time (the year must be 0000 to 9999)",
+            )),
+            Err(e) => Err(serde::de::Error::custom(format!(
+                "not an ISO 8601 time ({e})"
+            ))),
+        },
+    }
 }
 
 /// What the batch-level fields contribute to each message.
@@ -364,6 +384,21 @@ mod tests {
             matches!(&err, IngestError::InvalidValue { field, .. } if field == "timestamp"),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn an_empty_time_is_absent_and_a_year_past_9999_is_refused() {
+        let e = track(r#"{"userId":"u","event":"x","timestamp":"","sentAt":""}"#).unwrap();
+        assert_eq!(e.timestamp, now(), "no timestamp: the receive time");
+        assert_eq!(e.sent_at, None);
+        for time in ["-3300-08-02T23:22:23Z", "+10000-01-01T00:00:00Z"] {
+            let json = format!(r#"{{"userId":"u","event":"x","timestamp":"{time}"}}"#);
+            let err = track(&json).unwrap_err();
+            assert!(
+                matches!(&err, IngestError::InvalidValue { field, message } if field == "timestamp" && message.contains("0000 to 9999")),
+                "{time}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -124,11 +125,60 @@ fn authorize(keys: &ApiKeys, headers: &HeaderMap, delete: bool) -> Result<(), Qu
 
 /// Paging parameters.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Paging {
     /// Items per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+}
+
+/// A query string that does not parse is a JSON 400 naming the parameter,
+/// like every other error of this API (axum's own rejection is plain text).
+impl<S: Send + Sync> FromRequestParts<S> for Paging {
+    type Rejection = QueryError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Paging, QueryError> {
+        match Query::<Paging>::from_request_parts(parts, state).await {
+            Ok(Query(paging)) => Ok(paging),
+            Err(rejection) => {
+                let text = rejection.body_text();
+                let detail = text
+                    .rsplit_once("query string: ")
+                    .map_or(&*text, |(_, d)| d);
+                let field = ["limit", "cursor"]
+                    .into_iter()
+                    .find(|f| {
+                        detail.starts_with(&format!("{f}:")) || detail.contains(&format!("`{f}`"))
+                    })
+                    .unwrap_or("query");
+                Err(QueryError::BadParameter {
+                    field,
+                    message: format!(
+                        "cannot be read ({detail}); limit is a whole number from 1 to {MAX_LIMIT}, given once"
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// The `{id}` of a profile route; a path that is not UTF-8 is a JSON 400.
+pub struct ProfileId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ProfileId {
+    type Rejection = QueryError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<ProfileId, QueryError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| ProfileId(id))
+            .map_err(|rejection| QueryError::BadParameter {
+                field: "id",
+                message: rejection.body_text(),
+            })
+    }
 }
 
 impl Paging {
@@ -148,6 +198,7 @@ impl Paging {
     fn cursor<T>(&self, read: impl FnOnce(String) -> Option<T>) -> Result<Option<T>, QueryError> {
         self.cursor
             .as_deref()
+            .filter(|c| !c.is_empty())
             .map(|c| {
                 URL_SAFE_NO_PAD
                     .decode(c)
@@ -224,6 +275,7 @@ impl QueryState {
     security(("basic" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "The profile", body = ProfileView),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
@@ -232,7 +284,7 @@ impl QueryState {
 pub async fn get_profile(
     State(state): State<QueryState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ProfileId(id): ProfileId,
 ) -> Result<Json<ProfileView>, QueryError> {
     authorize(&state.keys, &headers, false)?;
     state
@@ -252,11 +304,12 @@ pub async fn get_profile(
         (status = 400, description = "A bad limit or cursor", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
 pub async fn list_profiles(
     State(state): State<QueryState>,
     headers: HeaderMap,
-    Query(paging): Query<Paging>,
+    paging: Paging,
 ) -> Result<Json<ProfileList>, QueryError> {
     authorize(&state.keys, &headers, false)?;
     let page = state
@@ -279,12 +332,13 @@ pub async fn list_profiles(
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
 pub async fn profile_changes(
     State(state): State<QueryState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(paging): Query<Paging>,
+    ProfileId(id): ProfileId,
+    paging: Paging,
 ) -> Result<Json<ChangeList>, QueryError> {
     authorize(&state.keys, &headers, false)?;
     let before = paging.cursor(|c| c.parse::<i64>().ok())?;
@@ -309,12 +363,13 @@ pub async fn profile_changes(
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
 pub async fn profile_events(
     State(state): State<QueryState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(paging): Query<Paging>,
+    ProfileId(id): ProfileId,
+    paging: Paging,
 ) -> Result<Json<EventList>, QueryError> {
     authorize(&state.keys, &headers, false)?;
     let before = paging.cursor(|c| {
@@ -342,6 +397,8 @@ pub async fn profile_events(
     security(("basic" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
@@ -349,7 +406,7 @@ pub async fn profile_events(
 pub async fn delete_profile(
     State(state): State<QueryState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ProfileId(id): ProfileId,
 ) -> Result<Json<Deleted>, QueryError> {
     authorize(&state.keys, &headers, true)?;
     let view = state
