@@ -125,7 +125,20 @@ fn body(batch_size: usize, users: u64, run: &str, worker: usize, seq: u64) -> St
 /// Runs the load and prints the report.
 pub async fn run_ingest(config: &Config, args: BenchIngestArgs) -> Result<(), BenchError> {
     let key = write_key(config, &args)?;
-    let report = load(&args, &key).await?;
+    // One thread, like wrk -t1: the client leaves the other core to the
+    // service instead of contending for both.
+    let report = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| BenchError::Client(e.to_string()))?
+                .block_on(load(&args, &key))
+        })
+        .await
+        .map_err(|e| BenchError::Client(e.to_string()))??
+    };
     let route = if args.batch_size <= 1 {
         "/v1/track"
     } else {
@@ -172,37 +185,32 @@ pub async fn load(args: &BenchIngestArgs, key: &str) -> Result<Report, BenchErro
         return Err(BenchError::Unreachable(url, format!("{status}: {text}")));
     }
 
+    let target = Target::new(&url, key)?;
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(args.warmup_secs);
     let end = measure_from + Duration::from_secs(args.duration_secs);
     let mut workers = Vec::with_capacity(args.concurrency);
     for worker in 0..args.concurrency {
-        let client = client.clone();
-        let url = url.clone();
-        let key = key.to_owned();
+        let target = target.clone();
         let run = run.clone();
         let (batch_size, users) = (args.batch_size, args.users);
         workers.push(tokio::spawn(async move {
             let mut report = Report::default();
+            let mut connection: Option<Connection> = None;
             let mut seq = 1u64;
             loop {
                 let sent = Instant::now();
                 if sent >= end {
                     break;
                 }
-                let request = client
-                    .post(&url)
-                    .basic_auth(&key, Some(""))
-                    .header("content-type", "application/json")
-                    .body(body(batch_size, users, &run, worker, seq));
+                let request = target.request(&body(batch_size, users, &run, worker, seq));
                 seq += 1;
-                let status = match request.send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let _ = response.bytes().await;
-                        status
+                let status = match send(&target, &mut connection, &request).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        connection = None; // reconnect on the next request
+                        0
                     }
-                    Err(_) => 0,
                 };
                 let done = Instant::now();
                 if sent < measure_from || done > end {
@@ -235,4 +243,101 @@ pub async fn load(args: &BenchIngestArgs, key: &str) -> Result<Report, BenchErro
     total.elapsed = Duration::from_secs(args.duration_secs);
     total.latencies_us.sort_unstable();
     Ok(total)
+}
+
+/// Where the load goes, and the request head every request shares.
+#[derive(Clone)]
+struct Target {
+    address: String,
+    /// `POST <path> HTTP/1.1` and the fixed headers, up to `Content-Length: `.
+    head: std::sync::Arc<Vec<u8>>,
+}
+
+impl Target {
+    fn new(url: &str, key: &str) -> Result<Target, BenchError> {
+        use base64::Engine;
+        let parsed = reqwest::Url::parse(url).map_err(|e| BenchError::Client(e.to_string()))?;
+        if parsed.scheme() != "http" {
+            return Err(BenchError::Client(format!(
+                "the load generator speaks plain http, not {}",
+                parsed.scheme()
+            )));
+        }
+        let host = parsed.host_str().unwrap_or("127.0.0.1");
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Basic {credentials}\r\nContent-Type: application/json\r\nContent-Length: ",
+            parsed.path()
+        );
+        Ok(Target {
+            address: format!("{host}:{port}"),
+            head: std::sync::Arc::new(head.into_bytes()),
+        })
+    }
+
+    /// The bytes of one request with `body`.
+    fn request(&self, body: &str) -> Vec<u8> {
+        let mut request = Vec::with_capacity(self.head.len() + 24 + body.len());
+        request.extend_from_slice(&self.head);
+        request.extend_from_slice(body.len().to_string().as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        request.extend_from_slice(body.as_bytes());
+        request
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection. The load generator shares the
+/// machine with the service, so it speaks just enough HTTP to send a
+/// request and read its answer, as wrk does, and leaves the CPU to the
+/// service.
+struct Connection {
+    stream: tokio::net::TcpStream,
+    buffer: Vec<u8>,
+}
+
+/// Sends `request` on `connection` (opened first if there is none) and
+/// reads the answer's status.
+async fn send(
+    target: &Target,
+    connection: &mut Option<Connection>,
+    request: &[u8],
+) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if connection.is_none() {
+        let stream = tokio::net::TcpStream::connect(&target.address).await?;
+        stream.set_nodelay(true)?;
+        *connection = Some(Connection {
+            stream,
+            buffer: Vec::with_capacity(4096),
+        });
+    }
+    let Connection { stream, buffer } = connection.as_mut().expect("opened above");
+    stream.write_all(request).await?;
+    buffer.clear();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head_len) = response
+            .parse(buffer)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+        {
+            let status = response.code.unwrap_or(0);
+            let length: usize = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < head_len + length {
+                if stream.read_buf(buffer).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            return Ok(status);
+        }
+        if stream.read_buf(buffer).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
 }

@@ -19,6 +19,7 @@ macro_rules! both_logs {
 mod helpers;
 
 mod auth;
+mod bench;
 mod durability;
 mod fuzz;
 mod kafka_faults;
