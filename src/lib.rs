@@ -4,7 +4,8 @@
 //! The modules follow the pipeline: [`ingest`] takes events over HTTP and
 //! appends them to the [`log`] (Kafka or the embedded log); [`server`] wires
 //! the stages into one process. [`config`] holds the one typed configuration
-//! every stage reads; [`keys`] the API keys that guard the routes.
+//! every stage reads; [`keys`] the API keys that guard the routes;
+//! [`metrics`] what every stage counts, served at `/metrics`.
 
 pub mod bench;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod envelope;
 pub mod ingest;
 pub mod keys;
 pub mod log;
+pub mod metrics;
 pub mod openapi;
 pub mod process;
 pub mod profile;

@@ -35,6 +35,7 @@ use crate::store::ChangeRecord;
         crate::query::delete_profile,
         crate::server::healthz,
         crate::server::readyz,
+        crate::metrics::render,
     ),
     components(schemas(
         SeedEvent, SegmentMessage, BatchRequest, Accepted, ErrorBody, ErrorDetail,
@@ -46,7 +47,7 @@ use crate::store::ChangeRecord;
         (name = "segment", description = "The Segment HTTP Tracking API"),
         (name = "seed", description = "The original trait service route"),
         (name = "profiles", description = "Profiles built from the events: read with a read or admin key, delete with an admin key"),
-        (name = "operations", description = "Health and readiness"),
+        (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
 pub struct ApiDoc;

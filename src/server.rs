@@ -56,6 +56,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything records a metric: without a recorder they are lost.
+    crate::metrics::handle();
     let (keys, key_source) = ApiKeys::load_or_generate(&config.keys, &config.data_dir)?;
     let log = log::open(&config).await?;
     let store = if config.roles.process || config.roles.query {
@@ -169,6 +171,7 @@ pub fn profile_runner(
         }
     };
     let settings = RunnerSettings {
+        name: "profiles",
         topic,
         rejected_topic: topics.rejected(),
         max_batch: config.process_batch,
@@ -201,7 +204,8 @@ pub fn router(
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz).with_state(readying))
-        .route("/openapi.json", get(openapi));
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(crate::metrics::render));
     if config.roles.query
         && let Some(store) = store
     {

@@ -85,6 +85,7 @@ impl Ingest {
             .route("/v1/group", post(group))
             .route("/v1/alias", post(alias))
             .route("/v1/batch", post(batch))
+            .route_layer(axum::middleware::from_fn(crate::metrics::ingest_requests))
             .with_state(self)
     }
 
@@ -108,7 +109,27 @@ impl Ingest {
     }
 
     /// Appends the envelopes and waits until all are durable.
-    async fn store(&self, events: Vec<EventEnvelope>) -> Result<Json<Accepted>, IngestError> {
+    async fn store(
+        &self,
+        route: &'static str,
+        events: Vec<EventEnvelope>,
+    ) -> Result<Json<Accepted>, IngestError> {
+        let count = events.len() as u64;
+        let started = std::time::Instant::now();
+        let stored = self.append(events).await;
+        let status = if stored.is_ok() {
+            metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            "200"
+        } else {
+            "503"
+        };
+        metrics::counter!(crate::metrics::INGEST_EVENTS, "route" => route, "status" => status)
+            .increment(count);
+        stored
+    }
+
+    async fn append(&self, events: Vec<EventEnvelope>) -> Result<Json<Accepted>, IngestError> {
         let records = events
             .iter()
             .map(|event| {
@@ -141,6 +162,7 @@ impl Ingest {
     async fn single(
         &self,
         kind: EventType,
+        route: &'static str,
         headers: HeaderMap,
         body: Body,
     ) -> Result<Json<Accepted>, IngestError> {
@@ -162,7 +184,7 @@ impl Ingest {
             auth::require_write(&self.keys, key.as_deref())?;
         }
         let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
-        self.store(vec![event]).await
+        self.store(route, vec![event]).await
     }
 }
 
@@ -207,7 +229,7 @@ pub async fn seed_track(
     )
     .await?;
     let event = seed::parse(&bytes, Utc::now())?;
-    ingest.store(vec![event]).await
+    ingest.store("/event/user/track", vec![event]).await
 }
 
 /// Declares a Segment single-message route.
@@ -234,7 +256,7 @@ macro_rules! segment_route {
             headers: HeaderMap,
             body: Body,
         ) -> Result<Json<Accepted>, IngestError> {
-            ingest.single($kind, headers, body).await
+            ingest.single($kind, $path, headers, body).await
         }
     };
 }
@@ -318,5 +340,5 @@ pub async fn batch(
         auth::require_write(&ingest.keys, key.as_deref())?;
     }
     let events = segment::normalize_batch(&parsed?, ingest.limits.max_event_bytes, received_at)?;
-    ingest.store(events).await
+    ingest.store("/v1/batch", events).await
 }

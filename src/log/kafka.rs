@@ -14,6 +14,7 @@
 //! | `queue.buffering.max.messages` | 100000 | 100000 | bounded: a full queue makes requests wait, then 503 |
 //! | `message.timeout.ms` | the append timeout | 300000 | a message is not delivered long after its request got 503 |
 //! | `partitioner` | murmur2_random | consistent_random | the Java client's partitioner, as the embedded log |
+//! | `statistics.interval.ms` | 5000 | 0 (off) | queue depth and broker state for `/metrics` |
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -47,6 +49,30 @@ pub enum KafkaSetupError {
     Unreachable { brokers: String, reason: String },
     #[error("cannot create topic {topic} in Kafka: {reason}")]
     CreateTopic { topic: String, reason: String },
+}
+
+/// The producer, with librdkafka's statistics feeding the Kafka gauges.
+type FutureProducer = rdkafka::producer::FutureProducer<ProducerStats>;
+
+/// The producer's context: librdkafka's statistics (every
+/// `statistics.interval.ms`) become the Kafka metrics.
+pub struct ProducerStats;
+
+impl ClientContext for ProducerStats {
+    fn stats(&self, statistics: Statistics) {
+        use crate::metrics::{KAFKA_BROKER_RTT_SECONDS, KAFKA_BROKER_UP, KAFKA_QUEUE_MESSAGES};
+        metrics::gauge!(KAFKA_QUEUE_MESSAGES).set(statistics.msg_cnt as f64);
+        // Negative node ids are librdkafka's bootstrap and coordinator
+        // entries, not brokers.
+        for broker in statistics.brokers.values().filter(|b| b.nodeid >= 0) {
+            let up = if broker.state == "UP" { 1.0 } else { 0.0 };
+            metrics::gauge!(KAFKA_BROKER_UP, "broker" => broker.nodename.clone()).set(up);
+            if let Some(rtt) = &broker.rtt {
+                metrics::gauge!(KAFKA_BROKER_RTT_SECONDS, "broker" => broker.nodename.clone())
+                    .set(rtt.avg as f64 / 1e6);
+            }
+        }
+    }
 }
 
 /// The shared producer and what it needs to answer for a topic.
@@ -96,12 +122,15 @@ impl KafkaLog {
                 settings.queue_messages.to_string(),
             )
             .set("message.timeout.ms", append_timeout.as_millis().to_string())
-            .set("partitioner", "murmur2_random");
+            .set("partitioner", "murmur2_random")
+            .set("statistics.interval.ms", "5000");
         // Pass-through options win over Traitline's choices.
         for (name, value) in &settings.options {
             config.set(name, value);
         }
-        let producer: FutureProducer = config.create().map_err(KafkaSetupError::Client)?;
+        let producer: FutureProducer = config
+            .create_with_context(ProducerStats)
+            .map_err(KafkaSetupError::Client)?;
         ensure_topics(settings, partitions, topics).await?;
         let ready_topic = topics
             .first()
@@ -131,7 +160,10 @@ impl KafkaLog {
         if current.0 != generation {
             return; // another request replaced it already
         }
-        match self.producer_config.create::<FutureProducer>() {
+        match self
+            .producer_config
+            .create_with_context::<_, FutureProducer>(ProducerStats)
+        {
             Ok(fresh) => {
                 tracing::warn!(
                     "the Kafka producer cannot produce any more ({reason}); a new producer replaces it, and the writes it held were answered 503"

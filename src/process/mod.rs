@@ -62,6 +62,8 @@ pub trait Processor: Send + Sync + 'static {
 /// How a runner reads.
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
+    /// The processor's name in metrics (`processor` label).
+    pub name: &'static str,
     pub topic: String,
     /// Where rejected records go (`user_events_rejected`).
     pub rejected_topic: String,
@@ -314,6 +316,11 @@ impl<P: Processor> Runner<P> {
         records: Vec<StoredRecord>,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
+        let started = Instant::now();
+        let name = self.settings.name;
+        metrics::histogram!(crate::metrics::PROCESSOR_BATCH_RECORDS, "processor" => name)
+            .record(records.len() as f64);
+        let received_ms: Vec<i64> = records.iter().map(|r| r.timestamp_ms).collect();
         let groups = self.split(records);
         let mut prepared = Vec::with_capacity(groups.len());
         let mut rejects = Vec::new();
@@ -329,6 +336,8 @@ impl<P: Processor> Runner<P> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .rejected += rejects.len() as u64;
+        metrics::counter!(crate::metrics::PROCESSOR_EVENTS, "processor" => name, "outcome" => "rejected")
+            .increment(rejects.len() as u64);
         let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
         let mut pending: Vec<usize> = (0..groups.len()).collect();
         loop {
@@ -369,6 +378,13 @@ impl<P: Processor> Runner<P> {
                 self.refence(&partitions).await;
             }
             if failed.is_empty() {
+                metrics::histogram!(crate::metrics::PROCESSOR_BATCH_SECONDS, "processor" => name)
+                    .record(started.elapsed().as_secs_f64());
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                let latency = metrics::histogram!(crate::metrics::PROCESSOR_EVENT_LATENCY_SECONDS, "processor" => name);
+                for received in received_ms {
+                    latency.record((now_ms - received).max(0) as f64 / 1000.0);
+                }
                 return true;
             }
             pending = failed;
@@ -434,12 +450,15 @@ impl<P: Processor> Runner<P> {
         stats.batches += 1;
         stats.applied += outcome.applied as u64;
         stats.duplicates += outcome.duplicates as u64;
+        let name = self.settings.name;
+        metrics::counter!(crate::metrics::PROCESSOR_EVENTS, "processor" => name, "outcome" => "applied")
+            .increment(outcome.applied as u64);
+        metrics::counter!(crate::metrics::PROCESSOR_EVENTS, "processor" => name, "outcome" => "duplicate")
+            .increment(outcome.duplicates as u64);
         for advance in advances {
-            stats
-                .partitions
-                .entry(advance.partition)
-                .or_default()
-                .next_offset = Some(advance.next);
+            let lag = stats.partitions.entry(advance.partition).or_default();
+            lag.next_offset = Some(advance.next);
+            export_lag(name, advance.partition, lag);
         }
     }
 
@@ -544,6 +563,15 @@ impl<P: Processor> Runner<P> {
             if let Some(high) = self.reader.high_watermark(partition) {
                 lag.high_watermark = Some(high);
             }
+            export_lag(self.settings.name, partition, lag);
         }
+    }
+}
+
+/// Sets the lag gauge of `partition`, when its lag is known.
+fn export_lag(processor: &'static str, partition: i32, lag: &PartitionLag) {
+    if let Some(records) = lag.lag() {
+        metrics::gauge!(crate::metrics::PROCESSOR_LAG, "processor" => processor, "partition" => partition.to_string())
+            .set(records as f64);
     }
 }

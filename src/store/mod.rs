@@ -71,6 +71,7 @@ macro_rules! in_write_transaction {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let started = std::time::Instant::now();
             let mut transaction = store.begin_write().await?;
             let $tx: &mut sqlx::AnyConnection = &mut transaction;
             let result = match $work.await {
@@ -84,6 +85,13 @@ macro_rules! in_write_transaction {
                     Err(e)
                 }
             };
+            let outcome = match &result {
+                Ok(_) => "committed",
+                Err(e) if store.is_conflict(e) => "conflict",
+                Err(_) => "failed",
+            };
+            metrics::histogram!($crate::metrics::STORE_TRANSACTION_SECONDS, "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
             match result {
                 Err(e) if store.is_conflict(&e) && attempt < $crate::store::MAX_ATTEMPTS => {
                     tracing::debug!(

@@ -38,13 +38,19 @@ async fn the_load_generator_counts_only_stored_events() {
     assert_eq!(ids.len(), stored.len(), "each event stored once");
     // The probe requests and those that ended past the window are stored
     // but not counted.
-    assert!(stored.len() as u64 >= counted, "{} < {counted}", stored.len());
+    assert!(
+        stored.len() as u64 >= counted,
+        "{} < {counted}",
+        stored.len()
+    );
 }
 
 #[tokio::test]
 async fn a_wrong_key_fails_fast_naming_the_service() {
     let app = spawn_app(Backend::Embedded).await;
-    let error = load(&args(&app.base, 1), "tlw_not_a_key").await.unwrap_err();
+    let error = load(&args(&app.base, 1), "tlw_not_a_key")
+        .await
+        .unwrap_err();
     let message = error.to_string();
     assert!(message.contains(&app.base), "{message}");
     assert!(message.contains("401"), "{message}");

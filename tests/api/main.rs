@@ -25,6 +25,7 @@ mod fuzz;
 mod kafka_faults;
 mod limits;
 mod log_suite;
+mod metrics;
 mod openapi;
 mod operations;
 mod profiles;
