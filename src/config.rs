@@ -102,6 +102,16 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_MAX_IN_FLIGHT", global = true)]
     pub max_in_flight: Option<usize>,
 
+    /// Events a second each write key may send, averaged; past it requests
+    /// get 429 with Retry-After. 0 turns the limit off [default: 0]
+    #[arg(long, env = "TRAITLINE_RATE_LIMIT_EVENTS", global = true)]
+    pub rate_limit_events: Option<u32>,
+
+    /// Events a write key may send at once above its rate (a request larger
+    /// than this is refused with 429) [default: the rate, one second's worth]
+    #[arg(long, env = "TRAITLINE_RATE_LIMIT_BURST", global = true)]
+    pub rate_limit_burst: Option<u32>,
+
     /// Replication factor of topics Traitline creates in Kafka; -1 takes the
     /// broker's default [default: -1]
     #[arg(
@@ -173,6 +183,8 @@ impl Settings {
             max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
             append_timeout_ms: self.append_timeout_ms.or(fallback.append_timeout_ms),
             max_in_flight: self.max_in_flight.or(fallback.max_in_flight),
+            rate_limit_events: self.rate_limit_events.or(fallback.rate_limit_events),
+            rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
             process_batch: self.process_batch.or(fallback.process_batch),
             dedup_window_hours: self.dedup_window_hours.or(fallback.dedup_window_hours),
             events_retention_days: self
@@ -254,6 +266,15 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     /// Ingest requests being handled at once.
     pub max_in_flight: usize,
+    /// Events a second per write key, and the burst above it; None: no limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A per-key rate: `per_second` events a second on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
 }
 
 /// Keys as configured; an empty list means "generate and keep in the data
@@ -375,6 +396,17 @@ impl Config {
             max_event_bytes: s.max_event_bytes.unwrap_or(32 * 1024),
             max_batch_bytes: s.max_batch_bytes.unwrap_or(500 * 1024),
             max_in_flight: s.max_in_flight.unwrap_or(2048),
+            rate_limit: match std::num::NonZeroU32::new(s.rate_limit_events.unwrap_or(0)) {
+                None => None,
+                Some(per_second) => Some(RateLimit {
+                    per_second,
+                    burst: match s.rate_limit_burst {
+                        None => per_second,
+                        Some(burst) => std::num::NonZeroU32::new(burst)
+                            .ok_or_else(|| invalid("rate-limit-burst", "must be at least 1"))?,
+                    },
+                }),
+            },
         };
         if limits.max_event_bytes < 256 {
             return Err(invalid("max-event-bytes", "must be at least 256"));
@@ -647,6 +679,23 @@ mod tests {
             err.contains("`events-retention-days`") && err.contains("dedup-window-hours"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_rate_limit_is_off_by_default_and_its_burst_defaults_to_one_second() {
+        let off = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(off.limits.rate_limit, None);
+        let file: Settings = toml::from_str("rate-limit-events = 100").unwrap();
+        let on = Config::from_settings(file).unwrap().limits.rate_limit.unwrap();
+        assert_eq!((on.per_second.get(), on.burst.get()), (100, 100));
+        let err = Config::from_settings(Settings {
+            rate_limit_events: Some(100),
+            rate_limit_burst: Some(0),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rate-limit-burst"), "{err}");
     }
 
     #[test]

@@ -67,6 +67,20 @@ pub enum IngestError {
     /// Too many requests in flight: the log is slower than the clients.
     #[error("Traitline is busy storing earlier events; retry shortly")]
     Overloaded,
+    /// The write key sent more events than its rate allows.
+    #[error(
+        "this write key sent more than its {per_second} events a second (setting rate-limit-events); retry after {}s",
+        retry_after_secs(*retry_after)
+    )]
+    RateLimited {
+        per_second: u32,
+        retry_after: Duration,
+    },
+    /// One request holds more events than a key's burst: it can never pass.
+    #[error(
+        "this request holds {events} events, more than the {burst} a write key may send at once (setting rate-limit-burst); send smaller batches"
+    )]
+    OverBurst { events: usize, burst: u32 },
     /// The log could not store the events in time.
     #[error("the event log cannot store events right now; retry shortly")]
     LogUnavailable,
@@ -107,7 +121,10 @@ impl IngestError {
             MissingField { .. } | InvalidType { .. } | InvalidValue { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            EventTooLarge { .. } | BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            EventTooLarge { .. } | BatchTooLarge { .. } | OverBurst { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
             WrongScope => StatusCode::FORBIDDEN,
@@ -131,6 +148,8 @@ impl IngestError {
             UnknownKey => "invalid_key",
             WrongScope => "wrong_key_scope",
             Overloaded => "overloaded",
+            RateLimited { .. } => "rate_limited",
+            OverBurst { .. } => "over_burst",
             LogUnavailable => "log_unavailable",
             LogRejected => "log_rejected",
         }
@@ -199,6 +218,11 @@ impl From<AppendError> for IngestError {
     }
 }
 
+/// Retry-After in whole seconds, rounded up: at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -209,12 +233,16 @@ impl IntoResponse for IngestError {
                 field: self.field(),
             },
         };
+        let retry_after = match &self {
+            IngestError::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER.as_secs()),
+            _ => None,
+        };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(RETRY_AFTER.as_secs()),
-            );
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

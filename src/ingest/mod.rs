@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 use self::body::BodyLimit;
 use self::error::{ErrorBody, IngestError};
 use self::segment::{BatchRequest, BodyKey, SegmentMessage, Shared};
-use crate::config::Limits;
+use crate::config::{Limits, RateLimit};
 use crate::envelope::{EventEnvelope, EventType};
 use crate::keys::ApiKeys;
 use crate::log::{EventLog, Record};
@@ -47,6 +47,8 @@ pub struct Ingest {
     pub append_timeout: Duration,
     /// One permit a request being handled; none left means 503 at once.
     pub in_flight: Arc<Semaphore>,
+    /// The per-write-key rate limiter, when `rate-limit-events` is set.
+    rate: Option<(Arc<governor::DefaultKeyedRateLimiter<String>>, RateLimit)>,
 }
 
 /// The answer to an accepted request.
@@ -71,6 +73,10 @@ impl Ingest {
             topic,
             append_timeout,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            rate: limits.rate_limit.map(|limit| {
+                let quota = governor::Quota::per_second(limit.per_second).allow_burst(limit.burst);
+                (Arc::new(governor::RateLimiter::dashmap(quota)), limit)
+            }),
         }
     }
 
@@ -96,6 +102,32 @@ impl Ingest {
             .clone()
             .try_acquire_owned()
             .map_err(|_| IngestError::Overloaded)
+    }
+
+    /// Takes `events` from `key`'s rate (GCRA, per write key), or refuses:
+    /// 429 with the wait when the key is over its rate, 413 when the
+    /// request alone is over the burst. The keys are the configured write
+    /// keys, so the limiter's memory is bounded.
+    fn within_rate(&self, key: &str, events: usize) -> Result<(), IngestError> {
+        use governor::clock::{Clock, DefaultClock};
+        let Some((limiter, limit)) = &self.rate else {
+            return Ok(());
+        };
+        let n = u32::try_from(events)
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            .unwrap_or(std::num::NonZeroU32::MAX);
+        match limiter.check_key_n(&key.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(IngestError::RateLimited {
+                per_second: limit.per_second.get(),
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            }),
+            Err(_) => Err(IngestError::OverBurst {
+                events,
+                burst: limit.burst.get(),
+            }),
+        }
     }
 
     /// Authenticates by header when there is one; the body's `writeKey` is
@@ -176,14 +208,19 @@ impl Ingest {
         .await?;
         let received_at = Utc::now();
         let message = segment::parse_message(&bytes);
-        if header_key.is_none() {
-            let key = match &message {
-                Ok(m) => m.write_key.clone(),
-                Err(_) => body_key(&bytes),
-            };
-            auth::require_write(&self.keys, key.as_deref())?;
-        }
+        let key = match header_key {
+            Some(key) => key,
+            None => {
+                let key = match &message {
+                    Ok(m) => m.write_key.clone(),
+                    Err(_) => body_key(&bytes),
+                };
+                auth::require_write(&self.keys, key.as_deref())?;
+                key.unwrap_or_default()
+            }
+        };
         let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
+        self.within_rate(&key, 1)?;
         self.store(route, vec![event]).await
     }
 }
@@ -210,6 +247,7 @@ fn body_key(bytes: &[u8]) -> Option<String> {
         (status = 413, description = "Over a size limit", body = ErrorBody),
         (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
         (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+        (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
         (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
     ),
     security(("basic" = []), ("bearer" = []))
@@ -222,6 +260,7 @@ pub async fn seed_track(
     let _permit = ingest.admit()?;
     let key = auth::key_from_headers(&headers)?;
     auth::require_write(&ingest.keys, key.as_deref())?;
+    let key = key.unwrap_or_default();
     let bytes = body::read(
         body,
         &headers,
@@ -229,6 +268,7 @@ pub async fn seed_track(
     )
     .await?;
     let event = seed::parse(&bytes, Utc::now())?;
+    ingest.within_rate(&key, 1)?;
     ingest.store("/event/user/track", vec![event]).await
 }
 
@@ -247,6 +287,7 @@ macro_rules! segment_route {
                 (status = 413, description = "Over max-event-bytes", body = ErrorBody),
                 (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
                 (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+                (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
                 (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
             ),
             security(("basic" = []), ("bearer" = []), ())
@@ -310,9 +351,10 @@ segment_route!(
         (status = 400, description = "Not JSON, or not the route's shape", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "The key may not send events", body = ErrorBody),
-        (status = 413, description = "Over max-batch-bytes, or a message over max-event-bytes", body = ErrorBody),
+        (status = 413, description = "Over max-batch-bytes, a message over max-event-bytes, or more events than rate-limit-burst", body = ErrorBody),
         (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
         (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
+        (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
         (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
     ),
     security(("basic" = []), ("bearer" = []), ())
@@ -332,13 +374,18 @@ pub async fn batch(
     .await?;
     let received_at = Utc::now();
     let parsed: Result<BatchRequest, IngestError> = segment::parse_batch(&bytes);
-    if header_key.is_none() {
-        let key = match &parsed {
-            Ok(b) => b.write_key.clone(),
-            Err(_) => body_key(&bytes),
-        };
-        auth::require_write(&ingest.keys, key.as_deref())?;
-    }
+    let key = match header_key {
+        Some(key) => key,
+        None => {
+            let key = match &parsed {
+                Ok(b) => b.write_key.clone(),
+                Err(_) => body_key(&bytes),
+            };
+            auth::require_write(&ingest.keys, key.as_deref())?;
+            key.unwrap_or_default()
+        }
+    };
     let events = segment::normalize_batch(&parsed?, ingest.limits.max_event_bytes, received_at)?;
+    ingest.within_rate(&key, events.len())?;
     ingest.store("/v1/batch", events).await
 }

@@ -29,6 +29,7 @@ mod metrics;
 mod openapi;
 mod operations;
 mod profiles;
+mod rate_limits;
 mod seed;
 mod segment;
 mod store;
