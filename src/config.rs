@@ -686,7 +686,11 @@ mod tests {
         let off = Config::from_settings(Settings::default()).unwrap();
         assert_eq!(off.limits.rate_limit, None);
         let file: Settings = toml::from_str("rate-limit-events = 100").unwrap();
-        let on = Config::from_settings(file).unwrap().limits.rate_limit.unwrap();
+        let on = Config::from_settings(file)
+            .unwrap()
+            .limits
+            .rate_limit
+            .unwrap();
         assert_eq!((on.per_second.get(), on.burst.get()), (100, 100));
         let err = Config::from_settings(Settings {
             rate_limit_events: Some(100),

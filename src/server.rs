@@ -221,7 +221,7 @@ pub fn router(
         );
         router = router.merge(ingest.routes());
     }
-    router
+    router.layer(axum::middleware::from_fn(crate::telemetry::request_span))
 }
 
 /// The process is alive.

@@ -18,3 +18,43 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// The request id header: taken from the client when it sends one (so a
+/// caller's id follows the request), else generated; answered back.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Middleware: runs each request inside a span carrying its request id,
+/// method and path, so every log line written while handling it names the
+/// request; answers the id in `x-request-id`.
+pub async fn request_span(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned);
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            "answered {} in {:.1} ms",
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    });
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}

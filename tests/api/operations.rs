@@ -179,6 +179,65 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     }
 }
 
+/// Every log line written while a request is handled carries its request
+/// id (the client's `x-request-id`, else a generated one, answered back);
+/// with `--log-format json` each line is one JSON object.
+#[tokio::test]
+async fn log_lines_of_a_request_carry_its_request_id() {
+    let dir = TestDir::new();
+    let mut env = embedded_env(dir.path());
+    env.push(("TRAITLINE_LOG_FORMAT", "json".into()));
+    let mut refs = env_refs(&env);
+    refs.push(("RUST_LOG", "info,traitline::telemetry=debug"));
+    let service = ServiceProcess::start(dir.path(), "service", &[], &refs).await;
+    let client = reqwest::Client::new();
+    let send = |id: Option<&str>| {
+        let mut request = client
+            .post(service.url("/v1/track"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "e"}));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.send()
+    };
+    let given = send(Some("test-rid-123")).await.unwrap();
+    assert_eq!(given.headers()["x-request-id"], "test-rid-123");
+    let generated = send(None).await.unwrap();
+    let generated = generated.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(generated.len(), 32, "a generated id: {generated}");
+
+    let stderr = dir.path().join("service.stderr");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let answered = |id: &str| {
+            lines.iter().any(|line| {
+                line["span"]["id"] == id
+                    && line["span"]["path"] == "/v1/track"
+                    && line["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("answered 200"))
+            })
+        };
+        if answered("test-rid-123") && answered(&generated) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answered line with each request id:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `traitline events tail` on the test's embedded log.
 fn tail(dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
     let output = Command::new(binary())
