@@ -135,6 +135,34 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_KAFKA_QUEUE_MESSAGES", global = true)]
     pub kafka_queue_messages: Option<u32>,
 
+    /// Kafka `security.protocol`: plaintext, ssl, sasl_plaintext or
+    /// sasl_ssl [default: plaintext]
+    #[arg(long, env = "TRAITLINE_KAFKA_SECURITY_PROTOCOL", global = true)]
+    pub kafka_security_protocol: Option<String>,
+
+    /// Kafka `sasl.mechanisms`: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512,
+    /// GSSAPI or OAUTHBEARER
+    #[arg(long, env = "TRAITLINE_KAFKA_SASL_MECHANISM", global = true)]
+    pub kafka_sasl_mechanism: Option<String>,
+
+    /// Kafka `sasl.username`
+    #[arg(long, env = "TRAITLINE_KAFKA_SASL_USERNAME", global = true)]
+    pub kafka_sasl_username: Option<String>,
+
+    /// Kafka `sasl.password` (never logged; prefer the environment variable
+    /// to a flag, which other users can see in the process list)
+    #[arg(
+        long,
+        env = "TRAITLINE_KAFKA_SASL_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub kafka_sasl_password: Option<String>,
+
+    /// Kafka `ssl.ca.location`: the CA certificate file to trust
+    #[arg(long, env = "TRAITLINE_KAFKA_SSL_CA_LOCATION", global = true)]
+    pub kafka_ssl_ca_location: Option<String>,
+
     /// Extra librdkafka setting, `name=value`; repeatable (e.g.
     /// `security.protocol=SASL_SSL`)
     #[arg(
@@ -197,6 +225,15 @@ impl Settings {
             kafka_linger_ms: self.kafka_linger_ms.or(fallback.kafka_linger_ms),
             kafka_queue_messages: self.kafka_queue_messages.or(fallback.kafka_queue_messages),
             kafka_options: self.kafka_options.or(fallback.kafka_options),
+            kafka_security_protocol: self
+                .kafka_security_protocol
+                .or(fallback.kafka_security_protocol),
+            kafka_sasl_mechanism: self.kafka_sasl_mechanism.or(fallback.kafka_sasl_mechanism),
+            kafka_sasl_username: self.kafka_sasl_username.or(fallback.kafka_sasl_username),
+            kafka_sasl_password: self.kafka_sasl_password.or(fallback.kafka_sasl_password),
+            kafka_ssl_ca_location: self
+                .kafka_ssl_ca_location
+                .or(fallback.kafka_ssl_ca_location),
             log_format: self.log_format.or(fallback.log_format),
         }
     }
@@ -233,7 +270,8 @@ pub enum LogBackend {
 }
 
 /// Producer and admin settings for Kafka, each next to its librdkafka name.
-#[derive(Debug, Clone)]
+/// Its `Debug` hides the values of secret options.
+#[derive(Clone)]
 pub struct KafkaSettings {
     /// `bootstrap.servers`.
     pub brokers: String,
@@ -247,6 +285,44 @@ pub struct KafkaSettings {
     pub queue_messages: u32,
     /// Any other librdkafka setting, passed through unchanged.
     pub options: Vec<(String, String)>,
+}
+
+/// Whether a librdkafka setting holds a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, `ssl.key.pem`...).
+pub fn is_secret_option(name: &str) -> bool {
+    ["password", "secret", "ssl.key.pem", "ssl_key", "keystore"]
+        .iter()
+        .any(|s| name.to_ascii_lowercase().contains(s))
+}
+
+/// A `name=value` option as it may be shown: the value of a secret hidden.
+fn redacted_option(option: &str) -> String {
+    match option.split_once('=') {
+        Some((name, _)) if is_secret_option(name) => format!("{name}=***"),
+        _ if is_secret_option(option) => "***".to_owned(),
+        _ => option.to_owned(),
+    }
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<(&str, &str)> = self
+            .options
+            .iter()
+            .map(|(name, value)| {
+                let shown = if is_secret_option(name) { "***" } else { value };
+                (name.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("replication_factor", &self.replication_factor)
+            .field("compression", &self.compression)
+            .field("linger_ms", &self.linger_ms)
+            .field("queue_messages", &self.queue_messages)
+            .field("options", &options)
+            .finish()
+    }
 }
 
 /// The stages a process runs.
@@ -381,6 +457,33 @@ impl Config {
                 s.kafka_linger_ms,
                 s.kafka_queue_messages,
                 s.kafka_options,
+                [
+                    (
+                        "kafka-security-protocol",
+                        "security.protocol",
+                        s.kafka_security_protocol,
+                    ),
+                    (
+                        "kafka-sasl-mechanism",
+                        "sasl.mechanisms",
+                        s.kafka_sasl_mechanism,
+                    ),
+                    (
+                        "kafka-sasl-username",
+                        "sasl.username",
+                        s.kafka_sasl_username,
+                    ),
+                    (
+                        "kafka-sasl-password",
+                        "sasl.password",
+                        s.kafka_sasl_password,
+                    ),
+                    (
+                        "kafka-ssl-ca-location",
+                        "ssl.ca.location",
+                        s.kafka_ssl_ca_location,
+                    ),
+                ],
             )?),
         };
 
@@ -514,6 +617,7 @@ fn kafka_settings(
     linger_ms: Option<u32>,
     queue_messages: Option<u32>,
     options: Option<Vec<String>>,
+    security: [(&'static str, &'static str, Option<String>); 5],
 ) -> Result<KafkaSettings, ConfigError> {
     let replication_factor = replication_factor.unwrap_or(-1);
     if replication_factor == 0 || replication_factor < -1 {
@@ -533,15 +637,45 @@ fn kafka_settings(
     if queue_messages == 0 {
         return Err(invalid("kafka-queue-messages", "must be at least 1"));
     }
-    let options = options
+    // The named security settings first, so a `kafka-option` can still
+    // override any of them.
+    let mut named = Vec::new();
+    for (setting, librdkafka, value) in security {
+        let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+            continue;
+        };
+        let allowed: &[&str] = match setting {
+            "kafka-security-protocol" => &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
+            "kafka-sasl-mechanism" => &[
+                "PLAIN",
+                "SCRAM-SHA-256",
+                "SCRAM-SHA-512",
+                "GSSAPI",
+                "OAUTHBEARER",
+            ],
+            _ => &[],
+        };
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(&value)) {
+            return Err(invalid(
+                setting,
+                format!("`{value}`: use one of {}", allowed.join(", ")),
+            ));
+        }
+        named.push((librdkafka.to_owned(), value));
+    }
+    let passed = options
         .unwrap_or_default()
         .into_iter()
         .filter(|o| !o.trim().is_empty())
         .map(|o| match o.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-            _ => Err(invalid("kafka-option", format!("`{o}` is not name=value"))),
+            _ => Err(invalid(
+                "kafka-option",
+                format!("`{}` is not name=value", redacted_option(&o)),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let options = named.into_iter().chain(passed).collect();
     Ok(KafkaSettings {
         brokers,
         replication_factor,
@@ -700,6 +834,60 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("rate-limit-burst"), "{err}");
+    }
+
+    #[test]
+    fn kafka_security_settings_become_librdkafka_options_and_secrets_stay_hidden() {
+        let settings = Settings {
+            kafka_brokers: Some("k:9092".into()),
+            kafka_security_protocol: Some("SASL_SSL".into()),
+            kafka_sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            kafka_sasl_username: Some("svc".into()),
+            kafka_sasl_password: Some("hunter2-secret".into()),
+            kafka_options: Some(vec!["sasl.username=override".into()]),
+            ..Settings::default()
+        };
+        let LogBackend::Kafka(kafka) = Config::from_settings(settings).unwrap().log else {
+            panic!("Kafka mode");
+        };
+        let value = |name: &str| {
+            // The last one wins in librdkafka: a kafka-option overrides.
+            kafka
+                .options
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(value("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(value("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(value("sasl.password"), Some("hunter2-secret"));
+        assert_eq!(value("sasl.username"), Some("override"));
+        let shown = format!("{kafka:?}");
+        assert!(
+            !shown.contains("hunter2-secret") && shown.contains("sasl.password"),
+            "{shown}"
+        );
+
+        let err = Config::from_settings(Settings {
+            kafka_brokers: Some("k:9092".into()),
+            kafka_security_protocol: Some("tls".into()),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka-security-protocol") && err.contains("sasl_ssl"),
+            "{err}"
+        );
+        let err = Config::from_settings(Settings {
+            kafka_brokers: Some("k:9092".into()),
+            kafka_options: Some(vec!["ssl.key.password".into()]),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kafka-option") && err.contains("***"), "{err}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::config::KafkaSettings;
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
     #[error("invalid Kafka client setting (check --kafka-option and the kafka-* settings): {0}")]
-    Client(KafkaError),
+    Client(String),
     #[error(
         "cannot reach Kafka at {brokers} (setting kafka-brokers / TRAITLINE_KAFKA_BROKERS): {reason}"
     )]
@@ -89,6 +89,19 @@ pub struct KafkaLog {
     append_timeout: Duration,
 }
 
+/// A client that cannot be made from its settings, said without the value
+/// of a secret setting.
+fn client_error(error: KafkaError) -> KafkaSetupError {
+    KafkaSetupError::Client(match error {
+        KafkaError::ClientConfig(_, description, name, _)
+            if crate::config::is_secret_option(&name) =>
+        {
+            format!("{name}: {description}")
+        }
+        other => other.to_string(),
+    })
+}
+
 /// The client settings every Traitline Kafka client shares.
 fn base_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -130,7 +143,7 @@ impl KafkaLog {
         }
         let producer: FutureProducer = config
             .create_with_context(ProducerStats)
-            .map_err(KafkaSetupError::Client)?;
+            .map_err(client_error)?;
         ensure_topics(settings, partitions, topics).await?;
         let ready_topic = topics
             .first()
@@ -345,9 +358,8 @@ pub async fn ensure_topics(
     partitions: i32,
     topics: &[(String, bool)],
 ) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(settings)
-        .create()
-        .map_err(KafkaSetupError::Client)?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(settings).create().map_err(client_error)?;
     let admin = Arc::new(admin);
     let existing = {
         let admin = admin.clone();

@@ -94,11 +94,17 @@ fn a_bad_setting_stops_start_up_naming_it() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("`partitions`"));
 }
 
+/// Also: the SASL password given is never printed.
 #[test]
 fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
     let dir = TestDir::new();
     let output = Command::new(binary())
         .current_dir(dir.path())
+        .env("TRAITLINE_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext")
+        .env("TRAITLINE_KAFKA_SASL_MECHANISM", "PLAIN")
+        .env("TRAITLINE_KAFKA_SASL_USERNAME", "traitline")
+        .env("TRAITLINE_KAFKA_SASL_PASSWORD", "s3cr3t-pw-value")
+        .env("RUST_LOG", "debug")
         .args([
             "--kafka-brokers",
             "127.0.0.1:1",
@@ -114,6 +120,11 @@ fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
     assert!(
         stderr.contains("cannot reach Kafka") && stderr.contains("kafka-brokers"),
         "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stderr.contains("s3cr3t-pw-value") && !stdout.contains("s3cr3t-pw-value"),
+        "the password is never printed: {stderr}"
     );
 }
 
