@@ -97,6 +97,12 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_APPEND_TIMEOUT_MS", global = true)]
     pub append_timeout_ms: Option<u64>,
 
+    /// Longest graceful shutdown after SIGTERM or Ctrl-C, in seconds: past
+    /// it the process exits with status 1 and work in flight is left to
+    /// the log (read again on restart) [default: 30]
+    #[arg(long, env = "TRAITLINE_SHUTDOWN_TIMEOUT_SECS", global = true)]
+    pub shutdown_timeout_secs: Option<u64>,
+
     /// Ingest requests in flight at once; past it requests get 503 at once
     /// instead of queueing without bound [default: 2048]
     #[arg(long, env = "TRAITLINE_MAX_IN_FLIGHT", global = true)]
@@ -210,6 +216,9 @@ impl Settings {
             max_event_bytes: self.max_event_bytes.or(fallback.max_event_bytes),
             max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
             append_timeout_ms: self.append_timeout_ms.or(fallback.append_timeout_ms),
+            shutdown_timeout_secs: self
+                .shutdown_timeout_secs
+                .or(fallback.shutdown_timeout_secs),
             max_in_flight: self.max_in_flight.or(fallback.max_in_flight),
             rate_limit_events: self.rate_limit_events.or(fallback.rate_limit_events),
             rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
@@ -382,6 +391,8 @@ pub struct Config {
     pub roles: Roles,
     pub limits: Limits,
     pub append_timeout: Duration,
+    /// Longest graceful shutdown.
+    pub shutdown_timeout: Duration,
     /// Most events a processor applies in one transaction.
     pub process_batch: usize,
     /// How long the `events` table keeps an event.
@@ -527,6 +538,10 @@ impl Config {
             return Err(invalid("max-in-flight", "must be at least 1"));
         }
 
+        let shutdown_timeout = match s.shutdown_timeout_secs.unwrap_or(30) {
+            0 => return Err(invalid("shutdown-timeout-secs", "must be at least 1")),
+            secs => Duration::from_secs(secs),
+        };
         let append_timeout_ms = s.append_timeout_ms.unwrap_or(5000);
         if !(10..=600_000).contains(&append_timeout_ms) {
             return Err(invalid(
@@ -592,6 +607,7 @@ impl Config {
             roles,
             limits,
             append_timeout: Duration::from_millis(append_timeout_ms),
+            shutdown_timeout,
             process_batch,
             events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,

@@ -68,7 +68,20 @@ async fn serve(config: Config) -> Result<(), String> {
             config.listen
         )
     })?;
-    server::serve(config, listener, shutdown_signal())
+    let deadline = config.shutdown_timeout;
+    let shutdown = async move {
+        shutdown_signal().await;
+        // The watchdog: a shutdown that hangs (a broker or database that
+        // does not answer) must not keep the process from stopping.
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            tracing::error!(
+                "shutdown did not finish within {deadline:?} (setting shutdown-timeout-secs); exiting now: requests not yet answered got no 2xx, and batches not yet committed will be processed again from the log"
+            );
+            std::process::exit(1);
+        });
+    };
+    server::serve(config, listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// HTTP requests to the ingest routes, by `route` and `status`.
 pub const INGEST_REQUESTS: &str = "traitline_ingest_requests_total";
+/// Ingest requests being handled now.
+pub const INGEST_IN_FLIGHT: &str = "traitline_ingest_requests_in_flight";
 /// Events that reached the log, by `route` and `status` (200: stored;
 /// 503: the log did not take them).
 pub const INGEST_EVENTS: &str = "traitline_ingest_events_total";
@@ -89,6 +91,7 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// The help text each metric shows in the scrape.
 fn describe() {
+    describe_gauge!(INGEST_IN_FLIGHT, "Ingest requests being handled now");
     describe_counter!(INGEST_REQUESTS, "Ingest HTTP requests, by route and status");
     describe_counter!(
         INGEST_EVENTS,
@@ -173,7 +176,9 @@ pub async fn ingest_requests(request: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
     let started = std::time::Instant::now();
+    let in_flight = InFlight::start();
     let response = next.run(request).await;
+    drop(in_flight);
     let status = response.status().as_u16().to_string();
     metrics::histogram!(INGEST_REQUEST_SECONDS, "route" => route.clone())
         .record(started.elapsed().as_secs_f64());
@@ -182,4 +187,22 @@ pub async fn ingest_requests(request: Request, next: Next) -> Response {
     }
     metrics::counter!(INGEST_REQUESTS, "route" => route, "status" => status).increment(1);
     response
+}
+
+/// One request counted in [`INGEST_IN_FLIGHT`] until dropped, also when a
+/// client goes away mid-request.
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn start() -> InFlight {
+        let gauge = metrics::gauge!(INGEST_IN_FLIGHT);
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }

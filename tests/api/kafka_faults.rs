@@ -302,3 +302,65 @@ async fn stopped_broker_process() {
     assert_eq!(profile["event_count"], 21, "{profile}");
     drop(app);
 }
+
+/// A shutdown that cannot finish (a request waiting on a frozen broker)
+/// does not keep the process alive past `shutdown-timeout-secs`: it exits
+/// with status 1, saying why, and the request got no 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shutdown_exits_at_its_deadline() {
+    let dir = crate::helpers::TestDir::new();
+    let broker = OwnBroker::start(dir.path()).await;
+    let mut env = crate::helpers::embedded_env(dir.path());
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", broker.brokers.clone()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".into()),
+        ("TRAITLINE_ROLES", "ingest".into()),
+        ("TRAITLINE_APPEND_TIMEOUT_MS", "20000".into()),
+        ("TRAITLINE_SHUTDOWN_TIMEOUT_SECS", "1".into()),
+    ]);
+    let mut service = crate::helpers::ServiceProcess::start(
+        dir.path(),
+        "service",
+        &[],
+        &crate::helpers::env_refs(&env),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let send = |id: &str| {
+        client
+            .post(service.url("/v1/track"))
+            .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "e", "messageId": id}))
+            .send()
+    };
+    assert_eq!(send("m0").await.unwrap().status(), StatusCode::OK);
+
+    broker.signal("STOP");
+    let hung = tokio::spawn(send("m1"));
+    let metrics_url = service.url("/metrics");
+    wait_for(
+        "the request to be in flight",
+        Duration::from_secs(30),
+        || {
+            let scrape = client.get(&metrics_url).send();
+            async move {
+                let text = scrape.await.unwrap().text().await.unwrap();
+                text.lines().any(|l| {
+                    l.starts_with("traitline_ingest_requests_in_flight ") && !l.ends_with(" 0")
+                })
+            }
+        },
+    )
+    .await;
+    // The watchdog, not the 20 s append timeout, ends it: status 1.
+    let status = service.terminate().await;
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    let stderr = std::fs::read_to_string(dir.path().join("service.stderr")).unwrap();
+    assert!(stderr.contains("shutdown-timeout-secs"), "{stderr}");
+    let answer = hung.await.unwrap();
+    assert!(
+        answer.is_err() || !answer.unwrap().status().is_success(),
+        "no 2xx for an event the log did not confirm"
+    );
+    broker.signal("CONT");
+}

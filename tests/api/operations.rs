@@ -2,11 +2,14 @@
 //! shutdown, and `traitline events tail`.
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{ServiceProcess, TestDir, WRITE_KEY, binary, embedded_env, env_refs};
+use crate::helpers::{
+    ServiceProcess, TestDir, WRITE_KEY, binary, embedded_env, env_refs, wait_for,
+};
 
 #[tokio::test]
 async fn first_start_generates_keys_and_prints_a_curl_that_works() {
@@ -188,6 +191,84 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
             "{id} is stored"
         );
     }
+}
+
+/// SIGTERM under steady load: in-flight requests are answered, the
+/// processor commits what it took, and the process exits 0 within its
+/// shutdown deadline. After a restart every 2xx event is stored, and every
+/// stored event is counted in the profiles exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_counts_each_event_once() {
+    let dir = TestDir::new();
+    let mut env = embedded_env(dir.path());
+    env.push(("TRAITLINE_SHUTDOWN_TIMEOUT_SECS", "20".into()));
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut senders = Vec::new();
+    for sender in 0..8 {
+        let (client, url, acknowledged) = (
+            reqwest::Client::new(),
+            service.url("/v1/track"),
+            acknowledged.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            for i in 0.. {
+                let id = format!("s{sender}-{i}");
+                let sent = client
+                    .post(&url)
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .json(&json!({"userId": format!("u{}", i % 20), "event": "e", "messageId": id}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => {
+                        acknowledged.lock().unwrap().push(id);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return, // the service has stopped listening
+                }
+            }
+        }));
+    }
+    wait_for("load under way", Duration::from_secs(30), || async {
+        acknowledged.lock().unwrap().len() >= 300
+    })
+    .await;
+    let status = service.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+
+    let restarted = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
+    let stored: std::collections::HashSet<String> =
+        tail(dir.path(), &["--from-beginning", "--exit"])
+            .iter()
+            .map(|r| r["value"]["messageId"].as_str().unwrap().to_owned())
+            .collect();
+    for id in &acknowledged {
+        assert!(stored.contains(id), "{id} got a 2xx and is stored");
+    }
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let counted = loop {
+        let counted: u64 = restarted
+            .profiles(&client)
+            .await
+            .iter()
+            .map(|p| p["event_count"].as_u64().unwrap())
+            .sum();
+        if counted >= stored.len() as u64 || std::time::Instant::now() > deadline {
+            break counted;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        counted,
+        stored.len() as u64,
+        "each stored event counted once"
+    );
 }
 
 /// Every log line written while a request is handled carries its request
