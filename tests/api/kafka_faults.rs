@@ -300,7 +300,10 @@ async fn stopped_broker_process() {
         .wait_for_profile("frozen", |p| p["event_counts"]["marker"] == 1)
         .await;
     assert_eq!(profile["event_count"], 21, "{profile}");
-    drop(app);
+    // Stopped while its broker is alive: a consumer whose broker is gone
+    // can block the runtime's shutdown.
+    app.stop().await;
+    drop(broker);
 }
 
 /// A shutdown that cannot finish (a request waiting on a frozen broker)
