@@ -108,6 +108,12 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_MAX_IN_FLIGHT", global = true)]
     pub max_in_flight: Option<usize>,
 
+    /// Request body bytes being handled at once (a gzip body or one without
+    /// Content-Length counts as its route's size limit); past it requests
+    /// get 503 at once. Bounds memory under overload [default: 33554432]
+    #[arg(long, env = "TRAITLINE_MAX_IN_FLIGHT_BYTES", global = true)]
+    pub max_in_flight_bytes: Option<usize>,
+
     /// Events a second each write key may send, averaged; past it requests
     /// get 429 with Retry-After. 0 turns the limit off [default: 0]
     #[arg(long, env = "TRAITLINE_RATE_LIMIT_EVENTS", global = true)]
@@ -220,6 +226,7 @@ impl Settings {
                 .shutdown_timeout_secs
                 .or(fallback.shutdown_timeout_secs),
             max_in_flight: self.max_in_flight.or(fallback.max_in_flight),
+            max_in_flight_bytes: self.max_in_flight_bytes.or(fallback.max_in_flight_bytes),
             rate_limit_events: self.rate_limit_events.or(fallback.rate_limit_events),
             rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
             process_batch: self.process_batch.or(fallback.process_batch),
@@ -351,6 +358,8 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     /// Ingest requests being handled at once.
     pub max_in_flight: usize,
+    /// Request body bytes being handled at once.
+    pub max_in_flight_bytes: usize,
     /// Events a second per write key, and the burst above it; None: no limit.
     pub rate_limit: Option<RateLimit>,
 }
@@ -510,6 +519,7 @@ impl Config {
             max_event_bytes: s.max_event_bytes.unwrap_or(32 * 1024),
             max_batch_bytes: s.max_batch_bytes.unwrap_or(500 * 1024),
             max_in_flight: s.max_in_flight.unwrap_or(2048),
+            max_in_flight_bytes: s.max_in_flight_bytes.unwrap_or(32 * 1024 * 1024),
             rate_limit: match std::num::NonZeroU32::new(s.rate_limit_events.unwrap_or(0)) {
                 None => None,
                 Some(per_second) => Some(RateLimit {
@@ -536,6 +546,15 @@ impl Config {
         }
         if limits.max_in_flight == 0 {
             return Err(invalid("max-in-flight", "must be at least 1"));
+        }
+        if limits.max_in_flight_bytes < limits.max_batch_bytes {
+            return Err(invalid(
+                "max-in-flight-bytes",
+                format!(
+                    "{} is smaller than max-batch-bytes ({}): no batch could ever be taken",
+                    limits.max_in_flight_bytes, limits.max_batch_bytes
+                ),
+            ));
         }
 
         let shutdown_timeout = match s.shutdown_timeout_secs.unwrap_or(30) {

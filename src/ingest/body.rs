@@ -21,7 +21,7 @@ pub enum BodyLimit {
 }
 
 impl BodyLimit {
-    fn bytes(self) -> usize {
+    pub(super) fn bytes(self) -> usize {
         match self {
             BodyLimit::Event(n) | BodyLimit::Batch(n) => n,
         }

@@ -20,7 +20,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::routing::post;
 use chrono::Utc;
 use serde::Serialize;
@@ -47,8 +47,27 @@ pub struct Ingest {
     pub append_timeout: Duration,
     /// One permit a request being handled; none left means 503 at once.
     pub in_flight: Arc<Semaphore>,
+    /// One permit a KiB of request body being handled.
+    in_flight_kib: Arc<Semaphore>,
     /// The per-write-key rate limiter, when `rate-limit-events` is set.
     rate: Option<(Arc<governor::DefaultKeyedRateLimiter<String>>, RateLimit)>,
+}
+
+/// The log record of an envelope: keyed by its user, the envelope as JSON.
+fn record(event: EventEnvelope) -> Result<Record, IngestError> {
+    Ok(Record {
+        key: event.record_key().map(str::to_owned),
+        value: serde_json::to_vec(&event).map_err(|e| {
+            tracing::error!("cannot serialize an event envelope: {e}");
+            IngestError::LogRejected
+        })?,
+    })
+}
+
+/// A request's share of the in-flight bounds, given back when dropped.
+struct Admitted {
+    _request: tokio::sync::OwnedSemaphorePermit,
+    _body: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The answer to an accepted request.
@@ -73,6 +92,7 @@ impl Ingest {
             topic,
             append_timeout,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            in_flight_kib: Arc::new(Semaphore::new(limits.max_in_flight_bytes.div_ceil(1024))),
             rate: limits.rate_limit.map(|limit| {
                 let quota = governor::Quota::per_second(limit.per_second).allow_burst(limit.burst);
                 (Arc::new(governor::RateLimiter::dashmap(quota)), limit)
@@ -97,11 +117,33 @@ impl Ingest {
 
     /// Takes an in-flight slot, or refuses at once when all are taken: a
     /// client faster than the log gets 503 instead of growing a queue.
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, IngestError> {
-        self.in_flight
+    ///
+    /// The body's bytes are taken from a budget too (`max-in-flight-bytes`),
+    /// before the body is read: a body's size is what it declares, or its
+    /// route's limit when it is gzip or declares nothing. Parsed events
+    /// take a few times their JSON, so this is what bounds memory when the
+    /// log stalls under large batches.
+    fn admit(&self, headers: &HeaderMap, limit: BodyLimit) -> Result<Admitted, IngestError> {
+        let request = self
+            .in_flight
             .clone()
             .try_acquire_owned()
-            .map_err(|_| IngestError::Overloaded)
+            .map_err(|_| IngestError::Overloaded)?;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .filter(|_| !headers.contains_key(header::CONTENT_ENCODING));
+        let bytes = declared.unwrap_or(limit.bytes()).min(limit.bytes());
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let body = self
+            .in_flight_kib
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map_err(|_| IngestError::Overloaded)?;
+        Ok(Admitted {
+            _request: request,
+            _body: body,
+        })
     }
 
     /// Takes `events` from `key`'s rate (GCRA, per write key), or refuses:
@@ -140,15 +182,15 @@ impl Ingest {
         Ok(key)
     }
 
-    /// Appends the envelopes and waits until all are durable.
+    /// Appends the records and waits until all are durable.
     async fn store(
         &self,
         route: &'static str,
-        events: Vec<EventEnvelope>,
+        records: Vec<Record>,
     ) -> Result<Json<Accepted>, IngestError> {
-        let count = events.len() as u64;
+        let count = records.len() as u64;
         let started = std::time::Instant::now();
-        let stored = self.append(events).await;
+        let stored = self.append(records).await;
         let status = if stored.is_ok() {
             metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS)
                 .record(started.elapsed().as_secs_f64());
@@ -161,19 +203,8 @@ impl Ingest {
         stored
     }
 
-    async fn append(&self, events: Vec<EventEnvelope>) -> Result<Json<Accepted>, IngestError> {
-        let records = events
-            .iter()
-            .map(|event| {
-                Ok(Record {
-                    key: event.record_key().map(str::to_owned),
-                    value: serde_json::to_vec(event).map_err(|e| {
-                        tracing::error!("cannot serialize an event envelope: {e}");
-                        IngestError::LogRejected
-                    })?,
-                })
-            })
-            .collect::<Result<Vec<_>, IngestError>>()?;
+    async fn append(&self, records: Vec<Record>) -> Result<Json<Accepted>, IngestError> {
+        let count = records.len();
         match tokio::time::timeout(self.append_timeout, self.log.append(&self.topic, records)).await
         {
             Ok(result) => result?,
@@ -181,7 +212,7 @@ impl Ingest {
                 tracing::warn!(
                     "answered 503: the {} did not store {} events within {:?}",
                     self.log.describe(),
-                    events.len(),
+                    count,
                     self.append_timeout
                 );
                 return Err(IngestError::LogUnavailable);
@@ -198,7 +229,7 @@ impl Ingest {
         headers: HeaderMap,
         body: Body,
     ) -> Result<Json<Accepted>, IngestError> {
-        let _permit = self.admit()?;
+        let _admitted = self.admit(&headers, BodyLimit::Event(self.limits.max_event_bytes))?;
         let header_key = self.header_key(&headers)?;
         let bytes = body::read(
             body,
@@ -221,7 +252,7 @@ impl Ingest {
         };
         let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
         self.within_rate(&key, 1)?;
-        self.store(route, vec![event]).await
+        self.store(route, vec![record(event)?]).await
     }
 }
 
@@ -257,7 +288,7 @@ pub async fn seed_track(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, IngestError> {
-    let _permit = ingest.admit()?;
+    let _admitted = ingest.admit(&headers, BodyLimit::Event(ingest.limits.max_event_bytes))?;
     let key = auth::key_from_headers(&headers)?;
     auth::require_write(&ingest.keys, key.as_deref())?;
     let key = key.unwrap_or_default();
@@ -269,7 +300,9 @@ pub async fn seed_track(
     .await?;
     let event = seed::parse(&bytes, Utc::now())?;
     ingest.within_rate(&key, 1)?;
-    ingest.store("/event/user/track", vec![event]).await
+    ingest
+        .store("/event/user/track", vec![record(event)?])
+        .await
 }
 
 /// Declares a Segment single-message route.
@@ -364,7 +397,7 @@ pub async fn batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, IngestError> {
-    let _permit = ingest.admit()?;
+    let _admitted = ingest.admit(&headers, BodyLimit::Batch(ingest.limits.max_batch_bytes))?;
     let header_key = ingest.header_key(&headers)?;
     let bytes = body::read(
         body,
@@ -385,7 +418,14 @@ pub async fn batch(
             key.unwrap_or_default()
         }
     };
-    let events = segment::normalize_batch(&parsed?, ingest.limits.max_event_bytes, received_at)?;
-    ingest.within_rate(&key, events.len())?;
-    ingest.store("/v1/batch", events).await
+    let records = segment::normalize_batch_into(
+        &parsed?,
+        ingest.limits.max_event_bytes,
+        received_at,
+        record,
+    )?;
+    // Only the records wait on the log, not the body they came from.
+    drop(bytes);
+    ingest.within_rate(&key, records.len())?;
+    ingest.store("/v1/batch", records).await
 }

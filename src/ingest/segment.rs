@@ -275,6 +275,18 @@ pub fn normalize_batch(
     max_event_bytes: usize,
     received_at: DateTime<Utc>,
 ) -> Result<Vec<EventEnvelope>, IngestError> {
+    normalize_batch_into(batch, max_event_bytes, received_at, Ok)
+}
+
+/// [`normalize_batch`], turning each envelope into a `T` (its log record)
+/// as soon as it is made, so a large batch never holds every envelope at
+/// once.
+pub fn normalize_batch_into<T>(
+    batch: &BatchRequest,
+    max_event_bytes: usize,
+    received_at: DateTime<Utc>,
+    mut each: impl FnMut(EventEnvelope) -> Result<T, IngestError>,
+) -> Result<Vec<T>, IngestError> {
     if batch.batch.is_empty() {
         return Err(IngestError::InvalidValue {
             field: "batch".into(),
@@ -315,7 +327,7 @@ pub fn normalize_batch(
                     ),
                 })?,
             };
-            normalize(message, kind, &shared, received_at).map_err(|e| e.within(&prefix))
+            each(normalize(message, kind, &shared, received_at).map_err(|e| e.within(&prefix))?)
         })
         .collect()
 }

@@ -12,6 +12,7 @@
 //! | `linger.ms` | 5 | 5 | small batches under light load, full ones under heavy load |
 //! | `batch.size` | 1 MB | 1 MB | |
 //! | `queue.buffering.max.messages` | 100000 | 100000 | bounded: a full queue makes requests wait, then 503 |
+//! | `queue.buffering.max.kbytes` | 65536 (64 MiB) | 1048576 (1 GiB) | the queue's memory stays small when events are large |
 //! | `message.timeout.ms` | the append timeout | 300000 | a message is not delivered long after its request got 503 |
 //! | `partitioner` | murmur2_random | consistent_random | the Java client's partitioner, as the embedded log |
 //! | `statistics.interval.ms` | 5000 | 0 (off) | queue depth and broker state for `/metrics` |
@@ -134,6 +135,7 @@ impl KafkaLog {
                 "queue.buffering.max.messages",
                 settings.queue_messages.to_string(),
             )
+            .set("queue.buffering.max.kbytes", "65536")
             .set("message.timeout.ms", append_timeout.as_millis().to_string())
             .set("partitioner", "murmur2_random")
             .set("statistics.interval.ms", "5000");

@@ -367,3 +367,87 @@ async fn a_hung_shutdown_exits_at_its_deadline() {
     );
     broker.signal("CONT");
 }
+
+/// The memory bound the README promises under overload: the Kafka log
+/// stalled (tansu frozen) while 512 connections send 1,000-event batches
+/// for 30 s. Every answer is 503, resident memory stays under 512 MiB,
+/// and once the broker is back requests succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_while_a_stalled_log_is_flooded() {
+    const BOUND_KIB: u64 = 512 * 1024;
+    let dir = crate::helpers::TestDir::new();
+    let broker = OwnBroker::start(dir.path()).await;
+    let mut env = crate::helpers::embedded_env(dir.path());
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", broker.brokers.clone()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".into()),
+        ("TRAITLINE_ROLES", "ingest".into()),
+    ]);
+    let service = crate::helpers::ServiceProcess::start(
+        dir.path(),
+        "service",
+        &[],
+        &crate::helpers::env_refs(&env),
+    )
+    .await;
+    let pid = service.child.id();
+    let resident_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+
+    broker.signal("STOP");
+    let flood = tokio::process::Command::new(crate::helpers::binary())
+        .args(["bench", "ingest", "--url", &service.base])
+        .args(["--write-key", crate::helpers::WRITE_KEY])
+        .args(["--concurrency", "512", "--batch-size", "1000"])
+        .args(["--duration-secs", "30", "--warmup-secs", "0"])
+        .env_remove("TRAITLINE_LISTEN")
+        .output();
+    tokio::pin!(flood);
+    let mut highest = 0;
+    let mut samples = 0;
+    let output = loop {
+        tokio::select! {
+            output = &mut flood => break output.unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                highest = highest.max(resident_kib());
+                samples += 1;
+            }
+        }
+    };
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("highest resident memory during the flood: {highest} KiB ({samples} samples)");
+    assert!(samples >= 100, "sampled through the flood: {samples}");
+    assert!(
+        report.contains("requests: 0 "),
+        "no 2xx while the log is stalled:\n{report}"
+    );
+    assert!(report.contains("503"), "refused with 503:\n{report}");
+    assert!(
+        highest < BOUND_KIB,
+        "resident memory reached {highest} KiB, over the {BOUND_KIB} KiB bound"
+    );
+
+    broker.signal("CONT");
+    let client = reqwest::Client::new();
+    wait_for(
+        "a 2xx once the broker is back",
+        Duration::from_secs(60),
+        || {
+            let request = client
+                .post(service.url("/v1/track"))
+                .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u1", "event": "after"}))
+                .send();
+            async move { request.await.is_ok_and(|r| r.status() == StatusCode::OK) }
+        },
+    )
+    .await;
+}
