@@ -124,6 +124,12 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_RATE_LIMIT_BURST", global = true)]
     pub rate_limit_burst: Option<u32>,
 
+    /// Failed authentications (401 answers) a client address may cause a
+    /// minute; past it the address gets 429 with Retry-After on every route
+    /// until its allowance refills. 0 turns the limit off [default: 60]
+    #[arg(long, env = "TRAITLINE_AUTH_FAILURES_PER_MINUTE", global = true)]
+    pub auth_failures_per_minute: Option<u32>,
+
     /// Replication factor of topics Traitline creates in Kafka; -1 takes the
     /// broker's default [default: -1]
     #[arg(
@@ -229,6 +235,9 @@ impl Settings {
             max_in_flight_bytes: self.max_in_flight_bytes.or(fallback.max_in_flight_bytes),
             rate_limit_events: self.rate_limit_events.or(fallback.rate_limit_events),
             rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
+            auth_failures_per_minute: self
+                .auth_failures_per_minute
+                .or(fallback.auth_failures_per_minute),
             process_batch: self.process_batch.or(fallback.process_batch),
             dedup_window_hours: self.dedup_window_hours.or(fallback.dedup_window_hours),
             events_retention_days: self
@@ -362,6 +371,8 @@ pub struct Limits {
     pub max_in_flight_bytes: usize,
     /// Events a second per write key, and the burst above it; None: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// Failed authentications a client address may cause a minute.
+    pub auth_failures_per_minute: Option<std::num::NonZeroU32>,
 }
 
 /// A per-key rate: `per_second` events a second on average, `burst` at once.
@@ -520,6 +531,9 @@ impl Config {
             max_batch_bytes: s.max_batch_bytes.unwrap_or(500 * 1024),
             max_in_flight: s.max_in_flight.unwrap_or(2048),
             max_in_flight_bytes: s.max_in_flight_bytes.unwrap_or(32 * 1024 * 1024),
+            auth_failures_per_minute: std::num::NonZeroU32::new(
+                s.auth_failures_per_minute.unwrap_or(60),
+            ),
             rate_limit: match std::num::NonZeroU32::new(s.rate_limit_events.unwrap_or(0)) {
                 None => None,
                 Some(per_second) => Some(RateLimit {

@@ -97,9 +97,12 @@ pub async fn serve(
     let router = router(&config, state, Arc::new(keys), store.clone());
     announce(&config, address, &key_source, log.as_ref());
 
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     tracing::info!("stopped accepting requests; finishing the processors' batches");
     let _ = stop_processors.send(true);
     for processor in processors {
@@ -201,15 +204,12 @@ pub fn router(
     store: Option<Store>,
 ) -> Router {
     let log = readying.log.clone();
-    let mut router = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz).with_state(readying))
-        .route("/openapi.json", get(openapi))
-        .route("/metrics", get(crate::metrics::render));
+    // The routes that take a key.
+    let mut api = Router::new();
     if config.roles.query
         && let Some(store) = store
     {
-        router = router.merge(QueryState::new(store, keys.clone()).routes());
+        api = api.merge(QueryState::new(store, keys.clone()).routes());
     }
     if config.roles.ingest {
         let ingest = Ingest::new(
@@ -219,8 +219,25 @@ pub fn router(
             Topics::new(&config.topic_prefix).events(),
             config.append_timeout,
         );
-        router = router.merge(ingest.routes());
+        api = api.merge(ingest.routes());
     }
+    // Only they count failed authentications: health checks and scrapes
+    // from an address behind which clients misbehave must still answer.
+    if let Some(per_minute) = config.limits.auth_failures_per_minute
+        && (config.roles.ingest || config.roles.query)
+    {
+        let guard = Arc::new(crate::ingest::guard::AuthGuard::new(per_minute));
+        api = api.route_layer(axum::middleware::from_fn_with_state(
+            guard,
+            crate::ingest::guard::limit_auth_failures,
+        ));
+    }
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz).with_state(readying))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(crate::metrics::render))
+        .merge(api);
     router.layer(axum::middleware::from_fn(crate::telemetry::request_span))
 }
 

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod guard;
 pub mod seed;
 pub mod segment;
 
@@ -278,7 +279,7 @@ fn body_key(bytes: &[u8]) -> Option<String> {
         (status = 413, description = "Over a size limit", body = ErrorBody),
         (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
         (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
-        (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
+        (status = 429, description = "The write key is over rate-limit-events, or this address had too many failed authentications; retry after Retry-After", body = ErrorBody),
         (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
     ),
     security(("basic" = []), ("bearer" = []))
@@ -320,7 +321,7 @@ macro_rules! segment_route {
                 (status = 413, description = "Over max-event-bytes", body = ErrorBody),
                 (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
                 (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
-                (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
+                (status = 429, description = "The write key is over rate-limit-events, or this address had too many failed authentications; retry after Retry-After", body = ErrorBody),
                 (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
             ),
             security(("basic" = []), ("bearer" = []), ())
@@ -387,7 +388,7 @@ segment_route!(
         (status = 413, description = "Over max-batch-bytes, a message over max-event-bytes, or more events than rate-limit-burst", body = ErrorBody),
         (status = 415, description = "Unsupported Content-Encoding", body = ErrorBody),
         (status = 422, description = "A field is missing or wrong; `field` names it", body = ErrorBody),
-        (status = 429, description = "The write key is over rate-limit-events; retry after Retry-After", body = ErrorBody),
+        (status = 429, description = "The write key is over rate-limit-events, or this address had too many failed authentications; retry after Retry-After", body = ErrorBody),
         (status = 503, description = "The log cannot store events now; retry after Retry-After", body = ErrorBody),
     ),
     security(("basic" = []), ("bearer" = []), ())

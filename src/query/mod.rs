@@ -278,6 +278,7 @@ impl QueryState {
         (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
         (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
@@ -304,6 +305,7 @@ pub async fn get_profile(
         (status = 400, description = "A bad limit or cursor", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
         (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
 pub async fn list_profiles(
@@ -331,6 +333,7 @@ pub async fn list_profiles(
         (status = 400, description = "A bad limit or cursor", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
         (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
@@ -362,6 +365,7 @@ pub async fn profile_changes(
         (status = 400, description = "A bad limit or cursor", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
         (status = 503, description = "The store is unavailable", body = ErrorBody),
     ))]
@@ -401,6 +405,7 @@ pub async fn profile_events(
         (status = 503, description = "The store is unavailable", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
         (status = 404, description = "No profile has this id", body = ErrorBody),
     ))]
 pub async fn delete_profile(

@@ -99,3 +99,90 @@ async fn without_a_rate_setting_nothing_is_limited() {
         assert_eq!(app.post("/v1/track", &event).await.status(), StatusCode::OK);
     }
 }
+
+/// A client address that keeps failing to authenticate gets 429 with
+/// Retry-After on the keyed routes, even with a right key, until its
+/// allowance refills; other addresses and the health routes are not
+/// affected.
+#[tokio::test]
+async fn an_address_with_too_many_failed_authentications_gets_429() {
+    let app = spawn_app_with(Backend::Embedded, |s| {
+        s.auth_failures_per_minute = Some(60); // one a second, 60 at once
+    })
+    .await;
+    let event = json!({"userId": "u1", "event": "e"})
+        .to_string()
+        .into_bytes();
+    for _ in 0..60 {
+        let wrong = app
+            .post_raw(
+                "/v1/track",
+                Some("tlw_wrong_key_000000001"),
+                event.clone(),
+                None,
+            )
+            .await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The 61st failure uses the allowance up.
+    let wrong = app
+        .post_raw(
+            "/v1/track",
+            Some("tlw_wrong_key_000000001"),
+            event.clone(),
+            None,
+        )
+        .await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let blocked = app
+        .post("/v1/track", &json!({"userId": "u1", "event": "e"}))
+        .await;
+    assert_eq!(
+        blocked.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "even with a right key"
+    );
+    assert!(blocked.headers().contains_key("retry-after"));
+    let body: Value = blocked.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_failed_authentications");
+    let (status, _) = app
+        .get_as("/v1/profiles/u1", crate::helpers::READ_KEY)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the query routes too"
+    );
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "health checks still answer"
+    );
+
+    // Another address (127.0.0.2 is loopback too) is not blocked.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let from_other = other
+        .post(app.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"userId": "u1", "event": "e"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_other.status(), StatusCode::OK);
+
+    wait_for(
+        "the address to be let in again",
+        Duration::from_secs(10),
+        || async {
+            app.post("/v1/track", &json!({"userId": "u1", "event": "e"}))
+                .await
+                .status()
+                == StatusCode::OK
+        },
+    )
+    .await;
+}
