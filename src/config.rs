@@ -124,6 +124,12 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_RATE_LIMIT_BURST", global = true)]
     pub rate_limit_burst: Option<u32>,
 
+    /// Events a second one user may send before the excess goes to the
+    /// overflow topic (processed apart, never dropped). 0 turns it off
+    /// [default: 1000]
+    #[arg(long, env = "TRAITLINE_HOT_USER_EVENTS_PER_SECOND", global = true)]
+    pub hot_user_events_per_second: Option<u32>,
+
     /// Failed authentications (401 answers) a client address may cause a
     /// minute; past it the address gets 429 with Retry-After on every route
     /// until its allowance refills. 0 turns the limit off [default: 60]
@@ -238,6 +244,9 @@ impl Settings {
             auth_failures_per_minute: self
                 .auth_failures_per_minute
                 .or(fallback.auth_failures_per_minute),
+            hot_user_events_per_second: self
+                .hot_user_events_per_second
+                .or(fallback.hot_user_events_per_second),
             process_batch: self.process_batch.or(fallback.process_batch),
             dedup_window_hours: self.dedup_window_hours.or(fallback.dedup_window_hours),
             events_retention_days: self
@@ -373,6 +382,8 @@ pub struct Limits {
     pub rate_limit: Option<RateLimit>,
     /// Failed authentications a client address may cause a minute.
     pub auth_failures_per_minute: Option<std::num::NonZeroU32>,
+    /// Events a second per user before the overflow topic takes the rest.
+    pub hot_user_events_per_second: Option<std::num::NonZeroU32>,
 }
 
 /// A per-key rate: `per_second` events a second on average, `burst` at once.
@@ -533,6 +544,9 @@ impl Config {
             max_in_flight_bytes: s.max_in_flight_bytes.unwrap_or(32 * 1024 * 1024),
             auth_failures_per_minute: std::num::NonZeroU32::new(
                 s.auth_failures_per_minute.unwrap_or(60),
+            ),
+            hot_user_events_per_second: std::num::NonZeroU32::new(
+                s.hot_user_events_per_second.unwrap_or(1000),
             ),
             rate_limit: match std::num::NonZeroU32::new(s.rate_limit_events.unwrap_or(0)) {
                 None => None,

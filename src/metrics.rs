@@ -22,6 +22,8 @@ pub const INGEST_IN_FLIGHT: &str = "traitline_ingest_requests_in_flight";
 /// Events that reached the log, by `route` and `status` (200: stored;
 /// 503: the log did not take them).
 pub const INGEST_EVENTS: &str = "traitline_ingest_events_total";
+/// Events of hot users sent to the overflow topic.
+pub const INGEST_OVERFLOW_EVENTS: &str = "traitline_ingest_overflow_events_total";
 /// Time from a request's arrival to its answer, by `route`.
 pub const INGEST_REQUEST_SECONDS: &str = "traitline_ingest_request_duration_seconds";
 /// Body size of ingest requests as sent (before decompression), by `route`.
@@ -91,6 +93,10 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// The help text each metric shows in the scrape.
 fn describe() {
+    describe_counter!(
+        INGEST_OVERFLOW_EVENTS,
+        "Events of users over hot-user-events-per-second, sent to the overflow topic"
+    );
     describe_gauge!(INGEST_IN_FLIGHT, "Ingest requests being handled now");
     describe_counter!(INGEST_REQUESTS, "Ingest HTTP requests, by route and status");
     describe_counter!(

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::log;
 use crate::process::RunnerStats;
 use crate::process::profiles::PROCESSOR;
-use crate::server::profile_runner;
+use crate::server::{ProfileInput, profile_runner};
 use crate::store::Store;
 
 /// How long the log may take to write out rejects at the end.
@@ -54,31 +54,40 @@ pub async fn run(
         "replay: profiles cleared; rebuilding them from the log"
     );
 
-    let runner =
-        profile_runner(config, store.clone(), log.clone(), true).map_err(|e| e.to_string())?;
-    let stats = runner.stats();
     let started = Instant::now();
-    let task = tokio::spawn(runner.run(std::future::pending()));
-    tokio::pin!(task);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let finished = loop {
-        tokio::select! {
-            finished = &mut task => break finished,
-            _ = tick.tick() => {
-                let snapshot = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let _ = writeln!(progress, "{}", progress_line(&snapshot, started.elapsed()));
+    let mut totals = RunnerStats::default();
+    // The events topic, then the hot users' overflow topic: the profile
+    // rules do not depend on the order events arrive in.
+    for input in [ProfileInput::Events, ProfileInput::Overflow] {
+        let runner = profile_runner(config, store.clone(), log.clone(), true, input)
+            .map_err(|e| e.to_string())?;
+        let stats = runner.stats();
+        let task = tokio::spawn(runner.run(std::future::pending()));
+        tokio::pin!(task);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut task => break finished,
+                _ = tick.tick() => {
+                    let mut snapshot = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    snapshot.applied += totals.applied;
+                    let _ = writeln!(progress, "{}", progress_line(&snapshot, started.elapsed()));
+                }
             }
-        }
-    };
-    finished.map_err(|e| format!("the replay stopped: {e}"))?;
+        };
+        finished.map_err(|e| format!("the replay stopped: {e}"))?;
+        let done = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        totals.applied += done.applied;
+        totals.duplicates += done.duplicates;
+        totals.rejected += done.rejected;
+    }
     log.close(CLOSE_DEADLINE).await;
     store.close().await;
-    let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let report = ReplayReport {
-        applied: stats.applied,
-        duplicates: stats.duplicates,
-        rejected: stats.rejected,
+        applied: totals.applied,
+        duplicates: totals.duplicates,
+        rejected: totals.rejected,
         elapsed: started.elapsed(),
     };
     let _ = writeln!(

@@ -26,7 +26,7 @@ use crate::keys::{ApiKeys, KeyFileError, KeySource};
 use crate::log::embedded::EmbeddedReader;
 use crate::log::kafka::KafkaReader;
 use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
-use crate::process::profiles::{self, ProfileProcessor};
+use crate::process::profiles::ProfileProcessor;
 use crate::process::relay::ChangeRelay;
 use crate::process::{Runner, RunnerSettings, RunnerStats};
 use crate::query::QueryState;
@@ -75,9 +75,23 @@ pub async fn serve(
         let stop = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        let runner = profile_runner(&config, store.clone(), log.clone(), false)?;
+        let runner = profile_runner(
+            &config,
+            store.clone(),
+            log.clone(),
+            false,
+            ProfileInput::Events,
+        )?;
         processing = Some(runner.stats());
         processors.push(tokio::spawn(runner.run(stop(stopped.clone()))));
+        let overflow = profile_runner(
+            &config,
+            store.clone(),
+            log.clone(),
+            false,
+            ProfileInput::Overflow,
+        )?;
+        processors.push(tokio::spawn(overflow.run(stop(stopped.clone()))));
         let relay = ChangeRelay::new(
             store.clone(),
             log.clone(),
@@ -143,6 +157,16 @@ async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>
     }
 }
 
+/// The topics the profile processor reads: one runner each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileInput {
+    /// `user_events`.
+    Events,
+    /// `user_events_overflow`: hot users' excess, read apart so it cannot
+    /// hold up the partitions other users share.
+    Overflow,
+}
+
 /// The profile processor's runner on `user_events`: a consumer group
 /// member in Kafka mode, a reader of the whole topic when embedded.
 /// `replay` reads with a group of its own and stops at the end.
@@ -151,9 +175,13 @@ pub fn profile_runner(
     store: Store,
     log: Arc<dyn EventLog>,
     replay: bool,
+    input: ProfileInput,
 ) -> Result<Runner<ProfileProcessor>, ServeError> {
     let topics = Topics::new(&config.topic_prefix);
-    let topic = topics.events();
+    let (topic, name) = match input {
+        ProfileInput::Events => (topics.events(), "profiles"),
+        ProfileInput::Overflow => (topics.overflow(), "profiles_overflow"),
+    };
     let reader: Box<dyn LogReader> = match &config.log {
         LogBackend::Embedded => Box::new(EmbeddedReader::open(
             &config.data_dir.join("log"),
@@ -168,13 +196,13 @@ pub fn profile_runner(
                     uuid::Uuid::new_v4().simple()
                 )
             } else {
-                format!("{}traitline-{}", config.topic_prefix, profiles::PROCESSOR)
+                format!("{}traitline-{name}", config.topic_prefix)
             };
             Box::new(KafkaReader::join_group(settings, &topic, &group)?)
         }
     };
     let settings = RunnerSettings {
-        name: "profiles",
+        name,
         topic,
         rejected_topic: topics.rejected(),
         max_batch: config.process_batch,
@@ -216,7 +244,7 @@ pub fn router(
             log,
             keys,
             config.limits,
-            Topics::new(&config.topic_prefix).events(),
+            &Topics::new(&config.topic_prefix),
             config.append_timeout,
         );
         api = api.merge(ingest.routes());

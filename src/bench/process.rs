@@ -17,7 +17,7 @@ use crate::config::{Config, LogBackend};
 use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::log::{self, LogReader, Record, StartAt, Topics};
 use crate::process::profiles::PROCESSOR;
-use crate::server::profile_runner;
+use crate::server::{ProfileInput, profile_runner};
 use crate::store::{OffsetAdvance, ProfileBatch, Store};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -159,8 +159,14 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             .await
             .map_err(|e| e.to_string())?;
         scratch.process_batch = *batch;
-        let runner = profile_runner(&scratch, store.clone(), log.clone(), true)
-            .map_err(|e| e.to_string())?;
+        let runner = profile_runner(
+            &scratch,
+            store.clone(),
+            log.clone(),
+            true,
+            ProfileInput::Events,
+        )
+        .map_err(|e| e.to_string())?;
         let stats = runner.stats();
         let t = Instant::now();
         runner.run(std::future::pending()).await;

@@ -34,7 +34,7 @@ use self::segment::{BatchRequest, BodyKey, SegmentMessage, Shared};
 use crate::config::{Limits, RateLimit};
 use crate::envelope::{EventEnvelope, EventType};
 use crate::keys::ApiKeys;
-use crate::log::{EventLog, Record};
+use crate::log::{EventLog, Record, Topics};
 
 /// What the ingest routes share.
 #[derive(Clone)]
@@ -50,6 +50,12 @@ pub struct Ingest {
     pub in_flight: Arc<Semaphore>,
     /// One permit a KiB of request body being handled.
     in_flight_kib: Arc<Semaphore>,
+    /// Where a hot user's excess events go.
+    overflow_topic: String,
+    /// Each user's allowance before the overflow topic, when on.
+    hot_users: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
+    /// Checks made, to forget idle users now and then.
+    hot_checks: Arc<std::sync::atomic::AtomicUsize>,
     /// The per-write-key rate limiter, when `rate-limit-events` is set.
     rate: Option<(Arc<governor::DefaultKeyedRateLimiter<String>>, RateLimit)>,
 }
@@ -83,14 +89,21 @@ impl Ingest {
         log: Arc<dyn EventLog>,
         keys: Arc<ApiKeys>,
         limits: Limits,
-        topic: String,
+        topics: &Topics,
         append_timeout: Duration,
     ) -> Ingest {
         Ingest {
             log,
             keys,
             limits,
-            topic,
+            topic: topics.events(),
+            overflow_topic: topics.overflow(),
+            hot_users: limits.hot_user_events_per_second.map(|per_second| {
+                Arc::new(governor::RateLimiter::dashmap(governor::Quota::per_second(
+                    per_second,
+                )))
+            }),
+            hot_checks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             append_timeout,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             in_flight_kib: Arc::new(Semaphore::new(limits.max_in_flight_bytes.div_ceil(1024))),
@@ -204,10 +217,54 @@ impl Ingest {
         stored
     }
 
+    /// Splits off the events of users over their per-user rate: they go to
+    /// the overflow topic, the rest to `user_events`.
+    fn route_hot_users(&self, records: Vec<Record>) -> (Vec<Record>, Vec<Record>) {
+        use std::sync::atomic::Ordering;
+        let Some(hot_users) = &self.hot_users else {
+            return (records, Vec::new());
+        };
+        if self.hot_checks.fetch_add(records.len(), Ordering::Relaxed) % 65_536 < records.len() {
+            hot_users.retain_recent();
+            hot_users.shrink_to_fit();
+        }
+        let (mut normal, mut overflow) = (Vec::with_capacity(records.len()), Vec::new());
+        for record in records {
+            match &record.key {
+                Some(user) if hot_users.check_key(user).is_err() => overflow.push(record),
+                _ => normal.push(record),
+            }
+        }
+        if !overflow.is_empty() {
+            metrics::counter!(crate::metrics::INGEST_OVERFLOW_EVENTS)
+                .increment(overflow.len() as u64);
+        }
+        (normal, overflow)
+    }
+
     async fn append(&self, records: Vec<Record>) -> Result<Json<Accepted>, IngestError> {
         let count = records.len();
-        match tokio::time::timeout(self.append_timeout, self.log.append(&self.topic, records)).await
-        {
+        let (normal, overflow) = self.route_hot_users(records);
+        let both = async {
+            let (normal, overflow) = tokio::join!(
+                async {
+                    if normal.is_empty() {
+                        Ok(())
+                    } else {
+                        self.log.append(&self.topic, normal).await
+                    }
+                },
+                async {
+                    if overflow.is_empty() {
+                        Ok(())
+                    } else {
+                        self.log.append(&self.overflow_topic, overflow).await
+                    }
+                }
+            );
+            normal.and(overflow)
+        };
+        match tokio::time::timeout(self.append_timeout, both).await {
             Ok(result) => result?,
             Err(_) => {
                 tracing::warn!(

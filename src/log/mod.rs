@@ -157,6 +157,13 @@ impl Topics {
         format!("{}user_events", self.prefix)
     }
 
+    /// Events of users over `hot-user-events-per-second`, processed by a
+    /// runner of their own so one hot user cannot lag a partition that
+    /// other users share (PostHog's overflow).
+    pub fn overflow(&self) -> String {
+        self.named("user_events_overflow")
+    }
+
     /// The full name of a topic given by its short name (`user_events`).
     pub fn named(&self, short: &str) -> String {
         format!("{}{short}", self.prefix)
@@ -182,6 +189,7 @@ impl Topics {
     pub fn all(&self) -> Vec<(String, bool)> {
         vec![
             (self.events(), false),
+            (self.overflow(), false),
             (self.rejected(), false),
             (self.profiles(), true),
             (self.profile_changes(), false),

@@ -28,6 +28,7 @@ mod log_suite;
 mod metrics;
 mod openapi;
 mod operations;
+mod overflow;
 mod profiles;
 mod rate_limits;
 mod seed;
