@@ -68,7 +68,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     let (stop_processors, stopped) = watch::channel(false);
     let mut processors = Vec::new();
-    let mut processing = None;
+    let mut processing = Vec::new();
     if config.roles.process
         && let Some(store) = &store
     {
@@ -82,7 +82,7 @@ pub async fn serve(
             false,
             ProfileInput::Events,
         )?;
-        processing = Some(runner.stats());
+        processing.push(runner.stats());
         processors.push(tokio::spawn(runner.run(stop(stopped.clone()))));
         let overflow = profile_runner(
             &config,
@@ -91,6 +91,7 @@ pub async fn serve(
             false,
             ProfileInput::Overflow,
         )?;
+        processing.push(overflow.stats());
         processors.push(tokio::spawn(overflow.run(stop(stopped.clone()))));
         let relay = ChangeRelay::new(
             store.clone(),
@@ -281,7 +282,9 @@ pub struct Health {
 #[derive(Clone)]
 pub struct Readying {
     pub log: Arc<dyn EventLog>,
-    pub processing: Option<Arc<Mutex<RunnerStats>>>,
+    /// The profile runners' stats (events and overflow topics); empty
+    /// when this process does not process.
+    pub processing: Vec<Arc<Mutex<RunnerStats>>>,
 }
 
 /// Whether the process can take events now.
@@ -316,20 +319,27 @@ pub struct Processing {
 }
 
 impl Readying {
+    /// The runners' stats added up: counts and lag summed, the first error.
     fn processing(&self) -> Option<Processing> {
-        let stats = self
-            .processing
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Some(Processing {
-            applied: stats.applied,
-            duplicates: stats.duplicates,
-            rejected: stats.rejected,
-            lag: stats.lag(),
-            error: stats.last_error,
-        })
+        let mut total: Option<Processing> = None;
+        for stats in &self.processing {
+            let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let sum = total.get_or_insert(Processing {
+                applied: 0,
+                duplicates: 0,
+                rejected: 0,
+                lag: None,
+                error: None,
+            });
+            sum.applied += stats.applied;
+            sum.duplicates += stats.duplicates;
+            sum.rejected += stats.rejected;
+            if let Some(lag) = stats.lag() {
+                *sum.lag.get_or_insert(0) += lag;
+            }
+            sum.error = sum.error.take().or(stats.last_error);
+        }
+        total
     }
 }
 

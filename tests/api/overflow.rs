@@ -6,7 +6,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use traitline::log::Topics;
 
-use crate::helpers::{Backend, read_all, spawn_app_with};
+use std::time::Duration;
+
+use crate::helpers::{Backend, read_all, spawn_app_with, wait_for};
 
 async fn a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted(backend: Backend) {
     let app = spawn_app_with(backend, |s| s.hot_user_events_per_second = Some(5)).await;
@@ -41,6 +43,24 @@ async fn a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted(backend: B
         .wait_for_profile("cold", |p| p["event_count"] == 3)
         .await;
     assert_eq!(cold["event_count"], 3);
+    // `/readyz` adds up both runners (their counts follow the commits).
+    wait_for(
+        "both runners counted in /readyz",
+        Duration::from_secs(30),
+        || async {
+            let ready: Value = app
+                .client
+                .get(app.url("/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            ready["processing"]["applied"] == 23
+        },
+    )
+    .await;
 }
 
 both_logs!(a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted);
