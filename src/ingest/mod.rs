@@ -196,6 +196,21 @@ impl Ingest {
         Ok(key)
     }
 
+    /// The request's write key: the header's (checked by [`Self::header_key`]),
+    /// else the body's `writeKey`, checked here.
+    fn write_key(
+        &self,
+        header_key: Option<String>,
+        body_key: impl FnOnce() -> Option<String>,
+    ) -> Result<String, IngestError> {
+        if let Some(key) = header_key {
+            return Ok(key);
+        }
+        let key = body_key();
+        auth::require_write(&self.keys, key.as_deref())?;
+        Ok(key.unwrap_or_default())
+    }
+
     /// Appends the records and waits until all are durable.
     async fn store(
         &self,
@@ -297,17 +312,10 @@ impl Ingest {
         .await?;
         let received_at = Utc::now();
         let message = segment::parse_message(&bytes);
-        let key = match header_key {
-            Some(key) => key,
-            None => {
-                let key = match &message {
-                    Ok(m) => m.write_key.clone(),
-                    Err(_) => body_key(&bytes),
-                };
-                auth::require_write(&self.keys, key.as_deref())?;
-                key.unwrap_or_default()
-            }
-        };
+        let key = self.write_key(header_key, || match &message {
+            Ok(m) => m.write_key.clone(),
+            Err(_) => body_key(&bytes),
+        })?;
         let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
         self.within_rate(&key, 1)?;
         self.store(route, vec![record(event)?]).await
@@ -465,17 +473,10 @@ pub async fn batch(
     .await?;
     let received_at = Utc::now();
     let parsed: Result<BatchRequest, IngestError> = segment::parse_batch(&bytes);
-    let key = match header_key {
-        Some(key) => key,
-        None => {
-            let key = match &parsed {
-                Ok(b) => b.write_key.clone(),
-                Err(_) => body_key(&bytes),
-            };
-            auth::require_write(&ingest.keys, key.as_deref())?;
-            key.unwrap_or_default()
-        }
-    };
+    let key = ingest.write_key(header_key, || match &parsed {
+        Ok(b) => b.write_key.clone(),
+        Err(_) => body_key(&bytes),
+    })?;
     let records = segment::normalize_batch_into(
         &parsed?,
         ingest.limits.max_event_bytes,

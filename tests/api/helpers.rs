@@ -268,6 +268,18 @@ impl TestApp {
         }
     }
 
+    /// GETs `path` without a key and reads the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The full name of the events topic.
     pub fn events_topic(&self) -> String {
         Topics::new(&self.config.topic_prefix).events()

@@ -49,10 +49,7 @@ async fn a_broker_outage_gives_503_and_recovery_brings_2xx_back() {
 
 async fn outage_and_recovery() {
     let (cluster, app) = app_on_mock_cluster(4, |s| s.append_timeout_ms = Some(1500)).await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15)) // a hang guard, far past the 1.5 s bound
-        .build()
-        .unwrap();
+    let client = hang_guarded_client();
     let send = |i: u32| {
         client
             .post(app.url("/v1/track"))
@@ -92,6 +89,15 @@ async fn outage_and_recovery() {
     .await;
     drop(app);
     drop(cluster);
+}
+
+/// A client that gives up after 15 s: a hang guard, far past the 1.5 s
+/// append bound these tests set.
+fn hang_guarded_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap()
 }
 
 /// In-flight work is bounded: with every slot held by requests waiting on a
@@ -251,10 +257,7 @@ async fn stopped_broker_process() {
         s.append_timeout_ms = Some(1500);
     })
     .await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15)) // a hang guard, far past the 1.5 s bound
-        .build()
-        .unwrap();
+    let client = hang_guarded_client();
     let send = |i: u32| {
         client
             .post(app.url("/v1/track"))

@@ -56,15 +56,7 @@ async fn the_openapi_document_lists_every_route_and_each_one_answers() {
 #[tokio::test]
 async fn the_query_routes_are_documented_with_their_security_and_answer_without_a_key_401() {
     let app = spawn_app(Backend::Embedded).await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.get_json("/openapi.json").await;
     let routes = [
         ("get", "/v1/profiles", "/v1/profiles"),
         ("get", "/v1/profiles/{id}", "/v1/profiles/u1"),
@@ -109,15 +101,7 @@ async fn the_query_routes_are_documented_with_their_security_and_answer_without_
 #[tokio::test]
 async fn each_calls_documented_required_fields_are_the_ones_the_service_requires() {
     let app = spawn_app(Backend::Embedded).await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.get_json("/openapi.json").await;
     for kind in ["track", "identify", "page", "screen", "group", "alias"] {
         let path = format!("/v1/{kind}");
         let reference = doc["paths"][&path]["post"]["requestBody"]["content"]["application/json"]

@@ -48,15 +48,7 @@ async fn a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted(backend: B
         "both runners counted in /readyz",
         Duration::from_secs(30),
         || async {
-            let ready: Value = app
-                .client
-                .get(app.url("/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let ready = app.get_json("/readyz").await;
             ready["processing"]["applied"] == 23
         },
     )

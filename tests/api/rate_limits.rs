@@ -113,7 +113,8 @@ async fn an_address_with_too_many_failed_authentications_gets_429() {
     let event = json!({"userId": "u1", "event": "e"})
         .to_string()
         .into_bytes();
-    for _ in 0..60 {
+    // 60 failures use the allowance up, and the 61st goes past it.
+    for _ in 0..=60 {
         let wrong = app
             .post_raw(
                 "/v1/track",
@@ -124,16 +125,6 @@ async fn an_address_with_too_many_failed_authentications_gets_429() {
             .await;
         assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     }
-    // The 61st failure uses the allowance up.
-    let wrong = app
-        .post_raw(
-            "/v1/track",
-            Some("tlw_wrong_key_000000001"),
-            event.clone(),
-            None,
-        )
-        .await;
-    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     let blocked = app
         .post("/v1/track", &json!({"userId": "u1", "event": "e"}))
         .await;
