@@ -11,6 +11,7 @@ use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use traitline::envelope::EventType;
 use traitline::ingest::segment::{self, Shared};
+use traitline::ingest;
 use traitline::log::embedded::EmbeddedLog;
 use traitline::log::partitioner::murmur2;
 use traitline::log::{EventLog, Record};
@@ -46,7 +47,7 @@ fn normalize(c: &mut Criterion) {
             let event =
                 segment::normalize(message, EventType::Track, &Shared::default(), Utc::now())
                     .unwrap();
-            serde_json::to_vec(&event).unwrap()
+            ingest::record(event, MESSAGE.len()).unwrap()
         })
     });
     let body = batch_body(100);
@@ -54,11 +55,7 @@ fn normalize(c: &mut Criterion) {
     group.bench_function("batch_100", |b| {
         b.iter(|| {
             let batch = segment::parse_batch(body.as_bytes()).unwrap();
-            let events = segment::normalize_batch(&batch, 32 * 1024, Utc::now()).unwrap();
-            events
-                .iter()
-                .map(|e| serde_json::to_vec(e).unwrap().len())
-                .sum::<usize>()
+            segment::normalize_batch_into(&batch, 32 * 1024, Utc::now(), ingest::record).unwrap()
         })
     });
     group.finish();

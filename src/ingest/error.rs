@@ -253,10 +253,22 @@ impl IntoResponse for IngestError {
 /// the error can name the field. Trailing bytes after the JSON value are an
 /// error.
 pub fn parse_json<'de, T: serde::Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, IngestError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    parse_with(|| serde_json::Deserializer::from_slice(bytes))
+}
+
+/// [`parse_json`] of text already known to be UTF-8 (a batch's message),
+/// which is not checked again.
+pub fn parse_json_str<'de, T: serde::Deserialize<'de>>(text: &'de str) -> Result<T, IngestError> {
+    parse_with(|| serde_json::Deserializer::from_str(text))
+}
+
+fn parse_with<'de, R: serde_json::de::Read<'de>, T: serde::Deserialize<'de>>(
+    deserializer: impl Fn() -> serde_json::Deserializer<R>,
+) -> Result<T, IngestError> {
+    let mut de = deserializer();
     let parsed = T::deserialize(&mut de).and_then(|value| de.end().map(|()| value));
     parsed.or_else(|_| {
-        let mut again = serde_json::Deserializer::from_slice(bytes);
+        let mut again = deserializer();
         let value = serde_path_to_error::deserialize::<_, T>(&mut again).map_err(from_serde)?;
         again.end().map_err(|e| IngestError::InvalidJson {
             message: format!(

@@ -12,15 +12,19 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::error::{IngestError, parse_json};
+use super::error::{IngestError, parse_json, parse_json_str};
+use super::object::RawObject;
 use crate::envelope::{EventEnvelope, EventType, Source};
+
+/// An envelope as ingest makes it: its objects are the client's text.
+pub type IngestEnvelope<'a> = EventEnvelope<RawObject<'a>>;
 
 /// One Segment message. Which fields are required depends on its type:
 /// every type needs `userId` or `anonymousId` (alias: `userId` and
 /// `previousId`), `track` needs `event`, `group` needs `groupId`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SegmentMessage {
+pub struct SegmentMessage<'a> {
     /// The call type; required inside a batch, ignored on the single routes
     /// (the route says it).
     #[serde(rename = "type", default)]
@@ -59,18 +63,18 @@ pub struct SegmentMessage {
     /// When the client sent the request, by its clock; used to correct skew.
     #[serde(default, deserialize_with = "time")]
     pub sent_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub properties: Option<Map<String, Value>>,
-    #[serde(default)]
+    pub properties: RawObject<'a>,
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub traits: Option<Map<String, Value>>,
-    #[serde(default)]
+    pub traits: RawObject<'a>,
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub context: Option<Map<String, Value>>,
-    #[serde(default)]
+    pub context: RawObject<'a>,
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub integrations: Option<Map<String, Value>>,
+    pub integrations: RawObject<'a>,
     /// The write key, when not sent in `Authorization`.
     #[serde(default)]
     pub write_key: Option<String>,
@@ -80,9 +84,10 @@ pub struct SegmentMessage {
 /// `type`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct BatchRequest {
+pub struct BatchRequest<'a> {
+    #[serde(borrow)]
     #[schema(value_type = Vec<SegmentMessage>)]
-    pub batch: Vec<Box<RawValue>>,
+    pub batch: Vec<&'a RawValue>,
     /// Context shared by every message; a message's own keys win.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -145,7 +150,12 @@ pub(super) fn time<'de, D: Deserializer<'de>>(
     match Option::<std::borrow::Cow<str>>::deserialize(deserializer)? {
         None => Ok(None),
         Some(text) if text.is_empty() => Ok(None),
-        Some(text) => match text.parse::<DateTime<Utc>>() {
+        // Strict RFC 3339 first (what SDKs send, and fast), then chrono's
+        // more lenient ISO 8601.
+        Some(text) => match DateTime::parse_from_rfc3339(&text)
+            .map(|time| time.to_utc())
+            .or_else(|_| text.parse::<DateTime<Utc>>())
+        {
             // ISO 8601 without its expanded years: 0000 to 9999.
             Ok(time) if (0..=9999).contains(&time.year()) => Ok(Some(time)),
             Ok(_) => Err(serde::de::Error::custom(
@@ -181,22 +191,22 @@ impl EventType {
 }
 
 /// Parses a single message body.
-pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage, IngestError> {
+pub fn parse_message(bytes: &[u8]) -> Result<SegmentMessage<'_>, IngestError> {
     parse_json(bytes)
 }
 
 /// Parses a `/v1/batch` body (the messages stay raw until [`normalize_batch`]).
-pub fn parse_batch(bytes: &[u8]) -> Result<BatchRequest, IngestError> {
+pub fn parse_batch(bytes: &[u8]) -> Result<BatchRequest<'_>, IngestError> {
     parse_json(bytes)
 }
 
 /// Checks a message against the rules of `kind` and builds its envelope.
-pub fn normalize(
-    message: SegmentMessage,
+pub fn normalize<'a>(
+    message: SegmentMessage<'a>,
     kind: EventType,
     shared: &Shared,
     received_at: DateTime<Utc>,
-) -> Result<EventEnvelope, IngestError> {
+) -> Result<IngestEnvelope<'a>, IngestError> {
     let required = |value: &Option<String>, field: &str| {
         if value.is_none() {
             Err(IngestError::MissingField {
@@ -233,18 +243,6 @@ pub fn normalize(
     }
 
     let sent_at = message.sent_at.or(shared.sent_at);
-    let mut context = message.context.unwrap_or_default();
-    if let Some(batch_context) = shared.context {
-        for (k, v) in batch_context {
-            context.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
-    let mut integrations = message.integrations.unwrap_or_default();
-    if let Some(batch_integrations) = shared.integrations {
-        for (k, v) in batch_integrations {
-            integrations.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
     Ok(EventEnvelope {
         kind,
         event: message.event.filter(|_| kind == EventType::Track),
@@ -260,32 +258,32 @@ pub fn normalize(
         original_timestamp: message.timestamp,
         received_at,
         sent_at,
-        properties: message.properties.unwrap_or_default(),
-        traits: message.traits.unwrap_or_default(),
-        context,
-        integrations,
+        properties: message.properties,
+        traits: message.traits,
+        context: message.context.under(shared.context),
+        integrations: message.integrations.under(shared.integrations),
         source: Source::Segment,
     })
 }
 
 /// Checks and normalizes every message of a batch; the first bad one
 /// refuses the whole batch, naming it (`batch[3].userId`).
-pub fn normalize_batch(
-    batch: &BatchRequest,
+pub fn normalize_batch<'a>(
+    batch: &BatchRequest<'a>,
     max_event_bytes: usize,
     received_at: DateTime<Utc>,
-) -> Result<Vec<EventEnvelope>, IngestError> {
-    normalize_batch_into(batch, max_event_bytes, received_at, Ok)
+) -> Result<Vec<IngestEnvelope<'a>>, IngestError> {
+    normalize_batch_into(batch, max_event_bytes, received_at, |event, _| Ok(event))
 }
 
-/// [`normalize_batch`], turning each envelope into a `T` (its log record)
-/// as soon as it is made, so a large batch never holds every envelope at
-/// once.
-pub fn normalize_batch_into<T>(
-    batch: &BatchRequest,
+/// [`normalize_batch`], turning each envelope (with the size of its JSON in
+/// the request) into a `T` (its log record) as soon as it is made, so a
+/// large batch never holds every envelope at once.
+pub fn normalize_batch_into<'a, T>(
+    batch: &BatchRequest<'a>,
     max_event_bytes: usize,
     received_at: DateTime<Utc>,
-    mut each: impl FnMut(EventEnvelope) -> Result<T, IngestError>,
+    mut each: impl FnMut(IngestEnvelope<'a>, usize) -> Result<T, IngestError>,
 ) -> Result<Vec<T>, IngestError> {
     if batch.batch.is_empty() {
         return Err(IngestError::InvalidValue {
@@ -312,7 +310,7 @@ pub fn normalize_batch_into<T>(
                     limit: max_event_bytes,
                 });
             }
-            let message = parse_message(json.as_bytes()).map_err(|e| e.within(&prefix))?;
+            let message: SegmentMessage = parse_json_str(json).map_err(|e| e.within(&prefix))?;
             let kind = match message.kind.as_deref() {
                 None | Some("") => {
                     return Err(IngestError::MissingField {
@@ -327,7 +325,10 @@ pub fn normalize_batch_into<T>(
                     ),
                 })?,
             };
-            each(normalize(message, kind, &shared, received_at).map_err(|e| e.within(&prefix))?)
+            each(
+                normalize(message, kind, &shared, received_at).map_err(|e| e.within(&prefix))?,
+                json.len(),
+            )
         })
         .collect()
 }
@@ -340,6 +341,11 @@ mod tests {
         "2026-11-22T10:00:00Z".parse().unwrap()
     }
 
+    /// The envelope as the log stores it and processors read it.
+    fn stored(event: IngestEnvelope) -> EventEnvelope {
+        serde_json::from_slice(&serde_json::to_vec(&event).unwrap()).unwrap()
+    }
+
     fn track(json: &str) -> Result<EventEnvelope, IngestError> {
         normalize(
             parse_message(json.as_bytes())?,
@@ -347,6 +353,7 @@ mod tests {
             &Shared::default(),
             now(),
         )
+        .map(stored)
     }
 
     #[test]
@@ -389,6 +396,12 @@ mod tests {
         let err = track(r#"{"userId":"u","event":"x","properties":[1]}"#).unwrap_err();
         assert!(
             matches!(&err, IngestError::InvalidType { field, .. } if field == "properties"),
+            "{err:?}"
+        );
+        // Accepted, this would stop the processors, which read it as a map.
+        let err = track(r#"{"userId":"u","event":"x","traits":{"n":[1e999]}}"#).unwrap_err();
+        assert!(
+            matches!(&err, IngestError::InvalidValue { field, message } if field == "traits" && message == "number out of range"),
             "{err:?}"
         );
         let err = track(r#"{"userId":"u","event":"x","timestamp":"yesterday"}"#).unwrap_err();
@@ -447,7 +460,11 @@ mod tests {
                            "context":{"locale":"de"}}]}"#,
         )
         .unwrap();
-        let events = normalize_batch(&batch, 32 * 1024, now()).unwrap();
+        let events: Vec<EventEnvelope> = normalize_batch(&batch, 32 * 1024, now())
+            .unwrap()
+            .into_iter()
+            .map(stored)
+            .collect();
         assert_eq!(events[0].context["locale"], "de");
         assert_eq!(events[0].context["library"]["name"], "x");
         assert_eq!(
