@@ -203,9 +203,9 @@ mod rfc3339 {
         buffer[16] = b':';
         let mut at = 19;
         if nanos != 0 {
-            let (fraction, width) = if nanos % 1_000_000 == 0 {
+            let (fraction, width) = if nanos.is_multiple_of(1_000_000) {
                 (nanos / 1_000_000, 3)
-            } else if nanos % 1_000 == 0 {
+            } else if nanos.is_multiple_of(1_000) {
                 (nanos / 1_000, 6)
             } else {
                 (nanos, 9)
