@@ -215,6 +215,18 @@ pub struct Settings {
     /// Log format: text or json [default: text]
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+
+    /// OpenTelemetry collector to export spans to over OTLP/HTTP
+    /// (protobuf), as a base URL such as http://localhost:4318 (spans go to
+    /// its /v1/traces); a URL with a path is used as it is. Unset: no export
+    /// [default: off]
+    #[arg(long, env = "TRAITLINE_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of traces exported, from 0 to 1; a request carrying a W3C
+    /// `traceparent` follows its caller's decision instead [default: 1]
+    #[arg(long, env = "TRAITLINE_OTLP_SAMPLE_RATIO", global = true)]
+    pub otlp_sample_ratio: Option<f64>,
 }
 
 impl Settings {
@@ -269,6 +281,8 @@ impl Settings {
                 .kafka_ssl_ca_location
                 .or(fallback.kafka_ssl_ca_location),
             log_format: self.log_format.or(fallback.log_format),
+            otlp_endpoint: self.otlp_endpoint.or(fallback.otlp_endpoint),
+            otlp_sample_ratio: self.otlp_sample_ratio.or(fallback.otlp_sample_ratio),
         }
     }
 }
@@ -292,6 +306,38 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
         env: format!("TRAITLINE_{}", setting.replace('-', "_").to_uppercase()),
         reason: reason.into(),
     }
+}
+
+/// Checks the OTLP settings: an http(s) URL, and a ratio from 0 to 1.
+fn otlp(endpoint: Option<&str>, ratio: Option<f64>) -> Result<Option<Otlp>, ConfigError> {
+    let sample_ratio = ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(invalid(
+            "otlp-sample-ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
+    let Some(endpoint) = endpoint.map(str::trim).filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    let url = reqwest::Url::parse(endpoint)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+        .ok_or_else(|| {
+            invalid(
+                "otlp-endpoint",
+                format!("`{endpoint}` is not an http(s) URL such as http://localhost:4318"),
+            )
+        })?;
+    let traces_url = if url.path() == "/" {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    } else {
+        endpoint.to_owned()
+    };
+    Ok(Some(Otlp {
+        traces_url,
+        sample_ratio,
+    }))
 }
 
 /// Where events are stored.
@@ -429,6 +475,17 @@ pub struct Config {
     /// How long the `events` table keeps an event.
     pub events_retention: Duration,
     pub log_format: LogFormat,
+    /// Where spans are exported, when they are.
+    pub otlp: Option<Otlp>,
+}
+
+/// OTLP span export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Otlp {
+    /// The full URL spans are posted to.
+    pub traces_url: String,
+    /// Share of root traces sampled.
+    pub sample_ratio: f64,
 }
 
 /// The default name of the configuration file, read when present.
@@ -633,6 +690,8 @@ impl Config {
             }
         };
 
+        let otlp = otlp(s.otlp_endpoint.as_deref(), s.otlp_sample_ratio)?;
+
         let database_url = s.database_url.filter(|u| !u.trim().is_empty());
         if let Some(url) = &database_url
             && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
@@ -658,6 +717,7 @@ impl Config {
             process_batch,
             events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,
+            otlp,
         })
     }
 }
@@ -876,6 +936,42 @@ mod tests {
             err.contains("`events-retention-days`") && err.contains("dedup-window-hours"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn otlp_export_is_off_by_default_and_a_base_url_gets_the_traces_path() {
+        assert_eq!(
+            Config::from_settings(Settings::default()).unwrap().otlp,
+            None
+        );
+        let on = |endpoint: &str| {
+            Config::from_settings(Settings {
+                otlp_endpoint: Some(endpoint.into()),
+                ..Settings::default()
+            })
+            .map(|c| c.otlp.unwrap().traces_url)
+        };
+        assert_eq!(
+            on("http://collector:4318").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            on("http://collector:4318/").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            on("https://c.example/otlp/v1/traces").unwrap(),
+            "https://c.example/otlp/v1/traces"
+        );
+        let err = on("collector:4318").unwrap_err().to_string();
+        assert!(err.contains("TRAITLINE_OTLP_ENDPOINT"), "{err}");
+        let err = Config::from_settings(Settings {
+            otlp_sample_ratio: Some(1.5),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("TRAITLINE_OTLP_SAMPLE_RATIO"), "{err}");
     }
 
     #[test]

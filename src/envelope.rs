@@ -117,6 +117,11 @@ pub struct EventEnvelope<O = Map<String, Value>> {
     #[schema(value_type = Object)]
     pub integrations: O,
     pub source: Source,
+    /// The W3C trace context of the request that stored the event, when
+    /// Traitline exports spans (`otlp-endpoint`): the processor's work on
+    /// the event joins that request's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl<O> EventEnvelope<O> {
@@ -128,7 +133,6 @@ impl<O> EventEnvelope<O> {
 }
 
 impl EventEnvelope {
-
     /// Segment's clock-skew correction: the client's clock may be wrong, but
     /// the time between its `timestamp` and `sentAt` is right, so the event
     /// happened that long before Traitline received it. A correction that

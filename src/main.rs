@@ -16,8 +16,7 @@ use traitline::{bench, replay, server, tail, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::resolve(cli.settings, cli.config.as_deref()) {
         Ok(config) => config,
@@ -26,8 +25,39 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
-    let outcome = match cli.command.unwrap_or(Command::Serve) {
+    // Before the runtime: the span exporter's HTTP client blocks.
+    let telemetry = match telemetry::init(config.log_format, config.otlp.as_ref()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("traitline: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("traitline: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
+    drop(runtime);
+    telemetry.shutdown();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("traitline: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a subcommand; an error is logged and returned for the exit code.
+async fn run(command: Command, config: Config) -> Result<(), String> {
+    let outcome = match command {
         Command::Serve => serve(config).await,
         Command::Events {
             command: EventsCommand::Tail(args),
@@ -51,14 +81,10 @@ async fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string()),
     };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            tracing::error!("{message}");
-            eprintln!("traitline: {message}");
-            ExitCode::FAILURE
-        }
+    if let Err(message) = &outcome {
+        tracing::error!("{message}");
     }
+    outcome
 }
 
 async fn serve(config: Config) -> Result<(), String> {

@@ -267,6 +267,11 @@ pub fn router(
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(crate::metrics::render))
         .merge(api);
+    let router = if crate::telemetry::exporting() {
+        router.route_layer(axum::middleware::from_fn(crate::telemetry::matched_route))
+    } else {
+        router
+    };
     router.layer(axum::middleware::from_fn(crate::telemetry::request_span))
 }
 

@@ -1,21 +1,162 @@
-//! Log output: human-readable lines by default, JSON lines on request.
-//! `RUST_LOG` refines the levels (default: info).
+//! Log output and traces.
+//!
+//! Logs: human-readable lines by default, JSON lines on request; `RUST_LOG`
+//! refines the levels (default: info).
+//!
+//! Traces: with `otlp-endpoint` set, Traitline's spans are exported over
+//! OTLP/HTTP to an OpenTelemetry collector. An event's trace has two hops:
+//! the HTTP request with its `log append`, and, in the processor, the
+//! `store commit` that applied it. The event carries the request's W3C
+//! `traceparent` in its envelope across the log, which is how the second
+//! hop joins the first (a batch commit joins the trace of each distinct
+//! request in it). Nothing of this runs when export is off.
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::config::LogFormat;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber; call once, first thing in `main`.
-pub fn init(format: LogFormat) {
+use crate::config::{LogFormat, Otlp};
+
+/// Whether spans are exported (set once, by [`init`]).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: the tracing work of the hot paths is done
+/// only then.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// What [`init`] set up that needs stopping.
+#[must_use = "call shutdown() at exit, or buffered spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered. Call outside the async runtime
+    /// (the exporter's HTTP client blocks).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("traitline: the last spans were not exported: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber, and the span exporter when `otlp` is
+/// set; call once, first thing in `main`, outside the async runtime.
+pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let provider = otlp.map(tracer_provider).transpose()?;
+    // Only Traitline's own spans are exported, whatever RUST_LOG says.
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("traitline"))
+            .with_filter(Targets::new().with_target("traitline", tracing::Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(spans)
+        .init();
+    if let Some(otlp) = otlp {
+        EXPORTING.store(true, Ordering::Relaxed);
+        tracing::info!(
+            "exporting spans to {} (sampling {} of new traces)",
+            otlp.traces_url,
+            otlp.sample_ratio
+        );
+    }
+    Ok(Telemetry { provider })
+}
+
+fn tracer_provider(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(&otlp.traces_url)
+        .with_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| {
+            format!(
+                "cannot export spans to {} (setting otlp-endpoint): {e}",
+                otlp.traces_url
+            )
+        })?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("traitline")
+        .build();
+    // The batch processor's own settings (queue size, delay) come from the
+    // standard OTEL_BSP_* variables.
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            otlp.sample_ratio,
+        ))))
+        .with_resource(resource)
+        .build())
+}
+
+/// The W3C `traceparent` of the current span, when spans are exported.
+pub fn traceparent() -> Option<String> {
+    if !exporting() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Spans made by `make`, one for each distinct trace of `traceparents`,
+/// each a child of its trace's span: how work on many events (a processor
+/// batch) shows in each of their traces. They last until dropped. None
+/// when spans are not exported.
+pub fn spans_following<'a>(
+    traceparents: impl IntoIterator<Item = &'a str>,
+    make: impl Fn() -> tracing::Span,
+) -> Vec<tracing::Span> {
+    if !exporting() {
+        return Vec::new();
+    }
+    let mut seen = std::collections::HashSet::new();
+    traceparents
+        .into_iter()
+        .filter(|traceparent| seen.insert(*traceparent))
+        .filter_map(|traceparent| {
+            let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+            let parent = TraceContextPropagator::new().extract(&carrier);
+            let span = make();
+            span.set_parent(parent).ok()?;
+            Some(span)
+        })
+        .collect()
+}
+
+/// Reads a W3C trace context from request headers.
+struct Headers<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
@@ -24,8 +165,9 @@ pub fn init(format: LogFormat) {
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// Middleware: runs each request inside a span carrying its request id,
-/// method and path, so every log line written while handling it names the
-/// request; answers the id in `x-request-id`.
+/// so every log line written while handling it names the request; answers
+/// the id in `x-request-id`. When spans are exported, the span is the
+/// request's server span (continuing a caller's `traceparent`).
 pub async fn request_span(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -37,17 +179,49 @@ pub async fn request_span(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(next_request_id, str::to_owned);
-    // One field only: the span's fields are formatted for every request,
-    // and this is the hot path (the method and path are in the answer line).
-    let span = tracing::info_span!("request", id = %id);
     let started = std::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let span = if exporting() {
+        let span = tracing::info_span!(
+            "request",
+            id = %id,
+            otel.name = %format!("{method} {path}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            url.path = %path,
+            http.route = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if request.headers().contains_key("traceparent") {
+            let caller = TraceContextPropagator::new().extract(&Headers(request.headers()));
+            // A traceparent that does not parse starts a new trace.
+            let _ = span.set_parent(caller);
+        }
+        span
+    } else {
+        // One field only: the span's fields are formatted for every
+        // request, and this is the hot path (the method and path are in
+        // the answer line).
+        tracing::info_span!("request", id = %id)
+    };
     let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    if exporting() {
+        if let Some(route) = response.extensions().get::<axum::extract::MatchedPath>() {
+            span.record("otel.name", format!("{method} {}", route.as_str()));
+            span.record("http.route", route.as_str());
+        }
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "error");
+        }
+    }
     span.in_scope(|| {
         tracing::debug!(
-            status = response.status().as_u16(),
+            status = status.as_u16(),
             "answered {method} {path} {} in {:.1} ms",
-            response.status().as_u16(),
+            status.as_u16(),
             started.elapsed().as_secs_f64() * 1000.0
         );
     });
@@ -69,4 +243,22 @@ fn next_request_id() -> String {
         *PREFIX,
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Middleware, inside the router: hands the route that matched (the
+/// template, `/v1/profiles/{id}`) out with the response, so the request
+/// span can be named by it rather than by the path.
+pub async fn matched_route(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
 }

@@ -67,6 +67,7 @@ pub fn event(n: usize, users: usize) -> EventEnvelope {
             .unwrap_or_default(),
         integrations: Default::default(),
         source: Source::Segment,
+        traceparent: None,
     };
     if n.is_multiple_of(10) {
         event.kind = EventType::Identify;

@@ -288,6 +288,17 @@ impl Ingest {
             );
             normal.and(overflow)
         };
+        let span = if crate::telemetry::exporting() {
+            tracing::info_span!(
+                "log append",
+                otel.kind = "producer",
+                messaging.destination.name = %self.topic,
+                messaging.batch.message_count = count,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let both = tracing::Instrument::instrument(both, span);
         match tokio::time::timeout(self.append_timeout, both).await {
             Ok(result) => result?,
             Err(_) => {
@@ -325,7 +336,8 @@ impl Ingest {
             Ok(m) => m.write_key.clone(),
             Err(_) => body_key(&bytes),
         })?;
-        let event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
+        let mut event = segment::normalize(message?, kind, &Shared::default(), received_at)?;
+        event.traceparent = crate::telemetry::traceparent();
         self.within_rate(&key, 1)?;
         self.store(route, vec![record(event, bytes.len())?]).await
     }
@@ -373,7 +385,8 @@ pub async fn seed_track(
         BodyLimit::Event(ingest.limits.max_event_bytes),
     )
     .await?;
-    let event = seed::parse(&bytes, Utc::now())?;
+    let mut event = seed::parse(&bytes, Utc::now())?;
+    event.traceparent = crate::telemetry::traceparent();
     ingest.within_rate(&key, 1)?;
     ingest
         .store("/event/user/track", vec![record(event, bytes.len())?])
@@ -486,11 +499,15 @@ pub async fn batch(
         Ok(b) => b.write_key.clone(),
         Err(_) => body_key(&bytes),
     })?;
+    let traceparent = crate::telemetry::traceparent();
     let records = segment::normalize_batch_into(
         &parsed?,
         ingest.limits.max_event_bytes,
         received_at,
-        record,
+        |mut event, json_bytes| {
+            event.traceparent.clone_from(&traceparent);
+            record(event, json_bytes)
+        },
     )?;
     // Only the records wait on the log, not the body they came from.
     drop(bytes);

@@ -168,7 +168,10 @@ mod tests {
     fn an_object_is_kept_as_its_text() {
         let o = read(r#"{"o": {"a": [1, "x"], "b": {"c": null}}}"#).unwrap();
         assert!(matches!(o, RawObject::Borrowed(_)));
-        assert_eq!(serde_json::to_string(&o).unwrap(), r#"{"a": [1, "x"], "b": {"c": null}}"#);
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"a": [1, "x"], "b": {"c": null}}"#
+        );
         assert!(!o.is_empty());
     }
 
@@ -184,9 +187,18 @@ mod tests {
     #[test]
     fn what_a_map_would_refuse_is_refused() {
         for (json, says) in [
-            (r#"{"o": [1]}"#, "invalid type: sequence, expected a JSON object"),
-            (r#"{"o": "x"}"#, "invalid type: string, expected a JSON object"),
-            (r#"{"o": 3}"#, "invalid type: number, expected a JSON object"),
+            (
+                r#"{"o": [1]}"#,
+                "invalid type: sequence, expected a JSON object",
+            ),
+            (
+                r#"{"o": "x"}"#,
+                "invalid type: string, expected a JSON object",
+            ),
+            (
+                r#"{"o": 3}"#,
+                "invalid type: number, expected a JSON object",
+            ),
             (r#"{"o": {"n": 1e400}}"#, "number out of range"),
             (r#"{"o": {"n": [-1e400]}}"#, "number out of range"),
             (r#"{"o": {"s": "\ud800"}}"#, "hex escape"),
@@ -200,10 +212,18 @@ mod tests {
     fn shared_keys_go_under_the_own_ones() {
         let shared: Map<String, Value> =
             serde_json::from_str(r#"{"locale": "fr", "library": {"name": "x"}}"#).unwrap();
-        let o = read(r#"{"o": {"locale": "de"}}"#).unwrap().under(Some(&shared));
+        let o = read(r#"{"o": {"locale": "de"}}"#)
+            .unwrap()
+            .under(Some(&shared));
         let merged: Value = serde_json::from_str(o.text()).unwrap();
-        assert_eq!(merged, serde_json::json!({"locale": "de", "library": {"name": "x"}}));
+        assert_eq!(
+            merged,
+            serde_json::json!({"locale": "de", "library": {"name": "x"}})
+        );
         let o = RawObject::Empty.under(Some(&shared));
-        assert_eq!(serde_json::from_str::<Value>(o.text()).unwrap(), Value::Object(shared));
+        assert_eq!(
+            serde_json::from_str::<Value>(o.text()).unwrap(),
+            Value::Object(shared)
+        );
     }
 }

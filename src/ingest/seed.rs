@@ -106,6 +106,7 @@ pub fn parse(bytes: &[u8], received_at: DateTime<Utc>) -> Result<EventEnvelope, 
         context,
         integrations: Map::new(),
         source: Source::Seed,
+        traceparent: None,
     })
 }
 

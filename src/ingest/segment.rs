@@ -263,6 +263,7 @@ pub fn normalize<'a>(
         context: message.context.under(shared.context),
         integrations: message.integrations.under(shared.integrations),
         source: Source::Segment,
+        traceparent: None,
     })
 }
 

@@ -64,6 +64,22 @@ impl Processor for ProfileProcessor {
         topic: &str,
         offsets: Vec<OffsetAdvance>,
     ) -> Result<BatchOutcome, StoreError> {
+        // In the trace of each request whose events are in the batch.
+        let _spans = crate::telemetry::spans_following(
+            prepared
+                .iter()
+                .filter_map(|(event, _)| event.traceparent.as_deref()),
+            || {
+                tracing::info_span!(
+                    parent: None,
+                    "store commit",
+                    otel.kind = "consumer",
+                    processor = PROCESSOR,
+                    messaging.destination.name = %topic,
+                    messaging.batch.message_count = prepared.len(),
+                )
+            },
+        );
         let batch = ProfileBatch {
             processor: PROCESSOR,
             topic,

@@ -38,6 +38,7 @@ fn event(
         context: Map::new(),
         integrations: Map::new(),
         source: Source::Segment,
+        traceparent: None,
     }
 }
 

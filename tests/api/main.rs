@@ -34,3 +34,4 @@ mod rate_limits;
 mod seed;
 mod segment;
 mod store;
+mod traces;

@@ -330,7 +330,7 @@ async fn log_lines_of_a_request_carry_its_request_id() {
 }
 
 /// Runs `traitline events tail` on the test's embedded log.
-fn tail(dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
+pub fn tail(dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
     let output = Command::new(binary())
         .args(["events", "tail"])
         .args(args)

@@ -44,6 +44,7 @@ fn track(user: &str, message_id: &str) -> (EventEnvelope, String) {
         context: Default::default(),
         integrations: Default::default(),
         source: Source::Segment,
+        traceparent: None,
     };
     let text = serde_json::to_string(&event).unwrap();
     (event, text)
