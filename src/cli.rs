@@ -40,14 +40,25 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Rebuild every profile from the log, from its first record (stop the
-    /// service's process role first)
-    Replay,
+    /// Rebuild every profile from the newest snapshot and the log after it,
+    /// or from the log's first record (stop the service's process role
+    /// first)
+    Replay(ReplayArgs),
+    /// Write a snapshot of every profile and the log offsets they reach
+    /// into snapshot-dir (safe while the service runs)
+    Snapshot,
     /// Measure a running service
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ReplayArgs {
+    /// Ignore the snapshots: rebuild from the first record of the log
+    #[arg(long)]
+    pub from_beginning: bool,
 }
 
 #[derive(Subcommand, Debug)]

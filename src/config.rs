@@ -216,6 +216,17 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
 
+    /// Directory of profile snapshots: `traitline snapshot` writes one,
+    /// `traitline replay` and a process role starting on an empty store
+    /// begin from the newest [default: <data-dir>/snapshots]
+    #[arg(long, env = "TRAITLINE_SNAPSHOT_DIR", global = true)]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Seconds between the snapshots a process role takes by itself (the
+    /// newest three are kept), e.g. 3600; 0: only on demand [default: 0]
+    #[arg(long, env = "TRAITLINE_SNAPSHOT_INTERVAL_SECS", global = true)]
+    pub snapshot_interval_secs: Option<u64>,
+
     /// OpenTelemetry collector to export spans to over OTLP/HTTP
     /// (protobuf), as a base URL such as http://localhost:4318 (spans go to
     /// its /v1/traces); a URL with a path is used as it is. Unset: no export
@@ -281,6 +292,10 @@ impl Settings {
                 .kafka_ssl_ca_location
                 .or(fallback.kafka_ssl_ca_location),
             log_format: self.log_format.or(fallback.log_format),
+            snapshot_dir: self.snapshot_dir.or(fallback.snapshot_dir),
+            snapshot_interval_secs: self
+                .snapshot_interval_secs
+                .or(fallback.snapshot_interval_secs),
             otlp_endpoint: self.otlp_endpoint.or(fallback.otlp_endpoint),
             otlp_sample_ratio: self.otlp_sample_ratio.or(fallback.otlp_sample_ratio),
         }
@@ -477,6 +492,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where spans are exported, when they are.
     pub otlp: Option<Otlp>,
+    /// Where profile snapshots are kept.
+    pub snapshot_dir: PathBuf,
+    /// How often the process role takes a snapshot; `None`: never.
+    pub snapshot_interval: Option<Duration>,
 }
 
 /// OTLP span export.
@@ -691,6 +710,14 @@ impl Config {
         };
 
         let otlp = otlp(s.otlp_endpoint.as_deref(), s.otlp_sample_ratio)?;
+        let snapshot_dir = s
+            .snapshot_dir
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or_else(|| data_dir.join("snapshots"));
+        let snapshot_interval = match s.snapshot_interval_secs.unwrap_or(0) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        };
 
         let database_url = s.database_url.filter(|u| !u.trim().is_empty());
         if let Some(url) = &database_url
@@ -718,6 +745,8 @@ impl Config {
             events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,
             otlp,
+            snapshot_dir,
+            snapshot_interval,
         })
     }
 }

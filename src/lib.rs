@@ -21,6 +21,7 @@ pub mod profile;
 pub mod query;
 pub mod replay;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod tail;
 pub mod telemetry;

@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
 use traitline::config::Config;
-use traitline::{bench, replay, server, tail, telemetry};
+use traitline::{bench, replay, server, snapshot, tail, telemetry};
 
 /// mimalloc instead of the system allocator: ingest allocates and frees
 /// many small strings and maps per event, and glibc malloc took a quarter
@@ -64,9 +64,10 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         } => tail::run(&config, &args, &mut std::io::stdout().lock())
             .await
             .map_err(|e| e.to_string()),
-        Command::Replay => replay::run(&config, &mut std::io::stderr())
+        Command::Replay(args) => replay::run(&config, &args, &mut std::io::stderr())
             .await
             .map(|_| ()),
+        Command::Snapshot => snapshot::run(&config).await,
         Command::Bench {
             command: BenchCommand::Ingest(args),
         } => bench::run_ingest(&config, args)

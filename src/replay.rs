@@ -1,6 +1,7 @@
-//! `traitline replay`: rebuilds every profile from the log, from its first
-//! record (event sourcing). The profile store is emptied (deleted ids stay
-//! deleted), then the profile processor reads `user_events` to its end
+//! `traitline replay`: rebuilds every profile from the log (event
+//! sourcing). The profile store is set to the newest snapshot when there is
+//! one (see [`crate::snapshot`]), else emptied (deleted ids stay deleted);
+//! then the profile processor reads `user_events` from there to its end
 //! with a consumer group of its own, showing progress as it goes.
 //!
 //! Run it with the service's process role stopped: in embedded mode the
@@ -9,6 +10,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::cli::ReplayArgs;
 use crate::config::Config;
 use crate::log;
 use crate::process::RunnerStats;
@@ -37,6 +39,7 @@ impl ReplayReport {
 /// Rebuilds the profiles, writing progress lines to `progress`.
 pub async fn run(
     config: &Config,
+    args: &ReplayArgs,
     progress: &mut (impl Write + Send),
 ) -> Result<ReplayReport, String> {
     let store = Store::open(config.database_url.as_deref(), &config.data_dir)
@@ -45,14 +48,29 @@ pub async fn run(
     let log = log::open(config)
         .await
         .map_err(|e| format!("{e} (is the service still running?)"))?;
-    store
-        .reset_profiles(PROCESSOR)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = writeln!(
-        progress,
-        "replay: profiles cleared; rebuilding them from the log"
-    );
+    match crate::snapshot::latest(config).filter(|_| !args.from_beginning) {
+        Some(path) => {
+            let info = crate::snapshot::restore(config, &store, &path, false)
+                .await?
+                .ok_or("the snapshot was not restored")?;
+            let _ = writeln!(
+                progress,
+                "replay: restored the snapshot {} ({}); rebuilding the rest from the log",
+                path.display(),
+                crate::snapshot::describe(&info)
+            );
+        }
+        None => {
+            store
+                .reset_profiles(PROCESSOR)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = writeln!(
+                progress,
+                "replay: profiles cleared; rebuilding them from the log"
+            );
+        }
+    }
 
     let started = Instant::now();
     let mut totals = RunnerStats::default();

@@ -45,6 +45,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Read(#[from] ReadError),
+    #[error("{0} (setting snapshot-dir; move the file away to start from the log instead)")]
+    Snapshot(String),
 }
 
 /// How long the log may take to write out what it holds at shutdown.
@@ -75,6 +77,7 @@ pub async fn serve(
         let stop = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
+        start_from_snapshot(&config, store).await?;
         let runner = profile_runner(
             &config,
             store.clone(),
@@ -104,6 +107,14 @@ pub async fn serve(
             config.events_retention,
             stop(stopped.clone()),
         )));
+        if let Some(interval) = config.snapshot_interval {
+            processors.push(tokio::spawn(crate::snapshot::every(
+                config.clone(),
+                store.clone(),
+                interval,
+                stop(stopped.clone()),
+            )));
+        }
     }
     let state = Readying {
         log: log.clone(),
@@ -129,6 +140,24 @@ pub async fn serve(
         store.close().await;
     }
     tracing::info!("Traitline stopped");
+    Ok(())
+}
+
+/// A store the profile processor has never committed to starts from the
+/// newest snapshot, when there is one, instead of the log's beginning.
+async fn start_from_snapshot(config: &Config, store: &Store) -> Result<(), ServeError> {
+    let Some(path) = crate::snapshot::latest(config) else {
+        return Ok(());
+    };
+    match crate::snapshot::restore(config, store, &path, true).await {
+        Ok(Some(info)) => tracing::info!(
+            "the store was empty: restored the snapshot {} ({}); processing the log from there",
+            path.display(),
+            crate::snapshot::describe(&info)
+        ),
+        Ok(None) => {}
+        Err(reason) => return Err(ServeError::Snapshot(reason)),
+    }
     Ok(())
 }
 

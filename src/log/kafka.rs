@@ -711,6 +711,21 @@ impl LogReader for KafkaReader {
             })
     }
 
+    fn assigned(&self) -> Vec<i32> {
+        if !self.grouped {
+            return Vec::new();
+        }
+        self.consumer
+            .assignment()
+            .map(|list| {
+                list.elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn take_assignment_change(&mut self) -> bool {
         if !self.rebalanced.swap(false, Ordering::AcqRel) {
             return false;

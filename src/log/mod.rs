@@ -118,6 +118,12 @@ pub trait LogReader: Send {
         false
     }
 
+    /// The partitions a consumer group gave this reader (none for readers
+    /// that read every partition).
+    fn assigned(&self) -> Vec<i32> {
+        Vec::new()
+    }
+
     /// Tells the log how far a consumer has durably got (Kafka: the
     /// consumer group's committed offsets), best effort: the store's
     /// offsets are the truth, this only makes a restart start closer.

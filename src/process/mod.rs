@@ -186,6 +186,7 @@ impl<P: Processor> Runner<P> {
             }
             self.stored = Some(stored);
         }
+        let mut unseeked = false;
         loop {
             let polled = tokio::select! {
                 biased;
@@ -205,6 +206,16 @@ impl<P: Processor> Runner<P> {
                 // Partitions came or went: trust nothing remembered.
                 self.positions.clear();
                 self.stored = None;
+                unseeked = true;
+            }
+            if unseeked {
+                // Start each new partition where the store is, not where
+                // the group committed: a new store, or one restored from a
+                // snapshot, may be behind it, and an idle partition would
+                // otherwise never show the gap. A partition not yet
+                // fetching refuses the seek; it is tried again next time.
+                let assigned = self.reader.assigned();
+                unseeked = !self.seek_to_store(&assigned).await;
             }
             let records = match self.admit(polled.records).await {
                 Ok(records) => records,
@@ -466,16 +477,27 @@ impl<P: Processor> Runner<P> {
     /// fenced partitions back to them.
     async fn refence(&mut self, partitions: &[i32]) {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).fenced += 1;
+        self.seek_to_store(partitions).await;
+    }
+
+    /// Reloads the store's offsets and moves `partitions` to them (the
+    /// oldest record where none is stored). False when the offsets could
+    /// not be read or a partition refused the seek.
+    async fn seek_to_store(&mut self, partitions: &[i32]) -> bool {
         self.stored = None;
         self.positions.clear();
-        if let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await {
-            for partition in partitions {
-                if let Err(e) = self.reader.seek(*partition, stored.get(partition).copied()) {
-                    tracing::debug!("{e}");
-                }
+        let Ok(stored) = self.processor.stored_offsets(&self.settings.topic).await else {
+            return false;
+        };
+        let mut all = true;
+        for partition in partitions {
+            if let Err(e) = self.reader.seek(*partition, stored.get(partition).copied()) {
+                tracing::debug!("{e}");
+                all = false;
             }
-            self.stored = Some(stored);
         }
+        self.stored = Some(stored);
+        all
     }
 
     /// Publishes rejects to the dead-letter topic, retrying until it works

@@ -109,6 +109,7 @@ macro_rules! in_write_transaction {
 pub(crate) use in_write_transaction;
 
 mod profiles;
+pub mod snapshot;
 
 /// The store of one deployment. Cheap to clone (a pool inside).
 #[derive(Debug, Clone)]

@@ -58,7 +58,7 @@ impl Dialect {
     }
 
     /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
-    fn tuples(self, rows: usize, columns: usize) -> String {
+    pub(super) fn tuples(self, rows: usize, columns: usize) -> String {
         (0..rows)
             .map(|r| format!("({})", self.params(columns, 1 + r * columns)))
             .collect::<Vec<_>>()

@@ -417,7 +417,7 @@ async fn changes_are_published_in_order_and_a_delete_publishes_a_tombstone(backe
 }
 
 /// Every profile the store holds, in a stable order.
-async fn all_profiles(app: &crate::helpers::TestApp) -> Vec<Value> {
+pub async fn all_profiles(app: &crate::helpers::TestApp) -> Vec<Value> {
     let (status, page) = app.get_as("/v1/profiles?limit=1000", READ_KEY).await;
     assert_eq!(status, StatusCode::OK);
     let mut profiles = page["profiles"].as_array().unwrap().clone();
@@ -425,30 +425,29 @@ async fn all_profiles(app: &crate::helpers::TestApp) -> Vec<Value> {
     profiles
 }
 
-async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let mut batch = Vec::new();
-    for i in 0..300 {
-        let user = format!("r{}", i % 20);
-        let anon = format!("ra{}", i % 20);
-        batch.push(match i % 6 {
-            0 => json!({"type": "track", "anonymousId": anon, "event": "Browse", "messageId": format!("r-{i}")}),
-            1 => json!({"type": "identify", "userId": user, "anonymousId": anon, "traits": {"n": i}, "messageId": format!("r-{i}")}),
-            2 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$set": {"last": i}}, "messageId": format!("r-{i}")}),
-            3 => json!({"type": "alias", "userId": user, "previousId": format!("old-{}", i % 7), "messageId": format!("r-{i}")}),
-            4 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$unset": ["n"]}, "messageId": format!("r-{i}")}),
-            _ => json!({"type": "page", "userId": user, "name": "Home", "messageId": format!("r-{i}")}),
-        });
-    }
-    // Client retries: one event in ten sent again, the same event with the
-    // same message id.
-    let resent: Vec<Value> = batch.iter().step_by(10).cloned().collect();
-    batch.extend(resent);
-    let unique: std::collections::HashSet<&str> = batch
-        .iter()
-        .map(|e| e["messageId"].as_str().unwrap())
-        .collect();
-    for chunk in batch.chunks(50) {
+/// Events `range` of a mix for 20 users: anonymous browsing, identifies
+/// that link it (merges), trait sets and unsets, aliases, page views.
+pub fn mixed_events(range: std::ops::Range<usize>) -> Vec<Value> {
+    range
+        .map(|i| {
+            let user = format!("r{}", i % 20);
+            let anon = format!("ra{}", i % 20);
+            match i % 6 {
+                0 => json!({"type": "track", "anonymousId": anon, "event": "Browse", "messageId": format!("r-{i}")}),
+                1 => json!({"type": "identify", "userId": user, "anonymousId": anon, "traits": {"n": i}, "messageId": format!("r-{i}")}),
+                2 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$set": {"last": i}}, "messageId": format!("r-{i}")}),
+                3 => json!({"type": "alias", "userId": user, "previousId": format!("old-{}", i % 7), "messageId": format!("r-{i}")}),
+                4 => json!({"type": "track", "userId": user, "event": "Buy", "properties": {"$unset": ["n"]}, "messageId": format!("r-{i}")}),
+                _ => json!({"type": "page", "userId": user, "name": "Home", "messageId": format!("r-{i}")}),
+            }
+        })
+        .collect()
+}
+
+/// Sends `events` in batches of 50 and waits until the profiles count
+/// `applied` events in all.
+pub async fn send_and_wait(app: &crate::helpers::TestApp, events: &[Value], applied: usize) {
+    for chunk in events.chunks(50) {
         assert_eq!(
             app.post("/v1/batch", &json!({"batch": chunk}))
                 .await
@@ -460,21 +459,35 @@ async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) 
         "every unique event applied",
         Duration::from_secs(60),
         || async {
-            let total: u64 = all_profiles(&app)
+            let total: u64 = all_profiles(app)
                 .await
                 .iter()
                 .map(|p| p["event_count"].as_u64().unwrap())
                 .sum();
-            total == unique.len() as u64
+            total == applied as u64
         },
     )
     .await;
+}
+
+async fn replay_rebuilds_the_same_profiles_as_live_processing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut batch = mixed_events(0..300);
+    // Client retries: one event in ten sent again, the same event with the
+    // same message id.
+    let resent: Vec<Value> = batch.iter().step_by(10).cloned().collect();
+    batch.extend(resent);
+    let unique: std::collections::HashSet<&str> = batch
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    send_and_wait(&app, &batch, unique.len()).await;
     let live = all_profiles(&app).await;
     let config = app.config.clone();
     let settings_dir = app.stop().await;
 
     let mut progress = Vec::new();
-    let report = traitline::replay::run(&config, &mut progress)
+    let report = traitline::replay::run(&config, &Default::default(), &mut progress)
         .await
         .expect("the replay runs");
     assert_eq!(report.applied as usize, unique.len());

@@ -1,0 +1,444 @@
+//! Snapshots of what the profile processor made: every profile, id, change
+//! and stored event, the deleted ids, and the processor's offsets, read in
+//! one consistent transaction. Restored, they put a store where the
+//! processor was when the snapshot was taken, so it reads the log on from
+//! those offsets instead of from the beginning.
+//!
+//! The format is JSON lines: a `snapshot` line (when, which processor,
+//! its offsets), one `row` line a table row, and an `end` line with the row
+//! counts, which is how a cut-off snapshot is told from a whole one.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+
+use futures_util::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+
+use super::{Dialect, Store, StoreError, now_ms};
+
+/// How a column is read and bound.
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    NullableText,
+    Int,
+}
+
+/// A table a snapshot holds, and its columns in order.
+struct Table {
+    name: &'static str,
+    columns: &'static [(&'static str, Kind)],
+}
+
+use Kind::{Int, NullableText, Text};
+
+/// What a snapshot holds, in the order it is restored.
+const TABLES: [Table; 5] = [
+    Table {
+        name: "profiles",
+        columns: &[
+            ("profile_id", Text),
+            ("user_id", NullableText),
+            ("state_json", Text),
+            ("updated_at", Int),
+        ],
+    },
+    Table {
+        name: "identities",
+        columns: &[("distinct_id", Text), ("profile_id", Text)],
+    },
+    Table {
+        name: "profile_changes",
+        columns: &[
+            ("change_id", Int),
+            ("profile_id", Text),
+            ("user_id", NullableText),
+            ("before_view", NullableText),
+            ("after_view", NullableText),
+            ("causes", Text),
+            ("changed_at", Int),
+            ("published", Int),
+        ],
+    },
+    Table {
+        name: "events",
+        columns: &[
+            ("message_id", Text),
+            ("profile_id", Text),
+            ("type", Text),
+            ("event", NullableText),
+            ("occurred_at", Int),
+            ("received_at", Int),
+            ("body", Text),
+        ],
+    },
+    Table {
+        name: "deleted_ids",
+        columns: &[("distinct_id", Text), ("deleted_at", Int)],
+    },
+];
+
+/// The rows of a table restored with one statement.
+const ROWS_PER_INSERT: usize = 200;
+
+/// The snapshot format this build writes and reads.
+const FORMAT: u32 = 1;
+
+/// What a snapshot is of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub format: u32,
+    /// When it was taken, in milliseconds since the Unix epoch.
+    pub taken_at_ms: i64,
+    /// The processor whose work it holds (`profiles`).
+    pub processor: String,
+    /// Where that processor was: the next offset of each partition.
+    pub offsets: Vec<SnapshotOffset>,
+    /// Rows of each table; known once it is written or read whole.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rows: BTreeMap<String, u64>,
+}
+
+impl SnapshotInfo {
+    /// Records the snapshot covers: the sum of its next offsets.
+    pub fn records(&self) -> i64 {
+        self.offsets.iter().map(|o| o.next_offset).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Snapshot(SnapshotInfo),
+    Row { table: String, values: Vec<Value> },
+    End { rows: BTreeMap<String, u64> },
+}
+
+/// Why a snapshot could not be written or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the snapshot: {0}")]
+    Write(std::io::Error),
+    #[error("the snapshot cannot be read: {0}")]
+    Invalid(String),
+}
+
+impl From<sqlx::Error> for SnapshotError {
+    fn from(e: sqlx::Error) -> Self {
+        SnapshotError::Store(StoreError::Database(e))
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid(reason.into())
+}
+
+fn write_line(out: &mut impl Write, line: &Line) -> Result<(), SnapshotError> {
+    serde_json::to_writer(&mut *out, line).map_err(|e| SnapshotError::Write(e.into()))?;
+    out.write_all(b"\n").map_err(SnapshotError::Write)
+}
+
+impl Store {
+    /// Writes a snapshot of `processor`'s work to `out`, read in one
+    /// transaction that sees a single committed state, so the rows and the
+    /// offsets agree even while processors commit beside it.
+    pub async fn write_snapshot(
+        &self,
+        processor: &str,
+        out: &mut impl Write,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let mut tx = match self.dialect {
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+            // A read transaction in WAL mode reads one state throughout.
+            Dialect::Sqlite => self.pool.begin_with("BEGIN DEFERRED").await?,
+        };
+        let offsets = sqlx::query(
+            "SELECT topic, partition, next_offset FROM processor_offsets \
+             WHERE processor = $1 ORDER BY topic, partition",
+        )
+        .bind(processor)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(SnapshotOffset {
+                topic: row.try_get(0)?,
+                partition: row.try_get(1)?,
+                next_offset: row.try_get(2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let mut info = SnapshotInfo {
+            format: FORMAT,
+            taken_at_ms: now_ms(),
+            processor: processor.to_owned(),
+            offsets,
+            rows: BTreeMap::new(),
+        };
+        write_line(out, &Line::Snapshot(info.clone()))?;
+        for table in &TABLES {
+            let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+            let sql = format!(
+                "SELECT {} FROM {} ORDER BY {}",
+                columns.join(", "),
+                table.name,
+                columns[0]
+            );
+            let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *tx);
+            let mut count = 0u64;
+            while let Some(row) = rows.try_next().await? {
+                let values = read_row(&row, table)?;
+                write_line(
+                    out,
+                    &Line::Row {
+                        table: table.name.to_owned(),
+                        values,
+                    },
+                )?;
+                count += 1;
+            }
+            info.rows.insert(table.name.to_owned(), count);
+        }
+        drop(tx);
+        write_line(
+            out,
+            &Line::End {
+                rows: info.rows.clone(),
+            },
+        )?;
+        out.flush().map_err(SnapshotError::Write)?;
+        Ok(info)
+    }
+
+    /// Replaces `processor`'s work in this store with the snapshot read
+    /// from `input`, in one transaction: every row, and the offsets the
+    /// processor goes on from. Deleted ids are added to the ones here.
+    /// Refused (nothing changed) when the snapshot is of another processor,
+    /// of topics other than `topics`, or cut off.
+    ///
+    /// With `only_into_empty`, a store where the processor has stored
+    /// offsets is left as it is and `None` returned: how a new instance
+    /// starts from a snapshot while instances that share its database and
+    /// start at the same time restore it once.
+    pub async fn restore_snapshot(
+        &self,
+        processor: &str,
+        topics: &[String],
+        input: impl BufRead,
+        only_into_empty: bool,
+    ) -> Result<Option<SnapshotInfo>, SnapshotError> {
+        let mut lines = input.lines();
+        let mut next_line = move || -> Result<Option<Line>, SnapshotError> {
+            match lines.next() {
+                None => Ok(None),
+                Some(line) => {
+                    let line = line.map_err(|e| invalid(e.to_string()))?;
+                    serde_json::from_str(&line)
+                        .map(Some)
+                        .map_err(|e| invalid(format!("a line is not snapshot JSON ({e})")))
+                }
+            }
+        };
+        let Some(Line::Snapshot(mut info)) = next_line()? else {
+            return Err(invalid("it does not start with a snapshot line"));
+        };
+        if info.format != FORMAT {
+            return Err(invalid(format!(
+                "format {} (this build reads format {FORMAT})",
+                info.format
+            )));
+        }
+        if info.processor != processor {
+            return Err(invalid(format!(
+                "it holds the work of processor `{}`, not `{processor}`",
+                info.processor
+            )));
+        }
+        if let Some(other) = info.offsets.iter().find(|o| !topics.contains(&o.topic)) {
+            return Err(invalid(format!(
+                "it was taken from topic `{}`, which is not one of this configuration's ({}); is topic-prefix the same?",
+                other.topic,
+                topics.join(", ")
+            )));
+        }
+
+        let mut tx = self.begin_write().await?;
+        if self.dialect == Dialect::Postgres {
+            // Instances restoring at once take turns; the later ones then
+            // see the offsets the first stored.
+            sqlx::query("LOCK TABLE processor_offsets IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
+        if only_into_empty {
+            let stored: i64 =
+                sqlx::query("SELECT COUNT(*) FROM processor_offsets WHERE processor = $1")
+                    .bind(processor)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
+            if stored > 0 {
+                return Ok(None);
+            }
+        }
+        for table in TABLES.iter().filter(|t| t.name != "deleted_ids") {
+            let sql = format!("DELETE FROM {}", table.name);
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM processor_offsets WHERE processor = $1")
+            .bind(processor)
+            .execute(&mut *tx)
+            .await?;
+        let now = now_ms();
+        for offset in &info.offsets {
+            sqlx::query(
+                "INSERT INTO processor_offsets (processor, topic, partition, next_offset, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(processor)
+            .bind(&offset.topic)
+            .bind(offset.partition)
+            .bind(offset.next_offset)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut pending: Vec<Vec<Value>> = Vec::new();
+        let mut pending_table: Option<&Table> = None;
+        let end = loop {
+            let line = next_line()?;
+            let row_table = match &line {
+                Some(Line::Row { table, .. }) => Some(
+                    TABLES
+                        .iter()
+                        .find(|t| t.name == table)
+                        .ok_or_else(|| invalid(format!("unknown table `{table}`")))?,
+                ),
+                _ => None,
+            };
+            let switching =
+                pending_table.is_some_and(|p| row_table.is_none_or(|t| t.name != p.name));
+            if let Some(table) = pending_table
+                && (switching || pending.len() >= ROWS_PER_INSERT)
+            {
+                insert_rows(&mut tx, self.dialect, table, &pending).await?;
+                pending.clear();
+            }
+            match line {
+                Some(Line::Row { values, .. }) => {
+                    let table = row_table.unwrap_or(&TABLES[0]);
+                    if values.len() != table.columns.len() {
+                        return Err(invalid(format!(
+                            "a `{}` row has {} values, not {}",
+                            table.name,
+                            values.len(),
+                            table.columns.len()
+                        )));
+                    }
+                    *counts.entry(table.name.to_owned()).or_default() += 1;
+                    pending.push(values);
+                    pending_table = Some(table);
+                }
+                Some(Line::End { rows }) => break rows,
+                Some(Line::Snapshot(_)) => return Err(invalid("a second snapshot line")),
+                None => return Err(invalid("it is cut off (no end line)")),
+            }
+        };
+        counts.retain(|_, n| *n > 0);
+        let mut expected = end.clone();
+        expected.retain(|_, n| *n > 0);
+        if counts != expected {
+            return Err(invalid(format!(
+                "its end line counts {expected:?} rows, but it holds {counts:?}"
+            )));
+        }
+        if self.dialect == Dialect::Postgres {
+            // Change ids go on after the restored ones, never back.
+            sqlx::query(
+                "SELECT setval('profile_changes_change_id_seq', m) FROM \
+                 (SELECT MAX(change_id) AS m FROM profile_changes) AS restored \
+                 WHERE m > (SELECT last_value FROM profile_changes_change_id_seq)",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        info.rows = end;
+        Ok(Some(info))
+    }
+}
+
+fn read_row(row: &AnyRow, table: &Table) -> Result<Vec<Value>, sqlx::Error> {
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| {
+            Ok(match kind {
+                Kind::Text => Value::from(row.try_get::<String, _>(i)?),
+                Kind::NullableText => row
+                    .try_get::<Option<String>, _>(i)?
+                    .map_or(Value::Null, Value::from),
+                Kind::Int => Value::from(row.try_get::<i64, _>(i)?),
+            })
+        })
+        .collect()
+}
+
+/// Inserts `rows` into `table`; deleted ids keep the later deletion time.
+async fn insert_rows(
+    tx: &mut AnyConnection,
+    dialect: Dialect,
+    table: &Table,
+    rows: &[Vec<Value>],
+) -> Result<(), SnapshotError> {
+    let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+    let conflict = if table.name == "deleted_ids" {
+        " ON CONFLICT (distinct_id) DO UPDATE SET deleted_at = CASE \
+         WHEN excluded.deleted_at > deleted_ids.deleted_at THEN excluded.deleted_at \
+         ELSE deleted_ids.deleted_at END"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES {}{conflict}",
+        table.name,
+        columns.join(", "),
+        dialect.tuples(rows.len(), columns.len())
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for values in rows {
+        for (value, (column, kind)) in values.iter().zip(table.columns) {
+            let wrong = || invalid(format!("`{}.{column}` holds {value}", table.name));
+            query = match kind {
+                Kind::Text => query.bind(value.as_str().ok_or_else(wrong)?.to_owned()),
+                Kind::NullableText => match value {
+                    Value::Null => query.bind(None::<String>),
+                    Value::String(s) => query.bind(Some(s.clone())),
+                    _ => return Err(wrong()),
+                },
+                Kind::Int => query.bind(value.as_i64().ok_or_else(wrong)?),
+            };
+        }
+    }
+    query.execute(&mut *tx).await?;
+    Ok(())
+}
