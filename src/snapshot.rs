@@ -129,7 +129,7 @@ pub fn describe(info: &SnapshotInfo) -> String {
         .unwrap_or_default();
     let rows = |table: &str| info.rows.get(table).copied().unwrap_or(0);
     format!(
-        "taken {taken}: {} profiles, {} ids, {} stored events, {} changes, {} records of the log in",
+        "taken {taken}: {} profiles, {} ids, {} stored events, {} changes, through {} log records",
         rows("profiles"),
         rows("identities"),
         rows("events"),
