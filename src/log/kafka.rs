@@ -530,7 +530,11 @@ fn reader_consumer(
         // (librdkafka: 500 ms). Kafka answers as soon as data arrives, but
         // some brokers (tansu) hold every fetch the full time, which is
         // then the floor of end-to-end latency.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // What librdkafka fetches ahead of the processor (default 64 MiB):
+        // when the processor stops reading (a stalled store), fetching
+        // stops at this bound, so memory does not grow with the backlog.
+        .set("queued.max.messages.kbytes", "16384");
     for (name, value) in &settings.options {
         config.set(name, value);
     }

@@ -454,3 +454,134 @@ async fn memory_stays_bounded_while_a_stalled_log_is_flooded() {
     )
     .await;
 }
+
+/// Seed 001's back-pressure: a store that stops committing (its offsets
+/// table locked) pauses the processor, and with it the consumer's fetching
+/// once librdkafka's bounded prefetch is full, while ingest goes on into a
+/// backlog far larger than that bound. Resident memory stays under a bound
+/// the backlog alone would break; once the store is back, processing
+/// resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_pauses_the_processor_and_memory_stays_bounded() {
+    const BOUND_KIB: u64 = 192 * 1024;
+    let dir = crate::helpers::TestDir::new();
+    let broker = OwnBroker::start(dir.path()).await;
+    let database = crate::helpers::test_database().await;
+    let mut env = crate::helpers::embedded_env(dir.path());
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", broker.brokers.clone()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".into()),
+        ("TRAITLINE_DATABASE_URL", database.clone()),
+    ]);
+    let service = crate::helpers::ServiceProcess::start(
+        dir.path(),
+        "service",
+        &[],
+        &crate::helpers::env_refs(&env),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let applied = || async {
+        let text = client
+            .get(service.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("traitline_processor_events_total")
+                    && l.contains(r#"outcome="applied""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let answer = client
+        .post(service.url("/v1/track"))
+        .basic_auth(crate::helpers::WRITE_KEY, Some(""))
+        .json(&json!({"userId": "first", "event": "e"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    wait_for("the processor to run", Duration::from_secs(60), || async {
+        applied().await == 1
+    })
+    .await;
+
+    // The store stalls: every commit waits on the offsets table.
+    let mut lock = <sqlx::PgConnection as sqlx::Connection>::connect(&database)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE processor_offsets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let pid = service.child.id();
+    let resident_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    // Floods until the backlog is larger than the bound (the machine's
+    // speed varies): an envelope of the load generator's is about 400
+    // bytes; 350 is counted.
+    let mut highest = 0;
+    let mut stored = 0u64;
+    for _round in 0..8 {
+        let flood = tokio::process::Command::new(crate::helpers::binary())
+            .args(["bench", "ingest", "--url", &service.base])
+            .args(["--write-key", crate::helpers::WRITE_KEY])
+            .args(["--concurrency", "16", "--batch-size", "500"])
+            .args(["--duration-secs", "6", "--warmup-secs", "0"])
+            .env_remove("TRAITLINE_LISTEN")
+            .output();
+        tokio::pin!(flood);
+        let output = loop {
+            tokio::select! {
+                output = &mut flood => break output.unwrap(),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    highest = highest.max(resident_kib());
+                }
+            }
+        };
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{report}");
+        stored += report
+            .split("events: ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no event count in:\n{report}"));
+        if stored * 350 / 1024 > BOUND_KIB {
+            break;
+        }
+    }
+    let backlog_kib = stored * 350 / 1024;
+    eprintln!(
+        "stalled store: {stored} events stored (~{backlog_kib} KiB) unprocessed; highest resident memory {highest} KiB"
+    );
+    assert!(
+        backlog_kib > BOUND_KIB,
+        "the backlog ({backlog_kib} KiB) must exceed the bound to show anything"
+    );
+    assert_eq!(
+        applied().await,
+        1,
+        "nothing is applied while the store is stalled"
+    );
+    assert!(
+        highest < BOUND_KIB,
+        "resident memory reached {highest} KiB, over the {BOUND_KIB} KiB bound"
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    wait_for("processing to resume", Duration::from_secs(60), || async {
+        applied().await > 1_000
+    })
+    .await;
+}
