@@ -12,7 +12,7 @@
 //! request in it). Nothing of this runs when export is off.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider;
@@ -27,6 +27,13 @@ use crate::config::{LogFormat, Otlp};
 
 /// Whether spans are exported (set once, by [`init`]).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The share of new traces sampled, as `f64` bits (set once, by [`init`]).
+static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(0);
+
+/// The target of the spans that are exported. Only a sampled request
+/// makes them, so an unsampled one costs no more than with export off.
+pub const TRACE_TARGET: &str = "traitline::trace";
 
 /// Whether spans are exported: the tracing work of the hot paths is done
 /// only then.
@@ -67,15 +74,23 @@ pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, String>
     let provider = otlp.map(tracer_provider).transpose()?;
     // Only Traitline's own spans are exported, whatever RUST_LOG says.
     let spans = provider.as_ref().map(|provider| {
+        // No per-span source location, thread, target or busy/idle time:
+        // the request span is entered on every poll, and timing each
+        // entry was a measurable share of a request.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("traitline"))
-            .with_filter(Targets::new().with_target("traitline", tracing::Level::INFO))
+            .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_filter(Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO))
     });
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(spans)
         .init();
     if let Some(otlp) = otlp {
+        SAMPLE_RATIO.store(otlp.sample_ratio.to_bits(), Ordering::Relaxed);
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!(
             "exporting spans to {} (sampling {} of new traces)",
@@ -103,19 +118,58 @@ fn tracer_provider(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
         .with_service_name("traitline")
         .build();
     // The batch processor's own settings (queue size, delay) come from the
-    // standard OTEL_BSP_* variables.
+    // standard OTEL_BSP_* variables. Which requests are traced is decided
+    // before their spans are made ([`request_sampling`]).
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            otlp.sample_ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(resource)
         .build())
 }
 
-/// The W3C `traceparent` of the current span, when spans are exported.
-pub fn traceparent() -> Option<String> {
+/// Whether the current span is one that is exported: the work under it
+/// (a log append) gets a span of its own.
+pub fn in_trace() -> bool {
+    exporting()
+        && tracing::Span::current()
+            .metadata()
+            .is_some_and(|m| m.target() == TRACE_TARGET)
+}
+
+/// Whether a request is traced, and under which parent: a caller's
+/// `traceparent` decides for its trace (sampled or not); without one, the
+/// request starts a new trace with the chance `otlp-sample-ratio`.
+fn request_sampling(headers: &axum::http::HeaderMap) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::TraceContextExt;
     if !exporting() {
+        return None;
+    }
+    if headers.contains_key("traceparent") {
+        let caller = TraceContextPropagator::new().extract(&Headers(headers));
+        let span = caller.span().span_context().clone();
+        // A traceparent that does not parse starts a new trace.
+        if span.is_valid() {
+            return span.is_sampled().then_some(caller);
+        }
+    }
+    let ratio = f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed));
+    (chance() < ratio).then(opentelemetry::Context::new)
+}
+
+/// A number in [0, 1), different each call: a counter through splitmix64
+/// (no system call, unlike a UUID).
+fn chance() -> f64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let mut z = COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The W3C `traceparent` of the current span, when it is exported.
+pub fn traceparent() -> Option<String> {
+    if !in_trace() {
         return None;
     }
     let mut carrier = HashMap::new();
@@ -166,8 +220,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 
 /// Middleware: runs each request inside a span carrying its request id,
 /// so every log line written while handling it names the request; answers
-/// the id in `x-request-id`. When spans are exported, the span is the
-/// request's server span (continuing a caller's `traceparent`).
+/// the id in `x-request-id`. When the request is traced
+/// ([`request_sampling`]), the span is its exported server span
+/// (continuing a caller's `traceparent`).
 pub async fn request_span(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -181,33 +236,32 @@ pub async fn request_span(
         .map_or_else(next_request_id, str::to_owned);
     let started = std::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let span = if exporting() {
-        let span = tracing::info_span!(
-            "request",
-            id = %id,
-            otel.name = %format!("{method} {path}"),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            url.path = %path,
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-        );
-        if request.headers().contains_key("traceparent") {
-            let caller = TraceContextPropagator::new().extract(&Headers(request.headers()));
-            // A traceparent that does not parse starts a new trace.
-            let _ = span.set_parent(caller);
+    let span = match request_sampling(request.headers()) {
+        Some(parent) => {
+            let span = tracing::info_span!(
+                target: TRACE_TARGET,
+                "request",
+                id = %id,
+                otel.name = %format!("{method} {path}"),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = %method,
+                url.path = %path,
+                http.route = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            );
+            let _ = span.set_parent(parent);
+            span
         }
-        span
-    } else {
         // One field only: the span's fields are formatted for every
         // request, and this is the hot path (the method and path are in
         // the answer line).
-        tracing::info_span!("request", id = %id)
+        None => tracing::info_span!("request", id = %id),
     };
+    let traced = span.metadata().is_some_and(|m| m.target() == TRACE_TARGET);
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
-    if exporting() {
+    if traced {
         if let Some(route) = response.extensions().get::<axum::extract::MatchedPath>() {
             span.record("otel.name", format!("{method} {}", route.as_str()));
             span.record("http.route", route.as_str());
@@ -261,4 +315,19 @@ pub async fn matched_route(
         response.extensions_mut().insert(route);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chance_is_spread_over_zero_to_one() {
+        let draws: Vec<f64> = (0..10_000).map(|_| chance()).collect();
+        assert!(draws.iter().all(|x| (0.0..1.0).contains(x)));
+        let below_a_tenth = draws.iter().filter(|x| **x < 0.1).count();
+        assert!((800..1200).contains(&below_a_tenth), "{below_a_tenth}");
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((0.47..0.53).contains(&mean), "{mean}");
+    }
 }

@@ -288,8 +288,9 @@ impl Ingest {
             );
             normal.and(overflow)
         };
-        let span = if crate::telemetry::exporting() {
+        let span = if crate::telemetry::in_trace() {
             tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
                 "log append",
                 otel.kind = "producer",
                 messaging.destination.name = %self.topic,

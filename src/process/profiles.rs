@@ -71,6 +71,7 @@ impl Processor for ProfileProcessor {
                 .filter_map(|(event, _)| event.traceparent.as_deref()),
             || {
                 tracing::info_span!(
+                    target: crate::telemetry::TRACE_TARGET,
                     parent: None,
                     "store commit",
                     otel.kind = "consumer",

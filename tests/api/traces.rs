@@ -94,6 +94,17 @@ async fn an_events_trace_covers_the_request_the_log_append_and_the_store_commit(
         .await
         .unwrap();
     assert_eq!(answer.status(), 200);
+    // A caller's trace it chose not to sample: nothing of it is exported.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let answer = client
+        .post(service.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("traceparent", format!("00-{unsampled}-b7ad6b7169203331-00"))
+        .json(&json!({"userId": "unsampled", "event": "Untraced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
     // A new trace, for a batch of two users.
     let answer = client
         .post(service.url("/v1/batch"))
@@ -170,6 +181,8 @@ async fn an_events_trace_covers_the_request_the_log_append_and_the_store_commit(
         },
     )
     .await;
+    // Exported in order: by now the unsampled request's would be here.
+    assert!(trace_spans(&received, unsampled).is_empty());
 }
 
 #[tokio::test]
