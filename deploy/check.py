@@ -50,7 +50,7 @@ def metrics_in(text):
 # Compose.
 compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 services = compose["services"]
-for name in ["kafka", "postgres", "traitline-ingest", "traitline-process", "traitline-query", "prometheus", "grafana"]:
+for name in ["kafka", "postgres", "traitline-ingest", "traitline-process", "traitline-query", "prometheus", "grafana", "jaeger"]:
     check(name in services, f"compose: no service {name}")
 check(not any("zookeeper" in n for n in services), "compose: ZooKeeper is not needed (KRaft)")
 kafka_env = services["kafka"]["environment"]
@@ -60,6 +60,7 @@ for role, replicas in [("ingest", 2), ("process", 2), ("query", 1)]:
     check(service["environment"].get("TRAITLINE_ROLES") == role, f"compose: traitline-{role} does not run role {role}")
     check(service.get("deploy", {}).get("replicas", 1) == replicas, f"compose: traitline-{role} needs {replicas} replicas")
     check("TRAITLINE_KAFKA_BROKERS" in service["environment"], f"compose: traitline-{role} has no Kafka")
+    check(service["environment"].get("TRAITLINE_OTLP_ENDPOINT", "").startswith("http://jaeger:4318"), f"compose: traitline-{role} does not send spans to Jaeger")
 prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
 scraped = prometheus["scrape_configs"][0]["dns_sd_configs"][0]["names"]
 check(set(scraped) == {"traitline-ingest", "traitline-process", "traitline-query"}, f"prometheus scrapes {scraped}")
