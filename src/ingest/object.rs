@@ -79,10 +79,27 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
         if !text.starts_with('{') {
             return Err(de::Error::invalid_type(unexpected(text), &"a JSON object"));
         }
-        serde_json::from_str::<Checked>(text)
-            .map_err(|e| de::Error::custom(strip_position(&e.to_string())))?;
+        if may_be_refused(text) {
+            serde_json::from_str::<Checked>(text)
+                .map_err(|e| de::Error::custom(strip_position(&e.to_string())))?;
+        }
         Ok(RawObject::Borrowed(raw))
     }
+}
+
+/// Whether valid JSON `text` may hold what a map refuses, so it must be
+/// read through: a number past an `f64` needs an exponent or 309 digits,
+/// a lone surrogate an escape. Most objects have neither, and this scan is
+/// a fraction of the cost of reading them.
+fn may_be_refused(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() >= 309
+        || bytes.iter().enumerate().any(|(i, &b)| {
+            b == b'\\'
+                || (matches!(b, b'e' | b'E')
+                    && i > 0
+                    && (bytes[i - 1].is_ascii_digit() || bytes[i - 1] == b'.'))
+        })
 }
 
 /// What a non-object value is, for the error.
@@ -202,6 +219,10 @@ mod tests {
             (r#"{"o": {"n": 1e400}}"#, "number out of range"),
             (r#"{"o": {"n": [-1e400]}}"#, "number out of range"),
             (r#"{"o": {"s": "\ud800"}}"#, "hex escape"),
+            (
+                &format!(r#"{{"o": {{"n": 1{}}}}}"#, "0".repeat(400)),
+                "number out of range",
+            ),
         ] {
             let err = read(json).unwrap_err();
             assert!(err.contains(says), "{json}: {err}");
