@@ -48,11 +48,12 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Exports the spans still buffered. Call outside the async runtime
-    /// (the exporter's HTTP client blocks).
+    /// Exports the spans still buffered, waiting at most 5 s for the
+    /// collector. Call outside the async runtime (the exporter's HTTP
+    /// client blocks).
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
-            && let Err(e) = provider.shutdown()
+            && let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
         {
             eprintln!("traitline: the last spans were not exported: {e}");
         }
