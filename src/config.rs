@@ -45,6 +45,13 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_TOPIC_PREFIX", global = true)]
     pub topic_prefix: Option<String>,
 
+    /// Kafka consumer group name the processors' groups start with
+    /// (`<group>-profiles`, `<group>-profiles_overflow`). Instances with one
+    /// database share it; a deployment with a database of its own reading
+    /// the same topics needs its own [default: <topic-prefix>traitline]
+    #[arg(long, env = "TRAITLINE_KAFKA_GROUP", global = true)]
+    pub kafka_group: Option<String>,
+
     /// Partitions of a topic Traitline creates (Kafka or embedded)
     /// [default: 8]
     #[arg(long, env = "TRAITLINE_PARTITIONS", global = true)]
@@ -249,6 +256,7 @@ impl Settings {
             kafka_brokers: self.kafka_brokers.or(fallback.kafka_brokers),
             database_url: self.database_url.or(fallback.database_url),
             topic_prefix: self.topic_prefix.or(fallback.topic_prefix),
+            kafka_group: self.kafka_group.or(fallback.kafka_group),
             partitions: self.partitions.or(fallback.partitions),
             write_keys: self.write_keys.or(fallback.write_keys),
             read_keys: self.read_keys.or(fallback.read_keys),
@@ -478,6 +486,8 @@ pub struct Config {
     pub log: LogBackend,
     pub database_url: Option<String>,
     pub topic_prefix: String,
+    /// The start of the processors' Kafka consumer group names.
+    pub kafka_group: String,
     pub partitions: i32,
     pub keys: KeySettings,
     pub roles: Roles,
@@ -565,6 +575,17 @@ impl Config {
                 ),
             ));
         }
+
+        let kafka_group = match s.kafka_group.filter(|g| !g.trim().is_empty()) {
+            None => format!("{topic_prefix}traitline"),
+            Some(group) if group.len() <= 200 && !group.chars().any(char::is_control) => group,
+            Some(group) => {
+                return Err(invalid(
+                    "kafka-group",
+                    format!("`{group}`: use up to 200 characters, none of them control characters"),
+                ));
+            }
+        };
 
         let log = match s.kafka_brokers.filter(|b| !b.trim().is_empty()) {
             None => LogBackend::Embedded,
@@ -735,6 +756,7 @@ impl Config {
             log,
             database_url,
             topic_prefix,
+            kafka_group,
             partitions,
             keys,
             roles,

@@ -226,7 +226,7 @@ pub fn profile_runner(
                     uuid::Uuid::new_v4().simple()
                 )
             } else {
-                format!("{}traitline-{name}", config.topic_prefix)
+                format!("{}-{name}", config.kafka_group)
             };
             Box::new(KafkaReader::join_group(settings, &topic, &group)?)
         }

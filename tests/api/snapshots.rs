@@ -130,9 +130,11 @@ async fn snapshot_plus_replay_equals_live(backend: Backend) {
     let _dir = replayed.stop().await;
 
     if backend == Backend::Kafka {
-        // A new instance with a database of its own, on the same topics:
-        // it starts from the snapshot and reads the rest of the log.
+        // A new instance with a database of its own (so a consumer group
+        // of its own), on the same topics: it starts from the snapshot and
+        // reads the rest of the log.
         let fresh = spawn_app_with(Backend::Kafka, |s| {
+            s.kafka_group = Some(format!("{prefix}fresh"));
             s.topic_prefix = Some(prefix);
             s.snapshot_dir = Some(snapshot_dir);
         })
