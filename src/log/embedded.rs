@@ -29,8 +29,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -220,11 +220,35 @@ struct Topic {
     round_robin: usize,
 }
 
+/// The synced length of each partition file this process writes, by its
+/// canonical path. Readers in this process stop there: a frame written
+/// but not yet synced is not read, so no processor commits an event a
+/// power loss could still take from the log (and the store's offsets can
+/// never get ahead of the log's). Readers in another process (`events
+/// tail`) find no entry and read what is in the file.
+static SYNCED: LazyLock<Mutex<HashMap<PathBuf, Arc<AtomicU64>>>> = LazyLock::new(Default::default);
+
+/// `path` with its directory made canonical (the file may not exist yet).
+fn synced_key(path: &Path) -> PathBuf {
+    path.parent()
+        .and_then(|dir| dir.canonicalize().ok())
+        .zip(path.file_name())
+        .map_or_else(|| path.to_owned(), |(dir, name)| dir.join(name))
+}
+
+/// The synced length of the file at `path`, when this process writes it.
+fn synced_len(path: &Path) -> Option<Arc<AtomicU64>> {
+    let registry = SYNCED.lock().unwrap_or_else(|e| e.into_inner());
+    registry.get(&synced_key(path)).cloned()
+}
+
 struct Partition {
     path: PathBuf,
     file: File,
     next_offset: u64,
     len: u64,
+    /// `len` for this process's readers, updated after each sync.
+    synced: Arc<AtomicU64>,
     /// Frames encoded in the current group, not yet written.
     pending: Vec<u8>,
     pending_records: u64,
@@ -376,11 +400,17 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
         .append(true)
         .open(&index_file)
         .map_err(io_err(&index_file))?;
+    let synced = Arc::new(AtomicU64::new(valid_len));
+    SYNCED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(synced_key(path), synced.clone());
     Ok(Partition {
         path: path.to_owned(),
         file,
         next_offset,
         len: valid_len,
+        synced,
         pending: Vec::new(),
         pending_records: 0,
         index,
@@ -554,6 +584,7 @@ fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::i
             .expect("touched topics are open")
             .partitions[*p];
         part.len += part.pending.len() as u64;
+        part.synced.store(part.len, Ordering::Release);
         part.next_offset += part.pending_records;
         part.pending.clear();
         part.pending_records = 0;
@@ -724,6 +755,8 @@ struct PartitionReader {
     partition: i32,
     path: PathBuf,
     position: u64,
+    /// How far the file is synced, when this process writes it.
+    synced: Option<Arc<AtomicU64>>,
     scanner: Option<FrameScanner<BufReader<File>>>,
     /// Records below this offset are read past, not returned (a seek).
     skip_below: i64,
@@ -775,6 +808,7 @@ impl EmbeddedReader {
                 partition: p,
                 path,
                 position,
+                synced: None,
                 scanner: None,
                 skip_below: 0,
                 next_offset: 0,
@@ -805,6 +839,9 @@ impl EmbeddedReader {
             }
             let part = &mut self.partitions[i];
             if part.scanner.is_none() {
+                if part.synced.is_none() {
+                    part.synced = synced_len(&part.path);
+                }
                 match File::open(&part.path) {
                     Ok(mut f) => {
                         f.seek(SeekFrom::Start(part.position))
@@ -834,6 +871,17 @@ impl EmbeddedReader {
                     topic: self.topic.clone(),
                     reason: e.to_string(),
                 })? {
+                    Scan::Frame(_)
+                        if part.synced.as_ref().is_some_and(|synced| {
+                            scanner.position > synced.load(Ordering::Acquire)
+                        }) =>
+                    {
+                        // Written, not yet synced: read again later.
+                        part.scanner = None;
+                        part.at_end = true;
+                        at_end[i] = true;
+                        break;
+                    }
                     Scan::Frame(frame) => {
                         part.position = scanner.position;
                         part.next_offset = frame.offset as i64 + 1;
@@ -946,6 +994,43 @@ mod tests {
         let part = open_partition(&path).unwrap();
         assert_eq!(part.next_offset, 1);
         assert_eq!(part.len, good as u64);
+    }
+
+    #[tokio::test]
+    async fn readers_in_the_writing_process_stop_at_the_synced_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = "t".to_owned();
+        let log = EmbeddedLog::open(dir.path(), 1, std::slice::from_ref(&topic)).unwrap();
+        let record = |value: &str| Record {
+            key: None,
+            value: value.as_bytes().to_vec(),
+        };
+        log.append(&topic, vec![record("a"), record("b")])
+            .await
+            .unwrap();
+        // A frame written but not synced, as between a group's write and
+        // its fsync.
+        let path = dir.path().join("t").join("00000.log");
+        let mut unsynced = Vec::new();
+        encode_frame(&mut unsynced, 2, 1, None, b"c");
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&unsynced)
+            .unwrap();
+
+        let mut reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
+        let read = reader.poll(10, Duration::from_millis(50)).await.unwrap();
+        let values: Vec<&[u8]> = read.records.iter().map(|r| r.value.as_slice()).collect();
+        assert_eq!(values, [&b"a"[..], b"b"], "the unsynced frame is not read");
+
+        // Synced: now it is.
+        let synced = synced_len(&path).unwrap();
+        synced.store(std::fs::metadata(&path).unwrap().len(), Ordering::Release);
+        let read = reader.poll(10, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(read.records.len(), 1);
+        assert_eq!(read.records[0].value, b"c");
     }
 
     #[tokio::test]
