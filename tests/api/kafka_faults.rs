@@ -371,6 +371,39 @@ async fn a_hung_shutdown_exits_at_its_deadline() {
     broker.signal("CONT");
 }
 
+/// Runs the load generator against `service` with `[concurrency,
+/// batch-size, duration-secs]`, sampling the service's resident memory
+/// every 200 ms: its output, the highest sample (KiB) and the samples.
+async fn flood(
+    service: &crate::helpers::ServiceProcess,
+    [concurrency, batch_size, seconds]: &[&str; 3],
+) -> (std::process::Output, u64, u32) {
+    let pid = service.child.id();
+    let resident_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let run = tokio::process::Command::new(crate::helpers::binary())
+        .args(["bench", "ingest", "--url", &service.base])
+        .args(["--write-key", crate::helpers::WRITE_KEY])
+        .args(["--concurrency", concurrency, "--batch-size", batch_size])
+        .args(["--duration-secs", seconds, "--warmup-secs", "0"])
+        .env_remove("TRAITLINE_LISTEN")
+        .output();
+    tokio::pin!(run);
+    let (mut highest, mut samples) = (0, 0);
+    loop {
+        tokio::select! {
+            output = &mut run => return (output.unwrap(), highest, samples),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                highest = highest.max(resident_kib());
+                samples += 1;
+            }
+        }
+    }
+}
+
 /// The memory bound the README promises under overload: the Kafka log
 /// stalled (tansu frozen) while 512 connections send 1,000-event batches
 /// for 30 s. Every answer is 503, resident memory stays under 512 MiB,
@@ -393,33 +426,8 @@ async fn memory_stays_bounded_while_a_stalled_log_is_flooded() {
         &crate::helpers::env_refs(&env),
     )
     .await;
-    let pid = service.child.id();
-    let resident_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-
     broker.signal("STOP");
-    let flood = tokio::process::Command::new(crate::helpers::binary())
-        .args(["bench", "ingest", "--url", &service.base])
-        .args(["--write-key", crate::helpers::WRITE_KEY])
-        .args(["--concurrency", "512", "--batch-size", "1000"])
-        .args(["--duration-secs", "30", "--warmup-secs", "0"])
-        .env_remove("TRAITLINE_LISTEN")
-        .output();
-    tokio::pin!(flood);
-    let mut highest = 0;
-    let mut samples = 0;
-    let output = loop {
-        tokio::select! {
-            output = &mut flood => break output.unwrap(),
-            () = tokio::time::sleep(Duration::from_millis(200)) => {
-                highest = highest.max(resident_kib());
-                samples += 1;
-            }
-        }
-    };
+    let (output, highest, samples) = flood(&service, &["512", "1000", "30"]).await;
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -521,34 +529,14 @@ async fn a_stalled_store_pauses_the_processor_and_memory_stays_bounded() {
         .await
         .unwrap();
 
-    let pid = service.child.id();
-    let resident_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
     // Floods until the backlog is larger than the bound (the machine's
     // speed varies): an envelope of the load generator's is about 400
     // bytes; 350 is counted.
     let mut highest = 0;
     let mut stored = 0u64;
     for _round in 0..8 {
-        let flood = tokio::process::Command::new(crate::helpers::binary())
-            .args(["bench", "ingest", "--url", &service.base])
-            .args(["--write-key", crate::helpers::WRITE_KEY])
-            .args(["--concurrency", "16", "--batch-size", "500"])
-            .args(["--duration-secs", "6", "--warmup-secs", "0"])
-            .env_remove("TRAITLINE_LISTEN")
-            .output();
-        tokio::pin!(flood);
-        let output = loop {
-            tokio::select! {
-                output = &mut flood => break output.unwrap(),
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    highest = highest.max(resident_kib());
-                }
-            }
-        };
+        let (output, round_highest, _) = flood(&service, &["16", "500", "6"]).await;
+        highest = highest.max(round_highest);
         let report = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{report}");
         stored += report
