@@ -22,6 +22,20 @@ pub enum EventType {
     Alias,
 }
 
+impl EventType {
+    /// The name on the wire (`track`, `identify`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Track => "track",
+            EventType::Identify => "identify",
+            EventType::Page => "page",
+            EventType::Screen => "screen",
+            EventType::Group => "group",
+            EventType::Alias => "alias",
+        }
+    }
+}
+
 /// The API an event came in by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -237,6 +251,20 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_types_name_is_its_name_on_the_wire() {
+        for kind in [
+            EventType::Track,
+            EventType::Identify,
+            EventType::Page,
+            EventType::Screen,
+            EventType::Group,
+            EventType::Alias,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
     }
 
     #[test]

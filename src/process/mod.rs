@@ -37,7 +37,7 @@ pub struct Rejected {
 #[async_trait]
 pub trait Processor: Send + Sync + 'static {
     /// What a batch becomes before it is committed.
-    type Prepared: Send;
+    type Prepared: Send + Sync + 'static;
 
     /// The name its offsets are stored under.
     fn name(&self) -> &str;
@@ -337,7 +337,7 @@ impl<P: Processor> Runner<P> {
         let mut rejects = Vec::new();
         for group in &groups {
             let (batch, rejected) = self.processor.prepare(group);
-            prepared.push(batch);
+            prepared.push(Arc::new(batch));
             rejects.extend(rejected);
         }
         if !rejects.is_empty() && !self.reject(&rejects, stop).await {
@@ -352,14 +352,24 @@ impl<P: Processor> Runner<P> {
         let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
         let mut pending: Vec<usize> = (0..groups.len()).collect();
         loop {
-            let topic = &self.settings.topic;
-            let processor = &self.processor;
-            let results = join_all(
-                pending
-                    .iter()
-                    .map(|&i| processor.commit(&prepared[i], topic, advances[i].clone())),
-            )
-            .await;
+            // Each group on a task of its own, so their CPU work (encoding
+            // rows, applying rules) runs on every core, not just this one.
+            let results = join_all(pending.iter().map(|&i| {
+                let processor = self.processor.clone();
+                let prepared = prepared[i].clone();
+                let topic = self.settings.topic.clone();
+                let advances = advances[i].clone();
+                tokio::spawn(async move { processor.commit(&prepared, &topic, advances).await })
+            }))
+            .await
+            .into_iter()
+            .map(|joined| match joined {
+                Ok(result) => result,
+                // A panic is a bug: it goes on as it would have here.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Only when the runtime shuts down; the batch is read again.
+                Err(e) => Err(StoreError::Interrupted(e.to_string())),
+            });
             let mut failed = Vec::new();
             let mut fenced = Vec::new();
             for (&i, result) in pending.iter().zip(results) {

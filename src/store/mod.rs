@@ -19,7 +19,8 @@ use std::time::Duration;
 use sqlx::ConnectOptions;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Row};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AnyPool, PgPool, Row};
 
 /// Which database a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,26 +55,31 @@ pub enum StoreError {
     /// back and may be run again.
     #[error("a concurrent change conflicted with this transaction")]
     Conflict,
+    /// The work was stopped before it finished (the process is shutting
+    /// down); nothing was committed.
+    #[error("interrupted before the commit: {0}")]
+    Interrupted(String),
 }
 
 /// How often a transaction that hit a conflict (deadlock, serialization,
 /// a concurrent insert of the same id, SQLite busy) is tried again.
 const MAX_ATTEMPTS: u32 = 20;
 
-/// `in_write_transaction!(store, |tx| work)`: runs `work` (an expression
-/// using `tx: &mut AnyConnection`) in a write transaction and commits it; a
-/// transaction that conflicted with a concurrent one ([`Store::is_conflict`])
-/// is rolled back and run again, up to [`MAX_ATTEMPTS`] times. (A macro:
-/// an async closure borrowing `tx` cannot be required to be `Send`.)
+/// `in_write_transaction!(store, begin, |tx| work)`: runs `work` (an
+/// expression using `tx`, the connection of the transaction `begin` opens)
+/// and commits it; a transaction that conflicted with a concurrent one
+/// ([`Store::is_conflict`]) is rolled back and run again, up to
+/// [`MAX_ATTEMPTS`] times. (A macro: an async closure borrowing `tx` cannot
+/// be required to be `Send`.)
 macro_rules! in_write_transaction {
-    ($store:expr, |$tx:ident| $work:expr) => {{
+    ($store:expr, $begin:expr, |$tx:ident| $work:expr) => {{
         let store: &$crate::store::Store = $store;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let started = std::time::Instant::now();
-            let mut transaction = store.begin_write().await?;
-            let $tx: &mut sqlx::AnyConnection = &mut transaction;
+            let mut transaction = $begin.await?;
+            let $tx = &mut *transaction;
             let result = match $work.await {
                 Ok(value) => transaction
                     .commit()
@@ -108,6 +114,7 @@ macro_rules! in_write_transaction {
 }
 pub(crate) use in_write_transaction;
 
+mod batch;
 mod profiles;
 pub mod snapshot;
 
@@ -116,6 +123,9 @@ pub mod snapshot;
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// PostgreSQL's own driver, for the batch writes that bind arrays
+    /// (`Any` cannot); `None` for SQLite.
+    pg: Option<PgPool>,
 }
 
 impl Store {
@@ -180,6 +190,22 @@ impl Store {
             .connect_with(connect)
             .await
             .map_err(|e| open_error(&e))?;
+        let pg = match dialect {
+            Dialect::Postgres => {
+                let connect = url
+                    .parse::<PgConnectOptions>()
+                    .map_err(|e| open_error(&e))?
+                    .log_statements(log::LevelFilter::Trace)
+                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+                Some(
+                    PgPoolOptions::new()
+                        .max_connections(4)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect_lazy_with(connect),
+                )
+            }
+            Dialect::Sqlite => None,
+        };
         let sql = match dialect {
             Dialect::Postgres => include_str!("migrations/postgres.sql"),
             Dialect::Sqlite => include_str!("migrations/sqlite.sql"),
@@ -192,7 +218,7 @@ impl Store {
             false,
         )]);
         migrator.run(&pool).await.map_err(|e| open_error(&e))?;
-        Ok(Store { pool, dialect })
+        Ok(Store { pool, dialect, pg })
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -210,6 +236,9 @@ impl Store {
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(pg) = &self.pg {
+            pg.close().await;
+        }
     }
 
     /// Begins a transaction that will write. SQLite takes the write lock at
@@ -285,52 +314,6 @@ pub struct OffsetAdvance {
     pub expected: Option<i64>,
     /// The next offset after this batch.
     pub next: i64,
-}
-
-/// Moves the stored offsets of `topic`, failing with [`StoreError::Fenced`]
-/// when one is not where the batch expects it: another reader of the
-/// partition committed first, so this batch is stale.
-async fn advance_offsets(
-    tx: &mut sqlx::AnyConnection,
-    processor: &str,
-    topic: &str,
-    advances: &[OffsetAdvance],
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    for advance in advances {
-        let moved = match advance.expected {
-            Some(expected) => sqlx::query(
-                "UPDATE processor_offsets SET next_offset = $1, updated_at = $2 \
-                 WHERE processor = $3 AND topic = $4 AND partition = $5 AND next_offset = $6",
-            )
-            .bind(advance.next)
-            .bind(now_ms)
-            .bind(processor)
-            .bind(topic)
-            .bind(advance.partition)
-            .bind(expected)
-            .execute(&mut *tx)
-            .await?,
-            None => sqlx::query(
-                "INSERT INTO processor_offsets (processor, topic, partition, next_offset, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(processor)
-            .bind(topic)
-            .bind(advance.partition)
-            .bind(advance.next)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?,
-        };
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::Fenced {
-                topic: topic.to_owned(),
-                partition: advance.partition,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now.

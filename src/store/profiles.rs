@@ -1,7 +1,7 @@
 //! Profiles in the store: applying a batch of events in one transaction
 //! with its offsets, and the reads and deletes of the query API.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -10,13 +10,10 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
-use super::{Dialect, OffsetAdvance, Store, StoreError, advance_offsets, now_ms};
+use super::batch::{ChangeRows, Conn, EventRows, ProfileRows, ROWS_PER_INSERT};
+use super::{OffsetAdvance, Store, StoreError, now_ms};
 use crate::envelope::EventEnvelope;
 use crate::profile::{Applied, Book, Profile, ProfileView};
-
-/// Rows written by one multi-row `INSERT`, well under both databases'
-/// limits on bound parameters.
-const ROWS_PER_INSERT: usize = 500;
 
 /// One batch for the profile processor: events in log order with their
 /// stored bytes, and where the batch takes each partition's offset.
@@ -43,29 +40,6 @@ pub struct BatchOutcome {
     pub changed_profiles: usize,
 }
 
-impl Dialect {
-    /// `count` placeholders for parameters `start..`: `$3, $4` for
-    /// PostgreSQL; plain `?` for SQLite, whose driver looks numbered
-    /// parameters up one by one (quadratic in a 3,000-parameter insert).
-    fn params(self, count: usize, start: usize) -> String {
-        match self {
-            Dialect::Postgres => (start..start + count)
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Dialect::Sqlite => vec!["?"; count].join(", "),
-        }
-    }
-
-    /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
-    pub(super) fn tuples(self, rows: usize, columns: usize) -> String {
-        (0..rows)
-            .map(|r| format!("({})", self.params(columns, 1 + r * columns)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs and maps cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
@@ -84,163 +58,15 @@ impl Store {
         &self,
         batch: &ProfileBatch<'_>,
     ) -> Result<BatchOutcome, StoreError> {
-        super::in_write_transaction!(self, |tx| self.try_apply(tx, batch))
-    }
-
-    async fn try_apply(
-        &self,
-        tx: &mut AnyConnection,
-        batch: &ProfileBatch<'_>,
-    ) -> Result<BatchOutcome, StoreError> {
-        let now = now_ms();
-        advance_offsets(tx, batch.processor, batch.topic, &batch.offsets, now).await?;
-
-        // Deduplicate: first within the batch, then against the `events`
-        // table, which holds every applied event's message id for at least
-        // the deduplication window. A concurrent batch inserting one of
-        // these ids too makes the insert below fail, and this batch is run
-        // again (then it sees the id).
-        let mut seen = HashSet::new();
-        let candidates: Vec<&(EventEnvelope, String)> = batch
-            .events
-            .iter()
-            .filter(|(e, _)| seen.insert(e.message_id.as_str()))
-            .collect();
-        let mut known = HashSet::new();
-        let message_ids: Vec<&str> = candidates
-            .iter()
-            .map(|(e, _)| e.message_id.as_str())
-            .collect();
-        let select = "SELECT message_id FROM events WHERE message_id";
-        for row in self.rows_in(tx, select, "", &message_ids).await? {
-            known.insert(row.try_get::<String, _>(0)?);
-        }
-        let fresh: HashSet<&str> = candidates
-            .iter()
-            .map(|(e, _)| e.message_id.as_str())
-            .filter(|id| !known.contains(*id))
-            .collect();
-        let mut outcome = BatchOutcome {
-            duplicates: batch.events.len() - fresh.len(),
-            ..BatchOutcome::default()
-        };
-        let events: Vec<&(EventEnvelope, String)> = candidates
-            .into_iter()
-            .filter(|(e, _)| fresh.contains(e.message_id.as_str()))
-            .collect();
-        if events.is_empty() {
-            return Ok(outcome);
-        }
-
-        let ids: Vec<&str> = {
-            let mut ids: Vec<&str> = events.iter().flat_map(|(e, _)| Book::ids_of(e)).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        };
-        let deleted = self.deleted_before(tx, &ids).await?;
-        let events: Vec<&(EventEnvelope, String)> = events
-            .into_iter()
-            .filter(|(e, _)| {
-                let received = e.received_at.timestamp_millis();
-                !Book::ids_of(e).any(|id| deleted.get(id).is_some_and(|at| received <= *at))
-            })
-            .collect();
-        outcome.skipped_deleted = fresh.len() - events.len();
-
-        let mut book = self.load_book(tx, &ids).await?;
-        for (event, _) in &events {
-            book.apply(event);
-        }
-        let targets: Vec<String> = events
-            .iter()
-            .map(|(e, _)| {
-                let primary = e
-                    .user_id
-                    .as_deref()
-                    .or(e.anonymous_id.as_deref())
-                    .unwrap_or_default();
-                book.profile_of(primary).unwrap_or(primary).to_owned()
-            })
-            .collect();
-        let applied = book.finish();
-        outcome.applied = events.len();
-        outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
-        write_applied(tx, self.dialect, &applied, now).await?;
-        insert_events(tx, self.dialect, &events, &targets).await?;
-        Ok(outcome)
-    }
-
-    /// The rows of `select ... IN (values)` (then `suffix`), in chunks
-    /// well under the databases' limits on bound parameters.
-    async fn rows_in(
-        &self,
-        tx: &mut AnyConnection,
-        select: &str,
-        suffix: &str,
-        values: &[&str],
-    ) -> Result<Vec<AnyRow>, StoreError> {
-        let mut rows = Vec::new();
-        for chunk in values.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "{select} IN ({}){suffix}",
-                self.dialect.params(chunk.len(), 1)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for value in chunk {
-                query = query.bind(*value);
+        match &self.pg {
+            Some(pg) => {
+                super::in_write_transaction!(self, pg.begin(), |tx| try_apply(Conn::Pg(tx), batch))
             }
-            rows.extend(query.fetch_all(&mut *tx).await?);
+            None => super::in_write_transaction!(self, self.begin_write(), |tx| try_apply(
+                Conn::Any(tx, self.dialect),
+                batch
+            )),
         }
-        Ok(rows)
-    }
-
-    /// When each of `ids` was deleted, for the ids that were.
-    async fn deleted_before(
-        &self,
-        tx: &mut AnyConnection,
-        ids: &[&str],
-    ) -> Result<HashMap<String, i64>, StoreError> {
-        let mut deleted = HashMap::new();
-        let select = "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id";
-        for row in self.rows_in(tx, select, "", ids).await? {
-            deleted.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-        }
-        Ok(deleted)
-    }
-
-    /// Loads the ids and the profiles they resolve to, locking the profile
-    /// rows (PostgreSQL) so concurrent batches touching the same profile
-    /// take turns.
-    async fn load_book(&self, tx: &mut AnyConnection, ids: &[&str]) -> Result<Book, StoreError> {
-        let mut book = Book::default();
-        let mut mapped: HashMap<String, String> = HashMap::new();
-        let select = "SELECT distinct_id, profile_id FROM identities WHERE distinct_id";
-        for row in self.rows_in(tx, select, "", ids).await? {
-            mapped.insert(row.try_get(0)?, row.try_get(1)?);
-        }
-        let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
-        profile_ids.sort_unstable();
-        profile_ids.dedup();
-        let mut found = HashSet::new();
-        // Sorted, so two transactions lock shared rows in one order.
-        let select = "SELECT profile_id, state_json FROM profiles WHERE profile_id";
-        let suffix = format!(" ORDER BY profile_id{}", self.for_update());
-        for row in self.rows_in(tx, select, &suffix, &profile_ids).await? {
-            let profile_id: String = row.try_get(0)?;
-            let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
-            found.insert(profile_id.clone());
-            book.load_profile(profile_id, state);
-        }
-        if profile_ids.iter().any(|p| !found.contains(*p)) {
-            // A concurrent merge removed a profile between the two reads.
-            return Err(StoreError::Conflict);
-        }
-        for id in ids {
-            let profile_id = mapped.remove(*id);
-            book.load_id((*id).to_owned(), profile_id);
-        }
-        Ok(book)
     }
 
     /// The profile `id` (a user id or any linked id) resolves to.
@@ -375,7 +201,7 @@ impl Store {
     /// Returns the deleted profile's last view, or `None` when no profile
     /// has the id.
     pub async fn delete_profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
-        super::in_write_transaction!(self, |tx| self.try_delete(tx, id))
+        super::in_write_transaction!(self, self.begin_write(), |tx| self.try_delete(tx, id))
     }
 
     async fn try_delete(
@@ -474,112 +300,157 @@ impl Store {
     }
 }
 
-/// Writes what a batch did to the profiles: merges first (so moved rows
-/// point at the survivor), then ids, profiles and change records.
-async fn write_applied(
-    tx: &mut AnyConnection,
-    dialect: Dialect,
-    applied: &Applied,
-    now: i64,
-) -> Result<(), StoreError> {
-    for merge in &applied.merges {
-        sqlx::query("DELETE FROM profiles WHERE profile_id = $1")
-            .bind(&merge.from)
-            .execute(&mut *tx)
-            .await?;
-        for table in ["identities", "events", "profile_changes"] {
-            let sql = format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2");
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(&merge.into)
-                .bind(&merge.from)
-                .execute(&mut *tx)
-                .await?;
-        }
+async fn try_apply(
+    mut conn: Conn<'_>,
+    batch: &ProfileBatch<'_>,
+) -> Result<BatchOutcome, StoreError> {
+    let now = now_ms();
+    conn.advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
+        .await?;
+
+    // Deduplicate: first within the batch, then against the `events`
+    // table, which holds every applied event's message id for at least
+    // the deduplication window. A concurrent batch inserting one of
+    // these ids too makes the insert below fail, and this batch is run
+    // again (then it sees the id).
+    let mut seen = HashSet::new();
+    let candidates: Vec<&(EventEnvelope, String)> = batch
+        .events
+        .iter()
+        .filter(|(e, _)| seen.insert(e.message_id.as_str()))
+        .collect();
+    let message_ids: Vec<&str> = candidates
+        .iter()
+        .map(|(e, _)| e.message_id.as_str())
+        .collect();
+    let known = conn.known_message_ids(&message_ids).await?;
+    let events: Vec<&(EventEnvelope, String)> = candidates
+        .into_iter()
+        .filter(|(e, _)| !known.contains(e.message_id.as_str()))
+        .collect();
+    let fresh = events.len();
+    let mut outcome = BatchOutcome {
+        duplicates: batch.events.len() - fresh,
+        ..BatchOutcome::default()
+    };
+    if events.is_empty() {
+        return Ok(outcome);
     }
-    for chunk in applied.new_ids.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO identities (distinct_id, profile_id) VALUES {}",
-            dialect.tuples(chunk.len(), 2)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (id, profile_id) in chunk {
-            query = query.bind(id.as_str()).bind(profile_id.as_str());
-        }
-        query.execute(&mut *tx).await?;
+
+    let ids: Vec<&str> = {
+        let mut ids: Vec<&str> = events.iter().flat_map(|(e, _)| Book::ids_of(e)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let deleted = conn.deleted_at(&ids).await?;
+    let events: Vec<&(EventEnvelope, String)> = events
+        .into_iter()
+        .filter(|(e, _)| {
+            let received = e.received_at.timestamp_millis();
+            !Book::ids_of(e).any(|id| deleted.get(id).is_some_and(|at| received <= *at))
+        })
+        .collect();
+    outcome.skipped_deleted = fresh - events.len();
+
+    let mut book = load_book(&mut conn, &ids).await?;
+    for (event, _) in &events {
+        book.apply(event);
     }
-    for chunk in applied.profiles.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) VALUES {} \
-             ON CONFLICT (profile_id) DO UPDATE SET user_id = excluded.user_id, state_json = excluded.state_json, \
-             updated_at = excluded.updated_at",
-            dialect.tuples(chunk.len(), 4)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (profile_id, profile) in chunk {
-            query = query
-                .bind(profile_id.as_str())
-                .bind(profile.user_id.as_ref().map(|u| u.value.clone()))
-                .bind(to_json(profile))
-                .bind(now);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    for chunk in applied.changes.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) VALUES {}",
-            dialect.tuples(chunk.len(), 6)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for change in chunk {
-            let user_id = change
-                .after
-                .as_ref()
-                .or(change.before.as_ref())
-                .and_then(|v| v.user_id.clone());
-            query = query
-                .bind(change.profile_id.as_str())
-                .bind(user_id)
-                .bind(change.before.as_ref().map(to_json))
-                .bind(change.after.as_ref().map(to_json))
-                .bind(to_json(&change.causes))
-                .bind(now);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    Ok(())
+    let targets: Vec<String> = events
+        .iter()
+        .map(|(e, _)| {
+            let primary = e
+                .user_id
+                .as_deref()
+                .or(e.anonymous_id.as_deref())
+                .unwrap_or_default();
+            book.profile_of(primary).unwrap_or(primary).to_owned()
+        })
+        .collect();
+    let applied = book.finish();
+    outcome.applied = events.len();
+    outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
+    write_applied(&mut conn, &applied, now).await?;
+    conn.insert_events(&event_rows(&events, &targets)).await?;
+    Ok(outcome)
 }
 
-/// The raw events sink: each applied event under the profile it went to.
-async fn insert_events(
-    tx: &mut AnyConnection,
-    dialect: Dialect,
-    events: &[&(EventEnvelope, String)],
-    targets: &[String],
-) -> Result<(), StoreError> {
-    let rows: Vec<_> = events.iter().zip(targets).collect();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO events (message_id, profile_id, type, event, occurred_at, received_at, body) VALUES {}",
-            dialect.tuples(chunk.len(), 7)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for ((event, body), profile_id) in chunk {
-            let kind = serde_json::to_value(event.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            query = query
-                .bind(event.message_id.as_str())
-                .bind(profile_id.as_str())
-                .bind(kind)
-                .bind(event.event.clone())
-                .bind(event.timestamp.timestamp_millis())
-                .bind(event.received_at.timestamp_millis())
-                .bind(body.as_str());
-        }
-        query.execute(&mut *tx).await?;
+/// Loads the ids and the profiles they resolve to, locking the profile
+/// rows (PostgreSQL) so concurrent batches touching the same profile take
+/// turns.
+async fn load_book(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Book, StoreError> {
+    let mut book = Book::default();
+    let mut mapped = conn.identities(ids).await?;
+    let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
+    // Sorted, so two transactions lock shared rows in one order.
+    profile_ids.sort_unstable();
+    profile_ids.dedup();
+    let mut found = HashSet::new();
+    for (profile_id, state) in conn.lock_profiles(&profile_ids).await? {
+        let state: Profile = parse(&state)?;
+        found.insert(profile_id.clone());
+        book.load_profile(profile_id, state);
     }
-    Ok(())
+    if profile_ids.iter().any(|p| !found.contains(*p)) {
+        // A concurrent merge removed a profile between the two reads.
+        return Err(StoreError::Conflict);
+    }
+    for id in ids {
+        let profile_id = mapped.remove(*id);
+        book.load_id((*id).to_owned(), profile_id);
+    }
+    Ok(book)
+}
+
+/// Writes what a batch did to the profiles: merges first (so moved rows
+/// point at the survivor), then ids, profiles and change records.
+async fn write_applied(conn: &mut Conn<'_>, applied: &Applied, now: i64) -> Result<(), StoreError> {
+    for merge in &applied.merges {
+        conn.merge(&merge.from, &merge.into).await?;
+    }
+    conn.insert_ids(&applied.new_ids).await?;
+    let mut profiles = ProfileRows::default();
+    for (profile_id, profile) in &applied.profiles {
+        profiles.profile_id.push(profile_id.clone());
+        profiles
+            .user_id
+            .push(profile.user_id.as_ref().map(|u| u.value.clone()));
+        profiles.state_json.push(to_json(profile));
+    }
+    conn.upsert_profiles(&profiles, now).await?;
+    let mut changes = ChangeRows::default();
+    for change in &applied.changes {
+        let user_id = change
+            .after
+            .as_ref()
+            .or(change.before.as_ref())
+            .and_then(|v| v.user_id.clone());
+        changes.profile_id.push(change.profile_id.clone());
+        changes.user_id.push(user_id);
+        changes
+            .before_view
+            .push(change.before.as_ref().map(to_json));
+        changes.after_view.push(change.after.as_ref().map(to_json));
+        changes.causes.push(to_json(&change.causes));
+    }
+    conn.insert_changes(&changes, now).await
+}
+
+/// The raw events sink's rows: each applied event under the profile it
+/// went to.
+fn event_rows<'a>(events: &[&'a (EventEnvelope, String)], targets: &'a [String]) -> EventRows<'a> {
+    let mut rows = EventRows::default();
+    for ((event, body), profile_id) in events.iter().zip(targets) {
+        rows.message_id.push(event.message_id.as_str());
+        rows.profile_id.push(profile_id.as_str());
+        rows.kind.push(event.kind.as_str());
+        rows.event.push(event.event.as_deref());
+        rows.occurred_at.push(event.timestamp.timestamp_millis());
+        rows.received_at.push(event.received_at.timestamp_millis());
+        rows.body.push(body.as_str());
+    }
+    rows
 }
 
 fn change_record(row: &AnyRow) -> Result<ChangeRecord, StoreError> {

@@ -1,0 +1,402 @@
+//! The statements of a profile batch, for each driver.
+//!
+//! SQLite goes through sqlx's `Any` driver, a batch's rows bound one value
+//! at a time into multi-row `VALUES` lists. PostgreSQL has a connection of
+//! its own driver for this, which binds a whole column as one array: every
+//! lookup is `= ANY($1)` and every write `INSERT ... SELECT FROM UNNEST`,
+//! so a batch of any size is the same dozen statements, each prepared once
+//! (a 500-row `VALUES` list of 3,500 parameters is parsed and planned on
+//! every call, and each of its sizes fills the statement cache).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{AnyConnection, AssertSqlSafe, PgConnection};
+
+use super::{Dialect, OffsetAdvance, StoreError};
+
+/// Rows written by one multi-row `INSERT` (the `Any` path), well under
+/// both databases' limits on bound parameters.
+pub(super) const ROWS_PER_INSERT: usize = 500;
+
+/// A write transaction's connection.
+pub(super) enum Conn<'t> {
+    Any(&'t mut AnyConnection, Dialect),
+    Pg(&'t mut PgConnection),
+}
+
+/// Executes `$query` (built the same way for either driver) on the
+/// connection; yields the rows it affected.
+macro_rules! execute {
+    ($conn:expr, $query:expr) => {
+        match $conn {
+            Conn::Any(c, _) => $query.execute(&mut **c).await?.rows_affected(),
+            Conn::Pg(c) => $query.execute(&mut **c).await?.rows_affected(),
+        }
+    };
+}
+
+/// Profile rows to insert or update, a column each.
+#[derive(Debug, Default)]
+pub(super) struct ProfileRows {
+    pub profile_id: Vec<String>,
+    pub user_id: Vec<Option<String>>,
+    pub state_json: Vec<String>,
+}
+
+/// Change records to insert, a column each.
+#[derive(Debug, Default)]
+pub(super) struct ChangeRows {
+    pub profile_id: Vec<String>,
+    pub user_id: Vec<Option<String>>,
+    pub before_view: Vec<Option<String>>,
+    pub after_view: Vec<Option<String>>,
+    pub causes: Vec<String>,
+}
+
+/// `events` rows to insert, a column each.
+#[derive(Debug, Default)]
+pub(super) struct EventRows<'a> {
+    pub message_id: Vec<&'a str>,
+    pub profile_id: Vec<&'a str>,
+    pub kind: Vec<&'static str>,
+    pub event: Vec<Option<&'a str>>,
+    pub occurred_at: Vec<i64>,
+    pub received_at: Vec<i64>,
+    pub body: Vec<&'a str>,
+}
+
+impl Dialect {
+    /// `count` placeholders for parameters `start..`: `$3, $4` for
+    /// PostgreSQL; plain `?` for SQLite, whose driver looks numbered
+    /// parameters up one by one (quadratic in a 3,000-parameter insert).
+    pub(super) fn params(self, count: usize, start: usize) -> String {
+        match self {
+            Dialect::Postgres => (start..start + count)
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Dialect::Sqlite => vec!["?"; count].join(", "),
+        }
+    }
+
+    /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
+    pub(super) fn tuples(self, rows: usize, columns: usize) -> String {
+        (0..rows)
+            .map(|r| format!("({})", self.params(columns, 1 + r * columns)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Conn<'_> {
+    /// Moves the stored offsets of `topic`, failing with
+    /// [`StoreError::Fenced`] when one is not where the batch expects it:
+    /// another reader of the partition committed first, so this batch is
+    /// stale.
+    pub async fn advance_offsets(
+        &mut self,
+        processor: &str,
+        topic: &str,
+        advances: &[OffsetAdvance],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        for advance in advances {
+            let moved = match advance.expected {
+                Some(expected) => execute!(
+                    self,
+                    sqlx::query(
+                        "UPDATE processor_offsets SET next_offset = $1, updated_at = $2 \
+                         WHERE processor = $3 AND topic = $4 AND partition = $5 AND next_offset = $6",
+                    )
+                    .bind(advance.next)
+                    .bind(now_ms)
+                    .bind(processor)
+                    .bind(topic)
+                    .bind(advance.partition)
+                    .bind(expected)
+                ),
+                None => execute!(
+                    self,
+                    sqlx::query(
+                        "INSERT INTO processor_offsets (processor, topic, partition, next_offset, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(processor)
+                    .bind(topic)
+                    .bind(advance.partition)
+                    .bind(advance.next)
+                    .bind(now_ms)
+                ),
+            };
+            if moved != 1 {
+                return Err(StoreError::Fenced {
+                    topic: topic.to_owned(),
+                    partition: advance.partition,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of `message_ids` the `events` table holds (applied before).
+    pub async fn known_message_ids(
+        &mut self,
+        message_ids: &[&str],
+    ) -> Result<HashSet<String>, StoreError> {
+        let select = "SELECT message_id FROM events WHERE message_id";
+        let rows: Vec<(String,)> = self.rows_in(select, "", message_ids).await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// When each of `ids` was deleted, for the ids that were.
+    pub async fn deleted_at(&mut self, ids: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
+        let select = "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id";
+        Ok(self.rows_in(select, "", ids).await?.into_iter().collect())
+    }
+
+    /// The profile each of `ids` resolves to, for the ids the store has.
+    pub async fn identities(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let select = "SELECT distinct_id, profile_id FROM identities WHERE distinct_id";
+        Ok(self.rows_in(select, "", ids).await?.into_iter().collect())
+    }
+
+    /// The stored state of each of `profile_ids` (sorted), locked for
+    /// update on PostgreSQL so concurrent batches touching the same
+    /// profile take turns, in one order.
+    pub async fn lock_profiles(
+        &mut self,
+        profile_ids: &[&str],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let select = "SELECT profile_id, state_json FROM profiles WHERE profile_id";
+        let suffix = match self {
+            Conn::Any(_, Dialect::Sqlite) => " ORDER BY profile_id",
+            _ => " ORDER BY profile_id FOR UPDATE",
+        };
+        self.rows_in(select, suffix, profile_ids).await
+    }
+
+    /// The rows of `select ... IN (values)` (then `suffix`): one statement
+    /// with an array on PostgreSQL, chunks of bound values otherwise.
+    async fn rows_in<T>(
+        &mut self,
+        select: &str,
+        suffix: &str,
+        values: &[&str],
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: Send + Unpin,
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        match self {
+            Conn::Pg(c) => {
+                let sql = format!("{select} = ANY($1){suffix}");
+                Ok(sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(values)
+                    .fetch_all(&mut **c)
+                    .await?)
+            }
+            Conn::Any(c, dialect) => {
+                let mut rows = Vec::new();
+                for chunk in values.chunks(ROWS_PER_INSERT) {
+                    let sql = format!("{select} IN ({}){suffix}", dialect.params(chunk.len(), 1));
+                    let mut query = sqlx::query_as(AssertSqlSafe(sql));
+                    for value in chunk {
+                        query = query.bind(*value);
+                    }
+                    rows.extend(query.fetch_all(&mut **c).await?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    /// Moves everything of profile `from` to profile `into`, which it was
+    /// merged into, and deletes `from`.
+    pub async fn merge(&mut self, from: &str, into: &str) -> Result<(), StoreError> {
+        execute!(
+            self,
+            sqlx::query("DELETE FROM profiles WHERE profile_id = $1").bind(from)
+        );
+        for table in ["identities", "events", "profile_changes"] {
+            let sql = format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2");
+            execute!(
+                self,
+                sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(into)
+                    .bind(from)
+            );
+        }
+        Ok(())
+    }
+
+    /// Inserts ids first seen, with the profile each resolves to.
+    pub async fn insert_ids(&mut self, ids: &[(String, String)]) -> Result<(), StoreError> {
+        match self {
+            Conn::Pg(c) => {
+                let (distinct_id, profile_id): (Vec<&str>, Vec<&str>) =
+                    ids.iter().map(|(i, p)| (i.as_str(), p.as_str())).unzip();
+                sqlx::query(
+                    "INSERT INTO identities (distinct_id, profile_id) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[])",
+                )
+                .bind(distinct_id)
+                .bind(profile_id)
+                .execute(&mut **c)
+                .await?;
+            }
+            Conn::Any(c, dialect) => {
+                for chunk in ids.chunks(ROWS_PER_INSERT) {
+                    let sql = format!(
+                        "INSERT INTO identities (distinct_id, profile_id) VALUES {}",
+                        dialect.tuples(chunk.len(), 2)
+                    );
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for (id, profile_id) in chunk {
+                        query = query.bind(id.as_str()).bind(profile_id.as_str());
+                    }
+                    query.execute(&mut **c).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces profiles.
+    pub async fn upsert_profiles(
+        &mut self,
+        rows: &ProfileRows,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let update = "ON CONFLICT (profile_id) DO UPDATE SET user_id = excluded.user_id, \
+                      state_json = excluded.state_json, updated_at = excluded.updated_at";
+        match self {
+            Conn::Pg(c) => {
+                let sql = format!(
+                    "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) \
+                     SELECT u.*, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u {update}"
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(&rows.profile_id)
+                    .bind(&rows.user_id)
+                    .bind(&rows.state_json)
+                    .bind(now)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            Conn::Any(c, dialect) => {
+                for chunk in chunks(rows.profile_id.len()) {
+                    let sql = format!(
+                        "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) VALUES {} {update}",
+                        dialect.tuples(chunk.len(), 4)
+                    );
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for i in chunk {
+                        query = query
+                            .bind(rows.profile_id[i].as_str())
+                            .bind(rows.user_id[i].as_deref())
+                            .bind(rows.state_json[i].as_str())
+                            .bind(now);
+                    }
+                    query.execute(&mut **c).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends change records, their change ids in the order given.
+    pub async fn insert_changes(&mut self, rows: &ChangeRows, now: i64) -> Result<(), StoreError> {
+        let insert = "INSERT INTO profile_changes \
+                      (profile_id, user_id, before_view, after_view, causes, changed_at)";
+        match self {
+            Conn::Pg(c) => {
+                let sql = format!(
+                    "{insert} SELECT u.profile_id, u.user_id, u.before_view, u.after_view, u.causes, $6 \
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                     WITH ORDINALITY AS u (profile_id, user_id, before_view, after_view, causes, n) \
+                     ORDER BY u.n"
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(&rows.profile_id)
+                    .bind(&rows.user_id)
+                    .bind(&rows.before_view)
+                    .bind(&rows.after_view)
+                    .bind(&rows.causes)
+                    .bind(now)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            Conn::Any(c, dialect) => {
+                for chunk in chunks(rows.profile_id.len()) {
+                    let sql = format!("{insert} VALUES {}", dialect.tuples(chunk.len(), 6));
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for i in chunk {
+                        query = query
+                            .bind(rows.profile_id[i].as_str())
+                            .bind(rows.user_id[i].as_deref())
+                            .bind(rows.before_view[i].as_deref())
+                            .bind(rows.after_view[i].as_deref())
+                            .bind(rows.causes[i].as_str())
+                            .bind(now);
+                    }
+                    query.execute(&mut **c).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts `events` rows (a message id already there fails the
+    /// transaction as a conflict).
+    pub async fn insert_events(&mut self, rows: &EventRows<'_>) -> Result<(), StoreError> {
+        let insert = "INSERT INTO events \
+                      (message_id, profile_id, type, event, occurred_at, received_at, body)";
+        match self {
+            Conn::Pg(c) => {
+                let sql = format!(
+                    "{insert} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+                     $5::int8[], $6::int8[], $7::text[])"
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(&rows.message_id)
+                    .bind(&rows.profile_id)
+                    .bind(&rows.kind)
+                    .bind(&rows.event)
+                    .bind(&rows.occurred_at)
+                    .bind(&rows.received_at)
+                    .bind(&rows.body)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            Conn::Any(c, dialect) => {
+                for chunk in chunks(rows.message_id.len()) {
+                    let sql = format!("{insert} VALUES {}", dialect.tuples(chunk.len(), 7));
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for i in chunk {
+                        query = query
+                            .bind(rows.message_id[i])
+                            .bind(rows.profile_id[i])
+                            .bind(rows.kind[i])
+                            .bind(rows.event[i])
+                            .bind(rows.occurred_at[i])
+                            .bind(rows.received_at[i])
+                            .bind(rows.body[i]);
+                    }
+                    query.execute(&mut **c).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The row indexes `0..rows` in chunks of [`ROWS_PER_INSERT`].
+fn chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..rows)
+        .step_by(ROWS_PER_INSERT)
+        .map(move |start| start..(start + ROWS_PER_INSERT).min(rows))
+}
