@@ -206,17 +206,7 @@ impl Store {
             }
             Dialect::Sqlite => None,
         };
-        let sql = match dialect {
-            Dialect::Postgres => include_str!("migrations/postgres.sql"),
-            Dialect::Sqlite => include_str!("migrations/sqlite.sql"),
-        };
-        let migrator = Migrator::with_migrations(vec![Migration::new(
-            1,
-            "profiles, identities, changes, events, offsets".into(),
-            MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(sql),
-            false,
-        )]);
+        let migrator = Migrator::with_migrations(migrations(dialect));
         migrator.run(&pool).await.map_err(|e| open_error(&e))?;
         Ok(Store { pool, dialect, pg })
     }
@@ -302,6 +292,32 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(events.rows_affected())
+    }
+}
+
+/// The store's schema, as numbered migrations (applied in order at start-up,
+/// each once). Both dialects share the first; later ones may tune one only.
+fn migrations(dialect: Dialect) -> Vec<Migration> {
+    let migration = |version, description: &str, sql: &'static str| {
+        Migration::new(
+            version,
+            description.to_owned().into(),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql),
+            false,
+        )
+    };
+    const TABLES: &str = "profiles, identities, changes, events, offsets";
+    match dialect {
+        Dialect::Postgres => vec![
+            migration(1, TABLES, include_str!("migrations/postgres.sql")),
+            migration(
+                2,
+                "BRIN index on events.received_at, profiles fillfactor 50",
+                include_str!("migrations/postgres_2.sql"),
+            ),
+        ],
+        Dialect::Sqlite => vec![migration(1, TABLES, include_str!("migrations/sqlite.sql"))],
     }
 }
 

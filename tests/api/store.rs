@@ -111,33 +111,41 @@ async fn a_stale_batch_is_fenced_and_writes_nothing(backend: Backend) {
 async fn a_message_id_is_forgotten_after_the_dedup_window(backend: Backend) {
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
-    let event = [track("d1", "same-id")];
+    let old = track("d1", "old-id");
+    let mut recent = track("d1", "recent-id");
+    recent.0.received_at += chrono::Duration::hours(1);
+    recent.1 = serde_json::to_string(&recent.0).unwrap();
+    let events = [old, recent];
     let outcome = store
-        .apply_profile_batch(&batch(&event, None, 1))
+        .apply_profile_batch(&batch(&events, None, 1))
         .await
         .unwrap();
-    assert_eq!((outcome.applied, outcome.duplicates), (1, 0));
+    assert_eq!((outcome.applied, outcome.duplicates), (2, 0));
     let outcome = store
-        .apply_profile_batch(&batch(&event, Some(1), 2))
+        .apply_profile_batch(&batch(&events, Some(1), 2))
         .await
         .unwrap();
     assert_eq!(
         (outcome.applied, outcome.duplicates),
-        (0, 1),
+        (0, 2),
         "a retry within the window changes nothing"
     );
 
-    // The retention (at least the window) ends now.
+    // The retention (at least the window) ends now: between the two.
     let later = Utc::now().timestamp_millis() + 1;
     let purged = store.purge(later).await.unwrap();
     assert_eq!(
         purged, 1,
-        "the stored event, and with it the record of its id"
+        "the older stored event, and with it the record of its id"
     );
     let outcome = store
-        .apply_profile_batch(&batch(&event, Some(2), 3))
+        .apply_profile_batch(&batch(&events, Some(2), 3))
         .await
         .unwrap();
-    assert_eq!(outcome.applied, 1, "past the window the id is new again");
-    assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 2);
+    assert_eq!(
+        (outcome.applied, outcome.duplicates),
+        (1, 1),
+        "past the window the old id is new again; the recent one is still known"
+    );
+    assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 3);
 }
