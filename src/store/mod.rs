@@ -196,7 +196,13 @@ impl Store {
                     .parse::<PgConnectOptions>()
                     .map_err(|e| open_error(&e))?
                     .log_statements(log::LevelFilter::Trace)
-                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
+                    // Plan each batch statement for its own arguments. A
+                    // cached generic plan made while the tables were small
+                    // (a new deployment) scans them whole, and keeps doing
+                    // so as they grow until autovacuum analyzes them: commits
+                    // 15 times slower for the first minute or so.
+                    .options([("plan_cache_mode", "force_custom_plan")]);
                 Some(
                     PgPoolOptions::new()
                         .max_connections(4)
