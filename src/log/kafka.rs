@@ -17,9 +17,9 @@
 //! | `partitioner` | murmur2_random | consistent_random | the Java client's partitioner, as the embedded log |
 //! | `statistics.interval.ms` | 5000 | 0 (off) | queue depth and broker state for `/metrics` |
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -447,9 +447,29 @@ struct ReaderContext {
     rebalanced: Arc<AtomicBool>,
     /// For the reader itself: count the partitions again.
     recount: Arc<AtomicBool>,
+    /// The high watermark of each partition of the topic, from the
+    /// consumer's statistics (fetch responses carry it): lag without a
+    /// broker round trip.
+    high_watermarks: Mutex<HashMap<i32, i64>>,
 }
 
 impl ClientContext for ReaderContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut high = self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for topic in statistics.topics.values() {
+            // Negative ids are librdkafka's internal (unassigned) entry;
+            // negative offsets mean "not known yet".
+            for p in topic.partitions.values() {
+                if p.partition >= 0 && p.hi_offset >= 0 {
+                    high.insert(p.partition, p.hi_offset);
+                }
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // Reaching a partition's end is how a reader knows it caught up,
         // not a fault.
@@ -521,6 +541,7 @@ fn reader_consumer(
     let context = ReaderContext {
         rebalanced: rebalanced.clone(),
         recount: recount.clone(),
+        high_watermarks: Mutex::default(),
     };
     let mut config = ClientConfig::new();
     config
@@ -534,7 +555,9 @@ fn reader_consumer(
         // What librdkafka fetches ahead of the processor (default 64 MiB):
         // when the processor stops reading (a stalled store), fetching
         // stops at this bound, so memory does not grow with the backlog.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // How often the high watermarks (the lag) are refreshed.
+        .set("statistics.interval.ms", "1000");
     for (name, value) in &settings.options {
         config.set(name, value);
     }
@@ -653,7 +676,15 @@ impl LogReader for KafkaReader {
             if caught_up && !records.is_empty() {
                 break;
             }
-            let next = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+            // Wait (up to `wait`) for the first record only; then take what
+            // librdkafka has fetched already. Batches grow with the backlog
+            // instead of every record waiting out the window.
+            let until = if records.is_empty() {
+                deadline
+            } else {
+                tokio::time::Instant::now()
+            };
+            let next = match tokio::time::timeout_at(until, self.consumer.recv()).await {
                 Err(_) => break,
                 Ok(next) => next,
             };
@@ -760,9 +791,14 @@ impl LogReader for KafkaReader {
     }
 
     fn high_watermark(&self, partition: i32) -> Option<i64> {
+        // Not `fetch_watermarks`: that asks the broker, one partition at a
+        // time, blocking the runner (8 partitions on tansu: ~600 ms).
         self.consumer
-            .fetch_watermarks(&self.topic, partition, Duration::from_millis(500))
-            .ok()
-            .map(|(_, high)| high)
+            .context()
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .copied()
     }
 }

@@ -399,8 +399,16 @@ impl<P: Processor> Runner<P> {
                 self.refence(&partitions).await;
             }
             if failed.is_empty() {
+                let took = started.elapsed();
+                tracing::debug!(
+                    processor = name,
+                    "committed {} records in {} transactions in {:.1} ms",
+                    received_ms.len(),
+                    groups.len(),
+                    took.as_secs_f64() * 1000.0
+                );
                 metrics::histogram!(crate::metrics::PROCESSOR_BATCH_SECONDS, "processor" => name)
-                    .record(started.elapsed().as_secs_f64());
+                    .record(took.as_secs_f64());
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 let latency = metrics::histogram!(crate::metrics::PROCESSOR_EVENT_LATENCY_SECONDS, "processor" => name);
                 for received in received_ms {
