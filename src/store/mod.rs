@@ -203,9 +203,11 @@ impl Store {
                     // so as they grow until autovacuum analyzes them: commits
                     // 15 times slower for the first minute or so.
                     .options([("plan_cache_mode", "force_custom_plan")]);
+                // The processors' batches: the profile runner's parallel
+                // commits, and the overflow runner's beside them.
                 Some(
                     PgPoolOptions::new()
-                        .max_connections(4)
+                        .max_connections(6)
                         .acquire_timeout(Duration::from_secs(10))
                         .connect_lazy_with(connect),
                 )
