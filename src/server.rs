@@ -239,7 +239,7 @@ pub fn profile_runner(
         max_wait: Duration::from_millis(50),
         stop_when_caught_up: replay,
         // SQLite has one writer at a time; PostgreSQL runs transactions
-        // side by side (4 made 10-15% more than 2 on 2 cores: while one
+        // side by side (4 made about 9% more than 2 on 2 cores: while one
         // waits on its commit, another has work for the CPU).
         parallel_commits: match store.dialect() {
             Dialect::Postgres => 4,

@@ -171,8 +171,9 @@ async fn metrics_follow_the_events(backend: Backend) {
             &[("outcome", "committed")]
         ) >= 1.0
     );
-    // Kafka's high watermarks are probed every few seconds, so its lag
-    // series may come a little later.
+    // Kafka's high watermarks come with librdkafka's statistics (every
+    // second) and are read every few seconds, so its lag series may come a
+    // little later.
     scrape_until(&app, "a lag of 0 on every partition", |now| {
         sample(now, "traitline_processor_lag_records", &profiles) == Some(0.0)
     })
