@@ -96,8 +96,13 @@ async fn serve(config: Config) -> Result<(), String> {
         )
     })?;
     let deadline = config.shutdown_timeout;
+    // Listen before the service says it is listening: a SIGTERM sent the
+    // moment the banner appears must start the shutdown, not be lost (or,
+    // before any handler exists, kill the process outright).
+    let signals =
+        ShutdownSignals::listen().map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.recv().await;
         // The watchdog: a shutdown that hangs (a broker or database that
         // does not answer) must not keep the process from stopping.
         tokio::spawn(async move {
@@ -113,24 +118,40 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT (Ctrl-C) and SIGTERM, caught from the moment [`ShutdownSignals::listen`]
+/// returns.
+struct ShutdownSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn listen() -> std::io::Result<ShutdownSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("interrupted; shutting down"),
-        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
+    }
+
+    /// Resolves on the first of the two.
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("interrupted; shutting down"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupted; shutting down");
+        }
     }
 }

@@ -156,6 +156,62 @@ fn an_unreachable_database_stops_start_up_naming_the_setting() {
     );
 }
 
+/// The banner says the service is listening: from then on a SIGTERM is a
+/// graceful shutdown, however soon it comes. The signal is sent the moment
+/// the banner's line is read from the pipe (the handlers must exist before
+/// it is printed, not only once the server's first task runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_right_after_the_banner_is_a_graceful_shutdown() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    for attempt in 0..5 {
+        let dir = TestDir::new();
+        let env = embedded_env(dir.path());
+        let mut child = tokio::process::Command::new(binary())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        let pid = child.id().unwrap().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("traitline exits within 30 s of SIGTERM")
+            .unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .await
+            .unwrap();
+        assert!(
+            status.success(),
+            "attempt {attempt}: exit status {status}; {stderr}"
+        );
+        assert!(
+            stderr.contains("SIGTERM received; shutting down")
+                && stderr.contains("Traitline stopped"),
+            "attempt {attempt}: {stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let dir = TestDir::new();
