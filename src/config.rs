@@ -204,8 +204,9 @@ pub struct Settings {
     )]
     pub kafka_options: Option<Vec<String>>,
 
-    /// Most events the profile processor applies in one store transaction
-    /// [default: 1000]
+    /// Most events the profile processor takes in one batch: one store
+    /// transaction on SQLite, up to four (by partition) on PostgreSQL
+    /// [default: 5000]
     #[arg(long, env = "TRAITLINE_PROCESS_BATCH", global = true)]
     pub process_batch: Option<usize>,
 
@@ -694,7 +695,7 @@ impl Config {
             ));
         }
 
-        let process_batch = s.process_batch.unwrap_or(1000);
+        let process_batch = s.process_batch.unwrap_or(5000);
         if !(1..=100_000).contains(&process_batch) {
             return Err(invalid(
                 "process-batch",
