@@ -37,8 +37,7 @@ use crate::envelope::{EventEnvelope, EventType, JsonObject};
 use crate::keys::ApiKeys;
 use crate::log::{EventLog, Record, Topics};
 
-/// What the ingest routes share.
-#[derive(Clone)]
+/// What the ingest routes share (behind one `Arc`).
 pub struct Ingest {
     pub log: Arc<dyn EventLog>,
     pub keys: Arc<ApiKeys>,
@@ -135,7 +134,9 @@ impl Ingest {
             .route("/v1/alias", post(alias))
             .route("/v1/batch", post(batch))
             .route_layer(axum::middleware::from_fn(crate::metrics::ingest_requests))
-            .with_state(self)
+            // Shared, not cloned: axum hands every request its own copy of
+            // the state, and this one has strings and a handful of `Arc`s.
+            .with_state(Arc::new(self))
     }
 
     /// Takes an in-flight slot, or refuses at once when all are taken: a
@@ -372,7 +373,7 @@ fn body_key(bytes: &[u8]) -> Option<String> {
     security(("basic" = []), ("bearer" = []))
 )]
 pub async fn seed_track(
-    State(ingest): State<Ingest>,
+    State(ingest): State<Arc<Ingest>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, IngestError> {
@@ -415,7 +416,7 @@ macro_rules! segment_route {
             security(("basic" = []), ("bearer" = []), ())
         )]
         pub async fn $name(
-            State(ingest): State<Ingest>,
+            State(ingest): State<Arc<Ingest>>,
             headers: HeaderMap,
             body: Body,
         ) -> Result<Json<Accepted>, IngestError> {
@@ -482,7 +483,7 @@ segment_route!(
     security(("basic" = []), ("bearer" = []), ())
 )]
 pub async fn batch(
-    State(ingest): State<Ingest>,
+    State(ingest): State<Arc<Ingest>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, IngestError> {
