@@ -5,6 +5,7 @@
 //!
 //! Run: `cargo bench --bench hot_paths`
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -141,5 +142,66 @@ fn profiles(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, normalize, partitioner, embedded_append, profiles);
+/// The processor's own work on one 5,000-event batch over 10,000 users,
+/// as the store does it in a transaction, without the database: parse the
+/// stored state of each profile the batch touches, apply the events, and
+/// write each changed profile's state and its change record (the views
+/// before and after, the causes) as JSON.
+fn profile_batch(c: &mut Criterion) {
+    const USERS: usize = 10_000;
+    let mut book = Book::default();
+    for n in 0..50_000 {
+        book.apply(&traitline::bench::process::event(n, USERS));
+    }
+    let stored: HashMap<String, String> = book
+        .finish()
+        .profiles
+        .into_iter()
+        .map(|(id, profile)| (id, serde_json::to_string(&profile).unwrap()))
+        .collect();
+    let events: Vec<_> = (50_000..55_000)
+        .map(|n| traitline::bench::process::event(n, USERS))
+        .collect();
+    let mut group = c.benchmark_group("profile");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.sample_size(20);
+    group.bench_function("batch_5000_events_10000_users_with_state_json", |b| {
+        b.iter(|| {
+            let mut book = Book::default();
+            let ids: HashSet<&str> = events.iter().flat_map(Book::ids_of).collect();
+            for id in ids {
+                match stored.get(id) {
+                    Some(state) => {
+                        book.load_profile(id.to_owned(), serde_json::from_str(state).unwrap())
+                    }
+                    None => book.load_id(id.to_owned(), None),
+                }
+            }
+            for event in &events {
+                book.apply(event);
+            }
+            let applied = book.finish();
+            let mut bytes = 0;
+            for (_, profile) in &applied.profiles {
+                bytes += serde_json::to_string(profile).unwrap().len();
+            }
+            for change in &applied.changes {
+                bytes += change.before.as_ref().map_or(0, String::len);
+                bytes += change.after.as_ref().map_or(0, String::len);
+                bytes += serde_json::to_string(&change.causes).unwrap().len();
+            }
+            bytes
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    normalize,
+    partitioner,
+    embedded_append,
+    profiles,
+    profile_batch
+);
 criterion_main!(benches);

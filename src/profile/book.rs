@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Profile, ProfileView, links_ids};
+use super::{Profile, links_ids};
 use crate::envelope::{EventEnvelope, EventType};
 
 /// The profiles and ids one batch touches, loaded from the store, with the
@@ -15,8 +15,8 @@ pub struct Book {
     /// store has no profile for it).
     ids: HashMap<String, Option<String>>,
     profiles: BTreeMap<String, Profile>,
-    /// The view of each loaded profile before the batch, for the change log.
-    before: HashMap<String, ProfileView>,
+    /// Each loaded profile before the batch, for the change log.
+    before: HashMap<String, Before>,
     new_ids: Vec<(String, String)>,
     merges: Vec<Merge>,
     /// Profile id → message ids of the events that changed it.
@@ -31,14 +31,23 @@ pub struct Merge {
     pub into: String,
 }
 
-/// One profile's change in a batch: its view before and after, and the
-/// events that caused it. `after` is `None` when the profile was merged
-/// into another one.
+/// A loaded profile's view (JSON) and user id before the batch.
+#[derive(Debug)]
+struct Before {
+    view: String,
+    user_id: Option<String>,
+}
+
+/// One profile's change in a batch: its view before and after, as the JSON
+/// of a [`ProfileView`](super::ProfileView), and the events that caused it.
+/// `after` is `None` when the profile was merged into another one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub profile_id: String,
-    pub before: Option<ProfileView>,
-    pub after: Option<ProfileView>,
+    /// The user id after the change, else before it.
+    pub user_id: Option<String>,
+    pub before: Option<String>,
+    pub after: Option<String>,
     pub causes: Vec<String>,
 }
 
@@ -69,7 +78,11 @@ impl Book {
 
     /// Adds a profile the store holds.
     pub fn load_profile(&mut self, profile_id: String, profile: Profile) {
-        self.before.insert(profile_id.clone(), profile.view());
+        let before = Before {
+            view: profile.view_json(),
+            user_id: profile.user_id.as_ref().map(|u| u.value.clone()),
+        };
+        self.before.insert(profile_id.clone(), before);
         for id in &profile.ids {
             self.ids.insert(id.clone(), Some(profile_id.clone()));
         }
@@ -166,11 +179,11 @@ impl Book {
             if self.profiles.contains_key(&merge.from) {
                 continue;
             }
-            let before = self.before.remove(&merge.from);
-            if before.is_some() {
+            if let Some(before) = self.before.remove(&merge.from) {
                 applied.changes.push(Change {
                     profile_id: merge.from.clone(),
-                    before,
+                    user_id: before.user_id,
+                    before: Some(before.view),
                     after: None,
                     causes: self.causes.get(&merge.into).cloned().unwrap_or_default(),
                 });
@@ -181,10 +194,16 @@ impl Book {
             let Some(profile) = self.profiles.remove(&profile_id) else {
                 continue;
             };
+            let before = self.before.remove(&profile_id);
+            let user_id = match &profile.user_id {
+                Some(user_id) => Some(user_id.value.clone()),
+                None => before.as_ref().and_then(|b| b.user_id.clone()),
+            };
             applied.changes.push(Change {
                 profile_id: profile_id.clone(),
-                before: self.before.remove(&profile_id),
-                after: Some(profile.view()),
+                user_id,
+                before: before.map(|b| b.view),
+                after: Some(profile.view_json()),
                 causes,
             });
             applied.profiles.push((profile_id, profile));

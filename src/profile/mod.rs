@@ -229,21 +229,52 @@ impl Profile {
     /// `$set_once` value when the trait was never set, or was unset before
     /// the `$set_once`.
     pub fn effective_traits(&self) -> Map<String, Value> {
-        let mut out = Map::new();
+        self.effective_trait_refs()
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value.clone()))
+            .collect()
+    }
+
+    fn effective_trait_refs(&self) -> BTreeMap<&str, &Value> {
+        let mut out = BTreeMap::new();
         for (key, once) in &self.traits_once {
             match self.traits.get(key) {
                 Some(set) if set.stamp >= once.stamp || set.value.is_some() => {}
                 _ => {
-                    out.insert(key.clone(), once.value.clone());
+                    out.insert(key.as_str(), &once.value);
                 }
             }
         }
         for (key, set) in &self.traits {
             if let Some(value) = &set.value {
-                out.insert(key.clone(), value.clone());
+                out.insert(key.as_str(), value);
             }
         }
         out
+    }
+
+    /// The view as JSON, exactly as [`ProfileView`] serializes, written
+    /// from the state instead of from a copy of it (the store writes a view
+    /// before and after for every profile a batch changes).
+    pub fn view_json(&self) -> String {
+        let user_id = self.user_id.as_ref().map(|u| u.value.as_str());
+        let view = ViewRef {
+            user_id,
+            anonymous_ids: self
+                .anonymous_ids
+                .iter()
+                .map(String::as_str)
+                .filter(|id| Some(*id) != user_id)
+                .collect(),
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            event_count: self.event_count,
+            event_counts: &self.event_counts,
+            context: self.context.as_ref().map(|c| &c.value),
+            traits: self.effective_trait_refs(),
+        };
+        // Strings, numbers and maps with string keys always serialize.
+        serde_json::to_string(&view).unwrap_or_else(|_| "null".to_owned())
     }
 
     /// The profile as the query API shows it.
@@ -297,6 +328,30 @@ fn min_option<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// [`ProfileView`]'s fields borrowed from a [`Profile`], in its order.
+#[derive(Serialize)]
+struct ViewRef<'a> {
+    user_id: Option<&'a str>,
+    anonymous_ids: Vec<&'a str>,
+    first_seen: Option<DateTime<Utc>>,
+    last_seen: Option<DateTime<Utc>>,
+    event_count: u64,
+    event_counts: &'a BTreeMap<String, u64>,
+    #[serde(serialize_with = "map_or_empty")]
+    context: Option<&'a Map<String, Value>>,
+    traits: BTreeMap<&'a str, &'a Value>,
+}
+
+fn map_or_empty<S: serde::Serializer>(
+    map: &Option<&Map<String, Value>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match map {
+        Some(map) => map.serialize(serializer),
+        None => serializer.collect_map(std::iter::empty::<(&str, &Value)>()),
     }
 }
 

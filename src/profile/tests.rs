@@ -279,8 +279,13 @@ fn changes_carry_before_after_and_their_causes() {
     ]);
     assert_eq!(applied.changes.len(), 1);
     let change = &applied.changes[0];
-    assert_eq!(change.before.as_ref().map(|v| v.event_count), Some(1));
-    assert_eq!(change.after.as_ref().map(|v| v.event_count), Some(3));
+    let count = |view: &Option<String>| -> Option<u64> {
+        let view: ProfileView = serde_json::from_str(view.as_deref()?).expect("a view");
+        Some(view.event_count)
+    };
+    assert_eq!(count(&change.before), Some(1));
+    assert_eq!(count(&change.after), Some(3));
+    assert_eq!(change.user_id.as_deref(), Some("u1"));
     assert_eq!(change.causes, vec!["m2".to_owned(), "m3".to_owned()]);
 }
 
@@ -298,7 +303,14 @@ fn events() -> impl Strategy<Value = Vec<EventEnvelope>> {
             .map(|(i, (kind, user, anon, key, second, value))| {
                 let id = format!("m{i}");
                 match kind {
-                    0 => track(user, second, &id, json!({"$set": {key: value}})),
+                    0 => {
+                        let mut e = track(user, second, &id, json!({"$set": {key: value}}));
+                        e.context = json!({"client_os": format!("os-{value}")})
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default();
+                        e
+                    }
                     1 => track(user, second, &id, json!({"$set_once": {key: value}})),
                     2 => track(user, second, &id, json!({"$unset": [key]})),
                     3 => identify(user, Some(anon), second, &id, json!({key: value})),
@@ -327,5 +339,12 @@ proptest! {
             store.apply_batch(&shuffled[window[0]..window[1]]);
         }
         prop_assert_eq!(store.views(), expected);
+    }
+
+    #[test]
+    fn the_borrowed_view_is_the_views_json(events in events()) {
+        for profile in profile_of(&events).profiles.values() {
+            prop_assert_eq!(profile.view_json(), serde_json::to_string(&profile.view()).expect("a view"));
+        }
     }
 }

@@ -371,7 +371,7 @@ async fn try_apply(
     let applied = book.finish();
     outcome.applied = events.len();
     outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
-    write_applied(&mut conn, &applied, now).await?;
+    write_applied(&mut conn, applied, now).await?;
     conn.insert_events(&event_rows(&events, &targets)).await?;
     Ok(outcome)
 }
@@ -405,7 +405,7 @@ async fn load_book(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Book, StoreError
 
 /// Writes what a batch did to the profiles: merges first (so moved rows
 /// point at the survivor), then ids, profiles and change records.
-async fn write_applied(conn: &mut Conn<'_>, applied: &Applied, now: i64) -> Result<(), StoreError> {
+async fn write_applied(conn: &mut Conn<'_>, applied: Applied, now: i64) -> Result<(), StoreError> {
     for merge in &applied.merges {
         conn.merge(&merge.from, &merge.into).await?;
     }
@@ -420,18 +420,11 @@ async fn write_applied(conn: &mut Conn<'_>, applied: &Applied, now: i64) -> Resu
     }
     conn.upsert_profiles(&profiles, now).await?;
     let mut changes = ChangeRows::default();
-    for change in &applied.changes {
-        let user_id = change
-            .after
-            .as_ref()
-            .or(change.before.as_ref())
-            .and_then(|v| v.user_id.clone());
-        changes.profile_id.push(change.profile_id.clone());
-        changes.user_id.push(user_id);
-        changes
-            .before_view
-            .push(change.before.as_ref().map(to_json));
-        changes.after_view.push(change.after.as_ref().map(to_json));
+    for change in applied.changes {
+        changes.profile_id.push(change.profile_id);
+        changes.user_id.push(change.user_id);
+        changes.before_view.push(change.before);
+        changes.after_view.push(change.after);
         changes.causes.push(to_json(&change.causes));
     }
     conn.insert_changes(&changes, now).await
