@@ -26,6 +26,7 @@ use crate::envelope::{EventEnvelope, EventType};
 /// message id, so two writes are never tied.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Stamp {
+    #[serde(with = "state_time")]
     pub at: DateTime<Utc>,
     pub message_id: String,
 }
@@ -35,6 +36,80 @@ impl Stamp {
         Stamp {
             at: event.timestamp,
             message_id: event.message_id.clone(),
+        }
+    }
+}
+
+/// Times in a profile's stored state: nanoseconds since the Unix epoch, an
+/// integer, which is several times cheaper to write and to read than RFC
+/// 3339 text (a state holds a time for every register). A time outside
+/// that range (before 1677 or after 2262) is written as text, and states
+/// written before, with text, still read.
+mod state_time {
+    use std::fmt;
+
+    use chrono::{DateTime, Utc};
+    use serde::de::{self, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time.timestamp_nanos_opt() {
+            Some(nanos) => serializer.serialize_i64(nanos),
+            None => time.serialize(serializer),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        deserializer.deserialize_any(TimeVisitor)
+    }
+
+    struct TimeVisitor;
+
+    impl Visitor<'_> for TimeVisitor {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("nanoseconds since the Unix epoch or an RFC 3339 time")
+        }
+
+        fn visit_i64<E: de::Error>(self, nanos: i64) -> Result<Self::Value, E> {
+            Ok(DateTime::from_timestamp_nanos(nanos))
+        }
+
+        fn visit_u64<E: de::Error>(self, nanos: u64) -> Result<Self::Value, E> {
+            i64::try_from(nanos)
+                .map(DateTime::from_timestamp_nanos)
+                .map_err(|_| E::custom("time out of range"))
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            text.parse().map_err(E::custom)
+        }
+    }
+
+    /// The same, for an optional time.
+    pub mod option {
+        use super::*;
+
+        #[derive(Serialize, Deserialize)]
+        struct Time(#[serde(with = "super")] DateTime<Utc>);
+
+        pub fn serialize<S: Serializer>(
+            time: &Option<DateTime<Utc>>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            time.map(Time).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Ok(Option::<Time>::deserialize(deserializer)?.map(|t| t.0))
         }
     }
 }
@@ -53,6 +128,98 @@ impl<T: Clone> Stamped<T> {
             Some(current) if current.stamp >= write.stamp => {}
             _ => *slot = Some(write),
         }
+    }
+}
+
+/// Which write of a register wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wins {
+    /// The latest; of two writes by one event, the second.
+    Latest,
+    /// The earliest (`$set_once`).
+    Earliest,
+}
+
+use Wins::{Earliest, Latest};
+
+/// A value a register can be written from without copying it first: the
+/// register's own type, or a borrowed form of it.
+trait WriteFrom<T> {
+    fn same_as(&self, value: &T) -> bool;
+    fn to_value(&self) -> T;
+}
+
+impl<T: Clone + PartialEq> WriteFrom<T> for &T {
+    fn same_as(&self, value: &T) -> bool {
+        *self == value
+    }
+    fn to_value(&self) -> T {
+        (*self).clone()
+    }
+}
+
+impl WriteFrom<Option<Value>> for Option<&Value> {
+    fn same_as(&self, value: &Option<Value>) -> bool {
+        *self == value.as_ref()
+    }
+    fn to_value(&self) -> Option<Value> {
+        self.cloned()
+    }
+}
+
+impl<T> Stamped<T> {
+    /// Takes the write of `value` at `stamp` if it wins over this one.
+    fn rewrite(&mut self, stamp: &Stamp, wins: Wins, value: impl WriteFrom<T>) {
+        let replaces = match wins {
+            Latest => *stamp >= self.stamp,
+            Earliest => *stamp < self.stamp,
+        };
+        if replaces {
+            self.stamp.at = stamp.at;
+            self.stamp.message_id.clone_from(&stamp.message_id);
+            if !value.same_as(&self.value) {
+                self.value = value.to_value();
+            }
+        }
+    }
+}
+
+/// Writes `value` at `stamp` into a register.
+fn write<T>(slot: &mut Option<Stamped<T>>, stamp: &Stamp, wins: Wins, value: impl WriteFrom<T>) {
+    match slot {
+        Some(current) => current.rewrite(stamp, wins, value),
+        None => {
+            *slot = Some(Stamped {
+                stamp: stamp.clone(),
+                value: value.to_value(),
+            })
+        }
+    }
+}
+
+/// Writes `value` at `stamp` into the register `map[key]`.
+fn write_entry<T>(
+    map: &mut BTreeMap<String, Stamped<T>>,
+    key: &str,
+    stamp: &Stamp,
+    wins: Wins,
+    value: impl WriteFrom<T>,
+) {
+    match map.get_mut(key) {
+        Some(current) => current.rewrite(stamp, wins, value),
+        None => {
+            let write = Stamped {
+                stamp: stamp.clone(),
+                value: value.to_value(),
+            };
+            map.insert(key.to_owned(), write);
+        }
+    }
+}
+
+fn insert_missing(set: &mut BTreeSet<String>, id: &str) {
+    if !set.contains(id) {
+        set.insert(id.to_owned());
     }
 }
 
@@ -85,9 +252,17 @@ pub struct Profile {
     pub ids: BTreeSet<String>,
     /// The ids that came as `anonymousId` or an alias's `previousId`.
     pub anonymous_ids: BTreeSet<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "state_time::option"
+    )]
     pub first_seen: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "state_time::option"
+    )]
     pub last_seen: Option<DateTime<Utc>>,
     pub event_count: u64,
     /// Per event name; calls other than `track` count as `$identify`,
@@ -108,17 +283,15 @@ pub struct Profile {
 impl Profile {
     /// Adds one event's effect. The caller has already resolved that the
     /// event belongs to this profile and that it was not applied before.
+    ///
+    /// Most events repeat what the profile holds (the same user id,
+    /// context and event name), so values are compared before they are
+    /// copied: a rewrite of an equal value only moves its stamp.
     pub fn apply(&mut self, event: &EventEnvelope) {
         let stamp = Stamp::of(event);
         if let Some(user_id) = &event.user_id {
-            self.ids.insert(user_id.clone());
-            Stamped::keep_latest(
-                &mut self.user_id,
-                Stamped {
-                    stamp: stamp.clone(),
-                    value: user_id.clone(),
-                },
-            );
+            insert_missing(&mut self.ids, user_id);
+            write(&mut self.user_id, &stamp, Latest, user_id);
         }
         let linked = [
             event.anonymous_id.as_ref(),
@@ -130,8 +303,8 @@ impl Profile {
         for id in linked.into_iter().flatten() {
             // A `track` with both ids is the user's; it links nothing.
             if event.user_id.is_none() || links_ids(event) {
-                self.ids.insert(id.clone());
-                self.anonymous_ids.insert(id.clone());
+                insert_missing(&mut self.ids, id);
+                insert_missing(&mut self.anonymous_ids, id);
             }
         }
         self.first_seen = Some(
@@ -143,60 +316,42 @@ impl Profile {
                 .map_or(event.timestamp, |t| t.max(event.timestamp)),
         );
         self.event_count += 1;
-        *self.event_counts.entry(count_name(event)).or_default() += 1;
+        let name = count_name(event);
+        match self.event_counts.get_mut(name) {
+            Some(count) => *count += 1,
+            None => {
+                self.event_counts.insert(name.to_owned(), 1);
+            }
+        }
         if !event.context.is_empty() {
-            Stamped::keep_latest(
-                &mut self.context,
-                Stamped {
-                    stamp: stamp.clone(),
-                    value: event.context.clone(),
-                },
-            );
+            write(&mut self.context, &stamp, Latest, &event.context);
         }
         self.apply_traits(event, &stamp);
     }
 
     fn apply_traits(&mut self, event: &EventEnvelope, stamp: &Stamp) {
-        let set = |traits: &mut BTreeMap<String, Stamped<Option<Value>>>,
-                   key: &str,
-                   value: Option<Value>| {
-            let write = Stamped {
-                stamp: stamp.clone(),
-                value,
-            };
-            register(traits, key, write, false);
-        };
         if event.kind == EventType::Identify {
             for (key, value) in &event.traits {
-                set(&mut self.traits, key, Some(value.clone()));
+                write_entry(&mut self.traits, key, stamp, Latest, Some(value));
             }
         }
         if let Some(Value::Object(values)) = event.properties.get("$set") {
             for (key, value) in values {
-                set(&mut self.traits, key, Some(value.clone()));
+                write_entry(&mut self.traits, key, stamp, Latest, Some(value));
             }
         }
         if let Some(Value::Object(values)) = event.properties.get("$set_once") {
             for (key, value) in values {
-                let write = Stamped {
-                    stamp: stamp.clone(),
-                    value: value.clone(),
-                };
-                register(&mut self.traits_once, key, write, true);
+                write_entry(&mut self.traits_once, key, stamp, Earliest, value);
             }
         }
-        match event.properties.get("$unset") {
-            Some(Value::Array(keys)) => {
-                for key in keys.iter().filter_map(Value::as_str) {
-                    set(&mut self.traits, key, None);
-                }
-            }
-            Some(Value::Object(keys)) => {
-                for key in keys.keys() {
-                    set(&mut self.traits, key, None);
-                }
-            }
-            _ => {}
+        let unset: Vec<&str> = match event.properties.get("$unset") {
+            Some(Value::Array(keys)) => keys.iter().filter_map(Value::as_str).collect(),
+            Some(Value::Object(keys)) => keys.keys().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        for key in unset {
+            write_entry(&mut self.traits, key, stamp, Latest, None::<&Value>);
         }
     }
 
@@ -312,15 +467,15 @@ pub fn links_ids(event: &EventEnvelope) -> bool {
     }
 }
 
-fn count_name(event: &EventEnvelope) -> String {
+fn count_name(event: &EventEnvelope) -> &str {
     match (event.kind, &event.event) {
-        (EventType::Track, Some(name)) => name.clone(),
-        (EventType::Track, None) => "$track".to_owned(),
-        (EventType::Identify, _) => "$identify".to_owned(),
-        (EventType::Page, _) => "$page".to_owned(),
-        (EventType::Screen, _) => "$screen".to_owned(),
-        (EventType::Group, _) => "$group".to_owned(),
-        (EventType::Alias, _) => "$alias".to_owned(),
+        (EventType::Track, Some(name)) => name,
+        (EventType::Track, None) => "$track",
+        (EventType::Identify, _) => "$identify",
+        (EventType::Page, _) => "$page",
+        (EventType::Screen, _) => "$screen",
+        (EventType::Group, _) => "$group",
+        (EventType::Alias, _) => "$alias",
     }
 }
 

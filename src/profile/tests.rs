@@ -322,6 +322,44 @@ fn events() -> impl Strategy<Value = Vec<EventEnvelope>> {
     })
 }
 
+#[test]
+fn a_state_keeps_times_to_the_nanosecond_and_reads_states_with_text_times() {
+    let mut e = identify("u1", None, 0, "m1", json!({"plan": "pro"}));
+    e.timestamp = Utc
+        .timestamp_opt(1_790_000_000, 123_456_789)
+        .single()
+        .expect("a time");
+    let profile = profile_of(&[e.clone()])
+        .profiles
+        .remove("u1")
+        .expect("a profile");
+    let text = serde_json::to_string(&profile).expect("a state");
+    assert!(text.contains("1790000000123456789"), "{text}");
+    assert_eq!(
+        serde_json::from_str::<Profile>(&text).expect("a state"),
+        profile
+    );
+
+    let old = text.replace("1790000000123456789", "\"2026-09-21T14:13:20.123456789Z\"");
+    assert_eq!(
+        serde_json::from_str::<Profile>(&old).expect("an older state"),
+        profile
+    );
+
+    // Beyond what nanoseconds in an i64 hold, a time is kept as text.
+    e.timestamp = Utc
+        .with_ymd_and_hms(2300, 1, 1, 0, 0, 0)
+        .single()
+        .expect("a time");
+    let far = profile_of(&[e]).profiles.remove("u1").expect("a profile");
+    let text = serde_json::to_string(&far).expect("a state");
+    assert!(text.contains("2300-01-01T00:00:00Z"), "{text}");
+    assert_eq!(
+        serde_json::from_str::<Profile>(&text).expect("a state"),
+        far
+    );
+}
+
 proptest! {
     #[test]
     fn any_arrival_order_and_batching_gives_the_same_profiles(
