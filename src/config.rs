@@ -210,6 +210,13 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_PROCESS_BATCH", global = true)]
     pub process_batch: Option<usize>,
 
+    /// Profiles whose state the profile processor keeps in memory between
+    /// batches (least recently written go first), about 3.5 KB each; 0
+    /// turns the cache off. A cached state is used only while the store
+    /// still holds that very version of it [default: 20000]
+    #[arg(long, env = "TRAITLINE_PROFILE_CACHE", global = true)]
+    pub profile_cache: Option<usize>,
+
     /// How long a message id is remembered, so a client's retry of an event
     /// is not counted again, in hours [default: 168 (7 days)]
     #[arg(long, env = "TRAITLINE_DEDUP_WINDOW_HOURS", global = true)]
@@ -280,6 +287,7 @@ impl Settings {
                 .hot_user_events_per_second
                 .or(fallback.hot_user_events_per_second),
             process_batch: self.process_batch.or(fallback.process_batch),
+            profile_cache: self.profile_cache.or(fallback.profile_cache),
             dedup_window_hours: self.dedup_window_hours.or(fallback.dedup_window_hours),
             events_retention_days: self
                 .events_retention_days
@@ -498,6 +506,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Most events a processor applies in one transaction.
     pub process_batch: usize,
+    /// Profile states kept in memory between batches.
+    pub profile_cache: usize,
     /// How long the `events` table keeps an event.
     pub events_retention: Duration,
     pub log_format: LogFormat,
@@ -702,6 +712,15 @@ impl Config {
                 format!("{process_batch} is out of range; use 1 to 100000"),
             ));
         }
+        let profile_cache = s
+            .profile_cache
+            .unwrap_or(crate::store::DEFAULT_PROFILE_CACHE);
+        if profile_cache > 10_000_000 {
+            return Err(invalid(
+                "profile-cache",
+                format!("{profile_cache} is out of range; use 0 to 10000000"),
+            ));
+        }
         let dedup_window_hours = s.dedup_window_hours.unwrap_or(168);
         if dedup_window_hours == 0 {
             return Err(invalid("dedup-window-hours", "must be at least 1"));
@@ -765,6 +784,7 @@ impl Config {
             append_timeout: Duration::from_millis(append_timeout_ms),
             shutdown_timeout,
             process_batch,
+            profile_cache,
             events_retention: Duration::from_secs(events_retention_days * 86_400),
             log_format,
             otlp,

@@ -47,6 +47,11 @@ pub const PROCESSOR_EVENT_LATENCY_SECONDS: &str = "traitline_processor_event_lat
 /// Events applied, skipped as duplicates, or rejected, by `processor` and
 /// `outcome` (`applied`, `duplicate`, `rejected`).
 pub const PROCESSOR_EVENTS: &str = "traitline_processor_events_total";
+/// Profiles a batch read, by `outcome`: `hit` (the processor's cached state
+/// was the stored one), `miss` (read and parsed from the store).
+pub const PROFILE_CACHE_LOOKUPS: &str = "traitline_profile_cache_lookups_total";
+/// Profile states the processor holds in memory.
+pub const PROFILE_CACHE_PROFILES: &str = "traitline_profile_cache_profiles";
 /// One store transaction (a batch's effects and its offsets), by `outcome`.
 pub const STORE_TRANSACTION_SECONDS: &str = "traitline_store_transaction_duration_seconds";
 
@@ -146,6 +151,14 @@ fn describe() {
     describe_counter!(
         PROCESSOR_EVENTS,
         "Processed events, by processor and outcome (applied, duplicate, rejected)"
+    );
+    describe_counter!(
+        PROFILE_CACHE_LOOKUPS,
+        "Profiles a batch read, by outcome: hit (from the cache) or miss"
+    );
+    describe_gauge!(
+        PROFILE_CACHE_PROFILES,
+        "Profile states the processor holds in memory"
     );
     describe_histogram!(
         STORE_TRANSACTION_SECONDS,

@@ -44,7 +44,8 @@ pub async fn run(
 ) -> Result<ReplayReport, String> {
     let store = Store::open(config.database_url.as_deref(), &config.data_dir)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_profile_cache(config.profile_cache);
     let log = log::open(config)
         .await
         .map_err(|e| format!("{e} (is the service still running?)"))?;

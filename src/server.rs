@@ -63,7 +63,11 @@ pub async fn serve(
     let (keys, key_source) = ApiKeys::load_or_generate(&config.keys, &config.data_dir)?;
     let log = log::open(&config).await?;
     let store = if config.roles.process || config.roles.query {
-        Some(Store::open(config.database_url.as_deref(), &config.data_dir).await?)
+        Some(
+            Store::open(config.database_url.as_deref(), &config.data_dir)
+                .await?
+                .with_profile_cache(config.profile_cache),
+        )
     } else {
         None
     };

@@ -124,6 +124,7 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
     scratch.log = LogBackend::Embedded;
     scratch.topic_prefix = String::new();
     let (store, drop_db) = scratch_store(config, &dir).await?;
+    let store = store.with_profile_cache(config.profile_cache);
     let log = log::open(&scratch).await.map_err(|e| e.to_string())?;
     let topic = Topics::new("").events();
 

@@ -78,8 +78,14 @@ impl Book {
 
     /// Adds a profile the store holds.
     pub fn load_profile(&mut self, profile_id: String, profile: Profile) {
+        let view = profile.view_json();
+        self.load_profile_with_view(profile_id, profile, view);
+    }
+
+    /// Adds a profile the store holds whose view's JSON is known.
+    pub fn load_profile_with_view(&mut self, profile_id: String, profile: Profile, view: String) {
         let before = Before {
-            view: profile.view_json(),
+            view,
             user_id: profile.user_id.as_ref().map(|u| u.value.clone()),
         };
         self.before.insert(profile_id.clone(), before);

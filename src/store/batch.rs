@@ -41,6 +41,7 @@ pub(super) struct ProfileRows {
     pub profile_id: Vec<String>,
     pub user_id: Vec<Option<String>>,
     pub state_json: Vec<String>,
+    pub version: Vec<i64>,
 }
 
 /// Change records to insert, a column each.
@@ -163,19 +164,28 @@ impl Conn<'_> {
         Ok(self.rows_in(select, "", ids).await?.into_iter().collect())
     }
 
-    /// The stored state of each of `profile_ids` (sorted), locked for
+    /// The stored version of each of `profile_ids` (sorted), locked for
     /// update on PostgreSQL so concurrent batches touching the same
     /// profile take turns, in one order.
     pub async fn lock_profiles(
         &mut self,
         profile_ids: &[&str],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let select = "SELECT profile_id, state_json FROM profiles WHERE profile_id";
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let select = "SELECT profile_id, version FROM profiles WHERE profile_id";
         let suffix = match self {
             Conn::Any(_, Dialect::Sqlite) => " ORDER BY profile_id",
             _ => " ORDER BY profile_id FOR UPDATE",
         };
         self.rows_in(select, suffix, profile_ids).await
+    }
+
+    /// The stored state of each of `profile_ids`.
+    pub async fn profile_states(
+        &mut self,
+        profile_ids: &[&str],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let select = "SELECT profile_id, state_json FROM profiles WHERE profile_id";
+        self.rows_in(select, "", profile_ids).await
     }
 
     /// The rows of `select ... IN (values)` (then `suffix`): one statement
@@ -272,17 +282,19 @@ impl Conn<'_> {
         now: i64,
     ) -> Result<(), StoreError> {
         let update = "ON CONFLICT (profile_id) DO UPDATE SET user_id = excluded.user_id, \
-                      state_json = excluded.state_json, updated_at = excluded.updated_at";
+                      state_json = excluded.state_json, version = excluded.version, \
+                      updated_at = excluded.updated_at";
         match self {
             Conn::Pg(c) => {
                 let sql = format!(
-                    "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) \
-                     SELECT u.*, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u {update}"
+                    "INSERT INTO profiles (profile_id, user_id, state_json, version, updated_at) \
+                     SELECT u.*, $5 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) AS u {update}"
                 );
                 sqlx::query(AssertSqlSafe(sql))
                     .bind(&rows.profile_id)
                     .bind(&rows.user_id)
                     .bind(&rows.state_json)
+                    .bind(&rows.version)
                     .bind(now)
                     .execute(&mut **c)
                     .await?;
@@ -290,8 +302,8 @@ impl Conn<'_> {
             Conn::Any(c, dialect) => {
                 for chunk in chunks(rows.profile_id.len()) {
                     let sql = format!(
-                        "INSERT INTO profiles (profile_id, user_id, state_json, updated_at) VALUES {} {update}",
-                        dialect.tuples(chunk.len(), 4)
+                        "INSERT INTO profiles (profile_id, user_id, state_json, version, updated_at) VALUES {} {update}",
+                        dialect.tuples(chunk.len(), 5)
                     );
                     let mut query = sqlx::query(AssertSqlSafe(sql));
                     for i in chunk {
@@ -299,6 +311,7 @@ impl Conn<'_> {
                             .bind(rows.profile_id[i].as_str())
                             .bind(rows.user_id[i].as_deref())
                             .bind(rows.state_json[i].as_str())
+                            .bind(rows.version[i])
                             .bind(now);
                     }
                     query.execute(&mut **c).await?;

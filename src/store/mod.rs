@@ -14,6 +14,7 @@ pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfileP
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
@@ -21,6 +22,8 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AnyPool, PgPool, Row};
+
+use cache::StateCache;
 
 /// Which database a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,9 @@ pub enum StoreError {
     #[error("interrupted before the commit: {0}")]
     Interrupted(String),
 }
+
+/// Profile states the processor keeps in memory unless configured.
+pub const DEFAULT_PROFILE_CACHE: usize = 20_000;
 
 /// How often a transaction that hit a conflict (deadlock, serialization,
 /// a concurrent insert of the same id, SQLite busy) is tried again.
@@ -115,6 +121,7 @@ macro_rules! in_write_transaction {
 pub(crate) use in_write_transaction;
 
 mod batch;
+mod cache;
 mod profiles;
 pub mod snapshot;
 
@@ -126,6 +133,8 @@ pub struct Store {
     /// PostgreSQL's own driver, for the batch writes that bind arrays
     /// (`Any` cannot); `None` for SQLite.
     pg: Option<PgPool>,
+    /// The profile processor's states between batches.
+    states: Arc<StateCache>,
 }
 
 impl Store {
@@ -216,7 +225,20 @@ impl Store {
         };
         let migrator = Migrator::with_migrations(migrations(dialect));
         migrator.run(&pool).await.map_err(|e| open_error(&e))?;
-        Ok(Store { pool, dialect, pg })
+        Ok(Store {
+            pool,
+            dialect,
+            pg,
+            states: Arc::new(StateCache::new(DEFAULT_PROFILE_CACHE)),
+        })
+    }
+
+    /// The store with a cache of `profiles` profile states for the profile
+    /// processor (0: none), instead of the default's
+    /// [`DEFAULT_PROFILE_CACHE`].
+    pub fn with_profile_cache(mut self, profiles: usize) -> Store {
+        self.states = Arc::new(StateCache::new(profiles));
+        self
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -316,6 +338,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         )
     };
     const TABLES: &str = "profiles, identities, changes, events, offsets";
+    let version = migration(
+        3,
+        "a version for every write of a profile",
+        include_str!("migrations/version_3.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -324,8 +351,12 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 "BRIN index on events.received_at, profiles fillfactor 50",
                 include_str!("migrations/postgres_2.sql"),
             ),
+            version,
         ],
-        Dialect::Sqlite => vec![migration(1, TABLES, include_str!("migrations/sqlite.sql"))],
+        Dialect::Sqlite => vec![
+            migration(1, TABLES, include_str!("migrations/sqlite.sql")),
+            version,
+        ],
     }
 }
 

@@ -1,7 +1,7 @@
 //! Profiles in the store: applying a batch of events in one transaction
 //! with its offsets, and the reads and deletes of the query API.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,6 +11,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use super::batch::{ChangeRows, Conn, EventRows, ProfileRows, ROWS_PER_INSERT};
+use super::cache::{CachedState, StateCache};
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 use crate::envelope::EventEnvelope;
 use crate::profile::{Applied, Book, Profile, ProfileView};
@@ -58,15 +59,22 @@ impl Store {
         &self,
         batch: &ProfileBatch<'_>,
     ) -> Result<BatchOutcome, StoreError> {
-        match &self.pg {
-            Some(pg) => {
-                super::in_write_transaction!(self, pg.begin(), |tx| try_apply(Conn::Pg(tx), batch))
-            }
-            None => super::in_write_transaction!(self, self.begin_write(), |tx| try_apply(
-                Conn::Any(tx, self.dialect),
+        let states = &self.states;
+        let (outcome, written) = match &self.pg {
+            Some(pg) => super::in_write_transaction!(self, pg.begin(), |tx| try_apply(
+                Conn::Pg(tx),
+                states,
                 batch
             )),
-        }
+            None => super::in_write_transaction!(self, self.begin_write(), |tx| try_apply(
+                Conn::Any(tx, self.dialect),
+                states,
+                batch
+            )),
+        }?;
+        // Committed: these are the stored states now.
+        self.states.put(written);
+        Ok(outcome)
     }
 
     /// The profile `id` (a user id or any linked id) resolves to.
@@ -300,10 +308,13 @@ impl Store {
     }
 }
 
+/// Applies a batch in the transaction of `conn`; returns what it did and
+/// the states it wrote, for the cache once the transaction commits.
 async fn try_apply(
     mut conn: Conn<'_>,
+    states: &StateCache,
     batch: &ProfileBatch<'_>,
-) -> Result<BatchOutcome, StoreError> {
+) -> Result<(BatchOutcome, Vec<(String, CachedState)>), StoreError> {
     let now = now_ms();
     conn.advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
@@ -334,7 +345,7 @@ async fn try_apply(
         ..BatchOutcome::default()
     };
     if events.is_empty() {
-        return Ok(outcome);
+        return Ok((outcome, Vec::new()));
     }
 
     let ids: Vec<&str> = {
@@ -353,7 +364,7 @@ async fn try_apply(
         .collect();
     outcome.skipped_deleted = fresh - events.len();
 
-    let mut book = load_book(&mut conn, &ids).await?;
+    let mut book = load_book(&mut conn, states, &ids).await?;
     for (event, _) in &events {
         book.apply(event);
     }
@@ -371,30 +382,48 @@ async fn try_apply(
     let applied = book.finish();
     outcome.applied = events.len();
     outcome.changed_profiles = applied.changes.iter().filter(|c| c.after.is_some()).count();
-    write_applied(&mut conn, applied, now).await?;
+    let written = write_applied(&mut conn, states, applied, now).await?;
     conn.insert_events(&event_rows(&events, &targets)).await?;
-    Ok(outcome)
+    Ok((outcome, written))
 }
 
 /// Loads the ids and the profiles they resolve to, locking the profile
 /// rows (PostgreSQL) so concurrent batches touching the same profile take
-/// turns.
-async fn load_book(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Book, StoreError> {
+/// turns. A profile whose stored version is the cached one comes from the
+/// cache; the others are read and parsed.
+async fn load_book(
+    conn: &mut Conn<'_>,
+    states: &StateCache,
+    ids: &[&str],
+) -> Result<Book, StoreError> {
     let mut book = Book::default();
     let mut mapped = conn.identities(ids).await?;
     let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
     // Sorted, so two transactions lock shared rows in one order.
     profile_ids.sort_unstable();
     profile_ids.dedup();
-    let mut found = HashSet::new();
-    for (profile_id, state) in conn.lock_profiles(&profile_ids).await? {
-        let state: Profile = parse(&state)?;
-        found.insert(profile_id.clone());
-        book.load_profile(profile_id, state);
-    }
-    if profile_ids.iter().any(|p| !found.contains(*p)) {
+    let versions = conn.lock_profiles(&profile_ids).await?;
+    if versions.len() != profile_ids.len() {
         // A concurrent merge removed a profile between the two reads.
         return Err(StoreError::Conflict);
+    }
+    let mut cached = states.take(&versions);
+    let unknown: Vec<&str> = versions
+        .iter()
+        .map(|(profile_id, _)| profile_id.as_str())
+        .filter(|profile_id| !cached.contains_key(*profile_id))
+        .collect();
+    if !unknown.is_empty() {
+        let stored = conn.profile_states(&unknown).await?;
+        if stored.len() != unknown.len() {
+            return Err(StoreError::Conflict);
+        }
+        for (profile_id, state) in stored {
+            book.load_profile(profile_id, parse(&state)?);
+        }
+    }
+    for (profile_id, state) in cached.drain() {
+        book.load_profile_with_view(profile_id, state.profile, state.view);
     }
     for id in ids {
         let profile_id = mapped.remove(*id);
@@ -404,8 +433,14 @@ async fn load_book(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Book, StoreError
 }
 
 /// Writes what a batch did to the profiles: merges first (so moved rows
-/// point at the survivor), then ids, profiles and change records.
-async fn write_applied(conn: &mut Conn<'_>, applied: Applied, now: i64) -> Result<(), StoreError> {
+/// point at the survivor), then ids, profiles and change records. Returns
+/// each written profile's state, version and view.
+async fn write_applied(
+    conn: &mut Conn<'_>,
+    states: &StateCache,
+    applied: Applied,
+    now: i64,
+) -> Result<Vec<(String, CachedState)>, StoreError> {
     for merge in &applied.merges {
         conn.merge(&merge.from, &merge.into).await?;
     }
@@ -417,17 +452,38 @@ async fn write_applied(conn: &mut Conn<'_>, applied: Applied, now: i64) -> Resul
             .user_id
             .push(profile.user_id.as_ref().map(|u| u.value.clone()));
         profiles.state_json.push(to_json(profile));
+        profiles.version.push(states.next_version());
     }
     conn.upsert_profiles(&profiles, now).await?;
     let mut changes = ChangeRows::default();
+    let mut views = HashMap::new();
     for change in applied.changes {
+        if let Some(view) = &change.after {
+            views.insert(change.profile_id.clone(), view.clone());
+        }
         changes.profile_id.push(change.profile_id);
         changes.user_id.push(change.user_id);
         changes.before_view.push(change.before);
         changes.after_view.push(change.after);
         changes.causes.push(to_json(&change.causes));
     }
-    conn.insert_changes(&changes, now).await
+    conn.insert_changes(&changes, now).await?;
+    Ok(applied
+        .profiles
+        .into_iter()
+        .zip(profiles.version)
+        .filter_map(|((profile_id, profile), version)| {
+            let view = views.remove(&profile_id)?;
+            Some((
+                profile_id,
+                CachedState {
+                    version,
+                    profile,
+                    view,
+                },
+            ))
+        })
+        .collect())
 }
 
 /// The raw events sink's rows: each applied event under the profile it

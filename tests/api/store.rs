@@ -1,6 +1,7 @@
 //! The store's own promises, on both databases: a stale batch is fenced
 //! and writes nothing; a message id is remembered for the deduplication
-//! window and forgotten after it.
+//! window and forgotten after it; a profile state kept in memory is used
+//! only while the store still holds it.
 
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType, Source};
@@ -10,17 +11,22 @@ use crate::helpers::{Backend, TestDir, test_database};
 
 both_logs!(
     a_stale_batch_is_fenced_and_writes_nothing,
-    a_message_id_is_forgotten_after_the_dedup_window
+    a_message_id_is_forgotten_after_the_dedup_window,
+    a_cached_profile_is_used_only_while_it_is_the_stored_one
 );
 
-/// A store of the deployment `backend` stands for: SQLite for the embedded
-/// one, a fresh PostgreSQL database for Kafka.
-async fn open(backend: Backend, dir: &TestDir) -> Store {
-    let url = match backend {
+/// The database of the deployment `backend` stands for: SQLite in the
+/// directory for the embedded one (`None`), a fresh PostgreSQL database
+/// for Kafka.
+async fn database(backend: Backend) -> Option<String> {
+    match backend {
         Backend::Embedded => None,
         Backend::Kafka => Some(test_database().await),
-    };
-    Store::open(url.as_deref(), dir.path())
+    }
+}
+
+async fn open(backend: Backend, dir: &TestDir) -> Store {
+    Store::open(database(backend).await.as_deref(), dir.path())
         .await
         .expect("the store opens")
 }
@@ -148,4 +154,75 @@ async fn a_message_id_is_forgotten_after_the_dedup_window(backend: Backend) {
         "past the window the old id is new again; the recent one is still known"
     );
     assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 3);
+}
+
+async fn a_cached_profile_is_used_only_while_it_is_the_stored_one(backend: Backend) {
+    let dir = TestDir::new();
+    let url = database(backend).await;
+    // Two instances of the service sharing one database.
+    let here = Store::open(url.as_deref(), dir.path()).await.unwrap();
+    let elsewhere = Store::open(url.as_deref(), dir.path()).await.unwrap();
+    let count = async |store: &Store| store.profile("c1").await.unwrap().unwrap().event_count;
+
+    here.apply_profile_batch(&batch(&[track("c1", "m1")], None, 1))
+        .await
+        .unwrap();
+    // Spoil the stored state but not its version: only a batch that takes
+    // the state from memory can go on.
+    let sql =
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url.clone().unwrap_or_else(|| {
+                format!("sqlite://{}", dir.path().join("traitline.db").display())
+            }))
+            .await
+            .unwrap();
+    sqlx::query("UPDATE profiles SET state_json = 'spoiled'")
+        .execute(&sql)
+        .await
+        .unwrap();
+    here.apply_profile_batch(&batch(&[track("c1", "m2")], Some(1), 2))
+        .await
+        .expect("the state comes from memory");
+    assert_eq!(count(&here).await, 2);
+
+    // The other instance takes the partition for a batch, then this one
+    // gets it back: its state in memory is one write behind the store's.
+    elsewhere
+        .apply_profile_batch(&batch(&[track("c1", "m3")], Some(2), 3))
+        .await
+        .unwrap();
+    here.apply_profile_batch(&batch(&[track("c1", "m4")], Some(3), 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&here).await,
+        4,
+        "built on the stored state, not the one in memory"
+    );
+
+    // Deleted, the id starts a new profile.
+    here.delete_profile("c1").await.unwrap().unwrap();
+    // Received after the deletion (not within its millisecond).
+    let mut after = track("c1", "m5");
+    after.0.received_at += chrono::Duration::milliseconds(5);
+    after.1 = serde_json::to_string(&after.0).unwrap();
+    here.apply_profile_batch(&batch(&[after], Some(4), 5))
+        .await
+        .unwrap();
+    assert_eq!(count(&here).await, 1);
+
+    // A state written without a version (before versions, or restored
+    // from a snapshot) is read from the store.
+    sqlx::query("UPDATE profiles SET state_json = 'spoiled', version = 0")
+        .execute(&sql)
+        .await
+        .unwrap();
+    let refused = here
+        .apply_profile_batch(&batch(&[track("c1", "m6")], Some(5), 6))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
 }
