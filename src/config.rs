@@ -205,8 +205,10 @@ pub struct Settings {
     pub kafka_options: Option<Vec<String>>,
 
     /// Most events the profile processor takes in one batch: one store
-    /// transaction on SQLite, up to four (by partition) on PostgreSQL
-    /// [default: 5000]
+    /// transaction on SQLite, up to four (by partition) on PostgreSQL.
+    /// Larger batches fold more of a user's events into one write of the
+    /// profile; the processor's memory grows about 5 KB a batch event
+    /// [default: 40000]
     #[arg(long, env = "TRAITLINE_PROCESS_BATCH", global = true)]
     pub process_batch: Option<usize>,
 
@@ -705,7 +707,7 @@ impl Config {
             ));
         }
 
-        let process_batch = s.process_batch.unwrap_or(5000);
+        let process_batch = s.process_batch.unwrap_or(40_000);
         if !(1..=100_000).contains(&process_batch) {
             return Err(invalid(
                 "process-batch",
