@@ -16,20 +16,19 @@ use sqlx::Connection;
 use crate::config::{Config, LogBackend};
 use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::log::{self, LogReader, Record, StartAt, Topics};
-use crate::process::profiles::PROCESSOR;
 use crate::server::{ProfileInput, profile_runner};
 use crate::store::{OffsetAdvance, ProfileBatch, Store};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchProcessArgs {
     /// Events in the log to process
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 400_000)]
     pub events: usize,
     /// Distinct users the events spread over
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
     /// Batch sizes (events a transaction) to measure, comma-separated
-    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000, 20_000, 40_000])]
     pub batch_sizes: Vec<usize>,
     /// Events the naive one-transaction-per-event consumer processes (it
     /// is slow; its rate does not depend on the count)
@@ -116,6 +115,31 @@ async fn scratch_store(
     }
 }
 
+/// A store for one measurement: new and empty, so no measurement runs on
+/// the dead rows of the one before.
+async fn fresh_store(
+    config: &Config,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<(Store, Option<(String, String)>), String> {
+    let (store, drop_db) = scratch_store(config, &dir.join(name)).await?;
+    Ok((store.with_profile_cache(config.profile_cache), drop_db))
+}
+
+/// Closes a measurement's store and drops its database.
+async fn discard(store: Store, drop_db: Option<(String, String)>) -> Result<(), String> {
+    store.close().await;
+    if let Some((url, name)) = drop_db {
+        let mut admin = sqlx::PgConnection::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+            .execute(&mut admin)
+            .await;
+    }
+    Ok(())
+}
+
 /// Fills, measures and prints.
 pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> {
     let dir = tempfile_dir()?;
@@ -123,8 +147,6 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
     scratch.data_dir = dir.clone();
     scratch.log = LogBackend::Embedded;
     scratch.topic_prefix = String::new();
-    let (store, drop_db) = scratch_store(config, &dir).await?;
-    let store = store.with_profile_cache(config.profile_cache);
     let log = log::open(&scratch).await.map_err(|e| e.to_string())?;
     let topic = Topics::new("").events();
 
@@ -145,8 +167,11 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
     }
     println!(
-        "{}; {} events for {} users written to a scratch log in {:.1} s",
-        store.describe(),
+        "{}; {} events for {} users written to a scratch log in {:.1} s; each measurement on a new, empty store",
+        match config.database_url {
+            Some(_) => "PostgreSQL store",
+            None => "SQLite store",
+        },
         args.events,
         args.users,
         started.elapsed().as_secs_f64()
@@ -156,10 +181,7 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
 
     let mut best: f64 = 0.0;
     for batch in &args.batch_sizes {
-        store
-            .reset_profiles(PROCESSOR)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (store, drop_db) = fresh_store(config, &dir, &format!("store-{batch}")).await?;
         scratch.process_batch = *batch;
         let runner = profile_runner(
             &scratch,
@@ -180,13 +202,12 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             "| runner | {batch} | {applied} | {:.2} | {rate:.0} |",
             elapsed.as_secs_f64()
         );
+        discard(store, drop_db).await?;
     }
 
-    store
-        .reset_profiles(PROCESSOR)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (store, drop_db) = fresh_store(config, &dir, "store-naive").await?;
     let naive = naive(&store, &scratch, &topic, args.naive_events).await?;
+    discard(store, drop_db).await?;
     let naive_rate = args.naive_events as f64 / naive.as_secs_f64();
     println!(
         "| naive (one transaction per event) | 1 | {} | {:.2} | {naive_rate:.0} |",
@@ -196,15 +217,6 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
     println!("best runner / naive: {:.1}x", best / naive_rate.max(1e-9));
 
     log.close(Duration::from_secs(10)).await;
-    store.close().await;
-    if let Some((url, name)) = drop_db {
-        let mut admin = sqlx::PgConnection::connect(&url)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
-            .execute(&mut admin)
-            .await;
-    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
