@@ -951,6 +951,9 @@ mod tests {
         assert_eq!(c.limits.max_event_bytes, 32 * 1024);
         assert_eq!(c.limits.max_batch_bytes, 500 * 1024);
         assert_eq!(c.append_timeout, Duration::from_secs(5));
+        assert_eq!((c.process_batch, c.profile_cache), (40_000, 20_000));
+        let off: Settings = toml::from_str("profile-cache = 0").unwrap();
+        assert_eq!(Config::from_settings(off).unwrap().profile_cache, 0);
     }
 
     #[test]
@@ -997,6 +1000,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("TRAITLINE_KAFKA_COMPRESSION"), "{err}");
+
+        let err = Config::from_settings(Settings {
+            profile_cache: Some(20_000_000),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`profile-cache`") && err.contains("TRAITLINE_PROFILE_CACHE"),
+            "{err}"
+        );
 
         // Stored events are the record of applied message ids.
         let err = Config::from_settings(Settings {

@@ -42,10 +42,10 @@ pub trait Processor: Send + Sync + 'static {
     /// The name its offsets are stored under.
     fn name(&self) -> &str;
 
-    /// Parses and checks `records` (in offset order per partition); the
-    /// ones it cannot handle come back as rejects, and the rest are applied
-    /// at commit.
-    fn prepare(&self, records: &[StoredRecord]) -> (Self::Prepared, Vec<Rejected>);
+    /// Parses and checks `records` (in offset order per partition), taking
+    /// them over so their bytes need not be copied; the ones it cannot
+    /// handle come back as rejects, and the rest are applied at commit.
+    fn prepare(&self, records: Vec<StoredRecord>) -> (Self::Prepared, Vec<Rejected>);
 
     /// Writes a prepared batch and moves `offsets`, in one transaction.
     async fn commit(
@@ -333,9 +333,11 @@ impl<P: Processor> Runner<P> {
             .record(records.len() as f64);
         let received_ms: Vec<i64> = records.iter().map(|r| r.timestamp_ms).collect();
         let groups = self.split(records);
+        let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
         let mut prepared = Vec::with_capacity(groups.len());
         let mut rejects = Vec::new();
-        for group in &groups {
+        for group in groups {
             let (batch, rejected) = self.processor.prepare(group);
             prepared.push(Arc::new(batch));
             rejects.extend(rejected);
@@ -349,8 +351,7 @@ impl<P: Processor> Runner<P> {
             .rejected += rejects.len() as u64;
         metrics::counter!(crate::metrics::PROCESSOR_EVENTS, "processor" => name, "outcome" => "rejected")
             .increment(rejects.len() as u64);
-        let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
-        let mut pending: Vec<usize> = (0..groups.len()).collect();
+        let mut pending: Vec<usize> = (0..prepared.len()).collect();
         loop {
             // Each group on a task of its own, so their CPU work (encoding
             // rows, applying rules) runs on every core, not just this one.
@@ -384,7 +385,7 @@ impl<P: Processor> Runner<P> {
                     Err(e) => {
                         tracing::warn!(
                             "cannot commit a batch of {} records to the store: {e}; trying again in {RETRY_DELAY:?}",
-                            groups[i].len()
+                            sizes[i]
                         );
                         self.note_error(&e);
                         failed.push(i);
@@ -404,7 +405,7 @@ impl<P: Processor> Runner<P> {
                     processor = name,
                     "committed {} records in {} transactions in {:.1} ms",
                     received_ms.len(),
-                    groups.len(),
+                    prepared.len(),
                     took.as_secs_f64() * 1000.0
                 );
                 metrics::histogram!(crate::metrics::PROCESSOR_BATCH_SECONDS, "processor" => name)

@@ -24,15 +24,33 @@ impl ProfileProcessor {
 }
 
 /// Parses a record into an event envelope with its text, or says why not.
-fn parse(record: &StoredRecord) -> Result<(EventEnvelope, String), String> {
-    let text =
-        std::str::from_utf8(&record.value).map_err(|e| format!("the record is not UTF-8: {e}"))?;
+/// The event in a record, with the record's text (its bytes, not a copy);
+/// the record back with the reason when it is not one.
+fn parse(mut record: StoredRecord) -> Result<(EventEnvelope, String), Rejected> {
+    let text = match String::from_utf8(std::mem::take(&mut record.value)) {
+        Ok(text) => text,
+        Err(e) => {
+            let reason = format!("the record is not UTF-8: {}", e.utf8_error());
+            record.value = e.into_bytes();
+            return Err(Rejected { record, reason });
+        }
+    };
+    match event_in(&text) {
+        Ok(event) => Ok((event, text)),
+        Err(reason) => {
+            record.value = text.into_bytes();
+            Err(Rejected { record, reason })
+        }
+    }
+}
+
+fn event_in(text: &str) -> Result<EventEnvelope, String> {
     let event: EventEnvelope = serde_json::from_str(text)
         .map_err(|e| format!("the record is not an event envelope: {e}"))?;
     if event.user_id.is_none() && event.anonymous_id.is_none() {
         return Err("the event has neither userId nor anonymousId".to_owned());
     }
-    Ok((event, text.to_owned()))
+    Ok(event)
 }
 
 #[async_trait]
@@ -43,16 +61,13 @@ impl Processor for ProfileProcessor {
         PROCESSOR
     }
 
-    fn prepare(&self, records: &[StoredRecord]) -> (Self::Prepared, Vec<Rejected>) {
+    fn prepare(&self, records: Vec<StoredRecord>) -> (Self::Prepared, Vec<Rejected>) {
         let mut events = Vec::with_capacity(records.len());
         let mut rejects = Vec::new();
         for record in records {
             match parse(record) {
                 Ok(event) => events.push(event),
-                Err(reason) => rejects.push(Rejected {
-                    record: record.clone(),
-                    reason,
-                }),
+                Err(rejected) => rejects.push(rejected),
             }
         }
         (events, rejects)
