@@ -244,7 +244,8 @@ fn synced_len(path: &Path) -> Option<Arc<AtomicU64>> {
 
 struct Partition {
     path: PathBuf,
-    file: File,
+    /// Shared with the fsync threads ([`Syncer`]).
+    file: Arc<File>,
     next_offset: u64,
     len: u64,
     /// `len` for this process's readers, updated after each sync.
@@ -407,7 +408,7 @@ fn open_partition(path: &Path) -> Result<Partition, EmbeddedError> {
         .insert(synced_key(path), synced.clone());
     Ok(Partition {
         path: path.to_owned(),
-        file,
+        file: Arc::new(file),
         next_offset,
         len: valid_len,
         synced,
@@ -454,6 +455,7 @@ fn run_writer(
     mut queue: mpsc::Receiver<AppendRequest>,
     broken: Arc<AtomicBool>,
 ) {
+    let syncer = Syncer::start();
     let mut group: Vec<AppendRequest> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = queue.blocking_recv() {
         group.push(first);
@@ -463,13 +465,84 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        commit_group(&mut files, &mut group, &broken);
+        commit_group(&mut files, &mut group, &broken, &syncer);
+    }
+}
+
+/// Threads that fsync files side by side: each fsync takes a disk round
+/// trip, and in series a group touching every partition waits for all of
+/// them. The threads live as long as the writer (a thread started for
+/// each fsync of each group cost about a tenth of the machine).
+struct Syncer {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+}
+
+type SyncJob = (Arc<File>, std::sync::mpsc::Sender<std::io::Result<()>>);
+
+/// fsyncs one group can run at once (the default partition count).
+const SYNC_THREADS: usize = 8;
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (jobs, queue) = std::sync::mpsc::channel::<SyncJob>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for _ in 0..SYNC_THREADS {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name("embedded-log-sync".into())
+                .spawn(move || {
+                    loop {
+                        // The writer is gone when the queue closes.
+                        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((file, done)) = job else { break };
+                        let _ = done.send(file.sync_data());
+                    }
+                });
+            if let Err(e) = spawned {
+                // Fewer threads (or none: the writer syncs itself) is slower,
+                // not wrong.
+                tracing::warn!("cannot start an fsync thread for the embedded log: {e}");
+            }
+        }
+        Syncer { jobs }
+    }
+
+    /// fsyncs `files`, at once where threads are free; the first error.
+    fn sync_all(&self, files: Vec<Arc<File>>) -> std::io::Result<()> {
+        if let [file] = files.as_slice() {
+            return file.sync_data();
+        }
+        let (done, results) = std::sync::mpsc::channel();
+        let mut waiting = 0;
+        for file in files {
+            match self.jobs.send((file, done.clone())) {
+                Ok(()) => waiting += 1,
+                // No thread to take it: sync here.
+                Err(std::sync::mpsc::SendError((file, _))) => file.sync_data()?,
+            }
+        }
+        drop(done);
+        let mut outcome = Ok(());
+        for _ in 0..waiting {
+            let result = results
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("an fsync thread stopped")));
+            if outcome.is_ok() {
+                outcome = result;
+            }
+        }
+        outcome
     }
 }
 
 /// Writes every request of `group`, fsyncs each touched partition once,
 /// then answers them all.
-fn commit_group(files: &mut TopicFiles, group: &mut Vec<AppendRequest>, broken: &AtomicBool) {
+fn commit_group(
+    files: &mut TopicFiles,
+    group: &mut Vec<AppendRequest>,
+    broken: &AtomicBool,
+    syncer: &Syncer,
+) {
     if broken.load(Ordering::Relaxed) {
         for request in group.drain(..) {
             let _ = request.done.send(Err(AppendError::Unavailable(
@@ -523,7 +596,7 @@ fn commit_group(files: &mut TopicFiles, group: &mut Vec<AppendRequest>, broken: 
         outcomes.push(Ok(()));
     }
 
-    let written = write_and_sync(files, &touched);
+    let written = write_and_sync(files, &touched, syncer);
     if let Err(e) = &written {
         tracing::error!(
             "the embedded log could not store a write of {} requests: {e}; they were answered 503 and may be retried",
@@ -542,41 +615,25 @@ fn commit_group(files: &mut TopicFiles, group: &mut Vec<AppendRequest>, broken: 
     }
 }
 
-fn write_and_sync(files: &mut TopicFiles, touched: &[(String, usize)]) -> std::io::Result<()> {
+fn write_and_sync(
+    files: &mut TopicFiles,
+    touched: &[(String, usize)],
+    syncer: &Syncer,
+) -> std::io::Result<()> {
     for (topic, p) in touched {
         let part = &mut files
             .topics
             .get_mut(topic)
             .expect("touched topics are open")
             .partitions[*p];
-        part.file.write_all(&part.pending)?;
+        (&*part.file).write_all(&part.pending)?;
     }
-    // fsync the touched files in parallel: each takes a disk round trip,
-    // and in series a group touching every partition waits for all of them.
-    let synced: Vec<std::io::Result<()>> = {
-        let files_to_sync: Vec<&File> = touched
+    syncer.sync_all(
+        touched
             .iter()
-            .map(|(topic, p)| &files.topics[topic].partitions[*p].file)
-            .collect();
-        if files_to_sync.len() == 1 {
-            vec![files_to_sync[0].sync_data()]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = files_to_sync
-                    .iter()
-                    .map(|file| scope.spawn(move || file.sync_data()))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")))
-                    })
-                    .collect()
-            })
-        }
-    };
-    synced.into_iter().collect::<std::io::Result<()>>()?;
+            .map(|(topic, p)| files.topics[topic].partitions[*p].file.clone())
+            .collect(),
+    )?;
     for (topic, p) in touched {
         let part = &mut files
             .topics
