@@ -210,8 +210,14 @@ impl Store {
                     // cached generic plan made while the tables were small
                     // (a new deployment) scans them whole, and keeps doing
                     // so as they grow until autovacuum analyzes them: commits
-                    // 15 times slower for the first minute or so.
-                    .options([("plan_cache_mode", "force_custom_plan")]);
+                    // 15 times slower for the first minute or so. No
+                    // parallel workers: the runner already commits several
+                    // batches at once, and workers started for a statement
+                    // only compete with them for the cores.
+                    .options([
+                        ("plan_cache_mode", "force_custom_plan"),
+                        ("max_parallel_workers_per_gather", "0"),
+                    ]);
                 // The processors' batches: the profile runner's parallel
                 // commits, and the overflow runner's beside them.
                 Some(
