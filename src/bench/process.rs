@@ -166,22 +166,22 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             .await
             .map_err(|e| e.to_string())?;
     }
-    println!(
-        "{}; {} events for {} users written to a scratch log in {:.1} s; each measurement on a new, empty store",
-        match config.database_url {
-            Some(_) => "PostgreSQL store",
-            None => "SQLite store",
-        },
-        args.events,
-        args.users,
-        started.elapsed().as_secs_f64()
-    );
-    println!("| consumer | batch | events | seconds | events/s |");
-    println!("|---|---|---|---|---|");
+    let filled = started.elapsed();
 
     let mut best: f64 = 0.0;
-    for batch in &args.batch_sizes {
+    for (i, batch) in args.batch_sizes.iter().enumerate() {
         let (store, drop_db) = fresh_store(config, &dir, &format!("store-{batch}")).await?;
+        if i == 0 {
+            println!(
+                "{}; {} events for {} users written to a scratch log in {:.1} s; each measurement on a new, empty store",
+                store.describe(),
+                args.events,
+                args.users,
+                filled.as_secs_f64()
+            );
+            println!("| consumer | batch | events | seconds | events/s |");
+            println!("|---|---|---|---|---|");
+        }
         scratch.process_batch = *batch;
         let runner = profile_runner(
             &scratch,

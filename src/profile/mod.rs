@@ -121,16 +121,6 @@ pub struct Stamped<T> {
     pub value: T,
 }
 
-impl<T: Clone> Stamped<T> {
-    /// Keeps the later of two writes.
-    fn keep_latest(slot: &mut Option<Stamped<T>>, write: Stamped<T>) {
-        match slot {
-            Some(current) if current.stamp >= write.stamp => {}
-            _ => *slot = Some(write),
-        }
-    }
-}
-
 /// Which write of a register wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wins {
@@ -220,22 +210,6 @@ fn write_entry<T>(
 fn insert_missing(set: &mut BTreeSet<String>, id: &str) {
     if !set.contains(id) {
         set.insert(id.to_owned());
-    }
-}
-
-/// Puts `write` into `map[key]` unless a later (or, with `earliest`, an
-/// earlier) write is there.
-fn register<T>(
-    map: &mut BTreeMap<String, Stamped<T>>,
-    key: &str,
-    write: Stamped<T>,
-    earliest: bool,
-) {
-    match map.get(key) {
-        Some(current) if (current.stamp <= write.stamp) == earliest => {}
-        _ => {
-            map.insert(key.to_owned(), write);
-        }
     }
 }
 
@@ -358,8 +332,30 @@ impl Profile {
     /// Folds `other` into this profile: what either knew, with every
     /// register resolved by stamp, counts added.
     pub fn merge(&mut self, other: Profile) {
-        if let Some(user_id) = other.user_id {
-            Stamped::keep_latest(&mut self.user_id, user_id);
+        // The registers by the same rule as events write them.
+        if let Some(user_id) = &other.user_id {
+            write(&mut self.user_id, &user_id.stamp, Latest, &user_id.value);
+        }
+        if let Some(context) = &other.context {
+            write(&mut self.context, &context.stamp, Latest, &context.value);
+        }
+        for (key, set) in &other.traits {
+            write_entry(
+                &mut self.traits,
+                key,
+                &set.stamp,
+                Latest,
+                set.value.as_ref(),
+            );
+        }
+        for (key, once) in &other.traits_once {
+            write_entry(
+                &mut self.traits_once,
+                key,
+                &once.stamp,
+                Earliest,
+                &once.value,
+            );
         }
         self.ids.extend(other.ids);
         self.anonymous_ids.extend(other.anonymous_ids);
@@ -368,15 +364,6 @@ impl Profile {
         self.event_count += other.event_count;
         for (name, count) in other.event_counts {
             *self.event_counts.entry(name).or_default() += count;
-        }
-        if let Some(context) = other.context {
-            Stamped::keep_latest(&mut self.context, context);
-        }
-        for (key, write) in other.traits {
-            register(&mut self.traits, &key, write, false);
-        }
-        for (key, write) in other.traits_once {
-            register(&mut self.traits_once, &key, write, true);
         }
     }
 
