@@ -3,10 +3,12 @@
 //! SQLite goes through sqlx's `Any` driver, a batch's rows bound one value
 //! at a time into multi-row `VALUES` lists. PostgreSQL has a connection of
 //! its own driver for this, which binds a whole column as one array: every
-//! lookup is `= ANY($1)` and every write `INSERT ... SELECT FROM UNNEST`,
-//! so a batch of any size is the same dozen statements, each prepared once
-//! (a 500-row `VALUES` list of 3,500 parameters is parsed and planned on
-//! every call, and each of its sizes fills the statement cache).
+//! lookup is `= ANY($1)` and the profile upsert `INSERT ... SELECT FROM
+//! UNNEST`, so a batch of any size is the same few statements, each
+//! prepared once (a 500-row `VALUES` list of 3,500 parameters is parsed and
+//! planned on every call, and each of its sizes fills the statement cache).
+//! Plain appends (events, changes, new ids) go as binary `COPY`, which
+//! PostgreSQL stores in bulk: 5-15% more events a second than `UNNEST`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -247,16 +249,11 @@ impl Conn<'_> {
     pub async fn insert_ids(&mut self, ids: &[(String, String)]) -> Result<(), StoreError> {
         match self {
             Conn::Pg(c) => {
-                let (distinct_id, profile_id): (Vec<&str>, Vec<&str>) =
-                    ids.iter().map(|(i, p)| (i.as_str(), p.as_str())).unzip();
-                sqlx::query(
-                    "INSERT INTO identities (distinct_id, profile_id) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[])",
-                )
-                .bind(distinct_id)
-                .bind(profile_id)
-                .execute(&mut **c)
-                .await?;
+                let mut copy = BinaryCopy::new(ids.len() * 64);
+                for (id, profile_id) in ids {
+                    copy.row(2).text(Some(id)).text(Some(profile_id));
+                }
+                copy.send(c, "identities (distinct_id, profile_id)").await?;
             }
             Conn::Any(c, dialect) => {
                 for chunk in ids.chunks(ROWS_PER_INSERT) {
@@ -323,29 +320,28 @@ impl Conn<'_> {
 
     /// Appends change records, their change ids in the order given.
     pub async fn insert_changes(&mut self, rows: &ChangeRows, now: i64) -> Result<(), StoreError> {
-        let insert = "INSERT INTO profile_changes \
-                      (profile_id, user_id, before_view, after_view, causes, changed_at)";
+        let into = "profile_changes \
+                    (profile_id, user_id, before_view, after_view, causes, changed_at)";
         match self {
             Conn::Pg(c) => {
-                let sql = format!(
-                    "{insert} SELECT u.profile_id, u.user_id, u.before_view, u.after_view, u.causes, $6 \
-                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                     WITH ORDINALITY AS u (profile_id, user_id, before_view, after_view, causes, n) \
-                     ORDER BY u.n"
-                );
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(&rows.profile_id)
-                    .bind(&rows.user_id)
-                    .bind(&rows.before_view)
-                    .bind(&rows.after_view)
-                    .bind(&rows.causes)
-                    .bind(now)
-                    .execute(&mut **c)
-                    .await?;
+                let mut copy = BinaryCopy::new(rows.profile_id.len() * 2048);
+                for i in 0..rows.profile_id.len() {
+                    copy.row(6)
+                        .text(Some(&rows.profile_id[i]))
+                        .text(rows.user_id[i].as_deref())
+                        .text(rows.before_view[i].as_deref())
+                        .text(rows.after_view[i].as_deref())
+                        .text(Some(&rows.causes[i]))
+                        .int8(now);
+                }
+                copy.send(c, into).await?;
             }
             Conn::Any(c, dialect) => {
                 for chunk in chunks(rows.profile_id.len()) {
-                    let sql = format!("{insert} VALUES {}", dialect.tuples(chunk.len(), 6));
+                    let sql = format!(
+                        "INSERT INTO {into} VALUES {}",
+                        dialect.tuples(chunk.len(), 6)
+                    );
                     let mut query = sqlx::query(AssertSqlSafe(sql));
                     for i in chunk {
                         query = query
@@ -366,28 +362,28 @@ impl Conn<'_> {
     /// Inserts `events` rows (a message id already there fails the
     /// transaction as a conflict).
     pub async fn insert_events(&mut self, rows: &EventRows<'_>) -> Result<(), StoreError> {
-        let insert = "INSERT INTO events \
-                      (message_id, profile_id, type, event, occurred_at, received_at, body)";
+        let into = "events (message_id, profile_id, type, event, occurred_at, received_at, body)";
         match self {
             Conn::Pg(c) => {
-                let sql = format!(
-                    "{insert} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                     $5::int8[], $6::int8[], $7::text[])"
-                );
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(&rows.message_id)
-                    .bind(&rows.profile_id)
-                    .bind(&rows.kind)
-                    .bind(&rows.event)
-                    .bind(&rows.occurred_at)
-                    .bind(&rows.received_at)
-                    .bind(&rows.body)
-                    .execute(&mut **c)
-                    .await?;
+                let mut copy = BinaryCopy::new(rows.message_id.len() * 512);
+                for i in 0..rows.message_id.len() {
+                    copy.row(7)
+                        .text(Some(rows.message_id[i]))
+                        .text(Some(rows.profile_id[i]))
+                        .text(Some(rows.kind[i]))
+                        .text(rows.event[i])
+                        .int8(rows.occurred_at[i])
+                        .int8(rows.received_at[i])
+                        .text(Some(rows.body[i]));
+                }
+                copy.send(c, into).await?;
             }
             Conn::Any(c, dialect) => {
                 for chunk in chunks(rows.message_id.len()) {
-                    let sql = format!("{insert} VALUES {}", dialect.tuples(chunk.len(), 7));
+                    let sql = format!(
+                        "INSERT INTO {into} VALUES {}",
+                        dialect.tuples(chunk.len(), 7)
+                    );
                     let mut query = sqlx::query(AssertSqlSafe(sql));
                     for i in chunk {
                         query = query
@@ -412,4 +408,60 @@ fn chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..rows)
         .step_by(ROWS_PER_INSERT)
         .map(move |start| start..(start + ROWS_PER_INSERT).min(rows))
+}
+
+/// Rows in PostgreSQL's binary `COPY` format, sent with `COPY ... FROM
+/// STDIN`: the server stores them in bulk (a WAL record a page of rows,
+/// not a row), and nothing is parsed or escaped on either side.
+struct BinaryCopy {
+    buf: Vec<u8>,
+}
+
+impl BinaryCopy {
+    /// The format's signature, then flags and header extension length (0).
+    const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+    fn new(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(Self::HEADER);
+        BinaryCopy { buf }
+    }
+
+    /// Starts a row of `columns` fields, to be followed by exactly that many.
+    fn row(&mut self, columns: i16) -> &mut Self {
+        self.buf.extend_from_slice(&columns.to_be_bytes());
+        self
+    }
+
+    /// A `text` field (UTF-8, its length first) or NULL.
+    fn text(&mut self, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(value) => {
+                let len = i32::try_from(value.len()).expect("a text field is under 2 GiB");
+                self.buf.extend_from_slice(&len.to_be_bytes());
+                self.buf.extend_from_slice(value.as_bytes());
+            }
+            None => self.buf.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+        self
+    }
+
+    /// An `int8` field.
+    fn int8(&mut self, value: i64) -> &mut Self {
+        self.buf.extend_from_slice(&8i32.to_be_bytes());
+        self.buf.extend_from_slice(&value.to_be_bytes());
+        self
+    }
+
+    /// Appends the rows to `into` (`table (columns)`, the columns in the
+    /// order of each row's fields).
+    async fn send(mut self, conn: &mut PgConnection, into: &str) -> Result<(), StoreError> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY {into} FROM STDIN (FORMAT binary)"))
+            .await?;
+        copy.send(self.buf).await?;
+        copy.finish().await?;
+        Ok(())
+    }
 }
