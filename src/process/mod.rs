@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::log::{EventLog, LogReader, Record, StoredRecord};
+use crate::log::{EventLog, LogReader, Polled, ReadError, Record, StoredRecord};
 use crate::store::{BatchOutcome, OffsetAdvance, StoreError};
 
 /// A record a processor cannot handle, and why.
@@ -141,6 +141,10 @@ pub struct Runner<P: Processor> {
     stored: Option<HashMap<i32, i64>>,
     stats: Arc<Mutex<RunnerStats>>,
     last_lag_probe: Option<Instant>,
+    /// The next records, read while the batch before them committed.
+    prefetched: Option<Result<Polled, ReadError>>,
+    /// The last committed batch, being freed.
+    freeing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How long to wait before retrying a failed store or log write.
@@ -162,6 +166,8 @@ impl<P: Processor> Runner<P> {
             stored: None,
             stats: Arc::new(Mutex::new(RunnerStats::default())),
             last_lag_probe: None,
+            prefetched: None,
+            freeing: None,
         }
     }
 
@@ -188,10 +194,13 @@ impl<P: Processor> Runner<P> {
         }
         let mut unseeked = false;
         loop {
-            let polled = tokio::select! {
-                biased;
-                () = &mut stop => break,
-                polled = self.reader.poll(self.settings.max_batch, self.settings.max_wait) => polled,
+            let polled = match self.prefetched.take() {
+                Some(polled) => polled,
+                None => tokio::select! {
+                    biased;
+                    () = &mut stop => break,
+                    polled = self.reader.poll(self.settings.max_batch, self.settings.max_wait) => polled,
+                },
             };
             let polled = match polled {
                 Ok(polled) => polled,
@@ -233,7 +242,10 @@ impl<P: Processor> Runner<P> {
                     continue;
                 }
             };
-            if !records.is_empty() && !self.process(records, &mut stop).await {
+            // Read ahead while this batch commits, unless the runner stops
+            // when caught up and is.
+            let read_ahead = !(polled.caught_up && self.settings.stop_when_caught_up);
+            if !records.is_empty() && !self.process(records, read_ahead, &mut stop).await {
                 break;
             }
             self.probe_lag(polled.caught_up);
@@ -322,9 +334,14 @@ impl<P: Processor> Runner<P> {
     /// runs one transaction on one core, so this is how a batch uses more.
     /// A partition is in one group only, so its order and offsets stay one
     /// transaction's; profiles shared across groups (merges) are row-locked.
+    ///
+    /// With `read_ahead`, the next records are read while the batch
+    /// commits (the database works while the reader does), for the next
+    /// round of [`Runner::run`].
     async fn process(
         &mut self,
         records: Vec<StoredRecord>,
+        read_ahead: bool,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         let started = Instant::now();
@@ -335,10 +352,22 @@ impl<P: Processor> Runner<P> {
         let groups = self.split(records);
         let advances: Vec<Vec<OffsetAdvance>> = groups.iter().map(|g| self.advances(g)).collect();
         let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
-        let mut prepared = Vec::with_capacity(groups.len());
+        // Each group is parsed on a thread of its own, so a batch's
+        // parsing uses every core, and leaves the async workers free.
+        let parsed = join_all(groups.into_iter().map(|group| {
+            let processor = self.processor.clone();
+            tokio::task::spawn_blocking(move || processor.prepare(group))
+        }))
+        .await;
+        let mut prepared = Vec::with_capacity(parsed.len());
         let mut rejects = Vec::new();
-        for group in groups {
-            let (batch, rejected) = self.processor.prepare(group);
+        for joined in parsed {
+            let (batch, rejected) = match joined {
+                Ok(parsed) => parsed,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Only when the runtime shuts down: nothing was committed.
+                Err(_) => return false,
+            };
             prepared.push(Arc::new(batch));
             rejects.extend(rejected);
         }
@@ -355,16 +384,25 @@ impl<P: Processor> Runner<P> {
         loop {
             // Each group on a task of its own, so their CPU work (encoding
             // rows, applying rules) runs on every core, not just this one.
-            let results = join_all(pending.iter().map(|&i| {
+            let commits = join_all(pending.iter().map(|&i| {
                 let processor = self.processor.clone();
                 let prepared = prepared[i].clone();
                 let topic = self.settings.topic.clone();
                 let advances = advances[i].clone();
                 tokio::spawn(async move { processor.commit(&prepared, &topic, advances).await })
-            }))
-            .await
-            .into_iter()
-            .map(|joined| match joined {
+            }));
+            let results = if read_ahead && self.prefetched.is_none() {
+                let (results, next) = tokio::join!(
+                    commits,
+                    self.reader
+                        .poll(self.settings.max_batch, self.settings.max_wait)
+                );
+                self.prefetched = Some(next);
+                results
+            } else {
+                commits.await
+            };
+            let results = results.into_iter().map(|joined| match joined {
                 Ok(result) => result,
                 // A panic is a bug: it goes on as it would have here.
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -398,6 +436,10 @@ impl<P: Processor> Runner<P> {
                     .flat_map(|&i| advances[i].iter().map(|a| a.partition))
                     .collect();
                 self.refence(&partitions).await;
+                // Those partitions are read again from the store's offsets.
+                if let Some(Ok(next)) = &mut self.prefetched {
+                    next.records.retain(|r| !partitions.contains(&r.partition));
+                }
             }
             if failed.is_empty() {
                 let took = started.elapsed();
@@ -415,6 +457,7 @@ impl<P: Processor> Runner<P> {
                 for received in received_ms {
                     latency.record((now_ms - received).max(0) as f64 / 1000.0);
                 }
+                self.free(prepared).await;
                 return true;
             }
             pending = failed;
@@ -424,6 +467,16 @@ impl<P: Processor> Runner<P> {
                 () = tokio::time::sleep(RETRY_DELAY) => {}
             }
         }
+    }
+
+    /// Frees a committed batch on a thread of its own (tens of
+    /// milliseconds for a large batch, which would hold up the next one);
+    /// one batch at a time, so memory stays bounded.
+    async fn free<T: Send + Sync + 'static>(&mut self, batch: Vec<Arc<T>>) {
+        if let Some(freeing) = self.freeing.take() {
+            let _ = freeing.await;
+        }
+        self.freeing = Some(tokio::task::spawn_blocking(move || drop(batch)));
     }
 
     /// Splits a batch into groups of whole partitions.
@@ -614,5 +667,140 @@ fn export_lag(processor: &'static str, partition: i32, lag: &PartitionLag) {
     if let Some(records) = lag.lag() {
         metrics::gauge!(crate::metrics::PROCESSOR_LAG, "processor" => processor, "partition" => partition.to_string())
             .set(records as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::StartAt;
+    use crate::log::embedded::{EmbeddedLog, EmbeddedReader};
+
+    /// Applies records in memory and keeps offsets as a store does
+    /// (a commit whose expected offset is not the stored one is fenced).
+    /// On commit number `take_over_at`, another reader of partition 0
+    /// first applies that partition's next `taken` records.
+    struct Recorder {
+        take_over_at: usize,
+        taken: i64,
+        state: Mutex<Recorded>,
+    }
+
+    #[derive(Default)]
+    struct Recorded {
+        offsets: HashMap<i32, i64>,
+        applied: Vec<(i32, i64)>,
+        commits: usize,
+        fenced: usize,
+    }
+
+    #[async_trait]
+    impl Processor for Recorder {
+        type Prepared = Vec<(i32, i64)>;
+
+        fn name(&self) -> &str {
+            "recorder"
+        }
+
+        fn prepare(&self, records: Vec<StoredRecord>) -> (Self::Prepared, Vec<Rejected>) {
+            (
+                records.iter().map(|r| (r.partition, r.offset)).collect(),
+                Vec::new(),
+            )
+        }
+
+        async fn commit(
+            &self,
+            prepared: &Self::Prepared,
+            topic: &str,
+            offsets: Vec<OffsetAdvance>,
+        ) -> Result<BatchOutcome, StoreError> {
+            let mut state = self.state.lock().unwrap();
+            state.commits += 1;
+            if state.commits == self.take_over_at {
+                let from = state.offsets.get(&0).copied().unwrap_or(0);
+                state
+                    .applied
+                    .extend((from..from + self.taken).map(|o| (0, o)));
+                state.offsets.insert(0, from + self.taken);
+            }
+            for advance in &offsets {
+                if state.offsets.get(&advance.partition).copied() != advance.expected {
+                    state.fenced += 1;
+                    return Err(StoreError::Fenced {
+                        topic: topic.to_owned(),
+                        partition: advance.partition,
+                    });
+                }
+            }
+            for advance in &offsets {
+                state.offsets.insert(advance.partition, advance.next);
+            }
+            state.applied.extend(prepared);
+            Ok(BatchOutcome {
+                applied: prepared.len(),
+                ..BatchOutcome::default()
+            })
+        }
+
+        async fn stored_offsets(&self, _topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+            Ok(self.state.lock().unwrap().offsets.clone())
+        }
+    }
+
+    /// Reading ahead while a batch commits loses and doubles nothing, also
+    /// when the commit is fenced because another reader took a partition.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fenced_commit_with_records_read_ahead_loses_and_doubles_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = "events".to_owned();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 2, std::slice::from_ref(&topic)).unwrap());
+        let records = (0..400)
+            .map(|i| Record {
+                key: Some(format!("user-{}", i % 13)),
+                value: b"{}".to_vec(),
+            })
+            .collect();
+        log.append(&topic, records).await.unwrap();
+        let mut expected = Vec::new();
+        let mut reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
+        loop {
+            let polled = reader.poll(1000, Duration::from_millis(10)).await.unwrap();
+            expected.extend(polled.records.iter().map(|r| (r.partition, r.offset)));
+            if polled.caught_up {
+                break;
+            }
+        }
+        expected.sort_unstable();
+        assert!(expected.iter().any(|(p, _)| *p == 0) && expected.iter().any(|(p, _)| *p == 1));
+
+        let recorder = Arc::new(Recorder {
+            take_over_at: 3,
+            taken: 5,
+            state: Mutex::default(),
+        });
+        let settings = RunnerSettings {
+            name: "recorder",
+            topic: topic.clone(),
+            rejected_topic: "rejected".to_owned(),
+            max_batch: 40,
+            max_wait: Duration::from_millis(10),
+            stop_when_caught_up: true,
+            parallel_commits: 2,
+        };
+        let reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
+        let runner = Runner::new(recorder.clone(), Box::new(reader), log, settings);
+        tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
+            .await
+            .expect("the runner reads the log to its end");
+
+        let state = recorder.state.lock().unwrap();
+        assert_eq!(
+            state.fenced, 1,
+            "the taken-over partition's commit was fenced"
+        );
+        let mut applied = state.applied.clone();
+        applied.sort_unstable();
+        assert_eq!(applied, expected, "every record applied exactly once");
     }
 }
