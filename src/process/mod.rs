@@ -194,8 +194,13 @@ impl<P: Processor> Runner<P> {
         }
         let mut unseeked = false;
         loop {
-            let polled = match self.prefetched.take() {
-                Some(polled) => polled,
+            // Records read ahead, if any were there (else read, waiting).
+            let ahead = self
+                .prefetched
+                .take()
+                .filter(|p| !matches!(p, Ok(p) if p.records.is_empty()));
+            let polled = match ahead {
+                Some(polled) => self.top_up(polled).await,
                 None => tokio::select! {
                     biased;
                     () = &mut stop => break,
@@ -258,6 +263,23 @@ impl<P: Processor> Runner<P> {
             "the {} processor stopped",
             self.processor.name()
         );
+    }
+
+    /// Adds what arrived since records were read ahead (without waiting),
+    /// so a batch is everything there is, as it is without reading ahead:
+    /// a read ahead that found a few records early would otherwise leave
+    /// the rest for the batch after.
+    async fn top_up(&mut self, polled: Result<Polled, ReadError>) -> Result<Polled, ReadError> {
+        let mut polled = polled?;
+        let room = self.settings.max_batch.saturating_sub(polled.records.len());
+        if room > 0 {
+            // A failure here is met again by the next read.
+            if let Ok(more) = self.reader.poll(room, Duration::ZERO).await {
+                polled.records.extend(more.records);
+                polled.caught_up = more.caught_up;
+            }
+        }
+        Ok(polled)
     }
 
     /// Shows why the last read or commit failed (in `/readyz`), until one
@@ -392,10 +414,12 @@ impl<P: Processor> Runner<P> {
                 tokio::spawn(async move { processor.commit(&prepared, &topic, advances).await })
             }));
             let results = if read_ahead && self.prefetched.is_none() {
+                // Without waiting: records not there yet are waited for
+                // after the commit, as they would be without reading ahead
+                // (a wait here could outlast the commit).
                 let (results, next) = tokio::join!(
                     commits,
-                    self.reader
-                        .poll(self.settings.max_batch, self.settings.max_wait)
+                    self.reader.poll(self.settings.max_batch, Duration::ZERO)
                 );
                 self.prefetched = Some(next);
                 results
