@@ -415,6 +415,7 @@ fn chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
 /// not a row), and nothing is parsed or escaped on either side.
 struct BinaryCopy {
     buf: Vec<u8>,
+    rows: usize,
 }
 
 impl BinaryCopy {
@@ -424,11 +425,12 @@ impl BinaryCopy {
     fn new(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(Self::HEADER);
-        BinaryCopy { buf }
+        BinaryCopy { buf, rows: 0 }
     }
 
     /// Starts a row of `columns` fields, to be followed by exactly that many.
     fn row(&mut self, columns: i16) -> &mut Self {
+        self.rows += 1;
         self.buf.extend_from_slice(&columns.to_be_bytes());
         self
     }
@@ -454,8 +456,11 @@ impl BinaryCopy {
     }
 
     /// Appends the rows to `into` (`table (columns)`, the columns in the
-    /// order of each row's fields).
+    /// order of each row's fields). No rows, no round trip.
     async fn send(mut self, conn: &mut PgConnection, into: &str) -> Result<(), StoreError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         let mut copy = conn
             .copy_in_raw(&format!("COPY {into} FROM STDIN (FORMAT binary)"))
