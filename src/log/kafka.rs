@@ -18,7 +18,7 @@
 //! | `statistics.interval.ms` | 5000 | 0 (off) | queue depth and broker state for `/metrics` |
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -52,14 +52,66 @@ pub enum KafkaSetupError {
     CreateTopic { topic: String, reason: String },
 }
 
-/// The producer, with librdkafka's statistics feeding the Kafka gauges.
-type FutureProducer = rdkafka::producer::FutureProducer<ProducerStats>;
+/// The producer, shared by every request: its own thread serves
+/// librdkafka's delivery reports to [`ProducerCallbacks::delivery`].
+type SharedProducer = Arc<ThreadedProducer<ProducerCallbacks>>;
 
-/// The producer's context: librdkafka's statistics (every
-/// `statistics.interval.ms`) become the Kafka metrics.
-pub struct ProducerStats;
+/// The producer's context: each delivery report settles its append's
+/// [`Acks`], and librdkafka's statistics (every `statistics.interval.ms`)
+/// become the Kafka metrics.
+struct ProducerCallbacks;
 
-impl ClientContext for ProducerStats {
+/// The acknowledgements one append waits for: one channel an append, not
+/// one a record (a 100-event batch was 100 futures and channels).
+struct Acks {
+    /// Records not yet acknowledged, plus one until all are enqueued.
+    pending: AtomicUsize,
+    /// The first failure, if any.
+    failed: Mutex<Option<KafkaError>>,
+    /// Answers the append once nothing is pending.
+    done: Mutex<Option<tokio::sync::oneshot::Sender<Option<KafkaError>>>>,
+}
+
+impl Acks {
+    fn new() -> (
+        Arc<Acks>,
+        tokio::sync::oneshot::Receiver<Option<KafkaError>>,
+    ) {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let acks = Acks {
+            pending: AtomicUsize::new(1),
+            failed: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+        };
+        (Arc::new(acks), answer)
+    }
+
+    /// One record (or the enqueuing) is done; the last answers.
+    fn settle(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(done) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = done.send(failed);
+            }
+        }
+    }
+}
+
+impl ProducerContext for ProducerCallbacks {
+    type DeliveryOpaque = Arc<Acks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        if let Err((error, _)) = result {
+            acks.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| error.clone());
+        }
+        acks.settle();
+    }
+}
+
+impl ClientContext for ProducerCallbacks {
     fn stats(&self, statistics: Statistics) {
         use crate::metrics::{KAFKA_BROKER_RTT_SECONDS, KAFKA_BROKER_UP, KAFKA_QUEUE_MESSAGES};
         metrics::gauge!(KAFKA_QUEUE_MESSAGES).set(statistics.msg_cnt as f64);
@@ -81,7 +133,7 @@ pub struct KafkaLog {
     /// The producer in use and its generation. A producer that hits a
     /// fatal error (for example fenced after an epoch bump that followed
     /// timed-out writes) never produces again, so it is replaced.
-    producer: std::sync::RwLock<(u64, FutureProducer)>,
+    producer: std::sync::RwLock<(u64, SharedProducer)>,
     /// How to build a replacement.
     producer_config: ClientConfig,
     brokers: String,
@@ -143,9 +195,11 @@ impl KafkaLog {
         for (name, value) in &settings.options {
             config.set(name, value);
         }
-        let producer: FutureProducer = config
-            .create_with_context(ProducerStats)
-            .map_err(client_error)?;
+        let producer: SharedProducer = Arc::new(
+            config
+                .create_with_context(ProducerCallbacks)
+                .map_err(client_error)?,
+        );
         ensure_topics(settings, partitions, topics).await?;
         let ready_topic = topics
             .first()
@@ -161,7 +215,7 @@ impl KafkaLog {
     }
 
     /// The producer in use, with its generation.
-    fn producer(&self) -> (u64, FutureProducer) {
+    fn producer(&self) -> (u64, SharedProducer) {
         self.producer.read().expect("never poisoned").clone()
     }
 
@@ -177,9 +231,10 @@ impl KafkaLog {
         }
         match self
             .producer_config
-            .create_with_context::<_, FutureProducer>(ProducerStats)
+            .create_with_context::<_, ThreadedProducer<ProducerCallbacks>>(ProducerCallbacks)
         {
             Ok(fresh) => {
+                let fresh = Arc::new(fresh);
                 tracing::warn!(
                     "the Kafka producer cannot produce any more ({reason}); a new producer replaces it, and the writes it held were answered 503"
                 );
@@ -197,27 +252,31 @@ impl KafkaLog {
     /// back-pressure of a bounded queue) until `deadline`.
     async fn enqueue(
         &self,
-        producer: &FutureProducer,
+        producer: &SharedProducer,
         topic: &str,
         record: &Record,
+        acks: &Arc<Acks>,
         deadline: Instant,
-    ) -> Result<rdkafka::producer::DeliveryFuture, AppendError> {
+    ) -> Result<(), AppendError> {
+        // An empty value is a tombstone: a null payload, which a compacted
+        // topic reads as "delete this key".
+        let mut message: BaseRecord<str, [u8], Arc<Acks>> =
+            BaseRecord::with_opaque_to(topic, acks.clone());
+        if !record.value.is_empty() {
+            message = message.payload(&record.value);
+        }
+        if let Some(key) = &record.key {
+            message = message.key(key.as_str());
+        }
+        acks.pending.fetch_add(1, Ordering::AcqRel);
         loop {
-            // An empty value is a tombstone: a null payload, which a
-            // compacted topic reads as "delete this key".
-            let mut message: FutureRecord<str, [u8]> = FutureRecord::to(topic);
-            if !record.value.is_empty() {
-                message = message.payload(&record.value);
-            }
-            if let Some(key) = &record.key {
-                message = message.key(key.as_str());
-            }
-            match producer.send_result(message) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            match producer.send(message) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     if Instant::now() >= deadline {
                         return Err(AppendError::TimedOut(self.append_timeout));
                     }
+                    message = returned;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, _)) => return Err(classify(e)),
@@ -230,41 +289,34 @@ impl KafkaLog {
     async fn append_with(
         &self,
         generation: u64,
-        producer: &FutureProducer,
+        producer: &SharedProducer,
         topic: &str,
         records: &[Record],
     ) -> Result<(), AppendError> {
         let deadline = Instant::now() + self.append_timeout;
-        let mut deliveries = Vec::with_capacity(records.len());
+        let (acks, answer) = Acks::new();
         for record in records {
-            deliveries.push(self.enqueue(producer, topic, record, deadline).await?);
+            // On a failure the records enqueued before it are still sent;
+            // the request is answered with the failure at once.
+            self.enqueue(producer, topic, record, &acks, deadline)
+                .await?;
         }
+        acks.settle();
         let wait = deadline.saturating_duration_since(Instant::now());
-        let acks = tokio::time::timeout(wait, async {
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => {
-                        if matches!(
-                            e.rdkafka_error_code(),
-                            Some(
-                                RDKafkaErrorCode::ProducerFenced
-                                    | RDKafkaErrorCode::InvalidProducerEpoch
-                            )
-                        ) {
-                            self.replace_producer(generation, &e.to_string());
-                        }
-                        return Err(classify(e));
-                    }
-                    Err(_) => {
-                        return Err(AppendError::Unavailable("the producer was closed".into()));
-                    }
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(e))) => {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+                ) {
+                    self.replace_producer(generation, &e.to_string());
                 }
+                Err(classify(e))
             }
-            Ok(())
-        })
-        .await;
-        acks.unwrap_or(Err(AppendError::TimedOut(self.append_timeout)))
+            Ok(Err(_)) => Err(AppendError::Unavailable("the producer was closed".into())),
+            Err(_) => Err(AppendError::TimedOut(self.append_timeout)),
+        }
     }
 }
 
