@@ -23,7 +23,6 @@ impl ProfileProcessor {
     }
 }
 
-/// Parses a record into an event envelope with its text, or says why not.
 /// The event in a record, with the record's text (its bytes, not a copy);
 /// the record back with the reason when it is not one.
 fn parse(mut record: StoredRecord) -> Result<(EventEnvelope, String), Rejected> {
