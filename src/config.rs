@@ -104,6 +104,14 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_APPEND_TIMEOUT_MS", global = true)]
     pub append_timeout_ms: Option<u64>,
 
+    /// How far the clocks of two instances may differ, in milliseconds.
+    /// With the append timeout it bounds how late a record stamped
+    /// earlier can still reach a partition, so a quiet partition's time
+    /// (which closes windows) moves to the wall clock less both
+    /// [default: 2000]
+    #[arg(long, env = "TRAITLINE_CLOCK_SKEW_MS", global = true)]
+    pub clock_skew_ms: Option<u64>,
+
     /// Longest graceful shutdown after SIGTERM or Ctrl-C, in seconds: past
     /// it the process exits with status 1 and work in flight is left to
     /// the log (read again on restart) [default: 30]
@@ -219,13 +227,15 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_PROFILE_CACHE", global = true)]
     pub profile_cache: Option<usize>,
 
-    /// How long a message id is remembered, so a client's retry of an event
-    /// is not counted again, in hours [default: 168 (7 days)]
-    #[arg(long, env = "TRAITLINE_DEDUP_WINDOW_HOURS", global = true)]
+    /// Not a setting: a message id is remembered for as long as its event
+    /// is stored (`events-retention-days`). Read only to refuse it, so a
+    /// deployment that sets it learns that at start-up.
+    #[arg(long, env = "TRAITLINE_DEDUP_WINDOW_HOURS", global = true, hide = true)]
     pub dedup_window_hours: Option<u64>,
 
-    /// How long the `events` table keeps each event, in days; at least the
-    /// deduplication window [default: 90]
+    /// How long the `events` table keeps each event, in days. The stored
+    /// events are also the record of applied message ids: a client's retry
+    /// of an event is not counted again for as long [default: 90]
     #[arg(long, env = "TRAITLINE_EVENTS_RETENTION_DAYS", global = true)]
     pub events_retention_days: Option<u64>,
 
@@ -275,6 +285,7 @@ impl Settings {
             max_event_bytes: self.max_event_bytes.or(fallback.max_event_bytes),
             max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
             append_timeout_ms: self.append_timeout_ms.or(fallback.append_timeout_ms),
+            clock_skew_ms: self.clock_skew_ms.or(fallback.clock_skew_ms),
             shutdown_timeout_secs: self
                 .shutdown_timeout_secs
                 .or(fallback.shutdown_timeout_secs),
@@ -504,6 +515,8 @@ pub struct Config {
     pub roles: Roles,
     pub limits: Limits,
     pub append_timeout: Duration,
+    /// How far two instances' clocks may differ.
+    pub clock_skew: Duration,
     /// Longest graceful shutdown.
     pub shutdown_timeout: Duration,
     /// Most events a processor applies in one transaction.
@@ -699,6 +712,13 @@ impl Config {
             0 => return Err(invalid("shutdown-timeout-secs", "must be at least 1")),
             secs => Duration::from_secs(secs),
         };
+        let clock_skew_ms = s.clock_skew_ms.unwrap_or(2000);
+        if clock_skew_ms > 3_600_000 {
+            return Err(invalid(
+                "clock-skew-ms",
+                format!("{clock_skew_ms} is out of range; use 0 to 3600000 (an hour)"),
+            ));
+        }
         let append_timeout_ms = s.append_timeout_ms.unwrap_or(5000);
         if !(10..=600_000).contains(&append_timeout_ms) {
             return Err(invalid(
@@ -723,22 +743,16 @@ impl Config {
                 format!("{profile_cache} is out of range; use 0 to 10000000"),
             ));
         }
-        let dedup_window_hours = s.dedup_window_hours.unwrap_or(168);
-        if dedup_window_hours == 0 {
-            return Err(invalid("dedup-window-hours", "must be at least 1"));
+        if s.dedup_window_hours.is_some() {
+            return Err(invalid(
+                "dedup-window-hours",
+                "is not a setting: a message id is remembered for as long as its event is stored; \
+                 set events-retention-days instead, and remove this one",
+            ));
         }
         let events_retention_days = s.events_retention_days.unwrap_or(90);
         if events_retention_days == 0 {
             return Err(invalid("events-retention-days", "must be at least 1"));
-        }
-        if events_retention_days * 24 < dedup_window_hours {
-            return Err(invalid(
-                "events-retention-days",
-                format!(
-                    "{events_retention_days} days is shorter than dedup-window-hours ({dedup_window_hours} h): \
-                     the stored events are also the record of which message ids were applied"
-                ),
-            ));
         }
 
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
@@ -784,6 +798,7 @@ impl Config {
             roles,
             limits,
             append_timeout: Duration::from_millis(append_timeout_ms),
+            clock_skew: Duration::from_millis(clock_skew_ms),
             shutdown_timeout,
             process_batch,
             profile_cache,
@@ -951,6 +966,7 @@ mod tests {
         assert_eq!(c.limits.max_event_bytes, 32 * 1024);
         assert_eq!(c.limits.max_batch_bytes, 500 * 1024);
         assert_eq!(c.append_timeout, Duration::from_secs(5));
+        assert_eq!(c.clock_skew, Duration::from_secs(2));
         assert_eq!((c.process_batch, c.profile_cache), (40_000, 20_000));
         let off: Settings = toml::from_str("profile-cache = 0").unwrap();
         assert_eq!(Config::from_settings(off).unwrap().profile_cache, 0);
@@ -1012,16 +1028,18 @@ mod tests {
             "{err}"
         );
 
-        // Stored events are the record of applied message ids.
+        // Deduplication follows the events' retention; the old setting
+        // is refused rather than silently ignored.
         let err = Config::from_settings(Settings {
-            events_retention_days: Some(2),
             dedup_window_hours: Some(72),
             ..Settings::default()
         })
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("`events-retention-days`") && err.contains("dedup-window-hours"),
+            err.contains("`dedup-window-hours`")
+                && err.contains("TRAITLINE_DEDUP_WINDOW_HOURS")
+                && err.contains("events-retention-days"),
             "{err}"
         );
     }

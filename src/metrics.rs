@@ -54,6 +54,11 @@ pub const PROFILE_CACHE_LOOKUPS: &str = "traitline_profile_cache_lookups_total";
 pub const PROFILE_CACHE_PROFILES: &str = "traitline_profile_cache_profiles";
 /// One store transaction (a batch's effects and its offsets), by `outcome`.
 pub const STORE_TRANSACTION_SECONDS: &str = "traitline_store_transaction_duration_seconds";
+/// Times a stage (a processor, the change relay, ...) stopped without
+/// being asked to and was restarted, by `stage`.
+pub const STAGE_RESTARTS: &str = "traitline_stage_restarts_total";
+/// 1 while a stage runs, 0 while it waits to be restarted, by `stage`.
+pub const STAGE_UP: &str = "traitline_stage_up";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -98,6 +103,14 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// The help text each metric shows in the scrape.
 fn describe() {
+    describe_counter!(
+        STAGE_RESTARTS,
+        "Times a stage stopped without being asked to and was restarted, by stage"
+    );
+    describe_gauge!(
+        STAGE_UP,
+        "1 while a stage runs, 0 while it waits to be restarted, by stage"
+    );
     describe_counter!(
         INGEST_OVERFLOW_EVENTS,
         "Events of users over hot-user-events-per-second, sent to the overflow topic"

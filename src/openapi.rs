@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::envelope::{EventEnvelope, EventType, Source};
-use crate::ingest::error::{ErrorBody, ErrorDetail};
+use crate::http::{ErrorBody, ErrorDetail};
 use crate::ingest::segment::{BatchRequest, SegmentMessage};
 use crate::ingest::{Accepted, seed::SeedEvent};
 use crate::profile::ProfileView;
@@ -33,6 +33,7 @@ use crate::store::ChangeRecord;
         crate::query::profile_changes,
         crate::query::profile_events,
         crate::query::delete_profile,
+        crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
         crate::metrics::render,
@@ -40,7 +41,8 @@ use crate::store::ChangeRecord;
     components(schemas(
         SeedEvent, SegmentMessage, BatchRequest, Accepted, ErrorBody, ErrorDetail,
         EventEnvelope, EventType, Source, Health, Readiness, Processing,
-        ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted
+        ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted,
+        crate::home::Home, crate::home::Link, crate::supervisor::StageState
     )),
     modifiers(&Security),
     tags(

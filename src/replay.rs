@@ -95,7 +95,10 @@ pub async fn run(
                 }
             }
         };
-        finished.map_err(|e| format!("the replay stopped: {e}"))?;
+        finished
+            .map_err(|e| e.to_string())
+            .and_then(|ran| ran)
+            .map_err(|e| format!("the replay stopped: {e}"))?;
         let done = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         totals.applied += done.applied;
         totals.duplicates += done.duplicates;

@@ -5,9 +5,10 @@
 //! finish (each is answered only once its events are durable or failed),
 //! then close the log (the Kafka producer flushes what it holds).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -28,9 +29,10 @@ use crate::log::kafka::KafkaReader;
 use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
 use crate::process::profiles::ProfileProcessor;
 use crate::process::relay::ChangeRelay;
-use crate::process::{Runner, RunnerSettings, RunnerStats};
+use crate::process::{Continuity, Runner, RunnerSettings, SharedStats};
 use crate::query::QueryState;
 use crate::store::{Dialect, Store, StoreError};
+use crate::supervisor::{StageState, Stages, Supervisor};
 
 /// Why a process could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ pub enum ServeError {
     Read(#[from] ReadError),
     #[error("{0} (setting snapshot-dir; move the file away to start from the log instead)")]
     Snapshot(String),
+    #[error("{0}")]
+    Stage(String),
 }
 
 /// How long the log may take to write out what it holds at shutdown.
@@ -72,57 +76,63 @@ pub async fn serve(
         None
     };
     let address = listener.local_addr()?;
-    let (stop_processors, stopped) = watch::channel(false);
-    let mut processors = Vec::new();
+    let (stop_stages, stopped) = watch::channel(false);
+    let mut supervisor = Supervisor::new(stopped);
     let mut processing = Vec::new();
     if config.roles.process
         && let Some(store) = &store
     {
-        let stop = |mut stopped: watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        };
         start_from_snapshot(&config, store).await?;
-        let runner = profile_runner(
-            &config,
-            store.clone(),
-            log.clone(),
-            false,
-            ProfileInput::Events,
-        )?;
-        processing.push(runner.stats());
-        processors.push(tokio::spawn(runner.run(stop(stopped.clone()))));
-        let overflow = profile_runner(
-            &config,
-            store.clone(),
-            log.clone(),
-            false,
-            ProfileInput::Overflow,
-        )?;
-        processing.push(overflow.stats());
-        processors.push(tokio::spawn(overflow.run(stop(stopped.clone()))));
+        for input in [ProfileInput::Events, ProfileInput::Overflow] {
+            processing.push(spawn_profiles(
+                &mut supervisor,
+                &config,
+                store,
+                &log,
+                input,
+            )?);
+        }
         let relay = ChangeRelay::new(
             store.clone(),
             log.clone(),
             Topics::new(&config.topic_prefix),
         );
-        processors.push(tokio::spawn(relay.run(stop(stopped.clone()))));
-        processors.push(tokio::spawn(purge(
-            store.clone(),
-            config.events_retention,
-            stop(stopped.clone()),
-        )));
+        supervisor
+            .spawn("change relay", move |stop| {
+                let relay = relay.clone();
+                Ok(Box::pin(async move {
+                    relay.run(stop).await;
+                    Ok(())
+                }))
+            })
+            .map_err(ServeError::Stage)?;
+        let (purged, retention) = (store.clone(), config.events_retention);
+        supervisor
+            .spawn("purge", move |stop| {
+                let store = purged.clone();
+                Ok(Box::pin(async move {
+                    purge(store, retention, stop).await;
+                    Ok(())
+                }))
+            })
+            .map_err(ServeError::Stage)?;
         if let Some(interval) = config.snapshot_interval {
-            processors.push(tokio::spawn(crate::snapshot::every(
-                config.clone(),
-                store.clone(),
-                interval,
-                stop(stopped.clone()),
-            )));
+            let (config, store) = (config.clone(), store.clone());
+            supervisor
+                .spawn("snapshot timer", move |stop| {
+                    let (config, store) = (config.clone(), store.clone());
+                    Ok(Box::pin(async move {
+                        crate::snapshot::every(config, store, interval, stop).await;
+                        Ok(())
+                    }))
+                })
+                .map_err(ServeError::Stage)?;
         }
     }
     let state = Readying {
         log: log.clone(),
         processing,
+        stages: supervisor.stages(),
     };
     let router = router(&config, state, Arc::new(keys), store.clone());
     announce(&config, address, &key_source, log.as_ref());
@@ -134,10 +144,8 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await?;
     tracing::info!("stopped accepting requests; finishing the processors' batches");
-    let _ = stop_processors.send(true);
-    for processor in processors {
-        let _ = processor.await;
-    }
+    let _ = stop_stages.send(true);
+    supervisor.join().await;
     tracing::info!("closing the {}", log.describe());
     log.close(CLOSE_DEADLINE).await;
     if let Some(store) = store {
@@ -165,8 +173,8 @@ async fn start_from_snapshot(config: &Config, store: &Store) -> Result<(), Serve
     Ok(())
 }
 
-/// Deletes, once an hour, stored events past their retention (which is at
-/// least the deduplication window).
+/// Deletes, once an hour, stored events past their retention (and with
+/// them the record of their message ids).
 async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
@@ -191,6 +199,30 @@ async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>
     }
 }
 
+/// Runs the profile processor on `input` as a supervised stage: a
+/// restart builds a new runner (a new reader, a new group member) that
+/// goes on with the last one's counts and panic suspects.
+fn spawn_profiles(
+    supervisor: &mut Supervisor,
+    config: &Config,
+    store: &Store,
+    log: &Arc<dyn EventLog>,
+    input: ProfileInput,
+) -> Result<SharedStats, ServeError> {
+    let (config, store, log) = (config.clone(), store.clone(), log.clone());
+    let continuity = Continuity::default();
+    let stats = continuity.stats.clone();
+    supervisor
+        .spawn(input.name(), move |stop| {
+            let runner = profile_runner(&config, store.clone(), log.clone(), false, input)
+                .map_err(|e| e.to_string())?
+                .continuing(continuity.clone());
+            Ok(Box::pin(runner.run(stop)))
+        })
+        .map_err(ServeError::Stage)?;
+    Ok(stats)
+}
+
 /// The topics the profile processor reads: one runner each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProfileInput {
@@ -199,6 +231,16 @@ pub enum ProfileInput {
     /// `user_events_overflow`: hot users' excess, read apart so it cannot
     /// hold up the partitions other users share.
     Overflow,
+}
+
+impl ProfileInput {
+    /// Its runner's name: in metrics, readiness and consumer groups.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileInput::Events => "profiles",
+            ProfileInput::Overflow => "profiles_overflow",
+        }
+    }
 }
 
 /// The profile processor's runner on `user_events`: a consumer group
@@ -212,9 +254,10 @@ pub fn profile_runner(
     input: ProfileInput,
 ) -> Result<Runner<ProfileProcessor>, ServeError> {
     let topics = Topics::new(&config.topic_prefix);
-    let (topic, name) = match input {
-        ProfileInput::Events => (topics.events(), "profiles"),
-        ProfileInput::Overflow => (topics.overflow(), "profiles_overflow"),
+    let name = input.name();
+    let topic = match input {
+        ProfileInput::Events => topics.events(),
+        ProfileInput::Overflow => topics.overflow(),
     };
     let reader: Box<dyn LogReader> = match &config.log {
         LogBackend::Embedded => Box::new(EmbeddedReader::open(
@@ -236,19 +279,17 @@ pub fn profile_runner(
         }
     };
     let settings = RunnerSettings {
-        name,
-        topic,
-        rejected_topic: topics.rejected(),
         max_batch: config.process_batch,
-        max_wait: Duration::from_millis(50),
         stop_when_caught_up: replay,
         // SQLite has one writer at a time; PostgreSQL runs transactions
-        // side by side (4 made about 9% more than 2 on 2 cores: while one
-        // waits on its commit, another has work for the CPU).
+        // side by side: while one waits on its commit, another has work
+        // for the CPU.
         parallel_commits: match store.dialect() {
             Dialect::Postgres => 4,
             Dialect::Sqlite => 1,
         },
+        idle_bound: config.append_timeout + config.clock_skew,
+        ..RunnerSettings::new(name, topic, topics.rejected())
     };
     Ok(Runner::new(
         Arc::new(ProfileProcessor::new(store)),
@@ -289,13 +330,15 @@ pub fn router(
     if let Some(per_minute) = config.limits.auth_failures_per_minute
         && (config.roles.ingest || config.roles.query)
     {
-        let guard = Arc::new(crate::ingest::guard::AuthGuard::new(per_minute));
+        let guard = Arc::new(crate::http::guard::AuthGuard::new(per_minute));
         api = api.route_layer(axum::middleware::from_fn_with_state(
             guard,
-            crate::ingest::guard::limit_auth_failures,
+            crate::http::guard::limit_auth_failures,
         ));
     }
+    let home = Arc::new(crate::home::Home::new(&config.roles));
     let router = Router::new()
+        .route("/", get(crate::home::home).with_state(home))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz).with_state(readying))
         .route("/openapi.json", get(openapi))
@@ -323,7 +366,9 @@ pub struct Readying {
     pub log: Arc<dyn EventLog>,
     /// The profile runners' stats (events and overflow topics); empty
     /// when this process does not process.
-    pub processing: Vec<Arc<Mutex<RunnerStats>>>,
+    pub processing: Vec<SharedStats>,
+    /// Every supervised stage of this process.
+    pub stages: Stages,
 }
 
 /// Whether the process can take events now.
@@ -339,6 +384,11 @@ pub struct Readiness {
     /// The profile processor of this process, if it runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processing: Option<Processing>,
+    /// Every supervised stage of this process (processors, the change
+    /// relay, ...) by name: a stage that is not running makes the
+    /// process unavailable.
+    #[schema(value_type = BTreeMap<String, StageState>)]
+    pub stages: BTreeMap<&'static str, StageState>,
 }
 
 /// How the profile processor is doing. Its trouble does not make the
@@ -389,33 +439,43 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Readiness: 200 when the log can take writes, else 503 with the reason.
+/// Readiness: 200 when the log can take writes and every stage runs,
+/// else 503 with the reason.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "The log takes writes", body = Readiness),
-        (status = 503, description = "The log cannot take writes; `reason` says why", body = Readiness),
+        (status = 200, description = "The log takes writes and every stage runs", body = Readiness),
+        (status = 503, description = "The log cannot take writes, or a stage stopped and is being restarted; `reason` says which", body = Readiness),
     ))]
 pub async fn readyz(State(readying): State<Readying>) -> Response {
     let log = &readying.log;
-    match log.check_ready().await {
-        Ok(()) => Json(Readiness {
-            status: "ready",
-            log: log.describe(),
-            reason: None,
-            processing: readying.processing(),
-        })
-        .into_response(),
-        Err(reason) => (
+    let reason = match log.check_ready().await {
+        Ok(()) => crate::supervisor::problem(&readying.stages),
+        Err(reason) => Some(reason),
+    };
+    let readiness = Readiness {
+        status: if reason.is_none() {
+            "ready"
+        } else {
+            "unavailable"
+        },
+        log: log.describe(),
+        processing: readying.processing(),
+        stages: readying
+            .stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        reason,
+    };
+    if readiness.reason.is_none() {
+        Json(readiness).into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
-            Json(Readiness {
-                status: "unavailable",
-                log: log.describe(),
-                reason: Some(reason),
-                processing: readying.processing(),
-            }),
+            Json(readiness),
         )
-            .into_response(),
+            .into_response()
     }
 }
 

@@ -193,7 +193,7 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
         .map_err(|e| e.to_string())?;
         let stats = runner.stats();
         let t = Instant::now();
-        runner.run(std::future::pending()).await;
+        runner.run(std::future::pending()).await?;
         let elapsed = t.elapsed();
         let applied = stats.lock().unwrap_or_else(|e| e.into_inner()).applied;
         let rate = applied as f64 / elapsed.as_secs_f64();

@@ -7,12 +7,10 @@
 
 use std::time::Duration;
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
 
+use crate::http::{ApiError, AuthError};
 use crate::log::AppendError;
 
 /// Why an ingest request was not accepted. Nothing of a failed request is
@@ -53,24 +51,16 @@ pub enum IngestError {
     /// A gzip body that does not decompress.
     #[error("the gzip body cannot be decompressed: {0}")]
     InvalidGzip(String),
-    /// No key in `Authorization` nor `writeKey`.
-    #[error(
-        "a write key is required: send it as the HTTP Basic user name, as `Authorization: Bearer <key>`, or as `writeKey` in the body"
-    )]
-    MissingKey,
-    /// A key that Traitline does not know.
-    #[error("the key is not valid")]
-    UnknownKey,
-    /// A known key without the right scope (a read key sending events).
-    #[error("this key may not send events; use a write key")]
-    WrongScope,
+    /// No write key, or one that may not send events.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// Too many requests in flight: the log is slower than the clients.
     #[error("Traitline is busy storing earlier events; retry shortly")]
     Overloaded,
     /// The write key sent more events than its rate allows.
     #[error(
         "this write key sent more than its {per_second} events a second (setting rate-limit-events); retry after {}s",
-        retry_after_secs(*retry_after)
+        crate::http::error::retry_after_secs(*retry_after)
     )]
     RateLimited {
         per_second: u32,
@@ -89,32 +79,8 @@ pub enum IngestError {
     LogRejected,
 }
 
-/// The JSON body of every error answer.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-/// What went wrong, for a person and for a program.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// A stable, machine-readable code (`missing_field`, `invalid_type`, ...).
-    #[schema(example = "missing_field")]
-    pub code: &'static str,
-    /// What is wrong, in a sentence.
-    pub message: String,
-    /// Where in the request, as a path (`batch[3].userId`), when it is one
-    /// field.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(example = "batch[3].userId")]
-    pub field: Option<String>,
-}
-
-/// How long a client should wait before retrying a 503.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
-
-impl IngestError {
-    pub fn status(&self) -> StatusCode {
+impl ApiError for IngestError {
+    fn status(&self) -> StatusCode {
         use IngestError::*;
         match self {
             InvalidJson { .. } | InvalidGzip(_) => StatusCode::BAD_REQUEST,
@@ -126,14 +92,13 @@ impl IngestError {
             }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
-            WrongScope => StatusCode::FORBIDDEN,
+            Auth(auth) => auth.status(),
             Overloaded | LogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             LogRejected => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    fn code(&self) -> &'static str {
         use IngestError::*;
         match self {
             InvalidJson { .. } => "invalid_json",
@@ -144,9 +109,7 @@ impl IngestError {
             BatchTooLarge { .. } => "batch_too_large",
             UnsupportedEncoding(_) => "unsupported_encoding",
             InvalidGzip(_) => "invalid_gzip",
-            MissingKey => "missing_key",
-            UnknownKey => "invalid_key",
-            WrongScope => "wrong_key_scope",
+            Auth(auth) => auth.code(),
             Overloaded => "overloaded",
             RateLimited { .. } => "rate_limited",
             OverBurst { .. } => "over_burst",
@@ -166,6 +129,18 @@ impl IngestError {
         }
     }
 
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            IngestError::RateLimited { retry_after, .. } => Some(*retry_after),
+            IngestError::Overloaded | IngestError::LogUnavailable => {
+                Some(crate::http::error::RETRY_AFTER)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl IngestError {
     /// Puts `prefix` before the field path (`userId` in item 3 of a batch
     /// becomes `batch[3].userId`).
     pub fn within(self, prefix: &str) -> IngestError {
@@ -218,33 +193,9 @@ impl From<AppendError> for IngestError {
     }
 }
 
-/// Retry-After in whole seconds, rounded up: at least 1.
-fn retry_after_secs(wait: Duration) -> u64 {
-    wait.as_secs_f64().ceil().max(1.0) as u64
-}
-
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message: self.to_string(),
-                field: self.field(),
-            },
-        };
-        let retry_after = match &self {
-            IngestError::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
-            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER.as_secs()),
-            _ => None,
-        };
-        let mut response = (status, Json(body)).into_response();
-        if let Some(seconds) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
+        crate::http::error::respond(&self)
     }
 }
 
@@ -327,5 +278,56 @@ fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
         None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::error::assert_listed;
+
+    #[test]
+    fn every_ingest_error_has_a_listed_code_and_status() {
+        let field = || "f".to_owned();
+        for error in [
+            IngestError::InvalidJson {
+                message: field(),
+                field: None,
+            },
+            IngestError::MissingField {
+                field: field(),
+                hint: None,
+            },
+            IngestError::InvalidType {
+                field: field(),
+                message: field(),
+            },
+            IngestError::InvalidValue {
+                field: field(),
+                message: field(),
+            },
+            IngestError::EventTooLarge {
+                field: None,
+                size: 2,
+                limit: 1,
+            },
+            IngestError::BatchTooLarge { limit: 1 },
+            IngestError::UnsupportedEncoding(field()),
+            IngestError::InvalidGzip(field()),
+            IngestError::Auth(AuthError::MissingKey),
+            IngestError::Overloaded,
+            IngestError::RateLimited {
+                per_second: 1,
+                retry_after: Duration::from_secs(1),
+            },
+            IngestError::OverBurst {
+                events: 2,
+                burst: 1,
+            },
+            IngestError::LogUnavailable,
+            IngestError::LogRejected,
+        ] {
+            assert_listed(&error);
+        }
     }
 }

@@ -7,10 +7,8 @@
 //! [`EventEnvelope`], append them all to `user_events`, and answer 200 only
 //! when the log has stored every one. A bad request changes nothing.
 
-pub mod auth;
 pub mod body;
 pub mod error;
-pub mod guard;
 pub mod object;
 pub mod seed;
 pub mod segment;
@@ -30,10 +28,11 @@ use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
 use self::body::BodyLimit;
-use self::error::{ErrorBody, IngestError};
+use self::error::IngestError;
 use self::segment::{BatchRequest, BodyKey, SegmentMessage, Shared};
 use crate::config::{Limits, RateLimit};
 use crate::envelope::{EventEnvelope, EventType, JsonObject};
+use crate::http::{ErrorBody, Need, authorize, key_from_headers};
 use crate::keys::ApiKeys;
 use crate::log::{EventLog, Record, Topics};
 
@@ -199,9 +198,9 @@ impl Ingest {
     /// Authenticates by header when there is one; the body's `writeKey` is
     /// checked after parsing otherwise.
     fn header_key(&self, headers: &HeaderMap) -> Result<Option<String>, IngestError> {
-        let key = auth::key_from_headers(headers)?;
+        let key = key_from_headers(headers)?;
         if let Some(key) = &key {
-            auth::require_write(&self.keys, Some(key))?;
+            authorize(&self.keys, Some(key), Need::Write)?;
         }
         Ok(key)
     }
@@ -217,7 +216,7 @@ impl Ingest {
             return Ok(key);
         }
         let key = body_key();
-        auth::require_write(&self.keys, key.as_deref())?;
+        authorize(&self.keys, key.as_deref(), Need::Write)?;
         Ok(key.unwrap_or_default())
     }
 
@@ -378,8 +377,8 @@ pub async fn seed_track(
     body: Body,
 ) -> Result<Json<Accepted>, IngestError> {
     let _admitted = ingest.admit(&headers, BodyLimit::Event(ingest.limits.max_event_bytes))?;
-    let key = auth::key_from_headers(&headers)?;
-    auth::require_write(&ingest.keys, key.as_deref())?;
+    let key = key_from_headers(&headers)?;
+    authorize(&ingest.keys, key.as_deref(), Need::Write)?;
     let key = key.unwrap_or_default();
     let bytes = body::read(
         body,

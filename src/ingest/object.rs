@@ -48,6 +48,17 @@ impl<'a> RawObject<'a> {
         // Writing a map cannot fail.
         RawObject::Owned(serde_json::value::to_raw_value(&own).unwrap_or_default())
     }
+
+    /// The object under `key`, when there is one and it is not empty
+    /// (`context.traits`).
+    pub fn member(&self, key: &str) -> Option<RawObject<'static>> {
+        // Checked when it was read: it parses, and so do its members.
+        let members: std::collections::HashMap<String, &RawValue> =
+            serde_json::from_str(self.text()).ok()?;
+        let raw = members.get(key)?;
+        let member = RawObject::Owned((*raw).to_owned());
+        (raw.get().starts_with('{') && !member.is_empty()).then_some(member)
+    }
 }
 
 impl JsonObject for RawObject<'_> {

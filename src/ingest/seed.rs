@@ -17,12 +17,12 @@ use crate::envelope::{EventEnvelope, EventType, Source};
 /// A user event of the seed API.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SeedEvent {
-    /// What happened, as dot-separated lowercase segments, from the general
-    /// to the specific: where, who, what (`landing.user.order.create`).
+    /// What happened, as dot-separated segments from the general to the
+    /// specific: version, where, who, what (`v1.landing.user.order.create`).
     #[schema(
         example = "landing.user.home.click",
         max_length = 255,
-        pattern = r"^[a-z]+(_[a-z]+)*(\.[a-z]+(_[a-z]+)*)+$"
+        pattern = r"^[a-z0-9][a-z0-9_]*(\.[a-z0-9][a-z0-9_]*)+$"
     )]
     pub key: String,
     /// Free-form details; `client_os` and `client_version`, when present,
@@ -46,18 +46,20 @@ pub struct SeedEvent {
 const STRING_FIELDS: [&str; 2] = ["client_os", "client_version"];
 
 /// The rule an event key must follow, as told to clients.
-pub const KEY_RULE: &str = "must be two or more dot-separated segments of lowercase letters a-z (an underscore may join words inside a segment), e.g. landing.user.home.click";
+pub const KEY_RULE: &str = "must be two or more dot-separated segments of lowercase letters a-z, digits and underscores, each starting with a letter or digit, e.g. v1.landing.user.order.create";
 
 /// Whether `key` follows [`KEY_RULE`].
 pub fn valid_key(key: &str) -> bool {
     key.len() <= 255
         && key.split('.').count() >= 2
         && key.split('.').all(|segment| {
-            !segment.is_empty()
-                && !segment.starts_with('_')
-                && !segment.ends_with('_')
-                && !segment.contains("__")
-                && segment.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            segment
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         })
 }
 
@@ -137,19 +139,24 @@ mod tests {
     fn key_rule() {
         for good in [
             "landing.user.home.click",
+            "v1.landing.user.order.create",
             "checkout.order_item.create",
+            "checkout.order__item_.create",
+            "2fa.user.enable",
             "a.b",
         ] {
             assert!(valid_key(good), "{good}");
         }
         for bad in [
-            "v1.landing.user.order.create",
             "Landing.user",
+            "landing.User.click",
             "landing",
             "landing..click",
             "landing.user.",
             "landing._x",
+            "_landing.x",
             "landing user.click",
+            "landing-page.click",
             "",
         ] {
             assert!(!valid_key(bad), "{bad}");

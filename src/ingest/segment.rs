@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::error::{IngestError, parse_json, parse_json_str};
 use super::object::RawObject;
-use crate::envelope::{EventEnvelope, EventType, Source};
+use crate::envelope::{EventEnvelope, EventType, JsonObject, Source};
 
 /// An envelope as ingest makes it: its objects are the client's text.
 pub type IngestEnvelope<'a> = EventEnvelope<RawObject<'a>>;
@@ -243,6 +243,15 @@ pub fn normalize<'a>(
     }
 
     let sent_at = message.sent_at.or(shared.sent_at);
+    let context = message.context.under(shared.context);
+    // RudderStack's SDKs send an identify's traits in `context.traits`
+    // (its server reads them from there when `traits` is empty).
+    let traits = match kind {
+        EventType::Identify if message.traits.is_empty() => {
+            context.member("traits").unwrap_or_default()
+        }
+        _ => message.traits,
+    };
     Ok(EventEnvelope {
         kind,
         event: message.event.filter(|_| kind == EventType::Track),
@@ -259,8 +268,8 @@ pub fn normalize<'a>(
         received_at,
         sent_at,
         properties: message.properties,
-        traits: message.traits,
-        context: message.context.under(shared.context),
+        traits,
+        context,
         integrations: message.integrations.under(shared.integrations),
         source: Source::Segment,
         traceparent: None,
@@ -355,6 +364,37 @@ mod tests {
             now(),
         )
         .map(stored)
+    }
+
+    fn identify(json: &str) -> EventEnvelope {
+        normalize(
+            parse_message(json.as_bytes()).unwrap(),
+            EventType::Identify,
+            &Shared::default(),
+            now(),
+        )
+        .map(stored)
+        .unwrap()
+    }
+
+    #[test]
+    fn identify_traits_come_from_traits_else_from_context_traits() {
+        let rudder = identify(
+            r#"{"userId":"u1","context":{"traits":{"plan":"pro"},"library":{"name":"analytics-python"}}}"#,
+        );
+        assert_eq!(rudder.traits["plan"], "pro");
+        let both = identify(
+            r#"{"userId":"u1","traits":{"plan":"free"},"context":{"traits":{"plan":"pro"}}}"#,
+        );
+        assert_eq!(both.traits["plan"], "free", "top-level traits win");
+        let neither = identify(r#"{"userId":"u1","context":{"traits":"x"}}"#);
+        assert!(neither.traits.is_empty());
+        let tracked =
+            track(r#"{"userId":"u1","event":"e","context":{"traits":{"plan":"pro"}}}"#).unwrap();
+        assert!(
+            tracked.traits.is_empty(),
+            "only identify reads context.traits"
+        );
     }
 
     #[test]

@@ -986,6 +986,11 @@ impl LogReader for EmbeddedReader {
         }
     }
 
+    /// Every partition: an embedded reader reads them all.
+    fn assigned(&self) -> Vec<i32> {
+        self.partitions.iter().map(|p| p.partition).collect()
+    }
+
     fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError> {
         self.open_partitions()?;
         let Some(part) = self

@@ -118,8 +118,8 @@ pub trait LogReader: Send {
         false
     }
 
-    /// The partitions a consumer group gave this reader (none for readers
-    /// that read every partition).
+    /// The partitions this reader reads now: a consumer group's share, or
+    /// every partition (none while they are not known yet).
     fn assigned(&self) -> Vec<i32> {
         Vec::new()
     }

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::{Processor, Rejected};
+use super::{Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected};
 use crate::envelope::EventEnvelope;
 use crate::log::StoredRecord;
-use crate::store::{BatchOutcome, OffsetAdvance, ProfileBatch, Store, StoreError};
+use crate::store::{ProfileBatch, Store, StoreError};
 
 /// The name the profile processor's offsets are stored under.
 pub const PROCESSOR: &str = "profiles";
@@ -52,13 +52,39 @@ fn event_in(text: &str) -> Result<EventEnvelope, String> {
     Ok(event)
 }
 
-#[async_trait]
-impl Processor for ProfileProcessor {
-    type Prepared = Vec<(EventEnvelope, String)>;
+/// The store's failures in the runner's words: a fenced batch, one worth
+/// trying again (the database away, a conflict), or corrupt state.
+pub fn commit_error(error: StoreError) -> CommitError {
+    match error {
+        StoreError::Fenced { partition, .. } => CommitError::Fenced {
+            partition,
+            reason: error.to_string(),
+        },
+        StoreError::Corrupt(_) => CommitError::Fatal(error.to_string()),
+        StoreError::Open { .. }
+        | StoreError::Database(_)
+        | StoreError::Conflict
+        | StoreError::Interrupted(_) => CommitError::Retryable(error.to_string()),
+    }
+}
 
+#[async_trait]
+impl Checkpoints for ProfileProcessor {
     fn name(&self) -> &str {
         PROCESSOR
     }
+
+    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        self.store
+            .offsets(PROCESSOR, topic)
+            .await
+            .map_err(commit_error)
+    }
+}
+
+#[async_trait]
+impl Processor for ProfileProcessor {
+    type Prepared = Vec<(EventEnvelope, String)>;
 
     fn prepare(&self, records: Vec<StoredRecord>) -> (Self::Prepared, Vec<Rejected>) {
         let mut events = Vec::with_capacity(records.len());
@@ -75,9 +101,9 @@ impl Processor for ProfileProcessor {
     async fn commit(
         &self,
         prepared: &Self::Prepared,
-        topic: &str,
-        offsets: Vec<OffsetAdvance>,
-    ) -> Result<BatchOutcome, StoreError> {
+        checkpoint: Checkpoint,
+    ) -> Result<Committed, CommitError> {
+        let topic = checkpoint.topic.as_str();
         // In the trace of each request whose events are in the batch.
         let _spans = crate::telemetry::spans_following(
             prepared
@@ -98,13 +124,17 @@ impl Processor for ProfileProcessor {
         let batch = ProfileBatch {
             processor: PROCESSOR,
             topic,
-            offsets,
+            offsets: checkpoint.offsets,
             events: prepared,
         };
-        self.store.apply_profile_batch(&batch).await
-    }
-
-    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
-        self.store.offsets(PROCESSOR, topic).await
+        let outcome = self
+            .store
+            .apply_profile_batch(&batch)
+            .await
+            .map_err(commit_error)?;
+        Ok(Committed {
+            applied: outcome.applied,
+            duplicates: outcome.duplicates,
+        })
     }
 }

@@ -21,6 +21,7 @@ const IDLE: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_millis(500);
 
 /// Publishes profile changes from the store to the log.
+#[derive(Clone)]
 pub struct ChangeRelay {
     store: Store,
     log: Arc<dyn EventLog>,

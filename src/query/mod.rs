@@ -18,9 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::ingest::auth::key_from_headers;
-use crate::ingest::error::{ErrorBody, ErrorDetail};
-use crate::keys::{ApiKeys, Scope};
+use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
+use crate::keys::ApiKeys;
 use crate::profile::ProfileView;
 use crate::store::{ChangeRecord, Store};
 
@@ -38,12 +37,8 @@ pub struct QueryState {
 /// Why a query was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("send an API key as the HTTP Basic user name or as a Bearer token")]
-    MissingKey,
-    #[error("the API key is not known")]
-    UnknownKey,
-    #[error("this key may not {0}; use {1}")]
-    WrongScope(&'static str, &'static str),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("no profile has the id {0:?}")]
     NotFound(String),
     #[error("{field}: {message}")]
@@ -55,11 +50,10 @@ pub enum QueryError {
     Unavailable,
 }
 
-impl QueryError {
+impl ApiError for QueryError {
     fn status(&self) -> StatusCode {
         match self {
-            QueryError::MissingKey | QueryError::UnknownKey => StatusCode::UNAUTHORIZED,
-            QueryError::WrongScope(..) => StatusCode::FORBIDDEN,
+            QueryError::Auth(auth) => auth.status(),
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::BadParameter { .. } => StatusCode::BAD_REQUEST,
             QueryError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,12 +62,17 @@ impl QueryError {
 
     fn code(&self) -> &'static str {
         match self {
-            QueryError::MissingKey => "missing_key",
-            QueryError::UnknownKey => "unknown_key",
-            QueryError::WrongScope(..) => "forbidden",
+            QueryError::Auth(auth) => auth.code(),
             QueryError::NotFound(_) => "not_found",
             QueryError::BadParameter { .. } => "invalid_parameter",
-            QueryError::Unavailable => "unavailable",
+            QueryError::Unavailable => "store_unavailable",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        match self {
+            QueryError::BadParameter { field, .. } => Some((*field).to_owned()),
+            _ => None,
         }
     }
 }
@@ -87,40 +86,15 @@ impl From<crate::store::StoreError> for QueryError {
 
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
-        let field = match &self {
-            QueryError::BadParameter { field, .. } => Some((*field).to_owned()),
-            _ => None,
-        };
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message: self.to_string(),
-                field,
-            },
-        };
-        let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, QueryError::Unavailable) {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-        }
-        response
+        crate::http::error::respond(&self)
     }
 }
 
 /// Checks the request's key: reads need a read or admin key, deletes an
 /// admin key.
-fn authorize(keys: &ApiKeys, headers: &HeaderMap, delete: bool) -> Result<(), QueryError> {
-    let key = key_from_headers(headers)
-        .map_err(|_| QueryError::UnknownKey)?
-        .ok_or(QueryError::MissingKey)?;
-    match (keys.scope(&key), delete) {
-        (None, _) => Err(QueryError::UnknownKey),
-        (Some(Scope::Admin), _) | (Some(Scope::Read), false) => Ok(()),
-        (Some(_), true) => Err(QueryError::WrongScope("delete profiles", "an admin key")),
-        (Some(Scope::Write), false) => Err(QueryError::WrongScope("read profiles", "a read key")),
-    }
+fn authorize(keys: &ApiKeys, headers: &HeaderMap, needs: Need) -> Result<(), QueryError> {
+    let key = key_from_headers(headers)?;
+    Ok(crate::http::authorize(keys, key.as_deref(), needs)?)
 }
 
 /// Paging parameters.
@@ -287,7 +261,7 @@ pub async fn get_profile(
     headers: HeaderMap,
     ProfileId(id): ProfileId,
 ) -> Result<Json<ProfileView>, QueryError> {
-    authorize(&state.keys, &headers, false)?;
+    authorize(&state.keys, &headers, Need::Read)?;
     state
         .store
         .profile(&id)
@@ -313,7 +287,7 @@ pub async fn list_profiles(
     headers: HeaderMap,
     paging: Paging,
 ) -> Result<Json<ProfileList>, QueryError> {
-    authorize(&state.keys, &headers, false)?;
+    authorize(&state.keys, &headers, Need::Read)?;
     let page = state
         .store
         .profiles(paging.limit()?, paging.cursor(Some)?.as_deref())
@@ -343,7 +317,7 @@ pub async fn profile_changes(
     ProfileId(id): ProfileId,
     paging: Paging,
 ) -> Result<Json<ChangeList>, QueryError> {
-    authorize(&state.keys, &headers, false)?;
+    authorize(&state.keys, &headers, Need::Read)?;
     let before = paging.cursor(|c| c.parse::<i64>().ok())?;
     let (changes, next) = state
         .store
@@ -375,7 +349,7 @@ pub async fn profile_events(
     ProfileId(id): ProfileId,
     paging: Paging,
 ) -> Result<Json<EventList>, QueryError> {
-    authorize(&state.keys, &headers, false)?;
+    authorize(&state.keys, &headers, Need::Read)?;
     let before = paging.cursor(|c| {
         let (at, message_id) = c.split_once(':')?;
         Some((at.parse::<i64>().ok()?, message_id.to_owned()))
@@ -413,7 +387,7 @@ pub async fn delete_profile(
     headers: HeaderMap,
     ProfileId(id): ProfileId,
 ) -> Result<Json<Deleted>, QueryError> {
-    authorize(&state.keys, &headers, true)?;
+    authorize(&state.keys, &headers, Need::Admin)?;
     let view = state
         .store
         .delete_profile(&id)
@@ -427,4 +401,25 @@ pub async fn delete_profile(
         user_id: view.user_id,
         ids,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::error::assert_listed;
+
+    #[test]
+    fn every_query_error_has_a_listed_code_and_status() {
+        for error in [
+            QueryError::Auth(AuthError::UnknownKey),
+            QueryError::NotFound("x".into()),
+            QueryError::BadParameter {
+                field: "limit",
+                message: "x".into(),
+            },
+            QueryError::Unavailable,
+        ] {
+            assert_listed(&error);
+        }
+    }
 }

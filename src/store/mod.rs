@@ -319,9 +319,10 @@ impl Store {
             .collect()
     }
 
-    /// Deletes the events received before `before_ms` (the retention, at
-    /// least the deduplication window: with an event goes the record that
-    /// its message id was applied). Returns the rows deleted.
+    /// Deletes the events received before `before_ms` (the retention):
+    /// with an event goes the record that its message id was applied, so
+    /// a retry of it is counted again from then on. Returns the rows
+    /// deleted.
     pub async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
         let events = sqlx::query("DELETE FROM events WHERE received_at < $1")
             .bind(before_ms)
@@ -366,16 +367,8 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
     }
 }
 
-/// Where a processor is in a partition, and where a batch takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OffsetAdvance {
-    pub partition: i32,
-    /// The next offset this processor believes is stored (`None`: nothing
-    /// stored yet). The commit fails as fenced when the stored one differs.
-    pub expected: Option<i64>,
-    /// The next offset after this batch.
-    pub next: i64,
-}
+/// Where a batch takes one partition: the runner's checkpoint.
+pub use crate::process::OffsetAdvance;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {

@@ -85,3 +85,41 @@ async fn a_malformed_authorization_header_is_refused() {
         .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
+
+/// The same mistake gets the same answer from ingest and the query API.
+#[tokio::test]
+async fn every_api_answers_the_same_key_mistake_with_the_same_code() {
+    let app = spawn_app(Backend::Embedded).await;
+    let body = valid_body("/v1/track").to_string().into_bytes();
+    let code = |value: Value| {
+        value["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let sent = app
+        .post_raw("/v1/track", Some("tlw_unknown"), body.clone(), None)
+        .await;
+    assert_eq!(sent.status(), StatusCode::UNAUTHORIZED);
+    let read = app.get_as("/v1/profiles/u", "tlr_unknown").await;
+    assert_eq!(read.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(code(sent.json().await.unwrap()), "unknown_key");
+    assert_eq!(code(read.1), "unknown_key");
+
+    let sent = app.post_raw("/v1/track", Some(READ_KEY), body, None).await;
+    assert_eq!(sent.status(), StatusCode::FORBIDDEN);
+    let read = app.get_as("/v1/profiles/u", WRITE_KEY).await;
+    assert_eq!(read.0, StatusCode::FORBIDDEN);
+    assert_eq!(code(sent.json().await.unwrap()), "wrong_key_scope");
+    assert_eq!(code(read.1), "wrong_key_scope");
+
+    let response = app
+        .client
+        .get(app.url("/v1/profiles/u"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(code(response.json().await.unwrap()), "missing_key");
+}

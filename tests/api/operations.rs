@@ -437,3 +437,51 @@ async fn events_tail_prints_stored_records_as_json_lines() {
         2
     );
 }
+
+/// Opening the address in a browser shows what Traitline is and where
+/// to go; an API client gets the same as JSON.
+#[tokio::test]
+async fn the_front_page_says_what_traitline_is_and_where_its_routes_are() {
+    let app = crate::helpers::spawn_app(crate::helpers::Backend::Embedded).await;
+    let page = app
+        .client
+        .get(app.url("/"))
+        .header("Accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Traitline"), "{html}");
+    assert!(html.contains(r#"<a href="/openapi.json">"#), "{html}");
+
+    let json: Value = app
+        .client
+        .get(app.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["name"], "Traitline");
+    let routes: Vec<&str> = json["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["route"].as_str())
+        .collect();
+    for route in [
+        "POST /v1/track",
+        "GET /v1/profiles/{id}",
+        "GET /openapi.json",
+    ] {
+        assert!(routes.contains(&route), "{route} in {routes:?}");
+    }
+}

@@ -72,6 +72,35 @@ async fn a_profile_is_built_from_every_call_type(backend: Backend) {
     );
 }
 
+/// The body RudderStack's Python SDK (2.1.9) sends for
+/// `rudderstack.analytics.identify("u-rs", {"plan": "pro"})`: the traits
+/// in `context.traits`, nothing in top-level `traits`.
+#[tokio::test]
+async fn a_rudderstack_identify_sets_the_traits_it_sends_in_context() {
+    let app = spawn_app(Backend::Embedded).await;
+    let body = json!({
+        "batch": [{
+            "type": "identify", "userId": "u-rs", "anonymousId": null,
+            "messageId": "6f1c0b6e-6b8e-4a55-9d55-2a3c4c9e0001",
+            "timestamp": "2026-11-20T10:00:00.000000+00:00",
+            "context": {
+                "traits": {"plan": "pro", "email": "rs@example.com"},
+                "library": {"name": "analytics-python", "version": "2.1.9"}
+            },
+            "integrations": {}
+        }],
+        "sentAt": "2026-11-20T10:00:00.100000+00:00"
+    });
+    assert_eq!(app.post("/v1/batch", &body).await.status(), StatusCode::OK);
+    let profile = app
+        .wait_for_profile("u-rs", |p| p["event_count"] == 1)
+        .await;
+    assert_eq!(
+        profile["traits"],
+        json!({"plan": "pro", "email": "rs@example.com"})
+    );
+}
+
 async fn identify_merges_anonymous_history_and_both_ids_resolve(backend: Backend) {
     let app = spawn_app(backend).await;
     for i in 0..3 {

@@ -74,13 +74,32 @@ async fn a_seed_event_is_stored_as_a_track_envelope() {
     assert_eq!(e.context["client_version"], "1.0.0");
 }
 
+/// Seed 000 gives `v1.landing.user.order.create` as the shape of a good
+/// key: version, page, actor, object, action.
+#[tokio::test]
+async fn the_seeds_versioned_example_key_is_accepted() {
+    let app = spawn_app(Backend::Embedded).await;
+    let response = app
+        .post(
+            "/event/user/track",
+            &event("v1.landing.user.order.create", empty_payload()),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let events = app.stored_events().await;
+    assert_eq!(
+        events[0].event.as_deref(),
+        Some("v1.landing.user.order.create")
+    );
+}
+
 #[tokio::test]
 async fn a_key_outside_the_naming_rule_gets_422_naming_the_rule() {
     let app = spawn_app(Backend::Embedded).await;
     let response = app
         .post(
             "/event/user/track",
-            &event("v1.landing.user.order.create", empty_payload()),
+            &event("Landing.User.order-create", empty_payload()),
         )
         .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);

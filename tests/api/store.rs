@@ -11,7 +11,7 @@ use crate::helpers::{Backend, TestDir, test_database};
 
 both_logs!(
     a_stale_batch_is_fenced_and_writes_nothing,
-    a_message_id_is_forgotten_after_the_dedup_window,
+    a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one
 );
 
@@ -114,7 +114,7 @@ async fn a_stale_batch_is_fenced_and_writes_nothing(backend: Backend) {
     );
 }
 
-async fn a_message_id_is_forgotten_after_the_dedup_window(backend: Backend) {
+async fn a_message_id_is_remembered_while_its_event_is_stored(backend: Backend) {
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
     let old = track("d1", "old-id");
@@ -134,10 +134,10 @@ async fn a_message_id_is_forgotten_after_the_dedup_window(backend: Backend) {
     assert_eq!(
         (outcome.applied, outcome.duplicates),
         (0, 2),
-        "a retry within the window changes nothing"
+        "a retry while the events are stored changes nothing"
     );
 
-    // The retention (at least the window) ends now: between the two.
+    // The retention ends now: between the two.
     let later = Utc::now().timestamp_millis() + 1;
     let purged = store.purge(later).await.unwrap();
     assert_eq!(
@@ -151,7 +151,7 @@ async fn a_message_id_is_forgotten_after_the_dedup_window(backend: Backend) {
     assert_eq!(
         (outcome.applied, outcome.duplicates),
         (1, 1),
-        "past the window the old id is new again; the recent one is still known"
+        "once its event is purged the old id is new again; the recent one is still known"
     );
     assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 3);
 }

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 
-use super::error::{ErrorBody, ErrorDetail};
+use super::error::{ApiError, respond};
 
 /// The allowance of failed authentications per client address, and the
 /// addresses that used theirs up.
@@ -83,26 +83,39 @@ pub async fn limit_auth_failures(
 ) -> Response {
     let ip = peer.ip();
     if let Some(wait) = guard.blocked_for(ip) {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: "too_many_failed_authentications",
-                message: format!(
-                    "too many requests from this address had a missing or wrong key (setting auth-failures-per-minute); retry after {}s",
-                    wait.as_secs_f64().ceil().max(1.0)
-                ),
-                field: None,
-            },
-        };
-        let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        return response;
+        return respond(&Blocked(wait));
     }
     let response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED {
         guard.failed(ip);
     }
     response
+}
+
+/// An address that used up its allowance, and for how long.
+#[derive(Debug)]
+struct Blocked(Duration);
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "too many requests from this address had a missing or wrong key (setting auth-failures-per-minute); retry after {}s",
+            super::error::retry_after_secs(self.0)
+        )
+    }
+}
+
+impl ApiError for Blocked {
+    fn status(&self) -> StatusCode {
+        StatusCode::TOO_MANY_REQUESTS
+    }
+
+    fn code(&self) -> &'static str {
+        "too_many_failed_authentications"
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.0)
+    }
 }

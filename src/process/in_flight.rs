@@ -1,0 +1,322 @@
+//! The at-least-once runner: many records of a partition are worked on
+//! at once (slow I/O in parallel, seed 002), and the stored position of a
+//! partition moves only past records whose work is done: the lowest
+//! unfinished offset. A crash or a stop repeats what was unfinished and
+//! never skips it; a receiver deduplicates on the record's identity.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::dead_letters::DeadLetters;
+use super::reading::Reading;
+use super::runner::panic_message;
+use super::stats::{Counting, SharedStats};
+use super::{
+    AtLeastOnce, CommitError, Committed, OffsetAdvance, RETRY_DELAY, Rejected, RunnerSettings,
+};
+use crate::log::{EventLog, LogReader, StoredRecord};
+
+/// How an at-least-once runner reads and saves.
+#[derive(Debug, Clone)]
+pub struct InFlightSettings {
+    pub runner: RunnerSettings,
+    /// Most records being worked on at once, over all partitions.
+    pub max_in_flight: usize,
+    /// How often the positions are saved while work completes.
+    pub save_every: Duration,
+}
+
+/// What one finished piece of work reports.
+struct Done {
+    partition: i32,
+    offset: i64,
+    /// The partition's generation when the work started: work started
+    /// before the partition was fenced and read again is not counted.
+    generation: u64,
+    outcome: Result<(), Rejected>,
+}
+
+/// Runs an [`AtLeastOnce`] processor over a topic.
+pub struct InFlightRunner<P: AtLeastOnce> {
+    processor: Arc<P>,
+    reading: Reading,
+    dead_letters: DeadLetters,
+    settings: InFlightSettings,
+    counting: Counting,
+    /// Per partition, the offsets being worked on.
+    unfinished: BTreeMap<i32, BTreeSet<i64>>,
+    /// Per partition, the offset after the last record started.
+    started_up_to: HashMap<i32, i64>,
+    generations: HashMap<i32, u64>,
+    /// Work finished since the positions were last saved.
+    done_since_save: usize,
+    tasks: JoinSet<Done>,
+}
+
+impl<P: AtLeastOnce> InFlightRunner<P> {
+    pub fn new(
+        processor: Arc<P>,
+        reader: Box<dyn LogReader>,
+        log: Arc<dyn EventLog>,
+        settings: InFlightSettings,
+    ) -> InFlightRunner<P> {
+        InFlightRunner {
+            dead_letters: DeadLetters {
+                log,
+                topic: settings.runner.rejected_topic.clone(),
+                processor: processor.name().to_owned(),
+            },
+            reading: Reading::new(reader, settings.runner.topic.clone()),
+            processor,
+            counting: Counting {
+                name: settings.runner.name,
+                stats: SharedStats::default(),
+            },
+            settings,
+            unfinished: BTreeMap::new(),
+            started_up_to: HashMap::new(),
+            generations: HashMap::new(),
+            done_since_save: 0,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// What the runner has done, updated as it goes.
+    pub fn stats(&self) -> SharedStats {
+        self.counting.stats.clone()
+    }
+
+    /// Runs until `stop` resolves, or with `stop_when_caught_up` until
+    /// the topic is read to its end and every record's work is done.
+    /// At a stop, unfinished work is dropped and the positions saved
+    /// below it: it is done again by the next runner.
+    pub async fn run(mut self, stop: impl Future<Output = ()> + Send) -> Result<(), String> {
+        tokio::pin!(stop);
+        self.reading.start(self.processor.as_ref()).await;
+        let mut last_save = Instant::now();
+        loop {
+            while let Some(joined) = self.tasks.try_join_next() {
+                if !self.finished(joined, &mut stop).await {
+                    return self.stopped().await;
+                }
+            }
+            if last_save.elapsed() >= self.settings.save_every {
+                self.save().await;
+                last_save = Instant::now();
+            }
+            let room = self
+                .settings
+                .max_in_flight
+                .saturating_sub(self.tasks.len())
+                .min(self.settings.runner.max_batch);
+            if room == 0 {
+                let joined = tokio::select! {
+                    biased;
+                    () = &mut stop => return self.stopped().await,
+                    joined = self.tasks.join_next() => joined,
+                };
+                if let Some(joined) = joined
+                    && !self.finished(joined, &mut stop).await
+                {
+                    return self.stopped().await;
+                }
+                continue;
+            }
+            let polled = tokio::select! {
+                biased;
+                () = &mut stop => return self.stopped().await,
+                polled = self.reading.reader.poll(room, self.settings.runner.max_wait) => polled,
+            };
+            let polled = match polled {
+                Ok(polled) => polled,
+                Err(e) => {
+                    tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
+                    self.counting.error(&e);
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            self.reading
+                .follow_assignment(self.processor.as_ref())
+                .await;
+            match self
+                .reading
+                .admit(polled.records, self.processor.as_ref())
+                .await
+            {
+                Ok(records) => self.start_work(records),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot read the stored positions of {}: {e}; trying again",
+                        self.settings.runner.topic
+                    );
+                    self.reading.forget();
+                    self.counting.error(&e);
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            }
+            self.reading.probe_lag(polled.caught_up, &self.counting);
+            if polled.caught_up && self.settings.runner.stop_when_caught_up && self.tasks.is_empty()
+            {
+                self.save().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts the work of each record, each on a task of its own.
+    fn start_work(&mut self, records: Vec<StoredRecord>) {
+        for record in records {
+            let partition = record.partition;
+            let offset = record.offset;
+            if self
+                .started_up_to
+                .get(&partition)
+                .is_some_and(|&next| offset < next)
+            {
+                // Already being worked on (a re-read after a seek back).
+                continue;
+            }
+            self.unfinished.entry(partition).or_default().insert(offset);
+            self.started_up_to.insert(partition, offset + 1);
+            let generation = self.generations.get(&partition).copied().unwrap_or(0);
+            let processor = self.processor.clone();
+            self.tasks.spawn(async move {
+                let outcome = processor.handle(record).await;
+                Done {
+                    partition,
+                    offset,
+                    generation,
+                    outcome,
+                }
+            });
+        }
+    }
+
+    /// Takes one finished piece of work: a reject goes to the dead
+    /// letters first. False when `stop` came while it could not.
+    async fn finished(
+        &mut self,
+        joined: Result<Done, tokio::task::JoinError>,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> bool {
+        let done = match joined {
+            Ok(done) => done,
+            // A panic is a bug in one record's work; the task's identity
+            // is gone with it, so its record stays unfinished until a
+            // restart redoes it. Only aborts (at stop) end a task else.
+            Err(e) if e.is_panic() => {
+                let cause = panic_message(e.into_panic().as_ref());
+                tracing::error!(
+                    "the {} processor panicked on a record ({cause}); it is done again after a restart",
+                    self.settings.runner.name
+                );
+                self.counting
+                    .error(&format!("a record's work panicked: {cause}"));
+                return true;
+            }
+            Err(_) => return true,
+        };
+        if self.generations.get(&done.partition).copied().unwrap_or(0) != done.generation {
+            return true;
+        }
+        if let Err(rejected) = done.outcome {
+            if !self.dead_letters.publish(&[rejected], stop).await {
+                return false;
+            }
+            self.counting.rejected(1);
+        }
+        if let Some(offsets) = self.unfinished.get_mut(&done.partition) {
+            offsets.remove(&done.offset);
+        }
+        self.done_since_save += 1;
+        true
+    }
+
+    /// Where each partition can be saved: its lowest unfinished offset,
+    /// else past the last record started.
+    fn positions(&self) -> Vec<OffsetAdvance> {
+        self.started_up_to
+            .iter()
+            .filter_map(|(&partition, &after_last)| {
+                let next = self
+                    .unfinished
+                    .get(&partition)
+                    .and_then(|offsets| offsets.first().copied())
+                    .unwrap_or(after_last);
+                let expected = self.reading.expected(partition);
+                (expected != Some(next)).then_some(OffsetAdvance {
+                    partition,
+                    expected,
+                    next,
+                })
+            })
+            .collect()
+    }
+
+    /// Saves the positions that moved. A fenced partition is read again
+    /// from the store (its unfinished work is forgotten: its records come
+    /// again); other failures are tried at the next save.
+    async fn save(&mut self) {
+        let positions = self.positions();
+        if positions.is_empty() {
+            return;
+        }
+        let topic = self.settings.runner.topic.clone();
+        match self
+            .processor
+            .save_positions(&topic, positions.clone())
+            .await
+        {
+            Ok(()) => {
+                self.reading.committed(&positions);
+                let outcome = Committed {
+                    applied: std::mem::take(&mut self.done_since_save),
+                    duplicates: 0,
+                };
+                self.counting
+                    .committed(positions.iter().map(|p| (p.partition, p.next)), outcome);
+            }
+            Err(CommitError::Fenced { partition, reason }) => {
+                tracing::warn!(
+                    "partition {partition} of {topic} was processed elsewhere ({reason}); reading it again from the stored position"
+                );
+                self.counting.fenced();
+                let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+                for partition in &partitions {
+                    *self.generations.entry(*partition).or_default() += 1;
+                    self.unfinished.remove(partition);
+                    self.started_up_to.remove(partition);
+                }
+                self.reading
+                    .seek_to_store(&partitions, self.processor.as_ref())
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot save the positions of {topic}: {e}; trying again");
+                self.counting.error(&e);
+            }
+        }
+    }
+
+    /// At a stop: the finished work is saved, the unfinished dropped.
+    async fn stopped(mut self) -> Result<(), String> {
+        self.tasks.abort_all();
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok(done) = joined
+                && done.outcome.is_ok()
+                && self.generations.get(&done.partition).copied().unwrap_or(0) == done.generation
+                && let Some(offsets) = self.unfinished.get_mut(&done.partition)
+            {
+                offsets.remove(&done.offset);
+            }
+        }
+        self.save().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! The reading half both runners share: the reader, where the store is in
+//! each partition, and the partitions' clocks.
+//!
+//! Only the store's offsets are trusted: records below them are dropped,
+//! a partition whose first record is above them is sent back (the
+//! reader's own resume point, Kafka's committed offset, can be ahead of a
+//! new or restored store), and after a rebalance every position is read
+//! from the store again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use super::clock::PartitionClocks;
+use super::stats::Counting;
+use super::{Checkpoints, CommitError, OffsetAdvance};
+use crate::log::{LogReader, StoredRecord};
+
+/// The processor's view of one partition.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    /// The store's next offset (`None`: nothing stored).
+    expected: Option<i64>,
+    /// Whether the reader is known to deliver from `expected` on (checked
+    /// on the partition's first record, or after a seek).
+    verified: bool,
+}
+
+pub(super) struct Reading {
+    pub reader: Box<dyn LogReader>,
+    pub topic: String,
+    positions: HashMap<i32, Position>,
+    stored: Option<HashMap<i32, i64>>,
+    /// Partitions came and some could not be sent to the store's offsets
+    /// yet.
+    unseeked: bool,
+    pub clocks: PartitionClocks,
+    last_lag_probe: Option<Instant>,
+}
+
+impl Reading {
+    pub fn new(reader: Box<dyn LogReader>, topic: String) -> Reading {
+        Reading {
+            reader,
+            topic,
+            positions: HashMap::new(),
+            stored: None,
+            unseeked: false,
+            clocks: PartitionClocks::default(),
+            last_lag_probe: None,
+        }
+    }
+
+    /// Starts each partition where the store is. A consumer-group reader
+    /// has no partitions yet and refuses; it is checked on its first
+    /// records instead ([`Reading::admit`]).
+    pub async fn start(&mut self, store: &dyn Checkpoints) {
+        if let Ok(stored) = store.stored_offsets(&self.topic).await {
+            for (partition, next) in &stored {
+                if let Err(e) = self.reader.seek(*partition, Some(*next)) {
+                    tracing::debug!("not seeking partition {partition} before it is assigned: {e}");
+                }
+            }
+            self.stored = Some(stored);
+        }
+    }
+
+    /// After each poll: when partitions came or went, trusts nothing
+    /// remembered and sends each new partition to the store's offset.
+    pub async fn follow_assignment(&mut self, store: &dyn Checkpoints) {
+        if self.reader.take_assignment_change() {
+            self.positions.clear();
+            self.stored = None;
+            self.unseeked = true;
+            let assigned = self.reader.assigned();
+            self.clocks.keep(&assigned);
+        }
+        if self.unseeked {
+            // Start each new partition where the store is, not where the
+            // group committed: a new store, or one restored from a
+            // snapshot, may be behind it, and an idle partition would
+            // otherwise never show the gap. A partition not yet fetching
+            // refuses the seek; it is tried again next time.
+            let assigned = self.reader.assigned();
+            self.unseeked = !self.seek_to_store(&assigned, store).await;
+        }
+    }
+
+    /// Forgets where each partition is, after records read were dropped:
+    /// the next ones are checked against the store and the reader is sent
+    /// back to them.
+    pub fn forget(&mut self) {
+        self.positions.clear();
+    }
+
+    /// Keeps the records the store has not seen: drops those below the
+    /// stored offset, and seeks back when the reader starts above it. The
+    /// kept records move their partitions' clocks.
+    pub async fn admit(
+        &mut self,
+        records: Vec<StoredRecord>,
+        store: &dyn Checkpoints,
+    ) -> Result<Vec<StoredRecord>, CommitError> {
+        if records.is_empty() {
+            return Ok(records);
+        }
+        if self.stored.is_none() {
+            self.stored = Some(store.stored_offsets(&self.topic).await?);
+        }
+        let stored = self.stored.as_ref().expect("loaded above");
+        let mut kept = Vec::with_capacity(records.len());
+        let mut sought = Vec::new();
+        for record in records {
+            let position = self
+                .positions
+                .entry(record.partition)
+                .or_insert_with(|| Position {
+                    expected: stored.get(&record.partition).copied(),
+                    verified: false,
+                });
+            if sought.contains(&record.partition) {
+                continue;
+            }
+            if let Some(expected) = position.expected
+                && record.offset < expected
+            {
+                continue;
+            }
+            if !position.verified {
+                let starts_late = match position.expected {
+                    Some(expected) => record.offset > expected,
+                    // Nothing stored: everything from the oldest record.
+                    None => record.offset > 0,
+                };
+                position.verified = true;
+                if starts_late {
+                    tracing::info!(
+                        partition = record.partition,
+                        "partition {} resumed at offset {} but the store is at {:?}; seeking back",
+                        record.partition,
+                        record.offset,
+                        position.expected
+                    );
+                    if let Err(e) = self.reader.seek(record.partition, position.expected) {
+                        tracing::warn!("{e}");
+                    }
+                    sought.push(record.partition);
+                    continue;
+                }
+            }
+            kept.push(record);
+        }
+        self.clocks.saw(&kept);
+        Ok(kept)
+    }
+
+    /// Where a checkpoint of `records` takes each of their partitions.
+    pub fn advances(&self, records: &[StoredRecord]) -> Vec<OffsetAdvance> {
+        let mut advances: BTreeMap<i32, OffsetAdvance> = BTreeMap::new();
+        for record in records {
+            let expected = self.expected(record.partition);
+            advances
+                .entry(record.partition)
+                .and_modify(|a| a.next = a.next.max(record.offset + 1))
+                .or_insert(OffsetAdvance {
+                    partition: record.partition,
+                    expected,
+                    next: record.offset + 1,
+                });
+        }
+        advances.into_values().collect()
+    }
+
+    /// The store's next offset of `partition`, as this runner knows it.
+    pub fn expected(&self, partition: i32) -> Option<i64> {
+        self.positions.get(&partition).and_then(|p| p.expected)
+    }
+
+    /// Records a stored checkpoint.
+    pub fn committed(&mut self, advances: &[OffsetAdvance]) {
+        for advance in advances {
+            if let Some(position) = self.positions.get_mut(&advance.partition) {
+                position.expected = Some(advance.next);
+            }
+            if let Some(stored) = self.stored.as_mut() {
+                stored.insert(advance.partition, advance.next);
+            }
+            self.reader.note_committed(advance.partition, advance.next);
+        }
+    }
+
+    /// Reloads the store's offsets and moves `partitions` to them (the
+    /// oldest record where none is stored). False when the offsets could
+    /// not be read or a partition refused the seek.
+    pub async fn seek_to_store(&mut self, partitions: &[i32], store: &dyn Checkpoints) -> bool {
+        self.stored = None;
+        self.positions.clear();
+        let Ok(stored) = store.stored_offsets(&self.topic).await else {
+            return false;
+        };
+        let mut all = true;
+        for partition in partitions {
+            if let Err(e) = self.reader.seek(*partition, stored.get(partition).copied()) {
+                tracing::debug!("{e}");
+                all = false;
+            }
+        }
+        self.stored = Some(stored);
+        all
+    }
+
+    /// The partitions this runner reads: the reader's, else those it has
+    /// seen.
+    pub fn partitions(&self) -> Vec<i32> {
+        let assigned = self.reader.assigned();
+        if !assigned.is_empty() {
+            return assigned;
+        }
+        let mut seen: Vec<i32> = self
+            .positions
+            .keys()
+            .chain(self.stored.iter().flat_map(HashMap::keys))
+            .copied()
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen
+    }
+
+    /// Refreshes each partition's high watermark now and then.
+    pub fn probe_lag(&mut self, caught_up: bool, counting: &Counting) {
+        if self
+            .last_lag_probe
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            counting.caught_up(caught_up);
+            return;
+        }
+        self.last_lag_probe = Some(Instant::now());
+        let partitions: Vec<(i32, Option<i64>, Option<i64>)> = self
+            .positions
+            .iter()
+            .map(|(&partition, position)| {
+                (
+                    partition,
+                    position.expected,
+                    self.reader.high_watermark(partition),
+                )
+            })
+            .collect();
+        counting.positions(caught_up, &partitions);
+    }
+}
