@@ -20,6 +20,11 @@ pub enum EventType {
     Screen,
     Group,
     Alias,
+    /// Not a Segment call: a GDPR deletion of a user, recorded in the log
+    /// in order with the user's events (keyed like them), so any rebuild
+    /// from the log deletes the user again at the same point. Its
+    /// `properties.ids` lists every id the deleted profile had.
+    Delete,
 }
 
 impl EventType {
@@ -32,6 +37,7 @@ impl EventType {
             EventType::Screen => "screen",
             EventType::Group => "group",
             EventType::Alias => "alias",
+            EventType::Delete => "delete",
         }
     }
 }
@@ -44,6 +50,8 @@ pub enum Source {
     Segment,
     /// The seed route `POST /event/user/track`.
     Seed,
+    /// The admin API (a deletion).
+    Admin,
 }
 
 /// A JSON object field of an envelope (`properties`, `traits`, `context`,
@@ -147,6 +155,62 @@ impl<O> EventEnvelope<O> {
 }
 
 impl EventEnvelope {
+    /// The deletion record of a profile whose ids are `ids` (its user id,
+    /// when it has one, first), deleted at `at`.
+    pub fn deletion(user_id: Option<String>, ids: Vec<String>, at: DateTime<Utc>) -> EventEnvelope {
+        let anonymous_id = match user_id {
+            Some(_) => None,
+            None => ids.first().cloned(),
+        };
+        let mut properties = Map::new();
+        properties.insert(
+            "ids".to_owned(),
+            Value::Array(ids.into_iter().map(Value::String).collect()),
+        );
+        EventEnvelope {
+            kind: EventType::Delete,
+            event: None,
+            name: None,
+            user_id,
+            anonymous_id,
+            group_id: None,
+            previous_id: None,
+            message_id: format!("tl-delete-{}", uuid::Uuid::new_v4()),
+            timestamp: at,
+            original_timestamp: None,
+            received_at: at,
+            sent_at: None,
+            properties,
+            traits: Map::new(),
+            context: Map::new(),
+            integrations: Map::new(),
+            source: Source::Admin,
+            traceparent: None,
+        }
+    }
+
+    /// The ids a deletion record deletes: its user or anonymous id and
+    /// every id in `properties.ids`.
+    pub fn deleted_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .user_id
+            .iter()
+            .chain(self.anonymous_id.iter())
+            .map(String::as_str)
+            .chain(
+                self.properties
+                    .get("ids")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str),
+            )
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// Segment's clock-skew correction: the client's clock may be wrong, but
     /// the time between its `timestamp` and `sentAt` is right, so the event
     /// happened that long before Traitline received it. A correction that

@@ -313,7 +313,8 @@ pub fn router(
     if config.roles.query
         && let Some(store) = store
     {
-        api = api.merge(QueryState::new(store, keys.clone()).routes());
+        let topics = Topics::new(&config.topic_prefix);
+        api = api.merge(QueryState::new(store, keys.clone(), log.clone(), &topics).routes());
     }
     if config.roles.ingest {
         let ingest = Ingest::new(

@@ -15,9 +15,7 @@ use super::dead_letters::DeadLetters;
 use super::reading::Reading;
 use super::runner::panic_message;
 use super::stats::{Counting, SharedStats};
-use super::{
-    AtLeastOnce, CommitError, Committed, OffsetAdvance, RETRY_DELAY, Rejected, RunnerSettings,
-};
+use super::{AtLeastOnce, CommitError, Committed, OffsetAdvance, Rejected, RunnerSettings};
 use crate::log::{EventLog, LogReader, StoredRecord};
 
 /// How an at-least-once runner reads and saves.
@@ -131,38 +129,16 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 () = &mut stop => return self.stopped().await,
                 polled = self.reading.reader.poll(room, self.settings.runner.max_wait) => polled,
             };
-            let polled = match polled {
-                Ok(polled) => polled,
-                Err(e) => {
-                    tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
-                    self.counting.error(&e);
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    continue;
-                }
-            };
-            self.reading
-                .follow_assignment(self.processor.as_ref())
-                .await;
-            match self
+            let Some((records, caught_up)) = self
                 .reading
-                .admit(polled.records, self.processor.as_ref())
+                .take(polled, self.processor.as_ref(), &self.counting)
                 .await
-            {
-                Ok(records) => self.start_work(records),
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot read the stored positions of {}: {e}; trying again",
-                        self.settings.runner.topic
-                    );
-                    self.reading.forget();
-                    self.counting.error(&e);
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    continue;
-                }
-            }
-            self.reading.probe_lag(polled.caught_up, &self.counting);
-            if polled.caught_up && self.settings.runner.stop_when_caught_up && self.tasks.is_empty()
-            {
+            else {
+                continue;
+            };
+            self.start_work(records);
+            self.reading.probe_lag(caught_up, &self.counting);
+            if caught_up && self.settings.runner.stop_when_caught_up && self.tasks.is_empty() {
                 self.save().await;
                 return Ok(());
             }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::clock::PartitionClocks;
 use super::stats::Counting;
-use super::{Checkpoints, CommitError, OffsetAdvance};
-use crate::log::{LogReader, StoredRecord};
+use super::{Checkpoints, CommitError, OffsetAdvance, RETRY_DELAY};
+use crate::log::{LogReader, Polled, ReadError, StoredRecord};
 
 /// The processor's view of one partition.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +66,7 @@ impl Reading {
 
     /// After each poll: when partitions came or went, trusts nothing
     /// remembered and sends each new partition to the store's offset.
-    pub async fn follow_assignment(&mut self, store: &dyn Checkpoints) {
+    async fn follow_assignment(&mut self, store: &dyn Checkpoints) {
         if self.reader.take_assignment_change() {
             self.positions.clear();
             self.stored = None;
@@ -85,17 +85,48 @@ impl Reading {
         }
     }
 
-    /// Forgets where each partition is, after records read were dropped:
-    /// the next ones are checked against the store and the reader is sent
-    /// back to them.
-    pub fn forget(&mut self) {
-        self.positions.clear();
+    /// Takes what a poll got: the records the store has not seen, and
+    /// whether the reader was at the end of every partition. `None` after
+    /// a failed read or lookup of the stored offsets (logged, shown in the
+    /// stats and waited out): poll again.
+    pub async fn take(
+        &mut self,
+        polled: Result<Polled, ReadError>,
+        store: &dyn Checkpoints,
+        counting: &Counting,
+    ) -> Option<(Vec<StoredRecord>, bool)> {
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(e) => {
+                tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
+                counting.error(&e);
+                tokio::time::sleep(RETRY_DELAY).await;
+                return None;
+            }
+        };
+        self.follow_assignment(store).await;
+        match self.admit(polled.records, store).await {
+            Ok(records) => Some((records, polled.caught_up)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the stored offsets of {}: {e}; trying again",
+                    self.topic
+                );
+                // The records just read are dropped: forget where each
+                // partition is, so the next records are checked against
+                // the store and the reader is sent back to them.
+                self.positions.clear();
+                counting.error(&e);
+                tokio::time::sleep(RETRY_DELAY).await;
+                None
+            }
+        }
     }
 
     /// Keeps the records the store has not seen: drops those below the
     /// stored offset, and seeks back when the reader starts above it. The
     /// kept records move their partitions' clocks.
-    pub async fn admit(
+    async fn admit(
         &mut self,
         records: Vec<StoredRecord>,
         store: &dyn Checkpoints,

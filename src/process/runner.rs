@@ -137,36 +137,14 @@ impl<P: Processor> Runner<P> {
                     polled = self.reading.reader.poll(self.settings.max_batch, self.settings.max_wait) => polled,
                 },
             };
-            let polled = match polled {
-                Ok(polled) => polled,
-                Err(e) => {
-                    tracing::warn!("{e}; reading again in {RETRY_DELAY:?}");
-                    self.counting.error(&e);
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    continue;
-                }
-            };
-            self.reading
-                .follow_assignment(self.processor.as_ref())
-                .await;
-            let records = match self
+            let Some((records, caught_up)) = self
                 .reading
-                .admit(polled.records, self.processor.as_ref())
+                .take(polled, self.processor.as_ref(), &self.counting)
                 .await
-            {
-                Ok(records) => records,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot read the stored offsets of {}: {e}; trying again",
-                        self.settings.topic
-                    );
-                    self.reading.forget();
-                    self.counting.error(&e);
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    continue;
-                }
+            else {
+                continue;
             };
-            let replaying_done = polled.caught_up && self.settings.stop_when_caught_up;
+            let replaying_done = caught_up && self.settings.stop_when_caught_up;
             if !records.is_empty() {
                 // Read ahead while this batch commits, unless the runner
                 // stops when caught up and is.
@@ -175,7 +153,7 @@ impl<P: Processor> Runner<P> {
                     Outcome::Stopped => break Ok(()),
                     Outcome::Panicked(cause) => break Err(cause),
                 }
-            } else if polled.caught_up && !self.settings.stop_when_caught_up {
+            } else if caught_up && !self.settings.stop_when_caught_up {
                 let partitions = self.reading.partitions();
                 let now = self.clock.now_ms();
                 self.reading
@@ -185,7 +163,7 @@ impl<P: Processor> Runner<P> {
                     break Err(cause);
                 }
             }
-            self.reading.probe_lag(polled.caught_up, &self.counting);
+            self.reading.probe_lag(caught_up, &self.counting);
             if replaying_done {
                 break Ok(());
             }

@@ -463,6 +463,7 @@ fn count_name(event: &EventEnvelope) -> &str {
         (EventType::Screen, _) => "$screen",
         (EventType::Group, _) => "$group",
         (EventType::Alias, _) => "$alias",
+        (EventType::Delete, _) => "$delete",
     }
 }
 

@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::envelope::EventEnvelope;
 use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
 use crate::keys::ApiKeys;
+use crate::log::{EventLog, Record, Topics};
 use crate::profile::ProfileView;
 use crate::store::{ChangeRecord, Store};
 
@@ -32,6 +34,10 @@ const DEFAULT_LIMIT: u32 = 50;
 pub struct QueryState {
     store: Store,
     keys: Arc<ApiKeys>,
+    /// Where a deletion is recorded, so every rebuild from the log
+    /// deletes again.
+    log: Arc<dyn EventLog>,
+    events_topic: String,
 }
 
 /// Why a query was refused or failed.
@@ -48,6 +54,8 @@ pub enum QueryError {
     },
     #[error("the store is unavailable; try again")]
     Unavailable,
+    #[error("the event log cannot record the deletion now; nothing was deleted; try again")]
+    LogUnavailable,
 }
 
 impl ApiError for QueryError {
@@ -56,7 +64,7 @@ impl ApiError for QueryError {
             QueryError::Auth(auth) => auth.status(),
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::BadParameter { .. } => StatusCode::BAD_REQUEST,
-            QueryError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::Unavailable | QueryError::LogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -66,6 +74,7 @@ impl ApiError for QueryError {
             QueryError::NotFound(_) => "not_found",
             QueryError::BadParameter { .. } => "invalid_parameter",
             QueryError::Unavailable => "store_unavailable",
+            QueryError::LogUnavailable => "log_unavailable",
         }
     }
 
@@ -229,8 +238,18 @@ pub struct Deleted {
 }
 
 impl QueryState {
-    pub fn new(store: Store, keys: Arc<ApiKeys>) -> QueryState {
-        QueryState { store, keys }
+    pub fn new(
+        store: Store,
+        keys: Arc<ApiKeys>,
+        log: Arc<dyn EventLog>,
+        topics: &Topics,
+    ) -> QueryState {
+        QueryState {
+            store,
+            keys,
+            log,
+            events_topic: topics.events(),
+        }
     }
 
     pub fn routes(self) -> Router {
@@ -369,14 +388,15 @@ pub async fn profile_events(
 
 /// Deletes a profile (GDPR): the profile, its change history and its
 /// stored events; a tombstone is published to `user_profiles`. Later
-/// events for its ids start a new profile.
+/// events for its ids start a new profile. The deletion is recorded in
+/// `user_events` first, so every rebuild from the log deletes again.
 #[utoipa::path(delete, path = "/v1/profiles/{id}", tag = "profiles",
     params(("id" = String, Path, description = "A user id or a linked anonymous id")),
     security(("basic" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
-        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 503, description = "The store or the event log is unavailable; nothing was deleted when the log did not record it", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
@@ -388,11 +408,34 @@ pub async fn delete_profile(
     ProfileId(id): ProfileId,
 ) -> Result<Json<Deleted>, QueryError> {
     authorize(&state.keys, &headers, Need::Admin)?;
+    let found = state
+        .store
+        .profile(&id)
+        .await?
+        .ok_or_else(|| QueryError::NotFound(id.clone()))?;
+    // Recorded in the log first, keyed like the user's events: a replay,
+    // a snapshot restore or a rebuild into a new store reaches the
+    // deletion in order and deletes again. Only then is the store told.
+    let mut ids: Vec<String> = found.user_id.iter().cloned().collect();
+    ids.extend(found.anonymous_ids.iter().cloned());
+    let at = chrono::Utc::now();
+    let record = EventEnvelope::deletion(found.user_id.clone(), ids, at);
+    let value = serde_json::to_vec(&record).map_err(|_| QueryError::LogUnavailable)?;
+    let key = record.record_key().map(str::to_owned);
+    if let Err(e) = state
+        .log
+        .append(&state.events_topic, vec![Record { key, value }])
+        .await
+    {
+        tracing::warn!("cannot record the deletion of a profile in the log: {e}");
+        return Err(QueryError::LogUnavailable);
+    }
     let view = state
         .store
-        .delete_profile(&id)
+        .delete_profile(&id, at.timestamp_millis())
         .await?
-        .ok_or(QueryError::NotFound(id))?;
+        // Deleted meanwhile: the recorded deletion stands.
+        .unwrap_or(found);
     tracing::info!(user_id = ?view.user_id, "deleted a profile and its history");
     let mut ids = view.anonymous_ids.clone();
     ids.extend(view.user_id.clone());
@@ -418,6 +461,7 @@ mod tests {
                 message: "x".into(),
             },
             QueryError::Unavailable,
+            QueryError::LogUnavailable,
         ] {
             assert_listed(&error);
         }

@@ -192,7 +192,7 @@ impl Conn<'_> {
 
     /// The rows of `select ... IN (values)` (then `suffix`): one statement
     /// with an array on PostgreSQL, chunks of bound values otherwise.
-    async fn rows_in<T>(
+    pub(super) async fn rows_in<T>(
         &mut self,
         select: &str,
         suffix: &str,
@@ -224,6 +224,53 @@ impl Conn<'_> {
                 Ok(rows)
             }
         }
+    }
+
+    /// Deletes profile `profile_id` and everything of it.
+    pub async fn delete_profile_rows(&mut self, profile_id: &str) -> Result<(), StoreError> {
+        for table in ["profiles", "identities", "profile_changes", "events"] {
+            let sql = format!("DELETE FROM {table} WHERE profile_id = $1");
+            execute!(self, sqlx::query(AssertSqlSafe(sql)).bind(profile_id));
+        }
+        Ok(())
+    }
+
+    /// The change a deletion makes: no before, no after (a tombstone).
+    pub async fn insert_deletion_change(
+        &mut self,
+        profile_id: &str,
+        user_id: Option<String>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        execute!(
+            self,
+            sqlx::query(
+                "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) \
+                 VALUES ($1, $2, NULL, NULL, $3, $4)",
+            )
+            .bind(profile_id)
+            .bind(user_id)
+            .bind("[\"$delete\"]")
+            .bind(at)
+        );
+        Ok(())
+    }
+
+    /// Records `ids` as deleted at `at` (a later deletion moves the time).
+    pub async fn mark_deleted(&mut self, ids: &[String], at: i64) -> Result<(), StoreError> {
+        for id in ids {
+            execute!(
+                self,
+                sqlx::query(
+                    "INSERT INTO deleted_ids (distinct_id, deleted_at) VALUES ($1, $2) \
+                     ON CONFLICT (distinct_id) DO UPDATE SET deleted_at = excluded.deleted_at \
+                     WHERE excluded.deleted_at > deleted_ids.deleted_at",
+                )
+                .bind(id.as_str())
+                .bind(at)
+            );
+        }
+        Ok(())
     }
 
     /// Moves everything of profile `from` to profile `into`, which it was

@@ -276,15 +276,6 @@ impl Store {
         }
     }
 
-    /// The row lock clause for rows a transaction will update (PostgreSQL);
-    /// SQLite's write transaction already excludes other writers.
-    fn for_update(&self) -> &'static str {
-        match self.dialect {
-            Dialect::Postgres => " FOR UPDATE",
-            Dialect::Sqlite => "",
-        }
-    }
-
     /// Whether a failed transaction may succeed when run again: a deadlock,
     /// a serialization failure, a concurrent insert of the same key, or
     /// SQLite's busy and locked answers.

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use super::batch::{ChangeRows, Conn, EventRows, ProfileRows, ROWS_PER_INSERT};
@@ -39,6 +39,8 @@ pub struct BatchOutcome {
     pub skipped_deleted: usize,
     /// Profiles changed (one change record each).
     pub changed_profiles: usize,
+    /// Profiles deleted by deletion records (GDPR) in the batch.
+    pub deleted_profiles: usize,
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -208,59 +210,18 @@ impl Store {
     /// change without a body for the relay to publish as a tombstone.
     /// Returns the deleted profile's last view, or `None` when no profile
     /// has the id.
-    pub async fn delete_profile(&self, id: &str) -> Result<Option<ProfileView>, StoreError> {
-        super::in_write_transaction!(self, self.begin_write(), |tx| self.try_delete(tx, id))
-    }
-
-    async fn try_delete(
+    pub async fn delete_profile(
         &self,
-        tx: &mut AnyConnection,
         id: &str,
+        deleted_at: i64,
     ) -> Result<Option<ProfileView>, StoreError> {
-        let sql = format!(
-            "SELECT p.profile_id, p.state_json FROM identities i JOIN profiles p ON p.profile_id = i.profile_id \
-             WHERE i.distinct_id = $1{}",
-            self.for_update()
-        );
-        let Some(row) = sqlx::query(AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let profile_id: String = row.try_get(0)?;
-        let state: Profile = parse(&row.try_get::<String, _>(1)?)?;
-        let now = now_ms();
-        for table in ["profiles", "identities", "profile_changes", "events"] {
-            let sql = format!("DELETE FROM {table} WHERE profile_id = $1");
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(&profile_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for distinct_id in &state.ids {
-            sqlx::query(
-                "INSERT INTO deleted_ids (distinct_id, deleted_at) VALUES ($1, $2) \
-                 ON CONFLICT (distinct_id) DO UPDATE SET deleted_at = excluded.deleted_at",
-            )
-            .bind(distinct_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let view = state.view();
-        sqlx::query(
-            "INSERT INTO profile_changes (profile_id, user_id, before_view, after_view, causes, changed_at) \
-             VALUES ($1, $2, NULL, NULL, $3, $4)",
-        )
-        .bind(&profile_id)
-        .bind(view.user_id.clone())
-        .bind("[\"$delete\"]")
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        Ok(Some(view))
+        let dialect = self.dialect;
+        let deleted = super::in_write_transaction!(self, self.begin_write(), |tx| delete_in(
+            &mut Conn::Any(tx, dialect),
+            &[id],
+            deleted_at
+        ))?;
+        Ok(deleted.first().map(Profile::view))
     }
 
     /// Changes not yet published by the relay, oldest first.
@@ -319,15 +280,28 @@ async fn try_apply(
     conn.advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
 
+    // Deletions first: the events of a deleted id received before its
+    // deletion are then skipped below, wherever they are in the batch,
+    // and later ones start a new profile, as they did live.
+    let (deletions, batch_events): (Vec<&(EventEnvelope, String)>, Vec<_>) = batch
+        .events
+        .iter()
+        .partition(|(e, _)| e.kind == crate::envelope::EventType::Delete);
+    let mut deleted_profiles = 0;
+    for (deletion, _) in &deletions {
+        let ids = deletion.deleted_ids();
+        let at = deletion.received_at.timestamp_millis();
+        deleted_profiles += delete_in(&mut conn, &ids, at).await?.len();
+    }
+
     // Deduplicate: first within the batch, then against the `events`
     // table, which holds every applied event's message id for at least
     // the deduplication window. A concurrent batch inserting one of
     // these ids too makes the insert below fail, and this batch is run
     // again (then it sees the id).
     let mut seen = HashSet::new();
-    let candidates: Vec<&(EventEnvelope, String)> = batch
-        .events
-        .iter()
+    let candidates: Vec<&(EventEnvelope, String)> = batch_events
+        .into_iter()
         .filter(|(e, _)| seen.insert(e.message_id.as_str()))
         .collect();
     let message_ids: Vec<&str> = candidates
@@ -341,7 +315,8 @@ async fn try_apply(
         .collect();
     let fresh = events.len();
     let mut outcome = BatchOutcome {
-        duplicates: batch.events.len() - fresh,
+        duplicates: batch.events.len() - deletions.len() - fresh,
+        deleted_profiles,
         ..BatchOutcome::default()
     };
     if events.is_empty() {
@@ -551,4 +526,50 @@ pub struct EventPage {
     /// Each event's envelope, as it was in the log.
     pub events: Vec<Value>,
     pub next: Option<(i64, String)>,
+}
+
+/// Deletes the profiles `ids` resolve to, with their ids, change history
+/// and stored events, in the transaction of `conn`; records every id of
+/// them (and `ids`) as deleted at `deleted_at`, so their events received
+/// until then are never applied again; writes a `$delete` change (a
+/// tombstone for the relay) for each. Returns the deleted profiles.
+async fn delete_in(
+    conn: &mut Conn<'_>,
+    ids: &[&str],
+    deleted_at: i64,
+) -> Result<Vec<Profile>, StoreError> {
+    let mapped = conn.identities(ids).await?;
+    let mut profile_ids: Vec<&str> = mapped.values().map(String::as_str).collect();
+    profile_ids.sort_unstable();
+    profile_ids.dedup();
+    let rows: Vec<(String, String)> = if profile_ids.is_empty() {
+        Vec::new()
+    } else {
+        // Row locks where there are any: SQLite's write transaction
+        // already excludes other writers.
+        let suffix = match conn {
+            Conn::Pg(_) | Conn::Any(_, super::Dialect::Postgres) => " FOR UPDATE",
+            Conn::Any(_, super::Dialect::Sqlite) => "",
+        };
+        conn.rows_in(
+            "SELECT profile_id, state_json FROM profiles WHERE profile_id",
+            suffix,
+            &profile_ids,
+        )
+        .await?
+    };
+    let mut deleted = Vec::with_capacity(rows.len());
+    let mut every_id: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    for (profile_id, state_json) in rows {
+        let state: Profile = parse(&state_json)?;
+        conn.delete_profile_rows(&profile_id).await?;
+        conn.insert_deletion_change(&profile_id, state.view().user_id, deleted_at)
+            .await?;
+        every_id.extend(state.ids.iter().cloned());
+        deleted.push(state);
+    }
+    every_id.sort_unstable();
+    every_id.dedup();
+    conn.mark_deleted(&every_id, deleted_at).await?;
+    Ok(deleted)
 }

@@ -25,6 +25,7 @@ both_logs!(
     changes_are_published_in_order_and_a_delete_publishes_a_tombstone,
     replay_rebuilds_the_same_profiles_as_live_processing,
     a_profiles_events_and_changes_page_newest_first,
+    a_deletion_holds_through_replay_snapshot_restore_and_a_rebuild_into_a_new_store,
 );
 
 async fn a_profile_is_built_from_every_call_type(backend: Backend) {
@@ -682,4 +683,121 @@ async fn a_profiles_events_and_changes_page_newest_first(backend: Backend) {
     assert_eq!(caused, 25, "every event caused exactly one change record");
     // The latest $set by event time is step 23's.
     assert_eq!(changes[0]["after"]["traits"]["step"], 23);
+}
+
+/// The profiles in the store `config` names, in a stable order.
+async fn stored_profiles(config: &Config) -> Vec<Value> {
+    let store = traitline::store::Store::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .unwrap();
+    let page = store.profiles(1000, None).await.unwrap();
+    store.close().await;
+    let mut profiles: Vec<Value> = page
+        .profiles
+        .iter()
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    profiles.sort_by_key(|p| p.to_string());
+    profiles
+}
+
+/// A GDPR deletion is recorded in the log, in order with the user's
+/// events: replaying from the beginning, restoring a snapshot taken before
+/// it, and rebuilding a new, empty store from the same log all end with
+/// the user deleted, and the events sent after the deletion in a new
+/// profile, as live processing had it.
+async fn a_deletion_holds_through_replay_snapshot_restore_and_a_rebuild_into_a_new_store(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    let before = vec![
+        json!({"type": "track", "anonymousId": "gone-anon", "event": "Browse", "messageId": "d-1"}),
+        json!({"type": "identify", "userId": "gone", "anonymousId": "gone-anon", "traits": {"email": "gone@example.com"}, "messageId": "d-2"}),
+        json!({"type": "track", "userId": "gone", "event": "Buy", "messageId": "d-3"}),
+        json!({"type": "track", "userId": "kept", "event": "Buy", "messageId": "d-4"}),
+    ];
+    send_and_wait(&app, &before, 4).await;
+    let store =
+        traitline::store::Store::open(app.config.database_url.as_deref(), &app.config.data_dir)
+            .await
+            .unwrap();
+    traitline::snapshot::take(&app.config, &store)
+        .await
+        .expect("a snapshot before the deletion");
+    store.close().await;
+
+    let response = app
+        .client
+        .delete(app.url("/v1/profiles/gone-anon"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let after =
+        vec![json!({"type": "track", "userId": "gone", "event": "Came Back", "messageId": "d-5"})];
+    // Profiles count 2 events now: kept's, and gone's new one.
+    send_and_wait(&app, &after, 2).await;
+    let live = all_profiles(&app).await;
+    let returned: Vec<&Value> = live.iter().filter(|p| p["user_id"] == "gone").collect();
+    assert_eq!(returned.len(), 1);
+    assert_eq!(
+        returned[0]["event_count"], 1,
+        "only the event after the deletion"
+    );
+    assert_eq!(returned[0]["traits"], json!({}));
+    assert_eq!(returned[0]["anonymous_ids"], json!([]));
+    let config = app.config.clone();
+    let dir = app.stop().await;
+
+    let replay = |from_beginning| {
+        let config = config.clone();
+        async move {
+            let args = traitline::cli::ReplayArgs { from_beginning };
+            traitline::replay::run(&config, &args, &mut Vec::new())
+                .await
+                .expect("the replay runs");
+            stored_profiles(&config).await
+        }
+    };
+    assert_eq!(replay(true).await, live, "replay from the beginning");
+    assert_eq!(
+        replay(false).await,
+        live,
+        "the snapshot taken before the deletion, then the log"
+    );
+
+    // A new deployment: an empty store (and no snapshots) on the same log.
+    std::fs::remove_dir_all(&config.snapshot_dir).unwrap();
+    let mut settings = crate::helpers::test_settings(backend, dir.path());
+    settings.topic_prefix = Some(config.topic_prefix.clone());
+    match backend {
+        Backend::Kafka => settings.database_url = Some(test_database().await),
+        Backend::Embedded => {
+            for entry in std::fs::read_dir(&config.data_dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("traitline.db")
+                {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        }
+    }
+    let rebuilt = start(settings, dir).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let profiles = all_profiles(&rebuilt).await;
+        if profiles == live {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new store reaches the live profiles within 60 s: {profiles:#?} vs {live:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

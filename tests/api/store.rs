@@ -202,7 +202,10 @@ async fn a_cached_profile_is_used_only_while_it_is_the_stored_one(backend: Backe
     );
 
     // Deleted, the id starts a new profile.
-    here.delete_profile("c1").await.unwrap().unwrap();
+    here.delete_profile("c1", Utc::now().timestamp_millis())
+        .await
+        .unwrap()
+        .unwrap();
     // Received after the deletion (not within its millisecond).
     let mut after = track("c1", "m5");
     after.0.received_at += chrono::Duration::milliseconds(5);
