@@ -98,33 +98,17 @@ pub async fn serve(
             Topics::new(&config.topic_prefix),
         );
         supervisor
-            .spawn("change relay", move |stop| {
-                let relay = relay.clone();
-                Ok(Box::pin(async move {
-                    relay.run(stop).await;
-                    Ok(())
-                }))
-            })
+            .spawn_until_stop("change relay", move |stop| relay.clone().run(stop))
             .map_err(ServeError::Stage)?;
         let (purged, retention) = (store.clone(), config.events_retention);
         supervisor
-            .spawn("purge", move |stop| {
-                let store = purged.clone();
-                Ok(Box::pin(async move {
-                    purge(store, retention, stop).await;
-                    Ok(())
-                }))
-            })
+            .spawn_until_stop("purge", move |stop| purge(purged.clone(), retention, stop))
             .map_err(ServeError::Stage)?;
         if let Some(interval) = config.snapshot_interval {
             let (config, store) = (config.clone(), store.clone());
             supervisor
-                .spawn("snapshot timer", move |stop| {
-                    let (config, store) = (config.clone(), store.clone());
-                    Ok(Box::pin(async move {
-                        crate::snapshot::every(config, store, interval, stop).await;
-                        Ok(())
-                    }))
+                .spawn_until_stop("snapshot timer", move |stop| {
+                    crate::snapshot::every(config.clone(), store.clone(), interval, stop)
                 })
                 .map_err(ServeError::Stage)?;
         }

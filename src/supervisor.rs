@@ -133,6 +133,27 @@ impl Supervisor {
         Ok(())
     }
 
+    /// [`Supervisor::spawn`] for a stage that runs until the stop and has
+    /// no failure of its own to report (it logs and retries its errors):
+    /// its returning or panicking is the failure.
+    pub fn spawn_until_stop<F, Fut>(
+        &mut self,
+        name: &'static str,
+        mut start: F,
+    ) -> Result<(), String>
+    where
+        F: FnMut(StopSignal) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn(name, move |stop| {
+            let running = start(stop);
+            Ok(Box::pin(async move {
+                running.await;
+                Ok(())
+            }))
+        })
+    }
+
     /// Waits for every stage to finish after the stop (each finishes the
     /// work in hand first).
     pub async fn join(self) {

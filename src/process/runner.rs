@@ -59,8 +59,9 @@ enum Outcome {
     Committed,
     /// `stop` came first; the batch is read again after a restart.
     Stopped,
-    /// The processor panicked; the cause, for the supervisor.
-    Panicked(String),
+    /// The processor panicked or failed for good; the cause, for the
+    /// supervisor.
+    Failed(String),
 }
 
 impl<P: Processor> Runner<P> {
@@ -151,7 +152,7 @@ impl<P: Processor> Runner<P> {
                 match self.process(records, !replaying_done, &mut stop).await {
                     Outcome::Committed => {}
                     Outcome::Stopped => break Ok(()),
-                    Outcome::Panicked(cause) => break Err(cause),
+                    Outcome::Failed(cause) => break Err(cause),
                 }
             } else if caught_up && !self.settings.stop_when_caught_up {
                 let partitions = self.reading.partitions();
@@ -325,7 +326,7 @@ impl<P: Processor> Runner<P> {
                         fenced.push(i);
                     }
                     Err(CommitError::Fatal(e)) => {
-                        return Outcome::Panicked(format!(
+                        return Outcome::Failed(format!(
                             "the {name} processor cannot commit a batch of {} records: {e}",
                             sizes[i]
                         ));
@@ -402,7 +403,7 @@ impl<P: Processor> Runner<P> {
         panic: Box<dyn std::any::Any + Send>,
     ) -> Outcome {
         self.continuity.suspects().extend(last_offsets);
-        Outcome::Panicked(format!(
+        Outcome::Failed(format!(
             "the {} processor panicked on a batch of partitions {:?} ({}); after its restart it takes those records one at a time, and one that panics again goes to {}",
             self.settings.name,
             last_offsets.keys().collect::<Vec<_>>(),
@@ -470,7 +471,7 @@ impl<P: Processor> Runner<P> {
                         return Outcome::Committed;
                     }
                     Ok(Err(CommitError::Fatal(e))) => {
-                        return Outcome::Panicked(format!(
+                        return Outcome::Failed(format!(
                             "the {} processor cannot commit record {}/{}: {e}",
                             self.settings.name, copy.partition, copy.offset
                         ));
@@ -502,7 +503,7 @@ impl<P: Processor> Runner<P> {
                         prepared = Arc::new(self.empty_batch());
                     }
                     Err(e) if e.is_panic() => {
-                        return Outcome::Panicked(format!(
+                        return Outcome::Failed(format!(
                             "the {} processor panics committing an empty batch: {}",
                             self.settings.name,
                             panic_message(e.into_panic().as_ref())
