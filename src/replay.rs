@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::log;
 use crate::process::RunnerStats;
 use crate::process::profiles::PROCESSOR;
-use crate::server::{ProfileInput, profile_runner};
+use crate::process::profiles::{ProfileInput, runner as profile_runner};
 use crate::store::Store;
 
 /// How long the log may take to write out rejects at the end.

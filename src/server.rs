@@ -24,14 +24,12 @@ use utoipa::ToSchema;
 use crate::config::{Config, LogBackend};
 use crate::ingest::Ingest;
 use crate::keys::{ApiKeys, KeyFileError, KeySource};
-use crate::log::embedded::EmbeddedReader;
-use crate::log::kafka::KafkaReader;
-use crate::log::{self, EventLog, LogReader, OpenError, ReadError, StartAt, Topics};
-use crate::process::profiles::ProfileProcessor;
+use crate::log::{self, EventLog, OpenError, ReadError, Topics};
+use crate::process::SharedStats;
+use crate::process::profiles::ProfileInput;
 use crate::process::relay::ChangeRelay;
-use crate::process::{Continuity, Runner, RunnerSettings, SharedStats};
 use crate::query::QueryState;
-use crate::store::{Dialect, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::supervisor::{StageState, Stages, Supervisor};
 
 /// Why a process could not start or serve.
@@ -84,13 +82,10 @@ pub async fn serve(
     {
         start_from_snapshot(&config, store).await?;
         for input in [ProfileInput::Events, ProfileInput::Overflow] {
-            processing.push(spawn_profiles(
-                &mut supervisor,
-                &config,
-                store,
-                &log,
-                input,
-            )?);
+            let stats =
+                crate::process::profiles::spawn(&mut supervisor, &config, store, &log, input)
+                    .map_err(ServeError::Stage)?;
+            processing.push(stats);
         }
         let relay = ChangeRelay::new(
             store.clone(),
@@ -181,106 +176,6 @@ async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>
             Err(e) => tracing::warn!("cannot delete old events: {e}; trying again in an hour"),
         }
     }
-}
-
-/// Runs the profile processor on `input` as a supervised stage: a
-/// restart builds a new runner (a new reader, a new group member) that
-/// goes on with the last one's counts and panic suspects.
-fn spawn_profiles(
-    supervisor: &mut Supervisor,
-    config: &Config,
-    store: &Store,
-    log: &Arc<dyn EventLog>,
-    input: ProfileInput,
-) -> Result<SharedStats, ServeError> {
-    let (config, store, log) = (config.clone(), store.clone(), log.clone());
-    let continuity = Continuity::default();
-    let stats = continuity.stats.clone();
-    supervisor
-        .spawn(input.name(), move |stop| {
-            let runner = profile_runner(&config, store.clone(), log.clone(), false, input)
-                .map_err(|e| e.to_string())?
-                .continuing(continuity.clone());
-            Ok(Box::pin(runner.run(stop)))
-        })
-        .map_err(ServeError::Stage)?;
-    Ok(stats)
-}
-
-/// The topics the profile processor reads: one runner each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProfileInput {
-    /// `user_events`.
-    Events,
-    /// `user_events_overflow`: hot users' excess, read apart so it cannot
-    /// hold up the partitions other users share.
-    Overflow,
-}
-
-impl ProfileInput {
-    /// Its runner's name: in metrics, readiness and consumer groups.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProfileInput::Events => "profiles",
-            ProfileInput::Overflow => "profiles_overflow",
-        }
-    }
-}
-
-/// The profile processor's runner on `user_events`: a consumer group
-/// member in Kafka mode, a reader of the whole topic when embedded.
-/// `replay` reads with a group of its own and stops at the end.
-pub fn profile_runner(
-    config: &Config,
-    store: Store,
-    log: Arc<dyn EventLog>,
-    replay: bool,
-    input: ProfileInput,
-) -> Result<Runner<ProfileProcessor>, ServeError> {
-    let topics = Topics::new(&config.topic_prefix);
-    let name = input.name();
-    let topic = match input {
-        ProfileInput::Events => topics.events(),
-        ProfileInput::Overflow => topics.overflow(),
-    };
-    let reader: Box<dyn LogReader> = match &config.log {
-        LogBackend::Embedded => Box::new(EmbeddedReader::open(
-            &config.data_dir.join("log"),
-            &topic,
-            StartAt::Beginning,
-        )?),
-        LogBackend::Kafka(settings) => {
-            let group = if replay {
-                format!(
-                    "{}traitline-replay-{}",
-                    config.topic_prefix,
-                    uuid::Uuid::new_v4().simple()
-                )
-            } else {
-                format!("{}-{name}", config.kafka_group)
-            };
-            Box::new(KafkaReader::join_group(settings, &topic, &group)?)
-        }
-    };
-    let settings = RunnerSettings {
-        max_batch: config.process_batch,
-        stop_when_caught_up: replay,
-        // SQLite has one writer at a time; PostgreSQL runs transactions
-        // side by side: while one waits on its commit, another has work
-        // for the CPU.
-        parallel_commits: match store.dialect() {
-            Dialect::Postgres => 4,
-            Dialect::Sqlite => 1,
-        },
-        idle_bound: config.append_timeout + config.clock_skew,
-        ..RunnerSettings::new(name, topic, topics.rejected())
-    };
-    Ok(Runner::new(
-        Arc::new(ProfileProcessor::new(store)),
-        reader,
-        log,
-        settings,
-    ))
 }
 
 /// The routes of the configured roles, plus health, readiness and the

@@ -16,7 +16,7 @@ use sqlx::Connection;
 use crate::config::{Config, LogBackend};
 use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::log::{self, LogReader, Record, StartAt, Topics};
-use crate::server::{ProfileInput, profile_runner};
+use crate::process::profiles::{ProfileInput, runner as profile_runner};
 use crate::store::{OffsetAdvance, ProfileBatch, Store};
 
 #[derive(clap::Args, Debug, Clone)]

@@ -228,6 +228,11 @@ struct Topic {
 /// tail`) find no entry and read what is in the file.
 static SYNCED: LazyLock<Mutex<HashMap<PathBuf, Arc<AtomicU64>>>> = LazyLock::new(Default::default);
 
+/// Woken after every group a writer of this process syncs, so this
+/// process's readers wait for new records instead of looking again on a
+/// timer (readers of another process's log still look every 20 ms).
+static SYNCED_NOW: LazyLock<tokio::sync::Notify> = LazyLock::new(tokio::sync::Notify::new);
+
 /// `path` with its directory made canonical (the file may not exist yet).
 fn synced_key(path: &Path) -> PathBuf {
     path.parent()
@@ -653,6 +658,7 @@ fn write_and_sync(
             part.pending_index.clear();
         }
     }
+    SYNCED_NOW.notify_waiters();
     Ok(())
 }
 
@@ -806,6 +812,9 @@ pub struct EmbeddedReader {
     /// Opened once the topic exists.
     partitions: Vec<PartitionReader>,
     next_partition: usize,
+    /// How often a poll has looked at the files: a reader in the writer's
+    /// process looks again only when woken.
+    looks: u64,
 }
 
 struct PartitionReader {
@@ -831,6 +840,7 @@ impl EmbeddedReader {
             start,
             partitions: Vec::new(),
             next_partition: 0,
+            looks: 0,
         };
         reader.open_partitions()?;
         Ok(reader)
@@ -976,13 +986,29 @@ impl LogReader for EmbeddedReader {
         let deadline = Instant::now() + wait;
         let mut records = Vec::new();
         loop {
+            // Listening before looking: a sync between the look and the
+            // wait still wakes it.
+            let synced = SYNCED_NOW.notified();
+            tokio::pin!(synced);
+            synced.as_mut().enable();
+            self.looks += 1;
             let caught_up = self.read_available(max, &mut records)?;
-            if !records.is_empty() || Instant::now() >= deadline {
-                return Ok(Polled { records, caught_up });
+            let now = Instant::now();
+            if !records.is_empty() || now >= deadline {
+                return Ok(Polled {
+                    records,
+                    caught_up,
+                    reassigned: false,
+                });
             }
-            // Nothing new: look again shortly (the writer may be another
-            // process).
-            tokio::time::sleep(Duration::from_millis(20).min(deadline - Instant::now())).await;
+            let written_here =
+                !self.partitions.is_empty() && self.partitions.iter().all(|p| p.synced.is_some());
+            if written_here {
+                let _ = tokio::time::timeout(deadline - now, synced).await;
+            } else {
+                // The writer is another process: look again shortly.
+                tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
+            }
         }
     }
 
@@ -1022,6 +1048,41 @@ impl LogReader for EmbeddedReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader in the writer's process waits for the writer's sync
+    /// instead of looking again every 20 ms, and an append wakes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_in_the_writers_process_is_woken_by_its_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = "t".to_owned();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 1, std::slice::from_ref(&topic)).unwrap());
+        let record = || Record {
+            key: Some("k".into()),
+            value: b"v".to_vec(),
+        };
+        log.append(&topic, vec![record()]).await.unwrap();
+        let mut reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
+        let first = reader.poll(10, Duration::ZERO).await.unwrap();
+        assert_eq!(first.records.len(), 1);
+
+        let looks = reader.looks;
+        let quiet = reader.poll(10, Duration::from_millis(300)).await.unwrap();
+        assert!(quiet.records.is_empty());
+        // One look, a wait to be woken, one last look at the deadline (a
+        // timer would have looked about 15 times).
+        assert!(reader.looks - looks <= 2, "{} looks", reader.looks - looks);
+
+        let appending = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                log.append("t", vec![record()]).await.unwrap();
+            })
+        };
+        let woken = reader.poll(10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(woken.records.len(), 1, "the append woke the reader");
+        appending.await.unwrap();
+    }
 
     #[test]
     fn a_torn_tail_is_cut_off_and_appends_continue_after_it() {

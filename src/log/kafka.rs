@@ -715,6 +715,20 @@ impl KafkaReader {
             grouped: true,
         })
     }
+
+    /// True (once) when a rebalance changed this reader's partitions since
+    /// the last call; forgets which partitions were at their end.
+    fn reassigned(&mut self) -> bool {
+        if !self.rebalanced.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if self.grouped {
+            self.at_end.clear();
+            self.recount.store(true, Ordering::Release);
+            self.refresh_partitions();
+        }
+        true
+    }
 }
 
 #[async_trait]
@@ -759,6 +773,7 @@ impl LogReader for KafkaReader {
                         return Ok(Polled {
                             records,
                             caught_up: true,
+                            reassigned: self.reassigned(),
                         });
                     }
                 }
@@ -771,7 +786,11 @@ impl LogReader for KafkaReader {
             }
         }
         let caught_up = self.caught_up();
-        Ok(Polled { records, caught_up })
+        Ok(Polled {
+            records,
+            caught_up,
+            reassigned: self.reassigned(),
+        })
     }
 
     fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError> {
@@ -790,8 +809,12 @@ impl LogReader for KafkaReader {
         }
         let offset = offset.map_or(Offset::Beginning, Offset::Offset);
         self.at_end.remove(&partition);
+        // A timeout of zero makes librdkafka's seek asynchronous, so it
+        // never holds up a runtime worker; a seek that fails shows in the
+        // next records' offsets, which the runner checks against the
+        // store (and seeks again).
         self.consumer
-            .seek(&self.topic, partition, offset, Duration::from_secs(10))
+            .seek(&self.topic, partition, offset, Duration::ZERO)
             .map_err(|e| ReadError {
                 topic: self.topic.clone(),
                 reason: format!("cannot seek partition {partition} to {offset:?}: {e}"),
@@ -811,18 +834,6 @@ impl LogReader for KafkaReader {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    fn take_assignment_change(&mut self) -> bool {
-        if !self.rebalanced.swap(false, Ordering::AcqRel) {
-            return false;
-        }
-        if self.grouped {
-            self.at_end.clear();
-            self.recount.store(true, Ordering::Release);
-            self.refresh_partitions();
-        }
-        true
     }
 
     fn note_committed(&mut self, partition: i32, next: i64) {

@@ -97,6 +97,10 @@ pub struct Polled {
     pub records: Vec<StoredRecord>,
     /// True when the reader had reached the end of every partition.
     pub caught_up: bool,
+    /// True when the partitions this reader is given changed since the
+    /// last poll (a consumer-group rebalance): nothing remembered about
+    /// where they are can be trusted.
+    pub reassigned: bool,
 }
 
 /// Reads a topic's records across all its partitions, in offset order
@@ -111,12 +115,6 @@ pub trait LogReader: Send {
     /// after `offset` (`None`: the oldest stored). Records of the partition
     /// already read but not yet returned are dropped.
     fn seek(&mut self, partition: i32, offset: Option<i64>) -> Result<(), ReadError>;
-
-    /// True (once) when the partitions this reader is given have changed
-    /// since the last call: a consumer-group rebalance.
-    fn take_assignment_change(&mut self) -> bool {
-        false
-    }
 
     /// The partitions this reader reads now: a consumer group's share, or
     /// every partition (none while they are not known yet).

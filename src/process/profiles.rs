@@ -1,16 +1,123 @@
-//! The profile processor: applies `user_events` to profiles in the store.
+//! The profile processor: applies `user_events` to profiles in the store;
+//! and its stage, the runner that serve, replay and bench build.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected};
+use super::{
+    Checkpoint, Checkpoints, CommitError, Committed, Continuity, Processor, Rejected, Runner,
+    RunnerSettings, SharedStats,
+};
+use crate::config::{Config, LogBackend};
 use crate::envelope::EventEnvelope;
-use crate::log::StoredRecord;
-use crate::store::{ProfileBatch, Store, StoreError};
+use crate::log::embedded::EmbeddedReader;
+use crate::log::kafka::KafkaReader;
+use crate::log::{EventLog, LogReader, ReadError, StartAt, StoredRecord, Topics};
+use crate::store::{Dialect, ProfileBatch, Store, StoreError};
+use crate::supervisor::Supervisor;
 
 /// The name the profile processor's offsets are stored under.
 pub const PROCESSOR: &str = "profiles";
+
+/// Runs the profile processor on `input` as a supervised stage: a
+/// restart builds a new runner (a new reader, a new group member) that
+/// goes on with the last one's counts and panic suspects.
+pub fn spawn(
+    supervisor: &mut Supervisor,
+    config: &Config,
+    store: &Store,
+    log: &Arc<dyn EventLog>,
+    input: ProfileInput,
+) -> Result<SharedStats, String> {
+    let (config, store, log) = (config.clone(), store.clone(), log.clone());
+    let continuity = Continuity::default();
+    let stats = continuity.stats.clone();
+    supervisor.spawn(input.name(), move |stop| {
+        let runner = runner(&config, store.clone(), log.clone(), false, input)
+            .map_err(|e| e.to_string())?
+            .continuing(continuity.clone());
+        Ok(Box::pin(runner.run(stop)))
+    })?;
+    Ok(stats)
+}
+
+/// The topics the profile processor reads: one runner each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileInput {
+    /// `user_events`.
+    Events,
+    /// `user_events_overflow`: hot users' excess, read apart so it cannot
+    /// hold up the partitions other users share.
+    Overflow,
+}
+
+impl ProfileInput {
+    /// Its runner's name: in metrics, readiness and consumer groups.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileInput::Events => "profiles",
+            ProfileInput::Overflow => "profiles_overflow",
+        }
+    }
+}
+
+/// The profile processor's runner on `user_events`: a consumer group
+/// member in Kafka mode, a reader of the whole topic when embedded.
+/// `replay` reads with a group of its own and stops at the end.
+pub fn runner(
+    config: &Config,
+    store: Store,
+    log: Arc<dyn EventLog>,
+    replay: bool,
+    input: ProfileInput,
+) -> Result<Runner<ProfileProcessor>, ReadError> {
+    let topics = Topics::new(&config.topic_prefix);
+    let name = input.name();
+    let topic = match input {
+        ProfileInput::Events => topics.events(),
+        ProfileInput::Overflow => topics.overflow(),
+    };
+    let reader: Box<dyn LogReader> = match &config.log {
+        LogBackend::Embedded => Box::new(EmbeddedReader::open(
+            &config.data_dir.join("log"),
+            &topic,
+            StartAt::Beginning,
+        )?),
+        LogBackend::Kafka(settings) => {
+            let group = if replay {
+                format!(
+                    "{}traitline-replay-{}",
+                    config.topic_prefix,
+                    uuid::Uuid::new_v4().simple()
+                )
+            } else {
+                format!("{}-{name}", config.kafka_group)
+            };
+            Box::new(KafkaReader::join_group(settings, &topic, &group)?)
+        }
+    };
+    let settings = RunnerSettings {
+        max_batch: config.process_batch,
+        stop_when_caught_up: replay,
+        // SQLite has one writer at a time; PostgreSQL runs transactions
+        // side by side: while one waits on its commit, another has work
+        // for the CPU.
+        parallel_commits: match store.dialect() {
+            Dialect::Postgres => 4,
+            Dialect::Sqlite => 1,
+        },
+        idle_bound: config.append_timeout + config.clock_skew,
+        ..RunnerSettings::new(name, topic, topics.rejected())
+    };
+    Ok(Runner::new(
+        Arc::new(ProfileProcessor::new(store)),
+        reader,
+        log,
+        settings,
+    ))
+}
 
 /// Builds profiles from events; see [`crate::profile`] for the rules.
 pub struct ProfileProcessor {

@@ -66,8 +66,8 @@ impl Reading {
 
     /// After each poll: when partitions came or went, trusts nothing
     /// remembered and sends each new partition to the store's offset.
-    async fn follow_assignment(&mut self, store: &dyn Checkpoints) {
-        if self.reader.take_assignment_change() {
+    async fn follow_assignment(&mut self, reassigned: bool, store: &dyn Checkpoints) {
+        if reassigned {
             self.positions.clear();
             self.stored = None;
             self.unseeked = true;
@@ -104,7 +104,7 @@ impl Reading {
                 return None;
             }
         };
-        self.follow_assignment(store).await;
+        self.follow_assignment(polled.reassigned, store).await;
         match self.admit(polled.records, store).await {
             Ok(records) => Some((records, polled.caught_up)),
             Err(e) => {

@@ -218,6 +218,7 @@ impl<P: Processor> Runner<P> {
             if let Ok(more) = self.reading.reader.poll(room, Duration::ZERO).await {
                 polled.records.extend(more.records);
                 polled.caught_up = more.caught_up;
+                polled.reassigned |= more.reassigned;
             }
         }
         Ok(polled)
