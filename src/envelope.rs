@@ -66,6 +66,14 @@ impl JsonObject for Map<String, Value> {
     }
 }
 
+/// The map of a JSON object; anything else is an empty map.
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
 /// One accepted event, as stored in `user_events`.
 ///
 /// `timestamp` is the event's time corrected for client clock skew;
@@ -155,6 +163,75 @@ impl<O> EventEnvelope<O> {
 }
 
 impl EventEnvelope {
+    /// An envelope of `kind` with the id `message_id` that happened and
+    /// was received at `at`, and nothing else: the start of an envelope
+    /// Traitline makes itself (a deletion record, a benchmark's, a test's),
+    /// filled in with the methods below.
+    pub fn new(kind: EventType, message_id: impl Into<String>, at: DateTime<Utc>) -> EventEnvelope {
+        EventEnvelope {
+            kind,
+            event: None,
+            name: None,
+            user_id: None,
+            anonymous_id: None,
+            group_id: None,
+            previous_id: None,
+            message_id: message_id.into(),
+            timestamp: at,
+            original_timestamp: None,
+            received_at: at,
+            sent_at: None,
+            properties: Map::new(),
+            traits: Map::new(),
+            context: Map::new(),
+            integrations: Map::new(),
+            source: Source::Segment,
+            traceparent: None,
+        }
+    }
+
+    /// With the user id `id`.
+    pub fn user(mut self, id: impl Into<String>) -> EventEnvelope {
+        self.user_id = Some(id.into());
+        self
+    }
+
+    /// With the anonymous id `id`.
+    pub fn anonymous(mut self, id: impl Into<String>) -> EventEnvelope {
+        self.anonymous_id = Some(id.into());
+        self
+    }
+
+    /// With the event name `name` (a `track`'s).
+    pub fn named(mut self, name: impl Into<String>) -> EventEnvelope {
+        self.event = Some(name.into());
+        self
+    }
+
+    /// With the former id `id` (an `alias`'s).
+    pub fn previous(mut self, id: impl Into<String>) -> EventEnvelope {
+        self.previous_id = Some(id.into());
+        self
+    }
+
+    /// With `properties` (a JSON object; anything else is none).
+    pub fn properties(mut self, properties: Value) -> EventEnvelope {
+        self.properties = object(properties);
+        self
+    }
+
+    /// With `traits` (a JSON object; anything else is none).
+    pub fn traits(mut self, traits: Value) -> EventEnvelope {
+        self.traits = object(traits);
+        self
+    }
+
+    /// With `context` (a JSON object; anything else is none).
+    pub fn context(mut self, context: Value) -> EventEnvelope {
+        self.context = object(context);
+        self
+    }
+
     /// The deletion record of a profile whose ids are `ids` (its user id,
     /// when it has one, first), deleted at `at`.
     pub fn deletion(user_id: Option<String>, ids: Vec<String>, at: DateTime<Utc>) -> EventEnvelope {
@@ -162,31 +239,16 @@ impl EventEnvelope {
             Some(_) => None,
             None => ids.first().cloned(),
         };
-        let mut properties = Map::new();
-        properties.insert(
-            "ids".to_owned(),
-            Value::Array(ids.into_iter().map(Value::String).collect()),
-        );
-        EventEnvelope {
-            kind: EventType::Delete,
-            event: None,
-            name: None,
-            user_id,
-            anonymous_id,
-            group_id: None,
-            previous_id: None,
-            message_id: format!("tl-delete-{}", uuid::Uuid::new_v4()),
-            timestamp: at,
-            original_timestamp: None,
-            received_at: at,
-            sent_at: None,
-            properties,
-            traits: Map::new(),
-            context: Map::new(),
-            integrations: Map::new(),
-            source: Source::Admin,
-            traceparent: None,
-        }
+        let mut deletion = EventEnvelope::new(
+            EventType::Delete,
+            format!("tl-delete-{}", uuid::Uuid::new_v4()),
+            at,
+        )
+        .properties(serde_json::json!({ "ids": ids }));
+        deletion.user_id = user_id;
+        deletion.anonymous_id = anonymous_id;
+        deletion.source = Source::Admin;
+        deletion
     }
 
     /// The ids a deletion record deletes: its user or anonymous id and

@@ -14,7 +14,7 @@ use chrono::Utc;
 use sqlx::Connection;
 
 use crate::config::{Config, LogBackend};
-use crate::envelope::{EventEnvelope, EventType, Source};
+use crate::envelope::{EventEnvelope, EventType};
 use crate::log::{self, LogReader, Record, StartAt, Topics};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
 use crate::store::{OffsetAdvance, ProfileBatch, Store};
@@ -42,39 +42,15 @@ pub struct BenchProcessArgs {
 pub fn event(n: usize, users: usize) -> EventEnvelope {
     let user = format!("user-{}", (n.wrapping_mul(2_654_435_761)) % users.max(1));
     let now = Utc::now();
-    let mut event = EventEnvelope {
-        kind: EventType::Track,
-        event: Some("bench.product.view".to_owned()),
-        name: None,
-        user_id: Some(user),
-        anonymous_id: None,
-        group_id: None,
-        previous_id: None,
-        message_id: format!("bench-{n}"),
-        timestamp: now,
-        original_timestamp: None,
-        received_at: now,
-        sent_at: None,
-        properties: serde_json::json!({"product": format!("p-{}", n % 1000), "price": 19.99, "$set": {"last_product": n % 1000}})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        traits: Default::default(),
-        context: serde_json::json!({"library": {"name": "traitline-bench", "version": "1"}, "client_os": "iOS", "client_version": "1.0.0"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        integrations: Default::default(),
-        source: Source::Segment,
-        traceparent: None,
-    };
+    let mut event = EventEnvelope::new(EventType::Track, format!("bench-{n}"), now)
+        .user(user)
+        .named("bench.product.view")
+        .properties(serde_json::json!({"product": format!("p-{}", n % 1000), "price": 19.99, "$set": {"last_product": n % 1000}}))
+        .context(serde_json::json!({"library": {"name": "traitline-bench", "version": "1"}, "client_os": "iOS", "client_version": "1.0.0"}));
     if n.is_multiple_of(10) {
         event.kind = EventType::Identify;
         event.event = None;
-        event.traits = serde_json::json!({"plan": if n.is_multiple_of(20) { "pro" } else { "free" }, "email": format!("u{n}@example.com")})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
+        event = event.traits(serde_json::json!({"plan": if n.is_multiple_of(20) { "pro" } else { "free" }, "email": format!("u{n}@example.com")}));
     } else if n % 50 == 1 {
         event.kind = EventType::Page;
         event.event = None;

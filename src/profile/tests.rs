@@ -2,10 +2,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::*;
-use crate::envelope::Source;
 
 fn at(second: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_790_000_000 + second, 0)
@@ -20,44 +19,25 @@ fn event(
     second: i64,
     id: &str,
 ) -> EventEnvelope {
-    EventEnvelope {
-        kind,
-        event: (kind == EventType::Track).then(|| "order.create".to_owned()),
-        name: None,
-        user_id: user.map(str::to_owned),
-        anonymous_id: anon.map(str::to_owned),
-        group_id: None,
-        previous_id: None,
-        message_id: id.to_owned(),
-        timestamp: at(second),
-        original_timestamp: None,
-        received_at: at(second),
-        sent_at: None,
-        properties: Map::new(),
-        traits: Map::new(),
-        context: Map::new(),
-        integrations: Map::new(),
-        source: Source::Segment,
-        traceparent: None,
+    let mut e = EventEnvelope::new(kind, id, at(second));
+    if kind == EventType::Track {
+        e = e.named("order.create");
     }
+    e.user_id = user.map(str::to_owned);
+    e.anonymous_id = anon.map(str::to_owned);
+    e
 }
 
 fn track(user: &str, second: i64, id: &str, properties: Value) -> EventEnvelope {
-    let mut e = event(EventType::Track, Some(user), None, second, id);
-    e.properties = properties.as_object().cloned().unwrap_or_default();
-    e
+    event(EventType::Track, Some(user), None, second, id).properties(properties)
 }
 
 fn identify(user: &str, anon: Option<&str>, second: i64, id: &str, traits: Value) -> EventEnvelope {
-    let mut e = event(EventType::Identify, Some(user), anon, second, id);
-    e.traits = traits.as_object().cloned().unwrap_or_default();
-    e
+    event(EventType::Identify, Some(user), anon, second, id).traits(traits)
 }
 
 fn alias(user: &str, previous: &str, second: i64, id: &str) -> EventEnvelope {
-    let mut e = event(EventType::Alias, Some(user), None, second, id);
-    e.previous_id = Some(previous.to_owned());
-    e
+    event(EventType::Alias, Some(user), None, second, id).previous(previous)
 }
 
 /// A store in memory: what the database keeps between batches.

@@ -13,7 +13,7 @@ use traitline::config::{Config, Settings};
 use traitline::log::Topics;
 
 use crate::helpers::{
-    ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, read_all, wait_for,
+    ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, eventually, read_all,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +57,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
         }));
     }
     // Kill in the middle of the load, once plenty has been acknowledged.
-    wait_for("500 acknowledged requests", Duration::from_secs(60), || {
+    eventually("500 acknowledged requests", Duration::from_secs(60), || {
         let n = answered.load(Ordering::Relaxed);
         async move { n >= 500 }
     })
@@ -109,23 +109,19 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
 /// Sends one batch until the service answers 2xx, as an SDK retries: the
 /// same events, the same message ids.
 async fn send_until_accepted(client: &reqwest::Client, url: &str, batch: &serde_json::Value) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    crate::helpers::eventually("a batch accepted", Duration::from_secs(60), || async {
         let response = client
             .post(url)
             .basic_auth(WRITE_KEY, Some(""))
             .json(batch)
             .send()
             .await;
-        if matches!(&response, Ok(r) if r.status().is_success()) {
-            return;
+        match response {
+            Ok(r) if r.status().is_success() => Ok(()),
+            other => Err(format!("{other:?}")),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a batch was not accepted within 60 s: {response:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +176,7 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
         }
     }
 
-    wait_for(
+    eventually(
         "every event processed",
         Duration::from_secs(120),
         || async { processed(&service.profiles(&client).await) >= (USERS * PER_USER) as u64 },
@@ -267,7 +263,7 @@ async fn failover() {
         if b == batches / 2 {
             // Both process once the group has settled; then one dies.
             let half = (b as u64 + 1) * 100;
-            wait_for(
+            eventually(
                 "both instances to process",
                 Duration::from_secs(60),
                 || async { processed(&first.profiles(&client).await) >= half / 2 },
@@ -277,7 +273,7 @@ async fn failover() {
         }
     }
 
-    wait_for(
+    eventually(
         "the survivor to process every event",
         Duration::from_secs(120),
         || async { processed(&first.profiles(&client).await) >= (USERS * PER_USER) as u64 },

@@ -189,19 +189,11 @@ impl TestApp {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not become ready within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the service ready", Duration::from_secs(30), || async {
+            let answer = self.client.get(self.url("/readyz")).send().await;
+            matches!(answer, Ok(r) if r.status().is_success())
+        })
+        .await
     }
 
     /// POSTs a JSON body with the write key as HTTP Basic user name.
@@ -254,18 +246,16 @@ impl TestApp {
         id: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("the profile of {id} in the expected state");
+        eventually(&what, Duration::from_secs(30), || async {
             let (status, body) = self.get_as(&format!("/v1/profiles/{id}"), READ_KEY).await;
             if status == reqwest::StatusCode::OK && done(&body) {
-                return body;
+                Ok(body)
+            } else {
+                Err(format!("{status} {body}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "the profile of {id} did not reach the expected state within 30 s; last: {status} {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
     }
 
     /// GETs `path` without a key and reads the answer as JSON.
@@ -350,19 +340,58 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_traitline"))
 }
 
-/// Waits for `condition` to hold, polling until `timeout`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+/// What one look of [`eventually`] found: done (with what it found), or
+/// not yet (with what it saw instead, for the failure message).
+pub trait Check {
+    type Done;
+    fn done(self) -> Result<Self::Done, String>;
+}
+
+impl Check for bool {
+    type Done = ();
+    fn done(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err(String::new()) }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Done = T;
+    fn done(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T> Check for Result<T, String> {
+    type Done = T;
+    fn done(self) -> Result<T, String> {
+        self
+    }
+}
+
+/// Looks with `check` until it is done, at most `deadline`, and returns
+/// what it found; fails naming `what` and what the last look saw. The one
+/// way a test waits for a condition.
+pub async fn eventually<C, F, Fut>(what: &str, deadline: Duration, mut check: F) -> C::Done
 where
+    C: Check,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = C>,
 {
-    let deadline = Instant::now() + timeout;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let until = Instant::now() + deadline;
+    loop {
+        match check().await.done() {
+            Ok(done) => return done,
+            Err(last) => assert!(
+                Instant::now() < until,
+                "{what} did not happen within {deadline:?}{}",
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!("; last: {last}")
+                }
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -401,26 +430,22 @@ impl ServiceProcess {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("the binary starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let base = loop {
+        let base = eventually("traitline listening", Duration::from_secs(30), || {
             let printed = std::fs::read_to_string(&stdout).unwrap_or_default();
-            if let Some(rest) = printed.split("listening on ").nth(1)
-                && let Some(url) = rest.split_whitespace().next()
-            {
-                break url.to_owned();
-            }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(
                     "traitline exited with {status} before listening:\n{}",
                     std::fs::read_to_string(&stderr).unwrap_or_default()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "traitline did not start listening within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+            let url = printed
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned);
+            std::future::ready(url)
+        })
+        .await;
         ServiceProcess {
             child,
             base,
@@ -457,17 +482,18 @@ impl ServiceProcess {
             .args(["-TERM", &pid])
             .status()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "traitline did not exit within 30 s of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_exit().await
+    }
+
+    /// Waits for the process to exit (after a SIGTERM sent), for its
+    /// status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        eventually(
+            "traitline's exit after SIGTERM",
+            Duration::from_secs(30),
+            || std::future::ready(self.child.try_wait().unwrap()),
+        )
+        .await
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use traitline::config::Settings;
 use traitline::log::Topics;
 
-use crate::helpers::{Backend, TestApp, spawn_app_with, wait_for};
+use crate::helpers::{Backend, TestApp, eventually, spawn_app_with};
 
 /// A service on a one-broker mock cluster (not the broker the test command
 /// started), its events topic created with `partitions` partitions.
@@ -72,7 +72,7 @@ async fn outage_and_recovery() {
 
     cluster.broker_up(1).unwrap();
     let mut i = 100;
-    wait_for(
+    eventually(
         "a 2xx after the broker is back",
         Duration::from_secs(60),
         || {
@@ -137,7 +137,7 @@ async fn overload() {
             statuses
         }));
     }
-    wait_for(
+    eventually(
         "a request refused as overloaded",
         Duration::from_secs(30),
         || {
@@ -202,7 +202,7 @@ impl OwnBroker {
             .expect("tansu is on PATH (./scripts/test installs it)");
         let brokers = format!("127.0.0.1:{port}");
         let address = brokers.clone();
-        wait_for(
+        eventually(
             "the test's own tansu to listen",
             Duration::from_secs(30),
             || {
@@ -280,7 +280,7 @@ async fn stopped_broker_process() {
 
     broker.signal("CONT");
     for i in 10..20 {
-        wait_for(
+        eventually(
             &format!("a 2xx for m{i} after the broker resumed"),
             Duration::from_secs(60),
             || async move {
@@ -344,7 +344,7 @@ async fn a_hung_shutdown_exits_at_its_deadline() {
     broker.signal("STOP");
     let hung = tokio::spawn(send("m1"));
     let metrics_url = service.url("/metrics");
-    wait_for(
+    eventually(
         "the request to be in flight",
         Duration::from_secs(30),
         || {
@@ -448,7 +448,7 @@ async fn memory_stays_bounded_while_a_stalled_log_is_flooded() {
 
     broker.signal("CONT");
     let client = reqwest::Client::new();
-    wait_for(
+    eventually(
         "a 2xx once the broker is back",
         Duration::from_secs(60),
         || {
@@ -514,7 +514,7 @@ async fn a_stalled_store_pauses_the_processor_and_memory_stays_bounded() {
         .await
         .unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
-    wait_for("the processor to run", Duration::from_secs(60), || async {
+    eventually("the processor to run", Duration::from_secs(60), || async {
         applied().await == 1
     })
     .await;
@@ -568,7 +568,7 @@ async fn a_stalled_store_pauses_the_processor_and_memory_stays_bounded() {
     );
 
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
-    wait_for("processing to resume", Duration::from_secs(60), || async {
+    eventually("processing to resume", Duration::from_secs(60), || async {
         applied().await > 1_000
     })
     .await;

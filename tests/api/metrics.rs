@@ -1,7 +1,7 @@
 //! `/metrics`: the Prometheus names move as events flow through ingest,
 //! the log, the processor and the store (scrape, send, scrape).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -43,18 +43,15 @@ async fn scrape(app: &TestApp) -> String {
 
 /// Scrapes until `done` holds for a scrape (30 s at most), and returns it.
 async fn scrape_until(app: &TestApp, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    crate::helpers::eventually(what, Duration::from_secs(30), || async {
         let now = scrape(app).await;
         if done(&now) {
-            return now;
+            Ok(now)
+        } else {
+            Err(format!("the scrape:\n{now}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last scrape:\n{now}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// How much `name{labels}` grew between two scrapes (absent counts as 0).

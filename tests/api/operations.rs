@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ServiceProcess, TestDir, WRITE_KEY, binary, embedded_env, env_refs, wait_for,
+    ServiceProcess, TestDir, WRITE_KEY, binary, embedded_env, env_refs, eventually,
 };
 
 #[tokio::test]
@@ -54,7 +54,7 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
         .expect("a curl command to read a profile is printed")
         .to_owned();
     assert_eq!(saved["read"][0], read_key.as_str());
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "the profile of u1",
         std::time::Duration::from_secs(30),
         || async {
@@ -212,32 +212,85 @@ async fn a_sigterm_right_after_the_banner_is_a_graceful_shutdown() {
     }
 }
 
+/// Requests in flight when SIGTERM comes are finished and answered, then
+/// the process exits 0. Each request here has sent its headers and half
+/// its body when the signal is sent (the service counts them in flight),
+/// and the rest after it: every one gets its 2xx and is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUESTS: usize = 16;
     let dir = TestDir::new();
     let env = embedded_env(dir.path());
     let mut service = ServiceProcess::start(dir.path(), "service", &[], &env_refs(&env)).await;
+    let address = service.url("").trim_start_matches("http://").to_owned();
+    let mut halves = Vec::new();
+    for i in 0..REQUESTS {
+        let body = json!({"userId": format!("u{i}"), "event": "e", "messageId": format!("m{i}")})
+            .to_string();
+        let (first, rest) = body.split_at(body.len() / 2);
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = format!(
+            "POST /v1/track HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {WRITE_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        halves.push((stream, rest.to_owned()));
+    }
     let client = reqwest::Client::new();
-    let mut requests = Vec::new();
-    for i in 0..64 {
-        let request = client
-            .post(service.url("/v1/track"))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({"userId": format!("u{i}"), "event": "e", "messageId": format!("m{i}")}))
-            .send();
-        requests.push(tokio::spawn(request));
-    }
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    let status = service.terminate().await;
-    assert!(status.success(), "exit status {status}");
+    eventually(
+        "every request in flight",
+        Duration::from_secs(30),
+        || async {
+            let scrape = client
+                .get(service.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let in_flight = scrape
+                .lines()
+                .find_map(|l| l.strip_prefix("traitline_ingest_requests_in_flight "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if in_flight >= REQUESTS as f64 {
+                Ok(())
+            } else {
+                Err(format!("{in_flight} in flight"))
+            }
+        },
+    )
+    .await;
+
+    let pid = service.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let mut acknowledged = Vec::new();
-    for (i, request) in requests.into_iter().enumerate() {
-        if let Ok(Ok(response)) = request.await
-            && response.status().is_success()
-        {
-            acknowledged.push(format!("m{i}"));
-        }
+    for (i, (mut stream, rest)) in halves.into_iter().enumerate() {
+        stream.write_all(rest.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "request {i} after SIGTERM: {answer}"
+        );
+        acknowledged.push(format!("m{i}"));
     }
+    let status = service.wait_exit().await;
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        acknowledged.len(),
+        REQUESTS,
+        "every request in flight was answered"
+    );
     let stored = tail(dir.path(), &["--from-beginning", "--exit"]);
     for id in &acknowledged {
         assert!(
@@ -286,7 +339,7 @@ async fn sigterm_under_load_loses_nothing_and_counts_each_event_once() {
             }
         }));
     }
-    wait_for("load under way", Duration::from_secs(30), || async {
+    eventually("load under way", Duration::from_secs(30), || async {
         acknowledged.lock().unwrap().len() >= 300
     })
     .await;
@@ -307,21 +360,21 @@ async fn sigterm_under_load_loses_nothing_and_counts_each_event_once() {
         assert!(stored.contains(id), "{id} got a 2xx and is stored");
     }
     let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let counted = loop {
-        let counted: u64 = restarted
-            .profiles(&client)
-            .await
+    let counted = || async {
+        let profiles = restarted.profiles(&client).await;
+        profiles
             .iter()
             .map(|p| p["event_count"].as_u64().unwrap())
-            .sum();
-        if counted >= stored.len() as u64 || std::time::Instant::now() > deadline {
-            break counted;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .sum::<u64>()
     };
+    eventually(
+        "every stored event counted",
+        Duration::from_secs(60),
+        || async { counted().await >= stored.len() as u64 },
+    )
+    .await;
     assert_eq!(
-        counted,
+        counted().await,
         stored.len() as u64,
         "each stored event counted once"
     );
@@ -359,30 +412,28 @@ async fn log_lines_of_a_request_carry_its_request_id() {
     assert_eq!(generated.len(), 32, "a generated id: {generated}");
 
     let stderr = dir.path().join("service.stderr");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect();
-        let answered = |id: &str| {
-            lines.iter().any(|line| {
-                line["span"]["id"] == id
-                    && line["fields"]["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with("answered POST /v1/track 200"))
-            })
-        };
-        if answered("test-rid-123") && answered(&generated) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no answered line with each request id:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "an answered line with each request id",
+        Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+                .collect();
+            let answered = |id: &str| {
+                lines.iter().any(|line| {
+                    line["span"]["id"] == id
+                        && line["fields"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("answered POST /v1/track 200"))
+                })
+            };
+            let done = answered("test-rid-123") && answered(&generated);
+            std::future::ready(if done { Ok(()) } else { Err(text) })
+        },
+    )
+    .await;
 }
 
 /// Runs `traitline events tail` on the test's embedded log.

@@ -8,7 +8,7 @@ use traitline::log::Topics;
 
 use std::time::Duration;
 
-use crate::helpers::{Backend, read_all, spawn_app_with, wait_for};
+use crate::helpers::{Backend, eventually, read_all, spawn_app_with};
 
 async fn a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted(backend: Backend) {
     let app = spawn_app_with(backend, |s| s.hot_user_events_per_second = Some(5)).await;
@@ -44,7 +44,7 @@ async fn a_hot_users_excess_goes_to_the_overflow_topic_and_is_counted(backend: B
         .await;
     assert_eq!(cold["event_count"], 3);
     // `/readyz` adds up both runners (their counts follow the commits).
-    wait_for(
+    eventually(
         "both runners counted in /readyz",
         Duration::from_secs(30),
         || async {

@@ -177,7 +177,7 @@ async fn profiles_page_in_a_stable_order(backend: Backend) {
         StatusCode::OK
     );
     app.wait_for_profile("pager-24", |_| true).await;
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "all 25 profiles",
         std::time::Duration::from_secs(30),
         || async {
@@ -398,7 +398,7 @@ async fn changes_are_published_in_order_and_a_delete_publishes_a_tombstone(backe
     let published_at_least = |n: usize| {
         let (config, topic) = (&app.config, topics.profile_changes());
         async move {
-            crate::helpers::wait_for(
+            crate::helpers::eventually(
                 &format!("{n} published changes"),
                 Duration::from_secs(30),
                 || async { read_all(config, &topic).await.len() >= n },
@@ -485,7 +485,7 @@ pub async fn send_and_wait(app: &crate::helpers::TestApp, events: &[Value], appl
             StatusCode::OK
         );
     }
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "every unique event applied",
         Duration::from_secs(60),
         || async {
@@ -582,7 +582,7 @@ async fn a_database_outage_loses_and_doubles_nothing() {
             "ingest does not need the database"
         );
     }
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "reads to fail while the database is down",
         Duration::from_secs(30),
         || async {
@@ -590,7 +590,7 @@ async fn a_database_outage_loses_and_doubles_nothing() {
         },
     )
     .await;
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "the processor to report the outage",
         Duration::from_secs(30),
         || async {
@@ -788,16 +788,14 @@ async fn a_deletion_holds_through_replay_snapshot_restore_and_a_rebuild_into_a_n
         }
     }
     let rebuilt = start(settings, dir).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let what = "the new store reaching the live profiles";
+    crate::helpers::eventually(what, Duration::from_secs(60), || async {
         let profiles = all_profiles(&rebuilt).await;
         if profiles == live {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{profiles:#?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new store reaches the live profiles within 60 s: {profiles:#?} vs {live:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, WRITE_KEY, spawn_app_with, wait_for};
+use crate::helpers::{Backend, WRITE_KEY, eventually, spawn_app_with};
 
 const OTHER_KEY: &str = "tlw_test_write_key_0002";
 
@@ -71,7 +71,7 @@ async fn a_key_past_its_rate_gets_429_with_retry_after_and_recovers() {
     assert_eq!(body["error"]["code"], "over_burst");
 
     // After the wait the key sends again.
-    wait_for(
+    eventually(
         "a 2xx after Retry-After",
         Duration::from_secs(10),
         || async { app.post("/v1/track", &event(3)).await.status() == StatusCode::OK },
@@ -165,7 +165,7 @@ async fn an_address_with_too_many_failed_authentications_gets_429() {
         .unwrap();
     assert_eq!(from_other.status(), StatusCode::OK);
 
-    wait_for(
+    eventually(
         "the address to be let in again",
         Duration::from_secs(10),
         || async {

@@ -139,7 +139,7 @@ async fn snapshot_plus_replay_equals_live(backend: Backend) {
             s.snapshot_dir = Some(snapshot_dir);
         })
         .await;
-        crate::helpers::wait_for(
+        crate::helpers::eventually(
             "the new instance's profiles",
             std::time::Duration::from_secs(60),
             || async { all_profiles(&fresh).await == live },
@@ -162,7 +162,7 @@ async fn snapshots_are_taken_on_a_timer_and_the_newest_three_kept() {
     send_and_wait(&app, &mixed_events(0..20), 20).await;
     let dir = app.config.snapshot_dir.clone();
     let mut seen = HashSet::new();
-    crate::helpers::wait_for(
+    crate::helpers::eventually(
         "five snapshots taken",
         std::time::Duration::from_secs(30),
         || {

@@ -1,10 +1,10 @@
 //! The store's own promises, on both databases: a stale batch is fenced
-//! and writes nothing; a message id is remembered for the deduplication
-//! window and forgotten after it; a profile state kept in memory is used
-//! only while the store still holds it.
+//! and writes nothing; a message id is remembered while its event is
+//! stored and forgotten when it is purged; a profile state kept in memory
+//! is used only while the store still holds it.
 
 use chrono::Utc;
-use traitline::envelope::{EventEnvelope, EventType, Source};
+use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{OffsetAdvance, ProfileBatch, Store, StoreError};
 
 use crate::helpers::{Backend, TestDir, test_database};
@@ -32,26 +32,9 @@ async fn open(backend: Backend, dir: &TestDir) -> Store {
 }
 
 fn track(user: &str, message_id: &str) -> (EventEnvelope, String) {
-    let event = EventEnvelope {
-        kind: EventType::Track,
-        event: Some("Tested".into()),
-        name: None,
-        user_id: Some(user.into()),
-        anonymous_id: None,
-        group_id: None,
-        previous_id: None,
-        message_id: message_id.into(),
-        timestamp: Utc::now(),
-        original_timestamp: None,
-        received_at: Utc::now(),
-        sent_at: None,
-        properties: Default::default(),
-        traits: Default::default(),
-        context: Default::default(),
-        integrations: Default::default(),
-        source: Source::Segment,
-        traceparent: None,
-    };
+    let event = EventEnvelope::new(EventType::Track, message_id, Utc::now())
+        .user(user)
+        .named("Tested");
     let text = serde_json::to_string(&event).unwrap();
     (event, text)
 }

@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::json;
 
-use crate::helpers::{ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, wait_for};
+use crate::helpers::{ServiceProcess, TestDir, WRITE_KEY, embedded_env, env_refs, eventually};
 
 type Received = Arc<Mutex<Vec<Span>>>;
 
@@ -118,7 +118,7 @@ async fn an_events_trace_covers_the_request_the_log_append_and_the_store_commit(
         .unwrap();
     assert_eq!(answer.status(), 200);
 
-    wait_for(
+    eventually(
         "both hops of the caller's trace",
         Duration::from_secs(30),
         || {
@@ -163,7 +163,7 @@ async fn an_events_trace_covers_the_request_the_log_append_and_the_store_commit(
     );
 
     // The batch's request started its own trace; its commit joined it.
-    wait_for(
+    eventually(
         "both hops of the batch's trace",
         Duration::from_secs(30),
         || {
