@@ -17,6 +17,19 @@ pub(super) struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// The dead letters of `processor`, which reads with `settings`.
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        settings: &super::RunnerSettings,
+        processor: &str,
+    ) -> DeadLetters {
+        DeadLetters {
+            log,
+            topic: settings.rejected_topic.clone(),
+            processor: processor.to_owned(),
+        }
+    }
+
     /// Publishes `rejects`, retrying until it works or `stop` comes (then
     /// false: the batch they came from must not be committed).
     pub async fn publish(

@@ -63,11 +63,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
         settings: InFlightSettings,
     ) -> InFlightRunner<P> {
         InFlightRunner {
-            dead_letters: DeadLetters {
-                log,
-                topic: settings.runner.rejected_topic.clone(),
-                processor: processor.name().to_owned(),
-            },
+            dead_letters: DeadLetters::new(log, &settings.runner, processor.name()),
             reading: Reading::new(reader, settings.runner.topic.clone()),
             processor,
             counting: Counting {

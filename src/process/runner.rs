@@ -73,11 +73,7 @@ impl<P: Processor> Runner<P> {
     ) -> Runner<P> {
         let continuity = Continuity::default();
         Runner {
-            dead_letters: DeadLetters {
-                log,
-                topic: settings.rejected_topic.clone(),
-                processor: processor.name().to_owned(),
-            },
+            dead_letters: DeadLetters::new(log, &settings, processor.name()),
             reading: Reading::new(reader, settings.topic.clone()),
             processor,
             counting: Counting {
