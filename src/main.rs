@@ -10,9 +10,8 @@ use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
 use traitline::config::Config;
 use traitline::{bench, replay, server, snapshot, tail, telemetry};
 
-/// mimalloc instead of the system allocator: ingest allocates and frees
-/// many small strings and maps per event, and glibc malloc took a quarter
-/// of the CPU under load (see docs/benchmarks.md).
+/// mimalloc, not the system allocator: ingest allocates and frees many
+/// small strings per event, where glibc malloc is slow (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
