@@ -5,7 +5,8 @@
 //! appends them to the [`log`] (Kafka or the embedded log); [`server`] wires
 //! the stages into one process. [`config`] holds the one typed configuration
 //! every stage reads; [`keys`] the API keys that guard the routes;
-//! [`metrics`] what every stage counts, served at `/metrics`.
+//! [`metrics`] what every stage counts, served at `/metrics`. [`windows`] is
+//! the pure window engine the metrics processor is built on.
 
 pub mod bench;
 pub mod cli;
@@ -28,3 +29,4 @@ pub mod store;
 pub mod supervisor;
 pub mod tail;
 pub mod telemetry;
+pub mod windows;

@@ -1,0 +1,618 @@
+//! The engine of one metric over one partition's events: groups' window
+//! state, the watermark, and the timers that close windows.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::aggregate::{Aggregate, Partial, Stamp};
+use super::calendar::calendar_span;
+use super::session::{Part, Session, Shape};
+use super::{Millis, Span, WindowKind, floor_to, gcd};
+
+/// What became of one event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// It is in at least one open window.
+    pub counted: bool,
+    /// A window it belongs to had closed already.
+    pub late: Option<Late>,
+}
+
+/// An event that came after a window it belongs to closed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Late {
+    /// The (latest) closed window the event missed.
+    pub window: Span,
+    /// How long after that window closed the event came, by the watermark.
+    pub late_by: Millis,
+}
+
+/// A window closed by the watermark: its final value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Closed {
+    pub group: String,
+    pub window: Span,
+    pub value: Value,
+    /// The partial behind `value`, for combining partitions.
+    pub partial: Partial,
+    pub events: u64,
+}
+
+/// A window still open, as it stands.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenWindow {
+    pub window: Span,
+    pub value: Value,
+    pub events: u64,
+}
+
+/// One slice of a group's events (a whole window, for tumbling and
+/// calendar windows).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    pub end: Millis,
+    pub partial: Partial,
+    pub events: u64,
+}
+
+/// What the engine holds for one group; what the store keeps of it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// Slices by start (every kind but sessions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slices: BTreeMap<Millis, Slice>,
+    /// Open sessions by start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<Session>,
+    /// Sessions: events before this time are late (a session they would
+    /// join has closed).
+    #[serde(default = "beginning")]
+    pub closed_until: Millis,
+}
+
+fn beginning() -> Millis {
+    Millis::MIN
+}
+
+impl GroupState {
+    fn is_empty(&self) -> bool {
+        self.slices.is_empty() && self.sessions.is_empty()
+    }
+
+    /// Roughly the bytes held, for the state budget.
+    pub fn size_hint(&self) -> usize {
+        let slices: usize = self
+            .slices
+            .values()
+            .map(|s| s.partial.size_hint() + 48)
+            .sum();
+        let sessions: usize = self
+            .sessions
+            .iter()
+            .flat_map(|s| &s.parts)
+            .map(|p| p.partial.size_hint() + 40)
+            .sum();
+        slices + sessions + 64
+    }
+}
+
+/// How windows are laid out over slices.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// A window is one slice: tumbling and calendar windows.
+    Single,
+    /// Windows of `size` every `slide`, over slices of `slice`.
+    Hopping {
+        size: Millis,
+        slide: Millis,
+        slice: Millis,
+    },
+    /// Sessions.
+    Sessions(Shape),
+}
+
+/// The window state of one metric over the partitions one engine is fed.
+#[derive(Debug)]
+pub struct Engine {
+    kind: WindowKind,
+    layout: Layout,
+    aggregate: Aggregate,
+    /// Trailing windows move with the watermark and have no lateness.
+    trailing: bool,
+    lateness: Millis,
+    watermark: Option<Millis>,
+    /// Windows ending at or before this are closed: the watermark less the
+    /// lateness.
+    limit: Millis,
+    groups: HashMap<String, GroupState>,
+    /// When to look at a group again (a limit), and each group's timer.
+    timers: BTreeSet<(Millis, String)>,
+    timer_of: HashMap<String, Millis>,
+    /// Groups changed since [`Engine::take_changed`].
+    changed: HashSet<String>,
+}
+
+impl Engine {
+    /// An engine for `kind` (validated) windows of `aggregate`, closing a
+    /// window when the watermark passes its end plus `lateness`.
+    pub fn new(kind: WindowKind, aggregate: Aggregate, lateness: Millis) -> Engine {
+        let layout = match kind {
+            WindowKind::Tumbling { .. } | WindowKind::Calendar { .. } => Layout::Single,
+            WindowKind::Hopping { size, slide } => Layout::Hopping {
+                size,
+                slide,
+                slice: gcd(size, slide),
+            },
+            WindowKind::Trailing { size, step } => Layout::Hopping {
+                size,
+                slide: step,
+                slice: step,
+            },
+            WindowKind::Session { gap, max } => Layout::Sessions(Shape { gap, max }),
+        };
+        let trailing = matches!(kind, WindowKind::Trailing { .. });
+        Engine {
+            kind,
+            layout,
+            aggregate,
+            trailing,
+            lateness: if trailing { 0 } else { lateness.max(0) },
+            watermark: None,
+            limit: Millis::MIN,
+            groups: HashMap::new(),
+            timers: BTreeSet::new(),
+            timer_of: HashMap::new(),
+            changed: HashSet::new(),
+        }
+    }
+
+    pub fn watermark(&self) -> Option<Millis> {
+        self.watermark
+    }
+
+    /// The slice that holds event time `at`.
+    fn slice_span(&self, at: Millis) -> Span {
+        let uniform = |size: Millis| {
+            let start = floor_to(at, size);
+            Span {
+                start,
+                end: start.saturating_add(size),
+            }
+        };
+        match (self.kind, self.layout) {
+            (WindowKind::Calendar { unit, zone }, _) => calendar_span(at, unit, zone),
+            (WindowKind::Tumbling { size }, _) => uniform(size),
+            (_, Layout::Hopping { slice, .. }) => uniform(slice),
+            _ => uniform(1),
+        }
+    }
+
+    /// The end of the first and of the last window holding slice `s`.
+    fn window_ends(&self, s: Span) -> (Millis, Millis) {
+        match self.layout {
+            Layout::Hopping { size, slide, .. } => (
+                first_end(s.start, size, slide),
+                floor_to(s.start, slide).saturating_add(size),
+            ),
+            _ => (s.end, s.end),
+        }
+    }
+
+    /// The first window end after `limit`.
+    fn next_end_after(&self, limit: Millis) -> Millis {
+        match self.layout {
+            Layout::Hopping { size, slide, .. } => first_end(limit, size, slide),
+            _ => limit.saturating_add(1),
+        }
+    }
+
+    /// Takes one event of `group` in: its time and id (`stamp`) and the
+    /// value of the metric's field.
+    pub fn observe(&mut self, group: &str, stamp: &Stamp, value: Option<&Value>) -> Observed {
+        let at = stamp.at;
+        if let Layout::Sessions(shape) = self.layout {
+            return self.observe_session(shape, group, stamp, value);
+        }
+        let span = self.slice_span(at);
+        let (first_end, last_end) = self.window_ends(span);
+        if last_end <= self.limit {
+            return Observed {
+                counted: false,
+                late: Some(self.late(span, last_end)),
+            };
+        }
+        // A trailing window only ever shows the window holding now.
+        let late = (first_end <= self.limit && !self.trailing).then(|| self.late(span, first_end));
+        let aggregate = self.aggregate;
+        let state = self.groups.entry(group.to_owned()).or_default();
+        let slice = state.slices.entry(span.start).or_insert_with(|| Slice {
+            end: span.end,
+            partial: aggregate.empty(),
+            events: 0,
+        });
+        slice.partial.observe(stamp, value);
+        slice.events += 1;
+        self.changed.insert(group.to_owned());
+        self.reschedule(group);
+        Observed {
+            counted: true,
+            late,
+        }
+    }
+
+    /// The late report for slice `span` missing the window ending at `end`.
+    fn late(&self, span: Span, end: Millis) -> Late {
+        let start = match self.layout {
+            Layout::Hopping { size, .. } => end - size,
+            _ => span.start,
+        };
+        Late {
+            window: Span { start, end },
+            late_by: self.limit - end,
+        }
+    }
+
+    fn observe_session(
+        &mut self,
+        shape: Shape,
+        group: &str,
+        stamp: &Stamp,
+        value: Option<&Value>,
+    ) -> Observed {
+        let at = stamp.at;
+        let closed_until = self
+            .groups
+            .get(group)
+            .map_or(Millis::MIN, |g| g.closed_until);
+        let own_end = at.saturating_add(shape.gap);
+        if own_end <= self.limit || at < closed_until {
+            let end = own_end.max(closed_until);
+            return Observed {
+                counted: false,
+                late: Some(Late {
+                    window: Span { start: at, end },
+                    late_by: self.limit - end.min(self.limit),
+                }),
+            };
+        }
+        let mut partial = self.aggregate.empty();
+        partial.observe(stamp, value);
+        let session = Session {
+            start: at,
+            last: at,
+            parts: vec![Part {
+                at,
+                partial,
+                events: 1,
+            }],
+        };
+        let state = self.groups.entry(group.to_owned()).or_default();
+        shape.insert(&mut state.sessions, session);
+        self.changed.insert(group.to_owned());
+        self.reschedule(group);
+        Observed {
+            counted: true,
+            late: None,
+        }
+    }
+
+    /// Sets `group`'s timer to the next limit at which it has something to
+    /// close (or, for a trailing window, to move).
+    fn reschedule(&mut self, group: &str) {
+        let next = self.groups.get(group).and_then(|state| match self.layout {
+            // A group whose sessions all closed stays while an event could
+            // still come that would have joined one (and so is late).
+            Layout::Sessions(shape) => shape.next_close(&state.sessions).or_else(|| {
+                let forget = state.closed_until.saturating_add(shape.gap);
+                (forget > self.limit).then_some(forget)
+            }),
+            _ if self.trailing => {
+                let size = match self.kind {
+                    WindowKind::Trailing { size, .. } => size,
+                    _ => 0,
+                };
+                state
+                    .slices
+                    .keys()
+                    .next()
+                    .map(|start| start.saturating_add(size))
+            }
+            Layout::Single => state.slices.values().next().map(|s| s.end),
+            Layout::Hopping { .. } => state.slices.iter().next().map(|(start, s)| {
+                let (first_end, _) = self.window_ends(Span {
+                    start: *start,
+                    end: s.end,
+                });
+                first_end.max(self.next_end_after(self.limit))
+            }),
+        });
+        let old = match next {
+            Some(at) => self.timer_of.insert(group.to_owned(), at),
+            None => self.timer_of.remove(group),
+        };
+        if old != next {
+            if let Some(old) = old {
+                self.timers.remove(&(old, group.to_owned()));
+            }
+            if let Some(at) = next {
+                self.timers.insert((at, group.to_owned()));
+            }
+        }
+    }
+
+    /// Moves the watermark to `watermark` (never back) and closes every
+    /// window it passes by its lateness. For trailing windows the answer
+    /// is each group's current window whenever an old slice left it.
+    pub fn advance(&mut self, watermark: Millis) -> Vec<Closed> {
+        if self.watermark.is_some_and(|w| watermark <= w) {
+            return Vec::new();
+        }
+        self.watermark = Some(watermark);
+        let before = self.limit;
+        self.limit = watermark.saturating_sub(self.lateness);
+        let mut closed = Vec::new();
+        while let Some((at, _)) = self.timers.first()
+            && *at <= self.limit
+        {
+            let (_, group) = self.timers.pop_first().expect("a first timer");
+            self.timer_of.remove(&group);
+            self.close_group(&group, before, &mut closed);
+            self.reschedule(&group);
+            if !self.timer_of.contains_key(&group) {
+                self.groups.remove(&group);
+            }
+        }
+        closed
+    }
+
+    /// Closes what the limit passed in `group` since it was `before` (every
+    /// window ending by then was closed when the limit passed it).
+    fn close_group(&mut self, group: &str, before: Millis, closed: &mut Vec<Closed>) {
+        let limit = self.limit;
+        let after_before = self.next_end_after(before);
+        let aggregate = self.aggregate;
+        let layout = self.layout;
+        let trailing = self.trailing;
+        let next_end = self.next_end_after(limit);
+        let Some(state) = self.groups.get_mut(group) else {
+            return;
+        };
+        let emit = |closed: &mut Vec<Closed>, window: Span, partial: Partial, events: u64| {
+            closed.push(Closed {
+                group: group.to_owned(),
+                window,
+                value: partial.value(aggregate),
+                partial,
+                events,
+            });
+        };
+        match layout {
+            Layout::Sessions(shape) => {
+                for (window, partial, events) in
+                    shape.close(&mut state.sessions, limit, &mut state.closed_until)
+                {
+                    emit(closed, window, partial, events);
+                }
+            }
+            Layout::Single => {
+                while let Some(entry) = state.slices.first_entry()
+                    && entry.get().end <= limit
+                {
+                    let (start, slice) = entry.remove_entry();
+                    let window = Span {
+                        start,
+                        end: slice.end,
+                    };
+                    emit(closed, window, slice.partial, slice.events);
+                }
+            }
+            Layout::Hopping { size, .. } if trailing => {
+                // The slices that left the window holding the watermark.
+                let before = state.slices.len();
+                state
+                    .slices
+                    .retain(|start, _| start.saturating_add(size) > limit);
+                if state.slices.len() != before {
+                    let window = Span {
+                        start: next_end - size,
+                        end: next_end,
+                    };
+                    let (partial, events) = merge_slices(aggregate, &state.slices, window);
+                    emit(closed, window, partial, events);
+                    self.changed.insert(group.to_owned());
+                }
+            }
+            Layout::Hopping { size, slide, .. } => {
+                let Some(first) = state.slices.keys().next().copied() else {
+                    return;
+                };
+                let mut end = first_end(first, size, slide).max(after_before);
+                while end <= limit {
+                    let window = Span {
+                        start: end - size,
+                        end,
+                    };
+                    let (partial, events) = merge_slices(aggregate, &state.slices, window);
+                    if events > 0 {
+                        emit(closed, window, partial, events);
+                        end += slide;
+                        continue;
+                    }
+                    // Nothing in this window: on to the first window of
+                    // the next slice.
+                    match state.slices.range(end..).next() {
+                        Some((start, _)) => end = first_end(*start, size, slide),
+                        None => break,
+                    }
+                }
+                // A slice leaves once the last window holding it closed.
+                state
+                    .slices
+                    .retain(|start, _| floor_to(*start, slide).saturating_add(size) > limit);
+            }
+        }
+    }
+
+    /// Windows of `group` still open, oldest first: for a trailing metric
+    /// the one window that holds the watermark.
+    pub fn open(&self, group: &str) -> Vec<OpenWindow> {
+        let Some(state) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        let aggregate = self.aggregate;
+        let window = |window: Span, partial: Partial, events: u64| OpenWindow {
+            window,
+            value: partial.value(aggregate),
+            events,
+        };
+        match self.layout {
+            Layout::Sessions(shape) => shape
+                .open(&state.sessions)
+                .into_iter()
+                .map(|(s, p, e)| window(s, p, e))
+                .collect(),
+            Layout::Single => state
+                .slices
+                .iter()
+                .map(|(start, s)| {
+                    let span = Span {
+                        start: *start,
+                        end: s.end,
+                    };
+                    window(span, s.partial.clone(), s.events)
+                })
+                .collect(),
+            Layout::Hopping { size, .. } if self.trailing => {
+                let end = self.next_end_after(self.watermark.unwrap_or(Millis::MIN + size));
+                let span = Span {
+                    start: end - size,
+                    end,
+                };
+                let (partial, events) = merge_slices(aggregate, &state.slices, span);
+                vec![window(span, partial, events)]
+            }
+            Layout::Hopping { size, slide, .. } => {
+                let (Some(first), Some(last)) =
+                    (state.slices.keys().next(), state.slices.keys().next_back())
+                else {
+                    return Vec::new();
+                };
+                let mut end = first_end(*first, size, slide).max(self.next_end_after(self.limit));
+                let last_end = floor_to(*last, slide).saturating_add(size);
+                let mut out = Vec::new();
+                while end <= last_end {
+                    let span = Span {
+                        start: end - size,
+                        end,
+                    };
+                    let (partial, events) = merge_slices(aggregate, &state.slices, span);
+                    if events > 0 {
+                        out.push(window(span, partial, events));
+                    }
+                    end += slide;
+                }
+                out
+            }
+        }
+    }
+
+    /// The groups whose windows changed since the last call (events taken
+    /// in, or a trailing window moved), for the store and computed traits.
+    pub fn take_changed(&mut self) -> Vec<String> {
+        let mut changed: Vec<String> = self.changed.drain().collect();
+        changed.sort();
+        changed
+    }
+
+    /// The state of `group`, as the store keeps it.
+    pub fn state(&self, group: &str) -> Option<&GroupState> {
+        self.groups.get(group)
+    }
+
+    /// Gives the engine a group's stored state (after a restart, or one
+    /// that was spilled from memory), replacing what it held for it.
+    pub fn restore(&mut self, group: &str, state: GroupState) {
+        if state.is_empty() {
+            self.groups.remove(group);
+        } else {
+            self.groups.insert(group.to_owned(), state);
+        }
+        self.reschedule(group);
+    }
+
+    /// The groups held in memory.
+    pub fn groups(&self) -> impl Iterator<Item = (&String, &GroupState)> {
+        self.groups.iter()
+    }
+
+    /// Merges `from`'s windows into `into` (an alias or identify merge):
+    /// the same events, now one user's.
+    pub fn merge_groups(&mut self, from: &str, into: &str) {
+        let Some(source) = self.groups.remove(from) else {
+            return;
+        };
+        self.reschedule(from);
+        let target = self.groups.entry(into.to_owned()).or_default();
+        for (start, slice) in source.slices {
+            match target.slices.get_mut(&start) {
+                Some(t) => {
+                    t.partial.merge(&slice.partial);
+                    t.events += slice.events;
+                }
+                None => {
+                    target.slices.insert(start, slice);
+                }
+            }
+        }
+        if let Layout::Sessions(shape) = self.layout {
+            let mut all = std::mem::take(&mut target.sessions);
+            all.extend(source.sessions);
+            target.sessions = shape.normalize(all);
+        }
+        target.closed_until = target.closed_until.max(source.closed_until);
+        self.changed.insert(from.to_owned());
+        self.changed.insert(into.to_owned());
+        self.reschedule(into);
+    }
+
+    /// Roughly the bytes of window state held in memory.
+    pub fn state_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|(g, s)| g.len() + s.size_hint())
+            .sum()
+    }
+
+    /// Open windows (or sessions) held in memory.
+    pub fn open_windows(&self) -> usize {
+        self.groups
+            .values()
+            .map(|s| s.slices.len() + s.sessions.len())
+            .sum()
+    }
+}
+
+/// The end of the first window of `size` every `slide` that holds time
+/// `at`: the first window end after `at`.
+fn first_end(at: Millis, size: Millis, slide: Millis) -> Millis {
+    floor_to(at.saturating_sub(size), slide)
+        .saturating_add(slide)
+        .saturating_add(size)
+}
+
+/// The partial and event count of the slices within `window`.
+fn merge_slices(
+    aggregate: Aggregate,
+    slices: &BTreeMap<Millis, Slice>,
+    window: Span,
+) -> (Partial, u64) {
+    let mut partial = aggregate.empty();
+    let mut events = 0;
+    for slice in slices.range(window.start..window.end).map(|(_, s)| s) {
+        partial.merge(&slice.partial);
+        events += slice.events;
+    }
+    (partial, events)
+}
