@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod definitions;
 pub mod envelope;
 pub mod home;
 pub mod http;
