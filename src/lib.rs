@@ -8,6 +8,7 @@
 //! [`metrics`] what every stage counts, served at `/metrics`. [`windows`] is
 //! the pure window engine the metrics processor is built on.
 
+pub mod admin;
 pub mod bench;
 pub mod cli;
 pub mod config;

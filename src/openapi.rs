@@ -33,6 +33,10 @@ use crate::store::ChangeRecord;
         crate::query::profile_changes,
         crate::query::profile_events,
         crate::query::delete_profile,
+        crate::admin::put_metric,
+        crate::admin::get_metric,
+        crate::admin::list_metrics,
+        crate::admin::delete_metric,
         crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
@@ -42,13 +46,16 @@ use crate::store::ChangeRecord;
         SeedEvent, SegmentMessage, BatchRequest, Accepted, ErrorBody, ErrorDetail,
         EventEnvelope, EventType, Source, Health, Readiness, Processing,
         ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted,
-        crate::home::Home, crate::home::Link, crate::supervisor::StageState
+        crate::home::Home, crate::home::Link, crate::supervisor::StageState,
+        crate::admin::MetricEntry, crate::admin::MetricList,
+        crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition
     )),
     modifiers(&Security),
     tags(
         (name = "segment", description = "The Segment HTTP Tracking API"),
         (name = "seed", description = "The original trait service route"),
         (name = "profiles", description = "Profiles built from the events: read with a read or admin key, delete with an admin key"),
+        (name = "metrics", description = "Metric definitions: define, change and delete with an admin key, read with a read or admin key"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

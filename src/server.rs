@@ -49,6 +49,8 @@ pub enum ServeError {
     Snapshot(String),
     #[error("{0}")]
     Stage(String),
+    #[error("{0}")]
+    Definitions(String),
 }
 
 /// How long the log may take to write out what it holds at shutdown.
@@ -73,6 +75,9 @@ pub async fn serve(
     } else {
         None
     };
+    if let Some(store) = &store {
+        store_file_metrics(&config, store).await?;
+    }
     let address = listener.local_addr()?;
     let (stop_stages, stopped) = watch::channel(false);
     let mut supervisor = Supervisor::new(stopped);
@@ -178,6 +183,27 @@ async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>
     }
 }
 
+/// Stores the configuration file's `[[metrics]]`: each that differs from
+/// the stored version becomes its next version (so the file wins at each
+/// start; the admin API changes definitions in between).
+async fn store_file_metrics(config: &Config, store: &Store) -> Result<(), ServeError> {
+    for (name, definition) in &config.metrics {
+        match crate::admin::store_metric(store, name, definition).await {
+            Ok((crate::store::Put::Unchanged(_), _)) => {}
+            Ok((put, _)) => tracing::info!(
+                "metric {name} from the configuration file is stored as version {}",
+                put.version()
+            ),
+            Err(e) => {
+                return Err(ServeError::Definitions(format!(
+                    "cannot store metric {name} from the configuration file: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The routes of the configured roles, plus health, readiness and the
 /// OpenAPI document.
 pub fn router(
@@ -193,7 +219,9 @@ pub fn router(
         && let Some(store) = store
     {
         let topics = Topics::new(&config.topic_prefix);
-        api = api.merge(QueryState::new(store, keys.clone(), log.clone(), &topics).routes());
+        api =
+            api.merge(QueryState::new(store.clone(), keys.clone(), log.clone(), &topics).routes());
+        api = api.merge(crate::admin::AdminState::new(store, keys.clone()).routes());
     }
     if config.roles.ingest {
         let ingest = Ingest::new(

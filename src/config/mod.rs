@@ -116,6 +116,8 @@ pub struct Config {
     pub snapshot_dir: PathBuf,
     /// How often the process role takes a snapshot; `None`: never.
     pub snapshot_interval: Option<Duration>,
+    /// The `[[metrics]]` of the configuration file, each checked, by name.
+    pub metrics: Vec<(String, crate::definitions::MetricDefinition)>,
 }
 
 /// OTLP span export.

@@ -259,6 +259,12 @@ pub struct Settings {
     /// `traceparent` follows its caller's decision instead [default: 1]
     #[arg(long, env = "TRAITLINE_OTLP_SAMPLE_RATIO", global = true)]
     pub otlp_sample_ratio: Option<f64>,
+
+    /// Metric definitions (`[[metrics]]` tables of the file only; the
+    /// admin API changes them at run time).
+    #[arg(skip)]
+    #[serde(default)]
+    pub metrics: Option<Vec<crate::definitions::MetricDefinition>>,
 }
 
 impl Settings {
@@ -322,6 +328,7 @@ impl Settings {
                 .or(fallback.snapshot_interval_secs),
             otlp_endpoint: self.otlp_endpoint.or(fallback.otlp_endpoint),
             otlp_sample_ratio: self.otlp_sample_ratio.or(fallback.otlp_sample_ratio),
+            metrics: self.metrics.or(fallback.metrics),
         }
     }
 }

@@ -203,3 +203,47 @@ fn kafka_security_settings_become_librdkafka_options_and_secrets_stay_hidden() {
 fn unknown_file_keys_are_refused() {
     assert!(toml::from_str::<Settings>("listn = \"x\"").is_err());
 }
+
+#[test]
+fn a_bad_metric_in_the_file_fails_at_start_naming_it_and_its_field() {
+    let error = |text: &str| {
+        let settings: Settings = toml::from_str(text).unwrap();
+        Config::from_settings(settings).unwrap_err().to_string()
+    };
+    let bad_size = error(
+        r#"
+        [[metrics]]
+        name = "orders_hourly"
+        aggregate = "count"
+        window = { kind = "tumbling", size = "an hour" }
+        "#,
+    );
+    assert!(
+        bad_size.contains("metrics[0]") && bad_size.contains("`window.size`"),
+        "{bad_size}"
+    );
+    let unnamed = error(
+        r#"
+        [[metrics]]
+        aggregate = "count"
+        window = { kind = "tumbling", size = "1h" }
+        "#,
+    );
+    assert!(unnamed.contains("`name`"), "{unnamed}");
+    let twice = error(
+        r#"
+        [[metrics]]
+        name = "a"
+        aggregate = "count"
+        window = { kind = "tumbling", size = "1h" }
+        [[metrics]]
+        name = "a"
+        aggregate = "count"
+        window = { kind = "tumbling", size = "2h" }
+        "#,
+    );
+    assert!(
+        twice.contains("metrics[1]") && twice.contains("twice"),
+        "{twice}"
+    );
+}

@@ -18,6 +18,11 @@ pub enum ConfigError {
     },
     #[error("cannot read the configuration file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("invalid metric definition metrics[{index}] in the configuration file: {error}")]
+    Metric {
+        index: usize,
+        error: crate::definitions::DefinitionError,
+    },
 }
 
 pub(super) fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -300,6 +305,8 @@ impl Config {
             ));
         }
 
+        let metrics = metric_definitions(s.metrics.unwrap_or_default())?;
+
         Ok(Config {
             listen,
             data_dir,
@@ -321,8 +328,35 @@ impl Config {
             otlp,
             snapshot_dir,
             snapshot_interval,
+            metrics,
         })
     }
+}
+
+/// Checks the file's `[[metrics]]`: each has a unique name and compiles.
+fn metric_definitions(
+    definitions: Vec<crate::definitions::MetricDefinition>,
+) -> Result<Vec<(String, crate::definitions::MetricDefinition)>, ConfigError> {
+    use crate::definitions::DefinitionError;
+    let mut named: Vec<(String, crate::definitions::MetricDefinition)> = Vec::new();
+    for (index, definition) in definitions.into_iter().enumerate() {
+        let refuse = |error| ConfigError::Metric { index, error };
+        let Some(name) = definition.name.clone() else {
+            return Err(refuse(DefinitionError::new(
+                "name",
+                "a [[metrics]] table needs a name",
+            )));
+        };
+        if named.iter().any(|(n, _)| *n == name) {
+            return Err(refuse(DefinitionError::new(
+                "name",
+                format!("`{name}` is defined twice"),
+            )));
+        }
+        definition.compile(&name).map_err(refuse)?;
+        named.push((name, definition));
+    }
+    Ok(named)
 }
 
 fn key_list(setting: &'static str, keys: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {

@@ -15,7 +15,7 @@ use crate::windows::{Aggregate, CalendarUnit, Millis, WindowKind};
 
 /// A metric as written: JSON through the admin API, or a `[[metrics]]`
 /// table of `traitline.toml` (which also carries the `name`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricDefinition {
     /// In the file only; the API takes the name from the path.
@@ -29,36 +29,45 @@ pub struct MetricDefinition {
     pub condition: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_by: Option<String>,
+    #[schema(pattern = "^(count|sum|avg|min|max|distinct|most_frequent|first|last|unique)$")]
     pub aggregate: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     pub window: WindowDefinition,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub lateness: Option<String>,
     #[serde(default, rename = "trait", skip_serializing_if = "Option::is_none")]
     pub computed_trait: Option<String>,
 }
 
 /// A window as written; which fields apply depends on `kind`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WindowDefinition {
+    #[schema(pattern = "^(tumbling|hopping|session|calendar|trailing)$")]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub size: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub slide: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub gap: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub max: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(day|week|month)$")]
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
     /// Trailing windows: how often the window moves [default: a thirtieth
     /// of its size].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^([0-9]+(ms|s|m|h|d|w))+$")]
     pub step: Option<String>,
 }
 

@@ -69,7 +69,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
         403,
         "a known key that may not do this (a read key sending events, a write key reading profiles)",
     ),
-    ("not_found", 404, "no such profile"),
+    ("not_found", 404, "no such profile or definition"),
     ("event_too_large", 413, "an event over `max-event-bytes`"),
     ("batch_too_large", 413, "a body over `max-batch-bytes`"),
     (

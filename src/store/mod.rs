@@ -10,6 +10,7 @@
 //! how a write transaction begins, which errors mean "try again"). The
 //! shared test suite runs against both.
 
+pub use definitions::{DefinitionKind, Put, StoredDefinition};
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
 use std::collections::HashMap;
@@ -122,6 +123,7 @@ pub(crate) use in_write_transaction;
 
 mod batch;
 mod cache;
+mod definitions;
 mod profiles;
 pub mod snapshot;
 
@@ -341,6 +343,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "a version for every write of a profile",
         include_str!("migrations/version_3.sql"),
     );
+    let definitions = migration(
+        4,
+        "definitions, every version kept",
+        include_str!("migrations/version_4.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -350,10 +357,12 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 include_str!("migrations/postgres_2.sql"),
             ),
             version,
+            definitions,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
             version,
+            definitions,
         ],
     }
 }

@@ -20,6 +20,7 @@ mod helpers;
 
 mod auth;
 mod bench;
+mod definitions;
 mod durability;
 mod fuzz;
 mod kafka_faults;

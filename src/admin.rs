@@ -1,0 +1,303 @@
+//! The admin API for definitions: `PUT/GET/DELETE /v1/metrics/{name}` and
+//! `GET /v1/metrics`. An admin key writes; a read or admin key reads. A
+//! definition is checked and compiled before it is stored, so a bad one is
+//! a 422 naming its field and the running version stays; a change is a new
+//! version in the store, which every instance sharing it reads.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::definitions::{DefinitionError, MetricDefinition};
+use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
+use crate::keys::ApiKeys;
+use crate::store::{DefinitionKind, Put, Store, StoreError, StoredDefinition};
+
+/// What the admin routes need.
+#[derive(Clone)]
+pub struct AdminState {
+    store: Store,
+    keys: Arc<ApiKeys>,
+}
+
+/// Why an admin request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("the definition is refused, the running version stays: {0}")]
+    Invalid(DefinitionError),
+    #[error("no metric is named {0:?}")]
+    NotFound(String),
+    #[error("the store is unavailable; try again")]
+    Unavailable,
+}
+
+impl ApiError for AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Auth(auth) => auth.status(),
+            AdminError::NotJson(_) => StatusCode::BAD_REQUEST,
+            AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            AdminError::Auth(auth) => auth.code(),
+            AdminError::NotJson(_) => "invalid_json",
+            AdminError::Invalid(_) => "invalid_value",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Unavailable => "store_unavailable",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        match self {
+            AdminError::Invalid(e) if !e.field.is_empty() => Some(e.field.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("a definition could not be read or stored: {e}");
+        AdminError::Unavailable
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        crate::http::error::respond(&self)
+    }
+}
+
+fn authorize(keys: &ApiKeys, headers: &HeaderMap, needs: Need) -> Result<(), AdminError> {
+    let key = key_from_headers(headers)?;
+    Ok(crate::http::authorize(keys, key.as_deref(), needs)?)
+}
+
+/// The `{name}` of a definition route; a path that is not UTF-8 names
+/// nothing.
+pub struct DefinitionName(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for DefinitionName {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &S,
+    ) -> Result<DefinitionName, AdminError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(name)| DefinitionName(name))
+            .map_err(|rejection| {
+                AdminError::Invalid(DefinitionError::new("name", rejection.body_text()))
+            })
+    }
+}
+
+/// A metric definition as stored: its name, version and body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricEntry {
+    pub name: String,
+    /// 1 for the first definition of a name; every change adds one.
+    pub version: i64,
+    /// When this version was stored.
+    pub changed_at: DateTime<Utc>,
+    /// The definition as accepted (DESIGN.md, "Definitions").
+    #[schema(value_type = MetricDefinition)]
+    pub definition: Value,
+}
+
+/// Every metric definition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricList {
+    pub metrics: Vec<MetricEntry>,
+}
+
+fn entry(stored: StoredDefinition) -> MetricEntry {
+    MetricEntry {
+        definition: serde_json::from_str(&stored.body).unwrap_or(Value::Null),
+        changed_at: DateTime::from_timestamp_millis(stored.changed_at).unwrap_or_default(),
+        name: stored.name,
+        version: stored.version,
+    }
+}
+
+impl AdminState {
+    pub fn new(store: Store, keys: Arc<ApiKeys>) -> AdminState {
+        AdminState { store, keys }
+    }
+
+    pub fn routes(self) -> Router {
+        Router::new()
+            .route("/v1/metrics", get(list_metrics))
+            .route(
+                "/v1/metrics/{name}",
+                get(get_metric).put(put_metric).delete(delete_metric),
+            )
+            .with_state(self)
+    }
+}
+
+/// Checks a metric definition and stores it as `name`'s next version
+/// (unless it equals the current one): the form a `PUT` body, a
+/// `[[metrics]]` table and the store share.
+pub async fn store_metric(
+    store: &Store,
+    name: &str,
+    definition: &MetricDefinition,
+) -> Result<(Put, StoredDefinition), AdminError> {
+    definition.compile(name).map_err(AdminError::Invalid)?;
+    let mut body = definition.clone();
+    body.name = None;
+    let text = serde_json::to_string(&body).expect("a definition serializes");
+    Ok(store
+        .put_definition(DefinitionKind::Metric, name, &text)
+        .await?)
+}
+
+/// Defines a metric, or changes it: a new version.
+#[utoipa::path(put, path = "/v1/metrics/{name}", tag = "metrics",
+    params(("name" = String, Path, description = "Lowercase letters, digits and `_`")),
+    request_body(content = MetricDefinition, description = "A metric definition (DESIGN.md, \"Definitions\")"),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 201, description = "The first version of this metric", body = MetricEntry),
+        (status = 200, description = "A new version, or the same definition again (no new version)", body = MetricEntry),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 422, description = "The definition is refused; `field` names what to fix", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn put_metric(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+    body: Bytes,
+) -> Result<(StatusCode, Json<MetricEntry>), AdminError> {
+    authorize(&state.keys, &headers, Need::Admin)?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+        return Err(AdminError::NotJson(e.to_string()));
+    }
+    let definition = MetricDefinition::from_json(&body).map_err(AdminError::Invalid)?;
+    if definition.name.as_ref().is_some_and(|n| *n != name) {
+        return Err(AdminError::Invalid(DefinitionError::new(
+            "name",
+            "differs from the name in the path (leave it out of the body)",
+        )));
+    }
+    let (put, stored) = store_metric(&state.store, &name, &definition).await?;
+    match put {
+        Put::Created(v) => tracing::info!("metric {name} is defined (version {v})"),
+        Put::Changed(v) => tracing::info!("metric {name} changed (version {v})"),
+        Put::Unchanged(_) => {}
+    }
+    let status = match put {
+        Put::Created(_) => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, Json(entry(stored))))
+}
+
+/// A metric definition, current version.
+#[utoipa::path(get, path = "/v1/metrics/{name}", tag = "metrics",
+    params(("name" = String, Path, description = "The metric's name")),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The definition", body = MetricEntry),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 404, description = "No metric has this name", body = ErrorBody),
+        (status = 422, description = "A name that is not UTF-8", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn get_metric(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+) -> Result<Json<MetricEntry>, AdminError> {
+    authorize(&state.keys, &headers, Need::Read)?;
+    state
+        .store
+        .definition(DefinitionKind::Metric, &name)
+        .await?
+        .map(|d| Json(entry(d)))
+        .ok_or(AdminError::NotFound(name))
+}
+
+/// Every metric definition, by name.
+#[utoipa::path(get, path = "/v1/metrics", tag = "metrics",
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The definitions", body = MetricList),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn list_metrics(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<MetricList>, AdminError> {
+    authorize(&state.keys, &headers, Need::Read)?;
+    let metrics = state
+        .store
+        .definitions(DefinitionKind::Metric)
+        .await?
+        .into_iter()
+        .map(entry)
+        .collect();
+    Ok(Json(MetricList { metrics }))
+}
+
+/// Deletes a metric definition (a version of its own: the history stays).
+#[utoipa::path(delete, path = "/v1/metrics/{name}", tag = "metrics",
+    params(("name" = String, Path, description = "The metric's name")),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No metric has this name", body = ErrorBody),
+        (status = 422, description = "A name that is not UTF-8", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn delete_metric(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+) -> Result<StatusCode, AdminError> {
+    authorize(&state.keys, &headers, Need::Admin)?;
+    match state
+        .store
+        .delete_definition(DefinitionKind::Metric, &name)
+        .await?
+    {
+        Some(version) => {
+            tracing::info!("metric {name} is deleted (version {version})");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(AdminError::NotFound(name)),
+    }
+}

@@ -1,0 +1,235 @@
+//! Metric definitions through the admin API, on both deployments: defined,
+//! versioned, read, deleted; a bad one refused naming its field with the
+//! running version untouched; only an admin key changes them; the
+//! configuration file's `[[metrics]]` stored at start-up.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, WRITE_KEY, spawn_app, spawn_app_with};
+
+both_logs!(
+    a_metric_is_defined_versioned_read_and_deleted,
+    a_bad_definition_is_refused_naming_its_field_and_the_running_version_stays,
+    only_an_admin_key_changes_definitions_and_a_read_key_reads_them,
+    concurrent_changes_each_get_a_version_of_their_own,
+    the_configuration_files_metrics_are_stored_at_start
+);
+
+fn orders_hourly() -> Value {
+    json!({"event": "order.create", "type": "track",
+           "where": "properties.amount > 100",
+           "group_by": "userId", "aggregate": "count",
+           "window": {"kind": "tumbling", "size": "1h"},
+           "lateness": "5m"})
+}
+
+async fn put(app: &TestApp, name: &str, key: &str, body: &Value) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .put(app.url(&format!("/v1/metrics/{name}")))
+        .basic_auth(key, Some(""))
+        .json(body)
+        .send()
+        .await
+        .expect("the service answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn delete(app: &TestApp, name: &str, key: &str) -> StatusCode {
+    app.client
+        .delete(app.url(&format!("/v1/metrics/{name}")))
+        .basic_auth(key, Some(""))
+        .send()
+        .await
+        .expect("the service answers")
+        .status()
+}
+
+async fn a_metric_is_defined_versioned_read_and_deleted(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (status, created) = put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["version"], 1);
+    assert_eq!(created["definition"], orders_hourly());
+
+    // The same definition again stores nothing new.
+    let (status, same) = put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(
+        (status, same["version"].clone()),
+        (StatusCode::OK, json!(1))
+    );
+
+    let mut changed = orders_hourly();
+    changed["lateness"] = json!("10m");
+    let (status, second) = put(&app, "orders_hourly", ADMIN_KEY, &changed).await;
+    assert_eq!(
+        (status, second["version"].clone()),
+        (StatusCode::OK, json!(2))
+    );
+
+    let (status, read) = app.get_as("/v1/metrics/orders_hourly", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            read["version"].clone(),
+            read["definition"]["lateness"].clone()
+        ),
+        (json!(2), json!("10m"))
+    );
+    let (_, list) = app.get_as("/v1/metrics", READ_KEY).await;
+    assert_eq!(list["metrics"].as_array().unwrap().len(), 1);
+
+    assert_eq!(
+        delete(&app, "orders_hourly", ADMIN_KEY).await,
+        StatusCode::NO_CONTENT
+    );
+    let (status, gone) = app.get_as("/v1/metrics/orders_hourly", READ_KEY).await;
+    assert_eq!(
+        (status, gone["error"]["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("not_found"))
+    );
+    assert_eq!(
+        delete(&app, "orders_hourly", ADMIN_KEY).await,
+        StatusCode::NOT_FOUND
+    );
+    let (_, list) = app.get_as("/v1/metrics", READ_KEY).await;
+    assert_eq!(list["metrics"], json!([]));
+
+    // Defined again after a deletion: a new definition, its version after
+    // the deletion's, so no instance mistakes it for the old one.
+    let (status, again) = put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(
+        (status, again["version"].clone()),
+        (StatusCode::CREATED, json!(4))
+    );
+    app.stop().await;
+}
+
+async fn a_bad_definition_is_refused_naming_its_field_and_the_running_version_stays(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly()).await;
+    let cases = [
+        (json!({"size": "1h"}), "window", "window.kind"),
+        (
+            json!({"kind": "tumbling", "size": "an hour"}),
+            "window",
+            "window.size",
+        ),
+        (json!("properties.amount >"), "where", "where"),
+        (json!("propertes.amount > 1"), "where", "where"),
+        (json!("median"), "aggregate", "aggregate"),
+        (json!("Mars/Olympus"), "lateness", "lateness"),
+    ];
+    for (value, key, field) in cases {
+        let mut bad = orders_hourly();
+        bad[key] = value;
+        let (status, body) = put(&app, "orders_hourly", ADMIN_KEY, &bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_value", "{body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+    }
+    let (status, body) = put(&app, "Orders-Hourly", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(
+        (status, body["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("name"))
+    );
+    let not_json = app
+        .client
+        .put(app.url("/v1/metrics/orders_hourly"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), StatusCode::BAD_REQUEST);
+    let (_, read) = app.get_as("/v1/metrics/orders_hourly", READ_KEY).await;
+    assert_eq!(
+        (read["version"].clone(), read["definition"].clone()),
+        (json!(1), orders_hourly())
+    );
+    let (_, list) = app.get_as("/v1/metrics", READ_KEY).await;
+    assert_eq!(
+        list["metrics"].as_array().unwrap().len(),
+        1,
+        "nothing else stored"
+    );
+    app.stop().await;
+}
+
+async fn only_an_admin_key_changes_definitions_and_a_read_key_reads_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for key in [READ_KEY, WRITE_KEY] {
+        let (status, body) = put(&app, "orders_hourly", key, &orders_hourly()).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (StatusCode::FORBIDDEN, json!("wrong_key_scope"))
+        );
+    }
+    put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(
+        delete(&app, "orders_hourly", READ_KEY).await,
+        StatusCode::FORBIDDEN
+    );
+    let (status, _) = app.get_as("/v1/metrics/orders_hourly", WRITE_KEY).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    for key in [READ_KEY, ADMIN_KEY] {
+        let (status, _) = app.get_as("/v1/metrics/orders_hourly", key).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, body) = app.get_as("/v1/metrics", "tlr_nobody").await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("unknown_key"))
+    );
+    app.stop().await;
+}
+
+async fn concurrent_changes_each_get_a_version_of_their_own(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let puts = (1..=8).map(|minutes| {
+        let mut definition = orders_hourly();
+        definition["lateness"] = json!(format!("{minutes}m"));
+        let app = &app;
+        async move { put(app, "orders_hourly", ADMIN_KEY, &definition).await }
+    });
+    let answers = futures_util::future::join_all(puts).await;
+    let mut versions: Vec<i64> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert!(status.is_success(), "{body}");
+            body["version"].as_i64().unwrap()
+        })
+        .collect();
+    versions.sort();
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+    app.stop().await;
+}
+
+async fn the_configuration_files_metrics_are_stored_at_start(backend: Backend) {
+    let file: traitline::config::Settings = toml::from_str(
+        r#"
+        [[metrics]]
+        name = "revenue_daily"
+        event = "order.create"
+        group_by = "properties.country"
+        aggregate = "sum"
+        field = "properties.amount"
+        window = { kind = "calendar", unit = "day", timezone = "Europe/Berlin" }
+        "#,
+    )
+    .unwrap();
+    let app = spawn_app_with(backend, |s| s.metrics = file.metrics.clone()).await;
+    let (status, read) = app.get_as("/v1/metrics/revenue_daily", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["version"], 1);
+    assert_eq!(read["definition"]["window"]["timezone"], "Europe/Berlin");
+    assert!(
+        read["definition"].get("name").is_none(),
+        "the name is the path's"
+    );
+    app.stop().await;
+}
