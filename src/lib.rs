@@ -19,6 +19,7 @@ pub mod http;
 pub mod ingest;
 pub mod keys;
 pub mod log;
+pub mod metric;
 pub mod metrics;
 pub mod openapi;
 pub mod process;

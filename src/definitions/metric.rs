@@ -185,6 +185,21 @@ impl MetricDefinition {
             .lateness
             .as_deref()
             .map_or(Ok(DEFAULT_LATENESS_MS), |t| millis("lateness", t))?;
+        // Sessions and trailing windows follow one user's activity; across
+        // partitions their spans would not line up.
+        if matches!(
+            window,
+            WindowKind::Session { .. } | WindowKind::Trailing { .. }
+        ) && group_by != GroupBy::User
+        {
+            return Err(DefinitionError::new(
+                "group_by",
+                format!(
+                    "a {} window needs a per-user metric (`group_by`: \"userId\")",
+                    self.window.kind
+                ),
+            ));
+        }
         if let Some(name) = &self.computed_trait {
             check_name("trait", name)?;
             if group_by != GroupBy::User {
@@ -407,7 +422,7 @@ mod tests {
     fn every_window_kind_compiles() {
         let window = |w: &str| {
             compile(&format!(
-                r#"{{"aggregate": "avg", "field": "properties.price", "window": {w}}}"#
+                r#"{{"aggregate": "avg", "field": "properties.price", "group_by": "userId", "window": {w}}}"#
             ))
             .map(|s| s.window)
         };
@@ -474,8 +489,16 @@ mod tests {
                 "window.slide",
             ),
             (
-                r#"{"aggregate": "count", "window": {"kind": "session", "gap": "5m", "max": "1m"}}"#,
+                r#"{"aggregate": "count", "group_by": "userId", "window": {"kind": "session", "gap": "5m", "max": "1m"}}"#,
                 "window.max",
+            ),
+            (
+                r#"{"aggregate": "count", "window": {"kind": "session", "gap": "5m"}}"#,
+                "group_by",
+            ),
+            (
+                r#"{"aggregate": "count", "group_by": "properties.country", "window": {"kind": "trailing", "size": "30d"}}"#,
+                "group_by",
             ),
             (
                 r#"{"aggregate": "count", "window": {"kind": "calendar", "unit": "year"}}"#,

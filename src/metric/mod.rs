@@ -1,0 +1,130 @@
+//! A metric over events: which events a definition takes, what group and
+//! value each gives, and the window engine they feed. Pure code, no I/O:
+//! the metrics processor hands it envelopes (as JSON, parsed once for all
+//! metrics) and the partition clocks, and stores what comes out.
+//!
+//! Per-user metrics are final per partition (a user's events share one).
+//! Metrics grouped otherwise (globally, or by a property) are combined
+//! across partitions by [`combine::Combiner`]: a window is final once every
+//! partition's watermark has passed it.
+
+pub mod combine;
+
+use chrono::DateTime;
+use serde_json::Value;
+
+use crate::definitions::{GroupBy, MetricSpec};
+use crate::windows::{Closed, Engine, Millis, Observed, Stamp};
+
+/// The group of a metric without a group-by.
+pub const GLOBAL_GROUP: &str = "*";
+
+/// What became of one event for one metric.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The definition does not take this event (type, name or `where`).
+    NotSelected,
+    /// Taken, but it has no value for the group-by (a per-user metric and
+    /// an event without a user, a property group-by and no such property).
+    NoGroup,
+    /// Given to the engine as `group`.
+    Observed { group: String, observed: Observed },
+}
+
+/// One version of a metric over the events of the partitions it is fed.
+#[derive(Debug)]
+pub struct Metric {
+    pub spec: MetricSpec,
+    pub version: i64,
+    engine: Engine,
+}
+
+impl Metric {
+    pub fn new(spec: MetricSpec, version: i64) -> Metric {
+        let engine = Engine::new(spec.window, spec.aggregate, spec.lateness);
+        Metric {
+            spec,
+            version,
+            engine,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Whether the definition takes this event.
+    pub fn selects(&self, envelope: &Value) -> bool {
+        let text = |name: &str| envelope.get(name).and_then(Value::as_str);
+        if let Some(kind) = self.spec.kind
+            && text("type") != Some(kind.as_str())
+        {
+            return false;
+        }
+        if let Some(event) = &self.spec.event
+            && text("event") != Some(event.as_str())
+        {
+            return false;
+        }
+        self.spec
+            .condition
+            .as_ref()
+            .is_none_or(|c| c.matches(envelope))
+    }
+
+    /// The group an event counts in. A per-user metric groups by `userId`,
+    /// else by `anonymousId` (merged into the user's group when the ids
+    /// are linked); a property group-by by its value, strings as they are
+    /// and anything else as JSON text.
+    pub fn group(&self, envelope: &Value) -> Option<String> {
+        match &self.spec.group_by {
+            GroupBy::Global => Some(GLOBAL_GROUP.to_owned()),
+            GroupBy::User => ["userId", "anonymousId"]
+                .iter()
+                .find_map(|f| envelope.get(*f).and_then(Value::as_str))
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned),
+            GroupBy::Field(path) => match path.get(envelope)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            },
+        }
+    }
+
+    /// Takes one event in.
+    pub fn observe(&mut self, envelope: &Value) -> Outcome {
+        if !self.selects(envelope) {
+            return Outcome::NotSelected;
+        }
+        let (Some(group), Some(stamp)) = (self.group(envelope), stamp(envelope)) else {
+            return Outcome::NoGroup;
+        };
+        let value = self.spec.field.as_ref().and_then(|f| f.get(envelope));
+        let observed = self.engine.observe(&group, &stamp, value);
+        Outcome::Observed { group, observed }
+    }
+
+    /// Moves the watermark; the windows it closes.
+    pub fn advance(&mut self, watermark: Millis) -> Vec<Closed> {
+        self.engine.advance(watermark)
+    }
+}
+
+/// An event's time (its `timestamp`, corrected for clock skew at ingest)
+/// and message id.
+pub fn stamp(envelope: &Value) -> Option<Stamp> {
+    let at = DateTime::parse_from_rfc3339(envelope.get("timestamp")?.as_str()?).ok()?;
+    let id = envelope.get("messageId")?.as_str()?;
+    Some(Stamp {
+        at: at.timestamp_millis(),
+        id: id.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests;
