@@ -77,10 +77,6 @@ fn beginning() -> Millis {
 }
 
 impl GroupState {
-    fn is_empty(&self) -> bool {
-        self.slices.is_empty() && self.sessions.is_empty()
-    }
-
     /// Roughly the bytes held, for the state budget.
     pub fn size_hint(&self) -> usize {
         let slices: usize = self
@@ -534,12 +530,21 @@ impl Engine {
     /// Gives the engine a group's stored state (after a restart, or one
     /// that was spilled from memory), replacing what it held for it.
     pub fn restore(&mut self, group: &str, state: GroupState) {
-        if state.is_empty() {
-            self.groups.remove(group);
-        } else {
-            self.groups.insert(group.to_owned(), state);
-        }
+        self.groups.insert(group.to_owned(), state);
         self.reschedule(group);
+        // Nothing left to close or remember (a session group's closed
+        // sessions still matter until events for them would be late).
+        if !self.timer_of.contains_key(group) {
+            self.groups.remove(group);
+        }
+    }
+
+    /// Starts a restarted engine at the watermark its stored states were
+    /// written at: what closed before is gone from those states, so
+    /// nothing closes now. Call before [`Engine::restore`].
+    pub fn resume(&mut self, watermark: Millis) {
+        self.watermark = Some(watermark);
+        self.limit = watermark.saturating_sub(self.lateness);
     }
 
     /// The groups held in memory.

@@ -447,4 +447,61 @@ proptest! {
             prop_assert_eq!(c.window.start.rem_euclid(size * MIN), 0);
         }
     }
+
+    /// A restart anywhere (every group's state stored as JSON with the
+    /// watermark, then restored into a new engine) closes the same
+    /// windows as running on.
+    #[test]
+    fn a_restart_anywhere_closes_the_same_windows(
+        kind in kinds(),
+        times in prop::collection::vec((0i64..(6 * 60), 0usize..4), 1..60),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let events: Vec<(Millis, String, usize)> = times
+            .iter()
+            .enumerate()
+            .map(|(i, (t, g))| (t * MIN + i as i64, format!("g{g}"), i))
+            .collect();
+        let delay = 20 * MIN;
+        let feed = |engine: &mut Engine, events: &[(Millis, String, usize)], newest: &mut Millis| {
+            let mut out = Vec::new();
+            for (at, group, id) in events {
+                engine.observe(group, &stamp(*at, *id), Some(&json!(*id)));
+                *newest = (*newest).max(*at);
+                out.extend(engine.advance(*newest - delay));
+            }
+            out
+        };
+        let mut straight = Engine::new(kind, Aggregate::Sum, MIN);
+        let mut newest = Millis::MIN;
+        let mut expected = feed(&mut straight, &events, &mut newest);
+        expected.extend(straight.advance(Millis::MAX));
+
+        let k = cut.index(events.len() + 1);
+        let mut before = Engine::new(kind, Aggregate::Sum, MIN);
+        let mut newest = Millis::MIN;
+        let mut got = feed(&mut before, &events[..k], &mut newest);
+        let stored: Vec<(String, String)> = before
+            .groups()
+            .map(|(g, s)| (g.clone(), serde_json::to_string(s).unwrap()))
+            .collect();
+        let mut after = Engine::new(kind, Aggregate::Sum, MIN);
+        if let Some(w) = before.watermark() {
+            after.resume(w);
+        }
+        for (group, text) in stored {
+            after.restore(&group, serde_json::from_str(&text).unwrap());
+        }
+        got.extend(feed(&mut after, &events[k..], &mut newest));
+        got.extend(after.advance(Millis::MAX));
+        let published = |closed: Vec<Closed>| {
+            let mut out: Vec<_> = closed
+                .into_iter()
+                .map(|c| (c.group, c.window, c.value.to_string(), c.events))
+                .collect();
+            out.sort();
+            out
+        };
+        prop_assert_eq!(published(got), published(expected));
+    }
 }
