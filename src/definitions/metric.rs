@@ -226,120 +226,13 @@ impl MetricDefinition {
 
 impl WindowDefinition {
     fn compile(&self) -> Result<WindowKind, DefinitionError> {
-        let required = |name: &'static str, value: &Option<String>| {
-            value
-                .as_deref()
-                .ok_or_else(|| {
-                    DefinitionError::new(
-                        format!("window.{name}"),
-                        format!("a {} window needs `{name}`", self.kind),
-                    )
-                })
-                .and_then(|t| millis(&format!("window.{name}"), t))
-        };
-        let optional = |name: &'static str, value: &Option<String>| {
-            value
-                .as_deref()
-                .map(|t| millis(&format!("window.{name}"), t))
-                .transpose()
-        };
-        let unused =
-            |fields: &[(&str, &Option<String>)]| match fields.iter().find(|(_, v)| v.is_some()) {
-                Some((name, _)) => Err(DefinitionError::new(
-                    format!("window.{name}"),
-                    format!("a {} window has no `{name}`", self.kind),
-                )),
-                None => Ok(()),
-            };
-        let kind = match self.kind.as_str() {
-            "tumbling" => {
-                unused(&[
-                    ("slide", &self.slide),
-                    ("gap", &self.gap),
-                    ("max", &self.max),
-                    ("unit", &self.unit),
-                    ("timezone", &self.timezone),
-                    ("step", &self.step),
-                ])?;
-                WindowKind::Tumbling {
-                    size: required("size", &self.size)?,
-                }
-            }
-            "hopping" => {
-                unused(&[
-                    ("gap", &self.gap),
-                    ("max", &self.max),
-                    ("unit", &self.unit),
-                    ("timezone", &self.timezone),
-                    ("step", &self.step),
-                ])?;
-                WindowKind::Hopping {
-                    size: required("size", &self.size)?,
-                    slide: required("slide", &self.slide)?,
-                }
-            }
-            "session" => {
-                unused(&[
-                    ("size", &self.size),
-                    ("slide", &self.slide),
-                    ("unit", &self.unit),
-                    ("timezone", &self.timezone),
-                    ("step", &self.step),
-                ])?;
-                WindowKind::Session {
-                    gap: required("gap", &self.gap)?,
-                    max: optional("max", &self.max)?,
-                }
-            }
-            "calendar" => {
-                unused(&[
-                    ("size", &self.size),
-                    ("slide", &self.slide),
-                    ("gap", &self.gap),
-                    ("max", &self.max),
-                    ("step", &self.step),
-                ])?;
-                let unit = match self.unit.as_deref() {
-                    Some("day") => CalendarUnit::Day,
-                    Some("week") => CalendarUnit::Week,
-                    Some("month") => CalendarUnit::Month,
-                    Some(other) => {
-                        return Err(DefinitionError::new(
-                            "window.unit",
-                            format!("`{other}` is not day, week or month"),
-                        ));
-                    }
-                    None => {
-                        return Err(DefinitionError::new(
-                            "window.unit",
-                            "a calendar window needs `unit`: day, week or month",
-                        ));
-                    }
-                };
-                let zone = match self.timezone.as_deref() {
-                    None => chrono_tz::UTC,
-                    Some(name) => name.parse().map_err(|_| {
-                        DefinitionError::new(
-                            "window.timezone",
-                            format!("`{name}` is not an IANA time zone like \"Europe/Berlin\""),
-                        )
-                    })?,
-                };
-                WindowKind::Calendar { unit, zone }
-            }
-            "trailing" => {
-                unused(&[
-                    ("slide", &self.slide),
-                    ("gap", &self.gap),
-                    ("max", &self.max),
-                    ("unit", &self.unit),
-                    ("timezone", &self.timezone),
-                ])?;
-                let size = required("size", &self.size)?;
-                let step = optional("step", &self.step)?
-                    .unwrap_or_else(|| WindowKind::trailing_step(size));
-                WindowKind::Trailing { size, step }
-            }
+        // The fields each kind takes; any other given is refused by name.
+        let allowed: &[&str] = match self.kind.as_str() {
+            "tumbling" => &["size"],
+            "hopping" => &["size", "slide"],
+            "session" => &["gap", "max"],
+            "calendar" => &["unit", "timezone"],
+            "trailing" => &["size", "step"],
             other => {
                 return Err(DefinitionError::new(
                     "window.kind",
@@ -349,11 +242,87 @@ impl WindowDefinition {
                 ));
             }
         };
+        let given = [
+            ("size", &self.size),
+            ("slide", &self.slide),
+            ("gap", &self.gap),
+            ("max", &self.max),
+            ("unit", &self.unit),
+            ("timezone", &self.timezone),
+            ("step", &self.step),
+        ];
+        if let Some((name, _)) = given
+            .iter()
+            .find(|(name, value)| value.is_some() && !allowed.contains(name))
+        {
+            return Err(DefinitionError::new(
+                format!("window.{name}"),
+                format!("a {} window has no `{name}`", self.kind),
+            ));
+        }
+        let optional = |name: &'static str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|t| millis(&format!("window.{name}"), t))
+                .transpose()
+        };
+        let required = |name: &'static str, value: &Option<String>| {
+            optional(name, value)?.ok_or_else(|| {
+                DefinitionError::new(
+                    format!("window.{name}"),
+                    format!("a {} window needs `{name}`", self.kind),
+                )
+            })
+        };
+        let kind = match self.kind.as_str() {
+            "tumbling" => WindowKind::Tumbling {
+                size: required("size", &self.size)?,
+            },
+            "hopping" => WindowKind::Hopping {
+                size: required("size", &self.size)?,
+                slide: required("slide", &self.slide)?,
+            },
+            "session" => WindowKind::Session {
+                gap: required("gap", &self.gap)?,
+                max: optional("max", &self.max)?,
+            },
+            "calendar" => WindowKind::Calendar {
+                unit: match self.unit.as_deref() {
+                    Some("day") => CalendarUnit::Day,
+                    Some("week") => CalendarUnit::Week,
+                    Some("month") => CalendarUnit::Month,
+                    other => {
+                        let given = other.map_or("nothing".into(), |u| format!("`{u}`"));
+                        return Err(DefinitionError::new(
+                            "window.unit",
+                            format!(
+                                "a calendar window needs `unit` day, week or month, not {given}"
+                            ),
+                        ));
+                    }
+                },
+                zone: match self.timezone.as_deref() {
+                    None => chrono_tz::UTC,
+                    Some(name) => name.parse().map_err(|_| {
+                        DefinitionError::new(
+                            "window.timezone",
+                            format!("`{name}` is not an IANA time zone like \"Europe/Berlin\""),
+                        )
+                    })?,
+                },
+            },
+            _ => {
+                let size = required("size", &self.size)?;
+                let step = optional("step", &self.step)?
+                    .unwrap_or_else(|| WindowKind::trailing_step(size));
+                WindowKind::Trailing { size, step }
+            }
+        };
         kind.validate().map_err(|e| {
             let field = match e {
-                crate::windows::WindowError::NotPositive(name) => format!("window.{name}"),
+                crate::windows::WindowError::NotPositive(name)
+                | crate::windows::WindowError::NotAMultiple(name) => format!("window.{name}"),
                 crate::windows::WindowError::SlideLongerThanSize => "window.slide".into(),
-                crate::windows::WindowError::NotAMultiple(name) => format!("window.{name}"),
                 crate::windows::WindowError::MaxShorterThanGap => "window.max".into(),
             };
             DefinitionError::new(field, e.to_string())
