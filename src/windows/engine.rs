@@ -527,8 +527,8 @@ impl Engine {
         self.groups.get(group)
     }
 
-    /// Gives the engine a group's stored state (after a restart, or one
-    /// that was spilled from memory), replacing what it held for it.
+    /// Gives the engine a group's stored state (after a restart, or read
+    /// back from the store), replacing what it held for it.
     pub fn restore(&mut self, group: &str, state: GroupState) {
         self.groups.insert(group.to_owned(), state);
         self.reschedule(group);
