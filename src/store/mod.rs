@@ -11,6 +11,7 @@
 //! shared test suite runs against both.
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
+pub use metric_windows::{MetricBatch, StoredWindow, WindowQuery};
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
 use std::collections::HashMap;
@@ -124,6 +125,7 @@ pub(crate) use in_write_transaction;
 mod batch;
 mod cache;
 mod definitions;
+mod metric_windows;
 mod profiles;
 pub mod snapshot;
 
@@ -348,6 +350,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "definitions, every version kept",
         include_str!("migrations/version_4.sql"),
     );
+    let windows = migration(
+        5,
+        "metric window state, closed windows, partition clocks",
+        include_str!("migrations/version_5.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -358,11 +365,13 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             ),
             version,
             definitions,
+            windows,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
             version,
             definitions,
+            windows,
         ],
     }
 }

@@ -5,11 +5,14 @@
 
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType};
-use traitline::store::{OffsetAdvance, ProfileBatch, Store, StoreError};
+use traitline::store::{
+    MetricBatch, OffsetAdvance, ProfileBatch, Store, StoreError, StoredWindow, WindowQuery,
+};
 
 use crate::helpers::{Backend, TestDir, test_database};
 
 both_logs!(
+    a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one
@@ -210,5 +213,128 @@ async fn a_cached_profile_is_used_only_while_it_is_the_stored_one(backend: Backe
     assert!(
         matches!(refused, Err(StoreError::Corrupt(_))),
         "{refused:?}"
+    );
+}
+
+fn closed(group: &str, start_ms: i64, events: i64) -> StoredWindow {
+    StoredWindow {
+        metric: "orders_hourly".into(),
+        version: 2,
+        group: group.into(),
+        start_ms,
+        end_ms: start_ms + 3_600_000,
+        value: events.to_string(),
+        events,
+    }
+}
+
+async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let processor = "metric:orders_hourly:2";
+    let batch = |expected, next, clock, states, windows| MetricBatch {
+        processor,
+        topic: "user_events",
+        offsets: vec![OffsetAdvance {
+            partition: 3,
+            expected,
+            next,
+        }],
+        clocks: vec![(3, clock)],
+        states,
+        windows,
+    };
+    let first = batch(
+        None,
+        10,
+        5_000_000,
+        vec![(3, "u1".to_owned(), Some(r#"{"slices":{}}"#.to_owned()))],
+        vec![closed("u1", 0, 4)],
+    );
+    store.apply_metric_batch(&first).await.unwrap();
+    let (clock, states) = store
+        .metric_states(processor, "user_events", 3)
+        .await
+        .unwrap();
+    assert_eq!(clock, Some(5_000_000));
+    assert_eq!(
+        states,
+        vec![("u1".to_owned(), r#"{"slices":{}}"#.to_owned())]
+    );
+
+    // A second reader that also believed nothing was stored is fenced and
+    // leaves no trace: not its state, window or clock.
+    let stale = batch(
+        None,
+        12,
+        9_000_000,
+        vec![(3, "u2".to_owned(), Some("{}".to_owned()))],
+        vec![closed("u2", 0, 1)],
+    );
+    let refused = store.apply_metric_batch(&stale).await.unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Fenced { partition: 3, .. }),
+        "{refused}"
+    );
+    let (clock, states) = store
+        .metric_states(processor, "user_events", 3)
+        .await
+        .unwrap();
+    assert_eq!((clock, states.len()), (Some(5_000_000), 1));
+
+    let next = batch(
+        Some(10),
+        20,
+        8_000_000,
+        vec![(3, "u1".to_owned(), None)],
+        vec![closed("u1", 3_600_000, 2), closed("u3", 3_600_000, 1)],
+    );
+    store.apply_metric_batch(&next).await.unwrap();
+    let (clock, states) = store
+        .metric_states(processor, "user_events", 3)
+        .await
+        .unwrap();
+    assert_eq!((clock, states), (Some(8_000_000), vec![]));
+
+    let query = |group, from_ms, to_ms| WindowQuery {
+        metric: "orders_hourly",
+        version: 2,
+        group,
+        from_ms,
+        to_ms,
+        limit: 100,
+    };
+    let all = store
+        .metric_windows(&query(None, None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        vec![
+            closed("u1", 0, 4),
+            closed("u1", 3_600_000, 2),
+            closed("u3", 3_600_000, 1)
+        ]
+    );
+    let u1_later = store
+        .metric_windows(&query(Some("u1"), Some(3_600_000), None))
+        .await
+        .unwrap();
+    assert_eq!(u1_later, vec![closed("u1", 3_600_000, 2)]);
+    let before = store
+        .metric_windows(&query(None, None, Some(3_600_000)))
+        .await
+        .unwrap();
+    assert_eq!(before, vec![closed("u1", 0, 4)]);
+    // A window is written once: the same window again is refused.
+    let again = batch(Some(20), 21, 8_000_000, vec![], vec![closed("u1", 0, 4)]);
+    assert!(store.apply_metric_batch(&again).await.is_err());
+    assert_eq!(
+        store
+            .metric_windows(&query(None, None, None))
+            .await
+            .unwrap()
+            .len(),
+        3
     );
 }
