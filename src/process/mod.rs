@@ -28,6 +28,7 @@
 pub mod clock;
 mod dead_letters;
 mod in_flight;
+pub mod metrics;
 pub mod profiles;
 mod reading;
 pub mod relay;

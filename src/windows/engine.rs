@@ -58,7 +58,7 @@ pub struct Slice {
 }
 
 /// What the engine holds for one group; what the store keeps of it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupState {
     /// Slices by start (every kind but sessions).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -68,12 +68,26 @@ pub struct GroupState {
     pub sessions: Vec<Session>,
     /// Sessions: events before this time are late (a session they would
     /// join has closed).
-    #[serde(default = "beginning")]
+    #[serde(default = "beginning", skip_serializing_if = "is_beginning")]
     pub closed_until: Millis,
+}
+
+impl Default for GroupState {
+    fn default() -> GroupState {
+        GroupState {
+            slices: BTreeMap::new(),
+            sessions: Vec::new(),
+            closed_until: beginning(),
+        }
+    }
 }
 
 fn beginning() -> Millis {
     Millis::MIN
+}
+
+fn is_beginning(at: &Millis) -> bool {
+    *at == Millis::MIN
 }
 
 impl GroupState {
@@ -359,6 +373,8 @@ impl Engine {
             if !self.timer_of.contains_key(&group) {
                 self.groups.remove(&group);
             }
+            // What closed left the group's state (or the group is gone).
+            self.changed.insert(group);
         }
         closed
     }
@@ -417,7 +433,6 @@ impl Engine {
                     };
                     let (partial, events) = merge_slices(aggregate, &state.slices, window);
                     emit(closed, window, partial, events);
-                    self.changed.insert(group.to_owned());
                 }
             }
             Layout::Hopping { size, slide, .. } => {
@@ -514,8 +529,9 @@ impl Engine {
         }
     }
 
-    /// The groups whose windows changed since the last call (events taken
-    /// in, or a trailing window moved), for the store and computed traits.
+    /// The groups whose state changed since the last call (events taken
+    /// in, windows closed, a trailing window moved), for the store and
+    /// computed traits.
     pub fn take_changed(&mut self) -> Vec<String> {
         let mut changed: Vec<String> = self.changed.drain().collect();
         changed.sort();

@@ -1,0 +1,151 @@
+//! The metrics processor through the runner, on the embedded log and a
+//! SQLite store: a restart between two halves of the log, and a second
+//! pass over it, count every event once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::*;
+use crate::definitions::MetricDefinition;
+use crate::log::embedded::{EmbeddedLog, EmbeddedReader};
+use crate::log::{EventLog, Record, StartAt};
+use crate::process::{Runner, RunnerSettings};
+use crate::store::WindowQuery;
+
+const TOPIC: &str = "events";
+const HOUR: i64 = 3_600_000;
+
+fn spec() -> MetricSpec {
+    let definition: MetricDefinition = serde_json::from_value(json!({
+        "event": "order.create", "group_by": "userId", "aggregate": "count",
+        "window": {"kind": "tumbling", "size": "1h"}, "lateness": "5m"
+    }))
+    .unwrap();
+    definition.compile("orders_hourly").unwrap()
+}
+
+/// Events for 5 users over 3 hours starting at `base` (an hour boundary),
+/// every fourth one a page view the metric does not take.
+fn events(base: i64, range: std::ops::Range<usize>) -> Vec<(String, i64, bool)> {
+    range
+        .map(|i| {
+            let at = base + (i as i64 * 7_919_000) % (3 * HOUR);
+            (format!("u{}", i % 5), at, i % 4 != 3)
+        })
+        .collect()
+}
+
+async fn append(log: &EmbeddedLog, base: i64, range: std::ops::Range<usize>) {
+    let records = range
+        .clone()
+        .zip(events(base, range))
+        .map(|(i, (user, at, order))| {
+            let envelope = json!({
+                "type": if order { "track" } else { "page" },
+                "event": if order { Some("order.create") } else { None },
+                "userId": user, "messageId": format!("m{i}"),
+                "timestamp": DateTime::<Utc>::from_timestamp_millis(at).unwrap().to_rfc3339(),
+            });
+            Record {
+                key: Some(user),
+                value: envelope.to_string().into_bytes(),
+            }
+        })
+        .collect();
+    log.append(TOPIC, records).await.unwrap();
+}
+
+fn runner(
+    dir: &std::path::Path,
+    log: &Arc<EmbeddedLog>,
+    processor: &Arc<MetricProcessor>,
+) -> Runner<MetricProcessor> {
+    let reader = Box::new(EmbeddedReader::open(dir, TOPIC, StartAt::Beginning).unwrap());
+    let settings = RunnerSettings {
+        max_batch: 7,
+        max_wait: Duration::from_millis(10),
+        stop_when_caught_up: true,
+        parallel_commits: 1,
+        tick: Duration::ZERO,
+        ..RunnerSettings::new("metrics", TOPIC.to_owned(), "rejected".to_owned())
+    };
+    Runner::new(processor.clone(), reader, log.clone(), settings)
+}
+
+async fn run_to_end(runner: Runner<MetricProcessor>) {
+    tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
+        .await
+        .expect("the runner reads the log to its end")
+        .expect("the runner does not fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    // Windows in the future of the log's clock (its append times), so
+    // they stay open through both runs and close only on the tick below.
+    let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+
+    append(&log, base, 0..60).await;
+    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1));
+    run_to_end(runner(&log_dir, &log, &first)).await;
+    drop(first);
+
+    // A restart: a new processor, nothing in memory, the same store.
+    append(&log, base, 60..130).await;
+    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1));
+    run_to_end(runner(&log_dir, &log, &second)).await;
+    // And a second pass over the whole log: every offset is stored.
+    run_to_end(runner(&log_dir, &log, &second)).await;
+
+    // The clocks move past every window on a quiet log (the time hook).
+    let clocks: Vec<PartitionTime> = (0..3)
+        .map(|partition| PartitionTime {
+            partition,
+            time_ms: base + 4 * HOUR,
+        })
+        .collect();
+    second.tick(TOPIC, &clocks).await.unwrap();
+
+    let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (user, at, order) in events(base, 0..130) {
+        if order {
+            *expected.entry((user, at - at % HOUR)).or_default() += 1;
+        }
+    }
+    let stored = store
+        .metric_windows(&WindowQuery {
+            metric: "orders_hourly",
+            version: 1,
+            limit: 1000,
+            ..WindowQuery::default()
+        })
+        .await
+        .unwrap();
+    let got: BTreeMap<(String, i64), i64> = stored
+        .iter()
+        .map(|w| {
+            assert_eq!(w.end_ms - w.start_ms, HOUR);
+            assert_eq!(w.value, w.events.to_string());
+            ((w.group.clone(), w.start_ms), w.events)
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(stored.len(), expected.len(), "each window written once");
+    // Closed windows leave the stored state.
+    for partition in 0..3 {
+        let (clock, states) = store
+            .metric_states(&processor_name("orders_hourly", 1), TOPIC, partition)
+            .await
+            .unwrap();
+        assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
+    }
+}
