@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 use crate::definitions::{DefinitionError, MetricDefinition};
 use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
 use crate::keys::ApiKeys;
-use crate::store::{DefinitionKind, Put, Store, StoreError, StoredDefinition};
+use crate::store::{DefinitionKind, Put, Store, StoreError, StoredDefinition, WindowQuery};
 
 /// What the admin routes need.
 #[derive(Clone)]
@@ -41,6 +41,8 @@ pub enum AdminError {
     Invalid(DefinitionError),
     #[error("no metric is named {0:?}")]
     NotFound(String),
+    #[error("{0}")]
+    BadParameter(String),
     #[error("the store is unavailable; try again")]
     Unavailable,
 }
@@ -49,7 +51,7 @@ impl ApiError for AdminError {
     fn status(&self) -> StatusCode {
         match self {
             AdminError::Auth(auth) => auth.status(),
-            AdminError::NotJson(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotJson(_) | AdminError::BadParameter(_) => StatusCode::BAD_REQUEST,
             AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +62,7 @@ impl ApiError for AdminError {
         match self {
             AdminError::Auth(auth) => auth.code(),
             AdminError::NotJson(_) => "invalid_json",
+            AdminError::BadParameter(_) => "invalid_parameter",
             AdminError::Invalid(_) => "invalid_value",
             AdminError::NotFound(_) => "not_found",
             AdminError::Unavailable => "store_unavailable",
@@ -152,6 +155,7 @@ impl AdminState {
                 "/v1/metrics/{name}",
                 get(get_metric).put(put_metric).delete(delete_metric),
             )
+            .route("/v1/metrics/{name}/values", get(metric_values))
             .with_state(self)
     }
 }
@@ -164,7 +168,10 @@ pub async fn store_metric(
     name: &str,
     definition: &MetricDefinition,
 ) -> Result<(Put, StoredDefinition), AdminError> {
-    definition.compile(name).map_err(AdminError::Invalid)?;
+    definition
+        .compile(name)
+        .and_then(|spec| spec.computable())
+        .map_err(AdminError::Invalid)?;
     let mut body = definition.clone();
     body.name = None;
     let text = serde_json::to_string(&body).expect("a definition serializes");
@@ -268,6 +275,111 @@ pub async fn list_metrics(
         .map(entry)
         .collect();
     Ok(Json(MetricList { metrics }))
+}
+
+/// Which windows of a metric to read.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ValuesQuery {
+    /// Only this group (a user id, a property value, `*` for a global
+    /// metric).
+    pub group: Option<String>,
+    /// Windows ending after this time (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Windows starting before this time (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// Most windows, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+/// One window's value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WindowValue {
+    pub group: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    #[schema(value_type = Object)]
+    pub value: Value,
+    /// Events in the window.
+    pub events: i64,
+    /// Closed by the watermark: the value is final.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// Windows of a metric's current version, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WindowValues {
+    pub version: i64,
+    pub values: Vec<WindowValue>,
+    /// Always null for now: the answer holds up to `limit` windows.
+    pub next_cursor: Option<String>,
+}
+
+/// The closed windows of a metric's current version.
+#[utoipa::path(get, path = "/v1/metrics/{name}/values", tag = "metrics",
+    params(("name" = String, Path, description = "The metric's name"), ValuesQuery),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Closed windows, oldest first", body = WindowValues),
+        (status = 400, description = "A parameter that does not parse", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 404, description = "No metric has this name", body = ErrorBody),
+        (status = 422, description = "A name that is not UTF-8", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn metric_values(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+    query: Result<axum::extract::Query<ValuesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<WindowValues>, AdminError> {
+    authorize(&state.keys, &headers, Need::Read)?;
+    let axum::extract::Query(query) = query.map_err(|e| AdminError::BadParameter(e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(AdminError::BadParameter(
+            "limit: must be between 1 and 1000".into(),
+        ));
+    }
+    let Some(current) = state
+        .store
+        .definition(DefinitionKind::Metric, &name)
+        .await?
+    else {
+        return Err(AdminError::NotFound(name));
+    };
+    let windows = state
+        .store
+        .metric_windows(&WindowQuery {
+            metric: &name,
+            version: current.version,
+            group: query.group.as_deref(),
+            from_ms: query.from.map(|t| t.timestamp_millis()),
+            to_ms: query.to.map(|t| t.timestamp_millis()),
+            limit,
+        })
+        .await?;
+    let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    let values = windows
+        .into_iter()
+        .map(|w| WindowValue {
+            start: time(w.start_ms),
+            end: time(w.end_ms),
+            value: serde_json::from_str(&w.value).unwrap_or(Value::Null),
+            events: w.events,
+            is_final: true,
+            group: w.group,
+        })
+        .collect();
+    Ok(Json(WindowValues {
+        version: current.version,
+        values,
+        next_cursor: None,
+    }))
 }
 
 /// Deletes a metric definition (a version of its own: the history stays).

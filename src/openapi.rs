@@ -37,6 +37,7 @@ use crate::store::ChangeRecord;
         crate::admin::get_metric,
         crate::admin::list_metrics,
         crate::admin::delete_metric,
+        crate::admin::metric_values,
         crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
@@ -48,6 +49,7 @@ use crate::store::ChangeRecord;
         ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted,
         crate::home::Home, crate::home::Link, crate::supervisor::StageState,
         crate::admin::MetricEntry, crate::admin::MetricList,
+        crate::admin::WindowValues, crate::admin::WindowValue,
         crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition
     )),
     modifiers(&Security),

@@ -92,6 +92,8 @@ pub async fn serve(
                     .map_err(ServeError::Stage)?;
             processing.push(stats);
         }
+        crate::process::metrics::spawn(&mut supervisor, &config, store, &log)
+            .map_err(ServeError::Stage)?;
         let relay = ChangeRelay::new(
             store.clone(),
             log.clone(),

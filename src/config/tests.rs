@@ -234,10 +234,12 @@ fn a_bad_metric_in_the_file_fails_at_start_naming_it_and_its_field() {
         r#"
         [[metrics]]
         name = "a"
+        group_by = "userId"
         aggregate = "count"
         window = { kind = "tumbling", size = "1h" }
         [[metrics]]
         name = "a"
+        group_by = "userId"
         aggregate = "count"
         window = { kind = "tumbling", size = "2h" }
         "#,

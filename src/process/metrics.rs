@@ -13,20 +13,30 @@
 //! tried again, so a retry, a crash or a rebalance never counts an event
 //! twice.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
-use super::profiles::commit_error;
+use super::profiles::{commit_error, group_reader};
 use super::{
     Checkpoint, Checkpoints, CommitError, Committed, OffsetAdvance, PartitionTime, Processor,
-    Rejected,
+    Rejected, Runner, RunnerSettings,
 };
-use crate::definitions::MetricSpec;
-use crate::log::StoredRecord;
+use crate::config::Config;
+use crate::definitions::{MetricDefinition, MetricSpec};
+use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::{Metric, Outcome};
-use crate::store::{MetricBatch, Store, StoredWindow};
+use crate::store::{DefinitionKind, MetricBatch, Store, StoredWindow};
+use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 use crate::windows::Closed;
+
+/// How often the stage looks for changed definitions.
+const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
 
 /// The name a metric version's offsets and states are stored under.
 pub fn processor_name(metric: &str, version: i64) -> String {
@@ -120,13 +130,41 @@ impl MetricProcessor {
                 partitions.insert(*p, loaded);
             }
         }
+        // A client's retry (the same message id) is counted once: ids
+        // counted by earlier batches are in the store, this batch's here.
+        let ids: Vec<&str> = events
+            .iter()
+            .filter_map(|(_, e)| e.get("messageId").and_then(Value::as_str))
+            .collect();
+        let mut known = if ids.is_empty() {
+            Default::default()
+        } else {
+            self.store
+                .metric_seen(&self.name, &ids)
+                .await
+                .map_err(commit_error)?
+        };
         let mut counted = 0;
+        let mut seen = Vec::new();
         for (p, event) in events {
+            let id = event.get("messageId").and_then(Value::as_str);
+            if id.is_some_and(|id| known.contains(id)) {
+                continue;
+            }
             let partition = partitions.get_mut(p).expect("loaded above");
             if let Outcome::Observed { observed, .. } = partition.metric.observe(event)
                 && observed.counted
             {
                 counted += 1;
+                if let Some(id) = id {
+                    known.insert(id.to_owned());
+                    let received = event
+                        .get("receivedAt")
+                        .and_then(Value::as_str)
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .map_or_else(crate::store::now_ms, |t| t.timestamp_millis());
+                    seen.push((id.to_owned(), received));
+                }
             }
         }
         let mut windows = Vec::new();
@@ -153,6 +191,7 @@ impl MetricProcessor {
             clocks: stored_clocks,
             states,
             windows: windows.into_iter().map(|c| self.stored(c)).collect(),
+            seen,
         };
         match self.store.apply_metric_batch(&batch).await {
             Ok(()) => {
@@ -264,6 +303,164 @@ impl Processor for MetricProcessor {
             return Ok(());
         }
         self.apply(topic, &[], known, &clocks).await.map(|_| ())
+    }
+}
+
+/// The runner of one metric version on `user_events`: its own consumer
+/// group in Kafka mode, so it reads from the beginning the first time.
+pub fn runner(
+    config: &Config,
+    store: Store,
+    log: Arc<dyn EventLog>,
+    spec: MetricSpec,
+    version: i64,
+) -> Result<Runner<MetricProcessor>, ReadError> {
+    let topics = Topics::new(&config.topic_prefix);
+    let topic = topics.events();
+    let processor = Arc::new(MetricProcessor::new(store, spec, version));
+    let group = format!(
+        "{}-{}",
+        config.kafka_group,
+        processor.name().replace(':', "-")
+    );
+    let reader = group_reader(config, &topic, &group)?;
+    let settings = RunnerSettings {
+        max_batch: config.process_batch,
+        // One set of engines a runner: its commits take turns.
+        parallel_commits: 1,
+        idle_bound: config.append_timeout + config.clock_skew,
+        ..RunnerSettings::new("metrics", topic, topics.rejected())
+    };
+    Ok(Runner::new(processor, reader, log, settings))
+}
+
+/// Runs every defined metric's current version as one supervised stage,
+/// `metrics`: a runner each, started when a definition appears or changes
+/// (on every instance: the definitions are in the shared store), stopped
+/// when it changes again or is deleted. A runner that fails ends the stage
+/// with its cause, and the supervisor starts it again.
+pub fn spawn(
+    supervisor: &mut Supervisor,
+    config: &Config,
+    store: &Store,
+    log: &Arc<dyn EventLog>,
+) -> Result<(), String> {
+    let (config, store, log) = (config.clone(), store.clone(), log.clone());
+    supervisor.spawn("metrics", move |stop| {
+        Ok(Box::pin(run_definitions(
+            config.clone(),
+            store.clone(),
+            log.clone(),
+            stop,
+        )))
+    })
+}
+
+/// The current versions of the stored metric definitions that compile.
+async fn current_metrics(store: &Store) -> Result<HashMap<String, (i64, MetricSpec)>, String> {
+    let definitions = store
+        .definitions(DefinitionKind::Metric)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut current = HashMap::new();
+    for stored in definitions {
+        match MetricDefinition::from_json(stored.body.as_bytes())
+            .and_then(|d| d.compile(&stored.name))
+            .and_then(|spec| spec.computable().map(|()| spec))
+        {
+            Ok(spec) => {
+                current.insert(stored.name, (stored.version, spec));
+            }
+            // Checked when it was put; one that no longer compiles is not
+            // run, and said.
+            Err(e) => tracing::error!(
+                "metric {} version {} cannot run: {e}",
+                stored.name,
+                stored.version
+            ),
+        }
+    }
+    Ok(current)
+}
+
+async fn run_definitions(
+    config: Config,
+    store: Store,
+    log: Arc<dyn EventLog>,
+    stop: StopSignal,
+) -> StageResult {
+    let mut running: HashMap<String, (i64, watch::Sender<bool>)> = HashMap::new();
+    let mut runners: JoinSet<(String, i64, Result<(), String>)> = JoinSet::new();
+    let mut seen = None;
+    let mut poll = tokio::time::interval(DEFINITIONS_POLL);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => {
+                for (_, (_, stop)) in running.drain() {
+                    let _ = stop.send(true);
+                }
+                while runners.join_next().await.is_some() {}
+                return Ok(());
+            }
+            Some(ended) = runners.join_next() => {
+                let (name, version, result) = ended.map_err(|e| {
+                    format!("a metric runner panicked: {}", super::panic_message(e.into_panic().as_ref()))
+                })?;
+                let wanted = running.get(&name).is_some_and(|(v, _)| *v == version);
+                match result {
+                    Err(cause) => {
+                        return Err(format!("the runner of metric {name} version {version} failed: {cause}"));
+                    }
+                    Ok(()) if wanted => {
+                        return Err(format!(
+                            "the runner of metric {name} version {version} returned although it was not asked to stop"
+                        ));
+                    }
+                    Ok(()) => {}
+                }
+            }
+            _ = poll.tick() => {
+                let changes = match store.definitions_changes(DefinitionKind::Metric).await {
+                    Ok(changes) if seen == Some(changes) => continue,
+                    Ok(changes) => changes,
+                    Err(e) => {
+                        tracing::warn!("cannot read the metric definitions: {e}; trying again");
+                        continue;
+                    }
+                };
+                let current = match current_metrics(&store).await {
+                    Ok(current) => current,
+                    Err(e) => {
+                        tracing::warn!("cannot read the metric definitions: {e}; trying again");
+                        continue;
+                    }
+                };
+                seen = Some(changes);
+                running.retain(|name, (version, stop)| {
+                    let keep = current.get(name).is_some_and(|(v, _)| v == version);
+                    if !keep {
+                        tracing::info!("metric {name} version {version} stops");
+                        let _ = stop.send(true);
+                    }
+                    keep
+                });
+                for (name, (version, spec)) in current {
+                    if running.contains_key(&name) {
+                        continue;
+                    }
+                    let runner = runner(&config, store.clone(), log.clone(), spec, version)
+                        .map_err(|e| format!("cannot start metric {name} version {version}: {e}"))?;
+                    let (stop_runner, stopped) = watch::channel(false);
+                    tracing::info!(
+                        "metric {name} version {version} runs, from the log's beginning where it has not been computed yet"
+                    );
+                    let task = name.clone();
+                    runners.spawn(async move { (task, version, runner.run(stop_signal(stopped)).await) });
+                    running.insert(name, (version, stop_runner));
+                }
+            }
+        }
     }
 }
 

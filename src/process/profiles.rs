@@ -79,25 +79,16 @@ pub fn runner(
         ProfileInput::Events => topics.events(),
         ProfileInput::Overflow => topics.overflow(),
     };
-    let reader: Box<dyn LogReader> = match &config.log {
-        LogBackend::Embedded => Box::new(EmbeddedReader::open(
-            &config.data_dir.join("log"),
-            &topic,
-            StartAt::Beginning,
-        )?),
-        LogBackend::Kafka(settings) => {
-            let group = if replay {
-                format!(
-                    "{}traitline-replay-{}",
-                    config.topic_prefix,
-                    uuid::Uuid::new_v4().simple()
-                )
-            } else {
-                format!("{}-{name}", config.kafka_group)
-            };
-            Box::new(KafkaReader::join_group(settings, &topic, &group)?)
-        }
+    let group = if replay {
+        format!(
+            "{}traitline-replay-{}",
+            config.topic_prefix,
+            uuid::Uuid::new_v4().simple()
+        )
+    } else {
+        format!("{}-{name}", config.kafka_group)
     };
+    let reader = group_reader(config, &topic, &group)?;
     let settings = RunnerSettings {
         max_batch: config.process_batch,
         stop_when_caught_up: replay,
@@ -117,6 +108,24 @@ pub fn runner(
         log,
         settings,
     ))
+}
+
+/// A reader of `topic` for a stage: in Kafka mode a member of consumer
+/// group `group` (Kafka shares the partitions among the group's members),
+/// embedded a reader of every partition.
+pub fn group_reader(
+    config: &Config,
+    topic: &str,
+    group: &str,
+) -> Result<Box<dyn LogReader>, ReadError> {
+    Ok(match &config.log {
+        LogBackend::Embedded => Box::new(EmbeddedReader::open(
+            &config.data_dir.join("log"),
+            topic,
+            StartAt::Beginning,
+        )?),
+        LogBackend::Kafka(settings) => Box::new(KafkaReader::join_group(settings, topic, group)?),
+    })
 }
 
 /// Builds profiles from events; see [`crate::profile`] for the rules.

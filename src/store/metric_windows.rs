@@ -25,6 +25,8 @@ pub struct MetricBatch<'a> {
     pub states: Vec<(i32, String, Option<String>)>,
     /// Windows the batch closed.
     pub windows: Vec<StoredWindow>,
+    /// The message ids the batch counted, with their receive time.
+    pub seen: Vec<(String, i64)>,
 }
 
 /// A closed window, as stored and served.
@@ -93,6 +95,29 @@ impl Store {
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect::<Result<_, sqlx::Error>>()?;
         Ok((clock, states))
+    }
+
+    /// Which of `message_ids` `processor` has counted before.
+    pub async fn metric_seen(
+        &self,
+        processor: &str,
+        message_ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut known = std::collections::HashSet::new();
+        for chunk in message_ids.chunks(super::batch::ROWS_PER_INSERT) {
+            let sql = format!(
+                "SELECT message_id FROM metric_seen WHERE processor = $1 AND message_id IN ({})",
+                self.dialect.params(chunk.len(), 2)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                known.insert(row.try_get::<String, _>(0)?);
+            }
+        }
+        Ok(known)
     }
 
     /// Closed windows of a metric version, oldest first.
@@ -172,6 +197,16 @@ async fn write_batch(
             .execute(&mut *tx)
             .await?,
         };
+    }
+    for (message_id, received_at) in &batch.seen {
+        sqlx::query(
+            "INSERT INTO metric_seen (processor, message_id, received_at) VALUES ($1, $2, $3)",
+        )
+        .bind(batch.processor)
+        .bind(message_id.as_str())
+        .bind(*received_at)
+        .execute(&mut *tx)
+        .await?;
     }
     for w in &batch.windows {
         sqlx::query(

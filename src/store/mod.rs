@@ -323,6 +323,11 @@ impl Store {
             .bind(before_ms)
             .execute(&self.pool)
             .await?;
+        // The metrics' record of counted message ids goes with them.
+        sqlx::query("DELETE FROM metric_seen WHERE received_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
         Ok(events.rows_affected())
     }
 }

@@ -6,14 +6,19 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, WRITE_KEY, spawn_app, spawn_app_with};
+use std::time::Duration;
+
+use crate::helpers::{
+    ADMIN_KEY, Backend, READ_KEY, TestApp, WRITE_KEY, eventually, spawn_app, spawn_app_with,
+};
 
 both_logs!(
     a_metric_is_defined_versioned_read_and_deleted,
     a_bad_definition_is_refused_naming_its_field_and_the_running_version_stays,
     only_an_admin_key_changes_definitions_and_a_read_key_reads_them,
     concurrent_changes_each_get_a_version_of_their_own,
-    the_configuration_files_metrics_are_stored_at_start
+    the_configuration_files_metrics_are_stored_at_start,
+    a_metric_defined_after_its_events_counts_them_from_history_exactly
 );
 
 fn orders_hourly() -> Value {
@@ -215,7 +220,7 @@ async fn the_configuration_files_metrics_are_stored_at_start(backend: Backend) {
         [[metrics]]
         name = "revenue_daily"
         event = "order.create"
-        group_by = "properties.country"
+        group_by = "userId"
         aggregate = "sum"
         field = "properties.amount"
         window = { kind = "calendar", unit = "day", timezone = "Europe/Berlin" }
@@ -231,5 +236,108 @@ async fn the_configuration_files_metrics_are_stored_at_start(backend: Backend) {
         read["definition"].get("name").is_none(),
         "the name is the path's"
     );
+    app.stop().await;
+}
+
+async fn a_metric_defined_after_its_events_counts_them_from_history_exactly(backend: Backend) {
+    let app = spawn_app(backend).await;
+    const HOUR: i64 = 3_600_000;
+    // Two whole hours that ended before now: the log's clock (the time
+    // events are received) has passed them, so they close at once.
+    let base = (chrono::Utc::now().timestamp_millis() / HOUR - 3) * HOUR;
+    let at = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let order = |i: usize, user: &str, ms: i64, amount: i64| {
+        json!({"type": "track", "event": "order.create", "userId": user,
+               "messageId": format!("order-{i}"), "timestamp": at(ms),
+               "properties": {"amount": amount}})
+    };
+    let batch = json!({"batch": [
+        order(1, "u1", base + 60_000, 150),
+        order(2, "u1", base + 120_000, 500),
+        order(3, "u1", base + HOUR - 1, 101),
+        order(4, "u1", base + HOUR, 200),
+        order(5, "u1", base + HOUR + 5, 300),
+        order(6, "u1", base + 30_000, 50),
+        order(7, "u2", base + 10, 1_000),
+        // A retry of an event already sent: counted once.
+        order(7, "u2", base + 10, 1_000),
+    ]});
+    let sent = app.post("/v1/batch", &batch).await;
+    assert!(sent.status().is_success());
+    let (status, _) = put(
+        &app,
+        "orders_hourly",
+        ADMIN_KEY,
+        &json!({
+            "event": "order.create", "type": "track", "where": "properties.amount > 100",
+            "group_by": "userId", "aggregate": "count",
+            "window": {"kind": "tumbling", "size": "1h"}
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let values = |group: &'static str| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .get_as(
+                    &format!("/v1/metrics/orders_hourly/values?group={group}"),
+                    READ_KEY,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body
+        }
+    };
+    let u1 = eventually(
+        "u1's two windows closed",
+        Duration::from_secs(30),
+        || async {
+            let body = values("u1").await;
+            (body["values"].as_array().unwrap().len() == 2).then_some(body)
+        },
+    )
+    .await;
+    let windows: Vec<(String, Value, bool)> = u1["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["start"].as_str().unwrap().to_owned(),
+                w["value"].clone(),
+                w["final"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let start = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    };
+    assert_eq!(
+        windows,
+        vec![
+            (start(base), json!(3), true),
+            (start(base + HOUR), json!(2), true)
+        ]
+    );
+    // u2's events are in another partition, maybe committed later.
+    let u2 = eventually("u2's window closed", Duration::from_secs(30), || async {
+        let body = values("u2").await;
+        (!body["values"].as_array().unwrap().is_empty()).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        u2["values"][0]["value"],
+        json!(1),
+        "the retry is not counted: {u2}"
+    );
+    assert_eq!(u2["values"].as_array().unwrap().len(), 1);
+    assert_eq!(u1["version"], 1);
     app.stop().await;
 }

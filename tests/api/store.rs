@@ -243,6 +243,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         clocks: vec![(3, clock)],
         states,
         windows,
+        seen: vec![],
     };
     let first = batch(
         None,

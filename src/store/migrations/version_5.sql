@@ -29,3 +29,13 @@ CREATE TABLE metric_windows (
     published INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (metric, version, grp, start_ms, end_ms)
 );
+
+-- The message ids each metric version has counted, so a client's retry
+-- of an event is counted once; kept as long as the stored events
+-- (events-retention-days).
+CREATE TABLE metric_seen (
+    processor TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (processor, message_id)
+);
