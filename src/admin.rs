@@ -19,7 +19,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::definitions::{DefinitionError, MetricDefinition};
-use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
+use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
 use crate::store::{DefinitionKind, Put, Store, StoreError, StoredDefinition, WindowQuery};
 
@@ -88,11 +88,6 @@ impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         crate::http::error::respond(&self)
     }
-}
-
-fn authorize(keys: &ApiKeys, headers: &HeaderMap, needs: Need) -> Result<(), AdminError> {
-    let key = key_from_headers(headers)?;
-    Ok(crate::http::authorize(keys, key.as_deref(), needs)?)
 }
 
 /// The `{name}` of a definition route; a path that is not UTF-8 names
@@ -201,7 +196,7 @@ pub async fn put_metric(
     DefinitionName(name): DefinitionName,
     body: Bytes,
 ) -> Result<(StatusCode, Json<MetricEntry>), AdminError> {
-    authorize(&state.keys, &headers, Need::Admin)?;
+    authorize_request(&state.keys, &headers, Need::Admin)?;
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return Err(AdminError::NotJson(e.to_string()));
     }
@@ -243,7 +238,7 @@ pub async fn get_metric(
     headers: HeaderMap,
     DefinitionName(name): DefinitionName,
 ) -> Result<Json<MetricEntry>, AdminError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     state
         .store
         .definition(DefinitionKind::Metric, &name)
@@ -266,7 +261,7 @@ pub async fn list_metrics(
     State(state): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Json<MetricList>, AdminError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     let metrics = state
         .store
         .definitions(DefinitionKind::Metric)
@@ -337,7 +332,7 @@ pub async fn metric_values(
     DefinitionName(name): DefinitionName,
     query: Result<axum::extract::Query<ValuesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<WindowValues>, AdminError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     let axum::extract::Query(query) = query.map_err(|e| AdminError::BadParameter(e.body_text()))?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -400,7 +395,7 @@ pub async fn delete_metric(
     headers: HeaderMap,
     DefinitionName(name): DefinitionName,
 ) -> Result<StatusCode, AdminError> {
-    authorize(&state.keys, &headers, Need::Admin)?;
+    authorize_request(&state.keys, &headers, Need::Admin)?;
     match state
         .store
         .delete_definition(DefinitionKind::Metric, &name)

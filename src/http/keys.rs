@@ -112,6 +112,16 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<String>, AuthError
     Err(AuthError::UnknownKey)
 }
 
+/// Checks the key a request carries (its headers) for `needs`.
+pub fn authorize_request(
+    keys: &ApiKeys,
+    headers: &axum::http::HeaderMap,
+    needs: Need,
+) -> Result<(), AuthError> {
+    let key = key_from_headers(headers)?;
+    authorize(keys, key.as_deref(), needs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,4 +11,4 @@ pub mod guard;
 pub mod keys;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
-pub use keys::{AuthError, Need, authorize, key_from_headers};
+pub use keys::{AuthError, Need, authorize, authorize_request, key_from_headers};

@@ -77,12 +77,6 @@ impl Combiner {
         out
     }
 
-    /// The watermark every partition has passed: windows ending before it
-    /// less the lateness are final.
-    pub fn watermark(&self) -> Option<Millis> {
-        self.watermarks.values().min().copied()
-    }
-
     /// Windows waiting for a partition.
     pub fn pending(&self) -> usize {
         self.pending.len()

@@ -77,20 +77,18 @@ impl MetricProcessor {
     }
 
     /// Reads `partition`'s engine back from the store: its groups' states
-    /// and its clock.
-    async fn load(&self, topic: &str, partition: i32) -> Result<Partition, CommitError> {
+    /// and its clock; `next` is its stored next offset.
+    async fn load(
+        &self,
+        topic: &str,
+        partition: i32,
+        next: Option<i64>,
+    ) -> Result<Partition, CommitError> {
         let (clock, states) = self
             .store
             .metric_states(&self.name, topic, partition)
             .await
             .map_err(commit_error)?;
-        let next = self
-            .store
-            .offsets(&self.name, topic)
-            .await
-            .map_err(commit_error)?
-            .get(&partition)
-            .copied();
         let mut metric = Metric::new(self.spec.clone(), self.version);
         if let Some(clock) = clock {
             metric.engine_mut().resume(clock);
@@ -124,10 +122,20 @@ impl MetricProcessor {
             .chain(offsets.iter().map(|o| o.partition))
             .chain(clocks.iter().map(|c| c.partition))
             .collect();
-        for p in &touched {
-            if !partitions.contains_key(p) {
-                let loaded = self.load(topic, *p).await?;
-                partitions.insert(*p, loaded);
+        let missing: Vec<i32> = touched
+            .iter()
+            .filter(|p| !partitions.contains_key(p))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            let stored = self
+                .store
+                .offsets(&self.name, topic)
+                .await
+                .map_err(commit_error)?;
+            for p in missing {
+                let loaded = self.load(topic, p, stored.get(&p).copied()).await?;
+                partitions.insert(p, loaded);
             }
         }
         // A client's retry (the same message id) is counted once: ids

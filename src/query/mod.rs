@@ -19,7 +19,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::envelope::EventEnvelope;
-use crate::http::{ApiError, AuthError, ErrorBody, Need, key_from_headers};
+use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
 use crate::log::{EventLog, Record, Topics};
 use crate::profile::ProfileView;
@@ -97,13 +97,6 @@ impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         crate::http::error::respond(&self)
     }
-}
-
-/// Checks the request's key: reads need a read or admin key, deletes an
-/// admin key.
-fn authorize(keys: &ApiKeys, headers: &HeaderMap, needs: Need) -> Result<(), QueryError> {
-    let key = key_from_headers(headers)?;
-    Ok(crate::http::authorize(keys, key.as_deref(), needs)?)
 }
 
 /// Paging parameters.
@@ -280,7 +273,7 @@ pub async fn get_profile(
     headers: HeaderMap,
     ProfileId(id): ProfileId,
 ) -> Result<Json<ProfileView>, QueryError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     state
         .store
         .profile(&id)
@@ -306,7 +299,7 @@ pub async fn list_profiles(
     headers: HeaderMap,
     paging: Paging,
 ) -> Result<Json<ProfileList>, QueryError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     let page = state
         .store
         .profiles(paging.limit()?, paging.cursor(Some)?.as_deref())
@@ -336,7 +329,7 @@ pub async fn profile_changes(
     ProfileId(id): ProfileId,
     paging: Paging,
 ) -> Result<Json<ChangeList>, QueryError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     let before = paging.cursor(|c| c.parse::<i64>().ok())?;
     let (changes, next) = state
         .store
@@ -368,7 +361,7 @@ pub async fn profile_events(
     ProfileId(id): ProfileId,
     paging: Paging,
 ) -> Result<Json<EventList>, QueryError> {
-    authorize(&state.keys, &headers, Need::Read)?;
+    authorize_request(&state.keys, &headers, Need::Read)?;
     let before = paging.cursor(|c| {
         let (at, message_id) = c.split_once(':')?;
         Some((at.parse::<i64>().ok()?, message_id.to_owned()))
@@ -407,7 +400,7 @@ pub async fn delete_profile(
     headers: HeaderMap,
     ProfileId(id): ProfileId,
 ) -> Result<Json<Deleted>, QueryError> {
-    authorize(&state.keys, &headers, Need::Admin)?;
+    authorize_request(&state.keys, &headers, Need::Admin)?;
     let found = state
         .store
         .profile(&id)

@@ -258,19 +258,6 @@ impl Partial {
             }
         }
     }
-
-    /// Roughly how many bytes the partial holds, for the state budget.
-    pub fn size_hint(&self) -> usize {
-        let base = std::mem::size_of::<Partial>();
-        base + match self {
-            Partial::Count(_) | Partial::Min(_) | Partial::Max(_) => 0,
-            Partial::Sum { parts, .. } => parts.len() * 8,
-            Partial::Distinct(set) => set.iter().map(|v| v.len() + 32).sum(),
-            Partial::Frequencies(counts) => counts.keys().map(|v| v.len() + 40).sum(),
-            Partial::First(s) | Partial::Last(s) => s.as_ref().map_or(0, |s| s.stamp.id.len() + 64),
-            Partial::Unique(seen) => seen.iter().map(|(v, s)| v.len() + s.id.len() + 56).sum(),
-        }
-    }
 }
 
 fn number(value: Option<&Value>) -> Option<f64> {

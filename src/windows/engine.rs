@@ -90,24 +90,6 @@ fn is_beginning(at: &Millis) -> bool {
     *at == Millis::MIN
 }
 
-impl GroupState {
-    /// Roughly the bytes held, for the state budget.
-    pub fn size_hint(&self) -> usize {
-        let slices: usize = self
-            .slices
-            .values()
-            .map(|s| s.partial.size_hint() + 48)
-            .sum();
-        let sessions: usize = self
-            .sessions
-            .iter()
-            .flat_map(|s| &s.parts)
-            .map(|p| p.partial.size_hint() + 40)
-            .sum();
-        slices + sessions + 64
-    }
-}
-
 /// How windows are laid out over slices.
 #[derive(Clone, Copy, Debug)]
 enum Layout {
@@ -596,22 +578,6 @@ impl Engine {
         self.changed.insert(from.to_owned());
         self.changed.insert(into.to_owned());
         self.reschedule(into);
-    }
-
-    /// Roughly the bytes of window state held in memory.
-    pub fn state_bytes(&self) -> usize {
-        self.groups
-            .iter()
-            .map(|(g, s)| g.len() + s.size_hint())
-            .sum()
-    }
-
-    /// Open windows (or sessions) held in memory.
-    pub fn open_windows(&self) -> usize {
-        self.groups
-            .values()
-            .map(|s| s.slices.len() + s.sessions.len())
-            .sum()
     }
 }
 
