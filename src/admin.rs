@@ -163,10 +163,7 @@ pub async fn store_metric(
     name: &str,
     definition: &MetricDefinition,
 ) -> Result<(Put, StoredDefinition), AdminError> {
-    definition
-        .compile(name)
-        .and_then(|spec| spec.computable())
-        .map_err(AdminError::Invalid)?;
+    definition.compile(name).map_err(AdminError::Invalid)?;
     let mut body = definition.clone();
     body.name = None;
     let text = serde_json::to_string(&body).expect("a definition serializes");

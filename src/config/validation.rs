@@ -353,10 +353,7 @@ fn metric_definitions(
                 format!("`{name}` is defined twice"),
             )));
         }
-        definition
-            .compile(&name)
-            .and_then(|spec| spec.computable())
-            .map_err(refuse)?;
+        definition.compile(&name).map_err(refuse)?;
         named.push((name, definition));
     }
     Ok(named)

@@ -224,25 +224,6 @@ impl MetricDefinition {
     }
 }
 
-impl MetricSpec {
-    /// Whether this version of the metrics processor computes the metric:
-    /// windows of one group in one partition. A global or property
-    /// group-by spans partitions, and its windows are final only when
-    /// every partition's clock has passed them; the engine for that is
-    /// built ([`crate::metric::combine`]) but not yet run on the log, so
-    /// such a definition is refused rather than computed wrong.
-    pub fn computable(&self) -> Result<(), DefinitionError> {
-        if self.group_by == GroupBy::User {
-            Ok(())
-        } else {
-            Err(DefinitionError::new(
-                "group_by",
-                "this version computes per-user metrics only (`group_by`: \"userId\"); global and property group-bys are not computed yet",
-            ))
-        }
-    }
-}
-
 impl WindowDefinition {
     fn compile(&self) -> Result<WindowKind, DefinitionError> {
         // The fields each kind takes; any other given is refused by name.

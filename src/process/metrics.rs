@@ -28,10 +28,10 @@ use super::{
     Rejected, Runner, RunnerSettings,
 };
 use crate::config::Config;
-use crate::definitions::{MetricDefinition, MetricSpec};
+use crate::definitions::{GroupBy, MetricDefinition, MetricSpec};
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::{Metric, Outcome};
-use crate::store::{DefinitionKind, MetricBatch, Store, StoredWindow};
+use crate::store::{Combine, DefinitionKind, MetricBatch, Store, StoredWindow};
 use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 use crate::windows::Closed;
 
@@ -49,15 +49,11 @@ pub struct MetricProcessor {
     name: String,
     spec: MetricSpec,
     version: i64,
-    /// Each partition's engine and stored next offset, as of the last
-    /// commit; a partition not here is read from the store first.
-    partitions: tokio::sync::Mutex<HashMap<i32, Partition>>,
-}
-
-struct Partition {
-    metric: Metric,
-    /// The stored next offset (`None`: nothing stored yet).
-    next: Option<i64>,
+    /// Each partition's engine as of the last commit; a partition not
+    /// here is read from the store first.
+    partitions: tokio::sync::Mutex<HashMap<i32, Metric>>,
+    /// Partitions of the topic, all of which a combined window waits for.
+    topic_partitions: i32,
 }
 
 /// A batch's events by partition, parsed once.
@@ -66,24 +62,27 @@ pub struct Prepared {
 }
 
 impl MetricProcessor {
-    pub fn new(store: Store, spec: MetricSpec, version: i64) -> MetricProcessor {
+    /// A processor of one version of a metric over a topic of
+    /// `topic_partitions` partitions.
+    pub fn new(
+        store: Store,
+        spec: MetricSpec,
+        version: i64,
+        topic_partitions: i32,
+    ) -> MetricProcessor {
         MetricProcessor {
             store,
             name: processor_name(&spec.name, version),
             spec,
             version,
             partitions: tokio::sync::Mutex::new(HashMap::new()),
+            topic_partitions,
         }
     }
 
     /// Reads `partition`'s engine back from the store: its groups' states
-    /// and its clock; `next` is its stored next offset.
-    async fn load(
-        &self,
-        topic: &str,
-        partition: i32,
-        next: Option<i64>,
-    ) -> Result<Partition, CommitError> {
+    /// and its clock.
+    async fn load(&self, topic: &str, partition: i32) -> Result<Metric, CommitError> {
         let (clock, states) = self
             .store
             .metric_states(&self.name, topic, partition)
@@ -102,7 +101,7 @@ impl MetricProcessor {
             })?;
             metric.engine_mut().restore(&group, state);
         }
-        Ok(Partition { metric, next })
+        Ok(metric)
     }
 
     /// Applies `events` and `clocks` to the engines and commits the result
@@ -127,16 +126,9 @@ impl MetricProcessor {
             .filter(|p| !partitions.contains_key(p))
             .copied()
             .collect();
-        if !missing.is_empty() {
-            let stored = self
-                .store
-                .offsets(&self.name, topic)
-                .await
-                .map_err(commit_error)?;
-            for p in missing {
-                let loaded = self.load(topic, p, stored.get(&p).copied()).await?;
-                partitions.insert(p, loaded);
-            }
+        for p in missing {
+            let loaded = self.load(topic, p).await?;
+            partitions.insert(p, loaded);
         }
         // A client's retry (the same message id) is counted once: ids
         // counted by earlier batches are in the store, this batch's here.
@@ -159,8 +151,8 @@ impl MetricProcessor {
             if id.is_some_and(|id| known.contains(id)) {
                 continue;
             }
-            let partition = partitions.get_mut(p).expect("loaded above");
-            if let Outcome::Observed { observed, .. } = partition.metric.observe(event)
+            let metric = partitions.get_mut(p).expect("loaded above");
+            if let Outcome::Observed { observed, .. } = metric.observe(event)
                 && observed.counted
             {
                 counted += 1;
@@ -175,16 +167,16 @@ impl MetricProcessor {
                 }
             }
         }
-        let mut windows = Vec::new();
+        let mut closed = Vec::new();
         let mut stored_clocks = Vec::new();
         let mut states = Vec::new();
         for p in &touched {
-            let partition = partitions.get_mut(p).expect("loaded above");
+            let metric = partitions.get_mut(p).expect("loaded above");
             if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
-                windows.extend(partition.metric.advance(clock.time_ms));
+                closed.extend(metric.advance(clock.time_ms).into_iter().map(|c| (*p, c)));
                 stored_clocks.push((*p, clock.time_ms));
             }
-            let engine = partition.metric.engine_mut();
+            let engine = metric.engine_mut();
             for group in engine.take_changed() {
                 let state = engine
                     .state(&group)
@@ -192,24 +184,35 @@ impl MetricProcessor {
                 states.push((*p, group, state));
             }
         }
+        // A user's events are in one partition, so a per-user window is
+        // final where it closes; any other group waits for every
+        // partition.
+        let (windows, combine) = if self.spec.group_by == GroupBy::User {
+            let windows = closed.into_iter().map(|(_, c)| self.stored(c)).collect();
+            (windows, None)
+        } else {
+            let combine = Combine {
+                metric: self.spec.name.clone(),
+                version: self.version,
+                aggregate: self.spec.aggregate,
+                lateness_ms: self.spec.lateness,
+                partitions: self.topic_partitions,
+                parts: closed,
+            };
+            (Vec::new(), Some(combine))
+        };
         let batch = MetricBatch {
             processor: &self.name,
             topic,
-            offsets: offsets.clone(),
+            offsets,
             clocks: stored_clocks,
             states,
-            windows: windows.into_iter().map(|c| self.stored(c)).collect(),
+            windows,
             seen,
+            combine,
         };
         match self.store.apply_metric_batch(&batch).await {
-            Ok(()) => {
-                for o in &offsets {
-                    if let Some(partition) = partitions.get_mut(&o.partition) {
-                        partition.next = Some(o.next);
-                    }
-                }
-                Ok(counted)
-            }
+            Ok(()) => Ok(counted),
             Err(e) => {
                 for p in &touched {
                     partitions.remove(p);
@@ -283,34 +286,21 @@ impl Processor for MetricProcessor {
         })
     }
 
-    /// Closes what the clocks passed on quiet partitions. The stored
-    /// offsets stay where they are, checked as in a commit, so an instance
-    /// that lost a partition cannot close its windows.
-    async fn tick(&self, topic: &str, clocks: &[PartitionTime]) -> Result<(), CommitError> {
-        let known: Vec<OffsetAdvance> = {
-            let partitions = self.partitions.lock().await;
-            clocks
-                .iter()
-                .filter_map(|c| {
-                    let next = partitions.get(&c.partition)?.next?;
-                    Some(OffsetAdvance {
-                        partition: c.partition,
-                        expected: Some(next),
-                        next,
-                    })
-                })
-                .collect()
-        };
-        // A partition with nothing committed has no windows to close.
-        let clocks: Vec<PartitionTime> = clocks
-            .iter()
-            .filter(|c| known.iter().any(|o| o.partition == c.partition))
-            .copied()
-            .collect();
-        if clocks.is_empty() {
-            return Ok(());
+    /// Closes what the clocks passed on quiet partitions, and stores
+    /// every partition's watermark (an empty one's too, for the windows
+    /// combined across partitions).
+    async fn tick(&self, checkpoint: Checkpoint) -> Result<bool, CommitError> {
+        if checkpoint.clocks.is_empty() {
+            return Ok(false);
         }
-        self.apply(topic, &[], known, &clocks).await.map(|_| ())
+        self.apply(
+            &checkpoint.topic,
+            &[],
+            checkpoint.offsets,
+            &checkpoint.clocks,
+        )
+        .await?;
+        Ok(true)
     }
 }
 
@@ -325,7 +315,12 @@ pub fn runner(
 ) -> Result<Runner<MetricProcessor>, ReadError> {
     let topics = Topics::new(&config.topic_prefix);
     let topic = topics.events();
-    let processor = Arc::new(MetricProcessor::new(store, spec, version));
+    let processor = Arc::new(MetricProcessor::new(
+        store,
+        spec,
+        version,
+        config.partitions,
+    ));
     let group = format!(
         "{}-{}",
         config.kafka_group,
@@ -374,7 +369,6 @@ async fn current_metrics(store: &Store) -> Result<HashMap<String, (i64, MetricSp
     for stored in definitions {
         match MetricDefinition::from_json(stored.body.as_bytes())
             .and_then(|d| d.compile(&stored.name))
-            .and_then(|spec| spec.computable().map(|()| spec))
         {
             Ok(spec) => {
                 current.insert(stored.name, (stored.version, spec));

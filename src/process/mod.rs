@@ -137,11 +137,16 @@ pub trait Processor: Checkpoints {
         checkpoint: Checkpoint,
     ) -> Result<Committed, CommitError>;
 
-    /// The partitions' clocks moved on without records (a quiet
-    /// partition read to its end): the time to close what has timed out.
-    /// Called at most every [`RunnerSettings::tick`].
-    async fn tick(&self, _topic: &str, _clocks: &[PartitionTime]) -> Result<(), CommitError> {
-        Ok(())
+    /// The partitions' clocks moved on without records (every partition
+    /// read to its end): the time to close what has timed out. The
+    /// checkpoint's offsets stay where the runner believes they are stored
+    /// (`next` is `expected`; a partition with nothing stored, which is
+    /// empty, gets offset 0), so storing them fences the tick like a
+    /// commit: an instance that lost a partition cannot close its windows.
+    /// True when the processor stored them. Called at most every
+    /// [`RunnerSettings::tick`].
+    async fn tick(&self, _checkpoint: Checkpoint) -> Result<bool, CommitError> {
+        Ok(false)
     }
 }
 

@@ -206,6 +206,16 @@ impl Reading {
         self.positions.get(&partition).and_then(|p| p.expected)
     }
 
+    /// The store's next offset of `partition` as this runner knows it,
+    /// whether or not it has read a record of it since (`Some(None)`:
+    /// nothing stored); `None` when it does not know.
+    pub fn believed(&self, partition: i32) -> Option<Option<i64>> {
+        match self.positions.get(&partition) {
+            Some(position) => Some(position.expected),
+            None => self.stored.as_ref().map(|s| s.get(&partition).copied()),
+        }
+    }
+
     /// Records a stored checkpoint.
     pub fn committed(&mut self, advances: &[OffsetAdvance]) {
         for advance in advances {

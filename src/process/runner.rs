@@ -14,8 +14,8 @@ use super::dead_letters::DeadLetters;
 use super::reading::Reading;
 use super::stats::{Counting, SharedStats};
 use super::{
-    Checkpoint, CommitError, Committed, OffsetAdvance, Processor, RETRY_DELAY, Rejected,
-    RunnerSettings,
+    Checkpoint, CommitError, Committed, OffsetAdvance, PartitionTime, Processor, RETRY_DELAY,
+    Rejected, RunnerSettings,
 };
 use crate::log::{EventLog, LogReader, Polled, ReadError, StoredRecord};
 
@@ -183,8 +183,32 @@ impl<P: Processor> Runner<P> {
             return Ok(());
         };
         self.last_tick = Some(Instant::now());
-        match self.processor.tick(&self.settings.topic, &clocks).await {
-            Ok(()) => Ok(()),
+        // Only partitions whose stored offset this runner knows: the
+        // others wait for the next tick.
+        let (offsets, clocks): (Vec<OffsetAdvance>, Vec<PartitionTime>) = clocks
+            .into_iter()
+            .filter_map(|clock| {
+                let expected = self.reading.believed(clock.partition)?;
+                let offset = OffsetAdvance {
+                    partition: clock.partition,
+                    expected,
+                    next: expected.unwrap_or(0),
+                };
+                Some((offset, clock))
+            })
+            .unzip();
+        let checkpoint = Checkpoint {
+            topic: self.settings.topic.clone(),
+            offsets: offsets.clone(),
+            clocks,
+        };
+        match self.processor.tick(checkpoint).await {
+            Ok(stored) => {
+                if stored {
+                    self.reading.committed(&offsets);
+                }
+                Ok(())
+            }
             Err(CommitError::Fatal(e)) => Err(format!(
                 "the {} processor cannot advance its time: {e}",
                 self.settings.name

@@ -164,9 +164,13 @@ impl Processor for Recorder {
         })
     }
 
-    async fn tick(&self, _topic: &str, clocks: &[PartitionTime]) -> Result<(), CommitError> {
-        self.state.lock().unwrap().tick_clocks.push(clocks.to_vec());
-        Ok(())
+    async fn tick(&self, checkpoint: Checkpoint) -> Result<bool, CommitError> {
+        self.state
+            .lock()
+            .unwrap()
+            .tick_clocks
+            .push(checkpoint.clocks);
+        Ok(false)
     }
 }
 

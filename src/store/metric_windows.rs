@@ -9,6 +9,8 @@ use sqlx::{AnyConnection, Row};
 
 use super::batch::Conn;
 use super::{OffsetAdvance, Store, StoreError, now_ms};
+use crate::metric::combine::Combiner;
+use crate::windows::{Aggregate, Closed, Span};
 
 /// One commit of a metric version's runner.
 #[derive(Debug, Clone)]
@@ -23,10 +25,28 @@ pub struct MetricBatch<'a> {
     /// Group states to write, by partition: `None` removes the group
     /// (nothing left open).
     pub states: Vec<(i32, String, Option<String>)>,
-    /// Windows the batch closed.
+    /// Windows the batch closed, final (a per-user metric: a user's
+    /// events are in one partition).
     pub windows: Vec<StoredWindow>,
     /// The message ids the batch counted, with their receive time.
     pub seen: Vec<(String, i64)>,
+    /// For a metric combined across partitions (grouped globally or by a
+    /// property): the parts of windows the batch's partitions closed, and
+    /// how to make them final.
+    pub combine: Option<Combine>,
+}
+
+/// The parts of a combined metric's windows one batch closed.
+#[derive(Debug, Clone)]
+pub struct Combine {
+    pub metric: String,
+    pub version: i64,
+    pub aggregate: Aggregate,
+    pub lateness_ms: i64,
+    /// Every partition of the topic: a window is final when each of
+    /// them has a stored watermark past it.
+    pub partitions: i32,
+    pub parts: Vec<(i32, Closed)>,
 }
 
 /// A closed window, as stored and served.
@@ -165,8 +185,10 @@ async fn write_batch(
         .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
     for (partition, clock) in &batch.clocks {
+        // A partition's new owner may start its clock behind the stored
+        // one: a watermark never goes back.
         sqlx::query(
-            "UPDATE processor_offsets SET clock = $1 \
+            "UPDATE processor_offsets SET clock = CASE WHEN clock IS NULL OR clock < $1 THEN $1 ELSE clock END \
              WHERE processor = $2 AND topic = $3 AND partition = $4",
         )
         .bind(*clock)
@@ -209,20 +231,148 @@ async fn write_batch(
         .await?;
     }
     for w in &batch.windows {
-        sqlx::query(
-            "INSERT INTO metric_windows (metric, version, grp, start_ms, end_ms, value, events, closed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(w.metric.as_str())
-        .bind(w.version)
-        .bind(w.group.as_str())
-        .bind(w.start_ms)
-        .bind(w.end_ms)
-        .bind(w.value.as_str())
-        .bind(w.events)
-        .bind(now)
+        insert_window(tx, w, now).await?;
+    }
+    if let Some(combine) = &batch.combine {
+        for (partition, part) in &combine.parts {
+            sqlx::query(
+                "INSERT INTO metric_parts (processor, end_ms, grp, start_ms, partition, part, events) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(batch.processor)
+            .bind(part.window.end)
+            .bind(part.group.as_str())
+            .bind(part.window.start)
+            .bind(*partition)
+            .bind(serde_json::to_string(&part.partial).expect("a partial serializes"))
+            .bind(i64::try_from(part.events).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !batch.clocks.is_empty() {
+            finalize(tx, batch.processor, batch.topic, combine, now).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_window(
+    tx: &mut AnyConnection,
+    w: &StoredWindow,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO metric_windows (metric, version, grp, start_ms, end_ms, value, events, closed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(w.metric.as_str())
+    .bind(w.version)
+    .bind(w.group.as_str())
+    .bind(w.start_ms)
+    .bind(w.end_ms)
+    .bind(w.value.as_str())
+    .bind(w.events)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Makes final the windows of a combined metric that every partition's
+/// stored watermark has passed: their parts merged, written once to
+/// `metric_windows`, and removed. The `metric_combine` row is locked
+/// first, so transactions of two instances take turns here and the later
+/// one sees what the earlier one did.
+async fn finalize(
+    tx: &mut AnyConnection,
+    processor: &str,
+    topic: &str,
+    combine: &Combine,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO metric_combine (processor, final_until) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(processor)
+    .bind(i64::MIN)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE metric_combine SET final_until = final_until WHERE processor = $1")
+        .bind(processor)
         .execute(&mut *tx)
         .await?;
+    let final_until: i64 =
+        sqlx::query("SELECT final_until FROM metric_combine WHERE processor = $1")
+            .bind(processor)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+    let row = sqlx::query(
+        "SELECT COUNT(clock), MIN(clock) FROM processor_offsets \
+         WHERE processor = $1 AND topic = $2 AND partition >= 0 AND partition < $3",
+    )
+    .bind(processor)
+    .bind(topic)
+    .bind(combine.partitions)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (clocked, slowest): (i64, Option<i64>) = (row.try_get(0)?, row.try_get(1)?);
+    let Some(slowest) = slowest.filter(|_| clocked == i64::from(combine.partitions)) else {
+        return Ok(());
+    };
+    let limit = slowest.saturating_sub(combine.lateness_ms);
+    if limit <= final_until {
+        return Ok(());
     }
+    let rows = sqlx::query(
+        "SELECT grp, start_ms, end_ms, part, events FROM metric_parts \
+         WHERE processor = $1 AND end_ms <= $2",
+    )
+    .bind(processor)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    // One combiner over the parts read: every partition is past `limit`.
+    let mut combiner = Combiner::new(combine.aggregate, 0, [0]);
+    for row in &rows {
+        let text: String = row.try_get(3)?;
+        let partial = serde_json::from_str(&text).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "a stored window part of {processor} is unreadable: {e}"
+            ))
+        })?;
+        combiner.add(Closed {
+            group: row.try_get(0)?,
+            window: Span {
+                start: row.try_get(1)?,
+                end: row.try_get(2)?,
+            },
+            value: serde_json::Value::Null,
+            partial,
+            events: u64::try_from(row.try_get::<i64, _>(4)?).unwrap_or(0),
+        });
+    }
+    for closed in combiner.advance(0, limit) {
+        let window = StoredWindow {
+            metric: combine.metric.clone(),
+            version: combine.version,
+            group: closed.group,
+            start_ms: closed.window.start,
+            end_ms: closed.window.end,
+            value: closed.value.to_string(),
+            events: i64::try_from(closed.events).unwrap_or(i64::MAX),
+        };
+        insert_window(tx, &window, now).await?;
+    }
+    sqlx::query("DELETE FROM metric_parts WHERE processor = $1 AND end_ms <= $2")
+        .bind(processor)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE metric_combine SET final_until = $1 WHERE processor = $2")
+        .bind(limit)
+        .bind(processor)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }

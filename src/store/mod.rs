@@ -11,7 +11,7 @@
 //! shared test suite runs against both.
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
-pub use metric_windows::{MetricBatch, StoredWindow, WindowQuery};
+pub use metric_windows::{Combine, MetricBatch, StoredWindow, WindowQuery};
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
 use std::collections::HashMap;
@@ -360,6 +360,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "metric window state, closed windows, partition clocks",
         include_str!("migrations/version_5.sql"),
     );
+    let combined = migration(
+        6,
+        "window parts of metrics combined across partitions",
+        include_str!("migrations/version_6.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -371,12 +376,14 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             version,
             definitions,
             windows,
+            combined,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
             version,
             definitions,
             windows,
+            combined,
         ],
     }
 }

@@ -18,7 +18,8 @@ both_logs!(
     only_an_admin_key_changes_definitions_and_a_read_key_reads_them,
     concurrent_changes_each_get_a_version_of_their_own,
     the_configuration_files_metrics_are_stored_at_start,
-    a_metric_defined_after_its_events_counts_them_from_history_exactly
+    a_metric_defined_after_its_events_counts_them_from_history_exactly,
+    global_and_property_metrics_over_eight_partitions_are_exact
 );
 
 fn orders_hourly() -> Value {
@@ -339,5 +340,162 @@ async fn a_metric_defined_after_its_events_counts_them_from_history_exactly(back
     );
     assert_eq!(u2["values"].as_array().unwrap().len(), 1);
     assert_eq!(u1["version"], 1);
+    app.stop().await;
+}
+
+/// Every window of `metric`, once as many as `count` are final.
+async fn final_windows(app: &TestApp, metric: &str, count: usize) -> Vec<Value> {
+    let path = format!("/v1/metrics/{metric}/values?limit=1000");
+    eventually(
+        &format!("{count} windows of {metric} final"),
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = app.get_as(&path, READ_KEY).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let values = body["values"].as_array().unwrap();
+            let done = values.iter().filter(|w| w["final"] == json!(true)).count();
+            assert!(done <= count, "more windows than expected: {body}");
+            (done == count).then(|| values.clone())
+        },
+    )
+    .await
+}
+
+/// Metrics grouped globally and by a property span the 8 partitions:
+/// revenue per hour, orders per country per hour, and seed 003's moving
+/// average (a 5-minute average of a price every minute, per symbol), each
+/// against values the test computes from the events it sends.
+async fn global_and_property_metrics_over_eight_partitions_are_exact(backend: Backend) {
+    use std::collections::BTreeMap;
+    const HOUR: i64 = 3_600_000;
+    const MINUTE: i64 = 60_000;
+    let app = spawn_app(backend).await;
+    // Hours that ended before now: the log's clock has passed them.
+    let base = (chrono::Utc::now().timestamp_millis() / HOUR - 3) * HOUR;
+    let at = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let start = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    };
+    let mut revenue: BTreeMap<String, (f64, i64)> = BTreeMap::new();
+    let mut per_country: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut prices: Vec<(String, i64, f64)> = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..240_i64 {
+        let ms = base + (i * 29_000) % (2 * HOUR);
+        let amount = (i * 37) % 500 + 1;
+        let country = ["DE", "FR", "US"][(i % 3) as usize];
+        let hour = start(ms - ms % HOUR);
+        let slot = revenue.entry(hour.clone()).or_default();
+        slot.0 += amount as f64;
+        slot.1 += 1;
+        *per_country.entry((country.to_owned(), hour)).or_default() += 1;
+        events.push(json!({"type": "track", "event": "order.create",
+            "userId": format!("u{}", i % 40), "messageId": format!("order-{i}"),
+            "timestamp": at(ms), "properties": {"amount": amount, "country": country}}));
+        let symbol = ["AAPL", "MSFT"][(i % 2) as usize];
+        let (tick_ms, price) = (base + i * 15_000, 100.0 + ((i * 13) % 50) as f64 * 0.25);
+        prices.push((symbol.to_owned(), tick_ms, price));
+        events.push(json!({"type": "track", "event": "price",
+            "userId": format!("feed-{}", i % 16), "messageId": format!("price-{i}"),
+            "timestamp": at(tick_ms), "properties": {"symbol": symbol, "price": price}}));
+    }
+    for chunk in events.chunks(100) {
+        let sent = app.post("/v1/batch", &json!({ "batch": chunk })).await;
+        assert!(sent.status().is_success());
+    }
+    for (name, definition) in [
+        (
+            "revenue_hourly",
+            json!({"event": "order.create", "aggregate": "sum",
+            "field": "properties.amount", "window": {"kind": "tumbling", "size": "1h"}}),
+        ),
+        (
+            "orders_by_country",
+            json!({"event": "order.create", "aggregate": "count",
+            "group_by": "properties.country", "window": {"kind": "tumbling", "size": "1h"}}),
+        ),
+        (
+            "price_5m_avg",
+            json!({"event": "price", "aggregate": "avg",
+            "field": "properties.price", "group_by": "properties.symbol",
+            "window": {"kind": "hopping", "size": "5m", "slide": "1m"}}),
+        ),
+    ] {
+        let (status, body) = put(&app, name, ADMIN_KEY, &definition).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    let got: BTreeMap<String, (f64, i64)> = final_windows(&app, "revenue_hourly", revenue.len())
+        .await
+        .iter()
+        .map(|w| {
+            assert_eq!(w["group"], "*");
+            let value = (w["value"].as_f64().unwrap(), w["events"].as_i64().unwrap());
+            (w["start"].as_str().unwrap().to_owned(), value)
+        })
+        .collect();
+    assert_eq!(got, revenue);
+
+    let got: BTreeMap<(String, String), i64> =
+        final_windows(&app, "orders_by_country", per_country.len())
+            .await
+            .iter()
+            .map(|w| {
+                let key = (w["group"].as_str().unwrap(), w["start"].as_str().unwrap());
+                assert_eq!(w["value"], w["events"]);
+                (
+                    (key.0.to_owned(), key.1.to_owned()),
+                    w["value"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+    assert_eq!(got, per_country);
+
+    // The moving average, computed directly: each minute-aligned window
+    // of five minutes that holds a price.
+    let mut average: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for symbol in ["AAPL", "MSFT"] {
+        let ticks: Vec<(i64, f64)> = prices
+            .iter()
+            .filter(|(s, _, _)| s == symbol)
+            .map(|(_, ms, p)| (*ms, *p))
+            .collect();
+        let (first, last) = (ticks[0].0, ticks[ticks.len() - 1].0);
+        let mut window = (first - 5 * MINUTE).div_euclid(MINUTE) * MINUTE + MINUTE;
+        while window <= last {
+            let inside: Vec<f64> = ticks
+                .iter()
+                .filter(|(ms, _)| (window..window + 5 * MINUTE).contains(ms))
+                .map(|(_, p)| *p)
+                .collect();
+            if !inside.is_empty() {
+                let mean = inside.iter().sum::<f64>() / inside.len() as f64;
+                average.insert((symbol.to_owned(), start(window)), mean);
+            }
+            window += MINUTE;
+        }
+    }
+    let got = final_windows(&app, "price_5m_avg", average.len()).await;
+    assert_eq!(got.len(), average.len());
+    for w in &got {
+        let key = (
+            w["group"].as_str().unwrap().to_owned(),
+            w["start"].as_str().unwrap().to_owned(),
+        );
+        let expected = average
+            .get(&key)
+            .unwrap_or_else(|| panic!("an unexpected window {w}"));
+        let value = w["value"].as_f64().unwrap();
+        assert!(
+            (value - expected).abs() < 1e-9,
+            "{key:?}: {value} vs {expected}"
+        );
+    }
     app.stop().await;
 }

@@ -32,6 +32,7 @@ async fn app_on_mock_cluster(
         s.kafka_brokers = Some(brokers);
         s.kafka_replication_factor = Some(1);
         s.topic_prefix = Some(prefix);
+        s.partitions = Some(partitions);
         // Ingest only: a consumer on the mock cluster can hang on drop.
         s.roles = Some(vec!["ingest".into()]);
         adjust(s);

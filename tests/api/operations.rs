@@ -131,6 +131,45 @@ fn an_unreachable_kafka_stops_start_up_naming_the_setting() {
     );
 }
 
+/// The topics exist (made by a first start with 3 partitions, which then
+/// stops at its unreachable database); a start that says 5 stops naming
+/// the setting and the count the topics have.
+#[test]
+fn topics_with_another_partition_count_stop_start_up_naming_the_setting() {
+    let dir = TestDir::new();
+    let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
+    let start = |partitions: &str| {
+        Command::new(binary())
+            .current_dir(dir.path())
+            .args([
+                "--kafka-brokers",
+                &crate::helpers::kafka_brokers(),
+                "--topic-prefix",
+                &prefix,
+                "--partitions",
+                partitions,
+                "--database-url",
+                "postgres://nobody@127.0.0.1:1/none",
+                "--listen",
+                "127.0.0.1:0",
+                "--write-keys",
+                WRITE_KEY,
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = start("3");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(stderr.contains("database-url"), "{stderr}");
+    let second = start("5");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("has 3 partitions but the setting partitions is 5"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_unreachable_database_stops_start_up_naming_the_setting() {
     let dir = TestDir::new();

@@ -6,13 +6,15 @@
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    MetricBatch, OffsetAdvance, ProfileBatch, Store, StoreError, StoredWindow, WindowQuery,
+    Combine, MetricBatch, OffsetAdvance, ProfileBatch, Store, StoreError, StoredWindow, WindowQuery,
 };
+use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
 use crate::helpers::{Backend, TestDir, test_database};
 
 both_logs!(
     a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing,
+    combined_windows_from_instances_committing_at_once_are_final_once_and_exact,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one
@@ -244,6 +246,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         states,
         windows,
         seen: vec![],
+        combine: None,
     };
     let first = batch(
         None,
@@ -338,4 +341,88 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
             .len(),
         3
     );
+}
+
+/// Four instances, one partition each, commit their parts of the same
+/// global windows at once, round after round: whichever commits last
+/// makes each window final, exactly once and with every part.
+async fn combined_windows_from_instances_committing_at_once_are_final_once_and_exact(
+    backend: Backend,
+) {
+    const HOUR: i64 = 3_600_000;
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let processor = "metric:revenue_hourly:1";
+    let part = |partition: i32, hour: i64| {
+        let mut partial = Aggregate::Sum.empty();
+        for i in 0..=partition {
+            let stamp = Stamp {
+                at: hour * HOUR + i64::from(i),
+                id: format!("m{partition}-{hour}-{i}"),
+            };
+            partial.observe(&stamp, Some(&serde_json::json!(0.1 * f64::from(i + 1))));
+        }
+        let closed = Closed {
+            group: "*".to_owned(),
+            window: Span {
+                start: hour * HOUR,
+                end: (hour + 1) * HOUR,
+            },
+            value: serde_json::Value::Null,
+            partial,
+            events: u64::try_from(partition).unwrap() + 1,
+        };
+        (partition, closed)
+    };
+    for hour in 0..6 {
+        let batches: Vec<MetricBatch> = (0..4)
+            .map(|partition| MetricBatch {
+                processor,
+                topic: "user_events",
+                offsets: vec![OffsetAdvance {
+                    partition,
+                    expected: (hour > 0).then_some(hour),
+                    next: hour + 1,
+                }],
+                // Past the window's end and its lateness (1 minute).
+                clocks: vec![(partition, (hour + 1) * HOUR + 60_000)],
+                states: vec![],
+                windows: vec![],
+                seen: vec![],
+                combine: Some(Combine {
+                    metric: "revenue_hourly".to_owned(),
+                    version: 1,
+                    aggregate: Aggregate::Sum,
+                    lateness_ms: 60_000,
+                    partitions: 4,
+                    parts: vec![part(partition, hour)],
+                }),
+            })
+            .collect();
+        let results =
+            futures_util::future::join_all(batches.iter().map(|b| store.apply_metric_batch(b)))
+                .await;
+        for result in results {
+            result.unwrap();
+        }
+    }
+    let windows = store
+        .metric_windows(&WindowQuery {
+            metric: "revenue_hourly",
+            version: 1,
+            limit: 100,
+            ..WindowQuery::default()
+        })
+        .await
+        .unwrap();
+    // 0.1 + (0.1 + 0.2) + (0.1 + 0.2 + 0.3) + (0.1 + ... + 0.4), summed
+    // exactly: the expansion rounds once, at the end.
+    let exact: f64 = [1, 3, 6, 10].iter().map(|n| f64::from(*n) * 0.1).sum();
+    let expected: Vec<(i64, i64)> = (0..6).map(|hour| (hour * HOUR, 10)).collect();
+    let got: Vec<(i64, i64)> = windows.iter().map(|w| (w.start_ms, w.events)).collect();
+    assert_eq!(got, expected, "each hour final once, with all 10 events");
+    for w in &windows {
+        let value: f64 = w.value.parse().unwrap();
+        assert!((value - exact).abs() < 1e-12, "{value} vs {exact}");
+    }
 }

@@ -1,6 +1,6 @@
 //! Creating the topics Traitline needs.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ pub async fn ensure_topics(
                     m.topics()
                         .iter()
                         .filter(|t| t.error().is_none())
-                        .map(|t| t.name().to_owned())
-                        .collect::<HashSet<_>>()
+                        .map(|t| (t.name().to_owned(), t.partitions().len()))
+                        .collect::<HashMap<_, _>>()
                 })
                 .map_err(|e| KafkaSetupError::Unreachable {
                     brokers,
@@ -45,9 +45,20 @@ pub async fn ensure_topics(
             reason: e.to_string(),
         })??
     };
+    for (topic, _) in topics {
+        if let Some(&found) = existing.get(topic)
+            && i32::try_from(found).ok() != Some(partitions)
+        {
+            return Err(KafkaSetupError::Partitions {
+                topic: topic.clone(),
+                found: i32::try_from(found).unwrap_or(i32::MAX),
+                configured: partitions,
+            });
+        }
+    }
     let missing: Vec<&(String, bool)> = topics
         .iter()
-        .filter(|(t, _)| !existing.contains(t))
+        .filter(|(t, _)| !existing.contains_key(t))
         .collect();
     if missing.is_empty() {
         return Ok(());

@@ -26,6 +26,16 @@ pub enum KafkaSetupError {
     Unreachable { brokers: String, reason: String },
     #[error("cannot create topic {topic} in Kafka: {reason}")]
     CreateTopic { topic: String, reason: String },
+    #[error(
+        "Kafka topic {topic} has {found} partitions but the setting partitions is {configured}: \
+         set partitions to {found} (records are placed by it, and windows combined across \
+         partitions wait for each of them)"
+    )]
+    Partitions {
+        topic: String,
+        found: i32,
+        configured: i32,
+    },
 }
 
 /// A client that cannot be made from its settings, said without the value

@@ -2,7 +2,7 @@
 //! SQLite store: a restart between two halves of the log, and a second
 //! pass over it, count every event once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +76,34 @@ fn runner(
     Runner::new(processor.clone(), reader, log.clone(), settings)
 }
 
+/// The time hook of a caught-up runner: `partitions`' clocks at `time_ms`,
+/// their offsets where the store has them (an empty partition's at 0).
+async fn tick(
+    store: &Store,
+    processor: &MetricProcessor,
+    partitions: std::ops::Range<i32>,
+    time_ms: i64,
+) {
+    let stored = store.offsets(processor.name(), TOPIC).await.unwrap();
+    let (offsets, clocks) = partitions
+        .map(|partition| {
+            let expected = stored.get(&partition).copied();
+            let offset = OffsetAdvance {
+                partition,
+                expected,
+                next: expected.unwrap_or(0),
+            };
+            (offset, PartitionTime { partition, time_ms })
+        })
+        .unzip();
+    let checkpoint = Checkpoint {
+        topic: TOPIC.to_owned(),
+        offsets,
+        clocks,
+    };
+    assert!(processor.tick(checkpoint).await.unwrap());
+}
+
 async fn run_to_end(runner: Runner<MetricProcessor>) {
     tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
         .await
@@ -95,25 +123,19 @@ async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once()
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
 
     append(&log, base, 0..60).await;
-    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1));
+    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3));
     run_to_end(runner(&log_dir, &log, &first)).await;
     drop(first);
 
     // A restart: a new processor, nothing in memory, the same store.
     append(&log, base, 60..130).await;
-    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1));
+    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3));
     run_to_end(runner(&log_dir, &log, &second)).await;
     // And a second pass over the whole log: every offset is stored.
     run_to_end(runner(&log_dir, &log, &second)).await;
 
     // The clocks move past every window on a quiet log (the time hook).
-    let clocks: Vec<PartitionTime> = (0..3)
-        .map(|partition| PartitionTime {
-            partition,
-            time_ms: base + 4 * HOUR,
-        })
-        .collect();
-    second.tick(TOPIC, &clocks).await.unwrap();
+    tick(&store, &second, 0..3, base + 4 * HOUR).await;
 
     let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
     for (user, at, order) in events(base, 0..130) {
@@ -148,4 +170,69 @@ async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once()
             .unwrap();
         assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
     }
+}
+
+/// A global metric over 8 partitions (three of them empty), two
+/// instances ticking their own partitions: a window is final only once
+/// every partition's watermark has passed it, and then exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 8, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+    let definition: MetricDefinition = serde_json::from_value(json!({
+        "event": "order.create", "aggregate": "distinct", "field": "userId",
+        "window": {"kind": "tumbling", "size": "1h"}, "lateness": "5m"
+    }))
+    .unwrap();
+    let spec = definition.compile("buyers_hourly").unwrap();
+    assert_eq!(spec.group_by, GroupBy::Global);
+
+    append(&log, base, 0..130).await;
+    let first = Arc::new(MetricProcessor::new(store.clone(), spec.clone(), 1, 8));
+    run_to_end(runner(&log_dir, &log, &first)).await;
+    let query = WindowQuery {
+        metric: "buyers_hourly",
+        version: 1,
+        limit: 1000,
+        ..WindowQuery::default()
+    };
+
+    // One instance's partitions pass every window: nothing is final.
+    tick(&store, &first, 0..5, base + 4 * HOUR).await;
+    assert_eq!(store.metric_windows(&query).await.unwrap(), vec![]);
+    // The other instance's partitions pass the first two hours only.
+    let second = MetricProcessor::new(store.clone(), spec, 1, 8);
+    tick(&store, &second, 5..8, base + 2 * HOUR + 5 * 60_000).await;
+    let got = store.metric_windows(&query).await.unwrap();
+    assert_eq!(got.len(), 2, "the first two hours are final: {got:?}");
+    tick(&store, &second, 5..8, base + 4 * HOUR).await;
+
+    let mut expected: BTreeMap<i64, (BTreeSet<String>, i64)> = BTreeMap::new();
+    for (user, at, order) in events(base, 0..130) {
+        if order {
+            let (users, events) = expected.entry(at - at % HOUR).or_default();
+            users.insert(user);
+            *events += 1;
+        }
+    }
+    let got: BTreeMap<i64, (String, i64)> = store
+        .metric_windows(&query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| {
+            assert_eq!(w.group, crate::metric::GLOBAL_GROUP);
+            (w.start_ms, (w.value, w.events))
+        })
+        .collect();
+    let expected: BTreeMap<i64, (String, i64)> = expected
+        .into_iter()
+        .map(|(start, (users, events))| (start, (users.len().to_string(), events)))
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(got.len(), 3);
 }
