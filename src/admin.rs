@@ -18,16 +18,22 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::definitions::{DefinitionError, MetricDefinition};
+use crate::definitions::{DefinitionError, GroupBy, MetricDefinition, MetricSpec};
 use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
-use crate::store::{DefinitionKind, Put, Store, StoreError, StoredDefinition, WindowQuery};
+use crate::metric::GLOBAL_GROUP;
+use crate::store::{
+    DefinitionKind, OpenGroup, Put, Store, StoreError, StoredDefinition, StoredWindow, WindowQuery,
+};
+use crate::windows::{OpenWindow, Span};
 
 /// What the admin routes need.
 #[derive(Clone)]
 pub struct AdminState {
     store: Store,
     keys: Arc<ApiKeys>,
+    /// The events topic, whose partitions the metrics' states are kept by.
+    events_topic: String,
 }
 
 /// Why an admin request was refused or failed.
@@ -139,8 +145,12 @@ fn entry(stored: StoredDefinition) -> MetricEntry {
 }
 
 impl AdminState {
-    pub fn new(store: Store, keys: Arc<ApiKeys>) -> AdminState {
-        AdminState { store, keys }
+    pub fn new(store: Store, keys: Arc<ApiKeys>, events_topic: String) -> AdminState {
+        AdminState {
+            store,
+            keys,
+            events_topic,
+        }
     }
 
     pub fn routes(self) -> Router {
@@ -300,7 +310,60 @@ pub struct WindowValue {
     pub is_final: bool,
 }
 
-/// Windows of a metric's current version, oldest first.
+impl WindowValue {
+    /// A closed window as stored.
+    pub fn closed(window: StoredWindow) -> WindowValue {
+        WindowValue {
+            start: time(window.start_ms),
+            end: time(window.end_ms),
+            value: serde_json::from_str(&window.value).unwrap_or(Value::Null),
+            events: window.events,
+            is_final: true,
+            group: window.group,
+        }
+    }
+}
+
+/// The open windows of a group, from what the store holds of it.
+fn open_windows(
+    spec: &MetricSpec,
+    group: &str,
+    held: OpenGroup,
+) -> Result<Vec<OpenWindow>, StoreError> {
+    let unreadable = |e: serde_json::Error| {
+        StoreError::Corrupt(format!("a stored window state of {}: {e}", spec.name))
+    };
+    let states = held
+        .states
+        .into_iter()
+        .map(|(text, clock)| Ok((serde_json::from_str(&text).map_err(unreadable)?, clock)))
+        .collect::<Result<_, StoreError>>()?;
+    let parts = held
+        .parts
+        .into_iter()
+        .map(|p| {
+            let span = Span {
+                start: p.start_ms,
+                end: p.end_ms,
+            };
+            let events = u64::try_from(p.events).unwrap_or(0);
+            Ok((
+                span,
+                serde_json::from_str(&p.part).map_err(unreadable)?,
+                events,
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(crate::metric::open_windows(spec, group, states, parts))
+}
+
+/// A time in milliseconds since the Unix epoch.
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Windows of a metric's current version: the closed ones oldest first,
+/// then a group's open ones.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WindowValues {
     pub version: i64,
@@ -309,12 +372,13 @@ pub struct WindowValues {
     pub next_cursor: Option<String>,
 }
 
-/// The closed windows of a metric's current version.
+/// The closed windows of a metric's current version, then the open
+/// windows of the group asked for (or of a global metric).
 #[utoipa::path(get, path = "/v1/metrics/{name}/values", tag = "metrics",
     params(("name" = String, Path, description = "The metric's name"), ValuesQuery),
     security(("basic" = []), ("bearer" = [])),
     responses(
-        (status = 200, description = "Closed windows, oldest first", body = WindowValues),
+        (status = 200, description = "Closed windows, oldest first, then the group's open windows", body = WindowValues),
         (status = 400, description = "A parameter that does not parse", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not a read or admin key", body = ErrorBody),
@@ -355,18 +419,47 @@ pub async fn metric_values(
             limit,
         })
         .await?;
-    let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    let values = windows
-        .into_iter()
-        .map(|w| WindowValue {
-            start: time(w.start_ms),
-            end: time(w.end_ms),
-            value: serde_json::from_str(&w.value).unwrap_or(Value::Null),
-            events: w.events,
-            is_final: true,
-            group: w.group,
-        })
-        .collect();
+    let mut values: Vec<WindowValue> = windows.into_iter().map(WindowValue::closed).collect();
+    // Open windows of one group: the one asked for, or a global metric's.
+    let spec = MetricDefinition::from_json(current.body.as_bytes())
+        .and_then(|d| d.compile(&name))
+        .map_err(|e| {
+            StoreError::Corrupt(format!("the stored metric {name} does not compile: {e}"))
+        })?;
+    let group = match (&query.group, &spec.group_by) {
+        (Some(group), _) => Some(group.clone()),
+        (None, GroupBy::Global) => Some(GLOBAL_GROUP.to_owned()),
+        (None, _) => None,
+    };
+    if let Some(group) = group
+        && values.len() < limit as usize
+    {
+        let processor = crate::process::metrics::processor_name(&name, current.version);
+        let held = state
+            .store
+            .metric_group(&processor, &state.events_topic, &group)
+            .await?;
+        let open = open_windows(&spec, &group, held)?;
+        let (from, to) = (
+            query.from.map(|t| t.timestamp_millis()),
+            query.to.map(|t| t.timestamp_millis()),
+        );
+        values.extend(
+            open.into_iter()
+                .filter(|w| {
+                    from.is_none_or(|f| w.window.end > f) && to.is_none_or(|t| w.window.start < t)
+                })
+                .take(limit as usize - values.len())
+                .map(|w| WindowValue {
+                    group: group.clone(),
+                    start: time(w.window.start),
+                    end: time(w.window.end),
+                    value: w.value,
+                    events: i64::try_from(w.events).unwrap_or(i64::MAX),
+                    is_final: false,
+                }),
+        );
+    }
     Ok(Json(WindowValues {
         version: current.version,
         values,

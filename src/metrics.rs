@@ -59,6 +59,16 @@ pub const STORE_TRANSACTION_SECONDS: &str = "traitline_store_transaction_duratio
 pub const STAGE_RESTARTS: &str = "traitline_stage_restarts_total";
 /// 1 while a stage runs, 0 while it waits to be restarted, by `stage`.
 pub const STAGE_UP: &str = "traitline_stage_up";
+/// Windows a metric made final, by `metric`.
+pub const METRIC_WINDOWS_CLOSED: &str = "traitline_metric_windows_closed_total";
+/// Events that came after a window they belong to closed, by `metric`
+/// (each is on `user_events_late`).
+pub const METRIC_LATE_EVENTS: &str = "traitline_metric_late_events_total";
+/// Groups with open windows a metric holds in memory, by `metric`.
+pub const METRIC_OPEN_GROUPS: &str = "traitline_metric_open_groups";
+/// How far a metric's watermark is behind the wall clock, by `metric` and
+/// `partition`.
+pub const METRIC_WATERMARK_LAG_SECONDS: &str = "traitline_metric_watermark_lag_seconds";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -103,6 +113,23 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// The help text each metric shows in the scrape.
 fn describe() {
+    describe_counter!(
+        METRIC_WINDOWS_CLOSED,
+        "Windows a metric made final, by metric"
+    );
+    describe_counter!(
+        METRIC_LATE_EVENTS,
+        "Events after a window they belong to closed (on user_events_late), by metric"
+    );
+    describe_gauge!(
+        METRIC_OPEN_GROUPS,
+        "Groups with open windows a metric holds in memory, by metric"
+    );
+    describe_gauge!(
+        METRIC_WATERMARK_LAG_SECONDS,
+        Unit::Seconds,
+        "How far a metric's watermark is behind the wall clock, by metric and partition"
+    );
     describe_counter!(
         STAGE_RESTARTS,
         "Times a stage stopped without being asked to and was restarted, by stage"

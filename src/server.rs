@@ -223,7 +223,8 @@ pub fn router(
         let topics = Topics::new(&config.topic_prefix);
         api =
             api.merge(QueryState::new(store.clone(), keys.clone(), log.clone(), &topics).routes());
-        api = api.merge(crate::admin::AdminState::new(store, keys.clone()).routes());
+        api =
+            api.merge(crate::admin::AdminState::new(store, keys.clone(), topics.events()).routes());
     }
     if config.roles.ingest {
         let ingest = Ingest::new(

@@ -188,6 +188,17 @@ impl Topics {
         self.named("user_profile_changes")
     }
 
+    /// Each closed window of a metric, once (key: metric and group).
+    pub fn metrics(&self) -> String {
+        self.named("user_metrics")
+    }
+
+    /// Events that came after a window they belong to closed, with the
+    /// metric, the window and how late (key: metric and group).
+    pub fn late(&self) -> String {
+        self.named("user_events_late")
+    }
+
     /// Every topic Traitline writes, and whether Kafka should compact it
     /// (keep only the latest record of a key).
     pub fn all(&self) -> Vec<(String, bool)> {
@@ -197,6 +208,8 @@ impl Topics {
             (self.rejected(), false),
             (self.profiles(), true),
             (self.profile_changes(), false),
+            (self.metrics(), false),
+            (self.late(), false),
         ]
     }
 }

@@ -10,11 +10,15 @@
 
 pub mod combine;
 
+use std::collections::BTreeMap;
+
 use chrono::DateTime;
 use serde_json::Value;
 
 use crate::definitions::{GroupBy, MetricSpec};
-use crate::windows::{Closed, Engine, Millis, Observed, Stamp};
+use crate::windows::{
+    Closed, Engine, GroupState, Millis, Observed, OpenWindow, Partial, Span, Stamp,
+};
 
 /// The group of a metric without a group-by.
 pub const GLOBAL_GROUP: &str = "*";
@@ -113,6 +117,47 @@ impl Metric {
     pub fn advance(&mut self, watermark: Millis) -> Vec<Closed> {
         self.engine.advance(watermark)
     }
+}
+
+/// `group`'s open windows across partitions, oldest first: each
+/// partition's state (with its clock) read as an engine would hold it,
+/// and the parts of windows some partitions closed, merged by window.
+pub fn open_windows(
+    spec: &MetricSpec,
+    group: &str,
+    states: Vec<(GroupState, Option<Millis>)>,
+    parts: Vec<(Span, Partial, u64)>,
+) -> Vec<OpenWindow> {
+    let mut merged: BTreeMap<(Millis, Millis), (Partial, u64)> = BTreeMap::new();
+    let mut add = |span: Span, partial: &Partial, events: u64| {
+        let (into, count) = merged
+            .entry((span.start, span.end))
+            .or_insert_with(|| (spec.aggregate.empty(), 0));
+        into.merge(partial);
+        *count += events;
+    };
+    for (state, clock) in states {
+        let mut engine = Engine::new(spec.window, spec.aggregate, spec.lateness);
+        if let Some(clock) = clock {
+            engine.resume(clock);
+        }
+        engine.restore(group, state);
+        for open in engine.open(group) {
+            add(open.window, &open.partial, open.events);
+        }
+    }
+    for (span, partial, events) in &parts {
+        add(*span, partial, *events);
+    }
+    merged
+        .into_iter()
+        .map(|((start, end), (partial, events))| OpenWindow {
+            window: Span { start, end },
+            value: partial.value(spec.aggregate),
+            partial,
+            events,
+        })
+        .collect()
 }
 
 /// An event's time (its `timestamp`, corrected for clock skew at ingest)

@@ -238,3 +238,43 @@ proptest! {
         prop_assert_eq!(published(combined), published(expected));
     }
 }
+
+/// A global window open in one partition and closed (a part waiting for
+/// the others) in another reads as one open window with both's events.
+#[test]
+fn open_windows_merge_partitions_states_and_waiting_parts() {
+    let definition = json!({
+        "aggregate": "sum", "field": "properties.amount",
+        "window": {"kind": "tumbling", "size": "10m"}
+    });
+    let mut ahead = metric(definition.clone());
+    let mut behind = metric(definition);
+    for (i, amount) in [(1, 5), (2, 7)] {
+        ahead.observe(&event(MIN, i, json!({"properties": {"amount": amount}})));
+    }
+    behind.observe(&event(2 * MIN, 3, json!({"properties": {"amount": 30}})));
+    behind.observe(&event(11 * MIN, 4, json!({"properties": {"amount": 100}})));
+    // The ahead partition's clock passed the first window: its part waits.
+    let parts: Vec<(Span, Partial, u64)> = ahead
+        .advance(10 * MIN)
+        .into_iter()
+        .map(|c| (c.window, c.partial, c.events))
+        .collect();
+    assert_eq!(parts.len(), 1);
+    let engine = behind.engine();
+    let state = engine.state(GLOBAL_GROUP).unwrap().clone();
+    let open = open_windows(
+        &behind.spec,
+        GLOBAL_GROUP,
+        vec![(state, Some(5 * MIN))],
+        parts,
+    );
+    let got: Vec<(Millis, Value, u64)> = open
+        .iter()
+        .map(|w| (w.window.start, w.value.clone(), w.events))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(0, json!(42.0), 3), (10 * MIN, json!(100.0), 1)]
+    );
+}

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::definitions::{GroupBy, MetricDefinition, MetricSpec};
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::{Metric, Outcome};
-use crate::store::{Combine, DefinitionKind, MetricBatch, Store, StoredWindow};
+use crate::store::{Combine, DefinitionKind, LateEvent, MetricBatch, Store, StoredWindow};
 use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 use crate::windows::Closed;
 
@@ -146,15 +146,29 @@ impl MetricProcessor {
         };
         let mut counted = 0;
         let mut seen = Vec::new();
+        let mut late = Vec::new();
         for (p, event) in events {
             let id = event.get("messageId").and_then(Value::as_str);
             if id.is_some_and(|id| known.contains(id)) {
                 continue;
             }
             let metric = partitions.get_mut(p).expect("loaded above");
-            if let Outcome::Observed { observed, .. } = metric.observe(event)
-                && observed.counted
-            {
+            let Outcome::Observed { group, observed } = metric.observe(event) else {
+                continue;
+            };
+            if let (Some(missed), Some(id)) = (&observed.late, id) {
+                late.push(LateEvent {
+                    metric: self.spec.name.clone(),
+                    version: self.version,
+                    group,
+                    message_id: id.to_owned(),
+                    start_ms: missed.window.start,
+                    end_ms: missed.window.end,
+                    late_by_ms: missed.late_by,
+                    event: event.to_string(),
+                });
+            }
+            if observed.counted {
                 counted += 1;
                 if let Some(id) = id {
                     known.insert(id.to_owned());
@@ -209,16 +223,42 @@ impl MetricProcessor {
             states,
             windows,
             seen,
+            late,
             combine,
         };
         match self.store.apply_metric_batch(&batch).await {
-            Ok(()) => Ok(counted),
+            Ok(made_final) => {
+                self.account(&partitions, &batch, made_final);
+                Ok(counted)
+            }
             Err(e) => {
                 for p in &touched {
                     partitions.remove(p);
                 }
                 Err(commit_error(e))
             }
+        }
+    }
+
+    /// The Prometheus metrics of a committed batch.
+    fn account(&self, partitions: &HashMap<i32, Metric>, batch: &MetricBatch, made_final: usize) {
+        let name = self.spec.name.clone();
+        metrics::counter!(crate::metrics::METRIC_WINDOWS_CLOSED, "metric" => name.clone())
+            .increment(made_final as u64);
+        metrics::counter!(crate::metrics::METRIC_LATE_EVENTS, "metric" => name.clone())
+            .increment(batch.late.len() as u64);
+        let open: usize = partitions.values().map(|m| m.engine().group_count()).sum();
+        metrics::gauge!(crate::metrics::METRIC_OPEN_GROUPS, "metric" => name.clone())
+            .set(open as f64);
+        let now = crate::store::now_ms();
+        for (partition, clock) in &batch.clocks {
+            let lag = (now - clock).max(0) as f64 / 1000.0;
+            metrics::gauge!(
+                crate::metrics::METRIC_WATERMARK_LAG_SECONDS,
+                "metric" => name.clone(),
+                "partition" => partition.to_string()
+            )
+            .set(lag);
         }
     }
 

@@ -1,16 +1,25 @@
-//! The change relay: publishes `profile_changes` rows, in change order, to
+//! The change relay: publishes what the processors wrote to the store for
+//! the log. `profile_changes` rows, in change order, to
 //! `user_profile_changes` (one record a change) and `user_profiles` (the
-//! latest profile; a tombstone when it is deleted or merged away). Both
-//! keyed by user id, else profile id.
+//! latest profile; a tombstone when it is deleted or merged away), both
+//! keyed by user id, else profile id; closed metric windows to
+//! `user_metrics` and late events to `user_events_late`, keyed by metric
+//! and group.
 //!
 //! At least once: rows are marked published only after the log has them,
-//! so a crash in between publishes them again; the change id in each record
-//! is the stable identity a consumer deduplicates on.
+//! so a crash in between publishes them again; each record carries a
+//! stable identity a consumer deduplicates on (the change id; a window's
+//! metric, version, group and start; a late event's metric, version and
+//! message id).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::admin::WindowValue;
 use crate::log::{EventLog, Record, Topics};
 use crate::store::{ChangeRecord, Store};
 
@@ -41,7 +50,9 @@ impl ChangeRelay {
                 Ok(0) => IDLE,
                 Ok(_) => Duration::ZERO,
                 Err(e) => {
-                    tracing::warn!("cannot relay profile changes: {e}; trying again in {RETRY:?}");
+                    tracing::warn!(
+                        "cannot relay profile changes, metric windows or late events to the log: {e}; trying again in {RETRY:?}"
+                    );
                     RETRY
                 }
             };
@@ -53,8 +64,93 @@ impl ChangeRelay {
         }
     }
 
-    /// Publishes the oldest unpublished changes; returns how many.
+    /// Publishes the oldest unpublished changes, windows and late events;
+    /// returns how many.
     pub async fn publish_some(&self) -> Result<usize, String> {
+        let changes = self.publish_changes().await?;
+        let windows = self.publish_windows().await?;
+        let late = self.publish_late().await?;
+        Ok(changes + windows + late)
+    }
+
+    async fn publish_windows(&self) -> Result<usize, String> {
+        let windows = self
+            .store
+            .unpublished_windows(BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        if windows.is_empty() {
+            return Ok(0);
+        }
+        let records = windows
+            .iter()
+            .map(|w| {
+                let value = MetricRecord {
+                    metric: &w.metric,
+                    version: w.version,
+                    window: WindowValue::closed(w.clone()),
+                };
+                Record {
+                    key: Some(format!("{}:{}", w.metric, w.group)),
+                    value: serde_json::to_vec(&value).expect("a window serializes"),
+                }
+            })
+            .collect();
+        self.log
+            .append(&self.topics.metrics(), records)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.store
+            .mark_windows_published(&windows)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(windows.len())
+    }
+
+    async fn publish_late(&self) -> Result<usize, String> {
+        let late = self
+            .store
+            .unpublished_late(BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        if late.is_empty() {
+            return Ok(0);
+        }
+        let records = late
+            .iter()
+            .map(|(_, l)| {
+                let event: Value = serde_json::from_str(&l.event).unwrap_or(Value::Null);
+                let value = json!({
+                    "metric": l.metric,
+                    "version": l.version,
+                    "group": l.group,
+                    "window": {"start": time(l.start_ms), "end": time(l.end_ms)},
+                    "late_by_ms": l.late_by_ms,
+                    "message_id": l.message_id,
+                    "event": event,
+                });
+                Record {
+                    key: Some(format!("{}:{}", l.metric, l.group)),
+                    value: value.to_string().into_bytes(),
+                }
+            })
+            .collect();
+        self.log
+            .append(&self.topics.late(), records)
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys: Vec<(String, String)> = late
+            .into_iter()
+            .map(|(processor, l)| (processor, l.message_id))
+            .collect();
+        self.store
+            .mark_late_published(&keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(keys.len())
+    }
+
+    async fn publish_changes(&self) -> Result<usize, String> {
         let changes = self
             .store
             .unpublished_changes(BATCH)
@@ -96,6 +192,22 @@ impl ChangeRelay {
             .map_err(|e| e.to_string())?;
         Ok(changes.len())
     }
+}
+
+/// A `user_metrics` value: the window as the values API shows it, with
+/// its metric and version.
+#[derive(Serialize)]
+struct MetricRecord<'a> {
+    metric: &'a str,
+    version: i64,
+    #[serde(flatten)]
+    window: WindowValue,
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// The `user_profiles` value of a change: the profile after it, or a

@@ -30,6 +30,8 @@ pub struct MetricBatch<'a> {
     pub windows: Vec<StoredWindow>,
     /// The message ids the batch counted, with their receive time.
     pub seen: Vec<(String, i64)>,
+    /// Events the batch found late for a window that had closed.
+    pub late: Vec<LateEvent>,
     /// For a metric combined across partitions (grouped globally or by a
     /// property): the parts of windows the batch's partitions closed, and
     /// how to make them final.
@@ -62,6 +64,42 @@ pub struct StoredWindow {
     pub events: i64,
 }
 
+/// What a metric version holds of one group's open windows.
+#[derive(Debug, Clone, Default)]
+pub struct OpenGroup {
+    /// Each partition's state of the group (JSON), with the partition's
+    /// clock.
+    pub states: Vec<(String, Option<i64>)>,
+    /// Parts of windows waiting for other partitions.
+    pub parts: Vec<StoredPart>,
+}
+
+/// A partition's part of a window combined across partitions.
+#[derive(Debug, Clone)]
+pub struct StoredPart {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// The partial, as JSON.
+    pub part: String,
+    pub events: i64,
+}
+
+/// An event that came after a window it belongs to closed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateEvent {
+    pub metric: String,
+    pub version: i64,
+    pub group: String,
+    pub message_id: String,
+    /// The (latest) window it missed.
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// How long after that window closed it came, by the watermark.
+    pub late_by_ms: i64,
+    /// The event's envelope, as JSON.
+    pub event: String,
+}
+
 /// Which closed windows to read.
 #[derive(Debug, Clone, Default)]
 pub struct WindowQuery<'a> {
@@ -76,8 +114,9 @@ pub struct WindowQuery<'a> {
 }
 
 impl Store {
-    /// Commits a metric batch: offsets (fenced), clocks, states, windows.
-    pub async fn apply_metric_batch(&self, batch: &MetricBatch<'_>) -> Result<(), StoreError> {
+    /// Commits a metric batch: offsets (fenced), clocks, states, windows;
+    /// how many windows it made final.
+    pub async fn apply_metric_batch(&self, batch: &MetricBatch<'_>) -> Result<usize, StoreError> {
         let dialect = self.dialect;
         super::in_write_transaction!(self, self.begin_write(), |tx| write_batch(
             tx, dialect, batch
@@ -117,6 +156,51 @@ impl Store {
         Ok((clock, states))
     }
 
+    /// What `processor` holds of `group`'s open windows: each partition's
+    /// state with the partition's clock, and the parts of windows that
+    /// partitions closed but that are not final yet (combined metrics).
+    pub async fn metric_group(
+        &self,
+        processor: &str,
+        topic: &str,
+        group: &str,
+    ) -> Result<OpenGroup, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.state, o.clock FROM metric_state s LEFT JOIN processor_offsets o \
+               ON o.processor = s.processor AND o.topic = $2 AND o.partition = s.partition \
+             WHERE s.processor = $1 AND s.grp = $3 ORDER BY s.partition",
+        )
+        .bind(processor)
+        .bind(topic)
+        .bind(group)
+        .fetch_all(&self.pool)
+        .await?;
+        let states = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "SELECT start_ms, end_ms, part, events FROM metric_parts \
+             WHERE processor = $1 AND grp = $2 ORDER BY end_ms, start_ms",
+        )
+        .bind(processor)
+        .bind(group)
+        .fetch_all(&self.pool)
+        .await?;
+        let parts = rows
+            .iter()
+            .map(|row| {
+                Ok(StoredPart {
+                    start_ms: row.try_get(0)?,
+                    end_ms: row.try_get(1)?,
+                    part: row.try_get(2)?,
+                    events: row.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(OpenGroup { states, parts })
+    }
+
     /// Which of `message_ids` `processor` has counted before.
     pub async fn metric_seen(
         &self,
@@ -138,6 +222,104 @@ impl Store {
             }
         }
         Ok(known)
+    }
+
+    /// Closed windows not yet on `user_metrics`, in the order they
+    /// closed.
+    pub async fn unpublished_windows(&self, limit: u32) -> Result<Vec<StoredWindow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT metric, version, grp, start_ms, end_ms, value, events FROM metric_windows \
+             WHERE published = 0 ORDER BY closed_at, metric, version, grp, start_ms LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(window).collect()
+    }
+
+    /// Marks closed windows as on `user_metrics`.
+    pub async fn mark_windows_published(&self, windows: &[StoredWindow]) -> Result<(), StoreError> {
+        // Five parameters a window.
+        for chunk in windows.chunks(super::batch::ROWS_PER_INSERT / 5) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let n = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        n + 1,
+                        n + 2,
+                        n + 3,
+                        n + 4,
+                        n + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "UPDATE metric_windows SET published = 1 \
+                 WHERE (metric, version, grp, start_ms, end_ms) IN ({})",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for w in chunk {
+                query = query
+                    .bind(w.metric.as_str())
+                    .bind(w.version)
+                    .bind(w.group.as_str())
+                    .bind(w.start_ms)
+                    .bind(w.end_ms);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Late events not yet on `user_events_late`, oldest first, with the
+    /// processor that found each.
+    pub async fn unpublished_late(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(String, LateEvent)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT processor, metric, version, grp, message_id, start_ms, end_ms, late_by_ms, event \
+             FROM metric_late WHERE published = 0 ORDER BY recorded_at, processor, message_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let late = LateEvent {
+                    metric: row.try_get(1)?,
+                    version: row.try_get(2)?,
+                    group: row.try_get(3)?,
+                    message_id: row.try_get(4)?,
+                    start_ms: row.try_get(5)?,
+                    end_ms: row.try_get(6)?,
+                    late_by_ms: row.try_get(7)?,
+                    event: row.try_get(8)?,
+                };
+                Ok((row.try_get(0)?, late))
+            })
+            .collect()
+    }
+
+    /// Marks late events (processor, message id) as on `user_events_late`.
+    pub async fn mark_late_published(&self, late: &[(String, String)]) -> Result<(), StoreError> {
+        for chunk in late.chunks(super::batch::ROWS_PER_INSERT / 2) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", i * 2 + 1, i * 2 + 2))
+                .collect();
+            let sql = format!(
+                "UPDATE metric_late SET published = 1 WHERE (processor, message_id) IN ({})",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (processor, message_id) in chunk {
+                query = query.bind(processor.as_str()).bind(message_id.as_str());
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
     }
 
     /// Closed windows of a metric version, oldest first.
@@ -179,7 +361,7 @@ async fn write_batch(
     tx: &mut AnyConnection,
     dialect: super::Dialect,
     batch: &MetricBatch<'_>,
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     let now = now_ms();
     Conn::Any(&mut *tx, dialect)
         .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
@@ -233,6 +415,26 @@ async fn write_batch(
     for w in &batch.windows {
         insert_window(tx, w, now).await?;
     }
+    for l in &batch.late {
+        sqlx::query(
+            "INSERT INTO metric_late (processor, message_id, metric, version, grp, start_ms, end_ms, \
+             late_by_ms, event, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(batch.processor)
+        .bind(l.message_id.as_str())
+        .bind(l.metric.as_str())
+        .bind(l.version)
+        .bind(l.group.as_str())
+        .bind(l.start_ms)
+        .bind(l.end_ms)
+        .bind(l.late_by_ms)
+        .bind(l.event.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut made_final = batch.windows.len();
     if let Some(combine) = &batch.combine {
         for (partition, part) in &combine.parts {
             sqlx::query(
@@ -250,10 +452,10 @@ async fn write_batch(
             .await?;
         }
         if !batch.clocks.is_empty() {
-            finalize(tx, batch.processor, batch.topic, combine, now).await?;
+            made_final += finalize(tx, batch.processor, batch.topic, combine, now).await?;
         }
     }
-    Ok(())
+    Ok(made_final)
 }
 
 async fn insert_window(
@@ -289,7 +491,7 @@ async fn finalize(
     topic: &str,
     combine: &Combine,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     sqlx::query(
         "INSERT INTO metric_combine (processor, final_until) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
@@ -318,11 +520,11 @@ async fn finalize(
     .await?;
     let (clocked, slowest): (i64, Option<i64>) = (row.try_get(0)?, row.try_get(1)?);
     let Some(slowest) = slowest.filter(|_| clocked == i64::from(combine.partitions)) else {
-        return Ok(());
+        return Ok(0);
     };
     let limit = slowest.saturating_sub(combine.lateness_ms);
     if limit <= final_until {
-        return Ok(());
+        return Ok(0);
     }
     let rows = sqlx::query(
         "SELECT grp, start_ms, end_ms, part, events FROM metric_parts \
@@ -352,7 +554,9 @@ async fn finalize(
             events: u64::try_from(row.try_get::<i64, _>(4)?).unwrap_or(0),
         });
     }
-    for closed in combiner.advance(0, limit) {
+    let finals = combiner.advance(0, limit);
+    let count = finals.len();
+    for closed in finals {
         let window = StoredWindow {
             metric: combine.metric.clone(),
             version: combine.version,
@@ -374,5 +578,5 @@ async fn finalize(
         .bind(processor)
         .execute(&mut *tx)
         .await?;
-    Ok(())
+    Ok(count)
 }

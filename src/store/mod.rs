@@ -11,7 +11,9 @@
 //! shared test suite runs against both.
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
-pub use metric_windows::{Combine, MetricBatch, StoredWindow, WindowQuery};
+pub use metric_windows::{
+    Combine, LateEvent, MetricBatch, OpenGroup, StoredPart, StoredWindow, WindowQuery,
+};
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
 use std::collections::HashMap;
@@ -325,6 +327,10 @@ impl Store {
             .await?;
         // The metrics' record of counted message ids goes with them.
         sqlx::query("DELETE FROM metric_seen WHERE received_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM metric_late WHERE recorded_at < $1 AND published = 1")
             .bind(before_ms)
             .execute(&self.pool)
             .await?;

@@ -45,6 +45,8 @@ pub struct Closed {
 pub struct OpenWindow {
     pub window: Span,
     pub value: Value,
+    /// The partial behind `value`, for combining partitions.
+    pub partial: Partial,
     pub events: u64,
 }
 
@@ -458,6 +460,7 @@ impl Engine {
         let window = |window: Span, partial: Partial, events: u64| OpenWindow {
             window,
             value: partial.value(aggregate),
+            partial,
             events,
         };
         match self.layout {
@@ -548,6 +551,11 @@ impl Engine {
     /// The groups held in memory.
     pub fn groups(&self) -> impl Iterator<Item = (&String, &GroupState)> {
         self.groups.iter()
+    }
+
+    /// How many groups have open windows.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 
     /// Merges `from`'s windows into `into` (an alias or identify merge):

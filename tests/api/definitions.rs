@@ -8,8 +8,11 @@ use serde_json::{Value, json};
 
 use std::time::Duration;
 
+use traitline::log::Topics;
+
 use crate::helpers::{
-    ADMIN_KEY, Backend, READ_KEY, TestApp, WRITE_KEY, eventually, spawn_app, spawn_app_with,
+    ADMIN_KEY, Backend, READ_KEY, TestApp, WRITE_KEY, eventually, read_all, spawn_app,
+    spawn_app_with,
 };
 
 both_logs!(
@@ -340,6 +343,108 @@ async fn a_metric_defined_after_its_events_counts_them_from_history_exactly(back
     );
     assert_eq!(u2["values"].as_array().unwrap().len(), 1);
     assert_eq!(u1["version"], 1);
+
+    // An order for u1's first hour, now closed: late. It is on
+    // user_events_late with the window it missed, counted in /metrics,
+    // and the window keeps its value.
+    let late = json!({"batch": [order(8, "u1", base + 90_000, 900)]});
+    assert!(app.post("/v1/batch", &late).await.status().is_success());
+    let topics = Topics::new(&app.config.topic_prefix);
+    let reported = eventually(
+        "the late event reported",
+        Duration::from_secs(30),
+        || async {
+            let records = read_all(&app.config, &topics.late()).await;
+            (!records.is_empty()).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(reported.len(), 1);
+    assert_eq!(reported[0].key.as_deref(), Some(&b"orders_hourly:u1"[..]));
+    let record: Value = serde_json::from_slice(&reported[0].value).unwrap();
+    assert_eq!(record["metric"], "orders_hourly");
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["message_id"], "order-8");
+    assert_eq!(record["window"]["start"], json!(start(base)));
+    assert_eq!(record["event"]["properties"]["amount"], 900);
+    assert!(record["late_by_ms"].as_i64().unwrap() > 0, "{record}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"traitline_metric_late_events_total{metric="orders_hourly"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(values("u1").await["values"][0]["value"], json!(3));
+
+    // A window two hours ahead of the log's clock is open: served, marked
+    // not final, and not on user_metrics.
+    let ahead = json!({"batch": [order(9, "u3", base + 5 * HOUR + 1_000, 150)]});
+    assert!(app.post("/v1/batch", &ahead).await.status().is_success());
+    let u3 = eventually("u3's open window", Duration::from_secs(30), || async {
+        let body = values("u3").await;
+        (!body["values"].as_array().unwrap().is_empty()).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        u3["values"],
+        json!([{"group": "u3", "start": start(base + 5 * HOUR), "end": start(base + 6 * HOUR),
+                "value": 1, "events": 1, "final": false}])
+    );
+
+    // Each closed window is on user_metrics once, as the API shows it.
+    let published = eventually("3 windows published", Duration::from_secs(30), || async {
+        let records = read_all(&app.config, &topics.metrics()).await;
+        (records.len() >= 3).then_some(records)
+    })
+    .await;
+    let mut published: Vec<(Option<Vec<u8>>, Value, Value, Value)> = published
+        .iter()
+        .map(|r| {
+            let w: Value = serde_json::from_slice(&r.value).unwrap();
+            assert_eq!(
+                (w["metric"].clone(), w["version"].clone()),
+                (json!("orders_hourly"), json!(1))
+            );
+            assert_eq!(w["final"], true);
+            (
+                r.key.clone(),
+                w["start"].clone(),
+                w["value"].clone(),
+                w["events"].clone(),
+            )
+        })
+        .collect();
+    published.sort_by_key(|(key, start, ..)| (key.clone(), start.to_string()));
+    assert_eq!(
+        published,
+        vec![
+            (
+                Some(b"orders_hourly:u1".to_vec()),
+                json!(start(base)),
+                json!(3),
+                json!(3)
+            ),
+            (
+                Some(b"orders_hourly:u1".to_vec()),
+                json!(start(base + HOUR)),
+                json!(2),
+                json!(2)
+            ),
+            (
+                Some(b"orders_hourly:u2".to_vec()),
+                json!(start(base)),
+                json!(1),
+                json!(1)
+            ),
+        ]
+    );
     app.stop().await;
 }
 
@@ -497,5 +602,47 @@ async fn global_and_property_metrics_over_eight_partitions_are_exact(backend: Ba
             "{key:?}: {value} vs {expected}"
         );
     }
+
+    // An order two hours ahead of the log's clock: the global metric's
+    // open window, served without a group and marked not final.
+    let ahead = json!({"batch": [{"type": "track", "event": "order.create", "userId": "u1",
+        "messageId": "order-ahead", "timestamp": at(base + 5 * HOUR),
+        "properties": {"amount": 7, "country": "DE"}}]});
+    assert!(app.post("/v1/batch", &ahead).await.status().is_success());
+    let open = eventually("the open window", Duration::from_secs(30), || async {
+        let (_, body) = app
+            .get_as("/v1/metrics/revenue_hourly/values?limit=1000", READ_KEY)
+            .await;
+        let values = body["values"].as_array().unwrap().clone();
+        values.into_iter().find(|w| w["final"] == json!(false))
+    })
+    .await;
+    assert_eq!(
+        open,
+        json!({"group": "*", "start": start(base + 5 * HOUR), "end": start(base + 6 * HOUR),
+               "value": 7.0, "events": 1, "final": false})
+    );
+
+    // Each final window is on user_metrics once.
+    let total = revenue.len() + per_country.len() + average.len();
+    let topic = Topics::new(&app.config.topic_prefix).metrics();
+    let published = eventually(
+        "every window published",
+        Duration::from_secs(30),
+        || async {
+            let records = read_all(&app.config, &topic).await;
+            (records.len() >= total).then_some(records)
+        },
+    )
+    .await;
+    let distinct: std::collections::BTreeSet<(String, String, String)> = published
+        .iter()
+        .map(|r| {
+            let w: Value = serde_json::from_slice(&r.value).unwrap();
+            let text = |v: &Value| v.as_str().unwrap().to_owned();
+            (text(&w["metric"]), text(&w["group"]), text(&w["start"]))
+        })
+        .collect();
+    assert_eq!((published.len(), distinct.len()), (total, total));
     app.stop().await;
 }

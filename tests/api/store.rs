@@ -246,6 +246,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         states,
         windows,
         seen: vec![],
+        late: vec![],
         combine: None,
     };
     let first = batch(
@@ -389,6 +390,7 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                 states: vec![],
                 windows: vec![],
                 seen: vec![],
+                late: vec![],
                 combine: Some(Combine {
                     metric: "revenue_hourly".to_owned(),
                     version: 1,

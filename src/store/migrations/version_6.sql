@@ -23,3 +23,28 @@ CREATE TABLE metric_combine (
     processor TEXT PRIMARY KEY,
     final_until BIGINT NOT NULL
 );
+
+-- The closed windows the relay has still to put on user_metrics, oldest
+-- first; and a group's state across partitions, for its open windows.
+CREATE INDEX metric_windows_unpublished ON metric_windows (closed_at) WHERE published = 0;
+CREATE INDEX metric_state_group ON metric_state (processor, grp);
+
+-- Events that came after a window they belong to closed, written with the
+-- batch that found them and relayed to user_events_late; one a metric
+-- version and message id, so a retry of a late event is reported once.
+-- Kept as long as the stored events (events-retention-days).
+CREATE TABLE metric_late (
+    processor TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    grp TEXT NOT NULL,
+    start_ms BIGINT NOT NULL,
+    end_ms BIGINT NOT NULL,
+    late_by_ms BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (processor, message_id)
+);
+CREATE INDEX metric_late_unpublished ON metric_late (recorded_at) WHERE published = 0;
