@@ -25,6 +25,11 @@ pub enum EventType {
     /// from the log deletes the user again at the same point. Its
     /// `properties.ids` lists every id the deleted profile had.
     Delete,
+    /// Not a Segment call: a computed trait's new value, from a metric with
+    /// a trait name, put in the log (keyed by the user) after the events
+    /// that made it, so the profile takes it in order like any change.
+    /// `properties` holds `trait`, `value`, `metric` and `version`.
+    Computed,
 }
 
 impl EventType {
@@ -38,7 +43,14 @@ impl EventType {
             EventType::Group => "group",
             EventType::Alias => "alias",
             EventType::Delete => "delete",
+            EventType::Computed => "computed",
         }
+    }
+
+    /// Whether clients send events of this type (Traitline writes the
+    /// others itself).
+    pub fn is_segment_call(self) -> bool {
+        !matches!(self, EventType::Delete | EventType::Computed)
     }
 }
 
@@ -52,6 +64,8 @@ pub enum Source {
     Seed,
     /// The admin API (a deletion).
     Admin,
+    /// A metric's computed trait.
+    Metric,
 }
 
 /// A JSON object field of an envelope (`properties`, `traits`, `context`,

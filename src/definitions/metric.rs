@@ -131,7 +131,7 @@ impl MetricDefinition {
             Some(text) => Some(
                 serde_json::from_value::<EventType>(Value::String(text.to_owned()))
                     .ok()
-                    .filter(|k| *k != EventType::Delete)
+                    .filter(|k| k.is_segment_call())
                     .ok_or_else(|| {
                         DefinitionError::new(
                             "type",

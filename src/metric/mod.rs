@@ -61,9 +61,13 @@ impl Metric {
         &mut self.engine
     }
 
-    /// Whether the definition takes this event.
+    /// Whether the definition takes this event. Records Traitline writes
+    /// itself (deletions, computed traits) are never a metric's events.
     pub fn selects(&self, envelope: &Value) -> bool {
         let text = |name: &str| envelope.get(name).and_then(Value::as_str);
+        if matches!(text("type"), Some("delete" | "computed")) {
+            return false;
+        }
         if let Some(kind) = self.spec.kind
             && text("type") != Some(kind.as_str())
         {
@@ -111,6 +115,16 @@ impl Metric {
         let value = self.spec.field.as_ref().and_then(|f| f.get(envelope));
         let observed = self.engine.observe(&group, &stamp, value);
         Outcome::Observed { group, observed }
+    }
+
+    /// The value of `group` as a computed trait: its latest open window's
+    /// (for a trailing metric, the window ending at the watermark), else
+    /// the value of no events (a count of 0).
+    pub fn trait_value(&self, group: &str) -> Value {
+        match self.engine.open(group).pop() {
+            Some(window) => window.value,
+            None => self.spec.aggregate.empty().value(self.spec.aggregate),
+        }
     }
 
     /// Moves the watermark; the windows it closes.

@@ -273,8 +273,23 @@ fn open_windows_merge_partitions_states_and_waiting_parts() {
         .iter()
         .map(|w| (w.window.start, w.value.clone(), w.events))
         .collect();
-    assert_eq!(
-        got,
-        vec![(0, json!(42.0), 3), (10 * MIN, json!(100.0), 1)]
-    );
+    assert_eq!(got, vec![(0, json!(42.0), 3), (10 * MIN, json!(100.0), 1)]);
+}
+
+/// Records Traitline writes itself are never a metric's events, even for a
+/// metric that takes every type.
+#[test]
+fn deletions_and_computed_values_are_not_counted() {
+    let mut m = metric(json!({
+        "group_by": "userId", "aggregate": "count",
+        "window": {"kind": "tumbling", "size": "1h"}
+    }));
+    for (i, kind) in ["delete", "computed"].into_iter().enumerate() {
+        let mut record = event(0, i, json!({"userId": "u1"}));
+        record["type"] = json!(kind);
+        assert_eq!(m.observe(&record), Outcome::NotSelected, "{kind}");
+    }
+    let mut page = event(0, 9, json!({"userId": "u1"}));
+    page["type"] = json!("page");
+    assert!(matches!(m.observe(&page), Outcome::Observed { .. }));
 }

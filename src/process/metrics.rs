@@ -31,7 +31,9 @@ use crate::config::Config;
 use crate::definitions::{GroupBy, MetricDefinition, MetricSpec};
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::{Metric, Outcome};
-use crate::store::{Combine, DefinitionKind, LateEvent, MetricBatch, Store, StoredWindow};
+use crate::store::{
+    Combine, ComputedTrait, DefinitionKind, LateEvent, MetricBatch, Store, StoredWindow,
+};
 use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 use crate::windows::Closed;
 
@@ -184,15 +186,31 @@ impl MetricProcessor {
         let mut closed = Vec::new();
         let mut stored_clocks = Vec::new();
         let mut states = Vec::new();
+        let mut traits = Vec::new();
         for p in &touched {
             let metric = partitions.get_mut(p).expect("loaded above");
             if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
                 closed.extend(metric.advance(clock.time_ms).into_iter().map(|c| (*p, c)));
                 stored_clocks.push((*p, clock.time_ms));
             }
-            let engine = metric.engine_mut();
-            for group in engine.take_changed() {
-                let state = engine
+            let at = metric
+                .engine()
+                .watermark()
+                .unwrap_or_else(crate::store::now_ms);
+            for group in metric.engine_mut().take_changed() {
+                if let Some(name) = &self.spec.computed_trait {
+                    traits.push(ComputedTrait {
+                        metric: self.spec.name.clone(),
+                        version: self.version,
+                        name: name.clone(),
+                        value: metric.trait_value(&group).to_string(),
+                        group: group.clone(),
+                        at,
+                        seq: 0,
+                    });
+                }
+                let state = metric
+                    .engine()
                     .state(&group)
                     .map(|s| serde_json::to_string(s).expect("a state serializes"));
                 states.push((*p, group, state));
@@ -224,6 +242,7 @@ impl MetricProcessor {
             windows,
             seen,
             late,
+            traits,
             combine,
         };
         match self.store.apply_metric_batch(&batch).await {

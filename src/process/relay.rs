@@ -4,7 +4,8 @@
 //! latest profile; a tombstone when it is deleted or merged away), both
 //! keyed by user id, else profile id; closed metric windows to
 //! `user_metrics` and late events to `user_events_late`, keyed by metric
-//! and group.
+//! and group; computed traits' new values to `user_events`, keyed by the
+//! user, for the profile processor.
 //!
 //! At least once: rows are marked published only after the log has them,
 //! so a crash in between publishes them again; each record carries a
@@ -20,6 +21,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::admin::WindowValue;
+use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::log::{EventLog, Record, Topics};
 use crate::store::{ChangeRecord, Store};
 
@@ -70,7 +72,59 @@ impl ChangeRelay {
         let changes = self.publish_changes().await?;
         let windows = self.publish_windows().await?;
         let late = self.publish_late().await?;
-        Ok(changes + windows + late)
+        let traits = self.publish_traits().await?;
+        Ok(changes + windows + late + traits)
+    }
+
+    /// Computed traits go to `user_events`, keyed by the user like their
+    /// events, so the profile processor applies each after the events
+    /// that made it; the message id (processor, user, change number) makes
+    /// a value published twice count once.
+    async fn publish_traits(&self) -> Result<usize, String> {
+        let traits = self
+            .store
+            .unpublished_traits(BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        if traits.is_empty() {
+            return Ok(0);
+        }
+        let received = chrono::Utc::now();
+        let records = traits
+            .iter()
+            .map(|(processor, t)| {
+                let at = chrono::DateTime::from_timestamp_millis(t.at).unwrap_or(received);
+                let value: Value = serde_json::from_str(&t.value).unwrap_or(Value::Null);
+                let mut envelope = EventEnvelope::new(
+                    EventType::Computed,
+                    format!("tl-computed-{processor}-{}-{:020}", t.group, t.seq),
+                    at,
+                )
+                .user(t.group.clone())
+                .properties(json!({
+                    "trait": t.name, "value": value, "metric": t.metric, "version": t.version,
+                }));
+                envelope.received_at = received;
+                envelope.source = Source::Metric;
+                Record {
+                    key: Some(t.group.clone()),
+                    value: serde_json::to_vec(&envelope).expect("an envelope serializes"),
+                }
+            })
+            .collect();
+        self.log
+            .append(&self.topics.events(), records)
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys: Vec<(String, String, i64)> = traits
+            .into_iter()
+            .map(|(processor, t)| (processor, t.group, t.seq))
+            .collect();
+        self.store
+            .mark_traits_published(&keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(keys.len())
     }
 
     async fn publish_windows(&self) -> Result<usize, String> {

@@ -101,6 +101,21 @@ impl Book {
         let Some(primary) = event.user_id.as_deref().or(event.anonymous_id.as_deref()) else {
             return;
         };
+        if event.kind == EventType::Computed {
+            // A value for the profile the id is in, which the user's own
+            // events (earlier in the log) made; it creates and links none.
+            if let Some(Some(target)) = self.ids.get(primary).cloned() {
+                self.profiles
+                    .entry(target.clone())
+                    .or_default()
+                    .apply(event);
+                self.causes
+                    .entry(target)
+                    .or_default()
+                    .push(event.message_id.clone());
+            }
+            return;
+        }
         let mut target = self.resolve_or_create(primary);
         if links_ids(event) {
             let other = match event.kind {

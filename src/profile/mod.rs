@@ -252,6 +252,10 @@ pub struct Profile {
     /// Traits set by `$set_once`: the earliest write wins.
     #[serde(default)]
     pub traits_once: BTreeMap<String, Stamped<Value>>,
+    /// Computed traits (metrics with a trait name), stamped by the
+    /// metric's watermark when it computed them: the latest wins.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub computed: BTreeMap<String, Stamped<Value>>,
 }
 
 impl Profile {
@@ -263,6 +267,16 @@ impl Profile {
     /// copied: a rewrite of an equal value only moves its stamp.
     pub fn apply(&mut self, event: &EventEnvelope) {
         let stamp = Stamp::of(event);
+        if event.kind == EventType::Computed {
+            // A value computed from the user's events, not an event of
+            // theirs: nothing is counted or seen.
+            if let (Some(Value::String(name)), Some(value)) =
+                (event.properties.get("trait"), event.properties.get("value"))
+            {
+                write_entry(&mut self.computed, name, &stamp, Latest, value);
+            }
+            return;
+        }
         if let Some(user_id) = &event.user_id {
             insert_missing(&mut self.ids, user_id);
             write(&mut self.user_id, &stamp, Latest, user_id);
@@ -357,6 +371,15 @@ impl Profile {
                 &once.value,
             );
         }
+        for (key, computed) in &other.computed {
+            write_entry(
+                &mut self.computed,
+                key,
+                &computed.stamp,
+                Latest,
+                &computed.value,
+            );
+        }
         self.ids.extend(other.ids);
         self.anonymous_ids.extend(other.anonymous_ids);
         self.first_seen = min_option(self.first_seen, other.first_seen);
@@ -414,6 +437,11 @@ impl Profile {
             event_counts: &self.event_counts,
             context: self.context.as_ref().map(|c| &c.value),
             traits: self.effective_trait_refs(),
+            computed: self
+                .computed
+                .iter()
+                .map(|(k, v)| (k.as_str(), &v.value))
+                .collect(),
         };
         // Strings, numbers and maps with string keys always serialize.
         serde_json::to_string(&view).unwrap_or_else(|_| "null".to_owned())
@@ -440,6 +468,11 @@ impl Profile {
                 .map(|c| c.value.clone())
                 .unwrap_or_default(),
             traits: self.effective_traits(),
+            computed: self
+                .computed
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect(),
         }
     }
 }
@@ -464,6 +497,7 @@ fn count_name(event: &EventEnvelope) -> &str {
         (EventType::Group, _) => "$group",
         (EventType::Alias, _) => "$alias",
         (EventType::Delete, _) => "$delete",
+        (EventType::Computed, _) => "$computed",
     }
 }
 
@@ -486,6 +520,8 @@ struct ViewRef<'a> {
     #[serde(serialize_with = "map_or_empty")]
     context: Option<&'a Map<String, Value>>,
     traits: BTreeMap<&'a str, &'a Value>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    computed: BTreeMap<&'a str, &'a Value>,
 }
 
 fn map_or_empty<S: serde::Serializer>(
@@ -520,6 +556,11 @@ pub struct ProfileView {
     /// Effective traits from `identify`, `$set`, `$set_once`, `$unset`.
     #[schema(value_type = Object)]
     pub traits: Map<String, Value>,
+    /// Computed traits: metrics with a trait name, by that name (left out
+    /// when there are none).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub computed: Map<String, Value>,
 }
 
 #[cfg(test)]

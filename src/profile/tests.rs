@@ -366,3 +366,42 @@ proptest! {
         }
     }
 }
+
+fn computed(id: &str, second: i64, message_id: &str, value: i64) -> EventEnvelope {
+    event(EventType::Computed, Some(id), None, second, message_id).properties(
+        json!({"trait": "orders_30d", "value": value, "metric": "orders_30d", "version": 1}),
+    )
+}
+
+#[test]
+fn a_computed_value_is_a_register_that_counts_nothing_and_merges_by_stamp() {
+    let mut book = Book::default();
+    book.load_id("u1".into(), None);
+    book.load_id("a1".into(), None);
+    book.load_id("ghost".into(), None);
+    book.apply(&track("u1", 1, "m1", json!({})));
+    book.apply(&computed("u1", 5, "c-2", 2));
+    // An older value arriving later loses.
+    book.apply(&computed("u1", 3, "c-1", 1));
+    // A value for an id with no profile makes none.
+    book.apply(&computed("ghost", 6, "c-3", 9));
+    book.apply(&event(EventType::Page, None, Some("a1"), 2, "m2"));
+    book.apply(&computed("a1", 7, "c-4", 4));
+    assert_eq!(book.profile_of("ghost"), None);
+    let applied = book.finish();
+    let profiles: HashMap<String, Profile> = applied.profiles.into_iter().collect();
+    let u1 = &profiles["u1"];
+    assert_eq!(u1.view().computed.get("orders_30d"), Some(&json!(2)));
+    assert_eq!(u1.event_count, 1, "a computed value is not an event");
+    assert_eq!(u1.last_seen, Some(at(1)));
+    let view: ProfileView = serde_json::from_str(&u1.view_json()).unwrap();
+    assert_eq!(view, u1.view());
+
+    // Merged (an alias), the later value of the two profiles wins.
+    let mut merged = u1.clone();
+    merged.merge(profiles["a1"].clone());
+    assert_eq!(merged.view().computed.get("orders_30d"), Some(&json!(4)));
+    let mut other_way = profiles["a1"].clone();
+    other_way.merge(u1.clone());
+    assert_eq!(other_way.view().computed, merged.view().computed);
+}

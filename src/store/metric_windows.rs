@@ -32,6 +32,9 @@ pub struct MetricBatch<'a> {
     pub seen: Vec<(String, i64)>,
     /// Events the batch found late for a window that had closed.
     pub late: Vec<LateEvent>,
+    /// Computed traits the batch changed (a per-user metric with a trait
+    /// name): written only when the value differs from the last one.
+    pub traits: Vec<ComputedTrait>,
     /// For a metric combined across partitions (grouped globally or by a
     /// property): the parts of windows the batch's partitions closed, and
     /// how to make them final.
@@ -62,6 +65,22 @@ pub struct StoredWindow {
     /// The value as JSON.
     pub value: String,
     pub events: i64,
+}
+
+/// A computed trait's value for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComputedTrait {
+    pub metric: String,
+    pub version: i64,
+    /// The trait's name in the profile.
+    pub name: String,
+    pub group: String,
+    /// The value, as JSON.
+    pub value: String,
+    /// The watermark it was computed at.
+    pub at: i64,
+    /// Its change number (set by the store).
+    pub seq: i64,
 }
 
 /// What a metric version holds of one group's open windows.
@@ -273,6 +292,61 @@ impl Store {
         Ok(())
     }
 
+    /// Computed trait values not yet on `user_events`, with the processor
+    /// that computed each.
+    pub async fn unpublished_traits(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(String, ComputedTrait)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT processor, metric, version, name, grp, value, at, seq FROM computed_traits \
+             WHERE published = 0 ORDER BY at, processor, grp LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let computed = ComputedTrait {
+                    metric: row.try_get(1)?,
+                    version: row.try_get(2)?,
+                    name: row.try_get(3)?,
+                    group: row.try_get(4)?,
+                    value: row.try_get(5)?,
+                    at: row.try_get(6)?,
+                    seq: row.try_get(7)?,
+                };
+                Ok((row.try_get(0)?, computed))
+            })
+            .collect()
+    }
+
+    /// Marks computed trait values (processor, group, seq) as on
+    /// `user_events`; a value changed since keeps waiting.
+    pub async fn mark_traits_published(
+        &self,
+        published: &[(String, String, i64)],
+    ) -> Result<(), StoreError> {
+        for chunk in published.chunks(super::batch::ROWS_PER_INSERT / 3) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+                .collect();
+            let sql = format!(
+                "UPDATE computed_traits SET published = 1 WHERE (processor, grp, seq) IN ({})",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (processor, group, seq) in chunk {
+                query = query
+                    .bind(processor.as_str())
+                    .bind(group.as_str())
+                    .bind(*seq);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// Late events not yet on `user_events_late`, oldest first, with the
     /// processor that found each.
     pub async fn unpublished_late(
@@ -414,6 +488,24 @@ async fn write_batch(
     }
     for w in &batch.windows {
         insert_window(tx, w, now).await?;
+    }
+    for t in &batch.traits {
+        sqlx::query(
+            "INSERT INTO computed_traits (processor, grp, name, metric, version, value, at, seq) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
+             ON CONFLICT (processor, grp) DO UPDATE SET value = excluded.value, at = excluded.at, \
+               seq = computed_traits.seq + 1, published = 0 \
+             WHERE computed_traits.value <> excluded.value",
+        )
+        .bind(batch.processor)
+        .bind(t.group.as_str())
+        .bind(t.name.as_str())
+        .bind(t.metric.as_str())
+        .bind(t.version)
+        .bind(t.value.as_str())
+        .bind(t.at)
+        .execute(&mut *tx)
+        .await?;
     }
     for l in &batch.late {
         sqlx::query(

@@ -12,7 +12,8 @@
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
 pub use metric_windows::{
-    Combine, LateEvent, MetricBatch, OpenGroup, StoredPart, StoredWindow, WindowQuery,
+    Combine, ComputedTrait, LateEvent, MetricBatch, OpenGroup, StoredPart, StoredWindow,
+    WindowQuery,
 };
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 

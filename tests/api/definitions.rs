@@ -22,7 +22,8 @@ both_logs!(
     concurrent_changes_each_get_a_version_of_their_own,
     the_configuration_files_metrics_are_stored_at_start,
     a_metric_defined_after_its_events_counts_them_from_history_exactly,
-    global_and_property_metrics_over_eight_partitions_are_exact
+    global_and_property_metrics_over_eight_partitions_are_exact,
+    a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out
 );
 
 fn orders_hourly() -> Value {
@@ -474,7 +475,7 @@ async fn global_and_property_metrics_over_eight_partitions_are_exact(backend: Ba
     use std::collections::BTreeMap;
     const HOUR: i64 = 3_600_000;
     const MINUTE: i64 = 60_000;
-    let app = spawn_app(backend).await;
+    let app = spawn_app_with(backend, |s| s.partitions = Some(8)).await;
     // Hours that ended before now: the log's clock has passed them.
     let base = (chrono::Utc::now().timestamp_millis() / HOUR - 3) * HOUR;
     let at = |ms: i64| {
@@ -644,5 +645,80 @@ async fn global_and_property_metrics_over_eight_partitions_are_exact(backend: Ba
         })
         .collect();
     assert_eq!((published.len(), distinct.len()), (total, total));
+    app.stop().await;
+}
+
+/// A trailing count with a trait name: the profile shows it, as a change
+/// like any other, and it goes back to 0 as the events age out of the
+/// window although the user sends nothing more (the log's clock moves on
+/// a quiet log; a short idle bound makes that quick).
+async fn a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    let (status, body) = put(
+        &app,
+        "recent_orders",
+        ADMIN_KEY,
+        &json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
+                "window": {"kind": "trailing", "size": "20s", "step": "1s"},
+                "trait": "recent_orders"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let now = chrono::Utc::now();
+    let ago = |secs: i64| (now - chrono::Duration::seconds(secs)).to_rfc3339();
+    let batch = json!({"batch": [
+        {"type": "identify", "userId": "u1", "messageId": "id-1", "timestamp": ago(16),
+         "traits": {"plan": "pro"}},
+        {"type": "track", "event": "order.create", "userId": "u1", "messageId": "o-1", "timestamp": ago(15)},
+        {"type": "track", "event": "order.create", "userId": "u1", "messageId": "o-2", "timestamp": ago(14)},
+        {"type": "track", "event": "page", "userId": "u1", "messageId": "p-1", "timestamp": ago(13)},
+    ]});
+    assert!(app.post("/v1/batch", &batch).await.status().is_success());
+    let computed = |want: i64| {
+        let app = &app;
+        async move {
+            eventually(
+                &format!("recent_orders = {want} in the profile"),
+                Duration::from_secs(60),
+                || async {
+                    let (status, profile) = app.get_as("/v1/profiles/u1", READ_KEY).await;
+                    (status == StatusCode::OK
+                        && profile["computed"]["recent_orders"] == json!(want))
+                    .then_some(profile)
+                },
+            )
+            .await
+        }
+    };
+    let profile = computed(2).await;
+    assert_eq!(profile["traits"]["plan"], "pro");
+    assert_eq!(
+        profile["event_count"], 4,
+        "a computed value is not an event: {profile}"
+    );
+    computed(0).await;
+    let (status, changes) = app.get_as("/v1/profiles/u1/changes", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK);
+    let computed_changes: Vec<Value> = changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["causes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m.as_str().unwrap().starts_with("tl-computed-"))
+        })
+        .map(|c| c["after"]["computed"]["recent_orders"].clone())
+        .collect();
+    assert!(
+        computed_changes.contains(&json!(2)) && computed_changes.first() == Some(&json!(0)),
+        "the trait's values are changes, newest first: {computed_changes:?}"
+    );
     app.stop().await;
 }

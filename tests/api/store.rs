@@ -247,6 +247,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         windows,
         seen: vec![],
         late: vec![],
+        traits: vec![],
         combine: None,
     };
     let first = batch(
@@ -391,6 +392,7 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                 windows: vec![],
                 seen: vec![],
                 late: vec![],
+                traits: vec![],
                 combine: Some(Combine {
                     metric: "revenue_hourly".to_owned(),
                     version: 1,

@@ -48,3 +48,22 @@ CREATE TABLE metric_late (
     PRIMARY KEY (processor, message_id)
 );
 CREATE INDEX metric_late_unpublished ON metric_late (recorded_at) WHERE published = 0;
+
+-- The latest value of each computed trait (a per-user metric with a trait
+-- name) of each user, written with the batch that changed it; `seq` counts
+-- its changes, and the relay puts each new value on user_events (message
+-- id from processor, group and seq) for the profile processor to apply in
+-- order with the user's events.
+CREATE TABLE computed_traits (
+    processor TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    name TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    value TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (processor, grp)
+);
+CREATE INDEX computed_traits_unpublished ON computed_traits (at) WHERE published = 0;
