@@ -22,6 +22,7 @@ use crate::definitions::{DefinitionError, GroupBy, MetricDefinition, MetricSpec}
 use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
 use crate::metric::GLOBAL_GROUP;
+use crate::process::metrics::MetricRunners;
 use crate::store::{
     DefinitionKind, OpenGroup, Put, Store, StoreError, StoredDefinition, StoredWindow, WindowQuery,
 };
@@ -34,6 +35,8 @@ pub struct AdminState {
     keys: Arc<ApiKeys>,
     /// The events topic, whose partitions the metrics' states are kept by.
     events_topic: String,
+    /// This process's metric runners, when it runs them.
+    runners: Option<MetricRunners>,
 }
 
 /// Why an admin request was refused or failed.
@@ -127,6 +130,31 @@ pub struct MetricEntry {
     /// The definition as accepted (DESIGN.md, "Definitions").
     #[schema(value_type = MetricDefinition)]
     pub definition: Value,
+    /// How far the current version has computed (on `GET
+    /// /v1/metrics/{name}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// How far a metric version has computed, from the store: what every
+/// instance computing it has committed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Progress {
+    /// `backfilling`, `live` or `failed`, when this process runs the
+    /// metric (else see `/readyz` of the instances that do).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// Records of the log read, over every partition.
+    pub records_read: i64,
+    /// Events of the log not yet read, when this process knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+    /// The slowest partition's watermark: windows ending before it (less
+    /// the lateness) are closed.
+    pub watermark: Option<DateTime<Utc>>,
+    /// How far that watermark is behind now, in seconds: large while the
+    /// history is computed, a few seconds once live.
+    pub behind_seconds: Option<f64>,
 }
 
 /// Every metric definition.
@@ -141,15 +169,22 @@ fn entry(stored: StoredDefinition) -> MetricEntry {
         changed_at: DateTime::from_timestamp_millis(stored.changed_at).unwrap_or_default(),
         name: stored.name,
         version: stored.version,
+        progress: None,
     }
 }
 
 impl AdminState {
-    pub fn new(store: Store, keys: Arc<ApiKeys>, events_topic: String) -> AdminState {
+    pub fn new(
+        store: Store,
+        keys: Arc<ApiKeys>,
+        events_topic: String,
+        runners: Option<MetricRunners>,
+    ) -> AdminState {
         AdminState {
             store,
             keys,
             events_topic,
+            runners,
         }
     }
 
@@ -246,12 +281,39 @@ pub async fn get_metric(
     DefinitionName(name): DefinitionName,
 ) -> Result<Json<MetricEntry>, AdminError> {
     authorize_request(&state.keys, &headers, Need::Read)?;
-    state
+    let Some(stored) = state
         .store
         .definition(DefinitionKind::Metric, &name)
         .await?
-        .map(|d| Json(entry(d)))
-        .ok_or(AdminError::NotFound(name))
+    else {
+        return Err(AdminError::NotFound(name));
+    };
+    let processor = crate::process::metrics::processor_name(&name, stored.version);
+    let positions = state
+        .store
+        .metric_positions(&processor, &state.events_topic)
+        .await?;
+    let local = state
+        .runners
+        .as_ref()
+        .and_then(|r| r.states().remove(&name))
+        .filter(|s| s.version == stored.version);
+    let watermark = positions
+        .iter()
+        .map(|(_, _, clock)| *clock)
+        .min()
+        .flatten()
+        .filter(|_| !positions.is_empty());
+    let progress = Progress {
+        state: local.as_ref().map(|s| s.state),
+        records_read: positions.iter().map(|(_, next, _)| next).sum(),
+        lag: local.and_then(|s| s.lag),
+        watermark: watermark.map(time),
+        behind_seconds: watermark.map(|w| (crate::store::now_ms() - w).max(0) as f64 / 1000.0),
+    };
+    let mut answer = entry(stored);
+    answer.progress = Some(progress);
+    Ok(Json(answer))
 }
 
 /// Every metric definition, by name.

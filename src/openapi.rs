@@ -48,7 +48,8 @@ use crate::store::ChangeRecord;
         EventEnvelope, EventType, Source, Health, Readiness, Processing,
         ProfileView, ProfileList, ChangeList, ChangeRecord, EventList, Deleted,
         crate::home::Home, crate::home::Link, crate::supervisor::StageState,
-        crate::admin::MetricEntry, crate::admin::MetricList,
+        crate::process::metrics::DefinitionState,
+        crate::admin::MetricEntry, crate::admin::MetricList, crate::admin::Progress,
         crate::admin::WindowValues, crate::admin::WindowValue,
         crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition
     )),

@@ -26,6 +26,7 @@ use crate::ingest::Ingest;
 use crate::keys::{ApiKeys, KeyFileError, KeySource};
 use crate::log::{self, EventLog, OpenError, ReadError, Topics};
 use crate::process::SharedStats;
+use crate::process::metrics::{DefinitionState, MetricRunners};
 use crate::process::profiles::ProfileInput;
 use crate::process::relay::ChangeRelay;
 use crate::query::QueryState;
@@ -82,6 +83,7 @@ pub async fn serve(
     let (stop_stages, stopped) = watch::channel(false);
     let mut supervisor = Supervisor::new(stopped);
     let mut processing = Vec::new();
+    let mut metric_runners = None;
     if config.roles.process
         && let Some(store) = &store
     {
@@ -92,8 +94,10 @@ pub async fn serve(
                     .map_err(ServeError::Stage)?;
             processing.push(stats);
         }
-        crate::process::metrics::spawn(&mut supervisor, &config, store, &log)
-            .map_err(ServeError::Stage)?;
+        metric_runners = Some(
+            crate::process::metrics::spawn(&mut supervisor, &config, store, &log)
+                .map_err(ServeError::Stage)?,
+        );
         let relay = ChangeRelay::new(
             store.clone(),
             log.clone(),
@@ -118,6 +122,7 @@ pub async fn serve(
     let state = Readying {
         log: log.clone(),
         processing,
+        metrics: metric_runners,
         stages: supervisor.stages(),
     };
     let router = router(&config, state, Arc::new(keys), store.clone());
@@ -223,8 +228,15 @@ pub fn router(
         let topics = Topics::new(&config.topic_prefix);
         api =
             api.merge(QueryState::new(store.clone(), keys.clone(), log.clone(), &topics).routes());
-        api =
-            api.merge(crate::admin::AdminState::new(store, keys.clone(), topics.events()).routes());
+        api = api.merge(
+            crate::admin::AdminState::new(
+                store,
+                keys.clone(),
+                topics.events(),
+                readying.metrics.clone(),
+            )
+            .routes(),
+        );
     }
     if config.roles.ingest {
         let ingest = Ingest::new(
@@ -278,6 +290,8 @@ pub struct Readying {
     /// The profile runners' stats (events and overflow topics); empty
     /// when this process does not process.
     pub processing: Vec<SharedStats>,
+    /// The metric runners, when this process runs them.
+    pub metrics: Option<MetricRunners>,
     /// Every supervised stage of this process.
     pub stages: Stages,
 }
@@ -295,6 +309,11 @@ pub struct Readiness {
     /// The profile processor of this process, if it runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processing: Option<Processing>,
+    /// Each metric definition this process computes, by name: its
+    /// version and whether it is backfilling, live or failed. A failed
+    /// one does not make the process unready; it shows here.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, DefinitionState>,
     /// Every supervised stage of this process (processors, the change
     /// relay, ...) by name: a stage that is not running makes the
     /// process unavailable.
@@ -371,6 +390,11 @@ pub async fn readyz(State(readying): State<Readying>) -> Response {
         },
         log: log.describe(),
         processing: readying.processing(),
+        metrics: readying
+            .metrics
+            .as_ref()
+            .map(MetricRunners::states)
+            .unwrap_or_default(),
         stages: readying
             .stages
             .lock()

@@ -13,16 +13,19 @@
 //! tried again, so a retry, a crash or a rebalance never counts an event
 //! twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use utoipa::ToSchema;
 
 use super::profiles::{commit_error, group_reader};
+use super::stats::SharedStats;
 use super::{
     Checkpoint, Checkpoints, CommitError, Committed, OffsetAdvance, PartitionTime, Processor,
     Rejected, Runner, RunnerSettings,
@@ -36,6 +39,65 @@ use crate::store::{
 };
 use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 use crate::windows::Closed;
+
+/// The metric runners of this process, for `/readyz`: each definition's
+/// running version, its runner's progress, and why it failed.
+#[derive(Debug, Clone, Default)]
+pub struct MetricRunners(Arc<std::sync::Mutex<BTreeMap<String, RunnerEntry>>>);
+
+#[derive(Debug)]
+struct RunnerEntry {
+    version: i64,
+    stats: SharedStats,
+    failed: Option<String>,
+}
+
+/// How one metric definition is being computed here.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct DefinitionState {
+    pub version: i64,
+    /// `backfilling` (reading the log's history), `live` (at the log's
+    /// end) or `failed` (the stage is restarting it; `error` says why).
+    pub state: &'static str,
+    /// Events of the log not yet read, when known.
+    pub lag: Option<i64>,
+    /// Events counted since the runner started.
+    pub applied: u64,
+    /// Why it failed, or why its last read or commit did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MetricRunners {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RunnerEntry>) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every definition this process computes, by name.
+    pub fn states(&self) -> BTreeMap<String, DefinitionState> {
+        self.with(|runners| {
+            runners
+                .iter()
+                .map(|(name, entry)| {
+                    let stats = entry.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    let state = match (&entry.failed, stats.caught_up) {
+                        (Some(_), _) => "failed",
+                        (None, true) => "live",
+                        (None, false) => "backfilling",
+                    };
+                    let status = DefinitionState {
+                        version: entry.version,
+                        state,
+                        lag: stats.lag(),
+                        applied: stats.applied,
+                        error: entry.failed.clone().or_else(|| stats.last_error.clone()),
+                    };
+                    (name.clone(), status)
+                })
+                .collect()
+        })
+    }
+}
 
 /// How often the stage looks for changed definitions.
 const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
@@ -406,16 +468,20 @@ pub fn spawn(
     config: &Config,
     store: &Store,
     log: &Arc<dyn EventLog>,
-) -> Result<(), String> {
+) -> Result<MetricRunners, String> {
     let (config, store, log) = (config.clone(), store.clone(), log.clone());
+    let runners = MetricRunners::default();
+    let shown = runners.clone();
     supervisor.spawn("metrics", move |stop| {
         Ok(Box::pin(run_definitions(
             config.clone(),
             store.clone(),
             log.clone(),
+            shown.clone(),
             stop,
         )))
-    })
+    })?;
+    Ok(runners)
 }
 
 /// The current versions of the stored metric definitions that compile.
@@ -448,6 +514,7 @@ async fn run_definitions(
     config: Config,
     store: Store,
     log: Arc<dyn EventLog>,
+    shown: MetricRunners,
     stop: StopSignal,
 ) -> StageResult {
     let mut running: HashMap<String, (i64, watch::Sender<bool>)> = HashMap::new();
@@ -471,7 +538,13 @@ async fn run_definitions(
                 let wanted = running.get(&name).is_some_and(|(v, _)| *v == version);
                 match result {
                     Err(cause) => {
-                        return Err(format!("the runner of metric {name} version {version} failed: {cause}"));
+                        let cause = format!("the runner of metric {name} version {version} failed: {cause}");
+                        shown.with(|runners| {
+                            if let Some(entry) = runners.get_mut(&name) {
+                                entry.failed = Some(cause.clone());
+                            }
+                        });
+                        return Err(cause);
                     }
                     Ok(()) if wanted => {
                         return Err(format!(
@@ -503,6 +576,7 @@ async fn run_definitions(
                     if !keep {
                         tracing::info!("metric {name} version {version} stops");
                         let _ = stop.send(true);
+                        shown.with(|runners| runners.remove(name));
                     }
                     keep
                 });
@@ -512,6 +586,8 @@ async fn run_definitions(
                     }
                     let runner = runner(&config, store.clone(), log.clone(), spec, version)
                         .map_err(|e| format!("cannot start metric {name} version {version}: {e}"))?;
+                    let entry = RunnerEntry { version, stats: runner.stats(), failed: None };
+                    shown.with(|runners| runners.insert(name.clone(), entry));
                     let (stop_runner, stopped) = watch::channel(false);
                     tracing::info!(
                         "metric {name} version {version} runs, from the log's beginning where it has not been computed yet"

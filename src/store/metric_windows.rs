@@ -220,6 +220,25 @@ impl Store {
         Ok(OpenGroup { states, parts })
     }
 
+    /// Each partition's stored next offset and watermark of `processor`.
+    pub async fn metric_positions(
+        &self,
+        processor: &str,
+        topic: &str,
+    ) -> Result<Vec<(i32, i64, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT partition, next_offset, clock FROM processor_offsets \
+             WHERE processor = $1 AND topic = $2 ORDER BY partition",
+        )
+        .bind(processor)
+        .bind(topic)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
     /// Which of `message_ids` `processor` has counted before.
     pub async fn metric_seen(
         &self,

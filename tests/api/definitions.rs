@@ -345,6 +345,26 @@ async fn a_metric_defined_after_its_events_counts_them_from_history_exactly(back
     assert_eq!(u2["values"].as_array().unwrap().len(), 1);
     assert_eq!(u1["version"], 1);
 
+    // Its progress: read through the log, live, its watermark near now;
+    // /readyz lists it too.
+    let progress = eventually("the metric live", Duration::from_secs(30), || async {
+        let (status, body) = app.get_as("/v1/metrics/orders_hourly", READ_KEY).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (body["progress"]["state"] == "live").then_some(body["progress"].clone())
+    })
+    .await;
+    assert_eq!(progress["records_read"], 8, "{progress}");
+    assert!(
+        progress["behind_seconds"].as_f64().unwrap() < 600.0,
+        "{progress}"
+    );
+    let ready = app.get_json("/readyz").await;
+    assert_eq!(ready["metrics"]["orders_hourly"]["version"], 1, "{ready}");
+    assert_eq!(
+        ready["metrics"]["orders_hourly"]["state"], "live",
+        "{ready}"
+    );
+
     // An order for u1's first hour, now closed: late. It is on
     // user_events_late with the window it missed, counted in /metrics,
     // and the window keeps its value.
