@@ -127,6 +127,32 @@ impl Metric {
         }
     }
 
+    /// The groups a deletion record removes from a per-user metric: every
+    /// id the deleted profile had (`None` for other records, and for
+    /// metrics not grouped by user, whose groups are not a person's).
+    pub fn deleted_groups<'a>(&self, envelope: &'a Value) -> Option<Vec<&'a str>> {
+        if self.spec.group_by != GroupBy::User
+            || envelope.get("type").and_then(Value::as_str) != Some("delete")
+        {
+            return None;
+        }
+        let mut ids: Vec<&str> = ["userId", "anonymousId"]
+            .iter()
+            .filter_map(|f| envelope.get(*f).and_then(Value::as_str))
+            .chain(
+                envelope
+                    .pointer("/properties/ids")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str),
+            )
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Some(ids)
+    }
+
     /// Moves the watermark; the windows it closes.
     pub fn advance(&mut self, watermark: Millis) -> Vec<Closed> {
         self.engine.advance(watermark)

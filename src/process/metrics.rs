@@ -211,12 +211,23 @@ impl MetricProcessor {
         let mut counted = 0;
         let mut seen = Vec::new();
         let mut late = Vec::new();
+        let mut deleted = Vec::new();
         for (p, event) in events {
             let id = event.get("messageId").and_then(Value::as_str);
             if id.is_some_and(|id| known.contains(id)) {
                 continue;
             }
             let metric = partitions.get_mut(p).expect("loaded above");
+            if let Some(ids) = metric.deleted_groups(event) {
+                // A GDPR deletion, in order with the user's events: what
+                // came before it is forgotten, what comes after counts
+                // afresh.
+                for id in ids {
+                    metric.engine_mut().forget(id);
+                    deleted.push(id.to_owned());
+                }
+                continue;
+            }
             let Outcome::Observed { group, observed } = metric.observe(event) else {
                 continue;
             };
@@ -297,6 +308,7 @@ impl MetricProcessor {
         };
         let batch = MetricBatch {
             processor: &self.name,
+            metric: &self.spec.name,
             topic,
             offsets,
             clocks: stored_clocks,
@@ -305,6 +317,7 @@ impl MetricProcessor {
             seen,
             late,
             traits,
+            deleted,
             combine,
         };
         match self.store.apply_metric_batch(&batch).await {

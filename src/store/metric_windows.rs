@@ -17,6 +17,8 @@ use crate::windows::{Aggregate, Closed, Span};
 pub struct MetricBatch<'a> {
     /// The runner's name, its offsets' and states' key.
     pub processor: &'a str,
+    /// The metric's name.
+    pub metric: &'a str,
     pub topic: &'a str,
     pub offsets: Vec<OffsetAdvance>,
     /// Each partition's watermark after the batch, stored beside its
@@ -32,6 +34,10 @@ pub struct MetricBatch<'a> {
     pub seen: Vec<(String, i64)>,
     /// Events the batch found late for a window that had closed.
     pub late: Vec<LateEvent>,
+    /// Groups (user ids) deleted by a GDPR deletion the batch read:
+    /// their windows of every version of the metric, computed traits and
+    /// late events go (their open state goes through `states`).
+    pub deleted: Vec<String>,
     /// Computed traits the batch changed (a per-user metric with a trait
     /// name): written only when the value differs from the last one.
     pub traits: Vec<ComputedTrait>,
@@ -508,6 +514,9 @@ async fn write_batch(
     for w in &batch.windows {
         insert_window(tx, w, now).await?;
     }
+    if !batch.deleted.is_empty() {
+        forget_groups(tx, batch.metric, &batch.deleted).await?;
+    }
     for t in &batch.traits {
         sqlx::query(
             "INSERT INTO computed_traits (processor, grp, name, metric, version, value, at, seq) \
@@ -567,6 +576,33 @@ async fn write_batch(
         }
     }
     Ok(made_final)
+}
+
+/// Removes what `metric` (every version) stored of `groups`: closed
+/// windows, computed trait values and late events.
+async fn forget_groups(
+    tx: &mut AnyConnection,
+    metric: &str,
+    groups: &[String],
+) -> Result<(), StoreError> {
+    for group in groups {
+        sqlx::query("DELETE FROM metric_windows WHERE metric = $1 AND grp = $2")
+            .bind(metric)
+            .bind(group.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM computed_traits WHERE metric = $1 AND grp = $2")
+            .bind(metric)
+            .bind(group.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM metric_late WHERE metric = $1 AND grp = $2")
+            .bind(metric)
+            .bind(group.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn insert_window(

@@ -558,6 +558,15 @@ impl Engine {
         self.groups.len()
     }
 
+    /// Forgets `group` and its open windows (a GDPR deletion of the
+    /// user): nothing of it closes later, and its stored state goes.
+    pub fn forget(&mut self, group: &str) {
+        if self.groups.remove(group).is_some() {
+            self.reschedule(group);
+            self.changed.insert(group.to_owned());
+        }
+    }
+
     /// Merges `from`'s windows into `into` (an alias or identify merge):
     /// the same events, now one user's.
     pub fn merge_groups(&mut self, from: &str, into: &str) {

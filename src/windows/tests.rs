@@ -298,6 +298,21 @@ fn merged_groups_combine_their_windows() {
 }
 
 #[test]
+fn a_forgotten_group_closes_nothing_and_is_reported_changed() {
+    let mut e = Engine::new(WindowKind::Tumbling { size: 10 * MIN }, Aggregate::Count, 0);
+    e.observe("u1", &stamp(MIN, 0), None);
+    e.observe("u2", &stamp(MIN, 1), None);
+    e.take_changed();
+    e.forget("u1");
+    e.forget("nobody");
+    assert_eq!(e.take_changed(), vec!["u1".to_owned()]);
+    assert!(e.state("u1").is_none());
+    let closed = e.advance(Millis::MAX);
+    let groups: Vec<&str> = closed.iter().map(|c| c.group.as_str()).collect();
+    assert_eq!(groups, ["u2"]);
+}
+
+#[test]
 fn a_restored_state_closes_as_the_original_would() {
     let kind = WindowKind::Hopping {
         size: 10 * MIN,

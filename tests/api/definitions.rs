@@ -23,7 +23,8 @@ both_logs!(
     the_configuration_files_metrics_are_stored_at_start,
     a_metric_defined_after_its_events_counts_them_from_history_exactly,
     global_and_property_metrics_over_eight_partitions_are_exact,
-    a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out
+    a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out,
+    a_deleted_user_leaves_no_metric_windows
 );
 
 fn orders_hourly() -> Value {
@@ -740,5 +741,82 @@ async fn a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out(back
         computed_changes.contains(&json!(2)) && computed_changes.first() == Some(&json!(0)),
         "the trait's values are changes, newest first: {computed_changes:?}"
     );
+    app.stop().await;
+}
+
+/// A GDPR deletion of a user reaches every per-user metric in order with
+/// the user's events: their windows and computed trait go, other users'
+/// stay, and the user's later events count afresh.
+async fn a_deleted_user_leaves_no_metric_windows(backend: Backend) {
+    const HOUR: i64 = 3_600_000;
+    let app = spawn_app(backend).await;
+    let base = (chrono::Utc::now().timestamp_millis() / HOUR - 3) * HOUR;
+    let at = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let order = |i: usize, user: &str, ms: i64| {
+        json!({"type": "track", "event": "order.create", "userId": user,
+               "messageId": format!("order-{i}"), "timestamp": at(ms)})
+    };
+    let (status, body) = put(
+        &app,
+        "orders_hourly",
+        ADMIN_KEY,
+        &json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
+                "window": {"kind": "tumbling", "size": "1h"}, "trait": "orders_hourly"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let batch = json!({"batch": [
+        order(1, "u1", base + 1_000), order(2, "u1", base + 2_000),
+        order(3, "u2", base + 3_000),
+        // Ahead of the log's clock: u1's window still open.
+        order(4, "u1", base + 5 * HOUR),
+    ]});
+    assert!(app.post("/v1/batch", &batch).await.status().is_success());
+    let windows = |group: &'static str| {
+        let app = &app;
+        async move {
+            let path = format!("/v1/metrics/orders_hourly/values?group={group}");
+            let (status, body) = app.get_as(&path, READ_KEY).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["values"].as_array().unwrap().len()
+        }
+    };
+    eventually("u1's windows", Duration::from_secs(30), || async {
+        (windows("u1").await == 2 && windows("u2").await == 1).then_some(())
+    })
+    .await;
+    let (status, profile) = app.get_as("/v1/profiles/u1", READ_KEY).await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+
+    let deleted = app
+        .client
+        .delete(app.url("/v1/profiles/u1"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::OK);
+    eventually("u1's windows gone", Duration::from_secs(30), || async {
+        (windows("u1").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(windows("u2").await, 1, "another user's window stays");
+
+    // After the deletion, u1's events count afresh.
+    let again = json!({"batch": [order(5, "u1", base + 5 * HOUR + 1)]});
+    assert!(app.post("/v1/batch", &again).await.status().is_success());
+    let (_, body) = eventually("u1 counted afresh", Duration::from_secs(30), || async {
+        let answer = app
+            .get_as("/v1/metrics/orders_hourly/values?group=u1", READ_KEY)
+            .await;
+        (answer.1["values"].as_array().unwrap().len() == 1).then_some(answer)
+    })
+    .await;
+    assert_eq!(body["values"][0]["value"], 1, "{body}");
+    assert_eq!(body["values"][0]["final"], false);
     app.stop().await;
 }

@@ -236,6 +236,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
     let processor = "metric:orders_hourly:2";
     let batch = |expected, next, clock, states, windows| MetricBatch {
         processor,
+        metric: "orders_hourly",
         topic: "user_events",
         offsets: vec![OffsetAdvance {
             partition: 3,
@@ -248,6 +249,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         seen: vec![],
         late: vec![],
         traits: vec![],
+        deleted: vec![],
         combine: None,
     };
     let first = batch(
@@ -380,6 +382,7 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
         let batches: Vec<MetricBatch> = (0..4)
             .map(|partition| MetricBatch {
                 processor,
+                metric: "revenue_hourly",
                 topic: "user_events",
                 offsets: vec![OffsetAdvance {
                     partition,
@@ -393,6 +396,7 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                 seen: vec![],
                 late: vec![],
                 traits: vec![],
+                deleted: vec![],
                 combine: Some(Combine {
                     metric: "revenue_hourly".to_owned(),
                     version: 1,

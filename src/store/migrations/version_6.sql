@@ -67,3 +67,8 @@ CREATE TABLE computed_traits (
     PRIMARY KEY (processor, grp)
 );
 CREATE INDEX computed_traits_unpublished ON computed_traits (at) WHERE published = 0;
+
+-- A GDPR deletion removes a user's windows and computed traits of every
+-- version of a per-user metric.
+CREATE INDEX metric_windows_group ON metric_windows (metric, grp);
+CREATE INDEX computed_traits_group ON computed_traits (metric, grp);
