@@ -309,3 +309,149 @@ fn processed(profiles: &[serde_json::Value]) -> u64 {
         .map(|p| p["event_count"].as_u64().unwrap_or(0))
         .sum()
 }
+
+/// Two metrics, per user and global, through two SIGKILLs while events
+/// (with client retries) stream in: every window counts every event once,
+/// as computed from the events sent. A day's lateness keeps the windows
+/// open (none of the events is late), so what is checked is the window
+/// state each commit stored and each restart read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_event_once_across_two_sigkills() {
+    use std::collections::BTreeMap;
+    const HOUR: i64 = 3_600_000;
+    const USERS: usize = 200;
+    const EVENTS: usize = 30_000;
+    let dir = TestDir::new();
+    let env = embedded_env(dir.path());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let base = (chrono::Utc::now().timestamp_millis() / HOUR - 3) * HOUR;
+    let mut per_user: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    let mut global: BTreeMap<i64, f64> = BTreeMap::new();
+    let batches: Vec<serde_json::Value> = (0..EVENTS / 100)
+        .map(|b| {
+            let events: Vec<_> = (0..100)
+                .map(|j| {
+                    let n = b * 100 + j;
+                    let user = format!("k{}", n % USERS);
+                    let at = base + (n as i64 * 7_919) % (2 * HOUR);
+                    let hour = at - at % HOUR;
+                    *per_user.entry((user.clone(), hour)).or_default() += 1;
+                    *global.entry(hour).or_default() += (n % 7) as f64;
+                    json!({"type": "track", "userId": user, "event": "order.create",
+                           "messageId": format!("m-{n}"), "properties": {"amount": n % 7},
+                           "timestamp": chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at)
+                               .unwrap().to_rfc3339()})
+                })
+                .collect();
+            json!({"batch": events})
+        })
+        .collect();
+    let mut sends: Vec<&serde_json::Value> = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        sends.push(batch);
+        if i % 10 == 0 {
+            sends.push(batch);
+        }
+    }
+
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    for (name, definition) in [
+        (
+            "orders_hourly",
+            json!({"event": "order.create", "group_by": "userId",
+            "aggregate": "count", "window": {"kind": "tumbling", "size": "1h"}, "lateness": "1d"}),
+        ),
+        (
+            "revenue_hourly",
+            json!({"event": "order.create", "aggregate": "sum",
+            "field": "properties.amount", "window": {"kind": "tumbling", "size": "1h"}, "lateness": "1d"}),
+        ),
+    ] {
+        let response = client
+            .put(service.url(&format!("/v1/metrics/{name}")))
+            .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
+            .json(&definition)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let thirds = sends.len().div_ceil(3);
+    for (round, part) in sends.chunks(thirds).enumerate() {
+        for batch in part {
+            send_until_accepted(&client, &service.url("/v1/batch"), batch).await;
+        }
+        if round < 2 {
+            // The metric runners are still working through what was sent.
+            service.kill();
+            service = ServiceProcess::start(
+                dir.path(),
+                &format!("restart-{round}"),
+                &[],
+                &env_refs(&env),
+            )
+            .await;
+        }
+    }
+
+    let values = |query: String| {
+        let (client, url) = (client.clone(), service.url(&query));
+        async move {
+            let response = client
+                .get(url)
+                .basic_auth(crate::helpers::READ_KEY, Some(""))
+                .send()
+                .await
+                .unwrap();
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["values"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let start_of = |w: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(w["start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    let read_all_windows = || async {
+        let mut got: BTreeMap<(String, i64), u64> = BTreeMap::new();
+        for user in 0..USERS {
+            let query = format!("/v1/metrics/orders_hourly/values?group=k{user}");
+            for w in values(query).await {
+                got.insert(
+                    (format!("k{user}"), start_of(&w)),
+                    w["value"].as_u64().unwrap(),
+                );
+            }
+        }
+        got
+    };
+    let expected_total: u64 = per_user.values().sum();
+    let got = eventually(
+        "every event in the per-user windows",
+        Duration::from_secs(120),
+        || async {
+            let got = read_all_windows().await;
+            (got.values().sum::<u64>() >= expected_total).then_some(got)
+        },
+    )
+    .await;
+    assert_eq!(got, per_user);
+    let expected_revenue: f64 = global.values().sum();
+    let got = eventually(
+        "every event in the global windows",
+        Duration::from_secs(60),
+        || async {
+            let windows = values("/v1/metrics/revenue_hourly/values".to_owned()).await;
+            let got: BTreeMap<i64, f64> = windows
+                .iter()
+                .map(|w| (start_of(w), w["value"].as_f64().unwrap()))
+                .collect();
+            (got.values().sum::<f64>() >= expected_revenue).then_some(got)
+        },
+    )
+    .await;
+    assert_eq!(got, global);
+}
