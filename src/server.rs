@@ -106,7 +106,7 @@ pub async fn serve(
         supervisor
             .spawn_until_stop("change relay", move |stop| relay.clone().run(stop))
             .map_err(ServeError::Stage)?;
-        let (purged, retention) = (store.clone(), config.events_retention);
+        let (purged, retention) = (store.clone(), Retention::of(&config));
         supervisor
             .spawn_until_stop("purge", move |stop| purge(purged.clone(), retention, stop))
             .map_err(ServeError::Stage)?;
@@ -166,26 +166,61 @@ async fn start_from_snapshot(config: &Config, store: &Store) -> Result<(), Serve
 
 /// Deletes, once an hour, stored events past their retention (and with
 /// them the record of their message ids).
-async fn purge(store: Store, retention: Duration, stop: impl Future<Output = ()>) {
+/// How long stored events and closed metric windows are kept.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    events: Duration,
+    windows: Duration,
+}
+
+impl Retention {
+    fn of(config: &Config) -> Retention {
+        Retention {
+            events: config.events_retention,
+            windows: config.metric_windows_retention,
+        }
+    }
+}
+
+async fn purge(store: Store, retention: Retention, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
+    let before = |age: Duration| {
+        crate::store::now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+    };
     loop {
         tokio::select! {
             biased;
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match store
-            .purge(crate::store::now_ms().saturating_sub(age))
-            .await
-        {
+        match store.purge(before(retention.events)).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,
                 "deleted {rows} stored events past the events retention"
             ),
             Err(e) => tracing::warn!("cannot delete old events: {e}; trying again in an hour"),
+        }
+        match store.purge_metric_windows(before(retention.windows)).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(
+                rows,
+                "deleted {rows} closed metric windows past metric-windows-retention-days"
+            ),
+            Err(e) => {
+                tracing::warn!("cannot delete old metric windows: {e}; trying again in an hour")
+            }
+        }
+        match crate::process::metrics::purge_superseded(&store).await {
+            Ok(0) => {}
+            Ok(versions) => tracing::info!(
+                versions,
+                "deleted the working state of {versions} metric versions that no longer run"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot delete the state of old metric versions: {e}; trying again in an hour"
+            ),
         }
     }
 }

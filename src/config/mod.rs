@@ -109,6 +109,8 @@ pub struct Config {
     pub profile_cache: usize,
     /// How long the `events` table keeps an event.
     pub events_retention: Duration,
+    /// How long closed metric windows are kept after they end.
+    pub metric_windows_retention: Duration,
     pub log_format: LogFormat,
     /// Where spans are exported, when they are.
     pub otlp: Option<Otlp>,

@@ -233,6 +233,11 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_EVENTS_RETENTION_DAYS", global = true)]
     pub events_retention_days: Option<u64>,
 
+    /// How long the closed windows of metrics are kept, in days after a
+    /// window ends (once on `user_metrics`) [default: 400]
+    #[arg(long, env = "TRAITLINE_METRIC_WINDOWS_RETENTION_DAYS", global = true)]
+    pub metric_windows_retention_days: Option<u64>,
+
     /// Log format: text or json [default: text]
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -305,6 +310,9 @@ impl Settings {
             events_retention_days: self
                 .events_retention_days
                 .or(fallback.events_retention_days),
+            metric_windows_retention_days: self
+                .metric_windows_retention_days
+                .or(fallback.metric_windows_retention_days),
             kafka_replication_factor: self
                 .kafka_replication_factor
                 .or(fallback.kafka_replication_factor),

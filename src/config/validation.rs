@@ -274,6 +274,14 @@ impl Config {
             return Err(invalid("events-retention-days", "must be at least 1"));
         }
 
+        let windows_retention_days = s.metric_windows_retention_days.unwrap_or(400);
+        if windows_retention_days == 0 {
+            return Err(invalid(
+                "metric-windows-retention-days",
+                "must be at least 1",
+            ));
+        }
+
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -324,6 +332,9 @@ impl Config {
             process_batch,
             profile_cache,
             events_retention: Duration::from_secs(events_retention_days * 86_400),
+            metric_windows_retention: Duration::from_secs(
+                windows_retention_days.saturating_mul(86_400),
+            ),
             log_format,
             otlp,
             snapshot_dir,

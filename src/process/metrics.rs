@@ -497,6 +497,26 @@ pub fn spawn(
     Ok(runners)
 }
 
+/// Deletes the working state of metric versions that no longer run (a
+/// changed or deleted definition); returns how many. Their runners stop
+/// within a poll of the change, long before the hourly purge comes.
+pub async fn purge_superseded(store: &Store) -> Result<usize, crate::store::StoreError> {
+    let current: BTreeSet<String> = store
+        .definitions(DefinitionKind::Metric)
+        .await?
+        .into_iter()
+        .map(|d| processor_name(&d.name, d.version))
+        .collect();
+    let mut purged = 0;
+    for processor in store.metric_processors().await? {
+        if !current.contains(&processor) {
+            store.forget_metric_processor(&processor).await?;
+            purged += 1;
+        }
+    }
+    Ok(purged)
+}
+
 /// The current versions of the stored metric definitions that compile.
 async fn current_metrics(store: &Store) -> Result<HashMap<String, (i64, MetricSpec)>, String> {
     let definitions = store

@@ -245,6 +245,56 @@ impl Store {
             .collect()
     }
 
+    /// Deletes the closed windows that ended before `before_ms` and are
+    /// on `user_metrics` (the retention); returns how many.
+    pub async fn purge_metric_windows(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM metric_windows WHERE end_ms < $1 AND published = 1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The metric processors (`metric:{name}:{version}`) with stored
+    /// offsets.
+    pub async fn metric_processors(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT processor FROM processor_offsets WHERE processor LIKE 'metric:%'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Deletes what a metric processor kept to compute: offsets, clocks,
+    /// open window state, waiting parts, counted message ids and published
+    /// trait values (its closed windows stay, for their retention).
+    pub async fn forget_metric_processor(&self, processor: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for table in [
+            "metric_state",
+            "metric_parts",
+            "metric_combine",
+            "metric_seen",
+            "processor_offsets",
+        ] {
+            let sql = format!("DELETE FROM {table} WHERE processor = $1");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(processor)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM computed_traits WHERE processor = $1 AND published = 1")
+            .bind(processor)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Which of `message_ids` `processor` has counted before.
     pub async fn metric_seen(
         &self,

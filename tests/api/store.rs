@@ -14,6 +14,7 @@ use crate::helpers::{Backend, TestDir, test_database};
 
 both_logs!(
     a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing,
+    old_windows_and_superseded_versions_state_are_purged,
     combined_windows_from_instances_committing_at_once_are_final_once_and_exact,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
@@ -433,4 +434,83 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
         let value: f64 = w.value.parse().unwrap();
         assert!((value - exact).abs() < 1e-12, "{value} vs {exact}");
     }
+}
+
+/// The purge: closed windows past the retention go once published; a
+/// version no longer current loses its working state, the current one
+/// keeps it.
+async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) {
+    use traitline::store::DefinitionKind;
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let body = |size: &str| {
+        format!(
+            r#"{{"aggregate":"count","group_by":"userId","window":{{"kind":"tumbling","size":"{size}"}}}}"#
+        )
+    };
+    for size in ["1h", "2h"] {
+        store
+            .put_definition(DefinitionKind::Metric, "orders_hourly", &body(size))
+            .await
+            .unwrap();
+    }
+    for (version, windows) in [
+        (1, vec![]),
+        (2, vec![closed("u1", 0, 4), closed("u1", 3_600_000, 2)]),
+    ] {
+        let processor = traitline::process::metrics::processor_name("orders_hourly", version);
+        let batch = MetricBatch {
+            processor: &processor,
+            metric: "orders_hourly",
+            topic: "user_events",
+            offsets: vec![OffsetAdvance {
+                partition: 0,
+                expected: None,
+                next: 10,
+            }],
+            clocks: vec![(0, 9_000_000)],
+            states: vec![(0, "u2".to_owned(), Some(r#"{"slices":{}}"#.to_owned()))],
+            windows,
+            seen: vec![],
+            late: vec![],
+            traits: vec![],
+            deleted: vec![],
+            combine: None,
+        };
+        store.apply_metric_batch(&batch).await.unwrap();
+    }
+    assert_eq!(
+        traitline::process::metrics::purge_superseded(&store)
+            .await
+            .unwrap(),
+        1
+    );
+    let processors = store.metric_processors().await.unwrap();
+    assert_eq!(processors, vec!["metric:orders_hourly:2".to_owned()]);
+    let (_, states) = store
+        .metric_states("metric:orders_hourly:1", "user_events", 0)
+        .await
+        .unwrap();
+    assert!(states.is_empty(), "the old version's state is gone");
+    let (_, states) = store
+        .metric_states("metric:orders_hourly:2", "user_events", 0)
+        .await
+        .unwrap();
+    assert_eq!(states.len(), 1, "the current version's state stays");
+
+    // Windows ending before the cut go only once published.
+    let query = WindowQuery {
+        metric: "orders_hourly",
+        version: 2,
+        limit: 10,
+        ..WindowQuery::default()
+    };
+    assert_eq!(store.purge_metric_windows(7_200_000).await.unwrap(), 0);
+    let unpublished = store.unpublished_windows(10).await.unwrap();
+    store.mark_windows_published(&unpublished).await.unwrap();
+    assert_eq!(store.purge_metric_windows(7_200_000).await.unwrap(), 1);
+    assert_eq!(
+        store.metric_windows(&query).await.unwrap(),
+        vec![closed("u1", 3_600_000, 2)]
+    );
 }
