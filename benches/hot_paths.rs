@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the ingest hot path, without HTTP:
 //! parse + check + normalize + serialize a message and a 100-message batch,
-//! the murmur2 partitioner, an embedded-log group commit, and the profile
-//! rules on a batch.
+//! the murmur2 partitioner, an embedded-log group commit, the profile
+//! rules on a batch, and a metric's window engine.
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -196,12 +196,74 @@ fn profile_batch(c: &mut Criterion) {
     group.finish();
 }
 
+/// A metric's CPU work on 10,000 events of 1,000 users (parsed JSON, as
+/// the metrics processor holds them): selection with a CEL condition, the
+/// group, the event time, the window engine, and the windows closed at
+/// the end; for three window kinds.
+fn metrics(c: &mut Criterion) {
+    use traitline::definitions::MetricDefinition;
+    use traitline::metric::Metric;
+    let events: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| {
+            let at = 1_790_000_000_000_i64 + i * 3_600;
+            serde_json::json!({
+                "type": "track", "event": "order.create", "userId": format!("u{}", i % 1000),
+                "messageId": format!("m{i}"),
+                "timestamp": chrono::DateTime::<Utc>::from_timestamp_millis(at).unwrap().to_rfc3339(),
+                "properties": {"amount": (i % 500) as f64 * 0.5, "country": "DE"}
+            })
+        })
+        .collect();
+    let mut group = c.benchmark_group("metric");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    for (name, window) in [
+        (
+            "tumbling_1h_sum",
+            serde_json::json!({"kind": "tumbling", "size": "1h"}),
+        ),
+        (
+            "hopping_5m_1m_sum",
+            serde_json::json!({"kind": "hopping", "size": "5m", "slide": "1m"}),
+        ),
+        (
+            "trailing_30d_sum",
+            serde_json::json!({"kind": "trailing", "size": "30d", "step": "1d"}),
+        ),
+        (
+            "tumbling_1h_sum_no_where",
+            serde_json::json!({"kind": "tumbling", "size": "1h"}),
+        ),
+    ] {
+        let mut definition = serde_json::json!({
+            "event": "order.create", "where": "properties.amount > 10",
+            "group_by": "userId", "aggregate": "sum", "field": "properties.amount",
+            "window": window
+        });
+        if name.ends_with("no_where") {
+            definition.as_object_mut().unwrap().remove("where");
+        }
+        let definition: MetricDefinition = serde_json::from_value(definition).unwrap();
+        let spec = definition.compile("bench").unwrap();
+        group.bench_function(format!("10000_events_1000_users_{name}"), |b| {
+            b.iter(|| {
+                let mut metric = Metric::new(spec.clone(), 1);
+                for event in &events {
+                    metric.observe(event);
+                }
+                metric.advance(i64::MAX / 2).len()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     normalize,
     partitioner,
     embedded_append,
     profiles,
-    profile_batch
+    profile_batch,
+    metrics
 );
 criterion_main!(benches);

@@ -18,6 +18,9 @@ pub struct Condition {
     /// The envelope fields the expression reads: only these are handed to
     /// CEL for each event.
     reads: Vec<&'static str>,
+    /// CEL's standard functions, built once: building them is most of
+    /// the cost of a fresh context, and each event gets one.
+    env: Arc<cel::Env>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -70,6 +73,7 @@ impl Condition {
             source: source.to_owned(),
             program: Arc::new(program),
             reads,
+            env: Arc::new(cel::Env::stdlib()),
         })
     }
 
@@ -79,7 +83,7 @@ impl Condition {
 
     /// Whether the event (its envelope as JSON) matches.
     pub fn matches(&self, envelope: &Value) -> bool {
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(self.env.clone());
         for name in &self.reads {
             if let Some(value) = envelope.get(*name)
                 && context.add_variable(*name, value).is_err()
