@@ -335,23 +335,10 @@ impl Store {
     pub async fn mark_windows_published(&self, windows: &[StoredWindow]) -> Result<(), StoreError> {
         // Five parameters a window.
         for chunk in windows.chunks(super::batch::ROWS_PER_INSERT / 5) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let n = i * 5;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${})",
-                        n + 1,
-                        n + 2,
-                        n + 3,
-                        n + 4,
-                        n + 5
-                    )
-                })
-                .collect();
             let sql = format!(
                 "UPDATE metric_windows SET published = 1 \
                  WHERE (metric, version, grp, start_ms, end_ms) IN ({})",
-                rows.join(", ")
+                tuples(chunk.len(), 5)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for w in chunk {
@@ -403,12 +390,9 @@ impl Store {
         published: &[(String, String, i64)],
     ) -> Result<(), StoreError> {
         for chunk in published.chunks(super::batch::ROWS_PER_INSERT / 3) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-                .collect();
             let sql = format!(
                 "UPDATE computed_traits SET published = 1 WHERE (processor, grp, seq) IN ({})",
-                rows.join(", ")
+                tuples(chunk.len(), 3)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (processor, group, seq) in chunk {
@@ -455,12 +439,9 @@ impl Store {
     /// Marks late events (processor, message id) as on `user_events_late`.
     pub async fn mark_late_published(&self, late: &[(String, String)]) -> Result<(), StoreError> {
         for chunk in late.chunks(super::batch::ROWS_PER_INSERT / 2) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${})", i * 2 + 1, i * 2 + 2))
-                .collect();
             let sql = format!(
                 "UPDATE metric_late SET published = 1 WHERE (processor, message_id) IN ({})",
-                rows.join(", ")
+                tuples(chunk.len(), 2)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (processor, message_id) in chunk {
@@ -492,6 +473,19 @@ impl Store {
         .await?;
         rows.iter().map(window).collect()
     }
+}
+
+/// `($1, $2), ($3, $4)`: `rows` row values of `width` parameters each.
+fn tuples(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=width)
+                .map(|column| format!("${}", row * width + column))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn window(row: &AnyRow) -> Result<StoredWindow, StoreError> {

@@ -124,6 +124,30 @@ async fn send_until_accepted(client: &reqwest::Client, url: &str, batch: &serde_
     .await
 }
 
+/// Sends `sends` in three parts, killing the service (SIGKILL) after the
+/// first two while its processors are still working through them, and
+/// starting it again on the same data; the service as it runs after.
+async fn send_killing_twice(
+    mut service: ServiceProcess,
+    dir: &TestDir,
+    env: &[(&'static str, String)],
+    client: &reqwest::Client,
+    sends: &[&serde_json::Value],
+) -> ServiceProcess {
+    for (round, part) in sends.chunks(sends.len().div_ceil(3)).enumerate() {
+        for batch in part {
+            send_until_accepted(client, &service.url("/v1/batch"), batch).await;
+        }
+        if round < 2 {
+            service.kill();
+            service =
+                ServiceProcess::start(dir.path(), &format!("restart-{round}"), &[], &env_refs(env))
+                    .await;
+        }
+    }
+    service
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiles_count_every_event_once_across_two_sigkills() {
     const USERS: usize = 500;
@@ -157,24 +181,8 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
         }
     }
 
-    let thirds = sends.len() / 3;
-    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
-    for (round, part) in sends.chunks(thirds).enumerate() {
-        for batch in part {
-            send_until_accepted(&client, &service.url("/v1/batch"), batch).await;
-        }
-        if round < 2 {
-            // The processor is still working through what was just sent.
-            service.kill();
-            service = ServiceProcess::start(
-                dir.path(),
-                &format!("restart-{round}"),
-                &[],
-                &env_refs(&env),
-            )
-            .await;
-        }
-    }
+    let service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let service = send_killing_twice(service, &dir, &env, &client, &sends).await;
 
     eventually(
         "every event processed",
@@ -357,7 +365,7 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
         }
     }
 
-    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
     for (name, definition) in [
         (
             "orders_hourly",
@@ -379,23 +387,7 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
             .unwrap();
         assert_eq!(response.status(), 201);
     }
-    let thirds = sends.len().div_ceil(3);
-    for (round, part) in sends.chunks(thirds).enumerate() {
-        for batch in part {
-            send_until_accepted(&client, &service.url("/v1/batch"), batch).await;
-        }
-        if round < 2 {
-            // The metric runners are still working through what was sent.
-            service.kill();
-            service = ServiceProcess::start(
-                dir.path(),
-                &format!("restart-{round}"),
-                &[],
-                &env_refs(&env),
-            )
-            .await;
-        }
-    }
+    let service = send_killing_twice(service, &dir, &env, &client, &sends).await;
 
     let values = |query: String| {
         let (client, url) = (client.clone(), service.url(&query));
