@@ -296,7 +296,7 @@ pub async fn get_metric(
     let local = state
         .runners
         .as_ref()
-        .and_then(|r| r.states().remove(&name))
+        .and_then(|r| r.state(&name))
         .filter(|s| s.version == stored.version);
     let watermark = positions
         .iter()
@@ -420,7 +420,7 @@ fn open_windows(
 }
 
 /// A time in milliseconds since the Unix epoch.
-fn time(ms: i64) -> DateTime<Utc> {
+pub(crate) fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 

@@ -106,9 +106,12 @@ pub async fn serve(
         supervisor
             .spawn_until_stop("change relay", move |stop| relay.clone().run(stop))
             .map_err(ServeError::Stage)?;
-        let (purged, retention) = (store.clone(), Retention::of(&config));
+        let purged = store.clone();
+        let retention = (config.events_retention, config.metric_windows_retention);
         supervisor
-            .spawn_until_stop("purge", move |stop| purge(purged.clone(), retention, stop))
+            .spawn_until_stop("purge", move |stop| {
+                purge(purged.clone(), retention.0, retention.1, stop)
+            })
             .map_err(ServeError::Stage)?;
         if let Some(interval) = config.snapshot_interval {
             let (config, store) = (config.clone(), store.clone());
@@ -164,25 +167,16 @@ async fn start_from_snapshot(config: &Config, store: &Store) -> Result<(), Serve
     Ok(())
 }
 
-/// Deletes, once an hour, stored events past their retention (and with
-/// them the record of their message ids).
-/// How long stored events and closed metric windows are kept.
-#[derive(Debug, Clone, Copy)]
-struct Retention {
-    events: Duration,
-    windows: Duration,
-}
-
-impl Retention {
-    fn of(config: &Config) -> Retention {
-        Retention {
-            events: config.events_retention,
-            windows: config.metric_windows_retention,
-        }
-    }
-}
-
-async fn purge(store: Store, retention: Retention, stop: impl Future<Output = ()>) {
+/// Deletes, once an hour, stored events past `events_retention` (and with
+/// them the record of their message ids), closed metric windows past
+/// `windows_retention`, and the working state of metric versions that no
+/// longer run.
+async fn purge(
+    store: Store,
+    events_retention: Duration,
+    windows_retention: Duration,
+    stop: impl Future<Output = ()>,
+) {
     tokio::pin!(stop);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     let before = |age: Duration| {
@@ -194,7 +188,7 @@ async fn purge(store: Store, retention: Retention, stop: impl Future<Output = ()
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        match store.purge(before(retention.events)).await {
+        match store.purge(before(events_retention)).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,
@@ -202,7 +196,7 @@ async fn purge(store: Store, retention: Retention, stop: impl Future<Output = ()
             ),
             Err(e) => tracing::warn!("cannot delete old events: {e}; trying again in an hour"),
         }
-        match store.purge_metric_windows(before(retention.windows)).await {
+        match store.purge_metric_windows(before(windows_retention)).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,

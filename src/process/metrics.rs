@@ -78,24 +78,32 @@ impl MetricRunners {
         self.with(|runners| {
             runners
                 .iter()
-                .map(|(name, entry)| {
-                    let stats = entry.stats.lock().unwrap_or_else(|e| e.into_inner());
-                    let state = match (&entry.failed, stats.caught_up) {
-                        (Some(_), _) => "failed",
-                        (None, true) => "live",
-                        (None, false) => "backfilling",
-                    };
-                    let status = DefinitionState {
-                        version: entry.version,
-                        state,
-                        lag: stats.lag(),
-                        applied: stats.applied,
-                        error: entry.failed.clone().or_else(|| stats.last_error.clone()),
-                    };
-                    (name.clone(), status)
-                })
+                .map(|(name, entry)| (name.clone(), entry.state()))
                 .collect()
         })
+    }
+
+    /// How `name` is computed here, if it is.
+    pub fn state(&self, name: &str) -> Option<DefinitionState> {
+        self.with(|runners| runners.get(name).map(RunnerEntry::state))
+    }
+}
+
+impl RunnerEntry {
+    fn state(&self) -> DefinitionState {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let state = match (&self.failed, stats.caught_up) {
+            (Some(_), _) => "failed",
+            (None, true) => "live",
+            (None, false) => "backfilling",
+        };
+        DefinitionState {
+            version: self.version,
+            state,
+            lag: stats.lag(),
+            applied: stats.applied,
+            error: self.failed.clone().or_else(|| stats.last_error.clone()),
+        }
     }
 }
 
@@ -297,7 +305,6 @@ impl MetricProcessor {
             (windows, None)
         } else {
             let combine = Combine {
-                metric: self.spec.name.clone(),
                 version: self.version,
                 aggregate: self.spec.aggregate,
                 lateness_ms: self.spec.lateness,

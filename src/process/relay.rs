@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::admin::WindowValue;
+use crate::admin::{WindowValue, time};
 use crate::envelope::{EventEnvelope, EventType, Source};
 use crate::log::{EventLog, Record, Topics};
 use crate::store::{ChangeRecord, Store};
@@ -53,7 +53,7 @@ impl ChangeRelay {
                 Ok(_) => Duration::ZERO,
                 Err(e) => {
                     tracing::warn!(
-                        "cannot relay profile changes, metric windows or late events to the log: {e}; trying again in {RETRY:?}"
+                        "cannot relay profile changes, metric windows, late events or computed traits to the log: {e}; trying again in {RETRY:?}"
                     );
                     RETRY
                 }
@@ -66,8 +66,8 @@ impl ChangeRelay {
         }
     }
 
-    /// Publishes the oldest unpublished changes, windows and late events;
-    /// returns how many.
+    /// Publishes the oldest unpublished changes, windows, late events and
+    /// computed trait values; returns how many.
     pub async fn publish_some(&self) -> Result<usize, String> {
         let changes = self.publish_changes().await?;
         let windows = self.publish_windows().await?;
@@ -256,12 +256,6 @@ struct MetricRecord<'a> {
     version: i64,
     #[serde(flatten)]
     window: WindowValue,
-}
-
-fn time(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// The `user_profiles` value of a change: the profile after it, or a

@@ -50,7 +50,6 @@ pub struct MetricBatch<'a> {
 /// The parts of a combined metric's windows one batch closed.
 #[derive(Debug, Clone)]
 pub struct Combine {
-    pub metric: String,
     pub version: i64,
     pub aggregate: Aggregate,
     pub lateness_ms: i64,
@@ -616,7 +615,7 @@ async fn write_batch(
             .await?;
         }
         if !batch.clocks.is_empty() {
-            made_final += finalize(tx, batch.processor, batch.topic, combine, now).await?;
+            made_final += finalize(tx, batch, combine, now).await?;
         }
     }
     Ok(made_final)
@@ -678,11 +677,11 @@ async fn insert_window(
 /// one sees what the earlier one did.
 async fn finalize(
     tx: &mut AnyConnection,
-    processor: &str,
-    topic: &str,
+    batch: &MetricBatch<'_>,
     combine: &Combine,
     now: i64,
 ) -> Result<usize, StoreError> {
+    let (processor, topic) = (batch.processor, batch.topic);
     sqlx::query(
         "INSERT INTO metric_combine (processor, final_until) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
@@ -749,7 +748,7 @@ async fn finalize(
     let count = finals.len();
     for closed in finals {
         let window = StoredWindow {
-            metric: combine.metric.clone(),
+            metric: batch.metric.to_owned(),
             version: combine.version,
             group: closed.group,
             start_ms: closed.window.start,

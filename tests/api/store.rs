@@ -399,7 +399,6 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                 traits: vec![],
                 deleted: vec![],
                 combine: Some(Combine {
-                    metric: "revenue_hourly".to_owned(),
                     version: 1,
                     aggregate: Aggregate::Sum,
                     lateness_ms: 60_000,
