@@ -301,6 +301,11 @@ impl Store {
         message_ids: &[&str],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut known = std::collections::HashSet::new();
+        // Read in a write transaction: on SQLite it starts at the latest
+        // commit, where a pooled reader may still hold an older snapshot
+        // and miss ids this processor counted since (their insert would
+        // then fail, batch after batch).
+        let mut tx = self.begin_write().await?;
         for chunk in message_ids.chunks(super::batch::ROWS_PER_INSERT) {
             let sql = format!(
                 "SELECT message_id FROM metric_seen WHERE processor = $1 AND message_id IN ({})",
@@ -310,10 +315,11 @@ impl Store {
             for id in chunk {
                 query = query.bind(*id);
             }
-            for row in query.fetch_all(&self.pool).await? {
+            for row in query.fetch_all(&mut *tx).await? {
                 known.insert(row.try_get::<String, _>(0)?);
             }
         }
+        tx.rollback().await?;
         Ok(known)
     }
 
