@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchIngestArgs;
 use crate::bench::latency::BenchLatencyArgs;
+use crate::bench::metrics::BenchMetricsArgs;
 use crate::bench::process::BenchProcessArgs;
 use crate::config::Settings;
 
@@ -94,6 +95,9 @@ pub enum BenchCommand {
     /// (a scratch database and log), beside a one-transaction-per-event
     /// consumer
     Process(BenchProcessArgs),
+    /// Measure metric processing throughput (1 and 10 definitions) beside
+    /// profile processing into the configured store, with peak memory
+    Metrics(BenchMetricsArgs),
     /// Measure the time from a 2xx to the profile being visible, under a
     /// steady background load, against a running service
     Latency(BenchLatencyArgs),

@@ -76,6 +76,9 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             command: BenchCommand::Process(args),
         } => bench::process::run(&config, args).await,
         Command::Bench {
+            command: BenchCommand::Metrics(args),
+        } => bench::metrics::run(&config, args).await,
+        Command::Bench {
             command: BenchCommand::Latency(args),
         } => bench::latency::run(&config, args)
             .await

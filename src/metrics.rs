@@ -69,6 +69,12 @@ pub const METRIC_OPEN_GROUPS: &str = "traitline_metric_open_groups";
 /// How far a metric's watermark is behind the wall clock, by `metric` and
 /// `partition`.
 pub const METRIC_WATERMARK_LAG_SECONDS: &str = "traitline_metric_watermark_lag_seconds";
+/// The estimated memory of the open window state a metric holds, by
+/// `metric` (kept within its share of `metric-state-budget-mb`).
+pub const METRIC_STATE_BYTES: &str = "traitline_metric_state_bytes";
+/// Groups a metric evicted from memory to stay within its budget (their
+/// state is in the store, read back when needed), by `metric`.
+pub const METRIC_GROUPS_EVICTED: &str = "traitline_metric_groups_evicted_total";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -129,6 +135,15 @@ fn describe() {
         METRIC_WATERMARK_LAG_SECONDS,
         Unit::Seconds,
         "How far a metric's watermark is behind the wall clock, by metric and partition"
+    );
+    describe_gauge!(
+        METRIC_STATE_BYTES,
+        Unit::Bytes,
+        "Estimated memory of the open window state a metric holds, by metric"
+    );
+    describe_counter!(
+        METRIC_GROUPS_EVICTED,
+        "Groups a metric evicted from memory to stay within its state budget, by metric"
     );
     describe_counter!(
         STAGE_RESTARTS,

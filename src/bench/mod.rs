@@ -1,10 +1,12 @@
 //! Benchmarks of a running service and of the pipeline's stages:
 //! `traitline bench ingest` (HTTP load), `bench process` (profile
-//! processing throughput into the store, beside a naive consumer) and
-//! `bench latency` (from a 2xx to the profile being visible).
+//! processing throughput into the store, beside a naive consumer),
+//! `bench metrics` (metric processing beside profiles, with peak memory)
+//! and `bench latency` (from a 2xx to the profile being visible).
 
 pub mod ingest;
 pub mod latency;
+pub mod metrics;
 pub mod process;
 
 pub use ingest::{BenchError, BenchIngestArgs, Report, run_ingest};

@@ -8,6 +8,7 @@
 //! a store of its own (a new PostgreSQL database on the configured server,
 //! dropped at the end, or a SQLite file in the temporary directory).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -15,7 +16,7 @@ use sqlx::Connection;
 
 use crate::config::{Config, LogBackend};
 use crate::envelope::{EventEnvelope, EventType};
-use crate::log::{self, LogReader, Record, StartAt, Topics};
+use crate::log::{self, EventLog, LogReader, Record, StartAt, Topics};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
 use crate::store::{OffsetAdvance, ProfileBatch, Store};
 
@@ -62,7 +63,7 @@ pub fn event(n: usize, users: usize) -> EventEnvelope {
 
 /// The scratch store: a new database on the configured PostgreSQL server,
 /// or a SQLite file; `Some(url, name)` when a database must be dropped.
-async fn scratch_store(
+pub(super) async fn scratch_store(
     config: &Config,
     dir: &std::path::Path,
 ) -> Result<(Store, Option<(String, String)>), String> {
@@ -93,7 +94,7 @@ async fn scratch_store(
 
 /// A store for one measurement: new and empty, so no measurement runs on
 /// the dead rows of the one before.
-async fn fresh_store(
+pub(super) async fn fresh_store(
     config: &Config,
     dir: &std::path::Path,
     name: &str,
@@ -103,7 +104,7 @@ async fn fresh_store(
 }
 
 /// Closes a measurement's store and drops its database.
-async fn discard(store: Store, drop_db: Option<(String, String)>) -> Result<(), String> {
+pub(super) async fn discard(store: Store, drop_db: Option<(String, String)>) -> Result<(), String> {
     store.close().await;
     if let Some((url, name)) = drop_db {
         let mut admin = sqlx::PgConnection::connect(&url)
@@ -116,22 +117,35 @@ async fn discard(store: Store, drop_db: Option<(String, String)>) -> Result<(), 
     Ok(())
 }
 
-/// Fills, measures and prints.
-pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> {
-    let dir = tempfile_dir()?;
+/// A scratch log filled with `events` generated events for `users`
+/// users: an embedded log in a new temporary directory, or with
+/// `on_kafka` and a configured broker, new topics there (a prefix of their
+/// own). The configuration that reads it, the log, and how long the
+/// filling took.
+pub(super) async fn scratch_log(
+    config: &Config,
+    events: usize,
+    users: usize,
+    on_kafka: bool,
+) -> Result<(Config, Arc<dyn EventLog>, Duration), String> {
     let mut scratch = config.clone();
-    scratch.data_dir = dir.clone();
-    scratch.log = LogBackend::Embedded;
-    scratch.topic_prefix = String::new();
+    scratch.data_dir = tempfile_dir()?;
+    if on_kafka && matches!(config.log, LogBackend::Kafka(_)) {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        scratch.topic_prefix = format!("bench-{}-", &run[..8]);
+        scratch.kafka_group = format!("traitline-bench-{}", &run[..8]);
+    } else {
+        scratch.log = LogBackend::Embedded;
+        scratch.topic_prefix = String::new();
+    }
     let log = log::open(&scratch).await.map_err(|e| e.to_string())?;
-    let topic = Topics::new("").events();
-
+    let topic = Topics::new(&scratch.topic_prefix).events();
     let started = Instant::now();
-    for chunk in (0..args.events).collect::<Vec<_>>().chunks(10_000) {
+    for chunk in (0..events).collect::<Vec<_>>().chunks(10_000) {
         let records = chunk
             .iter()
             .map(|n| {
-                let event = event(*n, args.users);
+                let event = event(*n, users);
                 Record {
                     key: event.record_key().map(str::to_owned),
                     value: serde_json::to_vec(&event).unwrap_or_default(),
@@ -142,7 +156,14 @@ pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> 
             .await
             .map_err(|e| e.to_string())?;
     }
-    let filled = started.elapsed();
+    Ok((scratch, log, started.elapsed()))
+}
+
+/// Fills, measures and prints.
+pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> {
+    let (mut scratch, log, filled) = scratch_log(config, args.events, args.users, false).await?;
+    let dir = scratch.data_dir.clone();
+    let topic = Topics::new("").events();
 
     let mut best: f64 = 0.0;
     for (i, batch) in args.batch_sizes.iter().enumerate() {
@@ -249,7 +270,7 @@ async fn naive(
     Ok(t.elapsed())
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
+pub(super) fn tempfile_dir() -> Result<std::path::PathBuf, String> {
     let dir =
         std::env::temp_dir().join(format!("traitline-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

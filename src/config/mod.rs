@@ -111,6 +111,8 @@ pub struct Config {
     pub events_retention: Duration,
     /// How long closed metric windows are kept after they end.
     pub metric_windows_retention: Duration,
+    /// Bytes of open window state the metric runners keep in memory.
+    pub metric_state_budget: usize,
     pub log_format: LogFormat,
     /// Where spans are exported, when they are.
     pub otlp: Option<Otlp>,

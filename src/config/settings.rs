@@ -238,6 +238,14 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_METRIC_WINDOWS_RETENTION_DAYS", global = true)]
     pub metric_windows_retention_days: Option<u64>,
 
+    /// Memory the metric runners may keep open window state in, in MiB,
+    /// split evenly among the running metric versions; past it a runner
+    /// keeps its least recently used groups in the store only, and reads
+    /// one back when an event or its next window close needs it
+    /// [default: 256]
+    #[arg(long, env = "TRAITLINE_METRIC_STATE_BUDGET_MB", global = true)]
+    pub metric_state_budget_mb: Option<u64>,
+
     /// Log format: text or json [default: text]
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -313,6 +321,9 @@ impl Settings {
             metric_windows_retention_days: self
                 .metric_windows_retention_days
                 .or(fallback.metric_windows_retention_days),
+            metric_state_budget_mb: self
+                .metric_state_budget_mb
+                .or(fallback.metric_state_budget_mb),
             kafka_replication_factor: self
                 .kafka_replication_factor
                 .or(fallback.kafka_replication_factor),

@@ -72,6 +72,27 @@ fn a_bad_setting_names_itself() {
         "{err}"
     );
 
+    let err = Config::from_settings(Settings {
+        metric_state_budget_mb: Some(0),
+        ..Settings::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`metric-state-budget-mb`")
+            && err.contains("TRAITLINE_METRIC_STATE_BUDGET_MB"),
+        "{err}"
+    );
+    let budget = |mb| {
+        Config::from_settings(Settings {
+            metric_state_budget_mb: mb,
+            ..Settings::default()
+        })
+        .unwrap()
+        .metric_state_budget
+    };
+    assert_eq!((budget(None), budget(Some(3))), (256 << 20, 3 << 20));
+
     // Deduplication follows the events' retention; the old setting
     // is refused rather than silently ignored.
     let err = Config::from_settings(Settings {

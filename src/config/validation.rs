@@ -282,6 +282,14 @@ impl Config {
             ));
         }
 
+        let state_budget_mb = s.metric_state_budget_mb.unwrap_or(256);
+        if !(1..=1_048_576).contains(&state_budget_mb) {
+            return Err(invalid(
+                "metric-state-budget-mb",
+                format!("{state_budget_mb} is out of range; use 1 to 1048576 (MiB)"),
+            ));
+        }
+
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -335,6 +343,7 @@ impl Config {
             metric_windows_retention: Duration::from_secs(
                 windows_retention_days.saturating_mul(86_400),
             ),
+            metric_state_budget: usize::try_from(state_budget_mb << 20).unwrap_or(usize::MAX),
             log_format,
             otlp,
             snapshot_dir,

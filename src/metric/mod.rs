@@ -109,7 +109,24 @@ impl Metric {
         if !self.selects(envelope) {
             return Outcome::NotSelected;
         }
-        let (Some(group), Some(stamp)) = (self.group(envelope), stamp(envelope)) else {
+        match self.group(envelope) {
+            Some(group) => self.observe_in(group, envelope),
+            None => Outcome::NoGroup,
+        }
+    }
+
+    /// The group an event this definition takes counts in, if any: what
+    /// [`Metric::observe`] would give it to, so its state can be read back
+    /// from the store first.
+    pub fn selected_group(&self, envelope: &Value) -> Option<String> {
+        self.selects(envelope)
+            .then(|| self.group(envelope))
+            .flatten()
+    }
+
+    /// Takes in an event of `group` (from [`Metric::selected_group`]).
+    pub fn observe_in(&mut self, group: String, envelope: &Value) -> Outcome {
+        let Some(stamp) = stamp(envelope) else {
             return Outcome::NoGroup;
         };
         let value = self.spec.field.as_ref().and_then(|f| f.get(envelope));
@@ -151,6 +168,34 @@ impl Metric {
         ids.sort_unstable();
         ids.dedup();
         Some(ids)
+    }
+
+    /// For a per-user metric, what an `alias` (its `previousId` and
+    /// `anonymousId`) or an `identify` with an anonymous id links into the
+    /// user's group: the user, and the ids whose open windows join it.
+    pub fn linked_groups<'a>(&self, envelope: &'a Value) -> Option<(&'a str, Vec<&'a str>)> {
+        if self.spec.group_by != GroupBy::User {
+            return None;
+        }
+        let text = |name: &str| {
+            envelope
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let into = text("userId")?;
+        let linked = match text("type")? {
+            "alias" => [text("previousId"), text("anonymousId")],
+            "identify" => [text("anonymousId"), None],
+            _ => return None,
+        };
+        let mut from: Vec<&str> = linked
+            .into_iter()
+            .flatten()
+            .filter(|id| *id != into)
+            .collect();
+        from.dedup();
+        (!from.is_empty()).then_some((into, from))
     }
 
     /// Moves the watermark; the windows it closes.

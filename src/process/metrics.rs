@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,10 +36,11 @@ use crate::definitions::{GroupBy, MetricDefinition, MetricSpec};
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::{Metric, Outcome};
 use crate::store::{
-    Combine, ComputedTrait, DefinitionKind, LateEvent, MetricBatch, Store, StoredWindow,
+    Combine, ComputedTrait, DefinitionKind, GroupRow, LateEvent, MergeRow, MetricBatch,
+    StateSummary, Store, StoredWindow,
 };
 use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
-use crate::windows::Closed;
+use crate::windows::{Closed, Millis};
 
 /// The metric runners of this process, for `/readyz`: each definition's
 /// running version, its runner's progress, and why it failed.
@@ -115,6 +117,155 @@ pub fn processor_name(metric: &str, version: i64) -> String {
     format!("metric:{metric}:{version}")
 }
 
+/// The memory the metric runners of a process may keep open window state
+/// in (`metric-state-budget-mb`), split evenly among the running metric
+/// versions. A runner over its share evicts the groups it used least
+/// recently (their state is in the store after every commit) and reads
+/// one back when an event, a deletion or the watermark needs it.
+#[derive(Debug, Clone)]
+pub struct StateBudget {
+    bytes: usize,
+    runners: Arc<AtomicUsize>,
+}
+
+impl StateBudget {
+    pub fn new(bytes: usize) -> StateBudget {
+        StateBudget {
+            bytes,
+            runners: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A runner's part of the budget, for as long as it is held.
+    fn share(&self) -> BudgetShare {
+        self.runners.fetch_add(1, Ordering::Relaxed);
+        BudgetShare(self.clone())
+    }
+}
+
+/// One running metric version's part of a [`StateBudget`].
+#[derive(Debug)]
+struct BudgetShare(StateBudget);
+
+impl BudgetShare {
+    fn bytes(&self) -> usize {
+        self.0.bytes / self.0.runners.load(Ordering::Relaxed).max(1)
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.0.runners.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a group held in memory costs beyond its state's JSON: its entries
+/// in the engine's group and timer maps and in [`Held::groups`], and the
+/// state's own allocations (a B-tree node holds room for eleven slices).
+/// Measured with a million open per-user windows (docs/benchmarks.md).
+pub const GROUP_BYTES: usize = 400;
+
+/// One partition's engine, and which of its groups are in memory.
+struct Held {
+    metric: Metric,
+    /// Each group in memory: its estimated bytes and the batch that last
+    /// changed or read it.
+    groups: HashMap<String, (usize, u64)>,
+    bytes: usize,
+    /// Some group's state is only in the store (evicted, or too much to
+    /// read when the partition was loaded).
+    spilled: bool,
+    /// No group held only in the store is due before this.
+    spilled_due: Option<Millis>,
+    /// Groups read back without a stored `due`, to write again with one.
+    undated: Vec<String>,
+}
+
+impl Held {
+    fn new(metric: Metric) -> Held {
+        Held {
+            metric,
+            groups: HashMap::new(),
+            bytes: 0,
+            spilled: false,
+            spilled_due: None,
+            undated: Vec::new(),
+        }
+    }
+
+    /// Records that `group` holds `bytes` now (`None`: nothing).
+    fn account(&mut self, group: &str, bytes: Option<usize>, batch: u64) {
+        let old = match bytes {
+            Some(bytes) => self.groups.insert(group.to_owned(), (bytes, batch)),
+            None => self.groups.remove(group),
+        };
+        self.bytes = self.bytes - old.map_or(0, |(b, _)| b) + bytes.unwrap_or(0);
+    }
+
+    /// Gives the engine a group's stored state, unless it holds the group.
+    fn read_back(
+        &mut self,
+        processor: &str,
+        group: String,
+        row: GroupRow,
+        batch: u64,
+    ) -> Result<(), CommitError> {
+        if self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let state = serde_json::from_str(&row.state).map_err(|e| {
+            CommitError::Fatal(format!(
+                "the stored window state of {processor} group {group:?} is unreadable: {e}"
+            ))
+        })?;
+        self.metric.engine_mut().restore(&group, state);
+        if self.metric.engine().state(&group).is_some() {
+            self.account(&group, Some(row.state.len() + GROUP_BYTES), batch);
+            if row.due.is_none() {
+                self.undated.push(group);
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts `group` (its state is stored); the bytes it held.
+    fn evict(&mut self, group: &str) -> usize {
+        let due = self.metric.engine().timer(group);
+        self.metric.engine_mut().evict(group);
+        let (bytes, _) = self.groups.remove(group).unwrap_or_default();
+        self.bytes -= bytes;
+        self.spilled = true;
+        self.spilled_due = match (self.spilled_due, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        bytes
+    }
+}
+
+/// What a batch does with one of its events for this metric.
+enum Step<'a> {
+    Skip,
+    /// A GDPR deletion of these groups.
+    Delete(Vec<&'a str>),
+    /// Merges the groups an alias or identify links into the user's (the
+    /// user, the linked ids), then counts the event in its group if the
+    /// metric takes it.
+    Observe {
+        link: Option<(&'a str, Vec<&'a str>)>,
+        group: Option<String>,
+    },
+}
+
+/// When an event was received (ms), else now.
+fn received_ms(event: &Value) -> Millis {
+    event
+        .get("receivedAt")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or_else(crate::store::now_ms, |t| t.timestamp_millis())
+}
+
 /// One metric version's processor.
 pub struct MetricProcessor {
     store: Store,
@@ -123,9 +274,16 @@ pub struct MetricProcessor {
     version: i64,
     /// Each partition's engine as of the last commit; a partition not
     /// here is read from the store first.
-    partitions: tokio::sync::Mutex<HashMap<i32, Metric>>,
+    partitions: tokio::sync::Mutex<HashMap<i32, Held>>,
     /// Partitions of the topic, all of which a combined window waits for.
     topic_partitions: i32,
+    budget: BudgetShare,
+    /// Batches applied, the clock of least recent use.
+    batches: AtomicU64,
+    /// How late a record received earlier can still be appended: a
+    /// partition hands a linked group's windows over only once its clock
+    /// has passed the linking event's time by this much.
+    link_bound: Millis,
 }
 
 /// A batch's events by partition, parsed once.
@@ -135,12 +293,14 @@ pub struct Prepared {
 
 impl MetricProcessor {
     /// A processor of one version of a metric over a topic of
-    /// `topic_partitions` partitions.
+    /// `topic_partitions` partitions, keeping its open windows within its
+    /// share of `budget`.
     pub fn new(
         store: Store,
         spec: MetricSpec,
         version: i64,
         topic_partitions: i32,
+        budget: &StateBudget,
     ) -> MetricProcessor {
         MetricProcessor {
             store,
@@ -149,31 +309,114 @@ impl MetricProcessor {
             version,
             partitions: tokio::sync::Mutex::new(HashMap::new()),
             topic_partitions,
+            budget: budget.share(),
+            batches: AtomicU64::new(0),
+            link_bound: 0,
         }
     }
 
-    /// Reads `partition`'s engine back from the store: its groups' states
-    /// and its clock.
-    async fn load(&self, topic: &str, partition: i32) -> Result<Metric, CommitError> {
+    /// Hands linked groups over only once a partition's clock is `bound`
+    /// past the linking event (the runner's bound on late appends).
+    pub fn linking_after(mut self, bound: Duration) -> MetricProcessor {
+        self.link_bound = Millis::try_from(bound.as_millis()).unwrap_or(Millis::MAX);
+        self
+    }
+
+    /// Reads `partition`'s engine back from the store: its clock, and its
+    /// groups' states when they fit in `room` bytes (else each group is
+    /// read when needed).
+    async fn load(
+        &self,
+        topic: &str,
+        partition: i32,
+        room: usize,
+        batch: u64,
+    ) -> Result<Held, CommitError> {
+        let summary = self
+            .store
+            .metric_state_summary(&self.name, partition)
+            .await
+            .map_err(commit_error)?;
+        let mut held = Held::new(Metric::new(self.spec.clone(), self.version));
+        let fits = |s: &StateSummary| {
+            let groups = usize::try_from(s.groups).unwrap_or(usize::MAX);
+            let bytes = usize::try_from(s.bytes).unwrap_or(usize::MAX);
+            bytes.saturating_add(groups.saturating_mul(GROUP_BYTES)) <= room
+        };
+        if summary.groups > 0 && !fits(&summary) {
+            let clock = self
+                .store
+                .metric_clock(&self.name, topic, partition)
+                .await
+                .map_err(commit_error)?;
+            if let Some(clock) = clock {
+                held.metric.engine_mut().resume(clock);
+            }
+            held.spilled = true;
+            held.spilled_due = summary.first_due;
+            return Ok(held);
+        }
         let (clock, states) = self
             .store
             .metric_states(&self.name, topic, partition)
             .await
             .map_err(commit_error)?;
-        let mut metric = Metric::new(self.spec.clone(), self.version);
         if let Some(clock) = clock {
-            metric.engine_mut().resume(clock);
+            held.metric.engine_mut().resume(clock);
         }
-        for (group, text) in states {
-            let state = serde_json::from_str(&text).map_err(|e| {
-                CommitError::Fatal(format!(
-                    "the stored window state of {} group {group:?} is unreadable: {e}",
-                    self.name
-                ))
-            })?;
-            metric.engine_mut().restore(&group, state);
+        for (group, row) in states {
+            held.read_back(&self.name, group, row, batch)?;
         }
-        Ok(metric)
+        Ok(held)
+    }
+
+    /// Reads back the evicted groups this batch needs: `wanted` (those
+    /// its events, deletions and merges touch, by partition) and those its
+    /// clocks make due.
+    async fn read_back(
+        &self,
+        partitions: &mut HashMap<i32, Held>,
+        wanted: BTreeMap<i32, BTreeSet<&str>>,
+        clocks: &[PartitionTime],
+        batch: u64,
+    ) -> Result<(), CommitError> {
+        for (p, groups) in wanted {
+            let held = partitions.get_mut(&p).expect("loaded");
+            let groups: Vec<&str> = groups
+                .into_iter()
+                .filter(|g| !held.groups.contains_key(*g))
+                .collect();
+            if !held.spilled || groups.is_empty() {
+                continue;
+            }
+            let rows = self
+                .store
+                .metric_states_of(&self.name, p, &groups)
+                .await
+                .map_err(commit_error)?;
+            for (group, row) in rows {
+                held.read_back(&self.name, group, row, batch)?;
+            }
+        }
+        for clock in clocks {
+            let Some(held) = partitions.get_mut(&clock.partition) else {
+                continue;
+            };
+            let limit = held.metric.engine().limit_at(clock.time_ms);
+            if !held.spilled || held.spilled_due.is_none_or(|due| due > limit) {
+                continue;
+            }
+            let (rows, next) = self
+                .store
+                .metric_states_due(&self.name, clock.partition, limit)
+                .await
+                .map_err(commit_error)?;
+            for (group, row) in rows {
+                held.read_back(&self.name, group, row, batch)?;
+            }
+            held.spilled_due = next;
+        }
+        Ok(())
     }
 
     /// Applies `events` and `clocks` to the engines and commits the result
@@ -186,6 +429,7 @@ impl MetricProcessor {
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
     ) -> Result<usize, CommitError> {
+        let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut partitions = self.partitions.lock().await;
         let touched: BTreeSet<i32> = events
             .iter()
@@ -199,8 +443,147 @@ impl MetricProcessor {
             .copied()
             .collect();
         for p in missing {
-            let loaded = self.load(topic, p).await?;
+            let used: usize = partitions.values().map(|h| h.bytes).sum();
+            let room = self.budget.bytes().saturating_sub(used);
+            let loaded = self.load(topic, p, room, batch_no).await?;
             partitions.insert(p, loaded);
+        }
+        let result = self
+            .apply_loaded(&mut partitions, topic, events, offsets, clocks, batch_no)
+            .await;
+        match result {
+            Ok(counted) => {
+                self.spill(&mut partitions);
+                Ok(counted)
+            }
+            Err(e) => {
+                for p in &touched {
+                    partitions.remove(p);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply_loaded(
+        &self,
+        partitions: &mut HashMap<i32, Held>,
+        topic: &str,
+        events: &[(i32, Value)],
+        offsets: Vec<OffsetAdvance>,
+        clocks: &[PartitionTime],
+        batch_no: u64,
+    ) -> Result<usize, CommitError> {
+        let touched: BTreeSet<i32> = offsets
+            .iter()
+            .map(|o| o.partition)
+            .chain(events.iter().map(|(p, _)| *p))
+            .chain(clocks.iter().map(|c| c.partition))
+            .collect();
+        // Merges other partitions asked this batch's partitions for, or
+        // handed over to them (per-user metrics only).
+        let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User {
+            self.store
+                .metric_merges(&self.name)
+                .await
+                .map_err(commit_error)?
+                .into_iter()
+                .filter(|m| touched.contains(&m.partition))
+                // A request waits until the group's partition has read
+                // every record received before the linking event.
+                .filter(|m| {
+                    m.state.is_some()
+                        || partitions[&m.partition]
+                            .metric
+                            .engine()
+                            .watermark()
+                            .is_some_and(|w| w >= m.at.saturating_add(self.link_bound))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Each event's group, worked out once (its condition evaluated
+        // once), so evicted groups are read back before any is observed.
+        let steps: Vec<Step> = events
+            .iter()
+            .map(|(p, event)| {
+                let metric = &partitions[p].metric;
+                if let Some(ids) = metric.deleted_groups(event) {
+                    return Step::Delete(ids);
+                }
+                let link = metric.linked_groups(event);
+                let group = metric.selected_group(event);
+                if link.is_none() && group.is_none() {
+                    return Step::Skip;
+                }
+                Step::Observe { link, group }
+            })
+            .collect();
+        let mut wanted: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
+        for ((p, _), step) in events.iter().zip(&steps) {
+            let wanted = wanted.entry(*p).or_default();
+            match step {
+                Step::Skip => {}
+                Step::Delete(ids) => wanted.extend(ids),
+                Step::Observe { link, group } => {
+                    wanted.extend(group.as_deref());
+                    if let Some((into, from)) = link {
+                        wanted.insert(*into);
+                        wanted.extend(from.iter().filter(|f| self.partition_of(f) == *p));
+                    }
+                }
+            }
+        }
+        for m in &pending {
+            let group = if m.state.is_some() {
+                &m.into_group
+            } else {
+                &m.group
+            };
+            wanted.entry(m.partition).or_default().insert(group);
+        }
+        self.read_back(partitions, wanted, clocks, batch_no).await?;
+        let mut merges = Vec::new();
+        let mut merged = Vec::new();
+        for m in pending {
+            let engine = partitions
+                .get_mut(&m.partition)
+                .expect("loaded above")
+                .metric
+                .engine_mut();
+            match &m.state {
+                // A request: this partition's windows of the group go to
+                // the partition of the user it was linked to.
+                None => {
+                    if let Some(state) = engine.take(&m.group) {
+                        merges.push(MergeRow {
+                            partition: m.into_partition,
+                            state: Some(serde_json::to_string(&state).expect("a state serializes")),
+                            ..m.clone()
+                        });
+                    }
+                }
+                Some(text) => {
+                    let state = serde_json::from_str(text).map_err(|e| {
+                        CommitError::Fatal(format!(
+                            "the window state of {} handed over from group {:?} is unreadable: {e}",
+                            self.name, m.group
+                        ))
+                    })?;
+                    let left_out = engine.merge_state(&m.into_group, state);
+                    if left_out > 0 {
+                        tracing::info!(
+                            "metric {}: merging {:?} into {:?} left out {left_out} events of windows that had closed for {:?} already",
+                            self.name,
+                            m.group,
+                            m.into_group,
+                            m.into_group
+                        );
+                    }
+                }
+            }
+            merged.push((m.partition, m.message_id, m.group));
         }
         // A client's retry (the same message id) is counted once: ids
         // counted by earlier batches are in the store, this batch's here.
@@ -220,23 +603,50 @@ impl MetricProcessor {
         let mut seen = Vec::new();
         let mut late = Vec::new();
         let mut deleted = Vec::new();
-        for (p, event) in events {
+        for ((p, event), step) in events.iter().zip(steps) {
             let id = event.get("messageId").and_then(Value::as_str);
             if id.is_some_and(|id| known.contains(id)) {
                 continue;
             }
-            let metric = partitions.get_mut(p).expect("loaded above");
-            if let Some(ids) = metric.deleted_groups(event) {
-                // A GDPR deletion, in order with the user's events: what
-                // came before it is forgotten, what comes after counts
-                // afresh.
-                for id in ids {
-                    metric.engine_mut().forget(id);
-                    deleted.push(id.to_owned());
+            let metric = &mut partitions.get_mut(p).expect("loaded above").metric;
+            let group = match step {
+                Step::Skip => continue,
+                Step::Delete(ids) => {
+                    // A GDPR deletion, in order with the user's events:
+                    // what came before it is forgotten, what comes after
+                    // counts afresh.
+                    for id in ids {
+                        metric.engine_mut().forget(id);
+                        deleted.push(id.to_owned());
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let Outcome::Observed { group, observed } = metric.observe(event) else {
+                Step::Observe { link, group } => {
+                    if let (Some((into, from)), Some(id)) = (link, id) {
+                        for from in from {
+                            let partition = self.partition_of(from);
+                            if partition == *p {
+                                metric.engine_mut().merge_groups(from, into);
+                                continue;
+                            }
+                            merges.push(MergeRow {
+                                partition,
+                                message_id: id.to_owned(),
+                                group: from.to_owned(),
+                                into_group: into.to_owned(),
+                                into_partition: *p,
+                                at: received_ms(event),
+                                state: None,
+                            });
+                        }
+                    }
+                    match group {
+                        Some(group) => group,
+                        None => continue,
+                    }
+                }
+            };
+            let Outcome::Observed { group, observed } = metric.observe_in(group, event) else {
                 continue;
             };
             if let (Some(missed), Some(id)) = (&observed.late, id) {
@@ -255,12 +665,7 @@ impl MetricProcessor {
                 counted += 1;
                 if let Some(id) = id {
                     known.insert(id.to_owned());
-                    let received = event
-                        .get("receivedAt")
-                        .and_then(Value::as_str)
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                        .map_or_else(crate::store::now_ms, |t| t.timestamp_millis());
-                    seen.push((id.to_owned(), received));
+                    seen.push((id.to_owned(), received_ms(event)));
                 }
             }
         }
@@ -269,32 +674,45 @@ impl MetricProcessor {
         let mut states = Vec::new();
         let mut traits = Vec::new();
         for p in &touched {
-            let metric = partitions.get_mut(p).expect("loaded above");
+            let held = partitions.get_mut(p).expect("loaded above");
             if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
-                closed.extend(metric.advance(clock.time_ms).into_iter().map(|c| (*p, c)));
+                closed.extend(
+                    held.metric
+                        .advance(clock.time_ms)
+                        .into_iter()
+                        .map(|c| (*p, c)),
+                );
                 stored_clocks.push((*p, clock.time_ms));
             }
-            let at = metric
+            let at = held
+                .metric
                 .engine()
                 .watermark()
                 .unwrap_or_else(crate::store::now_ms);
-            for group in metric.engine_mut().take_changed() {
+            let mut changed = held.metric.engine_mut().take_changed();
+            changed.append(&mut held.undated);
+            changed.sort_unstable();
+            changed.dedup();
+            for group in changed {
+                let engine = held.metric.engine();
                 if let Some(name) = &self.spec.computed_trait {
                     traits.push(ComputedTrait {
                         metric: self.spec.name.clone(),
                         version: self.version,
                         name: name.clone(),
-                        value: metric.trait_value(&group).to_string(),
+                        value: held.metric.trait_value(&group).to_string(),
                         group: group.clone(),
                         at,
                         seq: 0,
                     });
                 }
-                let state = metric
-                    .engine()
-                    .state(&group)
-                    .map(|s| serde_json::to_string(s).expect("a state serializes"));
-                states.push((*p, group, state));
+                let row = engine.state(&group).map(|s| GroupRow {
+                    state: serde_json::to_string(s).expect("a state serializes"),
+                    due: engine.timer(&group),
+                });
+                let bytes = row.as_ref().map(|r| r.state.len() + GROUP_BYTES);
+                held.account(&group, bytes, batch_no);
+                states.push((*p, group, row));
             }
         }
         // A user's events are in one partition, so a per-user window is
@@ -326,31 +744,80 @@ impl MetricProcessor {
             traits,
             deleted,
             combine,
+            merges,
+            merged,
         };
-        match self.store.apply_metric_batch(&batch).await {
-            Ok(made_final) => {
-                self.account(&partitions, &batch, made_final);
-                Ok(counted)
-            }
-            Err(e) => {
-                for p in &touched {
-                    partitions.remove(p);
-                }
-                Err(commit_error(e))
-            }
+        let made_final = self
+            .store
+            .apply_metric_batch(&batch)
+            .await
+            .map_err(commit_error)?;
+        self.account(partitions, &batch, made_final);
+        Ok(counted)
+    }
+
+    /// The partition a group's events are in (a user's, keyed by its id).
+    fn partition_of(&self, group: &str) -> i32 {
+        crate::log::partitioner::partition_for_key(group.as_bytes(), self.topic_partitions)
+    }
+
+    /// The groups and estimated bytes the engines hold.
+    #[cfg(test)]
+    async fn held(&self) -> (usize, usize) {
+        let partitions = self.partitions.lock().await;
+        partitions.values().fold((0, 0), |(groups, bytes), h| {
+            (groups + h.metric.engine().group_count(), bytes + h.bytes)
+        })
+    }
+
+    /// Evicts the least recently used groups when the engines hold more
+    /// than this runner's share of the budget, down to three quarters of
+    /// it (so a runner at its share does not evict on every batch). Called
+    /// after a commit: every group's state is in the store.
+    fn spill(&self, partitions: &mut HashMap<i32, Held>) {
+        let share = self.budget.bytes();
+        let held: usize = partitions.values().map(|h| h.bytes).sum();
+        if held <= share {
+            return;
         }
+        let mut excess = held - share / 4 * 3;
+        let mut by_use: Vec<(u64, i32, String)> = partitions
+            .iter()
+            .flat_map(|(p, h)| h.groups.iter().map(|(g, (_, used))| (*used, *p, g.clone())))
+            .collect();
+        by_use.sort_unstable();
+        let mut evicted = 0u64;
+        for (_, p, group) in by_use {
+            if excess == 0 {
+                break;
+            }
+            let bytes = partitions.get_mut(&p).expect("listed").evict(&group);
+            excess = excess.saturating_sub(bytes);
+            evicted += 1;
+        }
+        let name = self.spec.name.clone();
+        metrics::counter!(crate::metrics::METRIC_GROUPS_EVICTED, "metric" => name.clone())
+            .increment(evicted);
+        let held: usize = partitions.values().map(|h| h.bytes).sum();
+        metrics::gauge!(crate::metrics::METRIC_STATE_BYTES, "metric" => name).set(held as f64);
     }
 
     /// The Prometheus metrics of a committed batch.
-    fn account(&self, partitions: &HashMap<i32, Metric>, batch: &MetricBatch, made_final: usize) {
+    fn account(&self, partitions: &HashMap<i32, Held>, batch: &MetricBatch, made_final: usize) {
         let name = self.spec.name.clone();
         metrics::counter!(crate::metrics::METRIC_WINDOWS_CLOSED, "metric" => name.clone())
             .increment(made_final as u64);
         metrics::counter!(crate::metrics::METRIC_LATE_EVENTS, "metric" => name.clone())
             .increment(batch.late.len() as u64);
-        let open: usize = partitions.values().map(|m| m.engine().group_count()).sum();
+        let open: usize = partitions
+            .values()
+            .map(|h| h.metric.engine().group_count())
+            .sum();
         metrics::gauge!(crate::metrics::METRIC_OPEN_GROUPS, "metric" => name.clone())
             .set(open as f64);
+        let bytes: usize = partitions.values().map(|h| h.bytes).sum();
+        metrics::gauge!(crate::metrics::METRIC_STATE_BYTES, "metric" => name.clone())
+            .set(bytes as f64);
         let now = crate::store::now_ms();
         for (partition, clock) in &batch.clocks {
             let lag = (now - clock).max(0) as f64 / 1000.0;
@@ -447,21 +914,22 @@ impl Processor for MetricProcessor {
 
 /// The runner of one metric version on `user_events`: its own consumer
 /// group in Kafka mode, so it reads from the beginning the first time.
+/// With `replay` it stops once it has read the log to its end.
 pub fn runner(
     config: &Config,
     store: Store,
     log: Arc<dyn EventLog>,
-    spec: MetricSpec,
-    version: i64,
+    (spec, version): (MetricSpec, i64),
+    budget: &StateBudget,
+    replay: bool,
 ) -> Result<Runner<MetricProcessor>, ReadError> {
     let topics = Topics::new(&config.topic_prefix);
     let topic = topics.events();
-    let processor = Arc::new(MetricProcessor::new(
-        store,
-        spec,
-        version,
-        config.partitions,
-    ));
+    let idle_bound = config.append_timeout + config.clock_skew;
+    let processor = Arc::new(
+        MetricProcessor::new(store, spec, version, config.partitions, budget)
+            .linking_after(idle_bound),
+    );
     let group = format!(
         "{}-{}",
         config.kafka_group,
@@ -472,7 +940,8 @@ pub fn runner(
         max_batch: config.process_batch,
         // One set of engines a runner: its commits take turns.
         parallel_commits: 1,
-        idle_bound: config.append_timeout + config.clock_skew,
+        idle_bound,
+        stop_when_caught_up: replay,
         ..RunnerSettings::new("metrics", topic, topics.rejected())
     };
     Ok(Runner::new(processor, reader, log, settings))
@@ -492,12 +961,14 @@ pub fn spawn(
     let (config, store, log) = (config.clone(), store.clone(), log.clone());
     let runners = MetricRunners::default();
     let shown = runners.clone();
+    let budget = StateBudget::new(config.metric_state_budget);
     supervisor.spawn("metrics", move |stop| {
         Ok(Box::pin(run_definitions(
             config.clone(),
             store.clone(),
             log.clone(),
             shown.clone(),
+            budget.clone(),
             stop,
         )))
     })?;
@@ -555,6 +1026,7 @@ async fn run_definitions(
     store: Store,
     log: Arc<dyn EventLog>,
     shown: MetricRunners,
+    budget: StateBudget,
     stop: StopSignal,
 ) -> StageResult {
     let mut running: HashMap<String, (i64, watch::Sender<bool>)> = HashMap::new();
@@ -624,7 +1096,7 @@ async fn run_definitions(
                     if running.contains_key(&name) {
                         continue;
                     }
-                    let runner = runner(&config, store.clone(), log.clone(), spec, version)
+                    let runner = runner(&config, store.clone(), log.clone(), (spec, version), &budget, false)
                         .map_err(|e| format!("cannot start metric {name} version {version}: {e}"))?;
                     let entry = RunnerEntry { version, stats: runner.stats(), failed: None };
                     shown.with(|runners| runners.insert(name.clone(), entry));

@@ -26,7 +26,7 @@ pub struct MetricBatch<'a> {
     pub clocks: Vec<(i32, i64)>,
     /// Group states to write, by partition: `None` removes the group
     /// (nothing left open).
-    pub states: Vec<(i32, String, Option<String>)>,
+    pub states: Vec<(i32, String, Option<GroupRow>)>,
     /// Windows the batch closed, final (a per-user metric: a user's
     /// events are in one partition).
     pub windows: Vec<StoredWindow>,
@@ -45,6 +45,33 @@ pub struct MetricBatch<'a> {
     /// property): the parts of windows the batch's partitions closed, and
     /// how to make them final.
     pub combine: Option<Combine>,
+    /// Merge requests and handovers the batch writes (one already there
+    /// is left as it is: a retried linking event).
+    pub merges: Vec<MergeRow>,
+    /// Merge rows the batch acted on, to delete: (partition, message id,
+    /// group).
+    pub merged: Vec<(i32, String, String)>,
+}
+
+/// A per-user group's open windows moving into another group in another
+/// partition (an alias or identify merge): a request to the group's
+/// partition (`state` `None`), then a handover of its state to the
+/// partition of the group it joins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeRow {
+    /// The partition whose runner acts on it next.
+    pub partition: i32,
+    /// The linking event's message id.
+    pub message_id: String,
+    /// The group that moves.
+    pub group: String,
+    pub into_group: String,
+    pub into_partition: i32,
+    /// When the linking event was received (ms): the group's partition
+    /// acts once its clock has passed it.
+    pub at: i64,
+    /// The moving group's state, as JSON, once its partition took it out.
+    pub state: Option<String>,
 }
 
 /// The parts of a combined metric's windows one batch closed.
@@ -57,6 +84,28 @@ pub struct Combine {
     /// them has a stored watermark past it.
     pub partitions: i32,
     pub parts: Vec<(i32, Closed)>,
+}
+
+/// One group's stored open window state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRow {
+    /// The engine's state of the group, as JSON.
+    pub state: String,
+    /// The limit (watermark less lateness) at which the group next has
+    /// something to close: a runner that evicted the group reads it back
+    /// before its watermark passes this. `None` for states written before
+    /// it was kept: read back at the first watermark move.
+    pub due: Option<i64>,
+}
+
+/// What a partition of a metric version has stored of its groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StateSummary {
+    pub groups: i64,
+    /// The length of their states' JSON.
+    pub bytes: i64,
+    /// The earliest `due` (a state without one counts as due now).
+    pub first_due: Option<i64>,
 }
 
 /// A closed window, as stored and served.
@@ -154,8 +203,27 @@ impl Store {
         processor: &str,
         topic: &str,
         partition: i32,
-    ) -> Result<(Option<i64>, Vec<(String, String)>), StoreError> {
-        let clock = sqlx::query(
+    ) -> Result<(Option<i64>, Vec<(String, GroupRow)>), StoreError> {
+        let clock = self.metric_clock(processor, topic, partition).await?;
+        let rows = sqlx::query(
+            "SELECT grp, state, due FROM metric_state WHERE processor = $1 AND partition = $2 ORDER BY grp",
+        )
+        .bind(processor)
+        .bind(partition)
+        .fetch_all(&self.pool)
+        .await?;
+        let states = rows.iter().map(group_row).collect::<Result<_, _>>()?;
+        Ok((clock, states))
+    }
+
+    /// `processor`'s stored watermark of `partition`.
+    pub async fn metric_clock(
+        &self,
+        processor: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query(
             "SELECT clock FROM processor_offsets WHERE processor = $1 AND topic = $2 AND partition = $3",
         )
         .bind(processor)
@@ -165,19 +233,116 @@ impl Store {
         .await?
         .map(|row| row.try_get::<Option<i64>, _>(0))
         .transpose()?
-        .flatten();
-        let rows = sqlx::query(
-            "SELECT grp, state FROM metric_state WHERE processor = $1 AND partition = $2 ORDER BY grp",
+        .flatten())
+    }
+
+    /// How many groups `processor` stores in `partition`, their states'
+    /// size and the earliest `due`, to decide whether to read them all.
+    pub async fn metric_state_summary(
+        &self,
+        processor: &str,
+        partition: i32,
+    ) -> Result<StateSummary, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(state)), 0), MIN(COALESCE(due, $3)) \
+             FROM metric_state WHERE processor = $1 AND partition = $2",
         )
         .bind(processor)
         .bind(partition)
+        .bind(i64::MIN)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(StateSummary {
+            groups: row.try_get(0)?,
+            bytes: row.try_get(1)?,
+            first_due: row.try_get(2)?,
+        })
+    }
+
+    /// The stored states of `groups` (those there are) of `processor` in
+    /// `partition`.
+    pub async fn metric_states_of(
+        &self,
+        processor: &str,
+        partition: i32,
+        groups: &[&str],
+    ) -> Result<Vec<(String, GroupRow)>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in groups.chunks(super::batch::ROWS_PER_INSERT) {
+            // One style of placeholder in a statement: SQLite's driver
+            // binds nothing to `?` after `$N`.
+            let sql = format!(
+                "SELECT grp, state, due FROM metric_state \
+                 WHERE processor = {} AND partition = {} AND grp IN ({})",
+                self.dialect.params(1, 1),
+                self.dialect.params(1, 2),
+                self.dialect.params(chunk.len(), 3)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(processor)
+                .bind(partition);
+            for group in chunk {
+                query = query.bind(*group);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                out.push(group_row(&row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored states of `processor`'s groups in `partition` due by
+    /// `limit` (or without a `due`), and the earliest `due` after it.
+    pub async fn metric_states_due(
+        &self,
+        processor: &str,
+        partition: i32,
+        limit: i64,
+    ) -> Result<(Vec<(String, GroupRow)>, Option<i64>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT grp, state, due FROM metric_state \
+             WHERE processor = $1 AND partition = $2 AND (due IS NULL OR due <= $3)",
+        )
+        .bind(processor)
+        .bind(partition)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let states = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok((clock, states))
+        let due = rows.iter().map(group_row).collect::<Result<_, _>>()?;
+        let next = sqlx::query(
+            "SELECT MIN(due) FROM metric_state WHERE processor = $1 AND partition = $2 AND due > $3",
+        )
+        .bind(processor)
+        .bind(partition)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok((due, next))
+    }
+
+    /// `processor`'s merge rows waiting for a runner to act on them.
+    pub async fn metric_merges(&self, processor: &str) -> Result<Vec<MergeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT partition, message_id, grp, into_grp, into_partition, at, state FROM metric_merges \
+             WHERE processor = $1 ORDER BY partition, message_id, grp",
+        )
+        .bind(processor)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(MergeRow {
+                    partition: row.try_get(0)?,
+                    message_id: row.try_get(1)?,
+                    group: row.try_get(2)?,
+                    into_group: row.try_get(3)?,
+                    into_partition: row.try_get(4)?,
+                    at: row.try_get(5)?,
+                    state: row.try_get(6)?,
+                })
+            })
+            .collect()
     }
 
     /// What `processor` holds of `group`'s open windows: each partition's
@@ -275,6 +440,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         for table in [
             "metric_state",
+            "metric_merges",
             "metric_parts",
             "metric_combine",
             "metric_seen",
@@ -308,7 +474,8 @@ impl Store {
         let mut tx = self.begin_write().await?;
         for chunk in message_ids.chunks(super::batch::ROWS_PER_INSERT) {
             let sql = format!(
-                "SELECT message_id FROM metric_seen WHERE processor = $1 AND message_id IN ({})",
+                "SELECT message_id FROM metric_seen WHERE processor = {} AND message_id IN ({})",
+                self.dialect.params(1, 1),
                 self.dialect.params(chunk.len(), 2)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
@@ -493,6 +660,14 @@ fn tuples(rows: usize, width: usize) -> String {
         .join(", ")
 }
 
+fn group_row(row: &AnyRow) -> Result<(String, GroupRow), StoreError> {
+    let stored = GroupRow {
+        state: row.try_get(1)?,
+        due: row.try_get(2)?,
+    };
+    Ok((row.try_get(0)?, stored))
+}
+
 fn window(row: &AnyRow) -> Result<StoredWindow, StoreError> {
     Ok(StoredWindow {
         metric: row.try_get(0)?,
@@ -530,14 +705,15 @@ async fn write_batch(
     }
     for (partition, group, state) in &batch.states {
         match state {
-            Some(state) => sqlx::query(
-                "INSERT INTO metric_state (processor, partition, grp, state) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state",
+            Some(stored) => sqlx::query(
+                "INSERT INTO metric_state (processor, partition, grp, state, due) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state, due = excluded.due",
             )
             .bind(batch.processor)
             .bind(*partition)
             .bind(group.as_str())
-            .bind(state.as_str())
+            .bind(stored.state.as_str())
+            .bind(stored.due)
             .execute(&mut *tx)
             .await?,
             None => sqlx::query(
@@ -600,6 +776,33 @@ async fn write_batch(
         .bind(l.late_by_ms)
         .bind(l.event.as_str())
         .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (partition, message_id, group) in &batch.merged {
+        sqlx::query(
+            "DELETE FROM metric_merges WHERE processor = $1 AND partition = $2 AND message_id = $3 AND grp = $4",
+        )
+        .bind(batch.processor)
+        .bind(*partition)
+        .bind(message_id.as_str())
+        .bind(group.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    for m in &batch.merges {
+        sqlx::query(
+            "INSERT INTO metric_merges (processor, partition, message_id, grp, into_grp, into_partition, at, state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        )
+        .bind(batch.processor)
+        .bind(m.partition)
+        .bind(m.message_id.as_str())
+        .bind(m.group.as_str())
+        .bind(m.into_group.as_str())
+        .bind(m.into_partition)
+        .bind(m.at)
+        .bind(m.state.as_deref())
         .execute(&mut *tx)
         .await?;
     }

@@ -12,8 +12,8 @@
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
 pub use metric_windows::{
-    Combine, ComputedTrait, LateEvent, MetricBatch, OpenGroup, StoredPart, StoredWindow,
-    WindowQuery,
+    Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, OpenGroup, StateSummary,
+    StoredPart, StoredWindow, WindowQuery,
 };
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 
@@ -372,6 +372,16 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "window parts of metrics combined across partitions",
         include_str!("migrations/version_6.sql"),
     );
+    let due = migration(
+        7,
+        "when each stored window state closes next",
+        include_str!("migrations/version_7.sql"),
+    );
+    let merges = migration(
+        8,
+        "open windows moving between partitions on an alias merge",
+        include_str!("migrations/version_8.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -384,6 +394,8 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             definitions,
             windows,
             combined,
+            due,
+            merges,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -391,6 +403,8 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             definitions,
             windows,
             combined,
+            due,
+            merges,
         ],
     }
 }

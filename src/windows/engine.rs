@@ -548,6 +548,34 @@ impl Engine {
         self.limit = watermark.saturating_sub(self.lateness);
     }
 
+    /// When `group` has something to close next, as a limit (the
+    /// watermark less the lateness): the store keeps it beside the
+    /// group's state, so a group held only there is read back in time.
+    pub fn timer(&self, group: &str) -> Option<Millis> {
+        self.timer_of.get(group).copied()
+    }
+
+    /// The limit a watermark of `watermark` sets: windows ending by it
+    /// are closed.
+    pub fn limit_at(&self, watermark: Millis) -> Millis {
+        watermark.saturating_sub(self.lateness)
+    }
+
+    /// Drops `group` from memory, its stored state being what the engine
+    /// holds (no change since it was last taken): a spill under a memory
+    /// budget. Nothing of it closes until it is restored, so restore it
+    /// before an event of it, a deletion or a watermark past its timer.
+    pub fn evict(&mut self, group: &str) -> bool {
+        debug_assert!(!self.changed.contains(group), "an unstored change");
+        if self.groups.remove(group).is_none() {
+            return false;
+        }
+        if let Some(at) = self.timer_of.remove(group) {
+            self.timers.remove(&(at, group.to_owned()));
+        }
+        true
+    }
+
     /// The groups held in memory.
     pub fn groups(&self) -> impl Iterator<Item = (&String, &GroupState)> {
         self.groups.iter()
@@ -561,21 +589,60 @@ impl Engine {
     /// Forgets `group` and its open windows (a GDPR deletion of the
     /// user): nothing of it closes later, and its stored state goes.
     pub fn forget(&mut self, group: &str) {
-        if self.groups.remove(group).is_some() {
-            self.reschedule(group);
-            self.changed.insert(group.to_owned());
-        }
+        self.take(group);
+    }
+
+    /// Takes `group`'s state out of the engine (its windows move to
+    /// another group): nothing of it closes here, and its stored state
+    /// goes.
+    pub fn take(&mut self, group: &str) -> Option<GroupState> {
+        let state = self.groups.remove(group)?;
+        self.reschedule(group);
+        self.changed.insert(group.to_owned());
+        Some(state)
     }
 
     /// Merges `from`'s windows into `into` (an alias or identify merge):
     /// the same events, now one user's.
     pub fn merge_groups(&mut self, from: &str, into: &str) {
-        let Some(source) = self.groups.remove(from) else {
-            return;
-        };
-        self.reschedule(from);
-        let target = self.groups.entry(into.to_owned()).or_default();
+        if let Some(source) = self.take(from) {
+            self.merge_state(into, source);
+        }
+    }
+
+    /// Merges another group's state (`source`, perhaps from another
+    /// partition's engine) into `into`. What this engine has closed stays
+    /// closed: a slice or session all of whose windows closed here is left
+    /// out, and the events it held are returned, to be reported.
+    pub fn merge_state(&mut self, into: &str, source: GroupState) -> u64 {
+        let mut left_out = 0;
+        let mut slices = BTreeMap::new();
         for (start, slice) in source.slices {
+            let (_, last_end) = self.window_ends(Span {
+                start,
+                end: slice.end,
+            });
+            if last_end <= self.limit {
+                left_out += slice.events;
+            } else {
+                slices.insert(start, slice);
+            }
+        }
+        let mut sessions = Vec::new();
+        if let Layout::Sessions(shape) = self.layout {
+            for session in source.sessions {
+                if session.last.saturating_add(shape.gap) <= self.limit {
+                    left_out += session.parts.iter().map(|p| p.events).sum::<u64>();
+                } else {
+                    sessions.push(session);
+                }
+            }
+        }
+        if slices.is_empty() && sessions.is_empty() {
+            return left_out;
+        }
+        let target = self.groups.entry(into.to_owned()).or_default();
+        for (start, slice) in slices {
             match target.slices.get_mut(&start) {
                 Some(t) => {
                     t.partial.merge(&slice.partial);
@@ -588,13 +655,13 @@ impl Engine {
         }
         if let Layout::Sessions(shape) = self.layout {
             let mut all = std::mem::take(&mut target.sessions);
-            all.extend(source.sessions);
+            all.extend(sessions);
             target.sessions = shape.normalize(all);
         }
         target.closed_until = target.closed_until.max(source.closed_until);
-        self.changed.insert(from.to_owned());
         self.changed.insert(into.to_owned());
         self.reschedule(into);
+        left_out
     }
 }
 

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -313,6 +315,58 @@ fn a_forgotten_group_closes_nothing_and_is_reported_changed() {
 }
 
 #[test]
+fn a_state_from_another_engine_merges_what_is_still_open_here() {
+    // Two partitions' engines; the one the state moves to is further on.
+    let kind = WindowKind::Tumbling { size: 10 * MIN };
+    let mut from = Engine::new(kind, Aggregate::Count, 0);
+    from.observe("anon", &stamp(MIN, 0), None);
+    from.observe("anon", &stamp(12 * MIN, 1), None);
+    from.observe("anon", &stamp(13 * MIN, 2), None);
+    from.take_changed();
+    let mut into = Engine::new(kind, Aggregate::Count, 0);
+    into.observe("u1", &stamp(15 * MIN, 3), None);
+    into.advance(11 * MIN);
+    into.take_changed();
+
+    let state = from.take("anon").expect("anon has open windows");
+    assert_eq!(from.take_changed(), vec!["anon".to_owned()]);
+    assert!(
+        from.advance(Millis::MAX).is_empty(),
+        "nothing of it closes there"
+    );
+    assert_eq!(
+        into.merge_state("u1", state),
+        1,
+        "the event of [0, 10), closed here, is left out"
+    );
+    assert_eq!(into.take_changed(), vec!["u1".to_owned()]);
+    let closed: Vec<_> = into
+        .advance(Millis::MAX)
+        .into_iter()
+        .map(|c| (c.group, c.window.start, c.events))
+        .collect();
+    assert_eq!(closed, vec![("u1".to_owned(), 10 * MIN, 3)]);
+
+    // Sessions: the moved session joins the one it meets.
+    let kind = WindowKind::Session {
+        gap: 5 * MIN,
+        max: None,
+    };
+    let mut from = Engine::new(kind, Aggregate::Count, 0);
+    from.observe("anon", &stamp(MIN, 0), None);
+    from.observe("anon", &stamp(3 * MIN, 1), None);
+    let mut into = Engine::new(kind, Aggregate::Count, 0);
+    into.observe("u1", &stamp(6 * MIN, 2), None);
+    assert_eq!(into.merge_state("u1", from.take("anon").unwrap()), 0);
+    let closed: Vec<_> = into
+        .advance(Millis::MAX)
+        .into_iter()
+        .map(|c| (c.window, c.events))
+        .collect();
+    assert_eq!(closed, vec![(span(MIN, 11 * MIN), 3)]);
+}
+
+#[test]
 fn a_restored_state_closes_as_the_original_would() {
     let kind = WindowKind::Hopping {
         size: 10 * MIN,
@@ -509,6 +563,86 @@ proptest! {
         }
         got.extend(feed(&mut after, &events[k..], &mut newest));
         got.extend(after.advance(Millis::MAX));
+        let published = |closed: Vec<Closed>| {
+            let mut out: Vec<_> = closed
+                .into_iter()
+                .map(|c| (c.group, c.window, c.value.to_string(), c.events))
+                .collect();
+            out.sort();
+            out
+        };
+        prop_assert_eq!(published(got), published(expected));
+    }
+
+    /// Spilling under a memory budget changes nothing: groups evicted
+    /// after their state is stored (with its timer), and restored before
+    /// an event of theirs or a watermark past their timer, close the same
+    /// windows as an engine that holds every group.
+    #[test]
+    fn groups_spilled_and_restored_in_time_close_the_same_windows(
+        kind in kinds(),
+        times in prop::collection::vec((0i64..(6 * 60), 0usize..6), 1..60),
+        spills in prop::collection::vec(any::<bool>(), 60),
+    ) {
+        let delay = 20 * MIN;
+        let mut straight = Engine::new(kind, Aggregate::Sum, MIN);
+        let mut spilling = Engine::new(kind, Aggregate::Sum, MIN);
+        // The store: each group's state as JSON and its timer.
+        let mut stored: HashMap<String, (String, Option<Millis>)> = HashMap::new();
+        let (mut expected, mut got) = (Vec::new(), Vec::new());
+        let mut newest = Millis::MIN;
+        for (i, (t, g)) in times.iter().enumerate() {
+            let (at, group) = (t * MIN + i as i64, format!("g{g}"));
+            newest = newest.max(at);
+            straight.observe(&group, &stamp(at, i), Some(&json!(i)));
+            expected.extend(straight.advance(newest - delay));
+
+            if spilling.state(&group).is_none()
+                && let Some((text, _)) = stored.get(&group)
+            {
+                spilling.restore(&group, serde_json::from_str(text).unwrap());
+            }
+            spilling.observe(&group, &stamp(at, i), Some(&json!(i)));
+            let limit = spilling.limit_at(newest - delay);
+            let due: Vec<String> = stored
+                .iter()
+                .filter(|(g, (_, timer))| {
+                    spilling.state(g).is_none() && timer.is_some_and(|t| t <= limit)
+                })
+                .map(|(g, _)| g.clone())
+                .collect();
+            for g in due {
+                let state = serde_json::from_str(&stored[&g].0).unwrap();
+                spilling.restore(&g, state);
+            }
+            got.extend(spilling.advance(newest - delay));
+            for g in spilling.take_changed() {
+                match spilling.state(&g) {
+                    Some(state) => {
+                        let text = serde_json::to_string(state).unwrap();
+                        stored.insert(g.clone(), (text, spilling.timer(&g)));
+                    }
+                    None => {
+                        stored.remove(&g);
+                    }
+                }
+            }
+            if spills[i] {
+                let held: Vec<String> = spilling.groups().map(|(g, _)| g.clone()).collect();
+                for g in held {
+                    prop_assert!(spilling.evict(&g));
+                }
+                prop_assert_eq!(spilling.group_count(), 0);
+            }
+        }
+        expected.extend(straight.advance(Millis::MAX));
+        let left: Vec<String> = stored.keys().cloned().collect();
+        for g in left {
+            if spilling.state(&g).is_none() {
+                spilling.restore(&g, serde_json::from_str(&stored[&g].0).unwrap());
+            }
+        }
+        got.extend(spilling.advance(Millis::MAX));
         let published = |closed: Vec<Closed>| {
             let mut out: Vec<_> = closed
                 .into_iter()

@@ -24,7 +24,8 @@ both_logs!(
     a_metric_defined_after_its_events_counts_them_from_history_exactly,
     global_and_property_metrics_over_eight_partitions_are_exact,
     a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out,
-    a_deleted_user_leaves_no_metric_windows
+    a_deleted_user_leaves_no_metric_windows,
+    an_alias_merges_the_anonymous_windows_into_the_users
 );
 
 fn orders_hourly() -> Value {
@@ -818,5 +819,104 @@ async fn a_deleted_user_leaves_no_metric_windows(backend: Backend) {
     .await;
     assert_eq!(body["values"][0]["value"], 1, "{body}");
     assert_eq!(body["values"][0]["final"], false);
+    app.stop().await;
+}
+
+/// Anonymous activity joins the user's windows when an identify or an
+/// alias links the ids, whether the anonymous id's events are in the
+/// user's partition or another: the user's open window and computed
+/// trait count them all, and the anonymous groups keep nothing open.
+async fn an_alias_merges_the_anonymous_windows_into_the_users(backend: Backend) {
+    const HOUR: i64 = 3_600_000;
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    let partition = |id: &str| traitline::log::partitioner::partition_for_key(id.as_bytes(), 4);
+    let user = "merge-user";
+    let id_in = |same: bool| {
+        (0..)
+            .map(|i| format!("anon-{i}"))
+            .find(|id| (partition(id) == partition(user)) == same)
+            .unwrap()
+    };
+    let (near, far) = (id_in(true), id_in(false));
+    let (status, body) = put(
+        &app,
+        "orders_hourly",
+        ADMIN_KEY,
+        &json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
+                "window": {"kind": "tumbling", "size": "1h"}, "trait": "orders_hourly"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // Ahead of the log's clock: every window stays open.
+    let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
+        (chrono::Utc::now().timestamp_millis() / HOUR + 5) * HOUR,
+    )
+    .unwrap()
+    .to_rfc3339();
+    let order = |i: usize, field: &str, id: &str| {
+        let mut order = json!({"type": "track", "event": "order.create",
+                               "messageId": format!("order-{i}"), "timestamp": at});
+        order[field] = json!(id);
+        order
+    };
+    let anonymous = json!({"batch": [
+        order(1, "anonymousId", &near), order(2, "anonymousId", &near),
+        order(3, "anonymousId", &far), order(4, "anonymousId", &far),
+        order(5, "anonymousId", &far), order(6, "userId", user),
+    ]});
+    assert!(
+        app.post("/v1/batch", &anonymous)
+            .await
+            .status()
+            .is_success()
+    );
+    let open = |group: String| {
+        let app = &app;
+        async move {
+            let path = format!("/v1/metrics/orders_hourly/values?group={group}");
+            let (status, body) = app.get_as(&path, READ_KEY).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["value"].as_i64().unwrap())
+                .sum::<i64>()
+        }
+    };
+    eventually(
+        "the anonymous orders counted",
+        Duration::from_secs(30),
+        || async { (open(near.clone()).await == 2 && open(far.clone()).await == 3).then_some(()) },
+    )
+    .await;
+
+    let links = json!({"batch": [
+        {"type": "identify", "userId": user, "anonymousId": near, "messageId": "link-1"},
+        {"type": "alias", "userId": user, "previousId": far, "messageId": "link-2"},
+    ]});
+    assert!(app.post("/v1/batch", &links).await.status().is_success());
+    eventually(
+        "every order in the user's window",
+        Duration::from_secs(60),
+        || async { (open(user.to_owned()).await == 6).then_some(()) },
+    )
+    .await;
+    assert_eq!(open(near.clone()).await, 0, "nothing left open for {near}");
+    assert_eq!(open(far.clone()).await, 0, "nothing left open for {far}");
+    eventually(
+        "the merged trait in the profile",
+        Duration::from_secs(30),
+        || async {
+            let (status, profile) = app.get_as(&format!("/v1/profiles/{user}"), READ_KEY).await;
+            (status == StatusCode::OK && profile["computed"]["orders_hourly"] == json!(6))
+                .then_some(())
+        },
+    )
+    .await;
     app.stop().await;
 }

@@ -6,7 +6,8 @@
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    Combine, MetricBatch, OffsetAdvance, ProfileBatch, Store, StoreError, StoredWindow, WindowQuery,
+    Combine, GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch, StateSummary, Store,
+    StoreError, StoredWindow, WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
@@ -252,15 +253,48 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         traits: vec![],
         deleted: vec![],
         combine: None,
+        merges: vec![],
+        merged: vec![],
     };
-    let first = batch(
-        None,
-        10,
-        5_000_000,
-        vec![(3, "u1".to_owned(), Some(r#"{"slices":{}}"#.to_owned()))],
-        vec![closed("u1", 0, 4)],
-    );
+    let row = |state: &str, due| GroupRow {
+        state: state.to_owned(),
+        due: Some(due),
+    };
+    // An identify in partition 3 asks partition 5 for anonymous a1's
+    // windows.
+    let request = MergeRow {
+        partition: 5,
+        message_id: "m9".to_owned(),
+        group: "a1".to_owned(),
+        into_group: "u1".to_owned(),
+        into_partition: 3,
+        at: 4_000_000,
+        state: None,
+    };
+    let first = MetricBatch {
+        merges: vec![request.clone()],
+        seen: vec![("m1".to_owned(), 4_000_000)],
+        ..batch(
+            None,
+            10,
+            5_000_000,
+            vec![
+                (3, "u1".to_owned(), Some(row(r#"{"slices":{}}"#, 3_900_000))),
+                (3, "u4".to_owned(), Some(row("{}", 7_500_000))),
+            ],
+            vec![closed("u1", 0, 4)],
+        )
+    };
     store.apply_metric_batch(&first).await.unwrap();
+    assert_eq!(
+        store.metric_merges(processor).await.unwrap(),
+        vec![request.clone()]
+    );
+    // A client's retry in a later batch is known as counted.
+    assert_eq!(
+        store.metric_seen(processor, &["m1", "m2"]).await.unwrap(),
+        std::collections::HashSet::from(["m1".to_owned()])
+    );
     let (clock, states) = store
         .metric_states(processor, "user_events", 3)
         .await
@@ -268,18 +302,57 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
     assert_eq!(clock, Some(5_000_000));
     assert_eq!(
         states,
-        vec![("u1".to_owned(), r#"{"slices":{}}"#.to_owned())]
+        vec![
+            ("u1".to_owned(), row(r#"{"slices":{}}"#, 3_900_000)),
+            ("u4".to_owned(), row("{}", 7_500_000))
+        ]
+    );
+    // What a runner under a memory budget reads back: a summary, chosen
+    // groups, and the groups due by a limit with the next due after it.
+    let summary = store.metric_state_summary(processor, 3).await.unwrap();
+    assert_eq!(
+        (summary.groups, summary.bytes, summary.first_due),
+        (2, 15, Some(3_900_000))
+    );
+    let chosen = store
+        .metric_states_of(processor, 3, &["u4", "nobody"])
+        .await
+        .unwrap();
+    assert_eq!(chosen, vec![("u4".to_owned(), row("{}", 7_500_000))]);
+    let (due, next) = store
+        .metric_states_due(processor, 3, 4_000_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (due, next),
+        (
+            vec![("u1".to_owned(), row(r#"{"slices":{}}"#, 3_900_000))],
+            Some(7_500_000)
+        )
+    );
+    assert_eq!(
+        store.metric_state_summary(processor, 4).await.unwrap(),
+        StateSummary::default()
     );
 
     // A second reader that also believed nothing was stored is fenced and
     // leaves no trace: not its state, window or clock.
-    let stale = batch(
-        None,
-        12,
-        9_000_000,
-        vec![(3, "u2".to_owned(), Some("{}".to_owned()))],
-        vec![closed("u2", 0, 1)],
-    );
+    let handover = MergeRow {
+        partition: 3,
+        state: Some(r#"{"slices":{}}"#.to_owned()),
+        ..request.clone()
+    };
+    let stale = MetricBatch {
+        merged: vec![(5, "m9".to_owned(), "a1".to_owned())],
+        merges: vec![handover.clone()],
+        ..batch(
+            None,
+            12,
+            9_000_000,
+            vec![(3, "u2".to_owned(), Some(row("{}", 1)))],
+            vec![closed("u2", 0, 1)],
+        )
+    };
     let refused = store.apply_metric_batch(&stale).await.unwrap_err();
     assert!(
         matches!(refused, StoreError::Fenced { partition: 3, .. }),
@@ -289,21 +362,41 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         .metric_states(processor, "user_events", 3)
         .await
         .unwrap();
-    assert_eq!((clock, states.len()), (Some(5_000_000), 1));
-
-    let next = batch(
-        Some(10),
-        20,
-        8_000_000,
-        vec![(3, "u1".to_owned(), None)],
-        vec![closed("u1", 3_600_000, 2), closed("u3", 3_600_000, 1)],
+    assert_eq!((clock, states.len()), (Some(5_000_000), 2));
+    assert_eq!(
+        store.metric_merges(processor).await.unwrap(),
+        vec![request.clone()]
     );
+
+    // Partition 5's runner (here the same batch, for brevity) takes the
+    // request and hands the state over.
+    let next = MetricBatch {
+        merged: vec![(5, "m9".to_owned(), "a1".to_owned())],
+        merges: vec![handover.clone()],
+        ..batch(
+            Some(10),
+            20,
+            8_000_000,
+            vec![(3, "u1".to_owned(), None)],
+            vec![closed("u1", 3_600_000, 2), closed("u3", 3_600_000, 1)],
+        )
+    };
     store.apply_metric_batch(&next).await.unwrap();
+    assert_eq!(
+        store.metric_merges(processor).await.unwrap(),
+        vec![handover.clone()]
+    );
     let (clock, states) = store
         .metric_states(processor, "user_events", 3)
         .await
         .unwrap();
-    assert_eq!((clock, states), (Some(8_000_000), vec![]));
+    assert_eq!(
+        (clock, states),
+        (
+            Some(8_000_000),
+            vec![("u4".to_owned(), row("{}", 7_500_000))]
+        )
+    );
 
     let query = |group, from_ms, to_ms| WindowQuery {
         metric: "orders_hourly",
@@ -405,6 +498,8 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                     partitions: 4,
                     parts: vec![part(partition, hour)],
                 }),
+                merges: vec![],
+                merged: vec![],
             })
             .collect();
         let results =
@@ -468,13 +563,22 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
                 next: 10,
             }],
             clocks: vec![(0, 9_000_000)],
-            states: vec![(0, "u2".to_owned(), Some(r#"{"slices":{}}"#.to_owned()))],
+            states: vec![(
+                0,
+                "u2".to_owned(),
+                Some(GroupRow {
+                    state: r#"{"slices":{}}"#.to_owned(),
+                    due: Some(12_000_000),
+                }),
+            )],
             windows,
             seen: vec![],
             late: vec![],
             traits: vec![],
             deleted: vec![],
             combine: None,
+            merges: vec![],
+            merged: vec![],
         };
         store.apply_metric_batch(&batch).await.unwrap();
     }

@@ -111,8 +111,37 @@ async fn run_to_end(runner: Runner<MetricProcessor>) {
         .expect("the runner does not fail");
 }
 
+fn unlimited() -> StateBudget {
+    StateBudget::new(usize::MAX)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once() {
+    let (held, stored) = restart_between_two_halves_and_a_second_pass(unlimited()).await;
+    assert_eq!(held.0, stored, "every open group in memory");
+}
+
+/// The same with a budget that holds about one group: every batch evicts
+/// the groups it did not use last, and a group is read back from the
+/// store for its next event, and for its window's close on the tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_over_its_state_budget_evicts_groups_and_counts_the_same() {
+    let share = GROUP_BYTES + 100;
+    let ((groups, bytes), stored) =
+        restart_between_two_halves_and_a_second_pass(StateBudget::new(share)).await;
+    assert!(bytes <= share, "{bytes} bytes held, over the share");
+    assert!(
+        groups < stored,
+        "{groups} of {stored} open groups in memory"
+    );
+}
+
+/// Counts a log in two runs and a second pass; before the tick that
+/// closes every window, the groups and bytes the second processor held
+/// and the open groups in the store.
+async fn restart_between_two_halves_and_a_second_pass(
+    budget: StateBudget,
+) -> ((usize, usize), usize) {
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().join("log");
     let topics = [TOPIC.to_owned(), "rejected".to_owned()];
@@ -123,16 +152,26 @@ async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once()
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
 
     append(&log, base, 0..60).await;
-    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3));
+    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &budget));
     run_to_end(runner(&log_dir, &log, &first)).await;
     drop(first);
 
     // A restart: a new processor, nothing in memory, the same store.
     append(&log, base, 60..130).await;
-    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3));
+    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &budget));
     run_to_end(runner(&log_dir, &log, &second)).await;
     // And a second pass over the whole log: every offset is stored.
     run_to_end(runner(&log_dir, &log, &second)).await;
+
+    let held = second.held().await;
+    let mut open = 0;
+    for partition in 0..3 {
+        let (_, states) = store
+            .metric_states(second.name(), TOPIC, partition)
+            .await
+            .unwrap();
+        open += states.len();
+    }
 
     // The clocks move past every window on a quiet log (the time hook).
     tick(&store, &second, 0..3, base + 4 * HOUR).await;
@@ -170,6 +209,7 @@ async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once()
             .unwrap();
         assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
     }
+    (held, open)
 }
 
 /// A global metric over 8 partitions (three of them empty), two
@@ -192,7 +232,13 @@ async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
     assert_eq!(spec.group_by, GroupBy::Global);
 
     append(&log, base, 0..130).await;
-    let first = Arc::new(MetricProcessor::new(store.clone(), spec.clone(), 1, 8));
+    let first = Arc::new(MetricProcessor::new(
+        store.clone(),
+        spec.clone(),
+        1,
+        8,
+        &unlimited(),
+    ));
     run_to_end(runner(&log_dir, &log, &first)).await;
     let query = WindowQuery {
         metric: "buyers_hourly",
@@ -205,7 +251,7 @@ async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
     tick(&store, &first, 0..5, base + 4 * HOUR).await;
     assert_eq!(store.metric_windows(&query).await.unwrap(), vec![]);
     // The other instance's partitions pass the first two hours only.
-    let second = MetricProcessor::new(store.clone(), spec, 1, 8);
+    let second = MetricProcessor::new(store.clone(), spec, 1, 8, &unlimited());
     tick(&store, &second, 5..8, base + 2 * HOUR + 5 * 60_000).await;
     let got = store.metric_windows(&query).await.unwrap();
     assert_eq!(got.len(), 2, "the first two hours are final: {got:?}");

@@ -1,0 +1,119 @@
+"""The peer of `traitline bench metrics` on the same Kafka broker: the same
+windows computed by quixstreams (PyPI), a Python stream processor with
+RocksDB window state, so both are measured in one run.
+
+    pip install quixstreams
+    python3 benches/quixstreams_windows.py --brokers 127.0.0.1:9092 \
+        --events 200000 --users 10000
+
+It writes `--events` events (the bench's shape: a user id key, a JSON
+value with a price) to a new topic, then runs two applications over it,
+each in a consumer group of its own: a per-user tumbling 1-hour count
+(`views_hourly` in the bench) and a per-user hopping 5-minute average of
+the price every minute (`price_moving_average`). Each prints events/s and
+events per CPU-second, timed from the first record it processed to the
+last.
+"""
+
+import argparse
+import json
+import logging
+import time
+import uuid
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from quixstreams import Application
+from quixstreams.models import TopicConfig
+
+
+def fill(brokers, topic, events, users):
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True})
+    for n in range(events):
+        user = f"user-{(n * 2_654_435_761) % users}"
+        value = {"type": "track", "event": "bench.product.view", "userId": user,
+                 "messageId": f"bench-{n}", "properties": {"product": f"p-{n % 1000}", "price": 19.99}}
+        while True:
+            try:
+                producer.produce(topic, key=user, value=json.dumps(value))
+                break
+            except BufferError:
+                producer.poll(0.1)
+        if n % 10_000 == 0:
+            producer.poll(0)
+    producer.flush(60)
+
+
+def measure(brokers, topic_name, partitions, events, window):
+    app = Application(
+        broker_address=brokers,
+        consumer_group=f"quix-bench-{window}-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        state_dir=f"/tmp/quix-bench-state-{uuid.uuid4().hex[:8]}",
+        loglevel=logging.WARNING,
+        # quixstreams' default; Traitline's runners are exactly once.
+        processing_guarantee="at-least-once",
+    )
+    topic = app.topic(
+        topic_name,
+        value_deserializer="json",
+        config=TopicConfig(
+            num_partitions=partitions,
+            replication_factor=1,
+            extra_config={"retention.ms": "604800000", "retention.bytes": "-1"},
+        ),
+    )
+    seen = {"n": 0, "t0": None, "cpu0": None, "t1": None, "cpu1": None}
+
+    def count(_value):
+        if seen["n"] == 0:
+            seen["t0"], seen["cpu0"] = time.monotonic(), time.process_time()
+        seen["n"] += 1
+        if seen["n"] == events:
+            seen["t1"], seen["cpu1"] = time.monotonic(), time.process_time()
+            app.stop()
+
+    sdf = app.dataframe(topic)
+    sdf = sdf.update(count)
+    if window == "tumbling-count":
+        sdf = sdf.tumbling_window(duration_ms=3_600_000).count().final()
+    else:
+        sdf = sdf.apply(lambda v: v["properties"]["price"])
+        sdf = sdf.hopping_window(duration_ms=300_000, step_ms=60_000).mean().final()
+    app.run(sdf)
+    seconds = seen["t1"] - seen["t0"]
+    cpu = seen["cpu1"] - seen["cpu0"]
+    print(f"| quixstreams {window} | {events} | {seconds:.2f} | {events / seconds:.0f} | {events / max(cpu, 0.01):.0f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--brokers", required=True)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    args = parser.parse_args()
+    topic = f"quix-bench-{uuid.uuid4().hex[:8]}"
+    t = time.monotonic()
+    print(f"writing {args.events} events for {args.users} users to {topic}")
+    create_topic(args.brokers, topic, args.partitions)
+    fill(args.brokers, topic, args.events, args.users)
+    print(f"written in {time.monotonic() - t:.1f} s")
+    print("| processor | events | seconds | events/s | events per CPU-second |")
+    print("|---|---|---|---|---|")
+    for window in ("tumbling-count", "hopping-average"):
+        measure(args.brokers, topic, args.partitions, args.events, window)
+
+
+def create_topic(brokers, topic, partitions):
+    """Creates the topic with the retention configs quixstreams reads
+    (tansu describes only the configs given at creation)."""
+    admin = AdminClient({"bootstrap.servers": brokers})
+    futures = admin.create_topics([NewTopic(topic, partitions, 1, config={
+        "retention.ms": "604800000", "retention.bytes": "-1"})])
+    for future in futures.values():
+        future.result(30)
+
+
+if __name__ == "__main__":
+    main()

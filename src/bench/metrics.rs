@@ -1,0 +1,229 @@
+//! `traitline bench metrics`: metric processing throughput beside profile
+//! processing, with 1 and with 10 definitions (mixed windows and
+//! aggregates, per-user and global), into the configured store
+//! (PostgreSQL with `--database-url`, else SQLite), with the process's
+//! peak memory. With as many users as events it is also the test of the
+//! state budget: a million open per-user windows held within
+//! `metric-state-budget-mb`.
+//!
+//! Like `bench process` it works in a scratch space: an embedded log in a
+//! temporary directory (or, with `--kafka-brokers`, new topics on the
+//! broker, for a peer measured on the same one) and a new store for each
+//! measurement.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::process::{discard, fresh_store, scratch_log};
+use crate::config::Config;
+use crate::definitions::{MetricDefinition, MetricSpec};
+use crate::process::metrics::{StateBudget, runner as metric_runner};
+use crate::process::profiles::{ProfileInput, runner as profile_runner};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchMetricsArgs {
+    /// Events in the log to process
+    #[arg(long, default_value_t = 400_000)]
+    pub events: usize,
+    /// Distinct users the events spread over
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    /// How many definitions run (the first N of the ten below), one
+    /// measurement each, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10])]
+    pub definitions: Vec<usize>,
+    /// Instead of the first N: these definitions (by name, below), in
+    /// one measurement
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Run the metrics alone, without the profile processor
+    #[arg(long)]
+    pub without_profiles: bool,
+}
+
+/// The definitions measured, in order: the first is a per-user hourly
+/// count (the one a single-definition run uses); the others mix every
+/// window kind and most aggregates, per user, per property and global.
+const DEFINITIONS: [(&str, &str); 10] = [
+    (
+        "views_hourly",
+        r#"{"type": "track", "event": "bench.product.view", "group_by": "userId", "aggregate": "count", "window": {"kind": "tumbling", "size": "1h"}}"#,
+    ),
+    (
+        "revenue_by_product",
+        r#"{"type": "track", "group_by": "properties.product", "aggregate": "sum", "field": "properties.price", "window": {"kind": "tumbling", "size": "1h"}}"#,
+    ),
+    (
+        "events_per_minute",
+        r#"{"aggregate": "count", "window": {"kind": "tumbling", "size": "1m"}}"#,
+    ),
+    (
+        "price_moving_average",
+        r#"{"group_by": "userId", "aggregate": "avg", "field": "properties.price", "window": {"kind": "hopping", "size": "5m", "slide": "1m"}}"#,
+    ),
+    (
+        "sessions",
+        r#"{"group_by": "userId", "aggregate": "count", "window": {"kind": "session", "gap": "30m", "max": "4h"}}"#,
+    ),
+    (
+        "views_30d",
+        r#"{"type": "track", "group_by": "userId", "aggregate": "count", "window": {"kind": "trailing", "size": "30d"}, "trait": "views_30d"}"#,
+    ),
+    (
+        "daily_users",
+        r#"{"aggregate": "distinct", "field": "userId", "window": {"kind": "calendar", "unit": "day", "timezone": "Europe/Berlin"}}"#,
+    ),
+    (
+        "top_price_daily",
+        r#"{"group_by": "userId", "aggregate": "max", "field": "properties.price", "where": "properties.price > 10.0", "window": {"kind": "tumbling", "size": "1d"}}"#,
+    ),
+    (
+        "favourite_product",
+        r#"{"group_by": "userId", "aggregate": "most_frequent", "field": "properties.product", "window": {"kind": "tumbling", "size": "1h"}}"#,
+    ),
+    (
+        "products_by_os",
+        r#"{"group_by": "context.client_os", "aggregate": "unique", "field": "properties.product", "window": {"kind": "hopping", "size": "1h", "slide": "15m"}}"#,
+    ),
+];
+
+/// The first `count` definitions, or those named in `only`.
+fn specs(count: usize, only: &[String]) -> Result<Vec<MetricSpec>, String> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|n| !DEFINITIONS.iter().any(|(name, _)| name == n))
+    {
+        return Err(format!("--only: no bench definition is named {unknown}"));
+    }
+    DEFINITIONS
+        .iter()
+        .filter(|(name, _)| only.is_empty() || only.iter().any(|n| n == name))
+        .take(if only.is_empty() { count } else { usize::MAX })
+        .map(|(name, body)| {
+            MetricDefinition::from_json(body.as_bytes())
+                .and_then(|d| d.compile(name))
+                .map_err(|e| format!("bench definition {name}: {e}"))
+        })
+        .collect()
+}
+
+/// The process's resident memory now, from /proc (0 where there is none).
+fn resident_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// The CPU time this process has used (user and system), from /proc.
+fn cpu_seconds() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user = fields.get(11)?.parse::<u64>().ok()?;
+            let system = fields.get(12)?.parse::<u64>().ok()?;
+            Some(user + system)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Fills, measures and prints.
+pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> {
+    let (mut scratch, log, filled) = scratch_log(config, args.events, args.users, true).await?;
+    let dir = scratch.data_dir.clone();
+    let group = scratch.kafka_group.clone();
+    // Replay stops at the log's end; a batch as large as profiles use.
+    scratch.process_batch = scratch.process_batch.max(20_000);
+    let budget_mb = config.metric_state_budget >> 20;
+    let on = match &scratch.log {
+        crate::config::LogBackend::Kafka(_) => format!("Kafka topics {}*", scratch.topic_prefix),
+        crate::config::LogBackend::Embedded => "a scratch embedded log".to_owned(),
+    };
+    println!(
+        "{} events for {} users written to {on} in {:.1} s; metric-state-budget-mb {budget_mb}; each measurement on a new, empty store",
+        args.events,
+        args.users,
+        filled.as_secs_f64()
+    );
+    println!(
+        "| store | profiles | definitions | seconds | events/s | events per CPU-second | peak RSS MiB | RSS before MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let counts = if args.only.is_empty() {
+        args.definitions.clone()
+    } else {
+        vec![args.only.len()]
+    };
+    for count in counts {
+        let specs = specs(count, &args.only)?;
+        // Each measurement reads the topics afresh, in groups of its own.
+        scratch.kafka_group = format!("{group}-{count}");
+        let (store, drop_db) = fresh_store(config, &dir, &format!("store-{count}")).await?;
+        let described = store.describe();
+        let budget = StateBudget::new(config.metric_state_budget);
+        let mut runners = JoinSet::new();
+        if !args.without_profiles {
+            let runner = profile_runner(
+                &scratch,
+                store.clone(),
+                log.clone(),
+                true,
+                ProfileInput::Events,
+            )
+            .map_err(|e| e.to_string())?;
+            runners.spawn(runner.run(std::future::pending()));
+        }
+        for spec in specs {
+            let runner = metric_runner(
+                &scratch,
+                store.clone(),
+                log.clone(),
+                (spec, 1),
+                &budget,
+                true,
+            )
+            .map_err(|e| e.to_string())?;
+            runners.spawn(runner.run(std::future::pending()));
+        }
+        let before = resident_bytes();
+        let peak = Arc::new(AtomicUsize::new(before));
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (peak, done) = (peak.clone(), done.clone());
+            tokio::spawn(async move {
+                while !done.load(Ordering::Relaxed) {
+                    peak.fetch_max(resident_bytes(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let (t, cpu) = (Instant::now(), cpu_seconds());
+        while let Some(ended) = runners.join_next().await {
+            ended.map_err(|e| format!("a runner panicked: {e}"))??;
+        }
+        let elapsed = t.elapsed();
+        let cpu = cpu_seconds() - cpu;
+        done.store(true, Ordering::Relaxed);
+        let _ = sampler.await;
+        println!(
+            "| {described} | {} | {count} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            if args.without_profiles { "no" } else { "yes" },
+            elapsed.as_secs_f64(),
+            args.events as f64 / elapsed.as_secs_f64(),
+            args.events as f64 / cpu.max(0.01),
+            peak.load(Ordering::Relaxed) >> 20,
+            before >> 20,
+        );
+        discard(store, drop_db).await?;
+    }
+    log.close(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
