@@ -257,6 +257,20 @@ enum Step<'a> {
     },
 }
 
+/// The partitions a batch has events, offsets or clocks of.
+fn touched(
+    events: &[(i32, Value)],
+    offsets: &[OffsetAdvance],
+    clocks: &[PartitionTime],
+) -> BTreeSet<i32> {
+    events
+        .iter()
+        .map(|(p, _)| *p)
+        .chain(offsets.iter().map(|o| o.partition))
+        .chain(clocks.iter().map(|c| c.partition))
+        .collect()
+}
+
 /// When an event was received (ms), else now.
 fn received_ms(event: &Value) -> Millis {
     event
@@ -431,12 +445,7 @@ impl MetricProcessor {
     ) -> Result<usize, CommitError> {
         let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut partitions = self.partitions.lock().await;
-        let touched: BTreeSet<i32> = events
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(offsets.iter().map(|o| o.partition))
-            .chain(clocks.iter().map(|c| c.partition))
-            .collect();
+        let touched = touched(events, &offsets, clocks);
         let missing: Vec<i32> = touched
             .iter()
             .filter(|p| !partitions.contains_key(p))
@@ -465,6 +474,8 @@ impl MetricProcessor {
         }
     }
 
+    /// [`MetricProcessor::apply`] with the batch's partitions loaded:
+    /// pending merges, the events, the clocks, then one commit.
     async fn apply_loaded(
         &self,
         partitions: &mut HashMap<i32, Held>,
@@ -474,12 +485,7 @@ impl MetricProcessor {
         clocks: &[PartitionTime],
         batch_no: u64,
     ) -> Result<usize, CommitError> {
-        let touched: BTreeSet<i32> = offsets
-            .iter()
-            .map(|o| o.partition)
-            .chain(events.iter().map(|(p, _)| *p))
-            .chain(clocks.iter().map(|c| c.partition))
-            .collect();
+        let touched = touched(events, &offsets, clocks);
         // Merges other partitions asked this batch's partitions for, or
         // handed over to them (per-user metrics only).
         let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User {

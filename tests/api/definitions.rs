@@ -25,7 +25,8 @@ both_logs!(
     global_and_property_metrics_over_eight_partitions_are_exact,
     a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out,
     a_deleted_user_leaves_no_metric_windows,
-    an_alias_merges_the_anonymous_windows_into_the_users
+    an_alias_merges_the_anonymous_windows_into_the_users,
+    a_metric_changed_and_deleted_while_events_flow_needs_no_restart
 );
 
 fn orders_hourly() -> Value {
@@ -918,5 +919,90 @@ async fn an_alias_merges_the_anonymous_windows_into_the_users(backend: Backend) 
         },
     )
     .await;
+    app.stop().await;
+}
+
+/// A metric changed and then deleted while events flow, with no restart:
+/// the new version computes from the log's beginning (history, then
+/// live) and equals a count of every event sent; the deleted metric stops
+/// on the instance, and events keep being taken.
+async fn a_metric_changed_and_deleted_while_events_flow_needs_no_restart(backend: Backend) {
+    const HOUR: i64 = 3_600_000;
+    let app = spawn_app(backend).await;
+    let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
+        (chrono::Utc::now().timestamp_millis() / HOUR + 5) * HOUR,
+    )
+    .unwrap()
+    .to_rfc3339();
+    let mut expected: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut send = |b: usize| {
+        let events: Vec<Value> = (0..20)
+            .map(|j| {
+                let n = b * 20 + j;
+                let (user, amount) = (format!("f{}", n % 7), (n % 11) as i64);
+                *expected.entry(user.clone()).or_default() += amount;
+                json!({"type": "track", "event": "order.create", "userId": user,
+                       "messageId": format!("flow-{n}"), "timestamp": at,
+                       "properties": {"amount": amount}})
+            })
+            .collect();
+        json!({"batch": events})
+    };
+    let body = |aggregate: &str| {
+        json!({"event": "order.create", "group_by": "userId", "aggregate": aggregate,
+               "field": "properties.amount", "window": {"kind": "tumbling", "size": "1h"}})
+    };
+    let (status, answer) = put(&app, "amounts", ADMIN_KEY, &body("count")).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    for b in 0..30 {
+        assert!(app.post("/v1/batch", &send(b)).await.status().is_success());
+        if b == 10 {
+            let (status, answer) = put(&app, "amounts", ADMIN_KEY, &body("sum")).await;
+            assert_eq!(
+                (status, answer["version"].clone()),
+                (StatusCode::OK, json!(2))
+            );
+        }
+    }
+    for (user, sum) in &expected {
+        let path = format!("/v1/metrics/amounts/values?group={user}");
+        let values = eventually(
+            "the new version's sums",
+            Duration::from_secs(60),
+            || async {
+                let (status, body) = app.get_as(&path, READ_KEY).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                (body["version"] == 2
+                    && body["values"].as_array().unwrap().len() == 1
+                    && body["values"][0]["value"].as_f64() >= Some(*sum as f64))
+                .then_some(body)
+            },
+        )
+        .await;
+        assert_eq!(
+            values["values"][0]["value"].as_f64(),
+            Some(*sum as f64),
+            "{user}: {values}"
+        );
+    }
+
+    assert_eq!(
+        delete(&app, "amounts", ADMIN_KEY).await,
+        StatusCode::NO_CONTENT
+    );
+    eventually(
+        "the deleted metric stopped",
+        Duration::from_secs(30),
+        || async {
+            let ready = app.get_json("/readyz").await;
+            ready["metrics"].get("amounts").is_none().then_some(())
+        },
+    )
+    .await;
+    let (status, _) = app.get_as("/v1/metrics/amounts", READ_KEY).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let after = json!({"type": "track", "event": "order.create", "userId": "f1",
+                       "messageId": "flow-after", "properties": {"amount": 1}});
+    assert!(app.post("/v1/track", &after).await.status().is_success());
     app.stop().await;
 }

@@ -207,7 +207,9 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
 }
 
 /// Two processes in one consumer group share one PostgreSQL store; one is
-/// killed mid-stream and the survivor takes over its partitions.
+/// killed mid-stream and the survivor takes over its partitions: the
+/// profiles and two metrics (per user and global, each a runner of every
+/// instance in a group of its own) count every event once.
 ///
 /// The broker is librdkafka's mock cluster (its TCP listener, shared by the
 /// two processes), not tansu: tansu 0.6.0 does not give a dead member's
@@ -248,11 +250,33 @@ async fn failover() {
         ),
     ]);
     let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
-    let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+    // A day's lateness: every window stays open, so the totals read are
+    // the window state the instances committed.
+    for (name, definition) in [
+        (
+            "events_per_user",
+            json!({"group_by": "userId", "aggregate": "count",
+                   "window": {"kind": "tumbling", "size": "1d"}, "lateness": "1d"}),
+        ),
+        (
+            "events_total",
+            json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1d"}, "lateness": "1d"}),
+        ),
+    ] {
+        let response = client
+            .put(first.url(&format!("/v1/metrics/{name}")))
+            .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
+            .json(&definition)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
     let batches = USERS * PER_USER / 100;
     for b in 0..batches {
         let events: Vec<_> = (0..100)
@@ -293,6 +317,41 @@ async fn failover() {
         profiles.iter().all(|p| p["event_count"] == PER_USER as u64),
         "every user counted exactly"
     );
+    let counted = |query: String| {
+        let (client, url) = (client.clone(), first.url(&query));
+        async move {
+            let response = client
+                .get(url)
+                .basic_auth(crate::helpers::READ_KEY, Some(""))
+                .send()
+                .await
+                .unwrap();
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["values"]
+                .as_array()
+                .map(|windows| windows.iter().filter_map(|w| w["value"].as_u64()).sum())
+                .unwrap_or(0u64)
+        }
+    };
+    let total = eventually(
+        "the global metric to count every event",
+        Duration::from_secs(120),
+        || async {
+            let got = counted("/v1/metrics/events_total/values".to_owned()).await;
+            (got >= (USERS * PER_USER) as u64).then_some(got)
+        },
+    )
+    .await;
+    assert_eq!(total, (USERS * PER_USER) as u64, "every event counted once");
+    for user in 0..USERS {
+        let query = format!("/v1/metrics/events_per_user/values?group=g{user}");
+        let got = eventually("the user's windows", Duration::from_secs(60), || async {
+            let got = counted(query.clone()).await;
+            (got >= PER_USER as u64).then_some(got)
+        })
+        .await;
+        assert_eq!(got, PER_USER as u64, "user g{user} counted exactly");
+    }
     let log =
         |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap();
     assert!(
