@@ -26,7 +26,9 @@ both_logs!(
     a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out,
     a_deleted_user_leaves_no_metric_windows,
     an_alias_merges_the_anonymous_windows_into_the_users,
-    a_metric_changed_and_deleted_while_events_flow_needs_no_restart
+    a_metric_changed_and_deleted_while_events_flow_needs_no_restart,
+    a_failing_metric_runner_shows_in_readyz_and_recovers,
+    windows_close_when_traffic_stops
 );
 
 fn orders_hourly() -> Value {
@@ -1004,5 +1006,148 @@ async fn a_metric_changed_and_deleted_while_events_flow_needs_no_restart(backend
     let after = json!({"type": "track", "event": "order.create", "userId": "f1",
                        "messageId": "flow-after", "properties": {"amount": 1}});
     assert!(app.post("/v1/track", &after).await.status().is_success());
+    app.stop().await;
+}
+
+/// A metric runner that cannot go on (here: window state handed over to
+/// it that does not parse) fails visibly: `/readyz` answers 503 naming
+/// the metric and why, the stage restarts with backoff, and once the
+/// cause is gone the metric is live again and counts.
+async fn a_failing_metric_runner_shows_in_readyz_and_recovers(backend: Backend) {
+    use traitline::store::{MergeRow, MetricBatch, Store};
+    let app = spawn_app(backend).await;
+    let (status, body) = put(&app, "orders", ADMIN_KEY, &orders_hourly()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let user = "broken-user";
+    let partition = traitline::log::partitioner::partition_for_key(user.as_bytes(), 4);
+    let store = Store::open(app.config.database_url.as_deref(), &app.config.data_dir)
+        .await
+        .unwrap();
+    let garbage = MergeRow {
+        partition,
+        message_id: "garbage".to_owned(),
+        group: "anon".to_owned(),
+        into_group: user.to_owned(),
+        into_partition: partition,
+        at: 0,
+        state: Some("not a window state".to_owned()),
+    };
+    let batch = |merges, merged| MetricBatch {
+        processor: "metric:orders:1",
+        metric: "orders",
+        topic: "",
+        offsets: vec![],
+        clocks: vec![],
+        states: vec![],
+        windows: vec![],
+        seen: vec![],
+        late: vec![],
+        deleted: vec![],
+        traits: vec![],
+        combine: None,
+        merges,
+        merged,
+    };
+    store
+        .apply_metric_batch(&batch(vec![garbage], vec![]))
+        .await
+        .unwrap();
+    let order = json!({"type": "track", "event": "order.create", "userId": user,
+                       "messageId": "broken-1", "properties": {"amount": 500}});
+    assert!(app.post("/v1/track", &order).await.status().is_success());
+
+    let ready = eventually(
+        "the failure in /readyz",
+        Duration::from_secs(30),
+        || async {
+            let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status == StatusCode::SERVICE_UNAVAILABLE
+                && body["metrics"]["orders"]["state"] == "failed")
+                .then_some(body)
+        },
+    )
+    .await;
+    let error = ready["metrics"]["orders"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("metric orders version 1") && error.contains("unreadable"),
+        "{ready}"
+    );
+    assert!(
+        ready["stages"]["metrics"]["restarts"].as_u64() >= Some(1),
+        "{ready}"
+    );
+
+    store
+        .apply_metric_batch(&batch(
+            vec![],
+            vec![(partition, "garbage".to_owned(), "anon".to_owned())],
+        ))
+        .await
+        .unwrap();
+    eventually(
+        "the metric live and counting again",
+        Duration::from_secs(60),
+        || async {
+            let path = format!("/v1/metrics/orders/values?group={user}");
+            let (_, body) = app.get_as(&path, READ_KEY).await;
+            let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+            (response.status() == StatusCode::OK && body["values"][0]["value"] == 1).then_some(())
+        },
+    )
+    .await;
+    store.close().await;
+    app.stop().await;
+}
+
+/// Quiet streams: traffic stops and every window still closes. The log's
+/// clock moves on quiet and idle partitions (the time hook), so per-user
+/// windows and a global window combined over every partition (most of
+/// them without an event) become final with no event after them.
+async fn windows_close_when_traffic_stops(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    for (name, group_by) in [("per_user", json!("userId")), ("total", Value::Null)] {
+        let mut body = json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "2s"}});
+        if !group_by.is_null() {
+            body["group_by"] = group_by;
+        }
+        let (status, answer) = put(&app, name, ADMIN_KEY, &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let events: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({"type": "track", "event": "E", "userId": if i < 5 { "q1" } else { "q2" },
+                        "messageId": format!("quiet-{i}")})
+        })
+        .collect();
+    assert!(
+        app.post("/v1/batch", &json!({"batch": events}))
+            .await
+            .status()
+            .is_success()
+    );
+    for (path, want) in [
+        ("/v1/metrics/per_user/values?group=q1", 5),
+        ("/v1/metrics/per_user/values?group=q2", 3),
+        ("/v1/metrics/total/values", 8),
+    ] {
+        eventually(
+            &format!("every window of {path} final"),
+            Duration::from_secs(30),
+            || async {
+                let (status, body) = app.get_as(path, READ_KEY).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                let windows = body["values"].as_array().unwrap().clone();
+                let total: i64 = windows.iter().filter_map(|w| w["value"].as_i64()).sum();
+                (total == want && windows.iter().all(|w| w["final"] == true)).then_some(())
+            },
+        )
+        .await;
+    }
     app.stop().await;
 }
