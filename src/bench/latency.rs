@@ -1,10 +1,18 @@
 //! `traitline bench latency`: how long after a 2xx an event shows in its
-//! profile, under a steady background load.
+//! profile, under a steady background load; with `--windows`, how long
+//! after a window's end its final value is on `user_metrics`.
 //!
 //! A background sender keeps `--rate` events/s flowing (batches every
 //! 10 ms). Every 100 ms a probe sends one event for a user of its own,
 //! waits for the 2xx, then polls `GET /v1/profiles/{user}` every 2 ms until
 //! the profile is there: that time is one sample.
+//!
+//! With `--windows` it defines a global one-second count (no lateness),
+//! reads `user_metrics` from its end beside the service (the log the
+//! configuration names, as `events tail` does), and takes each of the
+//! metric's windows as a sample: the time it arrived less its end. A
+//! global window waits for every partition's clock, so this is the whole
+//! path: the watermark passing the end, the combining commit, the relay.
 
 use std::time::{Duration, Instant};
 
@@ -28,7 +36,17 @@ pub struct BenchLatencyArgs {
     /// Measured seconds
     #[arg(long, default_value_t = 20)]
     pub duration_secs: u64,
+    /// Measure closed windows on `user_metrics` instead of profiles
+    #[arg(long)]
+    pub windows: bool,
+    /// Admin key, to define the measured metric with `--windows`
+    /// [default: configured or generated in the data directory]
+    #[arg(long, env = "TRAITLINE_BENCH_ADMIN_KEY")]
+    pub admin_key: Option<String>,
 }
+
+/// The metric `--windows` defines and measures.
+const WINDOW_METRIC: &str = "bench_window_latency";
 
 /// Sends the background load until `end`; returns the events sent.
 async fn background(
@@ -93,6 +111,19 @@ pub async fn run(config: &Config, args: BenchLatencyArgs) -> Result<(), BenchErr
         end,
     ));
 
+    if args.windows {
+        let samples = window_samples(config, &args, &client, &base, end).await?;
+        let sent = load.await.unwrap_or(0);
+        report(
+            &base,
+            &args,
+            sent,
+            "window end to its value on user_metrics",
+            samples,
+        );
+        return Ok(());
+    }
+
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut samples = Vec::new();
     let mut probe = 0;
@@ -139,12 +170,21 @@ pub async fn run(config: &Config, args: BenchLatencyArgs) -> Result<(), BenchErr
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let sent = load.await.unwrap_or(0);
+    report(&base, &args, sent, "2xx to visible profile", samples);
+    Ok(())
+}
+
+fn report(base: &str, args: &BenchLatencyArgs, sent: u64, what: &str, mut samples: Vec<Duration>) {
+    if samples.is_empty() {
+        println!("{base}: no samples");
+        return;
+    }
     samples.sort();
     let at = |p: f64| {
         samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
     };
     println!(
-        "{base}: {} background events/s ({sent} sent), {} probes: 2xx to visible profile p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        "{base}: {} background events/s ({sent} sent), {} samples: {what} p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
         args.rate,
         samples.len(),
         at(0.5),
@@ -152,5 +192,68 @@ pub async fn run(config: &Config, args: BenchLatencyArgs) -> Result<(), BenchErr
         at(0.99),
         at(1.0)
     );
-    Ok(())
+}
+
+/// Defines the measured metric, reads its windows off `user_metrics`
+/// until `end`, and deletes it: each window's delay after its end.
+async fn window_samples(
+    config: &Config,
+    args: &BenchLatencyArgs,
+    client: &reqwest::Client,
+    base: &str,
+    end: Instant,
+) -> Result<Vec<Duration>, BenchError> {
+    let admin = key(config, args.admin_key.as_ref(), &config.keys.admin, |k| {
+        k.admin
+    })?;
+    let topic = crate::log::Topics::new(&config.topic_prefix).metrics();
+    let mut reader = crate::log::open_reader(config, &topic, crate::log::StartAt::End)
+        .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
+    let url = format!("{base}/v1/metrics/{WINDOW_METRIC}");
+    let defined = client
+        .put(&url)
+        .basic_auth(&admin, Some(""))
+        .json(&serde_json::json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1s"}}))
+        .send()
+        .await
+        .map_err(|e| BenchError::Unreachable(base.to_owned(), e.to_string()))?;
+    if !defined.status().is_success() {
+        return Err(BenchError::Unreachable(
+            base.to_owned(),
+            format!("defining {WINDOW_METRIC} got {}", defined.status()),
+        ));
+    }
+    // The first windows close while the new version reads the log's
+    // history: they are not samples of live processing.
+    let live_from = chrono::Utc::now().timestamp_millis() + 3_000;
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        let polled = reader
+            .poll(1000, Duration::from_millis(20))
+            .await
+            .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
+        let arrived = chrono::Utc::now().timestamp_millis();
+        for record in polled.records {
+            let Ok(window) = serde_json::from_slice::<serde_json::Value>(&record.value) else {
+                continue;
+            };
+            let window_end = window["end"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_millis());
+            if window["metric"] == WINDOW_METRIC
+                && let Some(window_end) = window_end
+                && window_end >= live_from
+            {
+                let delay = u64::try_from(arrived - window_end).unwrap_or(0);
+                samples.push(Duration::from_millis(delay));
+            }
+        }
+    }
+    let _ = client
+        .delete(&url)
+        .basic_auth(&admin, Some(""))
+        .send()
+        .await;
+    Ok(samples)
 }

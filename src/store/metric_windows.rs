@@ -703,82 +703,104 @@ async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    for (partition, group, state) in &batch.states {
-        match state {
-            Some(stored) => sqlx::query(
-                "INSERT INTO metric_state (processor, partition, grp, state, due) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state, due = excluded.due",
-            )
-            .bind(batch.processor)
-            .bind(*partition)
-            .bind(group.as_str())
-            .bind(stored.state.as_str())
-            .bind(stored.due)
-            .execute(&mut *tx)
-            .await?,
-            None => sqlx::query(
-                "DELETE FROM metric_state WHERE processor = $1 AND partition = $2 AND grp = $3",
-            )
-            .bind(batch.processor)
-            .bind(*partition)
-            .bind(group.as_str())
-            .execute(&mut *tx)
-            .await?,
-        };
+    let (written, removed): (Vec<_>, Vec<_>) = batch
+        .states
+        .iter()
+        .partition(|(_, _, state)| state.is_some());
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO metric_state (processor, partition, grp, state, due) VALUES",
+        "ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state, due = excluded.due",
+        5,
+        &written,
+        |query, (partition, group, state)| {
+            let stored = state.as_ref().expect("partitioned above");
+            query
+                .bind(batch.processor)
+                .bind(*partition)
+                .bind(group.as_str())
+                .bind(stored.state.as_str())
+                .bind(stored.due)
+        },
+    )
+    .await?;
+    for chunk in removed.chunks(ROWS / 2) {
+        let sql = format!(
+            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) IN ({})",
+            dialect.params(1, 1),
+            rows_of(dialect, chunk.len(), 2, 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
+        for (partition, group, _) in chunk {
+            query = query.bind(*partition).bind(group.as_str());
+        }
+        query.execute(&mut *tx).await?;
     }
-    for (message_id, received_at) in &batch.seen {
-        sqlx::query(
-            "INSERT INTO metric_seen (processor, message_id, received_at) VALUES ($1, $2, $3)",
-        )
-        .bind(batch.processor)
-        .bind(message_id.as_str())
-        .bind(*received_at)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for w in &batch.windows {
-        insert_window(tx, w, now).await?;
-    }
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO metric_seen (processor, message_id, received_at) VALUES",
+        "",
+        3,
+        &batch.seen,
+        |query, (message_id, received_at)| {
+            query
+                .bind(batch.processor)
+                .bind(message_id.as_str())
+                .bind(*received_at)
+        },
+    )
+    .await?;
+    insert_windows(tx, dialect, &batch.windows, now).await?;
     if !batch.deleted.is_empty() {
         forget_groups(tx, batch.metric, &batch.deleted).await?;
     }
-    for t in &batch.traits {
-        sqlx::query(
-            "INSERT INTO computed_traits (processor, grp, name, metric, version, value, at, seq) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
-             ON CONFLICT (processor, grp) DO UPDATE SET value = excluded.value, at = excluded.at, \
-               seq = computed_traits.seq + 1, published = 0 \
-             WHERE computed_traits.value <> excluded.value",
-        )
-        .bind(batch.processor)
-        .bind(t.group.as_str())
-        .bind(t.name.as_str())
-        .bind(t.metric.as_str())
-        .bind(t.version)
-        .bind(t.value.as_str())
-        .bind(t.at)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for l in &batch.late {
-        sqlx::query(
-            "INSERT INTO metric_late (processor, message_id, metric, version, grp, start_ms, end_ms, \
-             late_by_ms, event, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(batch.processor)
-        .bind(l.message_id.as_str())
-        .bind(l.metric.as_str())
-        .bind(l.version)
-        .bind(l.group.as_str())
-        .bind(l.start_ms)
-        .bind(l.end_ms)
-        .bind(l.late_by_ms)
-        .bind(l.event.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO computed_traits (processor, grp, name, metric, version, value, at, seq) VALUES",
+        "ON CONFLICT (processor, grp) DO UPDATE SET value = excluded.value, at = excluded.at, \
+           seq = computed_traits.seq + 1, published = 0 \
+         WHERE computed_traits.value <> excluded.value",
+        8,
+        &batch.traits,
+        |query, t| {
+            query
+                .bind(batch.processor)
+                .bind(t.group.as_str())
+                .bind(t.name.as_str())
+                .bind(t.metric.as_str())
+                .bind(t.version)
+                .bind(t.value.as_str())
+                .bind(t.at)
+                .bind(1i64)
+        },
+    )
+    .await?;
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO metric_late (processor, message_id, metric, version, grp, start_ms, end_ms, \
+         late_by_ms, event, recorded_at) VALUES",
+        "ON CONFLICT DO NOTHING",
+        10,
+        &batch.late,
+        |query, l| {
+            query
+                .bind(batch.processor)
+                .bind(l.message_id.as_str())
+                .bind(l.metric.as_str())
+                .bind(l.version)
+                .bind(l.group.as_str())
+                .bind(l.start_ms)
+                .bind(l.end_ms)
+                .bind(l.late_by_ms)
+                .bind(l.event.as_str())
+                .bind(now)
+        },
+    )
+    .await?;
     for (partition, message_id, group) in &batch.merged {
         sqlx::query(
             "DELETE FROM metric_merges WHERE processor = $1 AND partition = $2 AND message_id = $3 AND grp = $4",
@@ -808,23 +830,27 @@ async fn write_batch(
     }
     let mut made_final = batch.windows.len();
     if let Some(combine) = &batch.combine {
-        for (partition, part) in &combine.parts {
-            sqlx::query(
-                "INSERT INTO metric_parts (processor, end_ms, grp, start_ms, partition, part, events) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(batch.processor)
-            .bind(part.window.end)
-            .bind(part.group.as_str())
-            .bind(part.window.start)
-            .bind(*partition)
-            .bind(serde_json::to_string(&part.partial).expect("a partial serializes"))
-            .bind(i64::try_from(part.events).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?;
-        }
+        write_rows(
+            tx,
+            dialect,
+            "INSERT INTO metric_parts (processor, end_ms, grp, start_ms, partition, part, events) VALUES",
+            "",
+            7,
+            &combine.parts,
+            |query, (partition, part)| {
+                query
+                    .bind(batch.processor)
+                    .bind(part.window.end)
+                    .bind(part.group.as_str())
+                    .bind(part.window.start)
+                    .bind(*partition)
+                    .bind(serde_json::to_string(&part.partial).expect("a partial serializes"))
+                    .bind(i64::try_from(part.events).unwrap_or(i64::MAX))
+            },
+        )
+        .await?;
         if !batch.clocks.is_empty() {
-            made_final += finalize(tx, batch, combine, now).await?;
+            made_final += finalize(tx, dialect, batch, combine, now).await?;
         }
     }
     Ok(made_final)
@@ -857,26 +883,72 @@ async fn forget_groups(
     Ok(())
 }
 
-async fn insert_window(
+/// Parameters in one statement of many rows: well under SQLite's and
+/// PostgreSQL's limits.
+const ROWS: usize = 2_000;
+
+/// `rows` row values of `width` placeholders each, numbered from `start`
+/// (PostgreSQL) or plain `?` (SQLite): one style in a statement.
+fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", dialect.params(width, start + r * width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes `rows` with statements of many rows each: `head` up to
+/// `VALUES`, the rows (`width` parameters each, bound by `bind`), then
+/// `tail` (an `ON CONFLICT` clause, or nothing). A batch's state,
+/// counted ids and traits are thousands of rows; one statement a row made
+/// metric commits the slowest part of processing.
+async fn write_rows<'a, T>(
     tx: &mut AnyConnection,
-    w: &StoredWindow,
+    dialect: super::Dialect,
+    head: &str,
+    tail: &str,
+    width: usize,
+    rows: &'a [T],
+    bind: impl Fn(AnyQuery<'a>, &'a T) -> AnyQuery<'a>,
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS / width) {
+        let sql = format!("{head} {} {tail}", rows_of(dialect, chunk.len(), width, 1));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            query = bind(query, row);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+type AnyQuery<'a> = sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>;
+
+async fn insert_windows(
+    tx: &mut AnyConnection,
+    dialect: super::Dialect,
+    windows: &[StoredWindow],
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO metric_windows (metric, version, grp, start_ms, end_ms, value, events, closed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO metric_windows (metric, version, grp, start_ms, end_ms, value, events, closed_at) VALUES",
+        "",
+        8,
+        windows,
+        |query, w| {
+            query
+                .bind(w.metric.as_str())
+                .bind(w.version)
+                .bind(w.group.as_str())
+                .bind(w.start_ms)
+                .bind(w.end_ms)
+                .bind(w.value.as_str())
+                .bind(w.events)
+                .bind(now)
+        },
     )
-    .bind(w.metric.as_str())
-    .bind(w.version)
-    .bind(w.group.as_str())
-    .bind(w.start_ms)
-    .bind(w.end_ms)
-    .bind(w.value.as_str())
-    .bind(w.events)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Makes final the windows of a combined metric that every partition's
@@ -886,6 +958,7 @@ async fn insert_window(
 /// one sees what the earlier one did.
 async fn finalize(
     tx: &mut AnyConnection,
+    dialect: super::Dialect,
     batch: &MetricBatch<'_>,
     combine: &Combine,
     now: i64,
@@ -953,10 +1026,10 @@ async fn finalize(
             events: u64::try_from(row.try_get::<i64, _>(4)?).unwrap_or(0),
         });
     }
-    let finals = combiner.advance(0, limit);
-    let count = finals.len();
-    for closed in finals {
-        let window = StoredWindow {
+    let finals: Vec<StoredWindow> = combiner
+        .advance(0, limit)
+        .into_iter()
+        .map(|closed| StoredWindow {
             metric: batch.metric.to_owned(),
             version: combine.version,
             group: closed.group,
@@ -964,9 +1037,10 @@ async fn finalize(
             end_ms: closed.window.end,
             value: closed.value.to_string(),
             events: i64::try_from(closed.events).unwrap_or(i64::MAX),
-        };
-        insert_window(tx, &window, now).await?;
-    }
+        })
+        .collect();
+    insert_windows(tx, dialect, &finals, now).await?;
+    let count = finals.len();
     sqlx::query("DELETE FROM metric_parts WHERE processor = $1 AND end_ms <= $2")
         .bind(processor)
         .bind(limit)
