@@ -80,7 +80,7 @@ def measure(brokers, topic_name, partitions, events, window):
     else:
         sdf = sdf.apply(lambda v: v["properties"]["price"])
         sdf = sdf.hopping_window(duration_ms=300_000, step_ms=60_000).mean().final()
-    app.run(sdf)
+    app.run()
     seconds = seen["t1"] - seen["t0"]
     cpu = seen["cpu1"] - seen["cpu0"]
     print(f"| quixstreams {window} | {events} | {seconds:.2f} | {events / seconds:.0f} | {events / max(cpu, 0.01):.0f} |")

@@ -162,8 +162,9 @@ impl Drop for BudgetShare {
 /// What a group held in memory costs beyond its state's JSON: its entries
 /// in the engine's group and timer maps and in [`Held::groups`], and the
 /// state's own allocations (a B-tree node holds room for eleven slices).
-/// Measured with a million open per-user windows (docs/benchmarks.md).
-pub const GROUP_BYTES: usize = 400;
+/// Measured: about 1.5 KB a group of a per-user hourly count, with
+/// 880,000 groups held (docs/benchmarks.md, `bench metrics`).
+pub const GROUP_BYTES: usize = 1_400;
 
 /// One partition's engine, and which of its groups are in memory.
 struct Held {
