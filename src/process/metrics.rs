@@ -260,13 +260,13 @@ enum Step<'a> {
 
 /// The partitions a batch has events, offsets or clocks of.
 fn touched(
-    events: &[(i32, Value)],
+    events: &[(i32, i64, Value)],
     offsets: &[OffsetAdvance],
     clocks: &[PartitionTime],
 ) -> BTreeSet<i32> {
     events
         .iter()
-        .map(|(p, _)| *p)
+        .map(|(p, ..)| *p)
         .chain(offsets.iter().map(|o| o.partition))
         .chain(clocks.iter().map(|c| c.partition))
         .collect()
@@ -301,9 +301,9 @@ pub struct MetricProcessor {
     link_bound: Millis,
 }
 
-/// A batch's events by partition, parsed once.
+/// A batch's events with their partition and offset, parsed once.
 pub struct Prepared {
-    events: Vec<(i32, Value)>,
+    events: Vec<(i32, i64, Value)>,
 }
 
 impl MetricProcessor {
@@ -440,7 +440,7 @@ impl MetricProcessor {
     async fn apply(
         &self,
         topic: &str,
-        events: &[(i32, Value)],
+        events: &[(i32, i64, Value)],
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
     ) -> Result<usize, CommitError> {
@@ -481,7 +481,7 @@ impl MetricProcessor {
         &self,
         partitions: &mut HashMap<i32, Held>,
         topic: &str,
-        events: &[(i32, Value)],
+        events: &[(i32, i64, Value)],
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
         batch_no: u64,
@@ -514,7 +514,7 @@ impl MetricProcessor {
         // once), so evicted groups are read back before any is observed.
         let steps: Vec<Step> = events
             .iter()
-            .map(|(p, event)| {
+            .map(|(p, _, event)| {
                 let metric = &partitions[p].metric;
                 if let Some(ids) = metric.deleted_groups(event) {
                     return Step::Delete(ids);
@@ -528,7 +528,7 @@ impl MetricProcessor {
             })
             .collect();
         let mut wanted: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
-        for ((p, _), step) in events.iter().zip(&steps) {
+        for ((p, ..), step) in events.iter().zip(&steps) {
             let wanted = wanted.entry(*p).or_default();
             match step {
                 Step::Skip => {}
@@ -592,29 +592,30 @@ impl MetricProcessor {
             }
             merged.push((m.partition, m.message_id, m.group));
         }
-        // A client's retry (the same message id) is counted once: ids
-        // counted by earlier batches are in the store, this batch's here.
-        let ids: Vec<&str> = events
+        // A client's retry (the same message id) is counted once: an
+        // event counts when the first record of its id is its own.
+        let claims: Vec<(&str, i32, i64, i64)> = events
             .iter()
-            .filter_map(|(_, e)| e.get("messageId").and_then(Value::as_str))
+            .zip(&steps)
+            .filter(|(_, step)| matches!(step, Step::Observe { group: Some(_), .. }))
+            .filter_map(|((p, offset, e), _)| {
+                let id = e.get("messageId").and_then(Value::as_str)?;
+                Some((id, *p, *offset, received_ms(e)))
+            })
             .collect();
-        let mut known = if ids.is_empty() {
-            Default::default()
+        let first = if claims.is_empty() {
+            HashMap::new()
         } else {
             self.store
-                .metric_seen(&self.name, &ids)
+                .claim_metric_ids(&self.name, &claims)
                 .await
                 .map_err(commit_error)?
         };
         let mut counted = 0;
-        let mut seen = Vec::new();
         let mut late = Vec::new();
         let mut deleted = Vec::new();
-        for ((p, event), step) in events.iter().zip(steps) {
+        for ((p, offset, event), step) in events.iter().zip(steps) {
             let id = event.get("messageId").and_then(Value::as_str);
-            if id.is_some_and(|id| known.contains(id)) {
-                continue;
-            }
             let metric = &mut partitions.get_mut(p).expect("loaded above").metric;
             let group = match step {
                 Step::Skip => continue,
@@ -653,6 +654,13 @@ impl MetricProcessor {
                     }
                 }
             };
+            // Another record's id: a client's retry, counted there.
+            if id
+                .and_then(|id| first.get(id))
+                .is_some_and(|at| *at != (*p, *offset))
+            {
+                continue;
+            }
             let Outcome::Observed { group, observed } = metric.observe_in(group, event) else {
                 continue;
             };
@@ -670,10 +678,6 @@ impl MetricProcessor {
             }
             if observed.counted {
                 counted += 1;
-                if let Some(id) = id {
-                    known.insert(id.to_owned());
-                    seen.push((id.to_owned(), received_ms(event)));
-                }
             }
         }
         let mut closed = Vec::new();
@@ -746,7 +750,6 @@ impl MetricProcessor {
             clocks: stored_clocks,
             states,
             windows,
-            seen,
             late,
             traits,
             deleted,
@@ -876,7 +879,7 @@ impl Processor for MetricProcessor {
             .filter_map(|r| {
                 serde_json::from_slice::<Value>(&r.value)
                     .ok()
-                    .map(|v| (r.partition, v))
+                    .map(|v| (r.partition, r.offset, v))
             })
             .collect();
         (Prepared { events }, Vec::new())

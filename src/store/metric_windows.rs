@@ -4,6 +4,8 @@
 //! crash, a rebalance or a redelivery never counts an event twice in a
 //! window, and a closed window is written once.
 
+use std::collections::{HashMap, HashSet};
+
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -30,8 +32,6 @@ pub struct MetricBatch<'a> {
     /// Windows the batch closed, final (a per-user metric: a user's
     /// events are in one partition).
     pub windows: Vec<StoredWindow>,
-    /// The message ids the batch counted, with their receive time.
-    pub seen: Vec<(String, i64)>,
     /// Events the batch found late for a window that had closed.
     pub late: Vec<LateEvent>,
     /// Groups (user ids) deleted by a GDPR deletion the batch read:
@@ -460,21 +460,62 @@ impl Store {
         Ok(())
     }
 
-    /// Which of `message_ids` `processor` has counted before.
-    pub async fn metric_seen(
+    /// Claims message ids for `processor`: each `(id, partition, offset,
+    /// received_at)` records that the id's first record is at that log
+    /// position, unless an earlier claim did. Returns the first position of
+    /// every id claimed; an event counts when it is its own record's.
+    /// Claiming needs no lookup of the ids already counted (a claim is an
+    /// insert), and is true of the log whether or not the batch commits,
+    /// so it is made before the batch's transaction.
+    pub async fn claim_metric_ids(
         &self,
         processor: &str,
-        message_ids: &[&str],
-    ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut known = std::collections::HashSet::new();
-        // Read in a write transaction: on SQLite it starts at the latest
-        // commit, where a pooled reader may still hold an older snapshot
-        // and miss ids this processor counted since (their insert would
-        // then fail, batch after batch).
+        claims: &[(&str, i32, i64, i64)],
+    ) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+        let mut first = HashMap::new();
         let mut tx = self.begin_write().await?;
-        for chunk in message_ids.chunks(super::batch::ROWS_PER_INSERT) {
+        for chunk in claims.chunks(ROWS / 5) {
             let sql = format!(
-                "SELECT message_id FROM metric_seen WHERE processor = {} AND message_id IN ({})",
+                "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
+                 VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
+                rows_of(self.dialect, chunk.len(), 5, 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, partition, offset, received_at) in chunk {
+                query = query
+                    .bind(processor)
+                    .bind(*id)
+                    .bind(*partition)
+                    .bind(*offset)
+                    .bind(*received_at);
+            }
+            let inserted: HashSet<String> = query
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            // Rows go in in order: of an id twice in the batch, the first
+            // was inserted.
+            for (id, partition, offset, _) in chunk {
+                if inserted.contains(*id) {
+                    first
+                        .entry((*id).to_owned())
+                        .or_insert((*partition, *offset));
+                }
+            }
+        }
+        // Ids claimed before (a retry, or this batch tried again): their
+        // first position as stored.
+        let earlier: Vec<&str> = claims
+            .iter()
+            .map(|(id, ..)| *id)
+            .filter(|id| !first.contains_key(*id))
+            .collect();
+        for chunk in earlier.chunks(ROWS) {
+            let sql = format!(
+                "SELECT message_id, partition, record_offset FROM metric_seen \
+                 WHERE processor = {} AND message_id IN ({})",
                 self.dialect.params(1, 1),
                 self.dialect.params(chunk.len(), 2)
             );
@@ -483,11 +524,15 @@ impl Store {
                 query = query.bind(*id);
             }
             for row in query.fetch_all(&mut *tx).await? {
-                known.insert(row.try_get::<String, _>(0)?);
+                let position = (
+                    row.try_get::<Option<i32>, _>(1)?.unwrap_or(-1),
+                    row.try_get::<Option<i64>, _>(2)?.unwrap_or(-1),
+                );
+                first.insert(row.try_get(0)?, position);
             }
         }
-        tx.rollback().await?;
-        Ok(known)
+        tx.commit().await?;
+        Ok(first)
     }
 
     /// Closed windows not yet on `user_metrics`, in the order they
@@ -737,21 +782,6 @@ async fn write_batch(
         }
         query.execute(&mut *tx).await?;
     }
-    write_rows(
-        tx,
-        dialect,
-        "INSERT INTO metric_seen (processor, message_id, received_at) VALUES",
-        "",
-        3,
-        &batch.seen,
-        |query, (message_id, received_at)| {
-            query
-                .bind(batch.processor)
-                .bind(message_id.as_str())
-                .bind(*received_at)
-        },
-    )
-    .await?;
     insert_windows(tx, dialect, &batch.windows, now).await?;
     if !batch.deleted.is_empty() {
         forget_groups(tx, batch.metric, &batch.deleted).await?;

@@ -382,6 +382,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "open windows moving between partitions on an alias merge",
         include_str!("migrations/version_8.sql"),
     );
+    let claims = migration(
+        9,
+        "the log position of each counted message id",
+        include_str!("migrations/version_9.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -396,6 +401,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             combined,
             due,
             merges,
+            claims,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -405,6 +411,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             combined,
             due,
             merges,
+            claims,
         ],
     }
 }

@@ -1040,7 +1040,6 @@ async fn a_failing_metric_runner_shows_in_readyz_and_recovers(backend: Backend) 
         clocks: vec![],
         states: vec![],
         windows: vec![],
-        seen: vec![],
         late: vec![],
         deleted: vec![],
         traits: vec![],

@@ -3,6 +3,8 @@
 //! stored and forgotten when it is purged; a profile state kept in memory
 //! is used only while the store still holds it.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
@@ -248,7 +250,6 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         clocks: vec![(3, clock)],
         states,
         windows,
-        seen: vec![],
         late: vec![],
         traits: vec![],
         deleted: vec![],
@@ -273,7 +274,6 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
     };
     let first = MetricBatch {
         merges: vec![request.clone()],
-        seen: vec![("m1".to_owned(), 4_000_000)],
         ..batch(
             None,
             10,
@@ -290,10 +290,29 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         store.metric_merges(processor).await.unwrap(),
         vec![request.clone()]
     );
-    // A client's retry in a later batch is known as counted.
+    // Claims: the first record of an id is where it counts. A client's
+    // retry (m1 again at partition 4) finds m1's first record at
+    // partition 3, offset 5; the batch claiming it tried again finds its
+    // own claim.
+    let first = store
+        .claim_metric_ids(processor, &[("m1", 3, 5, 4_000_000)])
+        .await
+        .unwrap();
+    assert_eq!(first, HashMap::from([("m1".to_owned(), (3, 5))]));
+    let again = store
+        .claim_metric_ids(
+            processor,
+            &[
+                ("m1", 4, 9, 4_100_000),
+                ("m1", 3, 5, 4_000_000),
+                ("m2", 4, 10, 4_100_000),
+            ],
+        )
+        .await
+        .unwrap();
     assert_eq!(
-        store.metric_seen(processor, &["m1", "m2"]).await.unwrap(),
-        std::collections::HashSet::from(["m1".to_owned()])
+        again,
+        HashMap::from([("m1".to_owned(), (3, 5)), ("m2".to_owned(), (4, 10))])
     );
     let (clock, states) = store
         .metric_states(processor, "user_events", 3)
@@ -487,7 +506,6 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
                 clocks: vec![(partition, (hour + 1) * HOUR + 60_000)],
                 states: vec![],
                 windows: vec![],
-                seen: vec![],
                 late: vec![],
                 traits: vec![],
                 deleted: vec![],
@@ -572,7 +590,6 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
                 }),
             )],
             windows,
-            seen: vec![],
             late: vec![],
             traits: vec![],
             deleted: vec![],
