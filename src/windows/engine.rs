@@ -345,7 +345,7 @@ impl Engine {
         }
         self.watermark = Some(watermark);
         let before = self.limit;
-        self.limit = watermark.saturating_sub(self.lateness);
+        self.limit = self.limit_at(watermark);
         let mut closed = Vec::new();
         while let Some((at, _)) = self.timers.first()
             && *at <= self.limit
@@ -545,7 +545,7 @@ impl Engine {
     /// nothing closes now. Call before [`Engine::restore`].
     pub fn resume(&mut self, watermark: Millis) {
         self.watermark = Some(watermark);
-        self.limit = watermark.saturating_sub(self.lateness);
+        self.limit = self.limit_at(watermark);
     }
 
     /// When `group` has something to close next, as a limit (the

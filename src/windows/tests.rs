@@ -450,6 +450,17 @@ fn closed_windows(engine: &mut Engine, arrivals: &[(Millis, usize)], delay: Mill
     out
 }
 
+/// What closing published, in a stable order: partials may hold the same
+/// sum as different parts, so values are compared as published.
+fn published(closed: Vec<Closed>) -> Vec<(String, Span, String, u64)> {
+    let mut out: Vec<_> = closed
+        .into_iter()
+        .map(|c| (c.group, c.window, c.value.to_string(), c.events))
+        .collect();
+    out.sort();
+    out
+}
+
 proptest! {
     /// Any arrival order within the allowed lateness closes the same
     /// windows with the same values as the events in time order. The
@@ -477,16 +488,6 @@ proptest! {
         let mut b = Engine::new(kind, aggregate, 0);
         let in_order = closed_windows(&mut a, &ordered, delay * MIN);
         let disordered = closed_windows(&mut b, &shuffled, delay * MIN);
-        // Partials may hold the same sum as different parts: compare what
-        // is published.
-        let published = |closed: Vec<Closed>| {
-            let mut out: Vec<_> = closed
-                .into_iter()
-                .map(|c| (c.group, c.window, c.value.to_string(), c.events))
-                .collect();
-            out.sort();
-            out
-        };
         prop_assert_eq!(published(in_order), published(disordered));
     }
 
@@ -563,14 +564,6 @@ proptest! {
         }
         got.extend(feed(&mut after, &events[k..], &mut newest));
         got.extend(after.advance(Millis::MAX));
-        let published = |closed: Vec<Closed>| {
-            let mut out: Vec<_> = closed
-                .into_iter()
-                .map(|c| (c.group, c.window, c.value.to_string(), c.events))
-                .collect();
-            out.sort();
-            out
-        };
         prop_assert_eq!(published(got), published(expected));
     }
 
@@ -643,14 +636,6 @@ proptest! {
             }
         }
         got.extend(spilling.advance(Millis::MAX));
-        let published = |closed: Vec<Closed>| {
-            let mut out: Vec<_> = closed
-                .into_iter()
-                .map(|c| (c.group, c.window, c.value.to_string(), c.events))
-                .collect();
-            out.sort();
-            out
-        };
         prop_assert_eq!(published(got), published(expected));
     }
 }

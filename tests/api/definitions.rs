@@ -39,6 +39,17 @@ fn orders_hourly() -> Value {
            "lateness": "5m"})
 }
 
+/// A service whose log clock moves on a quiet log half a second behind
+/// the wall clock (a short bound on late appends), so windows close and
+/// linked windows move quickly once traffic stops.
+async fn spawn_with_quick_clock(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await
+}
+
 async fn put(app: &TestApp, name: &str, key: &str, body: &Value) -> (StatusCode, Value) {
     let response = app
         .client
@@ -678,11 +689,7 @@ async fn global_and_property_metrics_over_eight_partitions_are_exact(backend: Ba
 /// window although the user sends nothing more (the log's clock moves on
 /// a quiet log; a short idle bound makes that quick).
 async fn a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out(backend: Backend) {
-    let app = spawn_app_with(backend, |s| {
-        s.append_timeout_ms = Some(500);
-        s.clock_skew_ms = Some(0);
-    })
-    .await;
+    let app = spawn_with_quick_clock(backend).await;
     let (status, body) = put(
         &app,
         "recent_orders",
@@ -831,11 +838,7 @@ async fn a_deleted_user_leaves_no_metric_windows(backend: Backend) {
 /// trait count them all, and the anonymous groups keep nothing open.
 async fn an_alias_merges_the_anonymous_windows_into_the_users(backend: Backend) {
     const HOUR: i64 = 3_600_000;
-    let app = spawn_app_with(backend, |s| {
-        s.append_timeout_ms = Some(500);
-        s.clock_skew_ms = Some(0);
-    })
-    .await;
+    let app = spawn_with_quick_clock(backend).await;
     let partition = |id: &str| traitline::log::partitioner::partition_for_key(id.as_bytes(), 4);
     let user = "merge-user";
     let id_in = |same: bool| {
@@ -1105,11 +1108,7 @@ async fn a_failing_metric_runner_shows_in_readyz_and_recovers(backend: Backend) 
 /// windows and a global window combined over every partition (most of
 /// them without an event) become final with no event after them.
 async fn windows_close_when_traffic_stops(backend: Backend) {
-    let app = spawn_app_with(backend, |s| {
-        s.append_timeout_ms = Some(500);
-        s.clock_skew_ms = Some(0);
-    })
-    .await;
+    let app = spawn_with_quick_clock(backend).await;
     for (name, group_by) in [("per_user", json!("userId")), ("total", Value::Null)] {
         let mut body = json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "2s"}});
         if !group_by.is_null() {

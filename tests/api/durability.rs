@@ -320,17 +320,11 @@ async fn failover() {
     let counted = |query: String| {
         let (client, url) = (client.clone(), first.url(&query));
         async move {
-            let response = client
-                .get(url)
-                .basic_auth(crate::helpers::READ_KEY, Some(""))
-                .send()
+            window_values(&client, &url)
                 .await
-                .unwrap();
-            let body: serde_json::Value = response.json().await.unwrap();
-            body["values"]
-                .as_array()
-                .map(|windows| windows.iter().filter_map(|w| w["value"].as_u64()).sum())
-                .unwrap_or(0u64)
+                .iter()
+                .filter_map(|w| w["value"].as_u64())
+                .sum::<u64>()
         }
     };
     let total = eventually(
@@ -367,6 +361,18 @@ async fn failover() {
         after_revoke.contains("gave this instance partitions [0, 1, 2, 3]"),
         "the survivor got every partition after the kill:\n{first}"
     );
+}
+
+/// The windows a metric values URL answers (closed, then open).
+async fn window_values(client: &reqwest::Client, url: &str) -> Vec<serde_json::Value> {
+    let response = client
+        .get(url)
+        .basic_auth(crate::helpers::READ_KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["values"].as_array().cloned().unwrap_or_default()
 }
 
 /// Events applied over all `profiles`.
@@ -450,16 +456,7 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
 
     let values = |query: String| {
         let (client, url) = (client.clone(), service.url(&query));
-        async move {
-            let response = client
-                .get(url)
-                .basic_auth(crate::helpers::READ_KEY, Some(""))
-                .send()
-                .await
-                .unwrap();
-            let body: serde_json::Value = response.json().await.unwrap();
-            body["values"].as_array().cloned().unwrap_or_default()
-        }
+        async move { window_values(&client, &url).await }
     };
     let start_of = |w: &serde_json::Value| {
         chrono::DateTime::parse_from_rfc3339(w["start"].as_str().unwrap())
