@@ -139,8 +139,6 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
     let (mut scratch, log, filled) = scratch_log(config, args.events, args.users, true).await?;
     let dir = scratch.data_dir.clone();
     let group = scratch.kafka_group.clone();
-    // Replay stops at the log's end; a batch as large as profiles use.
-    scratch.process_batch = scratch.process_batch.max(20_000);
     let budget_mb = config.metric_state_budget >> 20;
     let on = match &scratch.log {
         crate::config::LogBackend::Kafka(_) => format!("Kafka topics {}*", scratch.topic_prefix),
