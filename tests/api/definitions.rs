@@ -50,6 +50,12 @@ async fn spawn_with_quick_clock(backend: Backend) -> TestApp {
     .await
 }
 
+/// A per-user hourly order count with a computed trait of its name.
+fn orders_hourly_trait() -> Value {
+    json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
+           "window": {"kind": "tumbling", "size": "1h"}, "trait": "orders_hourly"})
+}
+
 async fn put(app: &TestApp, name: &str, key: &str, body: &Value) -> (StatusCode, Value) {
     let response = app
         .client
@@ -771,14 +777,7 @@ async fn a_deleted_user_leaves_no_metric_windows(backend: Backend) {
         json!({"type": "track", "event": "order.create", "userId": user,
                "messageId": format!("order-{i}"), "timestamp": at(ms)})
     };
-    let (status, body) = put(
-        &app,
-        "orders_hourly",
-        ADMIN_KEY,
-        &json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
-                "window": {"kind": "tumbling", "size": "1h"}, "trait": "orders_hourly"}),
-    )
-    .await;
+    let (status, body) = put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly_trait()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let batch = json!({"batch": [
         order(1, "u1", base + 1_000), order(2, "u1", base + 2_000),
@@ -848,14 +847,7 @@ async fn an_alias_merges_the_anonymous_windows_into_the_users(backend: Backend) 
             .unwrap()
     };
     let (near, far) = (id_in(true), id_in(false));
-    let (status, body) = put(
-        &app,
-        "orders_hourly",
-        ADMIN_KEY,
-        &json!({"event": "order.create", "group_by": "userId", "aggregate": "count",
-                "window": {"kind": "tumbling", "size": "1h"}, "trait": "orders_hourly"}),
-    )
-    .await;
+    let (status, body) = put(&app, "orders_hourly", ADMIN_KEY, &orders_hourly_trait()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     // Ahead of the log's clock: every window stays open.
     let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(

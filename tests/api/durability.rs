@@ -267,14 +267,12 @@ async fn failover() {
             json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1d"}, "lateness": "1d"}),
         ),
     ] {
-        let response = client
-            .put(first.url(&format!("/v1/metrics/{name}")))
-            .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
-            .json(&definition)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        define_metric(
+            &client,
+            &first.url(&format!("/v1/metrics/{name}")),
+            &definition,
+        )
+        .await;
     }
     let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
     let batches = USERS * PER_USER / 100;
@@ -363,6 +361,18 @@ async fn failover() {
     );
 }
 
+/// Defines a metric through the admin API at `url`.
+async fn define_metric(client: &reqwest::Client, url: &str, definition: &serde_json::Value) {
+    let response = client
+        .put(url)
+        .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
+        .json(definition)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
 /// The windows a metric values URL answers (closed, then open).
 async fn window_values(client: &reqwest::Client, url: &str) -> Vec<serde_json::Value> {
     let response = client
@@ -443,14 +453,12 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
             "field": "properties.amount", "window": {"kind": "tumbling", "size": "1h"}, "lateness": "1d"}),
         ),
     ] {
-        let response = client
-            .put(service.url(&format!("/v1/metrics/{name}")))
-            .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
-            .json(&definition)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        define_metric(
+            &client,
+            &service.url(&format!("/v1/metrics/{name}")),
+            &definition,
+        )
+        .await;
     }
     let service = send_killing_twice(service, &dir, &env, &client, &sends).await;
 
