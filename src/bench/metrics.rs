@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::process::{discard, fresh_store, scratch_log};
 use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
-use crate::process::metrics::{StateBudget, runner as metric_runner};
+use crate::process::metrics::{MetricSet, StateBudget, member, runner as metric_runner};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -178,18 +178,14 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
             runners.spawn(runner.run(std::future::pending()));
         }
-        for spec in specs {
-            let runner = metric_runner(
-                &scratch,
-                store.clone(),
-                log.clone(),
-                (spec, 1),
-                &budget,
-                true,
-            )
-            .map_err(|e| e.to_string())?;
-            runners.spawn(runner.run(std::future::pending()));
-        }
+        // Every definition in one set, as the live metrics run.
+        let members = specs
+            .into_iter()
+            .map(|spec| member(&scratch, store.clone(), spec, 1, &budget))
+            .collect();
+        let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
+        let runner = metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+        runners.spawn(runner.run(std::future::pending()));
         let before = resident_bytes();
         let peak = Arc::new(AtomicUsize::new(before));
         let done = Arc::new(AtomicBool::new(false));

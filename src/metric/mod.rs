@@ -110,7 +110,7 @@ impl Metric {
             return Outcome::NotSelected;
         }
         match self.group(envelope) {
-            Some(group) => self.observe_in(group, envelope),
+            Some(group) => self.observe_in(group, stamp(envelope).as_ref(), envelope),
             None => Outcome::NoGroup,
         }
     }
@@ -124,13 +124,19 @@ impl Metric {
             .flatten()
     }
 
-    /// Takes in an event of `group` (from [`Metric::selected_group`]).
-    pub fn observe_in(&mut self, group: String, envelope: &Value) -> Outcome {
-        let Some(stamp) = stamp(envelope) else {
+    /// Takes in an event of `group` (from [`Metric::selected_group`]) and
+    /// its [`stamp`], worked out once for every metric.
+    pub fn observe_in(
+        &mut self,
+        group: String,
+        stamp: Option<&Stamp>,
+        envelope: &Value,
+    ) -> Outcome {
+        let Some(stamp) = stamp else {
             return Outcome::NoGroup;
         };
         let value = self.spec.field.as_ref().and_then(|f| f.get(envelope));
-        let observed = self.engine.observe(&group, &stamp, value);
+        let observed = self.engine.observe(&group, stamp, value);
         Outcome::Observed { group, observed }
     }
 

@@ -1,8 +1,8 @@
-//! The metrics processor: one version of one metric definition over
-//! `user_events`, through the one runner. Its offsets are its own
-//! (`metric:{name}:{version}`), so a new or changed definition starts from
-//! the log's beginning (history first, then live) and its progress is its
-//! lag.
+//! One version of one metric definition over `user_events`: a member of
+//! a [`MetricSet`], the processor the one runner reads the log through
+//! for every metric. Its offsets are its own (`metric:{name}:{version}`),
+//! so a new or changed definition starts from the log's beginning
+//! (history first, then live) and its progress is its lag.
 //!
 //! Each partition has its own window engine, clocked by the partition's
 //! clock (the runner's time hook moves it on quiet partitions). A batch's
@@ -12,105 +12,29 @@
 //! partitions it touched are read back from the store before the batch is
 //! tried again, so a retry, a crash or a rebalance never counts an event
 //! twice.
+//!
+//! [`MetricSet`]: super::metric_set::MetricSet
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use utoipa::ToSchema;
 
-use super::profiles::{commit_error, group_reader};
-use super::stats::SharedStats;
-use super::{
-    Checkpoint, Checkpoints, CommitError, Committed, OffsetAdvance, PartitionTime, Processor,
-    Rejected, Runner, RunnerSettings,
-};
-use crate::config::Config;
-use crate::definitions::{GroupBy, MetricDefinition, MetricSpec};
-use crate::log::{EventLog, ReadError, StoredRecord, Topics};
+use super::profiles::commit_error;
+use super::{CommitError, OffsetAdvance, PartitionTime};
+use crate::definitions::{GroupBy, MetricSpec};
+use crate::log::StoredRecord;
 use crate::metric::{Metric, Outcome};
 use crate::store::{
-    Combine, ComputedTrait, DefinitionKind, GroupRow, LateEvent, MergeRow, MetricBatch,
-    StateSummary, Store, StoredWindow,
+    Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary, Store,
+    StoredWindow,
 };
-use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
-use crate::windows::{Closed, Millis};
+use crate::windows::{Closed, Millis, Stamp};
 
-/// The metric runners of this process, for `/readyz`: each definition's
-/// running version, its runner's progress, and why it failed.
-#[derive(Debug, Clone, Default)]
-pub struct MetricRunners(Arc<std::sync::Mutex<BTreeMap<String, RunnerEntry>>>);
-
-#[derive(Debug)]
-struct RunnerEntry {
-    version: i64,
-    stats: SharedStats,
-    failed: Option<String>,
-}
-
-/// How one metric definition is being computed here.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct DefinitionState {
-    pub version: i64,
-    /// `backfilling` (reading the log's history), `live` (at the log's
-    /// end) or `failed` (the stage is restarting it; `error` says why).
-    pub state: &'static str,
-    /// Events of the log not yet read, when known.
-    pub lag: Option<i64>,
-    /// Events counted since the runner started.
-    pub applied: u64,
-    /// Why it failed, or why its last read or commit did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl MetricRunners {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RunnerEntry>) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Every definition this process computes, by name.
-    pub fn states(&self) -> BTreeMap<String, DefinitionState> {
-        self.with(|runners| {
-            runners
-                .iter()
-                .map(|(name, entry)| (name.clone(), entry.state()))
-                .collect()
-        })
-    }
-
-    /// How `name` is computed here, if it is.
-    pub fn state(&self, name: &str) -> Option<DefinitionState> {
-        self.with(|runners| runners.get(name).map(RunnerEntry::state))
-    }
-}
-
-impl RunnerEntry {
-    fn state(&self) -> DefinitionState {
-        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let state = match (&self.failed, stats.caught_up) {
-            (Some(_), _) => "failed",
-            (None, true) => "live",
-            (None, false) => "backfilling",
-        };
-        DefinitionState {
-            version: self.version,
-            state,
-            lag: stats.lag(),
-            applied: stats.applied,
-            error: self.failed.clone().or_else(|| stats.last_error.clone()),
-        }
-    }
-}
-
-/// How often the stage looks for changed definitions.
-const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
+pub use super::metric_set::{MetricSet, member, runner};
+pub use super::metric_stage::{DefinitionState, MetricRunners, purge_superseded, spawn};
 
 /// The name a metric version's offsets and states are stored under.
 pub fn processor_name(metric: &str, version: i64) -> String {
@@ -244,29 +168,66 @@ impl Held {
     }
 }
 
-/// What a batch does with one of its events for this metric.
-enum Step<'a> {
+/// One event of a batch, parsed once for every metric of a set.
+pub struct Event {
+    pub partition: i32,
+    pub offset: i64,
+    pub value: Value,
+    /// When the log received it (ms), else when it was parsed.
+    pub received: Millis,
+    /// Its time and message id, when it has both.
+    pub stamp: Option<Stamp>,
+}
+
+impl Event {
+    /// Parses a record; `None` when it is not JSON.
+    pub fn parse(record: &StoredRecord) -> Option<Event> {
+        let value: Value = serde_json::from_slice(&record.value).ok()?;
+        Some(Event {
+            partition: record.partition,
+            offset: record.offset,
+            received: received_ms(&value),
+            stamp: crate::metric::stamp(&value),
+            value,
+        })
+    }
+
+    fn message_id(&self) -> Option<&str> {
+        self.value.get("messageId").and_then(Value::as_str)
+    }
+}
+
+/// What a batch does with one of its events for one metric, worked out
+/// when the batch is parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
     Skip,
     /// A GDPR deletion of these groups.
-    Delete(Vec<&'a str>),
+    Delete(Vec<String>),
     /// Merges the groups an alias or identify links into the user's (the
     /// user, the linked ids), then counts the event in its group if the
     /// metric takes it.
     Observe {
-        link: Option<(&'a str, Vec<&'a str>)>,
+        link: Option<(String, Vec<String>)>,
         group: Option<String>,
     },
 }
 
+impl Step {
+    /// Whether the event counts in a group (and so its id is claimed).
+    pub fn counts(&self) -> bool {
+        matches!(self, Step::Observe { group: Some(_), .. })
+    }
+}
+
 /// The partitions a batch has events, offsets or clocks of.
-fn touched(
-    events: &[(i32, i64, Value)],
+fn touched<'a>(
+    events: impl Iterator<Item = &'a Event>,
     offsets: &[OffsetAdvance],
     clocks: &[PartitionTime],
 ) -> BTreeSet<i32> {
     events
-        .iter()
-        .map(|(p, ..)| *p)
+        .map(|e| e.partition)
         .chain(offsets.iter().map(|o| o.partition))
         .chain(clocks.iter().map(|c| c.partition))
         .collect()
@@ -281,29 +242,45 @@ fn received_ms(event: &Value) -> Millis {
         .map_or_else(crate::store::now_ms, |t| t.timestamp_millis())
 }
 
-/// One metric version's processor.
+/// One version of one metric, a member of a [`MetricSet`]: its engines,
+/// its offsets (`metric:{name}:{version}`) and its commits are its own,
+/// so members of one set may stand at different offsets (one that joined
+/// late, or whose commit of a batch failed) and each takes only the
+/// records past its own.
+///
+/// [`MetricSet`]: super::metric_set::MetricSet
 pub struct MetricProcessor {
     store: Store,
     name: String,
     spec: MetricSpec,
     version: i64,
+    /// The definition without state: what it takes, and in which group.
+    selector: Metric,
     /// Each partition's engine as of the last commit; a partition not
     /// here is read from the store first.
     partitions: tokio::sync::Mutex<HashMap<i32, Held>>,
+    /// The next offset of each partition in the store, as this member
+    /// last read or committed it (`None`: not read yet).
+    positions: std::sync::Mutex<Option<HashMap<i32, i64>>>,
     /// Partitions of the topic, all of which a combined window waits for.
     topic_partitions: i32,
     budget: BudgetShare,
     /// Batches applied, the clock of least recent use.
     batches: AtomicU64,
+    /// Events counted since it was made, for `/readyz`.
+    counted: AtomicU64,
     /// How late a record received earlier can still be appended: a
     /// partition hands a linked group's windows over only once its clock
     /// has passed the linking event's time by this much.
     link_bound: Millis,
 }
 
-/// A batch's events with their partition and offset, parsed once.
-pub struct Prepared {
-    events: Vec<(i32, i64, Value)>,
+impl std::fmt::Debug for MetricProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricProcessor")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MetricProcessor {
@@ -320,12 +297,15 @@ impl MetricProcessor {
         MetricProcessor {
             store,
             name: processor_name(&spec.name, version),
+            selector: Metric::new(spec.clone(), version),
             spec,
             version,
             partitions: tokio::sync::Mutex::new(HashMap::new()),
+            positions: std::sync::Mutex::new(None),
             topic_partitions,
             budget: budget.share(),
             batches: AtomicU64::new(0),
+            counted: AtomicU64::new(0),
             link_bound: 0,
         }
     }
@@ -335,6 +315,96 @@ impl MetricProcessor {
     pub fn linking_after(mut self, bound: Duration) -> MetricProcessor {
         self.link_bound = Millis::try_from(bound.as_millis()).unwrap_or(Millis::MAX);
         self
+    }
+
+    /// The name its offsets and states are stored under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn metric(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// Events counted since it was made.
+    pub fn counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// What a batch does with `event` for this metric.
+    pub fn step(&self, event: &Value) -> Step {
+        let metric = &self.selector;
+        if let Some(ids) = metric.deleted_groups(event) {
+            return Step::Delete(ids.into_iter().map(str::to_owned).collect());
+        }
+        let link = metric.linked_groups(event).map(|(into, from)| {
+            (
+                into.to_owned(),
+                from.into_iter().map(str::to_owned).collect(),
+            )
+        });
+        let group = metric.selected_group(event);
+        if link.is_none() && group.is_none() {
+            return Step::Skip;
+        }
+        Step::Observe { link, group }
+    }
+
+    /// Reads its offsets from the store. A partition held in memory whose
+    /// offset moved since this member last committed it was processed
+    /// elsewhere (a rebalance): its engine is read from the store again.
+    pub async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        let stored = self
+            .store
+            .offsets(&self.name, topic)
+            .await
+            .map_err(commit_error)?;
+        let mut partitions = self.partitions.lock().await;
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        match positions.as_ref() {
+            Some(believed) => partitions.retain(|p, _| believed.get(p) == stored.get(p)),
+            None => partitions.clear(),
+        }
+        *positions = Some(stored.clone());
+        Ok(stored)
+    }
+
+    /// Where this member's checkpoint takes each partition of the set's
+    /// `advances`: from its own stored offset, skipping partitions it has
+    /// committed past already. A tick (`next` = `expected`) keeps every
+    /// partition where this member has it.
+    async fn own_offsets(
+        &self,
+        topic: &str,
+        advances: &[OffsetAdvance],
+        tick: bool,
+    ) -> Result<Vec<OffsetAdvance>, CommitError> {
+        let known = self
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let positions = match known {
+            Some(positions) => positions,
+            None => self.refresh(topic).await?,
+        };
+        Ok(advances
+            .iter()
+            .filter_map(|a| {
+                let expected = positions.get(&a.partition).copied();
+                let next = if tick { expected.unwrap_or(0) } else { a.next };
+                let behind = tick || expected.unwrap_or(0) < a.next;
+                behind.then_some(OffsetAdvance {
+                    partition: a.partition,
+                    expected,
+                    next,
+                })
+            })
+            .collect())
     }
 
     /// Reads `partition`'s engine back from the store: its clock, and its
@@ -434,19 +504,39 @@ impl MetricProcessor {
         Ok(())
     }
 
-    /// Applies `events` and `clocks` to the engines and commits the result
-    /// with `offsets`; on any failure the partitions touched are dropped
-    /// from memory, to be read back from the store.
-    async fn apply(
+    /// Applies the set's batch (`events` with this member's `steps`) and
+    /// `clocks` to the engines and commits the result with this member's
+    /// offsets; the events below its own offsets were applied before and
+    /// are skipped. `first` is each claimed message id's first record.
+    /// On any failure the partitions touched are dropped from memory, to
+    /// be read back from the store. The events it counted.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply(
         &self,
         topic: &str,
-        events: &[(i32, i64, Value)],
-        offsets: Vec<OffsetAdvance>,
+        events: &[Event],
+        steps: &[Step],
+        first: &HashMap<String, (i32, i64)>,
+        advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
+        tick: bool,
     ) -> Result<usize, CommitError> {
+        let offsets = self.own_offsets(topic, advances, tick).await?;
+        if offsets.is_empty() && !tick {
+            return Ok(0);
+        }
+        let from: HashMap<i32, i64> = offsets
+            .iter()
+            .map(|o| (o.partition, o.expected.unwrap_or(0)))
+            .collect();
+        let batch: Vec<(&Event, &Step)> = events
+            .iter()
+            .zip(steps)
+            .filter(|(e, _)| from.get(&e.partition).is_some_and(|f| e.offset >= *f))
+            .collect();
         let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut partitions = self.partitions.lock().await;
-        let touched = touched(events, &offsets, clocks);
+        let touched = touched(batch.iter().map(|(e, _)| *e), &offsets, clocks);
         let missing: Vec<i32> = touched
             .iter()
             .filter(|p| !partitions.contains_key(p))
@@ -458,12 +548,25 @@ impl MetricProcessor {
             let loaded = self.load(topic, p, room, batch_no).await?;
             partitions.insert(p, loaded);
         }
+        let stored: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
         let result = self
-            .apply_loaded(&mut partitions, topic, events, offsets, clocks, batch_no)
+            .apply_loaded(
+                &mut partitions,
+                topic,
+                &batch,
+                first,
+                offsets,
+                clocks,
+                batch_no,
+            )
             .await;
         match result {
             Ok(counted) => {
                 self.spill(&mut partitions);
+                let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+                let positions = positions.get_or_insert_with(HashMap::new);
+                positions.extend(stored);
+                self.counted.fetch_add(counted as u64, Ordering::Relaxed);
                 Ok(counted)
             }
             Err(e) => {
@@ -477,16 +580,18 @@ impl MetricProcessor {
 
     /// [`MetricProcessor::apply`] with the batch's partitions loaded:
     /// pending merges, the events, the clocks, then one commit.
+    #[allow(clippy::too_many_arguments)]
     async fn apply_loaded(
         &self,
         partitions: &mut HashMap<i32, Held>,
         topic: &str,
-        events: &[(i32, i64, Value)],
+        batch: &[(&Event, &Step)],
+        first: &HashMap<String, (i32, i64)>,
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
         batch_no: u64,
     ) -> Result<usize, CommitError> {
-        let touched = touched(events, &offsets, clocks);
+        let touched = touched(batch.iter().map(|(e, _)| *e), &offsets, clocks);
         // Merges other partitions asked this batch's partitions for, or
         // handed over to them (per-user metrics only).
         let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User {
@@ -510,34 +615,23 @@ impl MetricProcessor {
         } else {
             Vec::new()
         };
-        // Each event's group, worked out once (its condition evaluated
-        // once), so evicted groups are read back before any is observed.
-        let steps: Vec<Step> = events
-            .iter()
-            .map(|(p, _, event)| {
-                let metric = &partitions[p].metric;
-                if let Some(ids) = metric.deleted_groups(event) {
-                    return Step::Delete(ids);
-                }
-                let link = metric.linked_groups(event);
-                let group = metric.selected_group(event);
-                if link.is_none() && group.is_none() {
-                    return Step::Skip;
-                }
-                Step::Observe { link, group }
-            })
-            .collect();
+        // Evicted groups are read back before any is observed.
         let mut wanted: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
-        for ((p, ..), step) in events.iter().zip(&steps) {
-            let wanted = wanted.entry(*p).or_default();
+        for (event, step) in batch {
+            let p = event.partition;
+            let wanted = wanted.entry(p).or_default();
             match step {
                 Step::Skip => {}
-                Step::Delete(ids) => wanted.extend(ids),
+                Step::Delete(ids) => wanted.extend(ids.iter().map(String::as_str)),
                 Step::Observe { link, group } => {
                     wanted.extend(group.as_deref());
                     if let Some((into, from)) = link {
-                        wanted.insert(*into);
-                        wanted.extend(from.iter().filter(|f| self.partition_of(f) == *p));
+                        wanted.insert(into);
+                        wanted.extend(
+                            from.iter()
+                                .filter(|f| self.partition_of(f) == p)
+                                .map(String::as_str),
+                        );
                     }
                 }
             }
@@ -592,31 +686,13 @@ impl MetricProcessor {
             }
             merged.push((m.partition, m.message_id, m.group));
         }
-        // A client's retry (the same message id) is counted once: an
-        // event counts when the first record of its id is its own.
-        let claims: Vec<(&str, i32, i64, i64)> = events
-            .iter()
-            .zip(&steps)
-            .filter(|(_, step)| matches!(step, Step::Observe { group: Some(_), .. }))
-            .filter_map(|((p, offset, e), _)| {
-                let id = e.get("messageId").and_then(Value::as_str)?;
-                Some((id, *p, *offset, received_ms(e)))
-            })
-            .collect();
-        let first = if claims.is_empty() {
-            HashMap::new()
-        } else {
-            self.store
-                .claim_metric_ids(&self.name, &claims)
-                .await
-                .map_err(commit_error)?
-        };
         let mut counted = 0;
         let mut late = Vec::new();
         let mut deleted = Vec::new();
-        for ((p, offset, event), step) in events.iter().zip(steps) {
-            let id = event.get("messageId").and_then(Value::as_str);
-            let metric = &mut partitions.get_mut(p).expect("loaded above").metric;
+        for &(event, step) in batch {
+            let p = event.partition;
+            let id = event.message_id();
+            let metric = &mut partitions.get_mut(&p).expect("loaded above").metric;
             let group = match step {
                 Step::Skip => continue,
                 Step::Delete(ids) => {
@@ -625,7 +701,7 @@ impl MetricProcessor {
                     // counts afresh.
                     for id in ids {
                         metric.engine_mut().forget(id);
-                        deleted.push(id.to_owned());
+                        deleted.push(id.clone());
                     }
                     continue;
                 }
@@ -633,17 +709,17 @@ impl MetricProcessor {
                     if let (Some((into, from)), Some(id)) = (link, id) {
                         for from in from {
                             let partition = self.partition_of(from);
-                            if partition == *p {
+                            if partition == p {
                                 metric.engine_mut().merge_groups(from, into);
                                 continue;
                             }
                             merges.push(MergeRow {
                                 partition,
                                 message_id: id.to_owned(),
-                                group: from.to_owned(),
-                                into_group: into.to_owned(),
-                                into_partition: *p,
-                                at: received_ms(event),
+                                group: from.clone(),
+                                into_group: into.clone(),
+                                into_partition: p,
+                                at: event.received,
                                 state: None,
                             });
                         }
@@ -654,14 +730,16 @@ impl MetricProcessor {
                     }
                 }
             };
-            // Another record's id: a client's retry, counted there.
+            // A client's retry (the same message id) is counted once:
+            // where the first record of its id is.
             if id
                 .and_then(|id| first.get(id))
-                .is_some_and(|at| *at != (*p, *offset))
+                .is_some_and(|at| *at != (p, event.offset))
             {
                 continue;
             }
-            let Outcome::Observed { group, observed } = metric.observe_in(group, event) else {
+            let outcome = metric.observe_in(group.clone(), event.stamp.as_ref(), &event.value);
+            let Outcome::Observed { group, observed } = outcome else {
                 continue;
             };
             if let (Some(missed), Some(id)) = (&observed.late, id) {
@@ -673,7 +751,7 @@ impl MetricProcessor {
                     start_ms: missed.window.start,
                     end_ms: missed.window.end,
                     late_by_ms: missed.late_by,
-                    event: event.to_string(),
+                    event: event.value.to_string(),
                 });
             }
             if observed.counted {
@@ -849,276 +927,6 @@ impl MetricProcessor {
             end_ms: closed.window.end,
             value: closed.value.to_string(),
             events: closed.events as i64,
-        }
-    }
-}
-
-#[async_trait]
-impl Checkpoints for MetricProcessor {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
-        self.store
-            .offsets(&self.name, topic)
-            .await
-            .map_err(commit_error)
-    }
-}
-
-#[async_trait]
-impl Processor for MetricProcessor {
-    type Prepared = Prepared;
-
-    /// Records that are not JSON are skipped, not dead-lettered: the
-    /// profile processor, which reads the same records, reports them.
-    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared, Vec<Rejected>) {
-        let events = records
-            .into_iter()
-            .filter_map(|r| {
-                serde_json::from_slice::<Value>(&r.value)
-                    .ok()
-                    .map(|v| (r.partition, r.offset, v))
-            })
-            .collect();
-        (Prepared { events }, Vec::new())
-    }
-
-    async fn commit(
-        &self,
-        prepared: &Prepared,
-        checkpoint: Checkpoint,
-    ) -> Result<Committed, CommitError> {
-        let counted = self
-            .apply(
-                &checkpoint.topic,
-                &prepared.events,
-                checkpoint.offsets,
-                &checkpoint.clocks,
-            )
-            .await?;
-        Ok(Committed {
-            applied: counted,
-            duplicates: 0,
-        })
-    }
-
-    /// Closes what the clocks passed on quiet partitions, and stores
-    /// every partition's watermark (an empty one's too, for the windows
-    /// combined across partitions).
-    async fn tick(&self, checkpoint: Checkpoint) -> Result<bool, CommitError> {
-        if checkpoint.clocks.is_empty() {
-            return Ok(false);
-        }
-        self.apply(
-            &checkpoint.topic,
-            &[],
-            checkpoint.offsets,
-            &checkpoint.clocks,
-        )
-        .await?;
-        Ok(true)
-    }
-}
-
-/// The runner of one metric version on `user_events`: its own consumer
-/// group in Kafka mode, so it reads from the beginning the first time.
-/// With `replay` it stops once it has read the log to its end.
-pub fn runner(
-    config: &Config,
-    store: Store,
-    log: Arc<dyn EventLog>,
-    (spec, version): (MetricSpec, i64),
-    budget: &StateBudget,
-    replay: bool,
-) -> Result<Runner<MetricProcessor>, ReadError> {
-    let topics = Topics::new(&config.topic_prefix);
-    let topic = topics.events();
-    let idle_bound = config.append_timeout + config.clock_skew;
-    let processor = Arc::new(
-        MetricProcessor::new(store, spec, version, config.partitions, budget)
-            .linking_after(idle_bound),
-    );
-    let group = format!(
-        "{}-{}",
-        config.kafka_group,
-        processor.name().replace(':', "-")
-    );
-    let reader = group_reader(config, &topic, &group)?;
-    let settings = RunnerSettings {
-        max_batch: config.process_batch,
-        // One set of engines a runner: its commits take turns.
-        parallel_commits: 1,
-        idle_bound,
-        stop_when_caught_up: replay,
-        ..RunnerSettings::new("metrics", topic, topics.rejected())
-    };
-    Ok(Runner::new(processor, reader, log, settings))
-}
-
-/// Runs every defined metric's current version as one supervised stage,
-/// `metrics`: a runner each, started when a definition appears or changes
-/// (on every instance: the definitions are in the shared store), stopped
-/// when it changes again or is deleted. A runner that fails ends the stage
-/// with its cause, and the supervisor starts it again.
-pub fn spawn(
-    supervisor: &mut Supervisor,
-    config: &Config,
-    store: &Store,
-    log: &Arc<dyn EventLog>,
-) -> Result<MetricRunners, String> {
-    let (config, store, log) = (config.clone(), store.clone(), log.clone());
-    let runners = MetricRunners::default();
-    let shown = runners.clone();
-    let budget = StateBudget::new(config.metric_state_budget);
-    supervisor.spawn("metrics", move |stop| {
-        Ok(Box::pin(run_definitions(
-            config.clone(),
-            store.clone(),
-            log.clone(),
-            shown.clone(),
-            budget.clone(),
-            stop,
-        )))
-    })?;
-    Ok(runners)
-}
-
-/// Deletes the working state of metric versions that no longer run (a
-/// changed or deleted definition); returns how many. Their runners stop
-/// within a poll of the change, long before the hourly purge comes.
-pub async fn purge_superseded(store: &Store) -> Result<usize, crate::store::StoreError> {
-    let current: BTreeSet<String> = store
-        .definitions(DefinitionKind::Metric)
-        .await?
-        .into_iter()
-        .map(|d| processor_name(&d.name, d.version))
-        .collect();
-    let mut purged = 0;
-    for processor in store.metric_processors().await? {
-        if !current.contains(&processor) {
-            store.forget_metric_processor(&processor).await?;
-            purged += 1;
-        }
-    }
-    Ok(purged)
-}
-
-/// The current versions of the stored metric definitions that compile.
-async fn current_metrics(store: &Store) -> Result<HashMap<String, (i64, MetricSpec)>, String> {
-    let definitions = store
-        .definitions(DefinitionKind::Metric)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut current = HashMap::new();
-    for stored in definitions {
-        match MetricDefinition::from_json(stored.body.as_bytes())
-            .and_then(|d| d.compile(&stored.name))
-        {
-            Ok(spec) => {
-                current.insert(stored.name, (stored.version, spec));
-            }
-            // Checked when it was put; one that no longer compiles is not
-            // run, and said.
-            Err(e) => tracing::error!(
-                "metric {} version {} cannot run: {e}",
-                stored.name,
-                stored.version
-            ),
-        }
-    }
-    Ok(current)
-}
-
-async fn run_definitions(
-    config: Config,
-    store: Store,
-    log: Arc<dyn EventLog>,
-    shown: MetricRunners,
-    budget: StateBudget,
-    stop: StopSignal,
-) -> StageResult {
-    let mut running: HashMap<String, (i64, watch::Sender<bool>)> = HashMap::new();
-    let mut runners: JoinSet<(String, i64, Result<(), String>)> = JoinSet::new();
-    let mut seen = None;
-    let mut poll = tokio::time::interval(DEFINITIONS_POLL);
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => {
-                for (_, (_, stop)) in running.drain() {
-                    let _ = stop.send(true);
-                }
-                while runners.join_next().await.is_some() {}
-                return Ok(());
-            }
-            Some(ended) = runners.join_next() => {
-                let (name, version, result) = ended.map_err(|e| {
-                    format!("a metric runner panicked: {}", super::panic_message(e.into_panic().as_ref()))
-                })?;
-                let wanted = running.get(&name).is_some_and(|(v, _)| *v == version);
-                match result {
-                    Err(cause) => {
-                        let cause = format!("the runner of metric {name} version {version} failed: {cause}");
-                        shown.with(|runners| {
-                            if let Some(entry) = runners.get_mut(&name) {
-                                entry.failed = Some(cause.clone());
-                            }
-                        });
-                        return Err(cause);
-                    }
-                    Ok(()) if wanted => {
-                        return Err(format!(
-                            "the runner of metric {name} version {version} returned although it was not asked to stop"
-                        ));
-                    }
-                    Ok(()) => {}
-                }
-            }
-            _ = poll.tick() => {
-                let changes = match store.definitions_changes(DefinitionKind::Metric).await {
-                    Ok(changes) if seen == Some(changes) => continue,
-                    Ok(changes) => changes,
-                    Err(e) => {
-                        tracing::warn!("cannot read the metric definitions: {e}; trying again");
-                        continue;
-                    }
-                };
-                let current = match current_metrics(&store).await {
-                    Ok(current) => current,
-                    Err(e) => {
-                        tracing::warn!("cannot read the metric definitions: {e}; trying again");
-                        continue;
-                    }
-                };
-                seen = Some(changes);
-                running.retain(|name, (version, stop)| {
-                    let keep = current.get(name).is_some_and(|(v, _)| v == version);
-                    if !keep {
-                        tracing::info!("metric {name} version {version} stops");
-                        let _ = stop.send(true);
-                        shown.with(|runners| runners.remove(name));
-                    }
-                    keep
-                });
-                for (name, (version, spec)) in current {
-                    if running.contains_key(&name) {
-                        continue;
-                    }
-                    let runner = runner(&config, store.clone(), log.clone(), (spec, version), &budget, false)
-                        .map_err(|e| format!("cannot start metric {name} version {version}: {e}"))?;
-                    let entry = RunnerEntry { version, stats: runner.stats(), failed: None };
-                    shown.with(|runners| runners.insert(name.clone(), entry));
-                    let (stop_runner, stopped) = watch::channel(false);
-                    tracing::info!(
-                        "metric {name} version {version} runs, from the log's beginning where it has not been computed yet"
-                    );
-                    let task = name.clone();
-                    runners.spawn(async move { (task, version, runner.run(stop_signal(stopped)).await) });
-                    running.insert(name, (version, stop_runner));
-                }
-            }
         }
     }
 }

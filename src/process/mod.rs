@@ -28,6 +28,8 @@
 pub mod clock;
 mod dead_letters;
 mod in_flight;
+mod metric_set;
+mod metric_stage;
 pub mod metrics;
 pub mod profiles;
 mod reading;

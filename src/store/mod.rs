@@ -387,6 +387,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "the log position of each counted message id",
         include_str!("migrations/version_9.sql"),
     );
+    let shared_claims = migration(
+        10,
+        "one claim of a message id for every metric",
+        include_str!("migrations/version_10.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -402,6 +407,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             due,
             merges,
             claims,
+            shared_claims,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -412,6 +418,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             due,
             merges,
             claims,
+            shared_claims,
         ],
     }
 }

@@ -13,7 +13,9 @@ use super::*;
 use crate::definitions::MetricDefinition;
 use crate::log::embedded::{EmbeddedLog, EmbeddedReader};
 use crate::log::{EventLog, Record, StartAt};
-use crate::process::{Runner, RunnerSettings};
+use crate::process::{
+    Checkpoint, Checkpoints, OffsetAdvance, PartitionTime, Processor, Runner, RunnerSettings,
+};
 use crate::store::WindowQuery;
 
 const TOPIC: &str = "events";
@@ -63,7 +65,18 @@ fn runner(
     dir: &std::path::Path,
     log: &Arc<EmbeddedLog>,
     processor: &Arc<MetricProcessor>,
-) -> Runner<MetricProcessor> {
+) -> Runner<MetricSet> {
+    set_runner(dir, log, std::slice::from_ref(processor))
+}
+
+/// A runner of a set of `members`, read from the store's offsets.
+fn set_runner(
+    dir: &std::path::Path,
+    log: &Arc<EmbeddedLog>,
+    members: &[Arc<MetricProcessor>],
+) -> Runner<MetricSet> {
+    let store = members[0].store.clone();
+    let set = Arc::new(MetricSet::new("metrics".into(), store, members.to_vec()));
     let reader = Box::new(EmbeddedReader::open(dir, TOPIC, StartAt::Beginning).unwrap());
     let settings = RunnerSettings {
         max_batch: 7,
@@ -73,14 +86,14 @@ fn runner(
         tick: Duration::ZERO,
         ..RunnerSettings::new("metrics", TOPIC.to_owned(), "rejected".to_owned())
     };
-    Runner::new(processor.clone(), reader, log.clone(), settings)
+    Runner::new(set, reader, log.clone(), settings)
 }
 
 /// The time hook of a caught-up runner: `partitions`' clocks at `time_ms`,
 /// their offsets where the store has them (an empty partition's at 0).
 async fn tick(
     store: &Store,
-    processor: &MetricProcessor,
+    processor: &Arc<MetricProcessor>,
     partitions: std::ops::Range<i32>,
     time_ms: i64,
 ) {
@@ -101,10 +114,11 @@ async fn tick(
         offsets,
         clocks,
     };
-    assert!(processor.tick(checkpoint).await.unwrap());
+    let set = MetricSet::new("metrics".into(), store.clone(), vec![processor.clone()]);
+    assert!(set.tick(checkpoint).await.unwrap());
 }
 
-async fn run_to_end(runner: Runner<MetricProcessor>) {
+async fn run_to_end(runner: Runner<MetricSet>) {
     tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
         .await
         .expect("the runner reads the log to its end")
@@ -176,16 +190,35 @@ async fn restart_between_two_halves_and_a_second_pass(
     // The clocks move past every window on a quiet log (the time hook).
     tick(&store, &second, 0..3, base + 4 * HOUR).await;
 
+    assert_eq!(closed_windows(&store, 1).await, hourly_orders(base, 0..130));
+    // Closed windows leave the stored state.
+    for partition in 0..3 {
+        let (clock, states) = store
+            .metric_states(&processor_name("orders_hourly", 1), TOPIC, partition)
+            .await
+            .unwrap();
+        assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
+    }
+    (held, open)
+}
+
+/// Each user's orders per hour among `events(base, range)`.
+fn hourly_orders(base: i64, range: std::ops::Range<usize>) -> BTreeMap<(String, i64), i64> {
     let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for (user, at, order) in events(base, 0..130) {
+    for (user, at, order) in events(base, range) {
         if order {
             *expected.entry((user, at - at % HOUR)).or_default() += 1;
         }
     }
+    expected
+}
+
+/// The closed windows of `orders_hourly` `version`, each written once.
+async fn closed_windows(store: &Store, version: i64) -> BTreeMap<(String, i64), i64> {
     let stored = store
         .metric_windows(&WindowQuery {
             metric: "orders_hourly",
-            version: 1,
+            version,
             limit: 1000,
             ..WindowQuery::default()
         })
@@ -199,17 +232,61 @@ async fn restart_between_two_halves_and_a_second_pass(
             ((w.group.clone(), w.start_ms), w.events)
         })
         .collect();
-    assert_eq!(got, expected);
-    assert_eq!(stored.len(), expected.len(), "each window written once");
-    // Closed windows leave the stored state.
-    for partition in 0..3 {
-        let (clock, states) = store
-            .metric_states(&processor_name("orders_hourly", 1), TOPIC, partition)
-            .await
-            .unwrap();
-        assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
+    assert_eq!(stored.len(), got.len(), "each window written once");
+    got
+}
+
+/// A version that joins a set behind the others (a backfill that has
+/// caught up, or a member whose commit failed): the set reads from its
+/// offsets, it counts the history, and the members ahead skip what they
+/// counted; every version ends exact, and at the same offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_the_others_catches_up_and_the_others_count_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+    let member = |version| {
+        Arc::new(MetricProcessor::new(
+            store.clone(),
+            spec(),
+            version,
+            3,
+            &unlimited(),
+        ))
+    };
+
+    append(&log, base, 0..60).await;
+    let ahead = member(1);
+    run_to_end(runner(&log_dir, &log, &ahead)).await;
+    append(&log, base, 60..130).await;
+    let behind = member(2);
+    let set = [ahead.clone(), behind.clone()];
+    let runner = set_runner(&log_dir, &log, &set);
+    let lowest = runner_offsets(&store, &set).await;
+    assert!(lowest.is_empty(), "read from the beginning: {lowest:?}");
+    run_to_end(runner).await;
+
+    let one = store.offsets(ahead.name(), TOPIC).await.unwrap();
+    let two = store.offsets(behind.name(), TOPIC).await.unwrap();
+    assert_eq!(one, two);
+    assert_eq!(one.values().sum::<i64>(), 130);
+    for member in &set {
+        tick(&store, member, 0..3, base + 4 * HOUR).await;
     }
-    (held, open)
+    let expected = hourly_orders(base, 0..130);
+    assert_eq!(closed_windows(&store, 1).await, expected);
+    assert_eq!(closed_windows(&store, 2).await, expected);
+}
+
+/// Where a set of `members` starts reading.
+async fn runner_offsets(store: &Store, members: &[Arc<MetricProcessor>]) -> HashMap<i32, i64> {
+    MetricSet::new("metrics".into(), store.clone(), members.to_vec())
+        .stored_offsets(TOPIC)
+        .await
+        .unwrap()
 }
 
 /// A global metric over 8 partitions (three of them empty), two
@@ -251,7 +328,13 @@ async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
     tick(&store, &first, 0..5, base + 4 * HOUR).await;
     assert_eq!(store.metric_windows(&query).await.unwrap(), vec![]);
     // The other instance's partitions pass the first two hours only.
-    let second = MetricProcessor::new(store.clone(), spec, 1, 8, &unlimited());
+    let second = Arc::new(MetricProcessor::new(
+        store.clone(),
+        spec,
+        1,
+        8,
+        &unlimited(),
+    ));
     tick(&store, &second, 5..8, base + 2 * HOUR + 5 * 60_000).await;
     let got = store.metric_windows(&query).await.unwrap();
     assert_eq!(got.len(), 2, "the first two hours are final: {got:?}");

@@ -1,0 +1,320 @@
+//! The metric set: the processor every metric version reads the log
+//! through. One runner reads and parses each batch once, works out for
+//! each member which events it takes and in which group, claims the
+//! batch's message ids once, and hands the batch to every member at once;
+//! each member commits its effects with its own offsets in a transaction
+//! of its own (see [`MetricProcessor`]).
+//!
+//! Members may stand at different offsets: the set reads each partition
+//! from the lowest of its members' offsets, and a member skips what it
+//! has committed already. So a member whose commit failed catches up on
+//! the batch tried again, and a new version that read the history in a
+//! set of its own (a backfill) joins the live set where it stopped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::metrics::{Event, MetricProcessor, Step};
+use super::profiles::{commit_error, group_reader};
+use super::{
+    Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected, Runner, RunnerSettings,
+};
+use crate::config::Config;
+use crate::log::{EventLog, ReadError, StoredRecord, Topics};
+use crate::store::Store;
+
+/// The name the message ids metrics have counted are claimed under: one
+/// claim an event for every metric version, since which record of an id
+/// is its first is a fact of the log.
+pub const CLAIMS: &str = "metrics";
+
+/// Records below this many are parsed on one thread.
+const PARSE_CHUNK: usize = 2_000;
+
+/// Metric versions read through one runner.
+pub struct MetricSet {
+    name: String,
+    store: Store,
+    members: Vec<Arc<MetricProcessor>>,
+    /// The metric whose commit failed for good, for `/readyz`.
+    failed: Mutex<Option<String>>,
+}
+
+/// A batch parsed once: its events, and for each member (in the set's
+/// order) what it does with each event.
+pub struct Prepared(Arc<Parsed>);
+
+struct Parsed {
+    events: Vec<Event>,
+    steps: Vec<Vec<Step>>,
+}
+
+impl MetricSet {
+    /// A set named `name` (in logs and the dead-letter records) of
+    /// `members`.
+    pub fn new(name: String, store: Store, members: Vec<Arc<MetricProcessor>>) -> MetricSet {
+        MetricSet {
+            name,
+            store,
+            members,
+            failed: Mutex::new(None),
+        }
+    }
+
+    pub fn members(&self) -> &[Arc<MetricProcessor>] {
+        &self.members
+    }
+
+    /// Its members, as a log line names them.
+    pub fn describe(&self) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{} version {}", m.metric(), m.version()))
+            .collect();
+        format!("metrics {}", members.join(", "))
+    }
+
+    /// The metric whose failure stopped the set, if one did.
+    pub fn failed_metric(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Parses `records` and works out every member's steps.
+    fn parse(&self, records: &[StoredRecord]) -> Parsed {
+        let events: Vec<Event> = records.iter().filter_map(Event::parse).collect();
+        let steps = self
+            .members
+            .iter()
+            .map(|m| events.iter().map(|e| m.step(&e.value)).collect())
+            .collect();
+        Parsed { events, steps }
+    }
+
+    /// Claims the message ids of the events some member counts: each id's
+    /// first record, as stored.
+    async fn claim(&self, parsed: &Parsed) -> Result<HashMap<String, (i32, i64)>, CommitError> {
+        let claims: Vec<(&str, i32, i64, i64)> = parsed
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| parsed.steps.iter().any(|steps| steps[*i].counts()))
+            .filter_map(|(_, e)| {
+                let id = e.value.get("messageId")?.as_str()?;
+                Some((id, e.partition, e.offset, e.received))
+            })
+            .collect();
+        if claims.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.store
+            .claim_metric_ids(CLAIMS, &claims)
+            .await
+            .map_err(commit_error)
+    }
+
+    /// Runs every member's commit of `parsed` at once, each on a task of
+    /// its own (their CPU work runs on every core), and says how it went:
+    /// the first fatal failure (remembered for `/readyz`), else the first
+    /// fenced partition, else the first retryable failure.
+    async fn apply_all(
+        &self,
+        parsed: &Arc<Parsed>,
+        first: HashMap<String, (i32, i64)>,
+        checkpoint: &Checkpoint,
+        tick: bool,
+    ) -> Result<(), CommitError> {
+        let first = Arc::new(first);
+        let tasks: Vec<_> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, member)| {
+                let (member, parsed, first) = (member.clone(), parsed.clone(), first.clone());
+                let checkpoint = checkpoint.clone();
+                tokio::spawn(async move {
+                    member
+                        .apply(
+                            &checkpoint.topic,
+                            &parsed.events,
+                            &parsed.steps[i],
+                            &first,
+                            &checkpoint.offsets,
+                            &checkpoint.clocks,
+                            tick,
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut outcome = Ok(());
+        for (member, task) in self.members.iter().zip(tasks) {
+            let result = match task.await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(CommitError::Retryable(
+                    "the runtime is shutting down".into(),
+                )),
+            };
+            let Err(e) = result else { continue };
+            let worse = match (&outcome, &e) {
+                (Ok(()), _) => true,
+                (Err(CommitError::Fatal(_)), _) => false,
+                (_, CommitError::Fatal(_)) => true,
+                (Err(CommitError::Retryable(_)), CommitError::Fenced { .. }) => true,
+                _ => false,
+            };
+            if let CommitError::Fatal(cause) = &e {
+                tracing::error!(
+                    "metric {} version {} cannot go on: {cause}",
+                    member.metric(),
+                    member.version()
+                );
+                let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                failed.get_or_insert_with(|| member.metric().to_owned());
+            }
+            if worse {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
+}
+
+#[async_trait]
+impl Checkpoints for MetricSet {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Each partition's lowest offset among the members; a partition
+    /// some member has nothing stored of is read from its beginning.
+    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        let mut lowest: Option<HashMap<i32, i64>> = None;
+        for member in &self.members {
+            let stored = member.refresh(topic).await?;
+            lowest = Some(match lowest {
+                None => stored,
+                Some(mut lowest) => {
+                    lowest.retain(|p, offset| match stored.get(p) {
+                        Some(o) => {
+                            *offset = (*offset).min(*o);
+                            true
+                        }
+                        None => false,
+                    });
+                    lowest
+                }
+            });
+        }
+        Ok(lowest.unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl Processor for MetricSet {
+    type Prepared = Prepared;
+
+    /// Records that are not JSON are skipped, not dead-lettered: the
+    /// profile processor, which reads the same records, reports them. A
+    /// large batch is parsed on every core.
+    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared, Vec<Rejected>) {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let chunk = records.len().div_ceil(threads).max(PARSE_CHUNK);
+        let parts: Vec<Parsed> = std::thread::scope(|scope| {
+            let handles: Vec<_> = records
+                .chunks(chunk)
+                .map(|part| scope.spawn(|| self.parse(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let mut parsed = Parsed {
+            events: Vec::with_capacity(records.len()),
+            steps: vec![Vec::with_capacity(records.len()); self.members.len()],
+        };
+        for part in parts {
+            parsed.events.extend(part.events);
+            for (all, some) in parsed.steps.iter_mut().zip(part.steps) {
+                all.extend(some);
+            }
+        }
+        (Prepared(Arc::new(parsed)), Vec::new())
+    }
+
+    async fn commit(
+        &self,
+        prepared: &Prepared,
+        checkpoint: Checkpoint,
+    ) -> Result<Committed, CommitError> {
+        let first = self.claim(&prepared.0).await?;
+        self.apply_all(&prepared.0, first, &checkpoint, false)
+            .await?;
+        Ok(Committed {
+            applied: prepared.0.events.len(),
+            duplicates: 0,
+        })
+    }
+
+    /// Closes what the clocks passed on quiet partitions, and stores
+    /// every partition's watermark (an empty one's too, for the windows
+    /// combined across partitions), for every member.
+    async fn tick(&self, checkpoint: Checkpoint) -> Result<bool, CommitError> {
+        if checkpoint.clocks.is_empty() {
+            return Ok(false);
+        }
+        let empty = Arc::new(Parsed {
+            events: Vec::new(),
+            steps: vec![Vec::new(); self.members.len()],
+        });
+        self.apply_all(&empty, HashMap::new(), &checkpoint, true)
+            .await?;
+        Ok(true)
+    }
+}
+
+/// The runner of a set of metric versions on `user_events`. The set's
+/// name names its consumer group in Kafka mode (the live set's is
+/// `metrics`; a backfill's is its own). With `replay` it stops once it
+/// has read the log to its end.
+pub fn runner(
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    set: Arc<MetricSet>,
+    replay: bool,
+) -> Result<Runner<MetricSet>, ReadError> {
+    let topics = Topics::new(&config.topic_prefix);
+    let topic = topics.events();
+    let consumer_group = format!("{}-{}", config.kafka_group, set.name().replace(':', "-"));
+    let reader = group_reader(config, &topic, &consumer_group)?;
+    let settings = RunnerSettings {
+        max_batch: config.process_batch,
+        // The members' engines take one batch at a time.
+        parallel_commits: 1,
+        idle_bound: config.append_timeout + config.clock_skew,
+        stop_when_caught_up: replay,
+        ..RunnerSettings::new("metrics", topic, topics.rejected())
+    };
+    Ok(Runner::new(set, reader, log, settings))
+}
+
+/// A member for `spec`'s `version`, as the runners make them.
+pub fn member(
+    config: &Config,
+    store: Store,
+    spec: crate::definitions::MetricSpec,
+    version: i64,
+    budget: &super::metrics::StateBudget,
+) -> Arc<MetricProcessor> {
+    Arc::new(
+        MetricProcessor::new(store, spec, version, config.partitions, budget)
+            .linking_after(config.append_timeout + config.clock_skew),
+    )
+}
