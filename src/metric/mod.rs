@@ -35,6 +35,30 @@ pub enum Outcome {
     Observed { group: String, observed: Observed },
 }
 
+/// The envelope fields every metric looks at, read once an event.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Head<'a> {
+    /// `type`.
+    pub kind: Option<&'a str>,
+    /// `event` (a track's name).
+    pub event: Option<&'a str>,
+    /// `userId` and `anonymousId`, when not empty.
+    pub user: Option<&'a str>,
+    pub anonymous: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    pub fn of(envelope: &'a Value) -> Head<'a> {
+        let text = |name: &str| envelope.get(name).and_then(Value::as_str);
+        Head {
+            kind: text("type"),
+            event: text("event"),
+            user: text("userId").filter(|id| !id.is_empty()),
+            anonymous: text("anonymousId").filter(|id| !id.is_empty()),
+        }
+    }
+}
+
 /// One version of a metric over the events of the partitions it is fed.
 #[derive(Debug)]
 pub struct Metric {
@@ -64,17 +88,20 @@ impl Metric {
     /// Whether the definition takes this event. Records Traitline writes
     /// itself (deletions, computed traits) are never a metric's events.
     pub fn selects(&self, envelope: &Value) -> bool {
-        let text = |name: &str| envelope.get(name).and_then(Value::as_str);
-        if matches!(text("type"), Some("delete" | "computed")) {
+        self.selects_head(&Head::of(envelope), envelope)
+    }
+
+    fn selects_head(&self, head: &Head, envelope: &Value) -> bool {
+        if matches!(head.kind, Some("delete" | "computed")) {
             return false;
         }
         if let Some(kind) = self.spec.kind
-            && text("type") != Some(kind.as_str())
+            && head.kind != Some(kind.as_str())
         {
             return false;
         }
         if let Some(event) = &self.spec.event
-            && text("event") != Some(event.as_str())
+            && head.event != Some(event.as_str())
         {
             return false;
         }
@@ -89,13 +116,13 @@ impl Metric {
     /// are linked); a property group-by by its value, strings as they are
     /// and anything else as JSON text.
     pub fn group(&self, envelope: &Value) -> Option<String> {
+        self.group_head(&Head::of(envelope), envelope)
+    }
+
+    fn group_head(&self, head: &Head, envelope: &Value) -> Option<String> {
         match &self.spec.group_by {
             GroupBy::Global => Some(GLOBAL_GROUP.to_owned()),
-            GroupBy::User => ["userId", "anonymousId"]
-                .iter()
-                .find_map(|f| envelope.get(*f).and_then(Value::as_str))
-                .filter(|id| !id.is_empty())
-                .map(str::to_owned),
+            GroupBy::User => head.user.or(head.anonymous).map(str::to_owned),
             GroupBy::Field(path) => match path.get(envelope)? {
                 Value::Null => None,
                 Value::String(s) => Some(s.clone()),
@@ -119,8 +146,14 @@ impl Metric {
     /// [`Metric::observe`] would give it to, so its state can be read back
     /// from the store first.
     pub fn selected_group(&self, envelope: &Value) -> Option<String> {
-        self.selects(envelope)
-            .then(|| self.group(envelope))
+        self.selected_group_head(&Head::of(envelope), envelope)
+    }
+
+    /// [`Metric::selected_group`] with the envelope's [`Head`] read once
+    /// for every metric.
+    pub fn selected_group_head(&self, head: &Head, envelope: &Value) -> Option<String> {
+        self.selects_head(head, envelope)
+            .then(|| self.group_head(head, envelope))
             .flatten()
     }
 
@@ -153,10 +186,8 @@ impl Metric {
     /// The groups a deletion record removes from a per-user metric: every
     /// id the deleted profile had (`None` for other records, and for
     /// metrics not grouped by user, whose groups are not a person's).
-    pub fn deleted_groups<'a>(&self, envelope: &'a Value) -> Option<Vec<&'a str>> {
-        if self.spec.group_by != GroupBy::User
-            || envelope.get("type").and_then(Value::as_str) != Some("delete")
-        {
+    pub fn deleted_groups<'a>(&self, head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>> {
+        if self.spec.group_by != GroupBy::User || head.kind != Some("delete") {
             return None;
         }
         let mut ids: Vec<&str> = ["userId", "anonymousId"]
@@ -179,8 +210,12 @@ impl Metric {
     /// For a per-user metric, what an `alias` (its `previousId` and
     /// `anonymousId`) or an `identify` with an anonymous id links into the
     /// user's group: the user, and the ids whose open windows join it.
-    pub fn linked_groups<'a>(&self, envelope: &'a Value) -> Option<(&'a str, Vec<&'a str>)> {
-        if self.spec.group_by != GroupBy::User {
+    pub fn linked_groups<'a>(
+        &self,
+        head: &Head,
+        envelope: &'a Value,
+    ) -> Option<(&'a str, Vec<&'a str>)> {
+        if self.spec.group_by != GroupBy::User || !matches!(head.kind, Some("alias" | "identify")) {
             return None;
         }
         let text = |name: &str| {

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
+use crate::metric::Head;
 use crate::store::Store;
 
 /// The name the message ids metrics have counted are claimed under: one
@@ -88,11 +89,17 @@ impl MetricSet {
     /// Parses `records` and works out every member's steps.
     fn parse(&self, records: &[StoredRecord]) -> Parsed {
         let events: Vec<Event> = records.iter().filter_map(Event::parse).collect();
-        let steps = self
+        let mut steps: Vec<Vec<Step>> = self
             .members
             .iter()
-            .map(|m| events.iter().map(|e| m.step(&e.value)).collect())
+            .map(|_| Vec::with_capacity(events.len()))
             .collect();
+        for event in &events {
+            let head = Head::of(&event.value);
+            for (member, steps) in self.members.iter().zip(&mut steps) {
+                steps.push(member.step(&head, &event.value));
+            }
+        }
         Parsed { events, steps }
     }
 
@@ -105,8 +112,7 @@ impl MetricSet {
             .enumerate()
             .filter(|(i, _)| parsed.steps.iter().any(|steps| steps[*i].counts()))
             .filter_map(|(_, e)| {
-                let id = e.value.get("messageId")?.as_str()?;
-                Some((id, e.partition, e.offset, e.received))
+                Some((e.message_id.as_deref()?, e.partition, e.offset, e.received))
             })
             .collect();
         if claims.is_empty() {

@@ -26,7 +26,7 @@ use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec};
 use crate::log::StoredRecord;
-use crate::metric::{Metric, Outcome};
+use crate::metric::{Head, Metric, Outcome};
 use crate::store::{
     Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary, Store,
     StoredWindow,
@@ -173,6 +173,7 @@ pub struct Event {
     pub partition: i32,
     pub offset: i64,
     pub value: Value,
+    pub message_id: Option<String>,
     /// When the log received it (ms), else when it was parsed.
     pub received: Millis,
     /// Its time and message id, when it has both.
@@ -188,12 +189,16 @@ impl Event {
             offset: record.offset,
             received: received_ms(&value),
             stamp: crate::metric::stamp(&value),
+            message_id: value
+                .get("messageId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             value,
         })
     }
 
     fn message_id(&self) -> Option<&str> {
-        self.value.get("messageId").and_then(Value::as_str)
+        self.message_id.as_deref()
     }
 }
 
@@ -335,19 +340,20 @@ impl MetricProcessor {
         self.counted.load(Ordering::Relaxed)
     }
 
-    /// What a batch does with `event` for this metric.
-    pub fn step(&self, event: &Value) -> Step {
+    /// What a batch does with `event` (whose head is `head`) for this
+    /// metric.
+    pub fn step(&self, head: &Head, event: &Value) -> Step {
         let metric = &self.selector;
-        if let Some(ids) = metric.deleted_groups(event) {
+        if let Some(ids) = metric.deleted_groups(head, event) {
             return Step::Delete(ids.into_iter().map(str::to_owned).collect());
         }
-        let link = metric.linked_groups(event).map(|(into, from)| {
+        let link = metric.linked_groups(head, event).map(|(into, from)| {
             (
                 into.to_owned(),
                 from.into_iter().map(str::to_owned).collect(),
             )
         });
-        let group = metric.selected_group(event);
+        let group = metric.selected_group_head(head, event);
         if link.is_none() && group.is_none() {
             return Step::Skip;
         }
@@ -619,6 +625,9 @@ impl MetricProcessor {
         let mut wanted: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
         for (event, step) in batch {
             let p = event.partition;
+            if !partitions[&p].spilled {
+                continue;
+            }
             let wanted = wanted.entry(p).or_default();
             match step {
                 Step::Skip => {}
@@ -636,7 +645,7 @@ impl MetricProcessor {
                 }
             }
         }
-        for m in &pending {
+        for m in pending.iter().filter(|m| partitions[&m.partition].spilled) {
             let group = if m.state.is_some() {
                 &m.into_group
             } else {

@@ -408,6 +408,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             merges,
             claims,
             shared_claims,
+            migration(
+                11,
+                "room for in-place rewrites of metric state",
+                include_str!("migrations/postgres_11.sql"),
+            ),
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),

@@ -220,7 +220,7 @@ impl Engine {
         // A trailing window only ever shows the window holding now.
         let late = (first_end <= self.limit && !self.trailing).then(|| self.late(span, first_end));
         let aggregate = self.aggregate;
-        let state = self.groups.entry(group.to_owned()).or_default();
+        let state = self.group_mut(group);
         let slice = state.slices.entry(span.start).or_insert_with(|| Slice {
             end: span.end,
             partial: aggregate.empty(),
@@ -228,7 +228,7 @@ impl Engine {
         });
         slice.partial.observe(stamp, value);
         slice.events += 1;
-        self.changed.insert(group.to_owned());
+        self.mark_changed(group);
         self.reschedule(group);
         Observed {
             counted: true,
@@ -282,9 +282,9 @@ impl Engine {
                 events: 1,
             }],
         };
-        let state = self.groups.entry(group.to_owned()).or_default();
+        let state = self.group_mut(group);
         shape.insert(&mut state.sessions, session);
-        self.changed.insert(group.to_owned());
+        self.mark_changed(group);
         self.reschedule(group);
         Observed {
             counted: true,
@@ -323,7 +323,10 @@ impl Engine {
             }),
         });
         let old = match next {
-            Some(at) => self.timer_of.insert(group.to_owned(), at),
+            Some(at) => match self.timer_of.get_mut(group) {
+                Some(timer) => Some(std::mem::replace(timer, at)),
+                None => self.timer_of.insert(group.to_owned(), at),
+            },
             None => self.timer_of.remove(group),
         };
         if old != next {
@@ -333,6 +336,22 @@ impl Engine {
             if let Some(at) = next {
                 self.timers.insert((at, group.to_owned()));
             }
+        }
+    }
+
+    /// `group`'s state, made empty if it has none (without copying the
+    /// name of a group it has).
+    fn group_mut(&mut self, group: &str) -> &mut GroupState {
+        if !self.groups.contains_key(group) {
+            self.groups.insert(group.to_owned(), GroupState::default());
+        }
+        self.groups.get_mut(group).expect("inserted above")
+    }
+
+    /// Notes that `group` changed since the last [`Engine::take_changed`].
+    fn mark_changed(&mut self, group: &str) {
+        if !self.changed.contains(group) {
+            self.changed.insert(group.to_owned());
         }
     }
 
