@@ -223,11 +223,25 @@ async fn window_samples(
             format!("defining {WINDOW_METRIC} got {}", defined.status()),
         ));
     }
-    // The first windows close while the new version reads the log's
-    // history: they are not samples of live processing.
-    let live_from = chrono::Utc::now().timestamp_millis() + 3_000;
+    // Windows that close while the new version reads the log's history
+    // (before it is live, and a second after) are not samples of live
+    // processing.
+    let read = key(config, args.read_key.as_ref(), &config.keys.read, |k| {
+        k.read
+    })?;
+    let mut live_from = i64::MAX;
     let mut samples = Vec::new();
     while Instant::now() < end {
+        if live_from == i64::MAX {
+            let progress: serde_json::Value =
+                match client.get(&url).basic_auth(&read, Some("")).send().await {
+                    Ok(response) => response.json().await.unwrap_or_default(),
+                    Err(_) => serde_json::Value::Null,
+                };
+            if progress["progress"]["state"] == "live" {
+                live_from = chrono::Utc::now().timestamp_millis() + 1_000;
+            }
+        }
         let polled = reader
             .poll(1000, Duration::from_millis(20))
             .await

@@ -44,6 +44,8 @@ struct RunnerEntry {
     stats: SharedStats,
     /// Whether that set is the live one.
     live: bool,
+    /// How far behind the log's end a live set still counts as live.
+    front: i64,
     failed: Option<String>,
 }
 
@@ -96,7 +98,7 @@ impl MetricRunners {
 impl RunnerEntry {
     fn state(&self) -> DefinitionState {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let state = match (&self.failed, self.live && stats.caught_up) {
+        let state = match (&self.failed, self.live && stats.near_front(self.front)) {
             (Some(_), _) => "failed",
             (None, true) => "live",
             (None, false) => "backfilling",
@@ -402,16 +404,24 @@ impl Stage {
         (live, behind)
     }
 
-    /// Moves the members of each backfill that has read the log to its
-    /// end into the live set.
+    /// How near the log's end a set is caught up: within a batch, which
+    /// the live set then reads in one go for a member that joins.
+    fn front(&self) -> i64 {
+        i64::try_from(self.config.process_batch).unwrap_or(i64::MAX)
+    }
+
+    /// Moves the members of each backfill that has caught up into the live
+    /// set.
     fn join_caught_up(&mut self) {
+        let front = self.front();
         let caught_up: Vec<u64> = self
             .sets
             .iter()
             .filter(|(id, slot)| {
                 **id != LIVE
                     && slot.running.as_ref().is_some_and(|r| {
-                        !r.stopping && r.stats.lock().unwrap_or_else(|e| e.into_inner()).caught_up
+                        let stats = r.stats.lock().unwrap_or_else(|e| e.into_inner());
+                        !r.stopping && stats.near_front(front)
                     })
             })
             .map(|(id, _)| *id)
@@ -461,6 +471,7 @@ impl Stage {
     }
 
     fn start(&mut self, id: u64) -> Result<(), String> {
+        let front = self.front();
         let slot = self.sets.get_mut(&id).expect("listed");
         let members = slot.wanted.clone();
         let group = if id == LIVE {
@@ -481,6 +492,7 @@ impl Stage {
                     member: member.clone(),
                     stats: stats.clone(),
                     live: id == LIVE,
+                    front,
                     failed: None,
                 };
                 runners.insert(member.metric().to_owned(), entry);

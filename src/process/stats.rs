@@ -40,6 +40,13 @@ pub struct RunnerStats {
 }
 
 impl RunnerStats {
+    /// Whether the runner is at the log's end, or was within `bound`
+    /// records of it when its lag was last measured: a runner under
+    /// steady traffic is seldom at the end of every partition at once.
+    pub fn near_front(&self, bound: i64) -> bool {
+        self.caught_up || self.lag().is_some_and(|lag| lag <= bound)
+    }
+
     /// Records not yet processed, over the partitions whose lag is known.
     pub fn lag(&self) -> Option<i64> {
         self.partitions
