@@ -465,7 +465,20 @@ impl Stage {
             true
         });
         for id in start {
-            self.start(id)?;
+            // A member leaving another set joins once that set's runner
+            // has finished its last batch, so one member is never on two
+            // runners.
+            let busy = self.sets.iter().any(|(other, slot)| {
+                *other != id
+                    && slot.running.as_ref().is_some_and(|r| {
+                        r.members
+                            .iter()
+                            .any(|m| self.sets[&id].wanted.iter().any(|w| Arc::ptr_eq(m, w)))
+                    })
+            });
+            if !busy {
+                self.start(id)?;
+            }
         }
         Ok(())
     }

@@ -125,6 +125,25 @@ async fn run_to_end(runner: Runner<MetricSet>) {
         .expect("the runner does not fail");
 }
 
+/// A new embedded log of `partitions` partitions in a temporary
+/// directory (kept while the first value lives), its directory, and a
+/// SQLite store beside it.
+async fn scratch(
+    partitions: i32,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<EmbeddedLog>,
+    Store,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, partitions, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    (dir, log_dir, log, store)
+}
+
 fn unlimited() -> StateBudget {
     StateBudget::new(usize::MAX)
 }
@@ -156,11 +175,7 @@ async fn a_runner_over_its_state_budget_evicts_groups_and_counts_the_same() {
 async fn restart_between_two_halves_and_a_second_pass(
     budget: StateBudget,
 ) -> ((usize, usize), usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch(3).await;
     // Windows in the future of the log's clock (its append times), so
     // they stay open through both runs and close only on the tick below.
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
@@ -242,11 +257,7 @@ async fn closed_windows(store: &Store, version: i64) -> BTreeMap<(String, i64), 
 /// counted; every version ends exact, and at the same offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_behind_the_others_catches_up_and_the_others_count_nothing_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch(3).await;
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
     let member = |version| {
         Arc::new(MetricProcessor::new(
@@ -294,11 +305,7 @@ async fn runner_offsets(store: &Store, members: &[Arc<MetricProcessor>]) -> Hash
 /// every partition's watermark has passed it, and then exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 8, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch(8).await;
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
     let definition: MetricDefinition = serde_json::from_value(json!({
         "event": "order.create", "aggregate": "distinct", "field": "userId",
