@@ -141,6 +141,7 @@ pub fn spawn(
             sets: BTreeMap::new(),
             next_set: 0,
             tasks: JoinSet::new(),
+            retiring: Vec::new(),
         };
         Ok(Box::pin(stage.run(stop)))
     })?;
@@ -225,6 +226,10 @@ struct Stage {
     sets: BTreeMap<u64, SetSlot>,
     next_set: u64,
     tasks: JoinSet<Ended>,
+    /// Versions that left with a computed trait: once no runner here has
+    /// them, their trait leaves the profiles (unless a current version
+    /// keeps a trait of that name).
+    retiring: Vec<Arc<MetricProcessor>>,
 }
 
 impl Stage {
@@ -265,7 +270,50 @@ impl Stage {
                 }
             }
             self.reconcile()?;
+            self.retire().await;
         }
+    }
+
+    /// Takes the computed traits of versions that left out of the
+    /// profiles, once no runner here has them; a failure is tried again
+    /// at the next turn.
+    async fn retire(&mut self) {
+        let mut still = Vec::new();
+        for member in std::mem::take(&mut self.retiring) {
+            let running = self.sets.values().any(|slot| {
+                slot.running
+                    .as_ref()
+                    .is_some_and(|r| r.members.iter().any(|m| Arc::ptr_eq(m, &member)))
+            });
+            let kept = self
+                .members
+                .values()
+                .any(|m| m.computed_trait() == member.computed_trait());
+            if running {
+                still.push(member);
+                continue;
+            }
+            if kept {
+                continue;
+            }
+            match self.store.remove_computed_traits(member.name()).await {
+                Ok(removed) => tracing::info!(
+                    "metric {} version {} no longer runs: its computed trait {:?} leaves {removed} profiles",
+                    member.metric(),
+                    member.version(),
+                    member.computed_trait().unwrap_or_default()
+                ),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot take the computed trait of metric {} version {} out of the profiles: {e}; trying again",
+                        member.metric(),
+                        member.version()
+                    );
+                    still.push(member);
+                }
+            }
+        }
+        self.retiring = still;
     }
 
     /// A set's runner ended: a failure ends the stage; a stop asked for
@@ -328,6 +376,9 @@ impl Stage {
                 slot.wanted.retain(|m| !Arc::ptr_eq(m, &member));
             }
             self.shown.with(|runners| runners.remove(&name));
+            if member.computed_trait().is_some() {
+                self.retiring.push(member);
+            }
         }
         let mut new = Vec::new();
         for (name, (version, spec)) in current {

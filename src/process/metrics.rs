@@ -335,6 +335,11 @@ impl MetricProcessor {
         self.version
     }
 
+    /// The name of the computed trait it keeps in the profiles, if any.
+    pub fn computed_trait(&self) -> Option<&str> {
+        self.spec.computed_trait.as_deref()
+    }
+
     /// Events counted since it was made.
     pub fn counted(&self) -> u64 {
         self.counted.load(Ordering::Relaxed)

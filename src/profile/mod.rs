@@ -270,10 +270,15 @@ impl Profile {
         if event.kind == EventType::Computed {
             // A value computed from the user's events, not an event of
             // theirs: nothing is counted or seen.
-            if let (Some(Value::String(name)), Some(value)) =
-                (event.properties.get("trait"), event.properties.get("value"))
-            {
-                write_entry(&mut self.computed, name, &stamp, Latest, value);
+            match (event.properties.get("trait"), event.properties.get("value")) {
+                // The metric was deleted (or its trait renamed).
+                (Some(Value::String(name)), Some(Value::Null)) => {
+                    self.computed.remove(name);
+                }
+                (Some(Value::String(name)), Some(value)) => {
+                    write_entry(&mut self.computed, name, &stamp, Latest, value);
+                }
+                _ => {}
             }
             return;
         }

@@ -405,3 +405,21 @@ fn a_computed_value_is_a_register_that_counts_nothing_and_merges_by_stamp() {
     other_way.merge(u1.clone());
     assert_eq!(other_way.view().computed, merged.view().computed);
 }
+
+/// A computed trait whose metric is deleted arrives as `null`: it leaves
+/// the profile, and nothing else changes.
+#[test]
+fn a_null_computed_value_takes_the_trait_out() {
+    let mut profile = Profile::default();
+    profile.apply(&track("u1", 1, "m1", json!({})));
+    profile.apply(&computed("u1", 5, "c-1", 2));
+    assert_eq!(profile.view().computed.get("orders_30d"), Some(&json!(2)));
+    let before = profile.clone();
+    let removal = event(EventType::Computed, Some("u1"), None, 6, "c-2").properties(
+        json!({"trait": "orders_30d", "value": null, "metric": "orders_30d", "version": 1}),
+    );
+    profile.apply(&removal);
+    assert_eq!(profile.view().computed.get("orders_30d"), None);
+    assert_eq!(profile.event_count, before.event_count);
+    assert_eq!(profile.view().traits, before.view().traits);
+}

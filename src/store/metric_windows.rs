@@ -571,6 +571,23 @@ impl Store {
         Ok(())
     }
 
+    /// Takes `processor`'s computed trait out of the profiles: each user's
+    /// value becomes `null` (which the profile processor applies as a
+    /// removal) and waits to go on `user_events`; how many. Called once
+    /// the version's runner has stopped; a value a runner of it elsewhere
+    /// writes after this is taken out again when that runner stops.
+    pub async fn remove_computed_traits(&self, processor: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE computed_traits SET value = 'null', seq = seq + 1, published = 0, at = $1 \
+             WHERE processor = $2 AND value <> 'null'",
+        )
+        .bind(now_ms())
+        .bind(processor)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Computed trait values not yet on `user_events`, with the processor
     /// that computed each.
     pub async fn unpublished_traits(

@@ -758,6 +758,26 @@ async fn a_computed_trait_is_in_the_profile_and_goes_down_as_events_age_out(back
         computed_changes.contains(&json!(2)) && computed_changes.first() == Some(&json!(0)),
         "the trait's values are changes, newest first: {computed_changes:?}"
     );
+
+    // A deleted metric's trait leaves the profile.
+    assert_eq!(
+        delete(&app, "recent_orders", ADMIN_KEY).await,
+        StatusCode::NO_CONTENT
+    );
+    let profile = eventually(
+        "recent_orders gone from the profile",
+        Duration::from_secs(60),
+        || async {
+            let (status, profile) = app.get_as("/v1/profiles/u1", READ_KEY).await;
+            (status == StatusCode::OK
+                && profile
+                    .get("computed")
+                    .is_none_or(|c| c.get("recent_orders").is_none()))
+            .then_some(profile)
+        },
+    )
+    .await;
+    assert_eq!(profile["traits"]["plan"], "pro", "{profile}");
     app.stop().await;
 }
 
