@@ -4,7 +4,7 @@
 //! crash, a rebalance or a redelivery never counts an event twice in a
 //! window, and a closed window is written once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -571,20 +571,50 @@ impl Store {
         Ok(())
     }
 
-    /// Takes `processor`'s computed trait out of the profiles: each user's
-    /// value becomes `null` (which the profile processor applies as a
-    /// removal) and waits to go on `user_events`; how many. Called once
-    /// the version's runner has stopped; a value a runner of it elsewhere
-    /// writes after this is taken out again when that runner stops.
-    pub async fn remove_computed_traits(&self, processor: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE computed_traits SET value = 'null', seq = seq + 1, published = 0, at = $1 \
-             WHERE processor = $2 AND value <> 'null'",
+    /// Takes `processor`'s computed trait out of the profiles, unless its
+    /// name is one of `kept` (a current metric's): each user's value
+    /// becomes `null` (which the profile processor applies as a removal)
+    /// and waits to go on `user_events`; how many. Called once the
+    /// version's runner has stopped; a value a runner of it elsewhere
+    /// writes after this is taken out again when that runner stops, or by
+    /// the hourly purge.
+    pub async fn remove_computed_traits(
+        &self,
+        processor: &str,
+        kept: &BTreeSet<String>,
+    ) -> Result<u64, StoreError> {
+        let names: Vec<String> = sqlx::query(
+            "SELECT DISTINCT name FROM computed_traits WHERE processor = $1 AND value <> 'null'",
         )
-        .bind(now_ms())
         .bind(processor)
-        .execute(&self.pool)
-        .await?;
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for name in names.iter().filter(|n| !kept.contains(*n)) {
+            removed += sqlx::query(
+                "UPDATE computed_traits SET value = 'null', seq = seq + 1, published = 0, at = $1 \
+                 WHERE processor = $2 AND name = $3 AND value <> 'null'",
+            )
+            .bind(now_ms())
+            .bind(processor)
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the removals of computed traits that are on `user_events`
+    /// already; how many.
+    pub async fn purge_published_removals(&self) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM computed_traits WHERE published = 1 AND value = 'null'")
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected())
     }
 

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use chrono::Utc;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    Combine, GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch, StateSummary, Store,
-    StoreError, StoredWindow, WindowQuery,
+    Combine, ComputedTrait, GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch,
+    StateSummary, Store, StoreError, StoredWindow, WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
@@ -591,7 +591,20 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
             )],
             windows,
             late: vec![],
-            traits: vec![],
+            // The old version kept a computed trait; the current one
+            // keeps none.
+            traits: (version == 1)
+                .then(|| ComputedTrait {
+                    metric: "orders_hourly".to_owned(),
+                    version,
+                    name: "orders_1h".to_owned(),
+                    group: "u2".to_owned(),
+                    value: "3".to_owned(),
+                    at: 1,
+                    seq: 0,
+                })
+                .into_iter()
+                .collect(),
             deleted: vec![],
             combine: None,
             merges: vec![],
@@ -599,6 +612,17 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
         };
         store.apply_metric_batch(&batch).await.unwrap();
     }
+    let published = |traits: Vec<(String, ComputedTrait)>| -> Vec<(String, String, i64)> {
+        traits
+            .into_iter()
+            .map(|(p, t)| (p, t.group, t.seq))
+            .collect()
+    };
+    let values = store.unpublished_traits(10).await.unwrap();
+    store
+        .mark_traits_published(&published(values))
+        .await
+        .unwrap();
     assert_eq!(
         traitline::process::metrics::purge_superseded(&store)
             .await
@@ -617,6 +641,20 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
         .await
         .unwrap();
     assert_eq!(states.len(), 1, "the current version's state stays");
+    // The old version's trait leaves the profiles: a null value to send.
+    let removals = store.unpublished_traits(10).await.unwrap();
+    assert_eq!(
+        removals
+            .iter()
+            .map(|(p, t)| (p.as_str(), t.name.as_str(), t.value.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("metric:orders_hourly:1", "orders_1h", "null")]
+    );
+    store
+        .mark_traits_published(&published(removals))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_published_removals().await.unwrap(), 1);
 
     // Windows ending before the cut go only once published.
     let query = WindowQuery {
