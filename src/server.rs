@@ -76,7 +76,9 @@ pub async fn serve(
     } else {
         None
     };
-    if let Some(store) = &store {
+    if !config.roles.process
+        && let Some(store) = &store
+    {
         store_file_metrics(&config, store).await?;
     }
     let address = listener.local_addr()?;
@@ -87,7 +89,10 @@ pub async fn serve(
     if config.roles.process
         && let Some(store) = &store
     {
+        // First: a snapshot restored brings its metric definitions, and the
+        // configuration file's are stored over them.
         start_from_snapshot(&config, store).await?;
+        store_file_metrics(&config, store).await?;
         for input in [ProfileInput::Events, ProfileInput::Overflow] {
             let stats =
                 crate::process::profiles::spawn(&mut supervisor, &config, store, &log, input)

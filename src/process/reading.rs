@@ -35,7 +35,12 @@ pub(super) struct Reading {
     unseeked: bool,
     pub clocks: PartitionClocks,
     last_lag_probe: Option<Instant>,
+    last_reseek: Option<Instant>,
 }
+
+/// Least time between two looks for partitions read to their end while
+/// the store is behind them.
+const RESEEK: Duration = Duration::from_secs(5);
 
 impl Reading {
     pub fn new(reader: Box<dyn LogReader>, topic: String) -> Reading {
@@ -47,6 +52,7 @@ impl Reading {
             unseeked: false,
             clocks: PartitionClocks::default(),
             last_lag_probe: None,
+            last_reseek: None,
         }
     }
 
@@ -182,6 +188,41 @@ impl Reading {
         }
         self.clocks.saw(&kept);
         Ok(kept)
+    }
+
+    /// Sends back a partition the reader has read to its end while the
+    /// store is behind its high watermark: the seek that should have sent
+    /// it to the store's offset was lost (a seek made as the partition
+    /// starts fetching can be), and on a quiet log no record comes to
+    /// show it. Called when every partition is read to its end, at most
+    /// every [`RESEEK`].
+    pub fn reseek_behind(&mut self) {
+        if self.last_reseek.is_some_and(|t| t.elapsed() < RESEEK) {
+            return;
+        }
+        self.last_reseek = Some(Instant::now());
+        for partition in self.reader.assigned() {
+            let (Some(high), Some(expected)) = (
+                self.reader.high_watermark(partition),
+                self.believed(partition),
+            ) else {
+                continue;
+            };
+            if expected.unwrap_or(0) >= high {
+                continue;
+            }
+            tracing::info!(
+                partition,
+                "partition {partition} is read to its end at offset {high} but the store is at {expected:?}; seeking back"
+            );
+            match self.reader.seek(partition, expected) {
+                // Its next record is checked against the store again.
+                Ok(()) => {
+                    self.positions.remove(&partition);
+                }
+                Err(e) => tracing::debug!("{e}"),
+            }
+        }
     }
 
     /// Where a checkpoint of `records` takes each of their partitions.

@@ -151,6 +151,7 @@ impl<P: Processor> Runner<P> {
                     Outcome::Failed(cause) => break Err(cause),
                 }
             } else if caught_up && !self.settings.stop_when_caught_up {
+                self.reading.reseek_behind();
                 let partitions = self.reading.partitions();
                 let now = self.clock.now_ms();
                 self.reading

@@ -1,8 +1,10 @@
-//! Snapshots of what the profile processor made: every profile, id, change
-//! and stored event, the deleted ids, and the processor's offsets, read in
-//! one consistent transaction. Restored, they put a store where the
-//! processor was when the snapshot was taken, so it reads the log on from
-//! those offsets instead of from the beginning.
+//! Snapshots of what the processors made: every profile, id, change and
+//! stored event, the deleted ids and the profile processor's offsets; and
+//! the metric definitions with each metric version's offsets, clocks,
+//! window state and closed windows. All read in one consistent
+//! transaction. Restored, they put a store where the processors were when
+//! the snapshot was taken, so they read the log on from those offsets
+//! instead of from the beginning (which the log may no longer hold).
 //!
 //! The format is JSON lines: a `snapshot` line (when, which processor,
 //! its offsets), one `row` line a table row, and an `end` line with the row
@@ -25,18 +27,28 @@ enum Kind {
     Text,
     NullableText,
     Int,
+    NullableInt,
 }
 
 /// A table a snapshot holds, and its columns in order.
 struct Table {
     name: &'static str,
     columns: &'static [(&'static str, Kind)],
+    /// Which of its rows (`WHERE ...`), when not all.
+    rows: &'static str,
 }
 
-use Kind::{Int, NullableText, Text};
+use Kind::{Int, NullableInt, NullableText, Text};
+
+/// The rows of the metric versions' offsets and clocks.
+const METRIC_OFFSETS: &str = "WHERE processor LIKE 'metric:%'";
+
+/// The first tables, the profile processor's: all a format-1 snapshot
+/// holds.
+const PROFILE_TABLES: usize = 5;
 
 /// What a snapshot holds, in the order it is restored.
-const TABLES: [Table; 5] = [
+const TABLES: [Table; 15] = [
     Table {
         name: "profiles",
         columns: &[
@@ -45,10 +57,12 @@ const TABLES: [Table; 5] = [
             ("state_json", Text),
             ("updated_at", Int),
         ],
+        rows: "",
     },
     Table {
         name: "identities",
         columns: &[("distinct_id", Text), ("profile_id", Text)],
+        rows: "",
     },
     Table {
         name: "profile_changes",
@@ -62,6 +76,7 @@ const TABLES: [Table; 5] = [
             ("changed_at", Int),
             ("published", Int),
         ],
+        rows: "",
     },
     Table {
         name: "events",
@@ -74,18 +89,145 @@ const TABLES: [Table; 5] = [
             ("received_at", Int),
             ("body", Text),
         ],
+        rows: "",
     },
     Table {
         name: "deleted_ids",
         columns: &[("distinct_id", Text), ("deleted_at", Int)],
+        rows: "",
+    },
+    Table {
+        name: "definitions",
+        columns: &[
+            ("kind", Text),
+            ("name", Text),
+            ("version", Int),
+            ("body", NullableText),
+            ("changed_at", Int),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "processor_offsets",
+        columns: &[
+            ("processor", Text),
+            ("topic", Text),
+            ("partition", Int),
+            ("next_offset", Int),
+            ("updated_at", Int),
+            ("clock", NullableInt),
+        ],
+        rows: METRIC_OFFSETS,
+    },
+    Table {
+        name: "metric_state",
+        columns: &[
+            ("processor", Text),
+            ("partition", Int),
+            ("grp", Text),
+            ("state", Text),
+            ("due", NullableInt),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "metric_windows",
+        columns: &[
+            ("metric", Text),
+            ("version", Int),
+            ("grp", Text),
+            ("start_ms", Int),
+            ("end_ms", Int),
+            ("value", Text),
+            ("events", Int),
+            ("closed_at", Int),
+            ("published", Int),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "metric_parts",
+        columns: &[
+            ("processor", Text),
+            ("end_ms", Int),
+            ("grp", Text),
+            ("start_ms", Int),
+            ("partition", Int),
+            ("part", Text),
+            ("events", Int),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "metric_combine",
+        columns: &[("processor", Text), ("final_until", Int)],
+        rows: "",
+    },
+    Table {
+        name: "metric_late",
+        columns: &[
+            ("processor", Text),
+            ("message_id", Text),
+            ("metric", Text),
+            ("version", Int),
+            ("grp", Text),
+            ("start_ms", Int),
+            ("end_ms", Int),
+            ("late_by_ms", Int),
+            ("event", Text),
+            ("recorded_at", Int),
+            ("published", Int),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "metric_merges",
+        columns: &[
+            ("processor", Text),
+            ("partition", Int),
+            ("message_id", Text),
+            ("grp", Text),
+            ("into_grp", Text),
+            ("into_partition", Int),
+            ("at", Int),
+            ("state", NullableText),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "metric_seen",
+        columns: &[
+            ("processor", Text),
+            ("message_id", Text),
+            ("received_at", Int),
+            ("partition", NullableInt),
+            ("record_offset", NullableInt),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "computed_traits",
+        columns: &[
+            ("processor", Text),
+            ("grp", Text),
+            ("name", Text),
+            ("metric", Text),
+            ("version", Int),
+            ("value", Text),
+            ("at", Int),
+            ("seq", Int),
+            ("published", Int),
+        ],
+        rows: "",
     },
 ];
 
 /// The rows of a table restored with one statement.
 const ROWS_PER_INSERT: usize = 200;
 
-/// The snapshot format this build writes and reads.
-const FORMAT: u32 = 1;
+/// The snapshot format this build writes. Format 1 (profiles only) is
+/// read too: its metrics are computed from the log again.
+const FORMAT: u32 = 2;
 
 /// What a snapshot is of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,11 +336,21 @@ impl Store {
         write_line(out, &Line::Snapshot(info.clone()))?;
         for table in &TABLES {
             let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+            // Integers read as 64 bits whatever their column's width.
+            let selected: Vec<String> = table
+                .columns
+                .iter()
+                .map(|(name, kind)| match kind {
+                    Int | NullableInt => format!("CAST({name} AS BIGINT)"),
+                    Text | NullableText => (*name).to_owned(),
+                })
+                .collect();
             let sql = format!(
-                "SELECT {} FROM {} ORDER BY {}",
-                columns.join(", "),
+                "SELECT {} FROM {} {} ORDER BY {}",
+                selected.join(", "),
                 table.name,
-                columns[0]
+                table.rows,
+                columns.join(", ")
             );
             let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *tx);
             let mut count = 0u64;
@@ -258,9 +410,9 @@ impl Store {
         let Some(Line::Snapshot(mut info)) = next_line()? else {
             return Err(invalid("it does not start with a snapshot line"));
         };
-        if info.format != FORMAT {
+        if !(1..=FORMAT).contains(&info.format) {
             return Err(invalid(format!(
-                "format {} (this build reads format {FORMAT})",
+                "format {} (this build reads formats 1 to {FORMAT})",
                 info.format
             )));
         }
@@ -297,8 +449,15 @@ impl Store {
                 return Ok(None);
             }
         }
-        for table in TABLES.iter().filter(|t| t.name != "deleted_ids") {
-            let sql = format!("DELETE FROM {}", table.name);
+        // A format-1 snapshot holds no metrics: theirs stay as they are
+        // here, to be computed on from where they are.
+        let held = if info.format > 1 {
+            &TABLES[..]
+        } else {
+            &TABLES[..PROFILE_TABLES]
+        };
+        for table in held.iter().filter(|t| t.name != "deleted_ids") {
+            let sql = format!("DELETE FROM {} {}", table.name, table.rows);
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
         sqlx::query("DELETE FROM processor_offsets WHERE processor = $1")
@@ -398,6 +557,9 @@ fn read_row(row: &AnyRow, table: &Table) -> Result<Vec<Value>, sqlx::Error> {
                     .try_get::<Option<String>, _>(i)?
                     .map_or(Value::Null, Value::from),
                 Kind::Int => Value::from(row.try_get::<i64, _>(i)?),
+                Kind::NullableInt => row
+                    .try_get::<Option<i64>, _>(i)?
+                    .map_or(Value::Null, Value::from),
             })
         })
         .collect()
@@ -436,6 +598,10 @@ async fn insert_rows(
                     _ => return Err(wrong()),
                 },
                 Kind::Int => query.bind(value.as_i64().ok_or_else(wrong)?),
+                Kind::NullableInt => match value {
+                    Value::Null => query.bind(None::<i64>),
+                    _ => query.bind(Some(value.as_i64().ok_or_else(wrong)?)),
+                },
             };
         }
     }

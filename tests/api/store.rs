@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use chrono::Utc;
+use serde_json::Value;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
     Combine, ComputedTrait, GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch,
@@ -21,7 +22,8 @@ both_logs!(
     combined_windows_from_instances_committing_at_once_are_final_once_and_exact,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
-    a_cached_profile_is_used_only_while_it_is_the_stored_one
+    a_cached_profile_is_used_only_while_it_is_the_stored_one,
+    a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be
 );
 
 /// The database of the deployment `backend` stands for: SQLite in the
@@ -670,5 +672,142 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
     assert_eq!(
         store.metric_windows(&query).await.unwrap(),
         vec![closed("u1", 3_600_000, 2)]
+    );
+}
+
+/// A snapshot holds the metric definitions and each version's offsets,
+/// clock, open state, closed windows and computed traits: restored into a
+/// new store, the metric goes on from there. A format-1 snapshot (profiles
+/// only) restored leaves the metrics where they are.
+async fn a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be(backend: Backend) {
+    use traitline::store::DefinitionKind;
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let body = r#"{"aggregate":"count","group_by":"userId","window":{"kind":"tumbling","size":"1h"},"trait":"orders_1h"}"#;
+    store
+        .put_definition(DefinitionKind::Metric, "orders_hourly", body)
+        .await
+        .unwrap();
+    let processor = traitline::process::metrics::processor_name("orders_hourly", 1);
+    let state = GroupRow {
+        state: r#"{"slices":{}}"#.to_owned(),
+        due: Some(12_000_000),
+    };
+    let mut window = closed("u1", 0, 4);
+    window.version = 1;
+    let batch = MetricBatch {
+        processor: &processor,
+        metric: "orders_hourly",
+        topic: "user_events",
+        offsets: vec![OffsetAdvance {
+            partition: 3,
+            expected: None,
+            next: 10,
+        }],
+        clocks: vec![(3, 9_000_000)],
+        states: vec![(3, "u2".to_owned(), Some(state.clone()))],
+        windows: vec![window.clone()],
+        late: vec![],
+        traits: vec![ComputedTrait {
+            metric: "orders_hourly".to_owned(),
+            version: 1,
+            name: "orders_1h".to_owned(),
+            group: "u2".to_owned(),
+            value: "3".to_owned(),
+            at: 1,
+            seq: 0,
+        }],
+        deleted: vec![],
+        combine: None,
+        merges: vec![],
+        merged: vec![],
+    };
+    store.apply_metric_batch(&batch).await.unwrap();
+    let mut snapshot = Vec::new();
+    let info = store
+        .write_snapshot("profiles", &mut snapshot)
+        .await
+        .unwrap();
+    assert_eq!(info.format, 2);
+
+    let other = TestDir::new();
+    let restored = open(backend, &other).await;
+    let topics = ["user_events".to_owned()];
+    restored
+        .restore_snapshot("profiles", &topics, snapshot.as_slice(), false)
+        .await
+        .unwrap();
+    let definition = restored
+        .definition(DefinitionKind::Metric, "orders_hourly")
+        .await
+        .unwrap()
+        .expect("the definition is restored");
+    assert_eq!((definition.version, definition.body.as_str()), (1, body));
+    let offsets = restored.offsets(&processor, "user_events").await.unwrap();
+    assert_eq!(offsets.get(&3), Some(&10));
+    let (clock, states) = restored
+        .metric_states(&processor, "user_events", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        (clock, states),
+        (Some(9_000_000), vec![("u2".to_owned(), state)])
+    );
+    let query = WindowQuery {
+        metric: "orders_hourly",
+        version: 1,
+        limit: 10,
+        ..WindowQuery::default()
+    };
+    assert_eq!(restored.metric_windows(&query).await.unwrap(), vec![window]);
+    let traits = restored.unpublished_traits(10).await.unwrap();
+    assert_eq!(traits.len(), 1);
+    assert_eq!(
+        (traits[0].1.name.as_str(), traits[0].1.value.as_str()),
+        ("orders_1h", "3")
+    );
+
+    // The same snapshot as format 1 wrote it: the profile tables only.
+    let text = String::from_utf8(snapshot).unwrap();
+    let profile_tables = [
+        "profiles",
+        "identities",
+        "profile_changes",
+        "events",
+        "deleted_ids",
+    ];
+    let old: Vec<String> = text
+        .lines()
+        .filter_map(|line| {
+            let mut value: Value = serde_json::from_str(line).unwrap();
+            if let Some(info) = value.get_mut("snapshot") {
+                info["format"] = 1.into();
+                info["rows"] = serde_json::json!({});
+            } else if let Some(rows) = value.pointer_mut("/end/rows") {
+                rows.as_object_mut()
+                    .unwrap()
+                    .retain(|table, _| profile_tables.contains(&table.as_str()));
+            } else if !profile_tables.contains(&value["row"]["table"].as_str().unwrap()) {
+                return None;
+            }
+            Some(value.to_string())
+        })
+        .collect();
+    restored
+        .restore_snapshot("profiles", &topics, old.join("\n").as_bytes(), false)
+        .await
+        .unwrap();
+    let offsets = restored.offsets(&processor, "user_events").await.unwrap();
+    assert_eq!(
+        offsets.get(&3),
+        Some(&10),
+        "the metrics are left as they were"
+    );
+    assert!(
+        restored
+            .definition(DefinitionKind::Metric, "orders_hourly")
+            .await
+            .unwrap()
+            .is_some()
     );
 }
