@@ -350,7 +350,7 @@ impl Store {
                 selected.join(", "),
                 table.name,
                 table.rows,
-                columns.join(", ")
+                columns[0]
             );
             let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *tx);
             let mut count = 0u64;
