@@ -568,6 +568,7 @@ impl MetricProcessor {
                 first,
                 offsets,
                 clocks,
+                &touched,
                 batch_no,
             )
             .await;
@@ -589,8 +590,9 @@ impl MetricProcessor {
         }
     }
 
-    /// [`MetricProcessor::apply`] with the batch's partitions loaded:
-    /// pending merges, the events, the clocks, then one commit.
+    /// [`MetricProcessor::apply`] with the batch's partitions (`touched`,
+    /// by its events, offsets and clocks) loaded: pending merges, the
+    /// events, the clocks, then one commit.
     #[allow(clippy::too_many_arguments)]
     async fn apply_loaded(
         &self,
@@ -600,9 +602,9 @@ impl MetricProcessor {
         first: &HashMap<String, (i32, i64)>,
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
+        touched: &BTreeSet<i32>,
         batch_no: u64,
     ) -> Result<usize, CommitError> {
-        let touched = touched(batch.iter().map(|(e, _)| *e), &offsets, clocks);
         // Merges other partitions asked this batch's partitions for, or
         // handed over to them (per-user metrics only).
         let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User {
@@ -776,7 +778,7 @@ impl MetricProcessor {
         let mut stored_clocks = Vec::new();
         let mut states = Vec::new();
         let mut traits = Vec::new();
-        for p in &touched {
+        for p in touched {
             let held = partitions.get_mut(p).expect("loaded above");
             if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
                 closed.extend(
