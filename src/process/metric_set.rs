@@ -124,10 +124,8 @@ impl MetricSet {
             .map_err(commit_error)
     }
 
-    /// Runs every member's commit of `parsed` at once, each on a task of
-    /// its own (their CPU work runs on every core), and says how it went:
-    /// the first fatal failure (remembered for `/readyz`), else the first
-    /// fenced partition, else the first retryable failure.
+    /// Runs every member's commit of `parsed` at once (see
+    /// [`MetricSet::each_member`]).
     async fn apply_all(
         &self,
         parsed: &Arc<Parsed>,
@@ -136,27 +134,42 @@ impl MetricSet {
         tick: bool,
     ) -> Result<(), CommitError> {
         let first = Arc::new(first);
+        self.each_member(|i, member| {
+            let (parsed, first) = (parsed.clone(), first.clone());
+            let checkpoint = checkpoint.clone();
+            async move {
+                member
+                    .apply(
+                        &checkpoint.topic,
+                        &parsed.events,
+                        &parsed.steps[i],
+                        &first,
+                        &checkpoint.offsets,
+                        &checkpoint.clocks,
+                        tick,
+                        checkpoint.backlog,
+                    )
+                    .await
+                    .map(drop)
+            }
+        })
+        .await
+    }
+
+    /// Runs `work` for every member at once, each on a task of its own
+    /// (their CPU work runs on every core), and says how it went: the
+    /// first fatal failure (remembered for `/readyz`), else the first
+    /// fenced partition, else the first retryable failure.
+    async fn each_member<F, W>(&self, work: F) -> Result<(), CommitError>
+    where
+        F: Fn(usize, Arc<MetricProcessor>) -> W,
+        W: std::future::Future<Output = Result<(), CommitError>> + Send + 'static,
+    {
         let tasks: Vec<_> = self
             .members
             .iter()
             .enumerate()
-            .map(|(i, member)| {
-                let (member, parsed, first) = (member.clone(), parsed.clone(), first.clone());
-                let checkpoint = checkpoint.clone();
-                tokio::spawn(async move {
-                    member
-                        .apply(
-                            &checkpoint.topic,
-                            &parsed.events,
-                            &parsed.steps[i],
-                            &first,
-                            &checkpoint.offsets,
-                            &checkpoint.clocks,
-                            tick,
-                        )
-                        .await
-                })
-            })
+            .map(|(i, member)| tokio::spawn(work(i, member.clone())))
             .collect();
         let mut outcome = Ok(());
         for (member, task) in self.members.iter().zip(tasks) {
@@ -283,6 +296,11 @@ impl Processor for MetricSet {
         self.apply_all(&empty, HashMap::new(), &checkpoint, true)
             .await?;
         Ok(true)
+    }
+
+    async fn flush(&self) -> Result<(), CommitError> {
+        self.each_member(|_, member| async move { member.flush().await })
+            .await
     }
 }
 

@@ -7,18 +7,18 @@
 //! Each partition has its own window engine, clocked by the partition's
 //! clock (the runner's time hook moves it on quiet partitions). A batch's
 //! events, the windows its clocks close, the groups' states and the
-//! offsets commit in one store transaction. The engines in memory are
-//! what the store holds after the last commit: when a commit fails, the
-//! partitions it touched are read back from the store before the batch is
-//! tried again, so a retry, a crash or a rebalance never counts an event
-//! twice.
+//! offsets commit in one store transaction; under a backlog several
+//! batches share one ([`HeldBack`]). When a commit fails, the partitions
+//! it touched are read back from the store, and the batches it carried
+//! are read again from the store's offsets, so a retry, a crash or a
+//! rebalance never counts an event twice.
 //!
 //! [`MetricSet`]: super::metric_set::MetricSet
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -168,6 +168,63 @@ impl Held {
     }
 }
 
+/// How long a member may hold back the effects of batches read from a
+/// backlog before it writes them (see [`HeldBack`]): what a crash makes
+/// it read again, and how stale the store may be while a backlog lasts.
+const HOLD_BACK_FOR: Duration = Duration::from_secs(5);
+
+/// A member's engines and what it has not written of them.
+#[derive(Default)]
+struct Engines {
+    /// Each partition's engine as of the last batch applied; a partition
+    /// not here is read from the store first.
+    partitions: HashMap<i32, Held>,
+    held_back: HeldBack,
+}
+
+/// The effects of batches applied to the engines and not written yet.
+/// Under a backlog every batch touches most groups, so writing each
+/// group's state once for several batches, not once a batch, is most of
+/// what a metric costs the store. The runner counts these batches
+/// committed; until they are written their offsets are not stored, so a
+/// crash reads them again, and a failed write drops the engines they
+/// changed.
+#[derive(Default)]
+struct HeldBack {
+    /// When the first of them was applied (`None`: nothing held back).
+    since: Option<Instant>,
+    batches: usize,
+    topic: String,
+    /// Each partition's first expected offset and last next offset.
+    offsets: BTreeMap<i32, OffsetAdvance>,
+    /// Each partition's latest clock.
+    clocks: BTreeMap<i32, Millis>,
+    /// Groups whose state changed, by partition: written as the engines
+    /// have them then.
+    changed: BTreeMap<i32, BTreeSet<String>>,
+    closed: Vec<(i32, Closed)>,
+    late: Vec<LateEvent>,
+    deleted: Vec<String>,
+    merges: Vec<MergeRow>,
+    merged: Vec<(i32, String, String)>,
+}
+
+impl HeldBack {
+    fn is_empty(&self) -> bool {
+        self.since.is_none()
+    }
+
+    /// The partitions whose engines hold what is held back.
+    fn partitions(&self) -> BTreeSet<i32> {
+        self.offsets
+            .keys()
+            .chain(self.clocks.keys())
+            .chain(self.changed.keys())
+            .copied()
+            .collect()
+    }
+}
+
 /// One event of a batch, parsed once for every metric of a set.
 pub struct Event {
     pub partition: i32,
@@ -261,9 +318,8 @@ pub struct MetricProcessor {
     version: i64,
     /// The definition without state: what it takes, and in which group.
     selector: Metric,
-    /// Each partition's engine as of the last commit; a partition not
-    /// here is read from the store first.
-    partitions: tokio::sync::Mutex<HashMap<i32, Held>>,
+    /// Each partition's engine, and what it has not written yet.
+    engines: tokio::sync::Mutex<Engines>,
     /// The next offset of each partition in the store, as this member
     /// last read or committed it (`None`: not read yet).
     positions: std::sync::Mutex<Option<HashMap<i32, i64>>>,
@@ -305,7 +361,7 @@ impl MetricProcessor {
             selector: Metric::new(spec.clone(), version),
             spec,
             version,
-            partitions: tokio::sync::Mutex::new(HashMap::new()),
+            engines: tokio::sync::Mutex::new(Engines::default()),
             positions: std::sync::Mutex::new(None),
             topic_partitions,
             budget: budget.share(),
@@ -369,12 +425,18 @@ impl MetricProcessor {
     /// offset moved since this member last committed it was processed
     /// elsewhere (a rebalance): its engine is read from the store again.
     pub async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        // What is held back is written first: a new owner of a partition
+        // starts from its stored offset (a failure forgets it, logged).
+        if let Err(e) = self.flush().await {
+            tracing::warn!("{e}");
+        }
         let stored = self
             .store
             .offsets(&self.name, topic)
             .await
             .map_err(commit_error)?;
-        let mut partitions = self.partitions.lock().await;
+        let mut engines = self.engines.lock().await;
+        let partitions = &mut engines.partitions;
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         match positions.as_ref() {
             Some(believed) => partitions.retain(|p, _| believed.get(p) == stored.get(p)),
@@ -519,8 +581,12 @@ impl MetricProcessor {
     /// `clocks` to the engines and commits the result with this member's
     /// offsets; the events below its own offsets were applied before and
     /// are skipped. `first` is each claimed message id's first record.
-    /// On any failure the partitions touched are dropped from memory, to
-    /// be read back from the store. The events it counted.
+    /// With `backlog` (more records wait) the batch may be held back in
+    /// memory, to be written with a later one ([`HeldBack`]). On a failed
+    /// write the partitions it touched are dropped from memory, to be
+    /// read back from the store; when it carried batches held back, the
+    /// failure is fenced, so the runner reads them again. The events it
+    /// counted.
     #[allow(clippy::too_many_arguments)]
     pub async fn apply(
         &self,
@@ -531,6 +597,7 @@ impl MetricProcessor {
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
+        backlog: bool,
     ) -> Result<usize, CommitError> {
         let offsets = self.own_offsets(topic, advances, tick).await?;
         if offsets.is_empty() && !tick {
@@ -546,23 +613,40 @@ impl MetricProcessor {
             .filter(|(e, _)| from.get(&e.partition).is_some_and(|f| e.offset >= *f))
             .collect();
         let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut partitions = self.partitions.lock().await;
+        let mut engines = self.engines.lock().await;
         let touched = touched(batch.iter().map(|(e, _)| *e), &offsets, clocks);
         let missing: Vec<i32> = touched
             .iter()
-            .filter(|p| !partitions.contains_key(p))
+            .filter(|p| !engines.partitions.contains_key(p))
             .copied()
             .collect();
         for p in missing {
-            let used: usize = partitions.values().map(|h| h.bytes).sum();
+            let used: usize = engines.partitions.values().map(|h| h.bytes).sum();
             let room = self.budget.bytes().saturating_sub(used);
             let loaded = self.load(topic, p, room, batch_no).await?;
-            partitions.insert(p, loaded);
+            engines.partitions.insert(p, loaded);
         }
+        // Held back only while the engines are within the budget (groups
+        // are evicted only once written), and not a batch that deletes or
+        // links groups, which other partitions and instances wait for.
+        let used: usize = engines.partitions.values().map(|h| h.bytes).sum();
+        let hold = backlog
+            && !tick
+            && used <= self.budget.bytes()
+            && engines
+                .held_back
+                .since
+                .is_none_or(|t| t.elapsed() < HOLD_BACK_FOR)
+            && batch.iter().all(|(_, step)| match step {
+                Step::Skip => true,
+                Step::Delete(_) => false,
+                Step::Observe { link, .. } => link.is_none(),
+            });
         let stored: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
-        let result = self
+        let earlier = engines.held_back.batches;
+        let result = match self
             .apply_loaded(
-                &mut partitions,
+                &mut engines,
                 topic,
                 &batch,
                 first,
@@ -570,33 +654,75 @@ impl MetricProcessor {
                 clocks,
                 &touched,
                 batch_no,
+                hold,
             )
-            .await;
-        match result {
-            Ok(counted) => {
-                self.spill(&mut partitions);
-                let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-                let positions = positions.get_or_insert_with(HashMap::new);
-                positions.extend(stored);
-                self.counted.fetch_add(counted as u64, Ordering::Relaxed);
-                Ok(counted)
-            }
-            Err(e) => {
-                for p in &touched {
-                    partitions.remove(p);
-                }
-                Err(e)
-            }
+            .await
+        {
+            Ok(counted) if hold => Ok(counted),
+            Ok(counted) => self
+                .write_held_back(&mut engines, batch_no)
+                .await
+                .map(|()| counted),
+            Err(e) => Err(e),
+        };
+        let counted = match result {
+            Ok(counted) => counted,
+            Err(e) => return Err(self.forget(&mut engines, &touched, earlier, e)),
+        };
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        positions.get_or_insert_with(HashMap::new).extend(stored);
+        self.counted.fetch_add(counted as u64, Ordering::Relaxed);
+        Ok(counted)
+    }
+
+    /// After a failed batch: drops the engines of the partitions it
+    /// touched and of everything held back, to be read back from the
+    /// store. When `earlier` batches were held back (the runner counts
+    /// them committed), the failure is fenced, so the runner reads them
+    /// again from the store's offsets, which this member then starts
+    /// from ([`Self::refresh`]).
+    fn forget(
+        &self,
+        engines: &mut Engines,
+        touched: &BTreeSet<i32>,
+        earlier: usize,
+        e: CommitError,
+    ) -> CommitError {
+        let lost = std::mem::take(&mut engines.held_back);
+        for p in touched.iter().chain(&lost.partitions()) {
+            engines.partitions.remove(p);
+        }
+        if earlier == 0 || matches!(e, CommitError::Fatal(_) | CommitError::Fenced { .. }) {
+            return e;
+        }
+        CommitError::Fenced {
+            partition: lost.offsets.keys().next().copied().unwrap_or(0),
+            reason: format!(
+                "metric {} could not write the batches it held back ({e}); they are read again from the store's offsets",
+                self.spec.name
+            ),
         }
     }
 
+    /// Writes what is held back, if anything is (see [`HeldBack`]).
+    pub async fn flush(&self) -> Result<(), CommitError> {
+        let mut engines = self.engines.lock().await;
+        if engines.held_back.is_empty() {
+            return Ok(());
+        }
+        let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        let written = self.write_held_back(&mut engines, batch_no).await;
+        written.map_err(|e| self.forget(&mut engines, &BTreeSet::new(), 0, e))
+    }
+
     /// [`MetricProcessor::apply`] with the batch's partitions (`touched`,
-    /// by its events, offsets and clocks) loaded: pending merges, the
-    /// events, the clocks, then one commit.
+    /// by its events, offsets and clocks) loaded: pending merges (unless
+    /// the batch is held back), the events, the clocks; their effects join
+    /// what is held back. The events it counted.
     #[allow(clippy::too_many_arguments)]
     async fn apply_loaded(
         &self,
-        partitions: &mut HashMap<i32, Held>,
+        engines: &mut Engines,
         topic: &str,
         batch: &[(&Event, &Step)],
         first: &HashMap<String, (i32, i64)>,
@@ -604,10 +730,16 @@ impl MetricProcessor {
         clocks: &[PartitionTime],
         touched: &BTreeSet<i32>,
         batch_no: u64,
+        hold: bool,
     ) -> Result<usize, CommitError> {
+        let Engines {
+            partitions,
+            held_back,
+        } = engines;
         // Merges other partitions asked this batch's partitions for, or
-        // handed over to them (per-user metrics only).
-        let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User {
+        // handed over to them (per-user metrics only), taken by a batch
+        // that is written.
+        let pending: Vec<MergeRow> = if self.spec.group_by == GroupBy::User && !hold {
             self.store
                 .metric_merges(&self.name)
                 .await
@@ -774,30 +906,76 @@ impl MetricProcessor {
                 counted += 1;
             }
         }
-        let mut closed = Vec::new();
-        let mut stored_clocks = Vec::new();
-        let mut states = Vec::new();
-        let mut traits = Vec::new();
         for p in touched {
             let held = partitions.get_mut(p).expect("loaded above");
             if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
-                closed.extend(
+                held_back.closed.extend(
                     held.metric
                         .advance(clock.time_ms)
                         .into_iter()
                         .map(|c| (*p, c)),
                 );
-                stored_clocks.push((*p, clock.time_ms));
+                held_back.clocks.insert(*p, clock.time_ms);
             }
+            let mut changed = held.metric.engine_mut().take_changed();
+            changed.append(&mut held.undated);
+            if !changed.is_empty() {
+                held_back.changed.entry(*p).or_default().extend(changed);
+            }
+        }
+        for offset in offsets {
+            held_back
+                .offsets
+                .entry(offset.partition)
+                .and_modify(|o| o.next = offset.next)
+                .or_insert(offset);
+        }
+        held_back.late.append(&mut late);
+        held_back.deleted.append(&mut deleted);
+        held_back.merges.append(&mut merges);
+        held_back.merged.append(&mut merged);
+        held_back.batches += 1;
+        if held_back.since.is_none() {
+            held_back.since = Some(Instant::now());
+            topic.clone_into(&mut held_back.topic);
+        }
+        Ok(counted)
+    }
+
+    /// Writes what is held back in one transaction: the changed groups'
+    /// states and computed traits as the engines have them now, the
+    /// closed windows, and the offsets. Left held back on failure.
+    async fn write_held_back(
+        &self,
+        engines: &mut Engines,
+        batch_no: u64,
+    ) -> Result<(), CommitError> {
+        let Engines {
+            partitions,
+            held_back,
+        } = engines;
+        self.write(partitions, held_back, batch_no).await?;
+        *held_back = HeldBack::default();
+        self.spill(partitions);
+        Ok(())
+    }
+
+    /// The store transaction of [`MetricProcessor::write_held_back`].
+    async fn write(
+        &self,
+        partitions: &mut HashMap<i32, Held>,
+        held_back: &HeldBack,
+        batch_no: u64,
+    ) -> Result<(), CommitError> {
+        let mut states = Vec::new();
+        let mut traits = Vec::new();
+        for (p, changed) in &held_back.changed {
+            let held = partitions.get_mut(p).expect("held back partitions are held");
             let at = held
                 .metric
                 .engine()
                 .watermark()
                 .unwrap_or_else(crate::store::now_ms);
-            let mut changed = held.metric.engine_mut().take_changed();
-            changed.append(&mut held.undated);
-            changed.sort_unstable();
-            changed.dedup();
             for group in changed {
                 let engine = held.metric.engine();
                 if let Some(name) = &self.spec.computed_trait {
@@ -805,21 +983,22 @@ impl MetricProcessor {
                         metric: self.spec.name.clone(),
                         version: self.version,
                         name: name.clone(),
-                        value: held.metric.trait_value(&group).to_string(),
+                        value: held.metric.trait_value(group).to_string(),
                         group: group.clone(),
                         at,
                         seq: 0,
                     });
                 }
-                let row = engine.state(&group).map(|s| GroupRow {
+                let row = engine.state(group).map(|s| GroupRow {
                     state: serde_json::to_string(s).expect("a state serializes"),
-                    due: engine.timer(&group),
+                    due: engine.timer(group),
                 });
                 let bytes = row.as_ref().map(|r| r.state.len() + GROUP_BYTES);
-                held.account(&group, bytes, batch_no);
-                states.push((*p, group, row));
+                held.account(group, bytes, batch_no);
+                states.push((*p, group.clone(), row));
             }
         }
+        let closed = held_back.closed.clone();
         // A user's events are in one partition, so a per-user window is
         // final where it closes; any other group waits for every
         // partition.
@@ -839,17 +1018,17 @@ impl MetricProcessor {
         let batch = MetricBatch {
             processor: &self.name,
             metric: &self.spec.name,
-            topic,
-            offsets,
-            clocks: stored_clocks,
+            topic: &held_back.topic,
+            offsets: held_back.offsets.values().copied().collect(),
+            clocks: held_back.clocks.iter().map(|(p, c)| (*p, *c)).collect(),
             states,
             windows,
-            late,
+            late: held_back.late.clone(),
             traits,
-            deleted,
+            deleted: held_back.deleted.clone(),
             combine,
-            merges,
-            merged,
+            merges: held_back.merges.clone(),
+            merged: held_back.merged.clone(),
         };
         let made_final = self
             .store
@@ -857,7 +1036,7 @@ impl MetricProcessor {
             .await
             .map_err(commit_error)?;
         self.account(partitions, &batch, made_final);
-        Ok(counted)
+        Ok(())
     }
 
     /// The partition a group's events are in (a user's, keyed by its id).
@@ -868,8 +1047,8 @@ impl MetricProcessor {
     /// The groups and estimated bytes the engines hold.
     #[cfg(test)]
     async fn held(&self) -> (usize, usize) {
-        let partitions = self.partitions.lock().await;
-        partitions.values().fold((0, 0), |(groups, bytes), h| {
+        let engines = self.engines.lock().await;
+        engines.partitions.values().fold((0, 0), |(groups, bytes), h| {
             (groups + h.metric.engine().group_count(), bytes + h.bytes)
         })
     }

@@ -79,6 +79,11 @@ pub struct Checkpoint {
     pub offsets: Vec<OffsetAdvance>,
     /// Every partition the runner reads, after this batch.
     pub clocks: Vec<PartitionTime>,
+    /// The batch is as large as the runner makes them: more records are
+    /// likely waiting (a backlog), and a processor may hold the batch's
+    /// effects back to write them with a later one's (see
+    /// [`Processor::flush`]).
+    pub backlog: bool,
 }
 
 /// What a committed batch did, as the runner counts it.
@@ -149,6 +154,20 @@ pub trait Processor: Checkpoints {
     /// [`RunnerSettings::tick`].
     async fn tick(&self, _checkpoint: Checkpoint) -> Result<bool, CommitError> {
         Ok(false)
+    }
+
+    /// Writes the effects of batches whose commit held them back (a
+    /// [`Checkpoint::backlog`] batch may be applied in memory only, and
+    /// written with a later batch: under a backlog, state every batch
+    /// touches is then written once for several). The runner counts such
+    /// a batch committed, and calls this when it has read every partition
+    /// to its end and before it stops; the processor writes them too when
+    /// its offsets are read (a rebalance) and at its next batch that is
+    /// not held back. An error other than fatal means they were not
+    /// written and are forgotten: the runner reads again from the store's
+    /// offsets.
+    async fn flush(&self) -> Result<(), CommitError> {
+        Ok(())
     }
 }
 

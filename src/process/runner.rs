@@ -57,6 +57,9 @@ pub struct Runner<P: Processor> {
 /// How one batch went.
 enum Outcome {
     Committed,
+    /// Some partitions were not committed and are read again from the
+    /// store's offsets (fenced): not the end of a replay.
+    SentBack,
     /// `stop` came first; the batch is read again after a restart.
     Stopped,
     /// The processor panicked or failed for good; the cause, for the
@@ -141,16 +144,20 @@ impl<P: Processor> Runner<P> {
             else {
                 continue;
             };
-            let replaying_done = caught_up && self.settings.stop_when_caught_up;
+            let mut replaying_done = caught_up && self.settings.stop_when_caught_up;
             if !records.is_empty() {
                 // Read ahead while this batch commits, unless the runner
                 // stops when caught up and is.
                 match self.process(records, !replaying_done, &mut stop).await {
                     Outcome::Committed => {}
+                    Outcome::SentBack => replaying_done = false,
                     Outcome::Stopped => break Ok(()),
                     Outcome::Failed(cause) => break Err(cause),
                 }
             } else if caught_up && !self.settings.stop_when_caught_up {
+                if let Err(cause) = self.flush().await {
+                    break Err(cause);
+                }
                 self.reading.reseek_behind();
                 let partitions = self.reading.partitions();
                 let now = self.clock.now_ms();
@@ -163,11 +170,60 @@ impl<P: Processor> Runner<P> {
             }
             self.reading.probe_lag(caught_up, &self.counting);
             if replaying_done {
-                break Ok(());
+                match self.flush().await {
+                    Ok(true) => break Ok(()),
+                    Ok(false) => continue,
+                    Err(cause) => break Err(cause),
+                }
             }
         };
+        // What a stop interrupts stays as the store has it: read again
+        // after the restart.
+        if result.is_ok() {
+            let _ = self.flush().await;
+        }
         tracing::info!(processor = %name, "the {name} processor stopped");
         result
+    }
+
+    /// Has the processor write the batches it held back. True when it
+    /// did; false when it could not now (logged, and the partitions are
+    /// read again from the store's offsets); an error when it cannot go
+    /// on.
+    async fn flush(&mut self) -> Result<bool, String> {
+        match self.processor.flush().await {
+            Ok(()) => Ok(true),
+            Err(CommitError::Fatal(e)) => Err(format!(
+                "the {} processor cannot write the batches it held back: {e}",
+                self.settings.name
+            )),
+            Err(e) => {
+                tracing::warn!(
+                    "the {} processor could not write the batches it held back: {e}; reading them again from the store's offsets",
+                    self.settings.name
+                );
+                self.counting.error(&e);
+                self.reread_from_store(&[]).await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Sends `partitions` and every partition the runner reads back to
+    /// the store's offsets, dropping what was read ahead of them: a
+    /// processor that held batches back may have lost more partitions'
+    /// work than a failed batch names.
+    async fn reread_from_store(&mut self, partitions: &[i32]) {
+        let mut all = self.reading.partitions();
+        all.extend_from_slice(partitions);
+        all.sort_unstable();
+        all.dedup();
+        self.reading
+            .seek_to_store(&all, self.processor.as_ref())
+            .await;
+        if let Some(Ok(next)) = &mut self.prefetched {
+            next.records.retain(|r| !all.contains(&r.partition));
+        }
     }
 
     /// Tells the processor how far the clocks have moved without records,
@@ -202,6 +258,7 @@ impl<P: Processor> Runner<P> {
             topic: self.settings.topic.clone(),
             offsets: offsets.clone(),
             clocks,
+            backlog: false,
         };
         match self.processor.tick(checkpoint).await {
             Ok(stored) => {
@@ -267,6 +324,7 @@ impl<P: Processor> Runner<P> {
         }
         let started = Instant::now();
         let name = self.settings.name;
+        let backlog = records.len() >= self.settings.max_batch;
         metrics::histogram!(crate::metrics::PROCESSOR_BATCH_RECORDS, "processor" => name)
             .record(records.len() as f64);
         let received_ms: Vec<i64> = records.iter().map(|r| r.timestamp_ms).collect();
@@ -299,6 +357,7 @@ impl<P: Processor> Runner<P> {
         }
         self.counting.rejected(rejects.len());
         let mut pending: Vec<usize> = (0..prepared.len()).collect();
+        let mut sent_back = false;
         loop {
             let clocks = self.reading.clocks.all();
             // Each group on a task of its own, so their CPU work (encoding
@@ -310,6 +369,7 @@ impl<P: Processor> Runner<P> {
                     topic: self.settings.topic.clone(),
                     offsets: advances[i].clone(),
                     clocks: clocks.clone(),
+                    backlog,
                 };
                 tokio::spawn(async move { processor.commit(&prepared, checkpoint).await })
             }));
@@ -369,13 +429,8 @@ impl<P: Processor> Runner<P> {
                     .flat_map(|&i| advances[i].iter().map(|a| a.partition))
                     .collect();
                 self.counting.fenced();
-                self.reading
-                    .seek_to_store(&partitions, self.processor.as_ref())
-                    .await;
-                // Those partitions are read again from the store's offsets.
-                if let Some(Ok(next)) = &mut self.prefetched {
-                    next.records.retain(|r| !partitions.contains(&r.partition));
-                }
+                self.reread_from_store(&partitions).await;
+                sent_back = true;
             }
             if failed.is_empty() {
                 let took = started.elapsed();
@@ -395,7 +450,11 @@ impl<P: Processor> Runner<P> {
                 }
                 self.reading.clocks.told_all();
                 self.free(prepared).await;
-                return Outcome::Committed;
+                return if sent_back {
+                    Outcome::SentBack
+                } else {
+                    Outcome::Committed
+                };
             }
             pending = failed;
             tokio::select! {
@@ -450,6 +509,7 @@ impl<P: Processor> Runner<P> {
                 topic: self.settings.topic.clone(),
                 offsets: advances.clone(),
                 clocks: self.reading.clocks.all(),
+                backlog: false,
             };
             let parsed = tokio::task::spawn_blocking(move || processor.prepare(vec![record])).await;
             let (prepared, rejects) = match parsed {
@@ -486,11 +546,8 @@ impl<P: Processor> Runner<P> {
                     }
                     Ok(Err(CommitError::Fenced { .. })) => {
                         self.counting.fenced();
-                        let partitions = [copy.partition];
-                        self.reading
-                            .seek_to_store(&partitions, self.processor.as_ref())
-                            .await;
-                        return Outcome::Committed;
+                        self.reread_from_store(&[copy.partition]).await;
+                        return Outcome::SentBack;
                     }
                     Ok(Err(CommitError::Fatal(e))) => {
                         return Outcome::Failed(format!(

@@ -266,6 +266,16 @@ impl Store {
         }
     }
 
+    /// Runs `sql` as it is: faults injected by tests (a trigger that
+    /// refuses writes, as a database that went away would).
+    #[cfg(test)]
+    pub async fn execute(&self, sql: &str) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await
+            .expect("the test's statement runs");
+    }
+
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;

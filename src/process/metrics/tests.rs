@@ -113,6 +113,7 @@ async fn tick(
         topic: TOPIC.to_owned(),
         offsets,
         clocks,
+        backlog: false,
     };
     let set = MetricSet::new("metrics".into(), store.clone(), vec![processor.clone()]);
     assert!(set.tick(checkpoint).await.unwrap());
@@ -215,6 +216,52 @@ async fn restart_between_two_halves_and_a_second_pass(
         assert_eq!((clock, states), (Some(base + 4 * HOUR), vec![]));
     }
     (held, open)
+}
+
+/// Batches held back under a backlog (every batch of 7 is full) whose
+/// write the store refuses, as a database that went away would: the
+/// runner reads them again from the store's offsets, over and over while
+/// the fault lasts, and once the store takes writes every window counts
+/// every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
+    let (_dir, log_dir, log, store) = scratch(3).await;
+    let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+    append(&log, base, 0..130).await;
+    store.execute("CREATE TABLE fault (on_ INTEGER)").await;
+    store
+        .execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON metric_state WHEN EXISTS (SELECT 1 FROM fault) \
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+        )
+        .await;
+    store.execute("INSERT INTO fault VALUES (1)").await;
+
+    let member = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &unlimited()));
+    let runner = runner(&log_dir, &log, &member);
+    let stats = runner.stats();
+    let running = tokio::spawn(runner.run(std::future::pending()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stats.lock().unwrap().fenced < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed writes of held-back batches are read again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = store.offsets(member.name(), TOPIC).await.unwrap();
+    assert!(stored.is_empty(), "nothing written: {stored:?}");
+    store.execute("DELETE FROM fault").await;
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the runner reads the log to its end once the store takes writes")
+        .unwrap()
+        .expect("the runner does not fail");
+
+    let stored = store.offsets(member.name(), TOPIC).await.unwrap();
+    assert_eq!(stored.values().sum::<i64>(), 130);
+    tick(&store, &member, 0..3, base + 4 * HOUR).await;
+    assert_eq!(closed_windows(&store, 1).await, hourly_orders(base, 0..130));
 }
 
 /// Each user's orders per hour among `events(base, range)`.
