@@ -22,6 +22,7 @@ pub mod log;
 pub mod metric;
 pub mod metrics;
 pub mod openapi;
+pub mod patterns;
 pub mod process;
 pub mod profile;
 pub mod query;

@@ -1,0 +1,589 @@
+//! The pattern engine: complex event processing per key (DESIGN.md,
+//! "Pattern rules and alerts"). Pure code, no I/O: the rules processor
+//! works out which steps' conditions each event meets, feeds the engine
+//! its events and the runner's clock, and stores what it hands back.
+//!
+//! A pattern is a sequence of steps, each met by one event or by several
+//! (`min` to `max`), optional or not, with relaxed contiguity (events of
+//! the key that do not fit are passed over) or strict (the step's event
+//! must come right after the previous one taken), all within a time
+//! bound from the first event to the last, and maybe a final "not
+//! followed by" step: a match is then reported once the bound passes
+//! without such an event.
+//!
+//! Events are taken in event-time order: a key's events wait until the
+//! watermark less the allowed lateness (the limit) passes them, so any
+//! arrival order within the lateness gives the same alerts, and one
+//! behind the limit is reported late. Partial matches are runs of a
+//! nondeterministic automaton (skip till next match: a run takes every
+//! event its next step accepts, and branches where an event could both
+//! repeat a step and start the next); a run that the bound has passed is
+//! pruned on the watermark, so a quiet key's state goes. After a match,
+//! the skip strategy drops the runs it overlaps.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+
+/// Milliseconds since the epoch: event time and watermarks.
+pub type Millis = i64;
+
+/// Most steps a pattern may have (a step's conditions are a bit each).
+pub const MAX_STEPS: usize = 32;
+
+/// One step of a pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    /// Events it takes at least (at least one).
+    pub min: u32,
+    /// Events it takes at most (`None`: no limit).
+    pub max: Option<u32>,
+    /// The pattern may go on without it.
+    pub optional: bool,
+    /// Its events must follow the previous event taken with no other
+    /// event of the key between.
+    pub strict: bool,
+}
+
+/// What happens to other partial matches after a match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Skip {
+    /// Every partial match that began before the match's last event goes
+    /// (one burst makes one alert).
+    #[default]
+    PastLast,
+    /// Only partial matches that began with the match's first event go
+    /// (overlapping matches each make an alert).
+    ToNext,
+}
+
+/// A pattern, compiled: positive steps (at least one, the last not
+/// optional), an optional final absent step, the bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    pub steps: Vec<Step>,
+    /// The "not followed by" step's name; its condition is the bit after
+    /// the positive steps'.
+    pub absent: Option<String>,
+    /// Longest time from the first event of a match to its last (with an
+    /// absent step, how long it waits for none to come). Every partial
+    /// match ends by it, so a quiet key's state goes.
+    pub within: Millis,
+    /// How far behind the watermark events may still come and be taken in
+    /// order.
+    pub lateness: Millis,
+    pub skip: Skip,
+    /// Most partial matches a key holds; beyond it the oldest goes.
+    pub max_partials: usize,
+    /// Most events a key holds waiting for the limit; beyond it the
+    /// earliest are taken at once.
+    pub max_waiting: usize,
+}
+
+impl Pattern {
+    /// The bit of the absent step's condition.
+    pub fn absent_bit(&self) -> u64 {
+        1 << self.steps.len()
+    }
+}
+
+/// One event of a key, as the engine needs it: its time and id, and which
+/// steps' conditions it meets (bit `i` for step `i`, then the absent
+/// step's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    pub time: Millis,
+    pub id: String,
+    pub meets: u64,
+}
+
+/// An event a match took: which step took it, its time and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    pub step: usize,
+    pub time: Millis,
+    pub id: String,
+}
+
+/// A partial match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Run {
+    /// The step of its last event, and how many events that step took.
+    step: usize,
+    count: u32,
+    taken: Vec<Taken>,
+    /// It passed an event over since its last: a strict step cannot
+    /// follow.
+    #[serde(default)]
+    passed: bool,
+    /// Every positive step is met: it waits for the bound to pass
+    /// without an absent event.
+    waiting: bool,
+}
+
+impl Run {
+    fn start(&self) -> Millis {
+        self.taken[0].time
+    }
+}
+
+/// A key's state: its partial matches and the events waiting for the
+/// limit, in event-time order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    runs: Vec<Run>,
+    waiting: Vec<Input>,
+}
+
+impl KeyState {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Partial matches held.
+    pub fn partials(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// A complete match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    pub key: String,
+    /// The events taken, in order.
+    pub taken: Vec<Taken>,
+    /// When it was complete: its last event's time, or the end of the
+    /// wait of an absent step.
+    pub at: Millis,
+}
+
+/// What the engine did with an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// It waits for the limit to pass it.
+    Waiting,
+    /// It is behind the limit by `late_by`: events after it were taken.
+    Late { late_by: Millis },
+}
+
+/// What happened since the counts were last taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Partial matches the bound passed before they completed.
+    pub timed_out: u64,
+    /// Partial matches dropped at `max_partials`.
+    pub dropped: u64,
+    /// Events taken before their time at `max_waiting`.
+    pub rushed: u64,
+}
+
+/// The partial matches of one rule version over the keys of one
+/// partition.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pattern: Arc<Pattern>,
+    keys: HashMap<String, KeyState>,
+    /// When each key next needs the watermark: the limit at which its
+    /// earliest waiting event can be taken or its earliest run's bound
+    /// has passed.
+    timers: BTreeSet<(Millis, String)>,
+    due: HashMap<String, Millis>,
+    watermark: Option<Millis>,
+    changed: BTreeSet<String>,
+    counts: Counts,
+    /// Matches found while taking events early (`max_waiting`), handed
+    /// out by the next [`Engine::advance`].
+    rushed: Vec<Match>,
+}
+
+impl Engine {
+    pub fn new(pattern: Arc<Pattern>) -> Engine {
+        Engine {
+            pattern,
+            keys: HashMap::new(),
+            timers: BTreeSet::new(),
+            due: HashMap::new(),
+            watermark: None,
+            changed: BTreeSet::new(),
+            counts: Counts::default(),
+            rushed: Vec::new(),
+        }
+    }
+
+    pub fn pattern(&self) -> &Pattern {
+        &self.pattern
+    }
+
+    /// The watermark less the lateness: events before it are taken, and
+    /// one arriving before it is late.
+    pub fn limit(&self) -> Option<Millis> {
+        self.watermark
+            .map(|w| w.saturating_sub(self.pattern.lateness))
+    }
+
+    pub fn watermark(&self) -> Option<Millis> {
+        self.watermark
+    }
+
+    /// Starts from a stored watermark (the engine's state after a
+    /// restart is the stored keys plus this).
+    pub fn resume(&mut self, watermark: Millis) {
+        self.watermark = Some(watermark);
+    }
+
+    /// Takes an event of `key`. It waits for the limit to pass it, unless
+    /// it is behind the limit (late) or the key holds `max_waiting` events
+    /// already (the earliest are taken at once, counted).
+    pub fn observe(&mut self, key: &str, input: Input) -> Observed {
+        if let Some(limit) = self.limit()
+            && input.time < limit
+        {
+            return Observed::Late {
+                late_by: limit - input.time,
+            };
+        }
+        let state = self.keys.entry(key.to_owned()).or_default();
+        let at = state
+            .waiting
+            .partition_point(|w| (w.time, &w.id) <= (input.time, &input.id));
+        if at > 0 && state.waiting[at - 1].id == input.id {
+            // The same event again (a retry): taken once.
+            return Observed::Waiting;
+        }
+        state.waiting.insert(at, input);
+        while state.waiting.len() > self.pattern.max_waiting.max(1) {
+            let input = state.waiting.remove(0);
+            self.counts.rushed += 1;
+            take(&self.pattern, key, state, &input, &mut self.counts, &mut self.rushed);
+        }
+        self.changed.insert(key.to_owned());
+        self.schedule(key);
+        Observed::Waiting
+    }
+
+    /// Moves the watermark to `watermark` (never back) and takes every
+    /// waiting event the limit has passed, in event-time order; ends the
+    /// waits and prunes the partial matches whose bound it has passed. The
+    /// matches, in the order they completed per key.
+    pub fn advance(&mut self, watermark: Millis) -> Vec<Match> {
+        if self.watermark.is_none_or(|w| w < watermark) {
+            self.watermark = Some(watermark);
+        }
+        let limit = self.limit().expect("set above");
+        let mut matches = std::mem::take(&mut self.rushed);
+        while let Some((due, _)) = self.timers.first()
+            && *due <= limit
+        {
+            let (_, key) = self.timers.pop_first().expect("looked at above");
+            self.due.remove(&key);
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let ready = state.waiting.partition_point(|w| w.time < limit);
+            let inputs: Vec<Input> = state.waiting.drain(..ready).collect();
+            for input in &inputs {
+                take(&self.pattern, &key, state, input, &mut self.counts, &mut matches);
+            }
+            end_waits(&self.pattern, &key, state, limit, &mut matches);
+            let within = self.pattern.within;
+            let before = state.runs.len();
+            state
+                .runs
+                .retain(|r| r.waiting || r.start().saturating_add(within) >= limit);
+            self.counts.timed_out += (before - state.runs.len()) as u64;
+            self.changed.insert(key.clone());
+            if state.is_empty() {
+                self.keys.remove(&key);
+            } else {
+                self.schedule(&key);
+            }
+        }
+        matches
+    }
+
+    /// Sets `key`'s timer: the limit at which its earliest waiting event
+    /// is taken or its earliest partial match's bound has passed.
+    fn schedule(&mut self, key: &str) {
+        if let Some(old) = self.due.remove(key) {
+            self.timers.remove(&(old, key.to_owned()));
+        }
+        let Some(state) = self.keys.get(key) else {
+            return;
+        };
+        let within = self.pattern.within;
+        let due = state
+            .waiting
+            .first()
+            .map(|w| w.time.saturating_add(1))
+            .into_iter()
+            .chain(
+                state
+                    .runs
+                    .iter()
+                    .map(|r| r.start().saturating_add(within).saturating_add(1)),
+            )
+            .min();
+        if let Some(due) = due {
+            self.timers.insert((due, key.to_owned()));
+            self.due.insert(key.to_owned(), due);
+        }
+    }
+
+    /// A key's state, to store.
+    pub fn state(&self, key: &str) -> Option<&KeyState> {
+        self.keys.get(key)
+    }
+
+    /// Puts back a key's stored state.
+    pub fn restore(&mut self, key: &str, state: KeyState) {
+        if state.is_empty() {
+            self.keys.remove(key);
+        } else {
+            self.keys.insert(key.to_owned(), state);
+        }
+        self.schedule(key);
+    }
+
+    /// Forgets a key (a GDPR deletion): its partial matches and waiting
+    /// events go.
+    pub fn forget(&mut self, key: &str) {
+        self.keys.remove(key);
+        self.schedule(key);
+        self.changed.insert(key.to_owned());
+    }
+
+    /// The keys whose state changed since the last call.
+    pub fn take_changed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.changed).into_iter().collect()
+    }
+
+    /// What happened since the last call.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Keys held, and the partial matches among them.
+    pub fn held(&self) -> (usize, usize) {
+        (
+            self.keys.len(),
+            self.keys.values().map(KeyState::partials).sum(),
+        )
+    }
+}
+
+/// Runs one event of `key`, in event-time order, through its partial
+/// matches: waits that ended before it complete, each run takes it
+/// where it can (branching where it could go two ways), and it may begin
+/// runs of its own.
+fn take(
+    pattern: &Pattern,
+    key: &str,
+    state: &mut KeyState,
+    input: &Input,
+    counts: &mut Counts,
+    matches: &mut Vec<Match>,
+) {
+    end_waits(pattern, key, state, input.time, matches);
+    let last = pattern.steps.len() - 1;
+    let mut runs = Vec::with_capacity(state.runs.len() + 1);
+    let mut complete = Vec::new();
+    for run in std::mem::take(&mut state.runs) {
+        if run.waiting {
+            if input.meets & pattern.absent_bit() == 0 {
+                runs.push(run);
+            }
+            continue;
+        }
+        if input.time > run.start().saturating_add(pattern.within) {
+            counts.timed_out += 1;
+            continue;
+        }
+        let mut next = Vec::new();
+        let step = &pattern.steps[run.step];
+        let can_repeat = step.max.is_none_or(|max| run.count < max)
+            && (!step.strict || !run.passed);
+        // Skip till next match: a run takes an event its step can take
+        // again, and one its next step takes once its step cannot; an
+        // event that starts a step while the run could still repeat its
+        // own, or that only an optional step takes, branches.
+        let mut forced = can_repeat && input.meets & (1 << run.step) != 0;
+        if forced {
+            next.push(run.extended(run.step, run.count + 1, input));
+        }
+        // Whether the run may pass this event over (relaxed contiguity
+        // for some step it could take next).
+        let mut relaxed = can_repeat && !step.strict;
+        if run.count >= step.min {
+            for (j, after) in pattern.steps.iter().enumerate().skip(run.step + 1) {
+                if input.meets & (1 << j) != 0 && (!after.strict || !run.passed) {
+                    next.push(run.extended(j, 1, input));
+                    forced |= !can_repeat && !after.optional;
+                }
+                relaxed |= !after.strict;
+                if !after.optional {
+                    break;
+                }
+            }
+        }
+        if relaxed && !forced {
+            runs.push(Run {
+                passed: true,
+                ..run
+            });
+        }
+        for run in next {
+            if run.step == last && run.count >= pattern.steps[last].min {
+                complete.push(run);
+            } else {
+                runs.push(run);
+            }
+        }
+    }
+    for (j, step) in pattern.steps.iter().enumerate() {
+        if input.meets & (1 << j) != 0 {
+            let run = Run {
+                step: j,
+                count: 1,
+                taken: vec![Taken {
+                    step: j,
+                    time: input.time,
+                    id: input.id.clone(),
+                }],
+                passed: false,
+                waiting: false,
+            };
+            if j == last && step.min <= 1 {
+                complete.push(run);
+            } else {
+                runs.push(run);
+            }
+        }
+        if !step.optional {
+            break;
+        }
+    }
+    state.runs = runs;
+    if pattern.absent.is_some() {
+        // Complete runs wait for the bound to pass without an absent
+        // event; of those that began with the same event, the one that
+        // took most waits.
+        complete.sort_by(|a, b| {
+            (a.start(), &a.taken[0].id, std::cmp::Reverse(a.taken.len())).cmp(&(
+                b.start(),
+                &b.taken[0].id,
+                std::cmp::Reverse(b.taken.len()),
+            ))
+        });
+        complete.dedup_by(|b, a| a.taken[0] == b.taken[0]);
+        for mut run in complete {
+            if state.runs.iter().any(|r| r.waiting && r.taken[0] == run.taken[0]) {
+                continue;
+            }
+            run.waiting = true;
+            state.runs.push(run);
+        }
+    } else {
+        matched(pattern, key, state, complete, input.time, matches);
+    }
+    let bound = pattern.max_partials.max(1);
+    if state.runs.len() > bound {
+        state.runs.sort_by_key(Run::start);
+        let excess = state.runs.len() - bound;
+        state.runs.drain(..excess);
+        counts.dropped += excess as u64;
+    }
+}
+
+/// Completes the waits (absent steps) whose bound passed before
+/// `before`: no absent event came in time.
+fn end_waits(
+    pattern: &Pattern,
+    key: &str,
+    state: &mut KeyState,
+    before: Millis,
+    matches: &mut Vec<Match>,
+) {
+    let within = pattern.within;
+    // One at a time, earliest first: a match's skip may drop the others.
+    while let Some(i) = state
+        .runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.waiting && r.start().saturating_add(within) < before)
+        .min_by(|(_, a), (_, b)| (a.start(), &a.taken[0].id).cmp(&(b.start(), &b.taken[0].id)))
+        .map(|(i, _)| i)
+    {
+        let run = state.runs.remove(i);
+        let at = run.start().saturating_add(within);
+        matched(pattern, key, state, vec![run], at, matches);
+    }
+}
+
+/// Reports the earliest-beginning of `complete` (and, skipping to next,
+/// each other that began with another event) and drops the partial
+/// matches the skip strategy says.
+fn matched(
+    pattern: &Pattern,
+    key: &str,
+    state: &mut KeyState,
+    mut complete: Vec<Run>,
+    at: Millis,
+    matches: &mut Vec<Match>,
+) {
+    complete.sort_by(|a, b| {
+        (a.start(), &a.taken[0].id, std::cmp::Reverse(a.taken.len())).cmp(&(
+            b.start(),
+            &b.taken[0].id,
+            std::cmp::Reverse(b.taken.len()),
+        ))
+    });
+    let mut firsts: Vec<Taken> = Vec::new();
+    for run in complete {
+        let first = run.taken[0].clone();
+        if firsts.contains(&first) {
+            continue;
+        }
+        let last = run.taken.last().expect("a run took an event").clone();
+        match pattern.skip {
+            Skip::PastLast => {
+                state
+                    .runs
+                    .retain(|r| (r.start(), &r.taken[0].id) > (last.time, &last.id));
+            }
+            Skip::ToNext => state.runs.retain(|r| r.taken[0] != first),
+        }
+        matches.push(Match {
+            key: key.to_owned(),
+            taken: run.taken,
+            at,
+        });
+        if pattern.skip == Skip::PastLast {
+            return;
+        }
+        firsts.push(first);
+    }
+}
+
+impl Run {
+    /// This run with `input` taken by `step`, its `count`th event.
+    fn extended(&self, step: usize, count: u32, input: &Input) -> Run {
+        let mut taken = self.taken.clone();
+        taken.push(Taken {
+            step,
+            time: input.time,
+            id: input.id.clone(),
+        });
+        Run {
+            step,
+            count,
+            taken,
+            passed: false,
+            waiting: false,
+        }
+    }
+}
