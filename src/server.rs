@@ -79,7 +79,8 @@ pub async fn serve(
     if !config.roles.process
         && let Some(store) = &store
     {
-        store_file_metrics(&config, store).await?;
+        store_file_definitions(&config.metrics, store).await?;
+        store_file_definitions(&config.rules, store).await?;
     }
     let address = listener.local_addr()?;
     let (stop_stages, stopped) = watch::channel(false);
@@ -92,7 +93,8 @@ pub async fn serve(
         // First: a snapshot restored brings its metric definitions, and the
         // configuration file's are stored over them.
         start_from_snapshot(&config, store).await?;
-        store_file_metrics(&config, store).await?;
+        store_file_definitions(&config.metrics, store).await?;
+        store_file_definitions(&config.rules, store).await?;
         for input in [ProfileInput::Events, ProfileInput::Overflow] {
             let stats =
                 crate::process::profiles::spawn(&mut supervisor, &config, store, &log, input)
@@ -224,20 +226,26 @@ async fn purge(
     }
 }
 
-/// Stores the configuration file's `[[metrics]]`: each that differs from
-/// the stored version becomes its next version (so the file wins at each
-/// start; the admin API changes definitions in between).
-async fn store_file_metrics(config: &Config, store: &Store) -> Result<(), ServeError> {
-    for (name, definition) in &config.metrics {
-        match crate::admin::store_metric(store, name, definition).await {
+/// Stores the configuration file's definitions (`[[metrics]]`,
+/// `[[rules]]`): each that differs from the stored version becomes its
+/// next version (so the file wins at each start; the admin API changes
+/// definitions in between).
+async fn store_file_definitions<D: crate::admin::Stored>(
+    definitions: &[(String, D)],
+    store: &Store,
+) -> Result<(), ServeError> {
+    for (name, definition) in definitions {
+        match crate::admin::store_definition(store, name, definition).await {
             Ok((crate::store::Put::Unchanged(_), _)) => {}
             Ok((put, _)) => tracing::info!(
-                "metric {name} from the configuration file is stored as version {}",
+                "{} {name} from the configuration file is stored as version {}",
+                D::NOUN,
                 put.version()
             ),
             Err(e) => {
                 return Err(ServeError::Definitions(format!(
-                    "cannot store metric {name} from the configuration file: {e}"
+                    "cannot store {} {name} from the configuration file: {e}",
+                    D::NOUN
                 )));
             }
         }

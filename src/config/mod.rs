@@ -122,6 +122,8 @@ pub struct Config {
     pub snapshot_interval: Option<Duration>,
     /// The `[[metrics]]` of the configuration file, each checked, by name.
     pub metrics: Vec<(String, crate::definitions::MetricDefinition)>,
+    /// The `[[rules]]` of the configuration file, each checked, by name.
+    pub rules: Vec<(String, crate::definitions::RuleDefinition)>,
 }
 
 /// OTLP span export.

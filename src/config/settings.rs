@@ -278,6 +278,12 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub metrics: Option<Vec<crate::definitions::MetricDefinition>>,
+
+    /// Pattern rules (`[[rules]]` tables of the file only; the admin API
+    /// changes them at run time).
+    #[arg(skip)]
+    #[serde(default)]
+    pub rules: Option<Vec<crate::definitions::RuleDefinition>>,
 }
 
 impl Settings {
@@ -348,6 +354,7 @@ impl Settings {
             otlp_endpoint: self.otlp_endpoint.or(fallback.otlp_endpoint),
             otlp_sample_ratio: self.otlp_sample_ratio.or(fallback.otlp_sample_ratio),
             metrics: self.metrics.or(fallback.metrics),
+            rules: self.rules.or(fallback.rules),
         }
     }
 }

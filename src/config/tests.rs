@@ -270,3 +270,43 @@ fn a_bad_metric_in_the_file_fails_at_start_naming_it_and_its_field() {
         "{twice}"
     );
 }
+
+#[test]
+fn rules_in_the_file_are_read_and_a_bad_one_fails_at_start_naming_its_field() {
+    let read = |text: &str| {
+        let settings: Settings = toml::from_str(text).unwrap();
+        Config::from_settings(settings)
+    };
+    let config = read(
+        r#"
+        [[rules]]
+        name = "card_testing"
+        within = "5m"
+        lateness = "1m"
+        steps = [
+          { name = "small", where = "event == 'payment' && properties.amount < 100", times = { min = 3 } },
+          { name = "large", where = "event == 'payment' && properties.amount > 1000" },
+        ]
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.rules.len(), 1);
+    assert_eq!(config.rules[0].0, "card_testing");
+    let error = read(
+        r#"
+        [[rules]]
+        name = "abandoned"
+        within = "30m"
+        steps = [
+          { name = "order", where = "event == 'order.create'", not = true },
+          { name = "checkout", where = "event == 'checkout.started'" },
+        ]
+        "#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("rules[0]") && error.contains("`steps[0].not`"),
+        "{error}"
+    );
+}

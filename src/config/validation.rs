@@ -18,8 +18,10 @@ pub enum ConfigError {
     },
     #[error("cannot read the configuration file {path}: {reason}")]
     File { path: PathBuf, reason: String },
-    #[error("invalid metric definition metrics[{index}] in the configuration file: {error}")]
-    Metric {
+    #[error("invalid {noun} definition {table}[{index}] in the configuration file: {error}")]
+    Definition {
+        noun: &'static str,
+        table: &'static str,
         index: usize,
         error: crate::definitions::DefinitionError,
     },
@@ -321,7 +323,8 @@ impl Config {
             ));
         }
 
-        let metrics = metric_definitions(s.metrics.unwrap_or_default())?;
+        let metrics = named_definitions(s.metrics.unwrap_or_default())?;
+        let rules = named_definitions(s.rules.unwrap_or_default())?;
 
         Ok(Config {
             listen,
@@ -349,22 +352,29 @@ impl Config {
             snapshot_dir,
             snapshot_interval,
             metrics,
+            rules,
         })
     }
 }
 
-/// Checks the file's `[[metrics]]`: each has a unique name and compiles.
-fn metric_definitions(
-    definitions: Vec<crate::definitions::MetricDefinition>,
-) -> Result<Vec<(String, crate::definitions::MetricDefinition)>, ConfigError> {
+/// Checks the file's tables of one kind of definition (`[[metrics]]`):
+/// each has a unique name and compiles.
+fn named_definitions<D: crate::definitions::Definition>(
+    definitions: Vec<D>,
+) -> Result<Vec<(String, D)>, ConfigError> {
     use crate::definitions::DefinitionError;
-    let mut named: Vec<(String, crate::definitions::MetricDefinition)> = Vec::new();
+    let mut named: Vec<(String, D)> = Vec::new();
     for (index, definition) in definitions.into_iter().enumerate() {
-        let refuse = |error| ConfigError::Metric { index, error };
-        let Some(name) = definition.name.clone() else {
+        let refuse = |error| ConfigError::Definition {
+            noun: D::NOUN,
+            table: D::TABLE,
+            index,
+            error,
+        };
+        let Some(name) = definition.name().map(str::to_owned) else {
             return Err(refuse(DefinitionError::new(
                 "name",
-                "a [[metrics]] table needs a name",
+                format!("a [[{}]] table needs a name", D::TABLE),
             )));
         };
         if named.iter().any(|(n, _)| *n == name) {

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Condition, DefinitionError, FieldPath, parse_duration};
+use super::{Condition, DefinitionError, FieldPath, check_name, millis};
 use crate::envelope::EventType;
 use crate::windows::{Aggregate, CalendarUnit, Millis, WindowKind};
 
@@ -105,22 +105,7 @@ impl MetricDefinition {
     /// Reads a definition from a JSON body; a field of the wrong type or an
     /// unknown field is named.
     pub fn from_json(body: &[u8]) -> Result<MetricDefinition, DefinitionError> {
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let reason = e.inner().to_string();
-            // A missing field is reported at its parent: name the field.
-            let missing = reason
-                .strip_prefix("missing field `")
-                .and_then(|rest| rest.split('`').next());
-            let field = match (path.as_str(), missing) {
-                (".", Some(name)) => name.to_owned(),
-                (_, Some(name)) => format!("{path}.{name}"),
-                (".", None) => String::new(),
-                _ => path,
-            };
-            DefinitionError::new(field, reason)
-        })
+        super::from_json(body)
     }
 
     /// Checks every field and compiles the metric `name`.
@@ -331,29 +316,24 @@ impl WindowDefinition {
     }
 }
 
-fn millis(field: &str, text: &str) -> Result<Millis, DefinitionError> {
-    parse_duration(text)
-        .map(|d| d.as_millis() as Millis)
-        .map_err(|reason| DefinitionError::new(field, reason))
-}
+impl super::Definition for MetricDefinition {
+    type Spec = MetricSpec;
+    const NOUN: &'static str = "metric";
+    const TABLE: &'static str = "metrics";
 
-/// Names of metrics and traits: they appear in URLs, topics and profiles.
-fn check_name(field: &str, name: &str) -> Result<(), DefinitionError> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(DefinitionError::new(
-            field,
-            format!(
-                "`{name}`: use lowercase letters, digits and `_`, starting with a letter (up to 100)"
-            ),
-        ))
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    fn unnamed(&self) -> Self {
+        MetricDefinition {
+            name: None,
+            ..self.clone()
+        }
+    }
+
+    fn compile(&self, name: &str) -> Result<MetricSpec, DefinitionError> {
+        MetricDefinition::compile(self, name)
     }
 }
 

@@ -7,10 +7,33 @@
 mod condition;
 mod duration;
 pub mod metric;
+pub mod rule;
 
 pub use condition::Condition;
 pub use duration::parse_duration;
 pub use metric::{GroupBy, MetricDefinition, MetricSpec};
+pub use rule::{RuleDefinition, RuleKey, RuleSpec};
+
+use crate::windows::Millis;
+
+/// What every kind of definition shares: the file's tables, the admin
+/// API and the store read and check them alike.
+pub trait Definition: Clone + serde::Serialize + serde::de::DeserializeOwned {
+    type Spec;
+    /// What one is called in messages (`metric`).
+    const NOUN: &'static str;
+    /// Its tables in `traitline.toml` (`metrics`).
+    const TABLE: &'static str;
+
+    /// The name a file's table gives it (the API's is in the path).
+    fn name(&self) -> Option<&str>;
+
+    /// It without that name, as stored.
+    fn unnamed(&self) -> Self;
+
+    /// Checks every field and compiles it as `name`.
+    fn compile(&self, name: &str) -> Result<Self::Spec, DefinitionError>;
+}
 
 /// A definition that cannot be used: which field, and why. The admin API
 /// answers it as a 422 naming `field`; the running version stays.
@@ -90,5 +113,54 @@ impl FieldPath {
 
     pub fn as_string(&self) -> String {
         self.segments.join(".")
+    }
+}
+
+/// Reads a definition from a JSON body; a field of the wrong type or an
+/// unknown field is named.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DefinitionError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.inner().to_string();
+        // A missing field is reported at its parent: name the field.
+        let missing = reason
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let field = match (path.as_str(), missing) {
+            (".", Some(name)) => name.to_owned(),
+            (_, Some(name)) => format!("{path}.{name}"),
+            (".", None) => String::new(),
+            _ => path,
+        };
+        DefinitionError::new(field, reason)
+    })
+}
+
+/// A duration field in milliseconds.
+fn millis(field: &str, text: &str) -> Result<Millis, DefinitionError> {
+    parse_duration(text)
+        .map(|d| d.as_millis() as Millis)
+        .map_err(|reason| DefinitionError::new(field, reason))
+}
+
+/// Names of definitions, steps and traits: they appear in URLs, topics
+/// and profiles.
+fn check_name(field: &str, name: &str) -> Result<(), DefinitionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(DefinitionError::new(
+            field,
+            format!(
+                "`{name}`: use lowercase letters, digits and `_`, starting with a letter (up to 100)"
+            ),
+        ))
     }
 }

@@ -259,7 +259,14 @@ impl Engine {
         while state.waiting.len() > self.pattern.max_waiting.max(1) {
             let input = state.waiting.remove(0);
             self.counts.rushed += 1;
-            take(&self.pattern, key, state, &input, &mut self.counts, &mut self.rushed);
+            take(
+                &self.pattern,
+                key,
+                state,
+                &input,
+                &mut self.counts,
+                &mut self.rushed,
+            );
         }
         self.changed.insert(key.to_owned());
         self.schedule(key);
@@ -287,7 +294,14 @@ impl Engine {
             let ready = state.waiting.partition_point(|w| w.time < limit);
             let inputs: Vec<Input> = state.waiting.drain(..ready).collect();
             for input in &inputs {
-                take(&self.pattern, &key, state, input, &mut self.counts, &mut matches);
+                take(
+                    &self.pattern,
+                    &key,
+                    state,
+                    input,
+                    &mut self.counts,
+                    &mut matches,
+                );
             }
             end_waits(&self.pattern, &key, state, limit, &mut matches);
             let within = self.pattern.within;
@@ -405,8 +419,8 @@ fn take(
         }
         let mut next = Vec::new();
         let step = &pattern.steps[run.step];
-        let can_repeat = step.max.is_none_or(|max| run.count < max)
-            && (!step.strict || !run.passed);
+        let can_repeat =
+            step.max.is_none_or(|max| run.count < max) && (!step.strict || !run.passed);
         // Skip till next match: a run takes an event its step can take
         // again, and one its next step takes once its step cannot; an
         // event that starts a step while the run could still repeat its
@@ -481,7 +495,11 @@ fn take(
         });
         complete.dedup_by(|b, a| a.taken[0] == b.taken[0]);
         for mut run in complete {
-            if state.runs.iter().any(|r| r.waiting && r.taken[0] == run.taken[0]) {
+            if state
+                .runs
+                .iter()
+                .any(|r| r.waiting && r.taken[0] == run.taken[0])
+            {
                 continue;
             }
             run.waiting = true;

@@ -37,7 +37,10 @@ fn pattern(steps: Vec<Step>, within: Millis) -> Pattern {
 /// Seed 004's fraud rule: three or more small payments, then a large
 /// one, within 5 minutes. Bit 0: small; bit 1: large.
 fn fraud() -> Pattern {
-    pattern(vec![step("small", 3, None), step("large", 1, Some(1))], 5 * MINUTE)
+    pattern(
+        vec![step("small", 3, None), step("large", 1, Some(1))],
+        5 * MINUTE,
+    )
 }
 
 /// Feeds `events` (key, time, id, meets) in the order given, then moves
@@ -64,7 +67,10 @@ fn ids(matches: Vec<Match>) -> Vec<(String, Vec<String>)> {
 }
 
 fn m(key: &str, ids: &[&str]) -> (String, Vec<String>) {
-    (key.to_owned(), ids.iter().map(|s| (*s).to_owned()).collect())
+    (
+        key.to_owned(),
+        ids.iter().map(|s| (*s).to_owned()).collect(),
+    )
 }
 
 #[test]
@@ -120,7 +126,12 @@ fn exactly_n_takes_n_and_a_range_takes_at_most_its_maximum() {
     assert_eq!(
         run(
             exactly,
-            &[("k", 0, "a1", 1), ("k", 1, "a2", 1), ("k", 2, "a3", 1), ("k", 3, "b1", 2)]
+            &[
+                ("k", 0, "a1", 1),
+                ("k", 1, "a2", 1),
+                ("k", 2, "a3", 1),
+                ("k", 3, "b1", 2)
+            ]
         ),
         vec![m("k", &["a1", "a2", "b1"])],
         "the earliest two A; the third is passed over"
@@ -130,7 +141,12 @@ fn exactly_n_takes_n_and_a_range_takes_at_most_its_maximum() {
     assert_eq!(
         run(
             range,
-            &[("k", 0, "a1", 1), ("k", 1, "a2", 1), ("k", 2, "a3", 1), ("k", 3, "b1", 2)]
+            &[
+                ("k", 0, "a1", 1),
+                ("k", 1, "a2", 1),
+                ("k", 2, "a3", 1),
+                ("k", 3, "b1", 2)
+            ]
         ),
         vec![m("k", &["a1", "a2", "b1"])]
     );
@@ -141,13 +157,19 @@ fn an_optional_step_may_be_left_out() {
     // A, an optional C, then B.
     let mut c = step("c", 1, Some(1));
     c.optional = true;
-    let p = pattern(vec![step("a", 1, Some(1)), c, step("b", 1, Some(1))], MINUTE);
+    let p = pattern(
+        vec![step("a", 1, Some(1)), c, step("b", 1, Some(1))],
+        MINUTE,
+    );
     assert_eq!(
         run(p.clone(), &[("k", 0, "a1", 1), ("k", 1, "b1", 4)]),
         vec![m("k", &["a1", "b1"])]
     );
     assert_eq!(
-        run(p, &[("k", 0, "a1", 1), ("k", 1, "c1", 2), ("k", 2, "b1", 4)]),
+        run(
+            p,
+            &[("k", 0, "a1", 1), ("k", 1, "c1", 2), ("k", 2, "b1", 4)]
+        ),
         vec![m("k", &["a1", "c1", "b1"])]
     );
 }
@@ -172,7 +194,12 @@ fn strict_contiguity_allows_no_other_event_between() {
     assert_eq!(
         run(
             repeated,
-            &[("k", 0, "a1", 1), ("k", 1, "x", 0), ("k", 2, "a2", 1), ("k", 3, "b1", 2)]
+            &[
+                ("k", 0, "a1", 1),
+                ("k", 1, "x", 0),
+                ("k", 2, "a2", 1),
+                ("k", 3, "b1", 2)
+            ]
         ),
         vec![]
     );
@@ -193,8 +220,16 @@ fn not_followed_by_fires_on_the_watermark_alone_and_an_absent_event_cancels_it()
     engine.observe("u1", input(0, "c1", 1));
     engine.observe("u2", input(0, "c2", 1));
     engine.observe("u2", input(10 * MINUTE, "o2", 2));
-    assert_eq!(engine.advance(20 * MINUTE), vec![], "still within the bound");
-    assert_eq!(engine.advance(30 * MINUTE), vec![], "the bound is inclusive");
+    assert_eq!(
+        engine.advance(20 * MINUTE),
+        vec![],
+        "still within the bound"
+    );
+    assert_eq!(
+        engine.advance(30 * MINUTE),
+        vec![],
+        "the bound is inclusive"
+    );
     let fired = engine.advance(30 * MINUTE + 2);
     assert_eq!(
         fired,
@@ -334,21 +369,28 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
 
 /// A random pattern of two or three steps over a key's events.
 fn arb_pattern() -> impl Strategy<Value = Pattern> {
-    let arb_step = (1u32..3, prop::option::of(0u32..2), any::<bool>(), any::<bool>()).prop_map(
-        |(min, extra, optional, strict)| Step {
+    let arb_step = (
+        1u32..3,
+        prop::option::of(0u32..2),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(min, extra, optional, strict)| Step {
             name: String::new(),
             min,
             max: extra.map(|e| min + e),
             optional,
             strict,
-        },
-    );
-    (prop::collection::vec(arb_step, 2..4), 5i64..60, any::<bool>()).prop_map(
-        |(mut steps, within, _)| {
+        });
+    (
+        prop::collection::vec(arb_step, 2..4),
+        5i64..60,
+        any::<bool>(),
+    )
+        .prop_map(|(mut steps, within, _)| {
             steps.last_mut().expect("two or more").optional = false;
             pattern(steps, within)
-        },
-    )
+        })
 }
 
 /// Events of one key: increasing times (some equal), random conditions.

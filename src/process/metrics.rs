@@ -970,7 +970,9 @@ impl MetricProcessor {
         let mut states = Vec::new();
         let mut traits = Vec::new();
         for (p, changed) in &held_back.changed {
-            let held = partitions.get_mut(p).expect("held back partitions are held");
+            let held = partitions
+                .get_mut(p)
+                .expect("held back partitions are held");
             let at = held
                 .metric
                 .engine()
@@ -1048,9 +1050,12 @@ impl MetricProcessor {
     #[cfg(test)]
     async fn held(&self) -> (usize, usize) {
         let engines = self.engines.lock().await;
-        engines.partitions.values().fold((0, 0), |(groups, bytes), h| {
-            (groups + h.metric.engine().group_count(), bytes + h.bytes)
-        })
+        engines
+            .partitions
+            .values()
+            .fold((0, 0), |(groups, bytes), h| {
+                (groups + h.metric.engine().group_count(), bytes + h.bytes)
+            })
     }
 
     /// Evicts the least recently used groups when the engines hold more

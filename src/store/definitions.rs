@@ -11,12 +11,14 @@ use super::{Store, StoreError, now_ms};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefinitionKind {
     Metric,
+    Rule,
 }
 
 impl DefinitionKind {
     fn as_str(self) -> &'static str {
         match self {
             DefinitionKind::Metric => "metric",
+            DefinitionKind::Rule => "rule",
         }
     }
 }

@@ -32,6 +32,7 @@ mod operations;
 mod overflow;
 pub mod profiles;
 mod rate_limits;
+mod rules;
 mod seed;
 mod segment;
 mod snapshots;

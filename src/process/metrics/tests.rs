@@ -237,7 +237,13 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
         .await;
     store.execute("INSERT INTO fault VALUES (1)").await;
 
-    let member = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &unlimited()));
+    let member = Arc::new(MetricProcessor::new(
+        store.clone(),
+        spec(),
+        1,
+        3,
+        &unlimited(),
+    ));
     let runner = runner(&log_dir, &log, &member);
     let stats = runner.stats();
     let running = tokio::spawn(runner.run(std::future::pending()));

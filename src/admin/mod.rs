@@ -1,5 +1,6 @@
-//! The admin API for definitions: `PUT/GET/DELETE /v1/metrics/{name}` and
-//! `GET /v1/metrics`. An admin key writes; a read or admin key reads. A
+//! The admin API for definitions: `PUT/GET/DELETE /v1/metrics/{name}`,
+//! `GET /v1/metrics`, and the same for `/v1/rules` ([`rules`]). An admin
+//! key writes; a read or admin key reads. A
 //! definition is checked and compiled before it is stored, so a bad one is
 //! a 422 naming its field and the running version stays; a change is a new
 //! version in the store, which every instance sharing it reads.
@@ -18,7 +19,13 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::definitions::{DefinitionError, GroupBy, MetricDefinition, MetricSpec};
+pub mod rules;
+
+pub use rules::{RuleEntry, RuleList, delete_rule, get_rule, list_rules, put_rule};
+
+use crate::definitions::{
+    Definition, DefinitionError, GroupBy, MetricDefinition, MetricSpec, RuleDefinition,
+};
 use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
 use crate::metric::GLOBAL_GROUP;
@@ -48,8 +55,8 @@ pub enum AdminError {
     NotJson(String),
     #[error("the definition is refused, the running version stays: {0}")]
     Invalid(DefinitionError),
-    #[error("no metric is named {0:?}")]
-    NotFound(String),
+    #[error("no {noun} is named {name:?}")]
+    NotFound { noun: &'static str, name: String },
     #[error("{0}")]
     BadParameter(String),
     #[error("the store is unavailable; try again")]
@@ -62,7 +69,7 @@ impl ApiError for AdminError {
             AdminError::Auth(auth) => auth.status(),
             AdminError::NotJson(_) | AdminError::BadParameter(_) => StatusCode::BAD_REQUEST,
             AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::NotFound { .. } => StatusCode::NOT_FOUND,
             AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -73,7 +80,7 @@ impl ApiError for AdminError {
             AdminError::NotJson(_) => "invalid_json",
             AdminError::BadParameter(_) => "invalid_parameter",
             AdminError::Invalid(_) => "invalid_value",
-            AdminError::NotFound(_) => "not_found",
+            AdminError::NotFound { .. } => "not_found",
             AdminError::Unavailable => "store_unavailable",
         }
     }
@@ -196,25 +203,117 @@ impl AdminState {
                 get(get_metric).put(put_metric).delete(delete_metric),
             )
             .route("/v1/metrics/{name}/values", get(metric_values))
+            .route("/v1/rules", get(list_rules))
+            .route(
+                "/v1/rules/{name}",
+                get(get_rule).put(put_rule).delete(delete_rule),
+            )
             .with_state(self)
     }
 }
 
-/// Checks a metric definition and stores it as `name`'s next version
-/// (unless it equals the current one): the form a `PUT` body, a
-/// `[[metrics]]` table and the store share.
-pub async fn store_metric(
+/// A kind of definition as the store keeps it.
+pub trait Stored: Definition {
+    const KIND: DefinitionKind;
+}
+
+impl Stored for MetricDefinition {
+    const KIND: DefinitionKind = DefinitionKind::Metric;
+}
+
+impl Stored for RuleDefinition {
+    const KIND: DefinitionKind = DefinitionKind::Rule;
+}
+
+/// Checks a definition and stores it as `name`'s next version (unless it
+/// equals the current one): the form a `PUT` body, a file's table and the
+/// store share.
+pub async fn store_definition<D: Stored>(
     store: &Store,
     name: &str,
-    definition: &MetricDefinition,
+    definition: &D,
 ) -> Result<(Put, StoredDefinition), AdminError> {
     definition.compile(name).map_err(AdminError::Invalid)?;
-    let mut body = definition.clone();
-    body.name = None;
-    let text = serde_json::to_string(&body).expect("a definition serializes");
-    Ok(store
-        .put_definition(DefinitionKind::Metric, name, &text)
-        .await?)
+    let text = serde_json::to_string(&definition.unnamed()).expect("a definition serializes");
+    Ok(store.put_definition(D::KIND, name, &text).await?)
+}
+
+/// A `PUT` of a definition: checked, compiled and stored as the next
+/// version; 201 for a name's first.
+async fn put_definition<D: Stored>(
+    state: &AdminState,
+    headers: &HeaderMap,
+    name: &str,
+    body: &[u8],
+) -> Result<(StatusCode, StoredDefinition), AdminError> {
+    authorize_request(&state.keys, headers, Need::Admin)?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(AdminError::NotJson(e.to_string()));
+    }
+    let definition: D = crate::definitions::from_json(body).map_err(AdminError::Invalid)?;
+    if definition.name().is_some_and(|n| n != name) {
+        return Err(AdminError::Invalid(DefinitionError::new(
+            "name",
+            "differs from the name in the path (leave it out of the body)",
+        )));
+    }
+    let (put, stored) = store_definition(&state.store, name, &definition).await?;
+    let noun = D::NOUN;
+    match put {
+        Put::Created(v) => tracing::info!("{noun} {name} is defined (version {v})"),
+        Put::Changed(v) => tracing::info!("{noun} {name} changed (version {v})"),
+        Put::Unchanged(_) => {}
+    }
+    let status = match put {
+        Put::Created(_) => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, stored))
+}
+
+/// The current version of a definition, for a read key.
+async fn current_definition<D: Stored>(
+    state: &AdminState,
+    headers: &HeaderMap,
+    name: String,
+) -> Result<StoredDefinition, AdminError> {
+    authorize_request(&state.keys, headers, Need::Read)?;
+    match state.store.definition(D::KIND, &name).await? {
+        Some(stored) => Ok(stored),
+        None => Err(AdminError::NotFound {
+            noun: D::NOUN,
+            name,
+        }),
+    }
+}
+
+/// Every definition of a kind, by name, for a read key.
+async fn all_definitions<D: Stored>(
+    state: &AdminState,
+    headers: &HeaderMap,
+) -> Result<Vec<StoredDefinition>, AdminError> {
+    authorize_request(&state.keys, headers, Need::Read)?;
+    Ok(state.store.definitions(D::KIND).await?)
+}
+
+/// A `DELETE` of a definition: a version of its own, so the history
+/// stays.
+async fn delete_definition<D: Stored>(
+    state: &AdminState,
+    headers: &HeaderMap,
+    name: String,
+) -> Result<StatusCode, AdminError> {
+    authorize_request(&state.keys, headers, Need::Admin)?;
+    match state.store.delete_definition(D::KIND, &name).await? {
+        Some(version) => {
+            tracing::info!("{} {name} is deleted (version {version})", D::NOUN);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(AdminError::NotFound {
+            noun: D::NOUN,
+            name,
+        }),
+    }
 }
 
 /// Defines a metric, or changes it: a new version.
@@ -238,27 +337,8 @@ pub async fn put_metric(
     DefinitionName(name): DefinitionName,
     body: Bytes,
 ) -> Result<(StatusCode, Json<MetricEntry>), AdminError> {
-    authorize_request(&state.keys, &headers, Need::Admin)?;
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return Err(AdminError::NotJson(e.to_string()));
-    }
-    let definition = MetricDefinition::from_json(&body).map_err(AdminError::Invalid)?;
-    if definition.name.as_ref().is_some_and(|n| *n != name) {
-        return Err(AdminError::Invalid(DefinitionError::new(
-            "name",
-            "differs from the name in the path (leave it out of the body)",
-        )));
-    }
-    let (put, stored) = store_metric(&state.store, &name, &definition).await?;
-    match put {
-        Put::Created(v) => tracing::info!("metric {name} is defined (version {v})"),
-        Put::Changed(v) => tracing::info!("metric {name} changed (version {v})"),
-        Put::Unchanged(_) => {}
-    }
-    let status = match put {
-        Put::Created(_) => StatusCode::CREATED,
-        _ => StatusCode::OK,
-    };
+    let (status, stored) =
+        put_definition::<MetricDefinition>(&state, &headers, &name, &body).await?;
     Ok((status, Json(entry(stored))))
 }
 
@@ -280,14 +360,7 @@ pub async fn get_metric(
     headers: HeaderMap,
     DefinitionName(name): DefinitionName,
 ) -> Result<Json<MetricEntry>, AdminError> {
-    authorize_request(&state.keys, &headers, Need::Read)?;
-    let Some(stored) = state
-        .store
-        .definition(DefinitionKind::Metric, &name)
-        .await?
-    else {
-        return Err(AdminError::NotFound(name));
-    };
+    let stored = current_definition::<MetricDefinition>(&state, &headers, name.clone()).await?;
     let processor = crate::process::metrics::processor_name(&name, stored.version);
     let positions = state
         .store
@@ -330,10 +403,7 @@ pub async fn list_metrics(
     State(state): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Json<MetricList>, AdminError> {
-    authorize_request(&state.keys, &headers, Need::Read)?;
-    let metrics = state
-        .store
-        .definitions(DefinitionKind::Metric)
+    let metrics = all_definitions::<MetricDefinition>(&state, &headers)
         .await?
         .into_iter()
         .map(entry)
@@ -468,7 +538,10 @@ pub async fn metric_values(
         .definition(DefinitionKind::Metric, &name)
         .await?
     else {
-        return Err(AdminError::NotFound(name));
+        return Err(AdminError::NotFound {
+            noun: MetricDefinition::NOUN,
+            name,
+        });
     };
     let windows = state
         .store
@@ -547,16 +620,5 @@ pub async fn delete_metric(
     headers: HeaderMap,
     DefinitionName(name): DefinitionName,
 ) -> Result<StatusCode, AdminError> {
-    authorize_request(&state.keys, &headers, Need::Admin)?;
-    match state
-        .store
-        .delete_definition(DefinitionKind::Metric, &name)
-        .await?
-    {
-        Some(version) => {
-            tracing::info!("metric {name} is deleted (version {version})");
-            Ok(StatusCode::NO_CONTENT)
-        }
-        None => Err(AdminError::NotFound(name)),
-    }
+    delete_definition::<MetricDefinition>(&state, &headers, name).await
 }
