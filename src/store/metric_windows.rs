@@ -781,20 +781,7 @@ async fn write_batch(
     Conn::Any(&mut *tx, dialect)
         .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
-    for (partition, clock) in &batch.clocks {
-        // A partition's new owner may start its clock behind the stored
-        // one: a watermark never goes back.
-        sqlx::query(
-            "UPDATE processor_offsets SET clock = CASE WHEN clock IS NULL OR clock < $1 THEN $1 ELSE clock END \
-             WHERE processor = $2 AND topic = $3 AND partition = $4",
-        )
-        .bind(*clock)
-        .bind(batch.processor)
-        .bind(batch.topic)
-        .bind(*partition)
-        .execute(&mut *tx)
-        .await?;
-    }
+    store_clocks(tx, batch.processor, batch.topic, &batch.clocks).await?;
     let (written, removed): (Vec<_>, Vec<_>) = batch
         .states
         .iter()
@@ -962,15 +949,40 @@ async fn forget_groups(
 
 /// Parameters in one statement of many rows: well under SQLite's and
 /// PostgreSQL's limits.
-const ROWS: usize = 2_000;
+pub(super) const ROWS: usize = 2_000;
 
 /// `rows` row values of `width` placeholders each, numbered from `start`
 /// (PostgreSQL) or plain `?` (SQLite): one style in a statement.
-fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
+pub(super) fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
     (0..rows)
         .map(|r| format!("({})", dialect.params(width, start + r * width)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Stores each partition's watermark beside its offset (the partition's
+/// offset row must be there).
+pub(super) async fn store_clocks(
+    tx: &mut AnyConnection,
+    processor: &str,
+    topic: &str,
+    clocks: &[(i32, i64)],
+) -> Result<(), StoreError> {
+    for (partition, clock) in clocks {
+        // A partition's new owner may start its clock behind the stored
+        // one: a watermark never goes back.
+        sqlx::query(
+            "UPDATE processor_offsets SET clock = CASE WHEN clock IS NULL OR clock < $1 THEN $1 ELSE clock END \
+             WHERE processor = $2 AND topic = $3 AND partition = $4",
+        )
+        .bind(*clock)
+        .bind(processor)
+        .bind(topic)
+        .bind(*partition)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Writes `rows` with statements of many rows each: `head` up to
@@ -978,7 +990,7 @@ fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> 
 /// `tail` (an `ON CONFLICT` clause, or nothing). A batch's state,
 /// counted ids and traits are thousands of rows; one statement a row made
 /// metric commits the slowest part of processing.
-async fn write_rows<'a, T>(
+pub(super) async fn write_rows<'a, T>(
     tx: &mut AnyConnection,
     dialect: super::Dialect,
     head: &str,
@@ -998,7 +1010,7 @@ async fn write_rows<'a, T>(
     Ok(())
 }
 
-type AnyQuery<'a> = sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>;
+pub(super) type AnyQuery<'a> = sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>;
 
 async fn insert_windows(
     tx: &mut AnyConnection,

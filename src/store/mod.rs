@@ -16,6 +16,7 @@ pub use metric_windows::{
     StoredPart, StoredWindow, WindowQuery,
 };
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
+pub use rules::{AlertQuery, RuleBatch, StoredAlert};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -130,6 +131,7 @@ mod cache;
 mod definitions;
 mod metric_windows;
 mod profiles;
+mod rules;
 pub mod snapshot;
 
 /// The store of one deployment. Cheap to clone (a pool inside).
@@ -402,6 +404,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "one claim of a message id for every metric",
         include_str!("migrations/version_10.sql"),
     );
+    let rules = migration(
+        12,
+        "pattern rules' partial matches and alerts",
+        include_str!("migrations/version_12.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -423,6 +430,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 "room for in-place rewrites of metric state",
                 include_str!("migrations/postgres_11.sql"),
             ),
+            rules,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -434,6 +442,8 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             merges,
             claims,
             shared_claims,
+            // SQLite has no migration 11 (PostgreSQL's page fill).
+            rules,
         ],
     }
 }

@@ -9,8 +9,9 @@ use chrono::Utc;
 use serde_json::Value;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    Combine, ComputedTrait, GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch,
-    StateSummary, Store, StoreError, StoredWindow, WindowQuery,
+    AlertQuery, Combine, ComputedTrait, GroupRow, MergeRow, MetricBatch, OffsetAdvance,
+    ProfileBatch, RuleBatch, StateSummary, Store, StoreError, StoredAlert, StoredWindow,
+    WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
@@ -23,7 +24,8 @@ both_logs!(
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
-    a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be
+    a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be,
+    a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once
 );
 
 /// The database of the deployment `backend` stands for: SQLite in the
@@ -809,5 +811,136 @@ async fn a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be(backend: B
             .await
             .unwrap()
             .is_some()
+    );
+}
+
+/// A rule version's batch: states and alerts commit with its offsets; a
+/// stale batch (fenced) writes nothing; a batch tried again writes its
+/// alerts once; alerts read newest first, by rule, key and time, a page
+/// at a time; published ones leave the relay's list.
+async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let processor = "rule:card_testing:1";
+    let alert = |key: &str, first: &str, at| StoredAlert {
+        id: format!("card_testing:1:{key}:{first}"),
+        rule: "card_testing".to_owned(),
+        version: 1,
+        key: key.to_owned(),
+        at,
+        body: format!(r#"{{"key":"{key}","at":{at}}}"#),
+    };
+    let batch = |expected, next, states, alerts| RuleBatch {
+        processor,
+        topic: "user_events",
+        offsets: vec![OffsetAdvance {
+            partition: 2,
+            expected,
+            next,
+        }],
+        clocks: vec![(2, 9_000)],
+        states,
+        alerts,
+    };
+    let first = batch(
+        None,
+        5,
+        vec![
+            (2, "u1".to_owned(), Some(r#"{"runs":[1]}"#.to_owned())),
+            (2, "u2".to_owned(), Some(r#"{"runs":[2]}"#.to_owned())),
+        ],
+        vec![alert("u3", "m1", 1_000), alert("u4", "m2", 2_000)],
+    );
+    store.apply_rule_batch(&first).await.unwrap();
+    // Tried again from the same offset: fenced, nothing written twice.
+    let again = store.apply_rule_batch(&first).await;
+    assert!(matches!(again, Err(StoreError::Fenced { .. })), "{again:?}");
+    let second = batch(
+        Some(5),
+        9,
+        vec![
+            (2, "u1".to_owned(), None),
+            (2, "u2".to_owned(), Some(r#"{"runs":[3]}"#.to_owned())),
+        ],
+        // The same alert as the first batch's (a retry after a failed
+        // commit makes the same ids), and a new one.
+        vec![alert("u4", "m2", 2_000), alert("u4", "m7", 3_000)],
+    );
+    store.apply_rule_batch(&second).await.unwrap();
+
+    let (clock, states) = store
+        .rule_states(processor, "user_events", 2)
+        .await
+        .unwrap();
+    assert_eq!(clock, Some(9_000));
+    assert_eq!(
+        states,
+        vec![("u2".to_owned(), r#"{"runs":[3]}"#.to_owned())]
+    );
+    let offsets = store.offsets(processor, "user_events").await.unwrap();
+    assert_eq!(offsets, HashMap::from([(2, 9)]));
+
+    let ids = |alerts: Vec<StoredAlert>| alerts.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let query = |rule, key, from, before, limit| AlertQuery {
+        rule,
+        key,
+        from,
+        before,
+        limit,
+    };
+    let all = store
+        .alerts(&query(Some("card_testing"), None, None, None, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(all.clone()),
+        vec![
+            "card_testing:1:u4:m7",
+            "card_testing:1:u4:m2",
+            "card_testing:1:u3:m1"
+        ]
+    );
+    assert_eq!(all[0].body, r#"{"key":"u4","at":3000}"#);
+    assert_eq!(
+        ids(store
+            .alerts(&query(None, Some("u4"), None, None, 10))
+            .await
+            .unwrap())
+        .len(),
+        2
+    );
+    assert_eq!(
+        ids(store
+            .alerts(&query(None, None, Some(2_000), None, 10))
+            .await
+            .unwrap())
+        .len(),
+        2
+    );
+    let page = store
+        .alerts(&query(None, None, None, None, 2))
+        .await
+        .unwrap();
+    let last = page.last().unwrap();
+    let next = store
+        .alerts(&query(None, None, None, Some((last.at, &last.id)), 2))
+        .await
+        .unwrap();
+    assert_eq!(ids(next), vec!["card_testing:1:u3:m1"]);
+    assert!(
+        store
+            .alerts(&query(Some("other"), None, None, None, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let unpublished = store.unpublished_alerts(10).await.unwrap();
+    assert_eq!(unpublished.len(), 3);
+    let published: Vec<&str> = unpublished[..2].iter().map(|a| a.id.as_str()).collect();
+    store.mark_alerts_published(&published).await.unwrap();
+    assert_eq!(
+        ids(store.unpublished_alerts(10).await.unwrap()),
+        vec![unpublished[2].id.clone()]
     );
 }

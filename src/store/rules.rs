@@ -1,0 +1,211 @@
+//! Pattern rules in the store (migration 12): each version's partial
+//! matches per key beside its offsets and clocks, and the alerts they
+//! make, written in one transaction a batch; the alerts read newest first
+//! and relayed to `user_alerts`.
+
+use sqlx::{AnyConnection, Row};
+
+use super::batch::Conn;
+use super::metric_windows::{ROWS, rows_of, store_clocks, write_rows};
+use super::{OffsetAdvance, Store, StoreError, now_ms};
+
+/// One batch of a rule version: where its offsets and clocks go, the keys
+/// whose state changed (`None`: nothing left), the alerts it made.
+#[derive(Debug)]
+pub struct RuleBatch<'a> {
+    /// The version's name, its offsets' and states' key
+    /// (`rule:{name}:{version}`).
+    pub processor: &'a str,
+    pub topic: &'a str,
+    pub offsets: Vec<OffsetAdvance>,
+    pub clocks: Vec<(i32, i64)>,
+    pub states: Vec<(i32, String, Option<String>)>,
+    pub alerts: Vec<StoredAlert>,
+}
+
+/// An alert as stored: its identity, where to find it, and the record
+/// `user_alerts` and the API show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAlert {
+    /// The rule, version, key and first event's message id.
+    pub id: String,
+    pub rule: String,
+    pub version: i64,
+    pub key: String,
+    /// When the match was complete (ms).
+    pub at: i64,
+    /// The alert record (JSON).
+    pub body: String,
+}
+
+/// Which alerts to read, newest first.
+#[derive(Debug, Default)]
+pub struct AlertQuery<'a> {
+    pub rule: Option<&'a str>,
+    pub key: Option<&'a str>,
+    /// Alerts completed at or after this (ms).
+    pub from: Option<i64>,
+    /// Alerts before this one in the order (a page's cursor): its time
+    /// and id.
+    pub before: Option<(i64, &'a str)>,
+    pub limit: u32,
+}
+
+impl Store {
+    /// Writes a rule version's batch and moves its offsets, in one
+    /// transaction; fenced when an offset is not where the batch expects.
+    pub async fn apply_rule_batch(&self, batch: &RuleBatch<'_>) -> Result<(), StoreError> {
+        let dialect = self.dialect;
+        super::in_write_transaction!(self, self.begin_write(), |tx| write_rule_batch(
+            tx, dialect, batch
+        ))
+    }
+
+    /// A rule version's stored watermark of `partition` and its keys'
+    /// states there.
+    pub async fn rule_states(
+        &self,
+        processor: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Option<i64>, Vec<(String, String)>), StoreError> {
+        let clock = self.metric_clock(processor, topic, partition).await?;
+        let rows = sqlx::query(
+            "SELECT rule_key, state FROM rule_state WHERE processor = $1 AND partition = $2 ORDER BY rule_key",
+        )
+        .bind(processor)
+        .bind(partition)
+        .fetch_all(&self.pool)
+        .await?;
+        let states = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok((clock, states))
+    }
+
+    /// Alerts, newest first.
+    pub async fn alerts(&self, query: &AlertQuery<'_>) -> Result<Vec<StoredAlert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT alert_id, rule, version, rule_key, at, body FROM alerts \
+             WHERE ($1 IS NULL OR rule = $1) AND ($2 IS NULL OR rule_key = $2) \
+               AND ($3 IS NULL OR at >= $3) \
+               AND ($4 IS NULL OR at < $4 OR (at = $4 AND alert_id < $5)) \
+             ORDER BY at DESC, alert_id DESC LIMIT $6",
+        )
+        .bind(query.rule)
+        .bind(query.key)
+        .bind(query.from)
+        .bind(query.before.map(|(at, _)| at))
+        .bind(query.before.map_or("", |(_, id)| id))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(alert).collect()
+    }
+
+    /// The oldest alerts not yet on `user_alerts`.
+    pub async fn unpublished_alerts(&self, limit: u32) -> Result<Vec<StoredAlert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT alert_id, rule, version, rule_key, at, body FROM alerts \
+             WHERE published = 0 ORDER BY created_at, alert_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(alert).collect()
+    }
+
+    /// Marks alerts as on `user_alerts`.
+    pub async fn mark_alerts_published(&self, ids: &[&str]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(ROWS) {
+            let sql = format!(
+                "UPDATE alerts SET published = 1 WHERE alert_id IN ({})",
+                self.dialect.params(chunk.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+}
+
+fn alert(row: &sqlx::any::AnyRow) -> Result<StoredAlert, StoreError> {
+    Ok(StoredAlert {
+        id: row.try_get(0)?,
+        rule: row.try_get(1)?,
+        version: row.try_get(2)?,
+        key: row.try_get(3)?,
+        at: row.try_get(4)?,
+        body: row.try_get(5)?,
+    })
+}
+
+async fn write_rule_batch(
+    tx: &mut AnyConnection,
+    dialect: super::Dialect,
+    batch: &RuleBatch<'_>,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    Conn::Any(&mut *tx, dialect)
+        .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
+        .await?;
+    store_clocks(tx, batch.processor, batch.topic, &batch.clocks).await?;
+    let (written, removed): (Vec<_>, Vec<_>) = batch
+        .states
+        .iter()
+        .partition(|(_, _, state)| state.is_some());
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO rule_state (processor, partition, rule_key, state) VALUES",
+        "ON CONFLICT (processor, partition, rule_key) DO UPDATE SET state = excluded.state",
+        4,
+        &written,
+        |query, (partition, key, state)| {
+            query
+                .bind(batch.processor)
+                .bind(*partition)
+                .bind(key.as_str())
+                .bind(state.as_deref().expect("partitioned above"))
+        },
+    )
+    .await?;
+    for chunk in removed.chunks(ROWS / 2) {
+        let sql = format!(
+            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) IN ({})",
+            dialect.params(1, 1),
+            rows_of(dialect, chunk.len(), 2, 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
+        for (partition, key, _) in chunk {
+            query = query.bind(*partition).bind(key.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    // A batch tried again after a failed commit makes the same alerts:
+    // their ids are taken already.
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO alerts (alert_id, rule, version, rule_key, body, at, created_at) VALUES",
+        "ON CONFLICT (alert_id) DO NOTHING",
+        7,
+        &batch.alerts,
+        |query, a| {
+            query
+                .bind(a.id.as_str())
+                .bind(a.rule.as_str())
+                .bind(a.version)
+                .bind(a.key.as_str())
+                .bind(a.body.as_str())
+                .bind(a.at)
+                .bind(now)
+        },
+    )
+    .await?;
+    Ok(())
+}
