@@ -1,9 +1,9 @@
-//! The metric set: the processor every metric version reads the log
-//! through. One runner reads and parses each batch once, works out for
-//! each member which events it takes and in which group, claims the
-//! batch's message ids once, and hands the batch to every member at once;
-//! each member commits its effects with its own offsets in a transaction
-//! of its own (see [`MetricProcessor`]).
+//! The definition set: the processor every metric version (and every
+//! rule version) reads the log through. One runner reads and parses each
+//! batch once, works out for each member which events it takes and in
+//! which group, claims the batch's message ids once, and hands the batch
+//! to every member at once; each member commits its effects with its own
+//! offsets in a transaction of its own (see [`MetricProcessor`]).
 //!
 //! Members may stand at different offsets: the set reads each partition
 //! from the lowest of its members' offsets, and a member skips what it
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::metrics::{Event, MetricProcessor, Step};
+use super::metrics::{Event, MetricProcessor};
 use super::profiles::{commit_error, group_reader};
 use super::{
     Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected, Runner, RunnerSettings,
@@ -34,29 +34,77 @@ pub const CLAIMS: &str = "metrics";
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
 
-/// Metric versions read through one runner.
-pub struct MetricSet {
+/// One version of a definition in a [`Set`]: it works out what it does
+/// with each event, and applies batches with offsets of its own.
+#[async_trait]
+pub trait Member: Send + Sync + 'static {
+    /// What a batch does with one event for this member.
+    type Step: Clone + Send + Sync + 'static;
+
+    /// Its set's runner in metrics and logs (`metrics`, `rules`).
+    const RUNNER: &'static str;
+
+    /// The definition's name.
+    fn definition(&self) -> &str;
+
+    fn version(&self) -> i64;
+
+    /// What a batch does with `event` (whose head is `head`).
+    fn step(&self, head: &Head, event: &serde_json::Value) -> Self::Step;
+
+    /// Whether the event counts (and so its message id is claimed).
+    fn counts(step: &Self::Step) -> bool;
+
+    /// Reads its offsets from the store (writing what it held back
+    /// first).
+    async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError>;
+
+    /// Applies the set's batch (`events` with this member's `steps`) from
+    /// its own offsets on, and commits it (or holds it back under a
+    /// `backlog`); the events it counted.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        topic: &str,
+        events: &[Event],
+        steps: &[Self::Step],
+        first: &HashMap<String, (i32, i64)>,
+        advances: &[super::OffsetAdvance],
+        clocks: &[super::PartitionTime],
+        tick: bool,
+        backlog: bool,
+    ) -> Result<usize, CommitError>;
+
+    /// Writes what it held back.
+    async fn flush(&self) -> Result<(), CommitError>;
+}
+
+/// Versions of definitions of one kind read through one runner.
+pub struct Set<M: Member> {
     name: String,
     store: Store,
-    members: Vec<Arc<MetricProcessor>>,
-    /// The metric whose commit failed for good, for `/readyz`.
+    members: Vec<Arc<M>>,
+    /// The definition whose commit failed for good, for `/readyz`.
     failed: Mutex<Option<String>>,
 }
 
+/// The metric versions' set.
+pub type MetricSet = Set<MetricProcessor>;
+
 /// A batch parsed once: its events, and for each member (in the set's
 /// order) what it does with each event.
-pub struct Prepared(Arc<Parsed>);
+pub struct Prepared<S>(Arc<Parsed<S>>);
 
-struct Parsed {
+struct Parsed<S> {
     events: Vec<Event>,
-    steps: Vec<Vec<Step>>,
+    steps: Vec<Vec<S>>,
 }
 
-impl MetricSet {
+impl<M: Member> Set<M> {
     /// A set named `name` (in logs and the dead-letter records) of
     /// `members`.
-    pub fn new(name: String, store: Store, members: Vec<Arc<MetricProcessor>>) -> MetricSet {
-        MetricSet {
+    pub fn new(name: String, store: Store, members: Vec<Arc<M>>) -> Set<M> {
+        Set {
             name,
             store,
             members,
@@ -64,7 +112,7 @@ impl MetricSet {
         }
     }
 
-    pub fn members(&self) -> &[Arc<MetricProcessor>] {
+    pub fn members(&self) -> &[Arc<M>] {
         &self.members
     }
 
@@ -73,12 +121,12 @@ impl MetricSet {
         let members: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{} version {}", m.metric(), m.version()))
+            .map(|m| format!("{} version {}", m.definition(), m.version()))
             .collect();
         format!("metrics {}", members.join(", "))
     }
 
-    /// The metric whose failure stopped the set, if one did.
+    /// The definition whose failure stopped the set, if one did.
     pub fn failed_metric(&self) -> Option<String> {
         self.failed
             .lock()
@@ -87,9 +135,9 @@ impl MetricSet {
     }
 
     /// Parses `records` and works out every member's steps.
-    fn parse(&self, records: &[StoredRecord]) -> Parsed {
+    fn parse(&self, records: &[StoredRecord]) -> Parsed<M::Step> {
         let events: Vec<Event> = records.iter().filter_map(Event::parse).collect();
-        let mut steps: Vec<Vec<Step>> = self
+        let mut steps: Vec<Vec<M::Step>> = self
             .members
             .iter()
             .map(|_| Vec::with_capacity(events.len()))
@@ -105,12 +153,15 @@ impl MetricSet {
 
     /// Claims the message ids of the events some member counts: each id's
     /// first record, as stored.
-    async fn claim(&self, parsed: &Parsed) -> Result<HashMap<String, (i32, i64)>, CommitError> {
+    async fn claim(
+        &self,
+        parsed: &Parsed<M::Step>,
+    ) -> Result<HashMap<String, (i32, i64)>, CommitError> {
         let claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()
             .enumerate()
-            .filter(|(i, _)| parsed.steps.iter().any(|steps| steps[*i].counts()))
+            .filter(|(i, _)| parsed.steps.iter().any(|steps| M::counts(&steps[*i])))
             .filter_map(|(_, e)| {
                 Some((e.message_id.as_deref()?, e.partition, e.offset, e.received))
             })
@@ -128,7 +179,7 @@ impl MetricSet {
     /// [`MetricSet::each_member`]).
     async fn apply_all(
         &self,
-        parsed: &Arc<Parsed>,
+        parsed: &Arc<Parsed<M::Step>>,
         first: HashMap<String, (i32, i64)>,
         checkpoint: &Checkpoint,
         tick: bool,
@@ -162,7 +213,7 @@ impl MetricSet {
     /// fenced partition, else the first retryable failure.
     async fn each_member<F, W>(&self, work: F) -> Result<(), CommitError>
     where
-        F: Fn(usize, Arc<MetricProcessor>) -> W,
+        F: Fn(usize, Arc<M>) -> W,
         W: std::future::Future<Output = Result<(), CommitError>> + Send + 'static,
     {
         let tasks: Vec<_> = self
@@ -190,12 +241,12 @@ impl MetricSet {
             };
             if let CommitError::Fatal(cause) = &e {
                 tracing::error!(
-                    "metric {} version {} cannot go on: {cause}",
-                    member.metric(),
+                    "{} version {} cannot go on: {cause}",
+                    member.definition(),
                     member.version()
                 );
                 let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-                failed.get_or_insert_with(|| member.metric().to_owned());
+                failed.get_or_insert_with(|| member.definition().to_owned());
             }
             if worse {
                 outcome = Err(e);
@@ -206,7 +257,7 @@ impl MetricSet {
 }
 
 #[async_trait]
-impl Checkpoints for MetricSet {
+impl<M: Member> Checkpoints for Set<M> {
     fn name(&self) -> &str {
         &self.name
     }
@@ -236,16 +287,16 @@ impl Checkpoints for MetricSet {
 }
 
 #[async_trait]
-impl Processor for MetricSet {
-    type Prepared = Prepared;
+impl<M: Member> Processor for Set<M> {
+    type Prepared = Prepared<M::Step>;
 
     /// Records that are not JSON are skipped, not dead-lettered: the
     /// profile processor, which reads the same records, reports them. A
     /// large batch is parsed on every core.
-    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared, Vec<Rejected>) {
+    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared<M::Step>, Vec<Rejected>) {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let chunk = records.len().div_ceil(threads).max(PARSE_CHUNK);
-        let parts: Vec<Parsed> = std::thread::scope(|scope| {
+        let parts: Vec<Parsed<M::Step>> = std::thread::scope(|scope| {
             let handles: Vec<_> = records
                 .chunks(chunk)
                 .map(|part| scope.spawn(|| self.parse(part)))
@@ -270,7 +321,7 @@ impl Processor for MetricSet {
 
     async fn commit(
         &self,
-        prepared: &Prepared,
+        prepared: &Prepared<M::Step>,
         checkpoint: Checkpoint,
     ) -> Result<Committed, CommitError> {
         let first = self.claim(&prepared.0).await?;
@@ -304,16 +355,16 @@ impl Processor for MetricSet {
     }
 }
 
-/// The runner of a set of metric versions on `user_events`. The set's
-/// name names its consumer group in Kafka mode (the live set's is
+/// The runner of a set of versions on `user_events`. The set's name
+/// names its consumer group in Kafka mode (the live metric set's is
 /// `metrics`; a backfill's is its own). With `replay` it stops once it
 /// has read the log to its end.
-pub fn runner(
+pub fn runner<M: Member>(
     config: &Config,
     log: Arc<dyn EventLog>,
-    set: Arc<MetricSet>,
+    set: Arc<Set<M>>,
     replay: bool,
-) -> Result<Runner<MetricSet>, ReadError> {
+) -> Result<Runner<Set<M>>, ReadError> {
     let topics = Topics::new(&config.topic_prefix);
     let topic = topics.events();
     let consumer_group = format!("{}-{}", config.kafka_group, set.name().replace(':', "-"));
@@ -324,7 +375,7 @@ pub fn runner(
         parallel_commits: 1,
         idle_bound: config.append_timeout + config.clock_skew,
         stop_when_caught_up: replay,
-        ..RunnerSettings::new("metrics", topic, topics.rejected())
+        ..RunnerSettings::new(M::RUNNER, topic, topics.rejected())
     };
     Ok(Runner::new(set, reader, log, settings))
 }
@@ -341,4 +392,51 @@ pub fn member(
         MetricProcessor::new(store, spec, version, config.partitions, budget)
             .linking_after(config.append_timeout + config.clock_skew),
     )
+}
+
+#[async_trait]
+impl Member for MetricProcessor {
+    type Step = super::metrics::Step;
+    const RUNNER: &'static str = "metrics";
+
+    fn definition(&self) -> &str {
+        self.metric()
+    }
+
+    fn version(&self) -> i64 {
+        MetricProcessor::version(self)
+    }
+
+    fn step(&self, head: &Head, event: &serde_json::Value) -> Self::Step {
+        MetricProcessor::step(self, head, event)
+    }
+
+    fn counts(step: &Self::Step) -> bool {
+        step.counts()
+    }
+
+    async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        MetricProcessor::refresh(self, topic).await
+    }
+
+    async fn apply(
+        &self,
+        topic: &str,
+        events: &[Event],
+        steps: &[Self::Step],
+        first: &HashMap<String, (i32, i64)>,
+        advances: &[super::OffsetAdvance],
+        clocks: &[super::PartitionTime],
+        tick: bool,
+        backlog: bool,
+    ) -> Result<usize, CommitError> {
+        MetricProcessor::apply(
+            self, topic, events, steps, first, advances, clocks, tick, backlog,
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), CommitError> {
+        MetricProcessor::flush(self).await
+    }
 }
