@@ -75,6 +75,20 @@ pub const METRIC_STATE_BYTES: &str = "traitline_metric_state_bytes";
 /// Groups a metric evicted from memory to stay within its budget (their
 /// state is in the store, read back when needed), by `metric`.
 pub const METRIC_GROUPS_EVICTED: &str = "traitline_metric_groups_evicted_total";
+/// Matches a rule made (each an alert), by `rule`.
+pub const RULE_MATCHES: &str = "traitline_rule_matches_total";
+/// Partial matches a rule holds in memory, by `rule`.
+pub const RULE_PARTIALS: &str = "traitline_rule_partial_matches";
+/// Partial matches whose time bound passed before they completed, by
+/// `rule`.
+pub const RULE_TIMEOUTS: &str = "traitline_rule_timeouts_total";
+/// Partial matches dropped at a key's `max_partial_matches`, and events
+/// taken before the watermark passed them at a key's bound of waiting
+/// events, by `rule` and `bound`.
+pub const RULE_BOUND_HITS: &str = "traitline_rule_bound_hits_total";
+/// Events that came after the watermark less the lateness had passed
+/// them, taken by no rule, by `rule`.
+pub const RULE_LATE_EVENTS: &str = "traitline_rule_late_events_total";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -144,6 +158,23 @@ fn describe() {
     describe_counter!(
         METRIC_GROUPS_EVICTED,
         "Groups a metric evicted from memory to stay within its state budget, by metric"
+    );
+    describe_counter!(RULE_MATCHES, "Matches a rule made (each an alert), by rule");
+    describe_gauge!(
+        RULE_PARTIALS,
+        "Partial matches a rule holds in memory, by rule"
+    );
+    describe_counter!(
+        RULE_TIMEOUTS,
+        "Partial matches whose time bound passed before they completed, by rule"
+    );
+    describe_counter!(
+        RULE_BOUND_HITS,
+        "Partial matches dropped at max_partial_matches (bound=partials) and events taken early at a key's bound of waiting events (bound=waiting), by rule"
+    );
+    describe_counter!(
+        RULE_LATE_EVENTS,
+        "Events behind a rule's watermark less its lateness, taken by no match, by rule"
     );
     describe_counter!(
         STAGE_RESTARTS,

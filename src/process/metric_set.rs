@@ -440,3 +440,28 @@ impl Member for MetricProcessor {
         MetricProcessor::flush(self).await
     }
 }
+
+/// Where a member's checkpoint takes each partition of the set's
+/// `advances`, given where the member stands (`positions`, its stored
+/// offsets as it last read or committed them): from its own offset,
+/// skipping partitions it has committed past already. A tick (`next` =
+/// `expected`) keeps every partition where the member has it.
+pub fn own_offsets(
+    positions: &HashMap<i32, i64>,
+    advances: &[super::OffsetAdvance],
+    tick: bool,
+) -> Vec<super::OffsetAdvance> {
+    advances
+        .iter()
+        .filter_map(|a| {
+            let expected = positions.get(&a.partition).copied();
+            let next = if tick { expected.unwrap_or(0) } else { a.next };
+            let behind = tick || expected.unwrap_or(0) < a.next;
+            behind.then_some(super::OffsetAdvance {
+                partition: a.partition,
+                expected,
+                next,
+            })
+        })
+        .collect()
+}

@@ -465,19 +465,7 @@ impl MetricProcessor {
             Some(positions) => positions,
             None => self.refresh(topic).await?,
         };
-        Ok(advances
-            .iter()
-            .filter_map(|a| {
-                let expected = positions.get(&a.partition).copied();
-                let next = if tick { expected.unwrap_or(0) } else { a.next };
-                let behind = tick || expected.unwrap_or(0) < a.next;
-                behind.then_some(OffsetAdvance {
-                    partition: a.partition,
-                    expected,
-                    next,
-                })
-            })
-            .collect())
+        Ok(super::metric_set::own_offsets(&positions, advances, tick))
     }
 
     /// Reads `partition`'s engine back from the store: its clock, and its

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod profiles;
 mod reading;
 pub mod relay;
+pub mod rules;
 mod runner;
 mod stats;
 #[cfg(test)]

@@ -1,0 +1,371 @@
+//! One version of one pattern rule over `user_events`: a member of a
+//! [`Set`], read through the one runner as metrics are. Its offsets are
+//! its own (`rule:{name}:{version}`), so a new or changed rule starts
+//! from the log's beginning and its partial matches start afresh.
+//!
+//! Each partition has its own pattern engine, clocked by the partition's
+//! clock (the runner's time hook moves it on quiet partitions, so a "not
+//! followed by" fires and partial matches are pruned with no further
+//! events). A batch's changed keys' states, the alerts it made and the
+//! offsets commit in one store transaction; when a commit fails, the
+//! partitions it touched are read back from the store before the batch is
+//! tried again, so a crash, a retry or a rebalance never loses a partial
+//! match nor makes an alert twice (an alert's id is the rule, version,
+//! key and first event's message id).
+//!
+//! [`Set`]: super::metric_set::Set
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::metric_set::{Member, own_offsets};
+use super::metrics::Event;
+use super::profiles::commit_error;
+use super::{CommitError, OffsetAdvance, PartitionTime};
+use crate::admin::time;
+use crate::definitions::{RuleKey, RuleSpec};
+use crate::metric::Head;
+use crate::patterns::{Engine, Input, KeyState, Match, Observed};
+use crate::store::{RuleBatch, Store, StoredAlert};
+
+/// The name a rule version's offsets and states are stored under.
+pub fn processor_name(rule: &str, version: i64) -> String {
+    format!("rule:{rule}:{version}")
+}
+
+/// What a batch does with an event for one rule: its key and which steps'
+/// conditions it meets (`None`: the event has no key, or concerns no
+/// step of a rule whose steps all pass other events over).
+pub type RuleStep = Option<(String, u64)>;
+
+/// One version of one rule.
+pub struct RuleProcessor {
+    store: Store,
+    name: String,
+    spec: RuleSpec,
+    version: i64,
+    /// Whether some step is strict: then every event of a key counts, as
+    /// one that breaks the contiguity.
+    strict: bool,
+    /// Each partition's engine as of the last commit; a partition not
+    /// here is read from the store first.
+    engines: tokio::sync::Mutex<HashMap<i32, Engine>>,
+    /// The next offset of each partition in the store, as this member
+    /// last read or committed it (`None`: not read yet).
+    positions: std::sync::Mutex<Option<HashMap<i32, i64>>>,
+    counted: AtomicU64,
+}
+
+impl RuleProcessor {
+    pub fn new(store: Store, spec: RuleSpec, version: i64) -> RuleProcessor {
+        RuleProcessor {
+            store,
+            name: processor_name(&spec.name, version),
+            strict: spec.pattern.steps.iter().any(|s| s.strict),
+            spec,
+            version,
+            engines: tokio::sync::Mutex::new(HashMap::new()),
+            positions: std::sync::Mutex::new(None),
+            counted: AtomicU64::new(0),
+        }
+    }
+
+    /// The name its offsets and states are stored under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Events it has taken since it was made.
+    pub fn counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// The event's key for this rule.
+    fn key(&self, head: &Head, event: &Value) -> Option<String> {
+        match &self.spec.key {
+            RuleKey::User => head.user.map(str::to_owned),
+            RuleKey::Field(path) => match path.get(event)? {
+                Value::String(s) if !s.is_empty() => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                Value::Bool(b) => Some(b.to_string()),
+                _ => None,
+            },
+        }
+    }
+
+    /// Reads `partition`'s engine back from the store.
+    async fn load(&self, topic: &str, partition: i32) -> Result<Engine, CommitError> {
+        let (clock, states) = self
+            .store
+            .rule_states(&self.name, topic, partition)
+            .await
+            .map_err(commit_error)?;
+        let mut engine = Engine::new(self.spec.pattern.clone());
+        if let Some(clock) = clock {
+            engine.resume(clock);
+        }
+        for (key, text) in states {
+            let state: KeyState = serde_json::from_str(&text).map_err(|e| {
+                CommitError::Fatal(format!(
+                    "the stored partial matches of {} key {key:?} are unreadable: {e}",
+                    self.name
+                ))
+            })?;
+            engine.restore(&key, state);
+        }
+        engine.take_changed();
+        Ok(engine)
+    }
+
+    /// The alert a match makes.
+    fn alert(&self, m: &Match) -> StoredAlert {
+        let first = m.taken.first().expect("a match took an event");
+        let last = m.taken.last().expect("a match took an event");
+        let steps: serde_json::Map<String, Value> = self
+            .spec
+            .pattern
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let events: Vec<Value> = m
+                    .taken
+                    .iter()
+                    .filter(|t| t.step == i)
+                    .map(|t| json!({"message_id": t.id, "time": time(t.time)}))
+                    .collect();
+                (step.name.clone(), Value::Array(events))
+            })
+            .collect();
+        let body = json!({
+            "rule": self.spec.name,
+            "version": self.version,
+            "key": m.key,
+            "message_ids": m.taken.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            "first": time(first.time),
+            "last": time(last.time),
+            "at": time(m.at),
+            "steps": steps,
+        });
+        StoredAlert {
+            id: format!("{}:{}:{}:{}", self.spec.name, self.version, m.key, first.id),
+            rule: self.spec.name.clone(),
+            version: self.version,
+            key: m.key.clone(),
+            at: m.at,
+            body: body.to_string(),
+        }
+    }
+
+    /// The engines' changes and the batch's alerts, written with the
+    /// offsets.
+    async fn commit(
+        &self,
+        engines: &mut HashMap<i32, Engine>,
+        topic: &str,
+        offsets: Vec<OffsetAdvance>,
+        clocks: Vec<(i32, i64)>,
+        touched: &BTreeSet<i32>,
+        matches: Vec<Match>,
+    ) -> Result<(), CommitError> {
+        let mut states = Vec::new();
+        for p in touched {
+            let engine = engines.get_mut(p).expect("loaded");
+            for key in engine.take_changed() {
+                let state = engine
+                    .state(&key)
+                    .map(|s| serde_json::to_string(s).expect("a state serializes"));
+                states.push((*p, key, state));
+            }
+        }
+        let alerts: Vec<StoredAlert> = matches.iter().map(|m| self.alert(m)).collect();
+        let batch = RuleBatch {
+            processor: &self.name,
+            topic,
+            offsets,
+            clocks,
+            states,
+            alerts,
+        };
+        self.store
+            .apply_rule_batch(&batch)
+            .await
+            .map_err(commit_error)?;
+        let rule = self.spec.name.clone();
+        metrics::counter!(crate::metrics::RULE_MATCHES, "rule" => rule.clone())
+            .increment(matches.len() as u64);
+        let partials: usize = engines.values().map(|e| e.held().1).sum();
+        metrics::gauge!(crate::metrics::RULE_PARTIALS, "rule" => rule).set(partials as f64);
+        Ok(())
+    }
+
+    /// Counts what the engines report.
+    fn account(&self, engine: &mut Engine, late: u64) {
+        let counts = engine.take_counts();
+        let rule = self.spec.name.clone();
+        metrics::counter!(crate::metrics::RULE_TIMEOUTS, "rule" => rule.clone())
+            .increment(counts.timed_out);
+        metrics::counter!(crate::metrics::RULE_BOUND_HITS, "rule" => rule.clone(), "bound" => "partials")
+            .increment(counts.dropped);
+        metrics::counter!(crate::metrics::RULE_BOUND_HITS, "rule" => rule.clone(), "bound" => "waiting")
+            .increment(counts.rushed);
+        metrics::counter!(crate::metrics::RULE_LATE_EVENTS, "rule" => rule).increment(late);
+    }
+}
+
+#[async_trait]
+impl Member for RuleProcessor {
+    type Step = RuleStep;
+    const RUNNER: &'static str = "rules";
+
+    fn definition(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn step(&self, head: &Head, event: &Value) -> RuleStep {
+        let key = self.key(head, event)?;
+        let meets = self
+            .spec
+            .conditions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.matches(event))
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        (meets != 0 || self.strict).then_some((key, meets))
+    }
+
+    fn counts(step: &RuleStep) -> bool {
+        step.is_some()
+    }
+
+    /// Reads its offsets from the store. A partition held in memory whose
+    /// offset moved since this member last committed it was processed
+    /// elsewhere (a rebalance): its engine is read from the store again.
+    async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        let stored = self
+            .store
+            .offsets(&self.name, topic)
+            .await
+            .map_err(commit_error)?;
+        let mut engines = self.engines.lock().await;
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        match positions.as_ref() {
+            Some(believed) => engines.retain(|p, _| believed.get(p) == stored.get(p)),
+            None => engines.clear(),
+        }
+        *positions = Some(stored.clone());
+        Ok(stored)
+    }
+
+    async fn apply(
+        &self,
+        topic: &str,
+        events: &[Event],
+        steps: &[RuleStep],
+        first: &HashMap<String, (i32, i64)>,
+        advances: &[OffsetAdvance],
+        clocks: &[PartitionTime],
+        tick: bool,
+        _backlog: bool,
+    ) -> Result<usize, CommitError> {
+        let known = self
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let positions = match known {
+            Some(positions) => positions,
+            None => self.refresh(topic).await?,
+        };
+        let offsets = own_offsets(&positions, advances, tick);
+        if offsets.is_empty() && !tick {
+            return Ok(0);
+        }
+        let from: HashMap<i32, i64> = offsets
+            .iter()
+            .map(|o| (o.partition, o.expected.unwrap_or(0)))
+            .collect();
+        let mut touched: BTreeSet<i32> = offsets.iter().map(|o| o.partition).collect();
+        touched.extend(clocks.iter().map(|c| c.partition));
+        let mut engines = self.engines.lock().await;
+        for p in &touched {
+            if !engines.contains_key(p) {
+                let engine = self.load(topic, *p).await?;
+                engines.insert(*p, engine);
+            }
+        }
+        let mut counted = 0;
+        let mut late: HashMap<i32, u64> = HashMap::new();
+        for (event, step) in events.iter().zip(steps) {
+            let (Some((key, meets)), Some(stamp)) = (step, &event.stamp) else {
+                continue;
+            };
+            if from.get(&event.partition).is_none_or(|f| event.offset < *f) {
+                continue;
+            }
+            // A client's retry (the same message id) is taken once: where
+            // the first record of its id is.
+            if first
+                .get(&stamp.id)
+                .is_some_and(|at| *at != (event.partition, event.offset))
+            {
+                continue;
+            }
+            let input = Input {
+                time: stamp.at,
+                id: stamp.id.clone(),
+                meets: *meets,
+            };
+            let engine = engines.get_mut(&event.partition).expect("loaded above");
+            match engine.observe(key, input) {
+                Observed::Waiting => counted += 1,
+                Observed::Late { .. } => *late.entry(event.partition).or_default() += 1,
+            }
+        }
+        let mut matches = Vec::new();
+        let mut stored_clocks = Vec::new();
+        for p in &touched {
+            let engine = engines.get_mut(p).expect("loaded above");
+            if let Some(clock) = clocks.iter().find(|c| c.partition == *p) {
+                matches.extend(engine.advance(clock.time_ms));
+                stored_clocks.push((*p, clock.time_ms));
+            }
+            self.account(engine, late.get(p).copied().unwrap_or(0));
+        }
+        let next: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
+        let written = self
+            .commit(
+                &mut engines,
+                topic,
+                offsets,
+                stored_clocks,
+                &touched,
+                matches,
+            )
+            .await;
+        if let Err(e) = written {
+            for p in &touched {
+                engines.remove(p);
+            }
+            return Err(e);
+        }
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        positions.get_or_insert_with(HashMap::new).extend(next);
+        self.counted.fetch_add(counted as u64, Ordering::Relaxed);
+        Ok(counted)
+    }
+
+    async fn flush(&self) -> Result<(), CommitError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
