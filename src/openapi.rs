@@ -42,6 +42,8 @@ use crate::store::ChangeRecord;
         crate::admin::rules::get_rule,
         crate::admin::rules::list_rules,
         crate::admin::rules::delete_rule,
+        crate::admin::rules::list_alerts,
+        crate::admin::rules::profile_alerts,
         crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
@@ -55,7 +57,7 @@ use crate::store::ChangeRecord;
         crate::process::metrics::DefinitionState,
         crate::admin::MetricEntry, crate::admin::MetricList, crate::admin::Progress,
         crate::admin::WindowValues, crate::admin::WindowValue,
-        crate::admin::RuleEntry, crate::admin::RuleList,
+        crate::admin::RuleEntry, crate::admin::RuleList, crate::admin::AlertList,
         crate::definitions::RuleDefinition, crate::definitions::rule::StepDefinition,
         crate::definitions::rule::Times,
         crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition
@@ -66,7 +68,7 @@ use crate::store::ChangeRecord;
         (name = "seed", description = "The original trait service route"),
         (name = "profiles", description = "Profiles built from the events: read with a read or admin key, delete with an admin key"),
         (name = "metrics", description = "Metric definitions: define, change and delete with an admin key, read with a read or admin key"),
-        (name = "rules", description = "Pattern rules: define, change and delete with an admin key, read with a read or admin key"),
+        (name = "rules", description = "Pattern rules and their alerts: define, change and delete rules with an admin key; read rules and alerts with a read or admin key"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

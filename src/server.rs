@@ -87,6 +87,7 @@ pub async fn serve(
     let mut supervisor = Supervisor::new(stopped);
     let mut processing = Vec::new();
     let mut metric_runners = None;
+    let mut rule_runners = None;
     if config.roles.process
         && let Some(store) = &store
     {
@@ -103,6 +104,10 @@ pub async fn serve(
         }
         metric_runners = Some(
             crate::process::metrics::spawn(&mut supervisor, &config, store, &log)
+                .map_err(ServeError::Stage)?,
+        );
+        rule_runners = Some(
+            crate::process::rules::spawn(&mut supervisor, &config, store, &log)
                 .map_err(ServeError::Stage)?,
         );
         let relay = ChangeRelay::new(
@@ -133,6 +138,7 @@ pub async fn serve(
         log: log.clone(),
         processing,
         metrics: metric_runners,
+        rules: rule_runners,
         stages: supervisor.stages(),
     };
     let router = router(&config, state, Arc::new(keys), store.clone());
@@ -334,6 +340,8 @@ pub struct Readying {
     pub processing: Vec<SharedStats>,
     /// The metric runners, when this process runs them.
     pub metrics: Option<MetricRunners>,
+    /// The rule runner, when this process runs it.
+    pub rules: Option<crate::process::rules::RuleRunners>,
     /// Every supervised stage of this process.
     pub stages: Stages,
 }
@@ -356,6 +364,9 @@ pub struct Readiness {
     /// one does not make the process unready; it shows here.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, DefinitionState>,
+    /// Each pattern rule this process runs, by name, the same way.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rules: BTreeMap<String, DefinitionState>,
     /// Every supervised stage of this process (processors, the change
     /// relay, ...) by name: a stage that is not running makes the
     /// process unavailable.
@@ -436,6 +447,11 @@ pub async fn readyz(State(readying): State<Readying>) -> Response {
             .metrics
             .as_ref()
             .map(MetricRunners::states)
+            .unwrap_or_default(),
+        rules: readying
+            .rules
+            .as_ref()
+            .map(crate::process::rules::RuleRunners::states)
             .unwrap_or_default(),
         stages: readying
             .stages

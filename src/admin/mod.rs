@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 
 pub mod rules;
 
-pub use rules::{RuleEntry, RuleList, delete_rule, get_rule, list_rules, put_rule};
+pub use rules::{AlertList, RuleEntry, RuleList};
 
 use crate::definitions::{
     Definition, DefinitionError, GroupBy, MetricDefinition, MetricSpec, RuleDefinition,
@@ -203,11 +203,15 @@ impl AdminState {
                 get(get_metric).put(put_metric).delete(delete_metric),
             )
             .route("/v1/metrics/{name}/values", get(metric_values))
-            .route("/v1/rules", get(list_rules))
+            .route("/v1/rules", get(rules::list_rules))
             .route(
                 "/v1/rules/{name}",
-                get(get_rule).put(put_rule).delete(delete_rule),
+                get(rules::get_rule)
+                    .put(rules::put_rule)
+                    .delete(rules::delete_rule),
             )
+            .route("/v1/alerts", get(rules::list_alerts))
+            .route("/v1/profiles/{id}/alerts", get(rules::profile_alerts))
             .with_state(self)
     }
 }

@@ -1,13 +1,16 @@
 //! `PUT/GET/DELETE /v1/rules/{name}` and `GET /v1/rules`: pattern rules
-//! (DESIGN.md, "Pattern rules and alerts"), versioned like metrics.
+//! (DESIGN.md, "Pattern rules and alerts"), versioned like metrics; and
+//! the alerts they make, `GET /v1/alerts` and `GET
+//! /v1/profiles/{id}/alerts`, newest first.
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{
@@ -15,8 +18,8 @@ use super::{
     put_definition,
 };
 use crate::definitions::RuleDefinition;
-use crate::http::ErrorBody;
-use crate::store::StoredDefinition;
+use crate::http::{ErrorBody, Need, authorize_request};
+use crate::store::{AlertQuery, StoredAlert, StoredDefinition};
 
 /// A rule definition as stored: its name, version and body.
 #[derive(Debug, Serialize, ToSchema)]
@@ -136,4 +139,129 @@ pub async fn delete_rule(
     DefinitionName(name): DefinitionName,
 ) -> Result<StatusCode, AdminError> {
     delete_definition::<RuleDefinition>(&state, &headers, name).await
+}
+
+/// An alert as `user_alerts` and the API show it: the stored record
+/// with its id.
+pub fn alert_view(alert: &StoredAlert) -> Value {
+    let mut view: Value = serde_json::from_str(&alert.body).unwrap_or_else(|_| json!({}));
+    if let Some(fields) = view.as_object_mut() {
+        fields.insert("id".to_owned(), Value::String(alert.id.clone()));
+    }
+    view
+}
+
+/// Which alerts to list, newest first.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AlertsQuery {
+    /// Only this rule's.
+    pub rule: Option<String>,
+    /// Only this key's (a user id for a rule keyed by user).
+    pub key: Option<String>,
+    /// Alerts completed at or after this time (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Most alerts, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
+/// A page of alerts, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertList {
+    /// Each: `id`, `rule`, `version`, `key`, `message_ids`, `first`,
+    /// `last`, `at`, and `steps` (each step's events).
+    #[schema(value_type = Vec<Object>)]
+    pub alerts: Vec<Value>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// The alerts pattern rules made, newest first.
+#[utoipa::path(get, path = "/v1/alerts", tag = "rules",
+    params(AlertsQuery),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of alerts", body = AlertList),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn list_alerts(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    query: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Result<Json<AlertList>, AdminError> {
+    authorize_request(&state.keys, &headers, Need::Read)?;
+    let Query(query) = query.map_err(|e| AdminError::BadParameter(e.body_text()))?;
+    page(&state, &query, query.key.as_deref()).await
+}
+
+/// The alerts of one profile (rules keyed by user), newest first.
+#[utoipa::path(get, path = "/v1/profiles/{id}/alerts", tag = "rules",
+    params(("id" = String, Path, description = "The user id"), AlertsQuery),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of the user's alerts", body = AlertList),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn profile_alerts(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Result<Json<AlertList>, AdminError> {
+    authorize_request(&state.keys, &headers, Need::Read)?;
+    let Query(query) = query.map_err(|e| AdminError::BadParameter(e.body_text()))?;
+    page(&state, &query, Some(&id)).await
+}
+
+/// One page of alerts of `key` (any, for `None`).
+async fn page(
+    state: &AdminState,
+    query: &AlertsQuery,
+    key: Option<&str>,
+) -> Result<Json<AlertList>, AdminError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(AdminError::BadParameter(
+            "limit: must be between 1 and 1000".into(),
+        ));
+    }
+    let before = match query.cursor.as_deref() {
+        None => None,
+        Some(cursor) => Some(
+            cursor
+                .split_once('.')
+                .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id)))
+                .ok_or_else(|| {
+                    AdminError::BadParameter("cursor: not a cursor this API gave".into())
+                })?,
+        ),
+    };
+    let alerts = state
+        .store
+        .alerts(&AlertQuery {
+            rule: query.rule.as_deref(),
+            key,
+            from: query.from.map(|t| t.timestamp_millis()),
+            before,
+            limit,
+        })
+        .await?;
+    let next_cursor = (alerts.len() == limit as usize)
+        .then(|| alerts.last().map(|a| format!("{}.{}", a.at, a.id)))
+        .flatten();
+    Ok(Json(AlertList {
+        alerts: alerts.iter().map(alert_view).collect(),
+        next_cursor,
+    }))
 }

@@ -199,6 +199,11 @@ impl Topics {
         self.named("user_events_late")
     }
 
+    /// Each match of a pattern rule (key: rule and key).
+    pub fn alerts(&self) -> String {
+        self.named("user_alerts")
+    }
+
     /// Every topic Traitline writes, and whether Kafka should compact it
     /// (keep only the latest record of a key).
     pub fn all(&self) -> Vec<(String, bool)> {
@@ -210,6 +215,7 @@ impl Topics {
             (self.profile_changes(), false),
             (self.metrics(), false),
             (self.late(), false),
+            (self.alerts(), false),
         ]
     }
 }

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod profiles;
 mod reading;
 pub mod relay;
+mod rule_stage;
 pub mod rules;
 mod runner;
 mod stats;

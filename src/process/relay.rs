@@ -5,13 +5,14 @@
 //! keyed by user id, else profile id; closed metric windows to
 //! `user_metrics` and late events to `user_events_late`, keyed by metric
 //! and group; computed traits' new values to `user_events`, keyed by the
-//! user, for the profile processor.
+//! user, for the profile processor; alerts to `user_alerts`, keyed by
+//! rule and key.
 //!
 //! At least once: rows are marked published only after the log has them,
 //! so a crash in between publishes them again; each record carries a
 //! stable identity a consumer deduplicates on (the change id; a window's
 //! metric, version, group and start; a late event's metric, version and
-//! message id).
+//! message id; an alert's id).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,7 +54,7 @@ impl ChangeRelay {
                 Ok(_) => Duration::ZERO,
                 Err(e) => {
                     tracing::warn!(
-                        "cannot relay profile changes, metric windows, late events or computed traits to the log: {e}; trying again in {RETRY:?}"
+                        "cannot relay profile changes, metric windows, late events, computed traits or alerts to the log: {e}; trying again in {RETRY:?}"
                     );
                     RETRY
                 }
@@ -73,7 +74,8 @@ impl ChangeRelay {
         let windows = self.publish_windows().await?;
         let late = self.publish_late().await?;
         let traits = self.publish_traits().await?;
-        Ok(changes + windows + late + traits)
+        let alerts = self.publish_alerts().await?;
+        Ok(changes + windows + late + traits + alerts)
     }
 
     /// Computed traits go to `user_events`, keyed by the user like their
@@ -159,6 +161,36 @@ impl ChangeRelay {
             .await
             .map_err(|e| e.to_string())?;
         Ok(windows.len())
+    }
+
+    /// Alerts go to `user_alerts`, each record the alert as the API shows
+    /// it (its `id` stable across a repeated publish).
+    async fn publish_alerts(&self) -> Result<usize, String> {
+        let alerts = self
+            .store
+            .unpublished_alerts(BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        if alerts.is_empty() {
+            return Ok(0);
+        }
+        let records = alerts
+            .iter()
+            .map(|a| Record {
+                key: Some(format!("{}:{}", a.rule, a.key)),
+                value: crate::admin::rules::alert_view(a).to_string().into_bytes(),
+            })
+            .collect();
+        self.log
+            .append(&self.topics.alerts(), records)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids: Vec<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+        self.store
+            .mark_alerts_published(&ids)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(alerts.len())
     }
 
     async fn publish_late(&self) -> Result<usize, String> {

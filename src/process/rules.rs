@@ -31,6 +31,8 @@ use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
 use crate::store::{RuleBatch, Store, StoredAlert};
 
+pub use super::rule_stage::{RuleRunners, spawn};
+
 /// The name a rule version's offsets and states are stored under.
 pub fn processor_name(rule: &str, version: i64) -> String {
     format!("rule:{rule}:{version}")
@@ -59,6 +61,14 @@ pub struct RuleProcessor {
     counted: AtomicU64,
 }
 
+impl std::fmt::Debug for RuleProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleProcessor")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RuleProcessor {
     pub fn new(store: Store, spec: RuleSpec, version: i64) -> RuleProcessor {
         RuleProcessor {
@@ -76,6 +86,14 @@ impl RuleProcessor {
     /// The name its offsets and states are stored under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn rule(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn version(&self) -> i64 {
+        self.version
     }
 
     /// Events it has taken since it was made.

@@ -6,9 +6,16 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, spawn_app, spawn_app_with};
+use std::time::Duration;
+
+use traitline::log::Topics;
+
+use crate::helpers::{
+    ADMIN_KEY, Backend, READ_KEY, TestApp, eventually, read_all, spawn_app, spawn_app_with,
+};
 
 both_logs!(
+    the_fraud_rule_alerts_through_the_api_and_on_user_alerts,
     a_rule_is_defined_versioned_read_and_deleted,
     a_bad_rule_is_refused_naming_its_field_and_the_running_version_stays,
     the_configuration_files_rules_are_stored_at_start
@@ -174,5 +181,78 @@ async fn the_configuration_files_rules_are_stored_at_start(backend: Backend) {
         read["definition"].get("name").is_none(),
         "the name is the path's"
     );
+    app.stop().await;
+}
+
+/// Seed 004's fraud rule end to end: payments in over HTTP; u1's three
+/// small payments and a large one make one alert, in the API (all and
+/// the profile's) and on `user_alerts`, exactly as stored; u2's two
+/// small ones and a large one make none.
+async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backend) {
+    // A quiet log's clock moves half a second behind the wall clock, so
+    // the last payment is taken without further traffic.
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    let mut rule = card_testing();
+    rule["lateness"] = json!("0s");
+    assert_eq!(put(&app, rule).await.0, StatusCode::CREATED);
+    eventually("the rule to run", Duration::from_secs(30), || async {
+        let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+        ready["rules"]["card_testing"]["version"] == 1
+    })
+    .await;
+
+    let payment = |user: &str, id: &str, amount: u32| {
+        json!({"type": "track", "event": "payment", "userId": user, "messageId": id,
+               "properties": {"amount": amount}})
+    };
+    let batch = json!({"batch": [
+        payment("u2", "b1", 20), payment("u2", "b2", 30), payment("u2", "b3", 2_000),
+        payment("u1", "a1", 20), payment("u1", "a2", 30), payment("u1", "a3", 40),
+        payment("u1", "a4", 5_000),
+    ]});
+    assert_eq!(app.post("/v1/batch", &batch).await.status(), StatusCode::OK);
+
+    let alerts = eventually("u1's alert", Duration::from_secs(30), || async {
+        let (_, page) = app.get_as("/v1/alerts?rule=card_testing", READ_KEY).await;
+        let alerts = page["alerts"].as_array().cloned().unwrap_or_default();
+        (!alerts.is_empty()).then_some(alerts)
+    })
+    .await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let alert = &alerts[0];
+    assert_eq!(
+        (
+            alert["rule"].clone(),
+            alert["version"].clone(),
+            alert["key"].clone()
+        ),
+        (json!("card_testing"), json!(1), json!("u1"))
+    );
+    assert_eq!(alert["message_ids"], json!(["a1", "a2", "a3", "a4"]));
+    assert_eq!(alert["steps"]["large"][0]["message_id"], "a4");
+    assert_eq!(alert["steps"]["small"].as_array().unwrap().len(), 3);
+    let (_, mine) = app.get_as("/v1/profiles/u1/alerts", READ_KEY).await;
+    assert_eq!(mine["alerts"], json!([alert]));
+    let (_, none) = app.get_as("/v1/profiles/u2/alerts", READ_KEY).await;
+    assert_eq!(none["alerts"], json!([]));
+
+    let topics = Topics::new(&app.config.topic_prefix);
+    let published = eventually(
+        "the alert on user_alerts",
+        Duration::from_secs(30),
+        || async {
+            let records = read_all(&app.config, &topics.alerts()).await;
+            (!records.is_empty()).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].key.as_deref(), Some(&b"card_testing:u1"[..]));
+    let record: Value = serde_json::from_slice(&published[0].value).unwrap();
+    assert_eq!(&record, alert);
     app.stop().await;
 }
