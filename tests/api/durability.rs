@@ -511,3 +511,119 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
     .await;
     assert_eq!(got, global);
 }
+
+/// Seed 004's fraud rule through a SIGKILL mid-pattern: each of 50 users
+/// makes two small payments, the rule takes them (its partial matches
+/// are stored), the service is killed; after the restart each user's
+/// third small payment and a large one make exactly one alert, on the API
+/// and on `user_alerts`, none doubled. The clients' retries of a batch
+/// (the same message ids) change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_alerts_once_across_a_sigkill_mid_pattern() {
+    const USERS: usize = 50;
+    let dir = TestDir::new();
+    let mut env = embedded_env(dir.path());
+    // A quiet log's clock follows the wall clock closely, so the last
+    // payments are taken without further traffic.
+    env.push(("TRAITLINE_APPEND_TIMEOUT_MS", "500".to_owned()));
+    env.push(("TRAITLINE_CLOCK_SKEW_MS", "0".to_owned()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let payments = |from: usize, amounts: &[u32]| {
+        let events: Vec<_> = (0..USERS)
+            .flat_map(|u| {
+                amounts.iter().enumerate().map(move |(i, amount)| {
+                    json!({"type": "track", "event": "payment", "userId": format!("p{u}"),
+                           "messageId": format!("p{u}-{}", from + i),
+                           "properties": {"amount": amount}})
+                })
+            })
+            .collect();
+        json!({"batch": events})
+    };
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let rule = json!({
+        "steps": [{"name": "small", "where": "event == \"payment\" && properties.amount < 100", "times": {"min": 3}},
+                  {"name": "large", "where": "event == \"payment\" && properties.amount > 1000"}],
+        "within": "5m"});
+    let response = client
+        .put(service.url("/v1/rules/card_testing"))
+        .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
+        .json(&rule)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let first = payments(0, &[20, 30]);
+    send_until_accepted(&client, &service.url("/v1/batch"), &first).await;
+    send_until_accepted(&client, &service.url("/v1/batch"), &first).await;
+    let ready = service.url("/readyz");
+    eventually(
+        "the two small payments taken",
+        Duration::from_secs(30),
+        || async {
+            let ready: serde_json::Value =
+                client.get(&ready).send().await.ok()?.json().await.ok()?;
+            (ready["rules"]["card_testing"]["applied"].as_u64() >= Some(2 * USERS as u64))
+                .then_some(())
+        },
+    )
+    .await;
+    service.kill();
+
+    let service = ServiceProcess::start(dir.path(), "restarted", &[], &env_refs(&env)).await;
+    let second = payments(2, &[40, 5_000]);
+    send_until_accepted(&client, &service.url("/v1/batch"), &second).await;
+    send_until_accepted(&client, &service.url("/v1/batch"), &second).await;
+    let alerts_url = service.url("/v1/alerts?rule=card_testing&limit=1000");
+    let alerts = eventually(
+        "an alert for every user",
+        Duration::from_secs(60),
+        || async {
+            let page: serde_json::Value = client
+                .get(&alerts_url)
+                .basic_auth(crate::helpers::READ_KEY, Some(""))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let alerts = page["alerts"].as_array()?.clone();
+            (alerts.len() >= USERS).then_some(alerts)
+        },
+    )
+    .await;
+    let mut keys: Vec<&str> = alerts.iter().map(|a| a["key"].as_str().unwrap()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(
+        (alerts.len(), keys.len()),
+        (USERS, USERS),
+        "one alert a user"
+    );
+    for alert in &alerts {
+        let user = alert["key"].as_str().unwrap();
+        let ids: Vec<String> = (0..4).map(|i| format!("{user}-{i}")).collect();
+        assert_eq!(alert["message_ids"], json!(ids), "{alert}");
+    }
+    let config = Config::from_settings(Settings {
+        data_dir: Some(dir.path().join("data")),
+        ..Settings::default()
+    })
+    .unwrap();
+    let topic = Topics::new(&config.topic_prefix).alerts();
+    let published = eventually(
+        "every alert on user_alerts",
+        Duration::from_secs(30),
+        || async {
+            let records = read_all(&config, &topic).await;
+            (records.len() >= USERS).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(published.len(), USERS);
+    drop(service);
+}
