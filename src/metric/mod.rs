@@ -187,24 +187,10 @@ impl Metric {
     /// id the deleted profile had (`None` for other records, and for
     /// metrics not grouped by user, whose groups are not a person's).
     pub fn deleted_groups<'a>(&self, head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>> {
-        if self.spec.group_by != GroupBy::User || head.kind != Some("delete") {
+        if self.spec.group_by != GroupBy::User {
             return None;
         }
-        let mut ids: Vec<&str> = ["userId", "anonymousId"]
-            .iter()
-            .filter_map(|f| envelope.get(*f).and_then(Value::as_str))
-            .chain(
-                envelope
-                    .pointer("/properties/ids")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str),
-            )
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        Some(ids)
+        deleted_ids(head, envelope)
     }
 
     /// For a per-user metric, what an `alias` (its `previousId` and
@@ -284,6 +270,30 @@ pub fn open_windows(
             events,
         })
         .collect()
+}
+
+/// Every id a deletion record (a GDPR deletion of a profile, in order
+/// with the user's events) names: its `userId`, `anonymousId` and
+/// `properties.ids`; `None` for any other record.
+pub fn deleted_ids<'a>(head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>> {
+    if head.kind != Some("delete") {
+        return None;
+    }
+    let mut ids: Vec<&str> = ["userId", "anonymousId"]
+        .iter()
+        .filter_map(|f| envelope.get(*f).and_then(Value::as_str))
+        .chain(
+            envelope
+                .pointer("/properties/ids")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str),
+        )
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Some(ids)
 }
 
 /// An event's time (its `timestamp`, corrected for clock skew at ingest)

@@ -38,10 +38,18 @@ pub fn processor_name(rule: &str, version: i64) -> String {
     format!("rule:{rule}:{version}")
 }
 
-/// What a batch does with an event for one rule: its key and which steps'
-/// conditions it meets (`None`: the event has no key, or concerns no
-/// step of a rule whose steps all pass other events over).
-pub type RuleStep = Option<(String, u64)>;
+/// What a batch does with an event for one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleStep {
+    /// The event has no key, or meets no step of a rule whose steps all
+    /// pass other events over.
+    Skip,
+    /// A GDPR deletion of these keys (a rule keyed by user): their
+    /// partial matches and alerts go.
+    Delete(Vec<String>),
+    /// An event of `key` meeting the steps of `meets`.
+    Event { key: String, meets: u64 },
+}
 
 /// One version of one rule.
 pub struct RuleProcessor {
@@ -178,8 +186,9 @@ impl RuleProcessor {
         }
     }
 
-    /// The engines' changes and the batch's alerts, written with the
-    /// offsets.
+    /// The engines' changes, the batch's alerts and the keys it deleted,
+    /// written with the offsets.
+    #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
         engines: &mut HashMap<i32, Engine>,
@@ -188,6 +197,7 @@ impl RuleProcessor {
         clocks: Vec<(i32, i64)>,
         touched: &BTreeSet<i32>,
         matches: Vec<Match>,
+        deleted: Vec<String>,
     ) -> Result<(), CommitError> {
         let mut states = Vec::new();
         for p in touched {
@@ -202,10 +212,12 @@ impl RuleProcessor {
         let alerts: Vec<StoredAlert> = matches.iter().map(|m| self.alert(m)).collect();
         let batch = RuleBatch {
             processor: &self.name,
+            rule: &self.spec.name,
             topic,
             offsets,
             clocks,
             states,
+            deleted,
             alerts,
         };
         self.store
@@ -248,7 +260,14 @@ impl Member for RuleProcessor {
     }
 
     fn step(&self, head: &Head, event: &Value) -> RuleStep {
-        let key = self.key(head, event)?;
+        if self.spec.key == RuleKey::User
+            && let Some(ids) = crate::metric::deleted_ids(head, event)
+        {
+            return RuleStep::Delete(ids.into_iter().map(str::to_owned).collect());
+        }
+        let Some(key) = self.key(head, event) else {
+            return RuleStep::Skip;
+        };
         let meets = self
             .spec
             .conditions
@@ -256,11 +275,14 @@ impl Member for RuleProcessor {
             .enumerate()
             .filter(|(_, c)| c.matches(event))
             .fold(0u64, |bits, (i, _)| bits | 1 << i);
-        (meets != 0 || self.strict).then_some((key, meets))
+        if meets == 0 && !self.strict {
+            return RuleStep::Skip;
+        }
+        RuleStep::Event { key, meets }
     }
 
     fn counts(step: &RuleStep) -> bool {
-        step.is_some()
+        matches!(step, RuleStep::Event { .. })
     }
 
     /// Reads its offsets from the store. A partition held in memory whose
@@ -321,13 +343,28 @@ impl Member for RuleProcessor {
         }
         let mut counted = 0;
         let mut late: HashMap<i32, u64> = HashMap::new();
+        let mut deleted = Vec::new();
         for (event, step) in events.iter().zip(steps) {
-            let (Some((key, meets)), Some(stamp)) = (step, &event.stamp) else {
-                continue;
-            };
             if from.get(&event.partition).is_none_or(|f| event.offset < *f) {
                 continue;
             }
+            let (key, meets) = match step {
+                RuleStep::Skip => continue,
+                RuleStep::Delete(ids) => {
+                    // In order with the user's events: what came before is
+                    // forgotten, what comes after starts afresh.
+                    let engine = engines.get_mut(&event.partition).expect("loaded above");
+                    for id in ids {
+                        engine.forget(id);
+                        deleted.push(id.clone());
+                    }
+                    continue;
+                }
+                RuleStep::Event { key, meets } => (key, meets),
+            };
+            let Some(stamp) = &event.stamp else {
+                continue;
+            };
             // A client's retry (the same message id) is taken once: where
             // the first record of its id is.
             if first
@@ -366,6 +403,7 @@ impl Member for RuleProcessor {
                 stored_clocks,
                 &touched,
                 matches,
+                deleted,
             )
             .await;
         if let Err(e) = written {

@@ -16,10 +16,15 @@ pub struct RuleBatch<'a> {
     /// The version's name, its offsets' and states' key
     /// (`rule:{name}:{version}`).
     pub processor: &'a str,
+    /// The rule's name.
+    pub rule: &'a str,
     pub topic: &'a str,
     pub offsets: Vec<OffsetAdvance>,
     pub clocks: Vec<(i32, i64)>,
     pub states: Vec<(i32, String, Option<String>)>,
+    /// Keys a GDPR deletion removed: the rule's alerts of them go (those
+    /// of this batch, made after the deletion, stay).
+    pub deleted: Vec<String>,
     pub alerts: Vec<StoredAlert>,
 }
 
@@ -183,6 +188,18 @@ async fn write_rule_batch(
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
         for (partition, key, _) in chunk {
             query = query.bind(*partition).bind(key.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for chunk in batch.deleted.chunks(ROWS) {
+        let sql = format!(
+            "DELETE FROM alerts WHERE rule = {} AND rule_key IN ({})",
+            dialect.params(1, 1),
+            dialect.params(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.rule);
+        for key in chunk {
+            query = query.bind(key.as_str());
         }
         query.execute(&mut *tx).await?;
     }

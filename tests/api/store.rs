@@ -832,6 +832,8 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
     };
     let batch = |expected, next, states, alerts| RuleBatch {
         processor,
+        rule: "card_testing",
+        deleted: vec![],
         topic: "user_events",
         offsets: vec![OffsetAdvance {
             partition: 2,
@@ -942,5 +944,20 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
     assert_eq!(
         ids(store.unpublished_alerts(10).await.unwrap()),
         vec![unpublished[2].id.clone()]
+    );
+
+    // A GDPR deletion of u4: its alerts go, but one the same batch made
+    // after the deletion stays.
+    let deletion = RuleBatch {
+        deleted: vec!["u4".to_owned()],
+        ..batch(Some(9), 12, vec![], vec![alert("u4", "m9", 4_000)])
+    };
+    store.apply_rule_batch(&deletion).await.unwrap();
+    assert_eq!(
+        ids(store
+            .alerts(&query(None, None, None, None, 10))
+            .await
+            .unwrap()),
+        vec!["card_testing:1:u4:m9", "card_testing:1:u3:m1"]
     );
 }

@@ -209,3 +209,71 @@ async fn the_fraud_rule_alerts_once_across_a_restart_mid_pattern_and_a_second_pa
         assert_eq!(states, vec![], "partition {partition}");
     }
 }
+
+/// A GDPR deletion of a user, in order with its events: the payments
+/// before it are forgotten (two small ones before and one after make no
+/// match), and the rule's earlier alerts of the user go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_user_leaves_no_partial_match_and_no_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let base = crate::store::now_ms() + 10 * MINUTE;
+    let rule = Arc::new(RuleProcessor::new(store.clone(), fraud(), 1));
+
+    // An alert for u1, then two small payments (a partial match), then
+    // the deletion.
+    pay(
+        &log,
+        base,
+        &[
+            ("u1", 0, 10, "a1"),
+            ("u1", 1, 10, "a2"),
+            ("u1", 2, 10, "a3"),
+            ("u1", 3, 2_000, "a4"),
+        ],
+    )
+    .await;
+    run_to_end(runner(&log_dir, &log, &rule)).await;
+    tick(&rule, 0..3, base + MINUTE + 30_000).await;
+    assert_eq!(
+        alerts(&store).await.len(),
+        1,
+        "the alert before the deletion"
+    );
+    pay(&log, base, &[("u1", 40, 10, "b1"), ("u1", 41, 10, "b2")]).await;
+    run_to_end(runner(&log_dir, &log, &rule)).await;
+    tick(&rule, 0..3, base + MINUTE + 50_000).await;
+    let partition = partition_of("u1");
+    let (_, held) = store
+        .rule_states(rule.name(), TOPIC, partition)
+        .await
+        .unwrap();
+    assert!(held[0].1.contains("b2"), "{held:?}");
+    let deletion = json!({"type": "delete", "userId": "u1", "messageId": "d1",
+                          "timestamp": DateTime::<Utc>::from_timestamp_millis(base + 62_000).unwrap().to_rfc3339()});
+    log.append(
+        TOPIC,
+        vec![Record {
+            key: Some("u1".to_owned()),
+            value: deletion.to_string().into_bytes(),
+        }],
+    )
+    .await
+    .unwrap();
+    run_to_end(runner(&log_dir, &log, &rule)).await;
+    assert_eq!(alerts(&store).await, vec![], "the alert is gone");
+    let (_, held) = store
+        .rule_states(rule.name(), TOPIC, partition)
+        .await
+        .unwrap();
+    assert_eq!(held, vec![], "the partial match is gone");
+
+    // After the deletion: one small and a large payment.
+    pay(&log, base, &[("u1", 70, 10, "c1"), ("u1", 71, 2_000, "c2")]).await;
+    run_to_end(runner(&log_dir, &log, &rule)).await;
+    tick(&rule, 0..3, base + 20 * MINUTE).await;
+    assert_eq!(alerts(&store).await, vec![], "forgotten, and no new match");
+}
