@@ -16,6 +16,7 @@ use crate::helpers::{
 
 both_logs!(
     the_fraud_rule_alerts_through_the_api_and_on_user_alerts,
+    a_rule_added_changed_and_deleted_while_events_flow_needs_no_restart,
     a_rule_is_defined_versioned_read_and_deleted,
     a_bad_rule_is_refused_naming_its_field_and_the_running_version_stays,
     the_configuration_files_rules_are_stored_at_start
@@ -254,5 +255,129 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
     assert_eq!(published[0].key.as_deref(), Some(&b"card_testing:u1"[..]));
     let record: Value = serde_json::from_slice(&published[0].value).unwrap();
     assert_eq!(&record, alert);
+    app.stop().await;
+}
+
+/// The alerts of `rule` as (version, message ids), sorted.
+async fn alert_ids(app: &TestApp, rule: &str) -> Vec<(i64, Vec<String>)> {
+    let (_, page) = app
+        .get_as(&format!("/v1/alerts?rule={rule}&limit=1000"), READ_KEY)
+        .await;
+    let mut got: Vec<(i64, Vec<String>)> = page["alerts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            let ids = a["message_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+            (a["version"].as_i64().unwrap(), ids)
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// A rule defined, changed and deleted while payments come, on one
+/// running service: each version alerts by its own condition, a changed
+/// version reads the log from its beginning, and a deleted rule stops.
+async fn a_rule_added_changed_and_deleted_while_events_flow_needs_no_restart(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    let rule = |over: u32| {
+        json!({"steps": [{"name": "big", "where": format!("event == \"payment\" && properties.amount > {over}")}],
+               "within": "1m"})
+    };
+    let pay = |user: &str, id: &str, amount: u32| {
+        let body = json!({"type": "track", "event": "payment", "userId": user, "messageId": id,
+                          "properties": {"amount": amount}});
+        let app = &app;
+        async move { assert_eq!(app.post("/v1/track", &body).await.status(), StatusCode::OK) }
+    };
+    let running = |version: i64| {
+        let app = &app;
+        async move {
+            eventually(
+                "the rule's version to run",
+                Duration::from_secs(30),
+                || async {
+                    let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+                    ready["rules"]["big_spender"]["version"] == version
+                },
+            )
+            .await;
+        }
+    };
+    let has = |expected: Vec<(i64, Vec<String>)>| {
+        let app = &app;
+        async move {
+            eventually("the alerts", Duration::from_secs(30), || async {
+                let got = alert_ids(app, "big_spender").await;
+                (got == expected).then_some(()).ok_or(format!("{got:?}"))
+            })
+            .await;
+        }
+    };
+    let ids = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    let put = |body: Value| {
+        let app = &app;
+        async move {
+            send(
+                app,
+                reqwest::Method::PUT,
+                "big_spender",
+                ADMIN_KEY,
+                Some(&body),
+            )
+            .await
+        }
+    };
+    assert_eq!(put(rule(1_000)).await.0, StatusCode::CREATED);
+    running(1).await;
+    pay("u1", "m1", 5_000).await;
+    has(vec![(1, ids(&["m1"]))]).await;
+
+    assert_eq!(put(rule(3_000)).await.0, StatusCode::OK);
+    running(2).await;
+    pay("u2", "m2", 2_000).await;
+    pay("u3", "m3", 4_000).await;
+    // Version 2 read the log from its beginning: m1 again, under its own
+    // version; m2 is under its threshold.
+    has(vec![
+        (1, ids(&["m1"])),
+        (2, ids(&["m1"])),
+        (2, ids(&["m3"])),
+    ])
+    .await;
+
+    let (status, _) = send(
+        &app,
+        reqwest::Method::DELETE,
+        "big_spender",
+        ADMIN_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    eventually("the rule to stop", Duration::from_secs(30), || async {
+        let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+        ready.get("rules").is_none()
+    })
+    .await;
+    pay("u4", "m4", 9_000).await;
+    app.wait_for_profile("u4", |p| p["event_count"] == 1).await;
+    assert_eq!(
+        alert_ids(&app, "big_spender").await.len(),
+        3,
+        "no runner takes m4"
+    );
     app.stop().await;
 }
