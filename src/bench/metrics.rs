@@ -20,7 +20,9 @@ use tokio::task::JoinSet;
 use super::process::{discard, fresh_store, scratch_log};
 use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
+use crate::definitions::{RuleDefinition, RuleSpec};
 use crate::process::metrics::{MetricSet, StateBudget, member, runner as metric_runner};
+use crate::process::rules::{RuleProcessor, Set};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -42,7 +44,57 @@ pub struct BenchMetricsArgs {
     /// Run the metrics alone, without the profile processor
     #[arg(long)]
     pub without_profiles: bool,
+    /// Also run the first N of the ten pattern rules below, in a runner of
+    /// their own beside the metrics' (0: none)
+    #[arg(long, default_value_t = 0)]
+    pub rules: usize,
 }
+
+/// The rules measured with `--rules`, in order: sequences, counts,
+/// strict steps, an absent step, per user and per anonymous id, over the
+/// bench events (product views, identifies, anonymous page views).
+const RULES: [(&str, &str); 10] = [
+    (
+        "views_then_identify",
+        r#"{"steps": [{"name": "view", "where": "event == \"bench.product.view\"", "times": {"min": 3}}, {"name": "identify", "where": "type == \"identify\""}], "within": "10m"}"#,
+    ),
+    (
+        "identify_then_view",
+        r#"{"steps": [{"name": "identify", "where": "type == \"identify\""}, {"name": "view", "where": "event == \"bench.product.view\"", "contiguity": "strict"}], "within": "1m"}"#,
+    ),
+    (
+        "pro_then_view",
+        r#"{"steps": [{"name": "pro", "where": "type == \"identify\" && traits.plan == \"pro\""}, {"name": "view", "where": "event == \"bench.product.view\""}], "within": "5m"}"#,
+    ),
+    (
+        "five_views",
+        r#"{"steps": [{"name": "view", "where": "event == \"bench.product.view\"", "times": 5}], "within": "1m"}"#,
+    ),
+    (
+        "view_without_identify",
+        r#"{"steps": [{"name": "view", "where": "event == \"bench.product.view\""}, {"name": "identify", "where": "type == \"identify\"", "not": true}], "within": "1m"}"#,
+    ),
+    (
+        "ios_views_then_identify",
+        r#"{"steps": [{"name": "view", "where": "context.client_os == \"iOS\" && event == \"bench.product.view\"", "times": {"min": 2, "max": 4}}, {"name": "identify", "where": "type == \"identify\""}], "within": "2m"}"#,
+    ),
+    (
+        "cheap_then_pricey",
+        r#"{"steps": [{"name": "cheap", "where": "properties.price < 10.0"}, {"name": "pricey", "where": "properties.price > 100.0"}], "within": "5m"}"#,
+    ),
+    (
+        "product_one_then_two",
+        r#"{"steps": [{"name": "one", "where": "properties.product == \"p-1\""}, {"name": "two", "where": "properties.product == \"p-2\""}], "within": "10m"}"#,
+    ),
+    (
+        "anonymous_pages",
+        r#"{"key": "anonymousId", "steps": [{"name": "page", "where": "type == \"page\"", "times": {"min": 2}}, {"name": "again", "where": "type == \"page\""}], "within": "10m"}"#,
+    ),
+    (
+        "view_optional_identify_view",
+        r#"{"steps": [{"name": "view", "where": "event == \"bench.product.view\""}, {"name": "identify", "where": "type == \"identify\"", "optional": true}, {"name": "again", "where": "event == \"bench.product.view\""}], "within": "1m", "after_match": "skip_to_next"}"#,
+    ),
+];
 
 /// The definitions measured, in order: the first is a per-user hourly
 /// count (the one a single-definition run uses); the others mix every
@@ -151,9 +203,9 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
         filled.as_secs_f64()
     );
     println!(
-        "| store | profiles | definitions | seconds | events/s | events per CPU-second | peak RSS MiB | RSS before MiB |"
+        "| store | profiles | definitions | rules | seconds | events/s | events per CPU-second | peak RSS MiB | RSS before MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let counts = if args.only.is_empty() {
         args.definitions.clone()
     } else {
@@ -186,6 +238,16 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
         let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
         let runner = metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
         runners.spawn(runner.run(std::future::pending()));
+        if args.rules > 0 {
+            let rules = rules(args.rules)?
+                .into_iter()
+                .map(|spec| Arc::new(RuleProcessor::new(store.clone(), spec, 1)))
+                .collect();
+            let set = Arc::new(Set::new("rules".into(), store.clone(), rules));
+            let runner =
+                metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+            runners.spawn(runner.run(std::future::pending()));
+        }
         let before = resident_bytes();
         let peak = Arc::new(AtomicUsize::new(before));
         let done = Arc::new(AtomicBool::new(false));
@@ -207,8 +269,9 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
         done.store(true, Ordering::Relaxed);
         let _ = sampler.await;
         println!(
-            "| {described} | {} | {count} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            "| {described} | {} | {count} | {} | {:.2} | {:.0} | {:.0} | {} | {} |",
             if args.without_profiles { "no" } else { "yes" },
+            args.rules,
             elapsed.as_secs_f64(),
             args.events as f64 / elapsed.as_secs_f64(),
             args.events as f64 / cpu.max(0.01),
@@ -220,4 +283,19 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
     log.close(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The first `count` of [`RULES`], compiled.
+fn rules(count: usize) -> Result<Vec<RuleSpec>, String> {
+    if count > RULES.len() {
+        return Err(format!("--rules: at most {}", RULES.len()));
+    }
+    RULES[..count]
+        .iter()
+        .map(|(name, body)| {
+            RuleDefinition::from_json(body.as_bytes())
+                .and_then(|d| d.compile(name))
+                .map_err(|e| format!("bench rule {name}: {e}"))
+        })
+        .collect()
 }

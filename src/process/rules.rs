@@ -31,6 +31,7 @@ use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
 use crate::store::{RuleBatch, Store, StoredAlert};
 
+pub use super::metric_set::Set;
 pub use super::rule_stage::{RuleRunners, spawn};
 
 /// The name a rule version's offsets and states are stored under.
