@@ -123,7 +123,7 @@ impl<M: Member> Set<M> {
             .iter()
             .map(|m| format!("{} version {}", m.definition(), m.version()))
             .collect();
-        format!("metrics {}", members.join(", "))
+        format!("{} {}", M::RUNNER, members.join(", "))
     }
 
     /// The definition whose failure stopped the set, if one did.
