@@ -465,3 +465,19 @@ pub fn own_offsets(
         })
         .collect()
 }
+
+/// A member's offsets as just read from the store (`stored`): the
+/// engines of partitions whose stored offset moved since the member last
+/// read or committed it (`positions`; another instance processed them, a
+/// rebalance) are dropped, to be read from the store again.
+pub fn follow_stored<E>(
+    engines: &mut HashMap<i32, E>,
+    positions: &mut Option<HashMap<i32, i64>>,
+    stored: &HashMap<i32, i64>,
+) {
+    match positions.as_ref() {
+        Some(believed) => engines.retain(|p, _| believed.get(p) == stored.get(p)),
+        None => engines.clear(),
+    }
+    *positions = Some(stored.clone());
+}

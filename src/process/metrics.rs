@@ -438,11 +438,7 @@ impl MetricProcessor {
         let mut engines = self.engines.lock().await;
         let partitions = &mut engines.partitions;
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-        match positions.as_ref() {
-            Some(believed) => partitions.retain(|p, _| believed.get(p) == stored.get(p)),
-            None => partitions.clear(),
-        }
-        *positions = Some(stored.clone());
+        super::metric_set::follow_stored(partitions, &mut positions, &stored);
         Ok(stored)
     }
 

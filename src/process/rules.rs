@@ -297,11 +297,7 @@ impl Member for RuleProcessor {
             .map_err(commit_error)?;
         let mut engines = self.engines.lock().await;
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-        match positions.as_ref() {
-            Some(believed) => engines.retain(|p, _| believed.get(p) == stored.get(p)),
-            None => engines.clear(),
-        }
-        *positions = Some(stored.clone());
+        super::metric_set::follow_stored(&mut engines, &mut positions, &stored);
         Ok(stored)
     }
 
