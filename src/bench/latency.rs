@@ -13,6 +13,11 @@
 //! metric's windows as a sample: the time it arrived less its end. A
 //! global window waits for every partition's clock, so this is the whole
 //! path: the watermark passing the end, the combining commit, the relay.
+//!
+//! With `--alerts` it defines a one-step pattern rule (no lateness) that
+//! every probe event matches, reads `user_alerts` from its end, and takes
+//! as a sample the time from a probe's 2xx to its alert's arrival there:
+//! the watermark passing the event, the rule's commit, the relay.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +44,9 @@ pub struct BenchLatencyArgs {
     /// Measure closed windows on `user_metrics` instead of profiles
     #[arg(long)]
     pub windows: bool,
+    /// Measure alerts on `user_alerts` instead of profiles
+    #[arg(long, conflicts_with = "windows")]
+    pub alerts: bool,
     /// Admin key, to define the measured metric with `--windows`
     /// [default: configured or generated in the data directory]
     #[arg(long, env = "TRAITLINE_BENCH_ADMIN_KEY")]
@@ -47,6 +55,9 @@ pub struct BenchLatencyArgs {
 
 /// The metric `--windows` defines and measures.
 const WINDOW_METRIC: &str = "bench_window_latency";
+
+/// The rule `--alerts` defines and measures.
+const ALERT_RULE: &str = "bench_alert_latency";
 
 /// Sends the background load until `end`; returns the events sent.
 async fn background(
@@ -121,6 +132,13 @@ pub async fn run(config: &Config, args: BenchLatencyArgs) -> Result<(), BenchErr
             "window end to its value on user_metrics",
             samples,
         );
+        return Ok(());
+    }
+
+    if args.alerts {
+        let samples = alert_samples(config, &args, &client, &base, &write, end).await?;
+        let sent = load.await.unwrap_or(0);
+        report(&base, &args, sent, "2xx to its alert on user_alerts", samples);
         return Ok(());
     }
 
@@ -269,5 +287,102 @@ async fn window_samples(
         .basic_auth(&admin, Some(""))
         .send()
         .await;
+    Ok(samples)
+}
+
+/// Defines the measured rule, waits until it is live, sends a probe
+/// event every 100 ms until `end` and takes each one's alert off
+/// `user_alerts`; deletes the rule. Each sample is a probe's 2xx to its
+/// alert's arrival.
+async fn alert_samples(
+    config: &Config,
+    args: &BenchLatencyArgs,
+    client: &reqwest::Client,
+    base: &str,
+    write: &str,
+    end: Instant,
+) -> Result<Vec<Duration>, BenchError> {
+    let unreachable = |e: String| BenchError::Unreachable(base.to_owned(), e);
+    let admin = key(config, args.admin_key.as_ref(), &config.keys.admin, |k| {
+        k.admin
+    })?;
+    let topic = crate::log::Topics::new(&config.topic_prefix).alerts();
+    let mut reader = crate::log::open_reader(config, &topic, crate::log::StartAt::End)
+        .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
+    let url = format!("{base}/v1/rules/{ALERT_RULE}");
+    let rule = serde_json::json!({
+        "steps": [{"name": "probe", "where": "event == \"bench.alert.probe\""}],
+        "within": "1m"});
+    let defined = client
+        .put(&url)
+        .basic_auth(&admin, Some(""))
+        .json(&rule)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    if !defined.status().is_success() {
+        return Err(unreachable(format!(
+            "defining {ALERT_RULE} got {}",
+            defined.status()
+        )));
+    }
+    // Probes start once the rule has read the log's history.
+    let live_by = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready: serde_json::Value = match client.get(format!("{base}/readyz")).send().await {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        if ready["rules"][ALERT_RULE]["state"] == "live" {
+            break;
+        }
+        if Instant::now() > live_by {
+            return Err(unreachable(format!("{ALERT_RULE} was not live within 120 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut waiting: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let mut samples = Vec::new();
+    let mut probe = 0;
+    let mut next_probe = Instant::now();
+    // After `end`, a few seconds for the last probes' alerts.
+    let drain = end + Duration::from_secs(5);
+    while Instant::now() < drain && (Instant::now() < end || !waiting.is_empty()) {
+        if Instant::now() >= next_probe && Instant::now() < end {
+            probe += 1;
+            let user = format!("alert-{run}-{probe}");
+            let body = format!(
+                r#"{{"userId":"{user}","event":"bench.alert.probe","messageId":"{user}"}}"#
+            );
+            let answer = client
+                .post(format!("{base}/v1/track"))
+                .basic_auth(write, Some(""))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            if !answer.status().is_success() {
+                return Err(unreachable(format!("a probe got {}", answer.status())));
+            }
+            waiting.insert(format!("{ALERT_RULE}:{user}"), Instant::now());
+            next_probe += Duration::from_millis(100);
+        }
+        let polled = reader
+            .poll(1000, Duration::from_millis(5))
+            .await
+            .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
+        for record in polled.records {
+            let key = record.key.as_deref().map(String::from_utf8_lossy);
+            if let Some(acknowledged) = key.and_then(|k| waiting.remove(k.as_ref())) {
+                samples.push(acknowledged.elapsed());
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        println!("{} probes' alerts did not arrive within 5 s of the end", waiting.len());
+    }
+    let _ = client.delete(&url).basic_auth(&admin, Some("")).send().await;
     Ok(samples)
 }
