@@ -177,8 +177,8 @@ impl<P: Processor> Runner<P> {
                 }
             }
         };
-        // What a stop interrupts stays as the store has it: read again
-        // after the restart.
+        // Batches held back are written before the runner stops; what
+        // cannot be written now is read again after the restart.
         if result.is_ok() {
             let _ = self.flush().await;
         }
