@@ -138,7 +138,13 @@ pub async fn run(config: &Config, args: BenchLatencyArgs) -> Result<(), BenchErr
     if args.alerts {
         let samples = alert_samples(config, &args, &client, &base, &write, end).await?;
         let sent = load.await.unwrap_or(0);
-        report(&base, &args, sent, "2xx to its alert on user_alerts", samples);
+        report(
+            &base,
+            &args,
+            sent,
+            "2xx to its alert on user_alerts",
+            samples,
+        );
         return Ok(());
     }
 
@@ -337,7 +343,9 @@ async fn alert_samples(
             break;
         }
         if Instant::now() > live_by {
-            return Err(unreachable(format!("{ALERT_RULE} was not live within 120 s")));
+            return Err(unreachable(format!(
+                "{ALERT_RULE} was not live within 120 s"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -381,8 +389,15 @@ async fn alert_samples(
         }
     }
     if !waiting.is_empty() {
-        println!("{} probes' alerts did not arrive within 5 s of the end", waiting.len());
+        println!(
+            "{} probes' alerts did not arrive within 5 s of the end",
+            waiting.len()
+        );
     }
-    let _ = client.delete(&url).basic_auth(&admin, Some("")).send().await;
+    let _ = client
+        .delete(&url)
+        .basic_auth(&admin, Some(""))
+        .send()
+        .await;
     Ok(samples)
 }

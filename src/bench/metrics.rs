@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
 use crate::definitions::{RuleDefinition, RuleSpec};
 use crate::process::metrics::{MetricSet, StateBudget, member, runner as metric_runner};
-use crate::process::rules::{RuleProcessor, Set};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
+use crate::process::rules::{RuleProcessor, Set};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchMetricsArgs {

@@ -371,6 +371,12 @@ impl Engine {
         self.changed.insert(key.to_owned());
     }
 
+    /// The keys whose state changed since the last
+    /// [`Engine::take_changed`].
+    pub fn changed(&self) -> Vec<String> {
+        self.changed.iter().cloned().collect()
+    }
+
     /// The keys whose state changed since the last call.
     pub fn take_changed(&mut self) -> Vec<String> {
         std::mem::take(&mut self.changed).into_iter().collect()

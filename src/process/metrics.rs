@@ -171,7 +171,7 @@ impl Held {
 /// How long a member may hold back the effects of batches read from a
 /// backlog before it writes them (see [`HeldBack`]): what a crash makes
 /// it read again, and how stale the store may be while a backlog lasts.
-const HOLD_BACK_FOR: Duration = Duration::from_secs(5);
+pub(super) const HOLD_BACK_FOR: Duration = Duration::from_secs(5);
 
 /// A member's engines and what it has not written of them.
 #[derive(Default)]

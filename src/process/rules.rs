@@ -15,7 +15,7 @@
 //!
 //! [`Set`]: super::metric_set::Set
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
@@ -52,6 +52,53 @@ pub enum RuleStep {
     Event { key: String, meets: u64 },
 }
 
+/// Batches applied to the engines and not written yet: under a backlog
+/// (see the metrics' `HeldBack`) each key's state is written once for
+/// several batches. Their offsets are not stored until then, so a crash
+/// reads them again; a failed write drops the engines they changed.
+#[derive(Default)]
+struct HeldBack {
+    /// When the first of them was applied (`None`: nothing held back).
+    since: Option<std::time::Instant>,
+    batches: usize,
+    topic: String,
+    /// Each partition's first expected offset and last next offset.
+    offsets: BTreeMap<i32, OffsetAdvance>,
+    clocks: BTreeMap<i32, i64>,
+    /// Partitions whose engines changed.
+    touched: BTreeSet<i32>,
+    matches: Vec<Match>,
+    deleted: Vec<String>,
+}
+
+impl HeldBack {
+    fn add(
+        &mut self,
+        topic: &str,
+        offsets: Vec<OffsetAdvance>,
+        clocks: Vec<(i32, i64)>,
+        touched: &BTreeSet<i32>,
+        mut matches: Vec<Match>,
+        mut deleted: Vec<String>,
+    ) {
+        for offset in offsets {
+            self.offsets
+                .entry(offset.partition)
+                .and_modify(|o| o.next = offset.next)
+                .or_insert(offset);
+        }
+        self.clocks.extend(clocks);
+        self.touched.extend(touched);
+        self.matches.append(&mut matches);
+        self.deleted.append(&mut deleted);
+        self.batches += 1;
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+            topic.clone_into(&mut self.topic);
+        }
+    }
+}
+
 /// One version of one rule.
 pub struct RuleProcessor {
     store: Store,
@@ -61,9 +108,9 @@ pub struct RuleProcessor {
     /// Whether some step is strict: then every event of a key counts, as
     /// one that breaks the contiguity.
     strict: bool,
-    /// Each partition's engine as of the last commit; a partition not
-    /// here is read from the store first.
-    engines: tokio::sync::Mutex<HashMap<i32, Engine>>,
+    /// Each partition's engine as of the last batch applied (a partition
+    /// not here is read from the store first), and what is held back.
+    engines: tokio::sync::Mutex<(HashMap<i32, Engine>, HeldBack)>,
     /// The next offset of each partition in the store, as this member
     /// last read or committed it (`None`: not read yet).
     positions: std::sync::Mutex<Option<HashMap<i32, i64>>>,
@@ -86,7 +133,7 @@ impl RuleProcessor {
             strict: spec.pattern.steps.iter().any(|s| s.strict),
             spec,
             version,
-            engines: tokio::sync::Mutex::new(HashMap::new()),
+            engines: tokio::sync::Mutex::new((HashMap::new(), HeldBack::default())),
             positions: std::sync::Mutex::new(None),
             counted: AtomicU64::new(0),
         }
@@ -187,50 +234,82 @@ impl RuleProcessor {
         }
     }
 
-    /// The engines' changes, the batch's alerts and the keys it deleted,
-    /// written with the offsets.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit(
+    /// Writes what is held back in one transaction: the changed keys'
+    /// states as the engines have them now, the alerts, the deletions and
+    /// the offsets. Left held back on failure.
+    async fn write(
         &self,
         engines: &mut HashMap<i32, Engine>,
-        topic: &str,
-        offsets: Vec<OffsetAdvance>,
-        clocks: Vec<(i32, i64)>,
-        touched: &BTreeSet<i32>,
-        matches: Vec<Match>,
-        deleted: Vec<String>,
+        held: &mut HeldBack,
     ) -> Result<(), CommitError> {
         let mut states = Vec::new();
-        for p in touched {
-            let engine = engines.get_mut(p).expect("loaded");
-            for key in engine.take_changed() {
+        for p in &held.touched {
+            let engine = engines.get_mut(p).expect("held back partitions are held");
+            for key in engine.changed() {
                 let state = engine
                     .state(&key)
                     .map(|s| serde_json::to_string(s).expect("a state serializes"));
                 states.push((*p, key, state));
             }
         }
-        let alerts: Vec<StoredAlert> = matches.iter().map(|m| self.alert(m)).collect();
+        let alerts: Vec<StoredAlert> = held.matches.iter().map(|m| self.alert(m)).collect();
         let batch = RuleBatch {
             processor: &self.name,
             rule: &self.spec.name,
-            topic,
-            offsets,
-            clocks,
+            topic: &held.topic,
+            offsets: held.offsets.values().copied().collect(),
+            clocks: held.clocks.iter().map(|(p, c)| (*p, *c)).collect(),
             states,
-            deleted,
+            deleted: held.deleted.clone(),
             alerts,
         };
         self.store
             .apply_rule_batch(&batch)
             .await
             .map_err(commit_error)?;
+        for p in &held.touched {
+            engines.get_mut(p).expect("held").take_changed();
+        }
         let rule = self.spec.name.clone();
         metrics::counter!(crate::metrics::RULE_MATCHES, "rule" => rule.clone())
-            .increment(matches.len() as u64);
+            .increment(held.matches.len() as u64);
         let partials: usize = engines.values().map(|e| e.held().1).sum();
         metrics::gauge!(crate::metrics::RULE_PARTIALS, "rule" => rule).set(partials as f64);
+        *held = HeldBack::default();
         Ok(())
+    }
+
+    /// After a failed batch: drops the engines of the partitions it
+    /// touched and of everything held back, to be read back from the
+    /// store. When `earlier` batches were held back (the runner counts
+    /// them committed), the failure is fenced, so the runner reads them
+    /// again from the store's offsets.
+    fn forget(
+        &self,
+        engines: &mut HashMap<i32, Engine>,
+        held: &mut HeldBack,
+        touched: &BTreeSet<i32>,
+        earlier: usize,
+        e: CommitError,
+    ) -> CommitError {
+        let lost = std::mem::take(held);
+        for p in touched
+            .iter()
+            .chain(&lost.touched)
+            .chain(lost.offsets.keys())
+        {
+            engines.remove(p);
+        }
+        if earlier == 0 || matches!(e, CommitError::Fatal(_) | CommitError::Fenced { .. }) {
+            return e;
+        }
+        CommitError::Fenced {
+            partition: lost.offsets.keys().next().copied().unwrap_or(0),
+            reason: format!(
+                "rule {} could not write the batches it held back ({e}); they are read again from the store's offsets",
+                self.spec.name
+            ),
+        }
     }
 
     /// Counts what the engines report.
@@ -290,6 +369,11 @@ impl Member for RuleProcessor {
     /// offset moved since this member last committed it was processed
     /// elsewhere (a rebalance): its engine is read from the store again.
     async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        // What is held back is written first: a new owner of a partition
+        // starts from its stored offset (a failure forgets it, logged).
+        if let Err(e) = Member::flush(self).await {
+            tracing::warn!("{e}");
+        }
         let stored = self
             .store
             .offsets(&self.name, topic)
@@ -297,7 +381,7 @@ impl Member for RuleProcessor {
             .map_err(commit_error)?;
         let mut engines = self.engines.lock().await;
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-        super::metric_set::follow_stored(&mut engines, &mut positions, &stored);
+        super::metric_set::follow_stored(&mut engines.0, &mut positions, &stored);
         Ok(stored)
     }
 
@@ -310,7 +394,7 @@ impl Member for RuleProcessor {
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
-        _backlog: bool,
+        backlog: bool,
     ) -> Result<usize, CommitError> {
         let known = self
             .positions
@@ -331,7 +415,8 @@ impl Member for RuleProcessor {
             .collect();
         let mut touched: BTreeSet<i32> = offsets.iter().map(|o| o.partition).collect();
         touched.extend(clocks.iter().map(|c| c.partition));
-        let mut engines = self.engines.lock().await;
+        let mut guard = self.engines.lock().await;
+        let (engines, held) = &mut *guard;
         for p in &touched {
             if !engines.contains_key(p) {
                 let engine = self.load(topic, *p).await?;
@@ -392,22 +477,18 @@ impl Member for RuleProcessor {
             self.account(engine, late.get(p).copied().unwrap_or(0));
         }
         let next: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
-        let written = self
-            .commit(
-                &mut engines,
-                topic,
-                offsets,
-                stored_clocks,
-                &touched,
-                matches,
-                deleted,
-            )
-            .await;
-        if let Err(e) = written {
-            for p in &touched {
-                engines.remove(p);
-            }
-            return Err(e);
+        // Held back while a backlog lasts, up to the metrics' bound, and
+        // never a batch with a deletion (its alerts go at once).
+        let hold = backlog
+            && !tick
+            && deleted.is_empty()
+            && held
+                .since
+                .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR);
+        let earlier = held.batches;
+        held.add(topic, offsets, stored_clocks, &touched, matches, deleted);
+        if !hold && let Err(e) = self.write(engines, held).await {
+            return Err(self.forget(engines, held, &touched, earlier, e));
         }
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         positions.get_or_insert_with(HashMap::new).extend(next);
@@ -416,7 +497,15 @@ impl Member for RuleProcessor {
     }
 
     async fn flush(&self) -> Result<(), CommitError> {
-        Ok(())
+        let mut guard = self.engines.lock().await;
+        let (engines, held) = &mut *guard;
+        if held.since.is_none() {
+            return Ok(());
+        }
+        match self.write(engines, held).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.forget(engines, held, &BTreeSet::new(), 0, e)),
+        }
     }
 }
 

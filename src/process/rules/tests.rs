@@ -277,3 +277,62 @@ async fn a_deleted_user_leaves_no_partial_match_and_no_alert() {
     tick(&rule, 0..3, base + 20 * MINUTE).await;
     assert_eq!(alerts(&store).await, vec![], "forgotten, and no new match");
 }
+
+/// Batches held back under a backlog (every batch of 3 is full) whose
+/// write the store refuses: read again from the store's offsets while
+/// the fault lasts; afterwards the rule alerts exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let base = crate::store::now_ms() + 10 * MINUTE;
+    pay(
+        &log,
+        base,
+        &[
+            ("u1", 0, 20, "a1"),
+            ("u2", 0, 20, "b1"),
+            ("u1", 10, 30, "a2"),
+            ("u1", 20, 40, "a3"),
+            ("u2", 10, 20, "b2"),
+            ("u1", 30, 5_000, "a4"),
+            ("u3", 0, 9_000, "c1"),
+        ],
+    )
+    .await;
+    store.execute("CREATE TABLE fault (on_ INTEGER)").await;
+    store
+        .execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON rule_state WHEN EXISTS (SELECT 1 FROM fault) \
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+        )
+        .await;
+    store.execute("INSERT INTO fault VALUES (1)").await;
+    let rule = Arc::new(RuleProcessor::new(store.clone(), fraud(), 1));
+    let runner = runner(&log_dir, &log, &rule);
+    let stats = runner.stats();
+    let running = tokio::spawn(runner.run(std::future::pending()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stats.lock().unwrap().fenced < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "read again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.offsets(rule.name(), TOPIC).await.unwrap().is_empty());
+    store.execute("DELETE FROM fault").await;
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the runner reads the log to its end once the store takes writes")
+        .unwrap()
+        .expect("the runner does not fail");
+    tick(&rule, 0..3, base + 20 * MINUTE).await;
+    assert_eq!(
+        alerts(&store).await,
+        vec![(
+            "u1".to_owned(),
+            vec!["a1".into(), "a2".into(), "a3".into(), "a4".into()]
+        )]
+    );
+}
