@@ -26,10 +26,7 @@ use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
 use crate::store::Store;
 
-/// The name the message ids metrics have counted are claimed under: one
-/// claim an event for every metric version, since which record of an id
-/// is its first is a fact of the log.
-pub const CLAIMS: &str = "metrics";
+
 
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
@@ -43,6 +40,13 @@ pub trait Member: Send + Sync + 'static {
 
     /// Its set's runner in metrics and logs (`metrics`, `rules`).
     const RUNNER: &'static str;
+
+    /// The name the message ids its kind takes are claimed under: one
+    /// claim an event for every version of the kind, since which record
+    /// of an id is its first is a fact of the log. Each kind claims its
+    /// own, so one set finds its ids new, not claimed by the other (a
+    /// lookup that costs far more than an insert).
+    const CLAIMS: &'static str;
 
     /// The definition's name.
     fn definition(&self) -> &str;
@@ -170,7 +174,7 @@ impl<M: Member> Set<M> {
             return Ok(HashMap::new());
         }
         self.store
-            .claim_metric_ids(CLAIMS, &claims)
+            .claim_metric_ids(M::CLAIMS, &claims)
             .await
             .map_err(commit_error)
     }
@@ -398,6 +402,7 @@ pub fn member(
 impl Member for MetricProcessor {
     type Step = super::metrics::Step;
     const RUNNER: &'static str = "metrics";
+    const CLAIMS: &'static str = "metrics";
 
     fn definition(&self) -> &str {
         self.metric()

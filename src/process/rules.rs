@@ -330,6 +330,7 @@ impl RuleProcessor {
 impl Member for RuleProcessor {
     type Step = RuleStep;
     const RUNNER: &'static str = "rules";
+    const CLAIMS: &'static str = "rules";
 
     fn definition(&self) -> &str {
         &self.spec.name
