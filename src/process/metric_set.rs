@@ -26,8 +26,6 @@ use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
 use crate::store::Store;
 
-
-
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
 

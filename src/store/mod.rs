@@ -268,14 +268,30 @@ impl Store {
         }
     }
 
-    /// Runs `sql` as it is: faults injected by tests (a trigger that
-    /// refuses writes, as a database that went away would).
+    /// Makes every insert into `table` fail (SQLite), as a database that
+    /// went away would, until [`Store::allow_inserts`]: faults injected by
+    /// tests.
     #[cfg(test)]
-    pub async fn execute(&self, sql: &str) {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+    pub async fn refuse_inserts(&self, table: &str) {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS fault (on_ INTEGER); \
+             CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} WHEN EXISTS (SELECT 1 FROM fault) \
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END; \
+             INSERT INTO fault VALUES (1);"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&self.pool)
             .await
-            .expect("the test's statement runs");
+            .expect("the fault is set");
+    }
+
+    /// Lifts [`Store::refuse_inserts`].
+    #[cfg(test)]
+    pub async fn allow_inserts(&self) {
+        sqlx::raw_sql("DELETE FROM fault")
+            .execute(&self.pool)
+            .await
+            .expect("the fault is lifted");
     }
 
     /// Closes every connection.

@@ -228,14 +228,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
     let (_dir, log_dir, log, store) = scratch(3).await;
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
     append(&log, base, 0..130).await;
-    store.execute("CREATE TABLE fault (on_ INTEGER)").await;
-    store
-        .execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON metric_state WHEN EXISTS (SELECT 1 FROM fault) \
-             BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
-        )
-        .await;
-    store.execute("INSERT INTO fault VALUES (1)").await;
+    store.refuse_inserts("metric_state").await;
 
     let member = Arc::new(MetricProcessor::new(
         store.clone(),
@@ -257,7 +250,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
     }
     let stored = store.offsets(member.name(), TOPIC).await.unwrap();
     assert!(stored.is_empty(), "nothing written: {stored:?}");
-    store.execute("DELETE FROM fault").await;
+    store.allow_inserts().await;
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("the runner reads the log to its end once the store takes writes")

@@ -29,6 +29,23 @@ fn fraud() -> RuleSpec {
     definition.compile("card_testing").unwrap()
 }
 
+/// A new embedded log of three partitions in a temporary directory
+/// (kept while the first value lives), its directory, and a SQLite store
+/// beside it.
+async fn scratch() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<EmbeddedLog>,
+    Store,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
+    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
+    let store = Store::open(None, dir.path()).await.unwrap();
+    (dir, log_dir, log, store)
+}
+
 /// Payments: (user, seconds after `base`, amount, message id).
 async fn pay(log: &EmbeddedLog, base: i64, payments: &[(&str, i64, u32, &str)]) {
     let records = payments
@@ -133,11 +150,7 @@ async fn alerts(store: &Store) -> Vec<(String, Vec<String>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fraud_rule_alerts_once_across_a_restart_mid_pattern_and_a_second_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch().await;
     // Event times ahead of the log's clock (its append times): nothing is
     // late, and the tick below takes them all.
     let base = crate::store::now_ms() + 10 * MINUTE;
@@ -215,11 +228,7 @@ async fn the_fraud_rule_alerts_once_across_a_restart_mid_pattern_and_a_second_pa
 /// match), and the rule's earlier alerts of the user go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_user_leaves_no_partial_match_and_no_alert() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch().await;
     let base = crate::store::now_ms() + 10 * MINUTE;
     let rule = Arc::new(RuleProcessor::new(store.clone(), fraud(), 1));
 
@@ -283,11 +292,7 @@ async fn a_deleted_user_leaves_no_partial_match_and_no_alert() {
 /// the fault lasts; afterwards the rule alerts exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let topics = [TOPIC.to_owned(), "rejected".to_owned()];
-    let log = Arc::new(EmbeddedLog::open(&log_dir, 3, &topics).unwrap());
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let (_dir, log_dir, log, store) = scratch().await;
     let base = crate::store::now_ms() + 10 * MINUTE;
     pay(
         &log,
@@ -303,14 +308,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
         ],
     )
     .await;
-    store.execute("CREATE TABLE fault (on_ INTEGER)").await;
-    store
-        .execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON rule_state WHEN EXISTS (SELECT 1 FROM fault) \
-             BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
-        )
-        .await;
-    store.execute("INSERT INTO fault VALUES (1)").await;
+    store.refuse_inserts("rule_state").await;
     let rule = Arc::new(RuleProcessor::new(store.clone(), fraud(), 1));
     let runner = runner(&log_dir, &log, &rule);
     let stats = runner.stats();
@@ -321,7 +319,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(store.offsets(rule.name(), TOPIC).await.unwrap().is_empty());
-    store.execute("DELETE FROM fault").await;
+    store.allow_inserts().await;
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("the runner reads the log to its end once the store takes writes")
