@@ -484,3 +484,38 @@ pub fn follow_stored<E>(
     }
     *positions = Some(stored.clone());
 }
+
+/// Adds a batch's `offsets` to those of batches held back before it:
+/// each partition keeps its first expected offset and takes the last
+/// next one.
+pub fn hold_offsets(
+    held: &mut std::collections::BTreeMap<i32, super::OffsetAdvance>,
+    offsets: Vec<super::OffsetAdvance>,
+) {
+    for offset in offsets {
+        held.entry(offset.partition)
+            .and_modify(|o| o.next = offset.next)
+            .or_insert(offset);
+    }
+}
+
+/// What a member answers when a write failed with `e` after `earlier`
+/// batches were held back (the runner counts them committed): fenced, so
+/// the runner reads them again from the store's offsets (`partition`, one
+/// of theirs, named); else `e` as it is.
+pub fn held_back_failure(
+    definition: &str,
+    partition: Option<i32>,
+    earlier: usize,
+    e: CommitError,
+) -> CommitError {
+    if earlier == 0 || matches!(e, CommitError::Fatal(_) | CommitError::Fenced { .. }) {
+        return e;
+    }
+    CommitError::Fenced {
+        partition: partition.unwrap_or(0),
+        reason: format!(
+            "{definition} could not write the batches it held back ({e}); they are read again from the store's offsets"
+        ),
+    }
+}

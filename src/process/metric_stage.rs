@@ -98,17 +98,40 @@ impl MetricRunners {
 impl RunnerEntry {
     fn state(&self) -> DefinitionState {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let state = match (&self.failed, self.live && stats.near_front(self.front)) {
+        DefinitionState::of(
+            self.version,
+            self.member.counted(),
+            self.failed.as_deref(),
+            self.live && stats.near_front(self.front),
+            &stats,
+        )
+    }
+}
+
+impl DefinitionState {
+    /// The state of a version counting `applied` events on a runner with
+    /// `stats`: `failed` with a cause, else `live` when `live`, else
+    /// `backfilling`.
+    pub fn of(
+        version: i64,
+        applied: u64,
+        failed: Option<&str>,
+        live: bool,
+        stats: &super::RunnerStats,
+    ) -> DefinitionState {
+        let state = match (failed, live) {
             (Some(_), _) => "failed",
             (None, true) => "live",
             (None, false) => "backfilling",
         };
         DefinitionState {
-            version: self.version,
+            version,
             state,
             lag: stats.lag(),
-            applied: self.member.counted(),
-            error: self.failed.clone().or_else(|| stats.last_error.clone()),
+            applied,
+            error: failed
+                .map(str::to_owned)
+                .or_else(|| stats.last_error.clone()),
         }
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::metric_set::{held_back_failure, hold_offsets};
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec};
@@ -676,16 +677,8 @@ impl MetricProcessor {
         for p in touched.iter().chain(&lost.partitions()) {
             engines.partitions.remove(p);
         }
-        if earlier == 0 || matches!(e, CommitError::Fatal(_) | CommitError::Fenced { .. }) {
-            return e;
-        }
-        CommitError::Fenced {
-            partition: lost.offsets.keys().next().copied().unwrap_or(0),
-            reason: format!(
-                "metric {} could not write the batches it held back ({e}); they are read again from the store's offsets",
-                self.spec.name
-            ),
-        }
+        let first = lost.offsets.keys().next().copied();
+        held_back_failure(&format!("metric {}", self.spec.name), first, earlier, e)
     }
 
     /// Writes what is held back, if anything is (see [`HeldBack`]).
@@ -907,13 +900,7 @@ impl MetricProcessor {
                 held_back.changed.entry(*p).or_default().extend(changed);
             }
         }
-        for offset in offsets {
-            held_back
-                .offsets
-                .entry(offset.partition)
-                .and_modify(|o| o.next = offset.next)
-                .or_insert(offset);
-        }
+        hold_offsets(&mut held_back.offsets, offsets);
         held_back.late.append(&mut late);
         held_back.deleted.append(&mut deleted);
         held_back.merges.append(&mut merges);

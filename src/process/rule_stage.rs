@@ -54,18 +54,13 @@ impl RuleRunners {
                 .iter()
                 .map(|(name, entry)| {
                     let stats = entry.stats.lock().unwrap_or_else(|e| e.into_inner());
-                    let state = match (&entry.failed, stats.near_front(entry.front)) {
-                        (Some(_), _) => "failed",
-                        (None, true) => "live",
-                        (None, false) => "backfilling",
-                    };
-                    let shown = DefinitionState {
-                        version: entry.member.version(),
-                        state,
-                        lag: stats.lag(),
-                        applied: entry.member.counted(),
-                        error: entry.failed.clone().or_else(|| stats.last_error.clone()),
-                    };
+                    let shown = DefinitionState::of(
+                        entry.member.version(),
+                        entry.member.counted(),
+                        entry.failed.as_deref(),
+                        stats.near_front(entry.front),
+                        &stats,
+                    );
                     (name.clone(), shown)
                 })
                 .collect()

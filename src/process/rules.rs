@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::metric_set::{Member, own_offsets};
+use super::metric_set::{Member, held_back_failure, hold_offsets, own_offsets};
 use super::metrics::Event;
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
@@ -81,12 +81,7 @@ impl HeldBack {
         mut matches: Vec<Match>,
         mut deleted: Vec<String>,
     ) {
-        for offset in offsets {
-            self.offsets
-                .entry(offset.partition)
-                .and_modify(|o| o.next = offset.next)
-                .or_insert(offset);
-        }
+        hold_offsets(&mut self.offsets, offsets);
         self.clocks.extend(clocks);
         self.touched.extend(touched);
         self.matches.append(&mut matches);
@@ -300,16 +295,8 @@ impl RuleProcessor {
         {
             engines.remove(p);
         }
-        if earlier == 0 || matches!(e, CommitError::Fatal(_) | CommitError::Fenced { .. }) {
-            return e;
-        }
-        CommitError::Fenced {
-            partition: lost.offsets.keys().next().copied().unwrap_or(0),
-            reason: format!(
-                "rule {} could not write the batches it held back ({e}); they are read again from the store's offsets",
-                self.spec.name
-            ),
-        }
+        let first = lost.offsets.keys().next().copied();
+        held_back_failure(&format!("rule {}", self.spec.name), first, earlier, e)
     }
 
     /// Counts what the engines report.
