@@ -247,7 +247,10 @@ impl Engine {
                 late_by: limit - input.time,
             };
         }
-        let state = self.keys.entry(key.to_owned()).or_default();
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.to_owned(), KeyState::default());
+        }
+        let state = self.keys.get_mut(key).expect("inserted above");
         let at = state
             .waiting
             .partition_point(|w| (w.time, &w.id) <= (input.time, &input.id));
@@ -268,7 +271,7 @@ impl Engine {
                 &mut self.rushed,
             );
         }
-        self.changed.insert(key.to_owned());
+        self.mark_changed(key);
         self.schedule(key);
         Observed::Waiting
     }
@@ -323,28 +326,43 @@ impl Engine {
     /// Sets `key`'s timer: the limit at which its earliest waiting event
     /// is taken or its earliest partial match's bound has passed.
     fn schedule(&mut self, key: &str) {
-        if let Some(old) = self.due.remove(key) {
-            self.timers.remove(&(old, key.to_owned()));
-        }
-        let Some(state) = self.keys.get(key) else {
-            return;
-        };
         let within = self.pattern.within;
-        let due = state
-            .waiting
-            .first()
-            .map(|w| w.time.saturating_add(1))
-            .into_iter()
-            .chain(
-                state
-                    .runs
-                    .iter()
-                    .map(|r| r.start().saturating_add(within).saturating_add(1)),
-            )
-            .min();
-        if let Some(due) = due {
-            self.timers.insert((due, key.to_owned()));
-            self.due.insert(key.to_owned(), due);
+        let due = self.keys.get(key).and_then(|state| {
+            state
+                .waiting
+                .first()
+                .map(|w| w.time.saturating_add(1))
+                .into_iter()
+                .chain(
+                    state
+                        .runs
+                        .iter()
+                        .map(|r| r.start().saturating_add(within).saturating_add(1)),
+                )
+                .min()
+        });
+        let old = self.due.get(key).copied();
+        if old == due {
+            return;
+        }
+        let key = key.to_owned();
+        if let Some(old) = old {
+            self.timers.remove(&(old, key.clone()));
+        }
+        match due {
+            Some(due) => {
+                self.timers.insert((due, key.clone()));
+                self.due.insert(key, due);
+            }
+            None => {
+                self.due.remove(&key);
+            }
+        }
+    }
+
+    fn mark_changed(&mut self, key: &str) {
+        if !self.changed.contains(key) {
+            self.changed.insert(key.to_owned());
         }
     }
 
@@ -368,7 +386,7 @@ impl Engine {
     pub fn forget(&mut self, key: &str) {
         self.keys.remove(key);
         self.schedule(key);
-        self.changed.insert(key.to_owned());
+        self.mark_changed(key);
     }
 
     /// The keys whose state changed since the last
