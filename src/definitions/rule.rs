@@ -12,7 +12,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{Condition, DefinitionError, FieldPath, check_name, millis};
-use crate::patterns::{MAX_STEPS, Pattern, Skip, Step};
+use serde_json::Value;
+
+use crate::patterns::{Guard, Guarded, Input, MAX_STEPS, Pattern, Skip, Step, Taken};
 
 /// A rule as written: JSON through the admin API, or a `[[rules]]` table
 /// of `traitline.toml` (which also carries the `name`).
@@ -54,7 +56,10 @@ pub struct RuleDefinition {
 #[serde(deny_unknown_fields)]
 pub struct StepDefinition {
     pub name: String,
-    /// A CEL condition over the envelope.
+    /// A CEL condition over the envelope, which may also read the
+    /// events earlier steps took: `small.amount` is the list of the
+    /// `amount` property of each, with `avg`, `sum`, `min`, `max` and
+    /// `size` (`properties.amount > 10.0 * avg(small.amount)`).
     #[serde(rename = "where")]
     pub condition: String,
     /// How many events it takes: a number, or `{"min": N}` / `{"min": N,
@@ -106,6 +111,60 @@ pub struct RuleSpec {
     ///
     /// [`Input::meets`]: crate::patterns::Input::meets
     pub conditions: Vec<Condition>,
+    /// The envelope fields an event keeps for the conditions that read
+    /// earlier steps' events ([`Input::values`]); none when no condition
+    /// does.
+    ///
+    /// [`Input::values`]: crate::patterns::Input::values
+    pub keeps: Vec<&'static str>,
+}
+
+/// Answers for the steps whose conditions read earlier steps' events:
+/// the condition's parts that do, with each earlier step it names bound
+/// to the properties of the events that step took (`small.amount`: the
+/// list of their `amount`s).
+struct StepGuard {
+    /// Each step's condition, then the `not` step's.
+    conditions: Vec<Condition>,
+    /// The positive steps' names.
+    names: Vec<String>,
+}
+
+impl Guard for StepGuard {
+    fn allows(&self, step: usize, taken: &[Taken], input: &Input) -> bool {
+        let Some(kept) = input.values.as_deref() else {
+            return false;
+        };
+        let condition = &self.conditions[step];
+        let bound: Vec<(&str, Value)> = condition
+            .steps()
+            .iter()
+            .filter_map(|name| {
+                let index = self.names.iter().position(|n| n == name)?;
+                Some((name.as_str(), step_properties(index, taken)))
+            })
+            .collect();
+        condition.allows(kept, &bound)
+    }
+}
+
+/// `{property: [value of each event step took that has it]}`.
+fn step_properties(step: usize, taken: &[Taken]) -> Value {
+    let mut lists = serde_json::Map::new();
+    for t in taken.iter().filter(|t| t.step == step) {
+        let properties = t.values.as_deref().and_then(|v| v.get("properties"));
+        if let Some(Value::Object(properties)) = properties {
+            for (name, value) in properties {
+                if let Value::Array(list) = lists
+                    .entry(name.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()))
+                {
+                    list.push(value.clone());
+                }
+            }
+        }
+    }
+    Value::Object(lists)
 }
 
 /// Partial matches a key holds unless the rule says otherwise.
@@ -178,7 +237,12 @@ impl RuleDefinition {
                     format!("another step is named `{}`", step.name),
                 ));
             }
-            conditions.push(Condition::compile(&field("where"), &step.condition)?);
+            let earlier: Vec<&str> = steps.iter().map(|s: &Step| s.name.as_str()).collect();
+            conditions.push(Condition::compile_after(
+                &field("where"),
+                &step.condition,
+                &earlier,
+            )?);
             if step.not == Some(true) {
                 if i + 1 != self.steps.len() || i == 0 {
                     return Err(DefinitionError::new(
@@ -244,6 +308,25 @@ impl RuleDefinition {
                 "the last step a match needs cannot be optional",
             ));
         }
+        let guarded = conditions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.steps().is_empty())
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        let mut keeps: Vec<&'static str> = Vec::new();
+        if guarded != 0 {
+            keeps.push("properties");
+            keeps.extend(conditions.iter().flat_map(Condition::reads_later));
+            keeps.sort_unstable();
+            keeps.dedup();
+        }
+        let guarded = (guarded != 0).then(|| Guarded {
+            steps: guarded,
+            guard: Arc::new(StepGuard {
+                conditions: conditions.clone(),
+                names: steps.iter().map(|s| s.name.clone()).collect(),
+            }),
+        });
         Ok(RuleSpec {
             name: name.to_owned(),
             key,
@@ -255,8 +338,10 @@ impl RuleDefinition {
                 skip,
                 max_partials,
                 max_waiting: MAX_WAITING,
+                guarded,
             }),
             conditions,
+            keeps,
         })
     }
 }
@@ -353,10 +438,88 @@ mod tests {
             (format!(r#"{{"steps": [{{"name": "b", "where": "true", "not": true}}, {one}], "within": "5m"}}"#), "steps[0].not"),
             (format!(r#"{{"steps": [{one}, {{"name": "b", "where": "true", "not": true, "times": 2}}], "within": "5m"}}"#), "steps[1].times"),
             (format!(r#"{{"steps": [{one}], "within": "5m", "windows": 1}}"#), "windows"),
+            // A step reads earlier steps only: not itself, not a later one.
+            (r#"{"steps": [{"name": "a", "where": "size(a.x) > 1"}], "within": "5m"}"#.to_owned(), "steps[0].where"),
+            (format!(r#"{{"steps": [{{"name": "b", "where": "properties.x > avg(a.x)"}}, {one}], "within": "5m"}}"#), "steps[0].where"),
         ];
         for (body, field) in cases {
             let (got, reason) = refused(&body);
             assert_eq!(got, field, "{body}: {reason}");
         }
+    }
+
+    /// A guarded step's condition on an event, after `small` took events
+    /// with these amounts.
+    fn allows(spec: &RuleSpec, step: usize, amounts: &[u32], event: Value) -> bool {
+        let taken: Vec<Taken> = amounts
+            .iter()
+            .enumerate()
+            .map(|(i, amount)| Taken {
+                step: 0,
+                time: i as i64,
+                id: format!("s{i}"),
+                values: Some(Arc::new(
+                    serde_json::json!({"properties": {"amount": amount}}),
+                )),
+            })
+            .collect();
+        let kept: serde_json::Map<String, Value> = spec
+            .keeps
+            .iter()
+            .filter_map(|f| Some(((*f).to_owned(), event.get(*f)?.clone())))
+            .collect();
+        let input = Input {
+            time: 100,
+            id: "e".into(),
+            meets: 0,
+            values: Some(Arc::new(Value::Object(kept))),
+        };
+        let guarded = spec.pattern.guarded.as_ref().unwrap();
+        assert_ne!(guarded.steps & 1 << step, 0);
+        guarded.guard.allows(step, &taken, &input)
+    }
+
+    #[test]
+    fn a_step_may_compare_with_the_values_earlier_steps_took() {
+        let spec = compile(
+            r#"{"steps": [{"name": "small", "where": "properties.amount < 100", "times": {"min": 1}},
+                          {"name": "large", "where": "event == \"payment\" && properties.amount > 10.0 * avg(small.amount)"},
+                          {"name": "refund", "where": "event == \"refund\" && properties.amount >= max(small.amount) && size(small.amount) > 1 && sum(small.amount) < 1000.0", "not": true}],
+                "within": "5m"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.pattern.guarded.as_ref().unwrap().steps, 0b110);
+        assert_eq!(spec.keeps, vec!["properties"]);
+        // The part that reads the event alone decides its bit.
+        let payment =
+            |amount: u32| serde_json::json!({"event": "payment", "properties": {"amount": amount}});
+        assert!(spec.conditions[1].matches(&payment(1)));
+        assert!(!spec.conditions[1].matches(&serde_json::json!({"event": "refund"})));
+        // avg(20, 40) is 30.
+        assert!(allows(&spec, 1, &[20, 40], payment(301)));
+        assert!(!allows(&spec, 1, &[20, 40], payment(300)));
+        // No small payment taken: no average, no match.
+        assert!(!allows(&spec, 1, &[], payment(5_000)));
+        let refund =
+            |amount: u32| serde_json::json!({"event": "refund", "properties": {"amount": amount}});
+        assert!(allows(&spec, 2, &[20, 40], refund(40)));
+        assert!(!allows(&spec, 2, &[20, 40], refund(39)));
+        assert!(
+            !allows(&spec, 2, &[40], refund(40)),
+            "size(small.amount) > 1"
+        );
+        assert!(
+            !allows(&spec, 2, &[600, 500], refund(600)),
+            "sum under 1000"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_such_steps_keeps_nothing_of_its_events() {
+        let spec =
+            compile(r#"{"steps": [{"name": "a", "where": "properties.x > 1"}], "within": "5m"}"#)
+                .unwrap();
+        assert!(spec.pattern.guarded.is_none());
+        assert!(spec.keeps.is_empty());
     }
 }

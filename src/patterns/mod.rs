@@ -62,6 +62,37 @@ pub enum Skip {
     ToNext,
 }
 
+/// What decides, for steps whose conditions read earlier steps' events,
+/// whether a partial match may take an event (the event's `meets` bit
+/// says only that the rest of the condition holds).
+pub trait Guard: Send + Sync {
+    /// Whether step `step` (the absent step's is `steps.len()`) may take
+    /// `input` after the events `taken`.
+    fn allows(&self, step: usize, taken: &[Taken], input: &Input) -> bool;
+}
+
+/// A pattern's guard and the steps it decides for (a bit each, as in
+/// [`Input::meets`]).
+#[derive(Clone)]
+pub struct Guarded {
+    pub steps: u64,
+    pub guard: Arc<dyn Guard>,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Guarded({:#b})", self.steps)
+    }
+}
+
+impl PartialEq for Guarded {
+    fn eq(&self, other: &Guarded) -> bool {
+        self.steps == other.steps && Arc::ptr_eq(&self.guard, &other.guard)
+    }
+}
+
+impl Eq for Guarded {}
+
 /// A pattern, compiled: positive steps (at least one, the last not
 /// optional), an optional final absent step, the bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +114,24 @@ pub struct Pattern {
     /// Most events a key holds waiting for the limit; beyond it the
     /// earliest are taken at once.
     pub max_waiting: usize,
+    /// Steps whose conditions read earlier steps' events.
+    pub guarded: Option<Guarded>,
 }
 
 impl Pattern {
     /// The bit of the absent step's condition.
     pub fn absent_bit(&self) -> u64 {
         1 << self.steps.len()
+    }
+
+    /// Whether step `step` takes `input` after `taken`: the event meets
+    /// the step's condition, all of it.
+    fn takes(&self, step: usize, taken: &[Taken], input: &Input) -> bool {
+        input.meets & (1 << step) != 0
+            && self
+                .guarded
+                .as_ref()
+                .is_none_or(|g| g.steps & (1 << step) == 0 || g.guard.allows(step, taken, input))
     }
 }
 
@@ -100,6 +143,10 @@ pub struct Input {
     pub time: Millis,
     pub id: String,
     pub meets: u64,
+    /// What a guarded step's condition reads of it (for a pattern with
+    /// a guard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Arc<serde_json::Value>>,
 }
 
 /// An event a match took: which step took it, its time and id.
@@ -108,6 +155,9 @@ pub struct Taken {
     pub step: usize,
     pub time: Millis,
     pub id: String,
+    /// The event's [`Input::values`], for later steps' guards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Arc<serde_json::Value>>,
 }
 
 /// A partial match.
@@ -432,7 +482,7 @@ fn take(
     let mut complete = Vec::new();
     for run in std::mem::take(&mut state.runs) {
         if run.waiting {
-            if input.meets & pattern.absent_bit() == 0 {
+            if !pattern.takes(pattern.steps.len(), &run.taken, input) {
                 runs.push(run);
             }
             continue;
@@ -449,7 +499,7 @@ fn take(
         // again, and one its next step takes once its step cannot; an
         // event that starts a step while the run could still repeat its
         // own, or that only an optional step takes, branches.
-        let mut forced = can_repeat && input.meets & (1 << run.step) != 0;
+        let mut forced = can_repeat && pattern.takes(run.step, &run.taken, input);
         if forced {
             next.push(run.extended(run.step, run.count + 1, input));
         }
@@ -458,7 +508,7 @@ fn take(
         let mut relaxed = can_repeat && !step.strict;
         if run.count >= step.min {
             for (j, after) in pattern.steps.iter().enumerate().skip(run.step + 1) {
-                if input.meets & (1 << j) != 0 && (!after.strict || !run.passed) {
+                if (!after.strict || !run.passed) && pattern.takes(j, &run.taken, input) {
                     next.push(run.extended(j, 1, input));
                     forced |= !can_repeat && !after.optional;
                 }
@@ -483,15 +533,11 @@ fn take(
         }
     }
     for (j, step) in pattern.steps.iter().enumerate() {
-        if input.meets & (1 << j) != 0 {
+        if pattern.takes(j, &[], input) {
             let run = Run {
                 step: j,
                 count: 1,
-                taken: vec![Taken {
-                    step: j,
-                    time: input.time,
-                    id: input.id.clone(),
-                }],
+                taken: vec![Taken::of(j, input)],
                 passed: false,
                 waiting: false,
             };
@@ -615,17 +661,24 @@ impl Run {
     /// This run with `input` taken by `step`, its `count`th event.
     fn extended(&self, step: usize, count: u32, input: &Input) -> Run {
         let mut taken = self.taken.clone();
-        taken.push(Taken {
-            step,
-            time: input.time,
-            id: input.id.clone(),
-        });
+        taken.push(Taken::of(step, input));
         Run {
             step,
             count,
             taken,
             passed: false,
             waiting: false,
+        }
+    }
+}
+
+impl Taken {
+    fn of(step: usize, input: &Input) -> Taken {
+        Taken {
+            step,
+            time: input.time,
+            id: input.id.clone(),
+            values: input.values.clone(),
         }
     }
 }

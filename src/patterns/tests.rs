@@ -31,6 +31,7 @@ fn pattern(steps: Vec<Step>, within: Millis) -> Pattern {
         skip: Skip::PastLast,
         max_partials: 1_000,
         max_waiting: 10_000,
+        guarded: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn run(pattern: Pattern, events: &[(&str, Millis, &str, u64)]) -> Vec<(String, V
             time: *time,
             id: (*id).to_owned(),
             meets: *meets,
+            values: None,
         };
         assert_eq!(engine.observe(key, input), Observed::Waiting);
     }
@@ -216,6 +218,7 @@ fn not_followed_by_fires_on_the_watermark_alone_and_an_absent_event_cancels_it()
         time,
         id: id.to_owned(),
         meets,
+        values: None,
     };
     engine.observe("u1", input(0, "c1", 1));
     engine.observe("u2", input(0, "c2", 1));
@@ -238,7 +241,8 @@ fn not_followed_by_fires_on_the_watermark_alone_and_an_absent_event_cancels_it()
             taken: vec![Taken {
                 step: 0,
                 time: 0,
-                id: "c1".into()
+                id: "c1".into(),
+                values: None,
             }],
             at: 30 * MINUTE,
         }]
@@ -279,6 +283,7 @@ fn quiet_keys_partial_matches_are_pruned_by_the_watermark() {
             time: key,
             id: format!("e{key}"),
             meets: 1,
+            values: None,
         };
         engine.observe(&format!("u{key}"), input);
     }
@@ -301,6 +306,7 @@ fn an_event_behind_the_limit_is_late_and_changes_nothing() {
             time: 8 * MINUTE,
             id: "x".into(),
             meets: 1,
+            values: None,
         },
     );
     assert_eq!(late, Observed::Late { late_by: MINUTE });
@@ -311,6 +317,7 @@ fn an_event_behind_the_limit_is_late_and_changes_nothing() {
             time: 9 * MINUTE + 1,
             id: "y".into(),
             meets: 1,
+            values: None,
         },
     );
     assert_eq!(within, Observed::Waiting, "within the lateness");
@@ -326,6 +333,7 @@ fn partial_matches_beyond_the_bound_are_dropped_and_counted() {
             time: i,
             id: format!("s{i}"),
             meets: 1,
+            values: None,
         };
         engine.observe("u1", input);
     }
@@ -343,6 +351,7 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
             time: i * 1_000,
             id: format!("s{i}"),
             meets: 1,
+            values: None,
         };
         before.observe("u1", input);
     }
@@ -358,6 +367,7 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
             time: 5_000 + i * 1_000,
             id: format!("s{i}"),
             meets,
+            values: None,
         };
         after.observe("u1", input);
     }
@@ -529,7 +539,7 @@ proptest! {
     ) {
         let mut engine = Engine::new(Arc::new(p.clone()));
         for (i, (time, meets)) in events.iter().enumerate() {
-            let input = Input { time: *time, id: format!("{i:03}"), meets: *meets };
+            let input = Input { time: *time, id: format!("{i:03}"), meets: *meets, values: None };
             engine.observe("k", input);
         }
         let got: Vec<(usize, usize)> = engine
@@ -552,7 +562,7 @@ proptest! {
         })
     ) {
         let p = Pattern { lateness: 10, ..p };
-        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}"), meets: events[i].1 };
+        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}"), meets: events[i].1, values: None };
         let mut in_order = Engine::new(Arc::new(p.clone()));
         for i in 0..events.len() {
             in_order.observe("k", input(i));

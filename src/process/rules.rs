@@ -16,6 +16,7 @@
 //! [`Set`]: super::metric_set::Set
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
@@ -49,7 +50,13 @@ pub enum RuleStep {
     /// partial matches and alerts go.
     Delete(Vec<String>),
     /// An event of `key` meeting the steps of `meets`.
-    Event { key: String, meets: u64 },
+    Event {
+        key: String,
+        meets: u64,
+        /// The fields the rule's conditions that read earlier steps read
+        /// of it ([`RuleSpec::keeps`]).
+        values: Option<Arc<Value>>,
+    },
 }
 
 /// Batches applied to the engines and not written yet: under a backlog
@@ -346,7 +353,16 @@ impl Member for RuleProcessor {
         if meets == 0 && !self.strict {
             return RuleStep::Skip;
         }
-        RuleStep::Event { key, meets }
+        let values = (!self.spec.keeps.is_empty()).then(|| {
+            let kept = self
+                .spec
+                .keeps
+                .iter()
+                .filter_map(|f| Some(((*f).to_owned(), event.get(*f)?.clone())))
+                .collect();
+            Arc::new(Value::Object(kept))
+        });
+        RuleStep::Event { key, meets, values }
     }
 
     fn counts(step: &RuleStep) -> bool {
@@ -418,7 +434,7 @@ impl Member for RuleProcessor {
             if from.get(&event.partition).is_none_or(|f| event.offset < *f) {
                 continue;
             }
-            let (key, meets) = match step {
+            let (key, meets, values) = match step {
                 RuleStep::Skip => continue,
                 RuleStep::Delete(ids) => {
                     // In order with the user's events: what came before is
@@ -430,7 +446,7 @@ impl Member for RuleProcessor {
                     }
                     continue;
                 }
-                RuleStep::Event { key, meets } => (key, meets),
+                RuleStep::Event { key, meets, values } => (key, meets, values),
             };
             let Some(stamp) = &event.stamp else {
                 continue;
@@ -447,6 +463,7 @@ impl Member for RuleProcessor {
                 time: stamp.at,
                 id: stamp.id.clone(),
                 meets: *meets,
+                values: values.clone(),
             };
             let engine = engines.get_mut(&event.partition).expect("loaded above");
             match engine.observe(key, input) {

@@ -12,22 +12,36 @@ use super::{DefinitionError, ENVELOPE_FIELDS};
 
 mod native;
 
+use cel::extractors::Arguments;
 use native::{Fault, Native};
 
 /// A compiled condition.
 #[derive(Clone)]
 pub struct Condition {
     source: String,
-    program: Arc<cel::Program>,
-    /// The envelope fields the expression reads: only these are handed to
-    /// CEL for each event.
-    reads: Vec<&'static str>,
-    /// CEL's standard functions, built once: building them is most of
-    /// the cost of a fresh context, and each event gets one.
+    /// What it asks of the event alone: every part must be true. A plain
+    /// condition is one part; one that reads earlier steps is split at
+    /// its top-level `&&`s, and these are the parts that do not.
+    own: Arc<Vec<Part>>,
+    /// The parts that read earlier steps' events (a rule step's
+    /// condition), answered when a partial match could take the event.
+    across: Arc<Vec<Part>>,
+    /// The earlier steps it reads.
+    steps: Vec<String>,
+    /// CEL's standard functions, built once: building
+    /// them is most of the cost of a fresh context, and each event gets
+    /// one.
     env: Arc<cel::Env>,
-    /// The expression evaluated on the JSON directly, when it has the
-    /// common shape ([`native`]).
-    native: Option<Arc<Native>>,
+}
+
+/// A conjunct of a condition.
+struct Part {
+    expr: cel::IdedExpr,
+    /// The envelope fields it reads: only these are handed to CEL.
+    reads: Vec<&'static str>,
+    /// It evaluated on the JSON directly, when it has the common shape
+    /// ([`native`]).
+    native: Option<Native>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -47,6 +61,18 @@ impl Condition {
     /// what does not parse, and names that are not envelope fields (a typo
     /// such as `propertes.amount` would otherwise never match).
     pub fn compile(field: &str, source: &str) -> Result<Condition, DefinitionError> {
+        Condition::compile_after(field, source, &[])
+    }
+
+    /// Compiles a rule step's condition, which may also read the events
+    /// earlier steps (`steps`) took: `small.amount` is the list of the
+    /// `amount` property of each, as in `properties.amount > 10.0 *
+    /// avg(small.amount)`.
+    pub fn compile_after(
+        field: &str,
+        source: &str,
+        steps: &[&str],
+    ) -> Result<Condition, DefinitionError> {
         let program = cel::Program::compile(source).map_err(|e| {
             DefinitionError::new(field, format!("not a CEL expression: {}", first_line(&e)))
         })?;
@@ -54,14 +80,19 @@ impl Condition {
         let mut unknown: Vec<&str> = references
             .variables()
             .into_iter()
-            .filter(|v| !ENVELOPE_FIELDS.contains(v))
+            .filter(|v| !ENVELOPE_FIELDS.contains(v) && !steps.contains(v))
             .collect();
         if !unknown.is_empty() {
             unknown.sort();
+            let earlier = if steps.is_empty() {
+                String::new()
+            } else {
+                format!(", or an earlier step ({})", steps.join(", "))
+            };
             return Err(DefinitionError::new(
                 field,
                 format!(
-                    "unknown name {}: a condition reads the envelope's fields ({})",
+                    "unknown name {}: a condition reads the envelope's fields ({}){earlier}",
                     unknown
                         .iter()
                         .map(|u| format!("`{u}`"))
@@ -71,17 +102,27 @@ impl Condition {
                 ),
             ));
         }
-        let reads = ENVELOPE_FIELDS
+        let read: Vec<String> = steps
             .iter()
-            .copied()
-            .filter(|f| references.has_variable(f))
+            .filter(|s| references.has_variable(s))
+            .map(|s| (*s).to_owned())
             .collect();
+        let (own, across) = if read.is_empty() {
+            (vec![Part::new(program.expression().clone())], Vec::new())
+        } else {
+            let mut conjuncts = Vec::new();
+            conjuncts_of(program.expression(), &mut conjuncts);
+            conjuncts
+                .into_iter()
+                .map(Part::new)
+                .partition(|part| !read.iter().any(|s| part.expr.references().has_variable(s)))
+        };
         Ok(Condition {
             source: source.to_owned(),
-            native: Native::compile(program.expression()).map(Arc::new),
-            program: Arc::new(program),
-            reads,
-            env: Arc::new(cel::Env::stdlib()),
+            own: Arc::new(own),
+            across: Arc::new(across),
+            steps: read,
+            env: Arc::new(env()),
         })
     }
 
@@ -89,18 +130,63 @@ impl Condition {
         &self.source
     }
 
-    /// Whether the event (its envelope as JSON) matches.
+    /// Whether the event (its envelope as JSON) matches; for a condition
+    /// that reads earlier steps, the parts that read the event alone.
     pub fn matches(&self, envelope: &Value) -> bool {
+        self.own
+            .iter()
+            .all(|part| part.matches(&self.env, envelope, &[]))
+    }
+
+    /// The earlier steps it reads.
+    pub fn steps(&self) -> &[String] {
+        &self.steps
+    }
+
+    /// The envelope fields the parts that read earlier steps read of the
+    /// event itself: what the event keeps until a match could take it.
+    pub fn reads_later(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.across
+            .iter()
+            .flat_map(|part| part.reads.iter().copied())
+    }
+
+    /// Whether the parts that read earlier steps hold for an event (its
+    /// kept fields, `kept`) after the earlier steps' events (`steps`:
+    /// each step's name and the lists it binds).
+    pub fn allows(&self, kept: &Value, steps: &[(&str, Value)]) -> bool {
+        self.across
+            .iter()
+            .all(|part| part.matches(&self.env, kept, steps))
+    }
+}
+
+impl Part {
+    fn new(expr: cel::IdedExpr) -> Part {
+        let references = expr.references();
+        let reads = ENVELOPE_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| references.has_variable(f))
+            .collect();
+        Part {
+            native: Native::compile(&expr),
+            reads,
+            expr,
+        }
+    }
+
+    fn matches(&self, env: &Arc<cel::Env>, envelope: &Value, steps: &[(&str, Value)]) -> bool {
         match self.native.as_ref().map(|n| n.eval(envelope)) {
             Some(Ok(matches)) => matches,
             Some(Err(Fault::Error)) => false,
-            Some(Err(Fault::Ask)) | None => self.interpret(envelope),
+            Some(Err(Fault::Ask)) | None => self.interpret(env, envelope, steps),
         }
     }
 
     /// Whether the event matches, by CEL's interpreter.
-    fn interpret(&self, envelope: &Value) -> bool {
-        let mut context = cel::Context::with_env(self.env.clone());
+    fn interpret(&self, env: &Arc<cel::Env>, envelope: &Value, steps: &[(&str, Value)]) -> bool {
+        let mut context = cel::Context::with_env(env.clone());
         for name in &self.reads {
             if let Some(value) = envelope.get(*name)
                 && context.add_variable(*name, value).is_err()
@@ -108,8 +194,94 @@ impl Condition {
                 return false;
             }
         }
-        matches!(self.program.execute(&context), Ok(cel::Value::Bool(true)))
+        if !steps.is_empty() {
+            add_aggregates(&mut context);
+        }
+        for (name, value) in steps {
+            if context.add_variable(*name, value).is_err() {
+                return false;
+            }
+        }
+        matches!(
+            cel::Value::resolve(&self.expr, &context),
+            Ok(cel::Value::Bool(true))
+        )
     }
+}
+
+/// The top-level conjuncts of `expr` (`a && (b && c)`: a, b, c): the
+/// whole is true exactly when each is.
+fn conjuncts_of(expr: &cel::IdedExpr, into: &mut Vec<cel::IdedExpr>) {
+    match &expr.expr {
+        cel::common::ast::Expr::Call(call)
+            if call.target.is_none()
+                && call.args.len() == 2
+                && call.func_name == cel::common::ast::operators::LOGICAL_AND =>
+        {
+            conjuncts_of(&call.args[0], into);
+            conjuncts_of(&call.args[1], into);
+        }
+        _ => into.push(expr.clone()),
+    }
+}
+
+/// CEL's standard library.
+fn env() -> cel::Env {
+    cel::Env::stdlib()
+}
+
+/// `avg`, `sum`, `min` and `max` of a list of numbers, for earlier
+/// steps' values (`size` is standard): each a double, so `10.0 *
+/// avg(small.amount)` needs no conversion; an empty list (but for `sum`)
+/// or one with something else is an error (the condition does not
+/// hold).
+fn add_aggregates(context: &mut cel::Context) {
+    fn numbers(args: &[cel::Value]) -> Result<Vec<f64>, cel::ExecutionError> {
+        let [cel::Value::List(items)] = args else {
+            return Err(cel::ExecutionError::function_error(
+                "aggregate",
+                "takes one list",
+            ));
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                cel::Value::Int(i) => Ok(*i as f64),
+                cel::Value::UInt(u) => Ok(*u as f64),
+                cel::Value::Float(f) => Ok(*f),
+                other => Err(cel::ExecutionError::function_error(
+                    "aggregate",
+                    format!("{other:?} is not a number"),
+                )),
+            })
+            .collect()
+    }
+    let sum = |Arguments(args): Arguments| -> Result<cel::Value, cel::ExecutionError> {
+        Ok(cel::Value::Float(numbers(&args)?.iter().sum()))
+    };
+    let avg = |Arguments(args): Arguments| -> Result<cel::Value, cel::ExecutionError> {
+        let values = numbers(&args)?;
+        if values.is_empty() {
+            return Err(cel::ExecutionError::function_error("avg", "of no values"));
+        }
+        Ok(cel::Value::Float(
+            values.iter().sum::<f64>() / values.len() as f64,
+        ))
+    };
+    let extreme = |pick: fn(f64, f64) -> f64| {
+        move |Arguments(args): Arguments| -> Result<cel::Value, cel::ExecutionError> {
+            numbers(&args)?
+                .into_iter()
+                .reduce(pick)
+                .map(cel::Value::Float)
+                .ok_or_else(|| cel::ExecutionError::function_error("aggregate", "of no values"))
+        }
+    };
+    // None of these names is in CEL's standard library, so none clashes.
+    let _ = context.add_function("sum", sum);
+    let _ = context.add_function("avg", avg);
+    let _ = context.add_function("min", extreme(f64::min));
+    let _ = context.add_function("max", extreme(f64::max));
 }
 
 fn first_line(error: &impl std::fmt::Display) -> String {
@@ -167,7 +339,11 @@ mod tests {
 
     #[test]
     fn the_common_shapes_are_evaluated_natively() {
-        let native = |s| Condition::compile("where", s).unwrap().native.is_some();
+        let native = |s| {
+            Condition::compile("where", s).unwrap().own[0]
+                .native
+                .is_some()
+        };
         assert!(native(r#"event == "payment" && properties.amount > 100"#));
         assert!(native(
             r#"!has(properties.discount) || properties.currency in ["EUR", "USD"]"#
@@ -304,11 +480,12 @@ mod tests {
             #[test]
             fn as_the_interpreter_does(source in expression(), events in proptest::collection::vec(event(), 8)) {
                 let condition = Condition::compile("where", &source).unwrap();
-                prop_assert!(condition.native.is_some(), "{source} is not native");
+                let part = &condition.own[0];
+                prop_assert!(part.native.is_some(), "{source} is not native");
                 for event in &events {
                     prop_assert_eq!(
                         condition.matches(event),
-                        condition.interpret(event),
+                        part.interpret(&condition.env, event, &[]),
                         "{} on {}", source, event
                     );
                 }

@@ -223,6 +223,70 @@ async fn the_fraud_rule_alerts_once_across_a_restart_mid_pattern_and_a_second_pa
     }
 }
 
+/// Seed 004's rule as the issue words it: the large payment is large
+/// against the small ones (more than ten times their average), so each
+/// user's own habits set the bar. The small payments' amounts are kept
+/// with the partial match across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_compares_with_the_values_of_earlier_steps_across_a_restart() {
+    let (_dir, log_dir, log, store) = scratch().await;
+    let base = crate::store::now_ms() + 10 * MINUTE;
+    let relative = || {
+        let definition: RuleDefinition = serde_json::from_value(json!({
+            "steps": [{"name": "small", "where": "event == \"payment\" && properties.amount < 100", "times": {"min": 3}},
+                      {"name": "large", "where": "event == \"payment\" && properties.amount > 10.0 * avg(small.amount)"}],
+            "within": "5m"
+        }))
+        .unwrap();
+        definition.compile("card_testing").unwrap()
+    };
+    pay(
+        &log,
+        base,
+        &[
+            ("u1", 0, 20, "a1"),
+            ("u1", 1, 30, "a2"),
+            ("u1", 2, 40, "a3"),
+            ("u2", 0, 20, "b1"),
+            ("u2", 1, 30, "b2"),
+            ("u2", 2, 40, "b3"),
+            ("u3", 0, 90, "c1"),
+            ("u3", 1, 90, "c2"),
+            ("u3", 2, 90, "c3"),
+        ],
+    )
+    .await;
+    let first = Arc::new(RuleProcessor::new(store.clone(), relative(), 1));
+    run_to_end(runner(&log_dir, &log, &first)).await;
+    tick(&first, 0..3, base + 10_000).await;
+    drop(first);
+
+    // u1: 500 is more than ten times 30. u2: 250 is not, 400 is. u3: 800
+    // is not ten times 90, and is no small payment either.
+    pay(
+        &log,
+        base,
+        &[
+            ("u1", 20, 500, "a4"),
+            ("u2", 20, 250, "b4"),
+            ("u2", 30, 400, "b5"),
+            ("u3", 20, 800, "c4"),
+        ],
+    )
+    .await;
+    let second = Arc::new(RuleProcessor::new(store.clone(), relative(), 1));
+    run_to_end(runner(&log_dir, &log, &second)).await;
+    tick(&second, 0..3, base + 20 * MINUTE).await;
+    let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        alerts(&store).await,
+        vec![
+            ("u1".to_owned(), ids(&["a1", "a2", "a3", "a4"])),
+            ("u2".to_owned(), ids(&["b1", "b2", "b3", "b5"])),
+        ]
+    );
+}
+
 /// A GDPR deletion of a user, in order with its events: the payments
 /// before it are forgotten (two small ones before and one after make no
 /// match), and the rule's earlier alerts of the user go.
