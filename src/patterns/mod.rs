@@ -370,7 +370,18 @@ impl Engine {
                 self.schedule(&key);
             }
         }
+        // A burst of keys that went quiet leaves its tables' room behind:
+        // give most of it back once they are pruned.
+        if self.keys.len() < self.keys.capacity() / 4 {
+            self.keys.shrink_to_fit();
+            self.due.shrink_to_fit();
+        }
         matches
+    }
+
+    /// Room the engine's tables hold for keys.
+    pub fn capacity(&self) -> usize {
+        self.keys.capacity().max(self.due.capacity())
     }
 
     /// Sets `key`'s timer: the limit at which its earliest waiting event

@@ -18,6 +18,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -32,6 +34,38 @@ const BATCH: u32 = 500;
 const IDLE: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_millis(500);
 
+/// What the relay publishes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Changes,
+    Windows,
+    Late,
+    Traits,
+    Alerts,
+}
+
+/// The relay's loops, each publishing its kinds in turn: profile changes
+/// (one a processed event, so their loop is rarely idle) apart from the
+/// rest, so a closed window or an alert does not wait behind a burst of
+/// them. Two loops, not one a kind: on SQLite every loop's "published"
+/// mark is a write that waits for the others.
+const LOOPS: [&[Kind]; 2] = [
+    &[Kind::Changes],
+    &[Kind::Windows, Kind::Alerts, Kind::Late, Kind::Traits],
+];
+
+impl Kind {
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Changes => "profile changes",
+            Kind::Windows => "metric windows",
+            Kind::Late => "late events",
+            Kind::Traits => "computed traits",
+            Kind::Alerts => "alerts",
+        }
+    }
+}
+
 /// Publishes profile changes from the store to the log.
 #[derive(Clone)]
 pub struct ChangeRelay {
@@ -45,37 +79,55 @@ impl ChangeRelay {
         ChangeRelay { store, log, topics }
     }
 
-    /// Publishes until `stop` resolves.
+    /// Publishes until `stop` resolves, in the [`LOOPS`]. A loop stops
+    /// between two rounds, never with a write in flight.
     pub async fn run(self, stop: impl Future<Output = ()> + Send) {
-        tokio::pin!(stop);
-        loop {
-            let pause = match self.publish_some().await {
-                Ok(0) => IDLE,
-                Ok(_) => Duration::ZERO,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot relay profile changes, metric windows, late events, computed traits or alerts to the log: {e}; trying again in {RETRY:?}"
-                    );
-                    RETRY
+        let (stopping, stopped) = watch::channel(false);
+        let loops =
+            futures_util::future::join_all(LOOPS.map(|kinds| self.run_loop(kinds, stopped.clone())));
+        tokio::pin!(loops);
+        tokio::select! {
+            () = stop => {
+                let _ = stopping.send(true);
+                loops.await;
+            }
+            _ = &mut loops => {}
+        }
+    }
+
+    async fn run_loop(&self, kinds: &[Kind], mut stopped: watch::Receiver<bool>) {
+        while !*stopped.borrow() {
+            let mut pause = IDLE;
+            for kind in kinds {
+                match self.publish(*kind).await {
+                    Ok(0) => {}
+                    Ok(_) => pause = pause.min(Duration::ZERO),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot relay {} to the log: {e}; trying again in {RETRY:?}",
+                            kind.noun()
+                        );
+                        pause = RETRY;
+                        break;
+                    }
                 }
-            };
+            }
             tokio::select! {
                 biased;
-                () = &mut stop => break,
+                _ = stopped.changed() => break,
                 () = tokio::time::sleep(pause) => {}
             }
         }
     }
 
-    /// Publishes the oldest unpublished changes, windows, late events and
-    /// computed trait values; returns how many.
-    pub async fn publish_some(&self) -> Result<usize, String> {
-        let changes = self.publish_changes().await?;
-        let windows = self.publish_windows().await?;
-        let late = self.publish_late().await?;
-        let traits = self.publish_traits().await?;
-        let alerts = self.publish_alerts().await?;
-        Ok(changes + windows + late + traits + alerts)
+    async fn publish(&self, kind: Kind) -> Result<usize, String> {
+        match kind {
+            Kind::Changes => self.publish_changes().await,
+            Kind::Windows => self.publish_windows().await,
+            Kind::Late => self.publish_late().await,
+            Kind::Traits => self.publish_traits().await,
+            Kind::Alerts => self.publish_alerts().await,
+        }
     }
 
     /// Computed traits go to `user_events`, keyed by the user like their
