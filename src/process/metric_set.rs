@@ -129,7 +129,7 @@ impl<M: Member> Set<M> {
     }
 
     /// The definition whose failure stopped the set, if one did.
-    pub fn failed_metric(&self) -> Option<String> {
+    pub fn failed_definition(&self) -> Option<String> {
         self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())

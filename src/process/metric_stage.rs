@@ -1,174 +1,93 @@
-//! The `metrics` stage: runs every defined metric's current version, on
-//! every instance (the definitions are in the shared store), without a
-//! restart when one is added, changed or deleted.
-//!
-//! The versions that are live share one runner, the live [`MetricSet`]:
-//! the log is read and parsed once for all of them. A new or changed
-//! version first reads the log's history in a set of its own (a backfill,
-//! shared by the versions that appeared together), so the live metrics do
-//! not wait for it; once the backfill has caught up it joins the live set,
-//! which restarts with it between two batches and reads on from its
-//! members' lowest offset (each member skips what it has counted). A
-//! deleted or superseded version leaves its set the same way.
-//!
-//! [`MetricSet`]: super::metric_set::MetricSet
+//! The `metrics` stage: every defined metric's current version, run by
+//! the [definition stage](super::definition_stage) (a new or changed
+//! version reads the log's history in a backfill of its own, then joins
+//! the live metrics). A version that leaves takes its computed trait out
+//! of the profiles once no runner here has it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use utoipa::ToSchema;
+use async_trait::async_trait;
 
-use super::metric_set::{MetricSet, member, runner};
+use super::definition_stage::{Runners, Staged};
+use super::metric_set::member;
 use super::metrics::{MetricProcessor, StateBudget, processor_name};
-use super::stats::SharedStats;
 use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
-use crate::log::{EventLog, Topics};
+use crate::log::EventLog;
 use crate::store::{DefinitionKind, Store};
-use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
+use crate::supervisor::Supervisor;
 
-/// The metric runners of this process, for `/readyz`: each definition's
-/// running version, its runner's progress, and why it failed.
-#[derive(Debug, Clone, Default)]
-pub struct MetricRunners(Arc<std::sync::Mutex<BTreeMap<String, RunnerEntry>>>);
+pub use super::definition_stage::DefinitionState;
 
-#[derive(Debug)]
-struct RunnerEntry {
-    version: i64,
-    member: Arc<MetricProcessor>,
-    /// The stats of the runner of the member's set.
-    stats: SharedStats,
-    /// Whether that set is the live one.
-    live: bool,
-    /// How far behind the log's end a live set still counts as live.
-    front: i64,
-    failed: Option<String>,
-}
-
-/// How one metric definition is being computed here.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct DefinitionState {
-    pub version: i64,
-    /// `backfilling` (reading the log's history), `live` (at the log's
-    /// end) or `failed` (the stage is restarting it; `error` says why).
-    pub state: &'static str,
-    /// Events of the log not yet read, when known.
-    pub lag: Option<i64>,
-    /// Events counted since the stage started.
-    pub applied: u64,
-    /// Why it failed, or why its last read or commit did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl MetricRunners {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RunnerEntry>) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Every definition this process computes, by name.
-    pub fn states(&self) -> BTreeMap<String, DefinitionState> {
-        self.with(|runners| {
-            runners
-                .iter()
-                .map(|(name, entry)| (name.clone(), entry.state()))
-                .collect()
-        })
-    }
-
-    /// How `name` is computed here, if it is.
-    pub fn state(&self, name: &str) -> Option<DefinitionState> {
-        self.with(|runners| runners.get(name).map(RunnerEntry::state))
-    }
-
-    /// Marks `name` failed with `cause`.
-    fn fail(&self, name: &str, cause: &str) {
-        self.with(|runners| {
-            if let Some(entry) = runners.get_mut(name) {
-                entry.failed = Some(cause.to_owned());
-            }
-        });
-    }
-}
-
-impl RunnerEntry {
-    fn state(&self) -> DefinitionState {
-        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        DefinitionState::of(
-            self.version,
-            self.member.counted(),
-            self.failed.as_deref(),
-            self.live && stats.near_front(self.front),
-            &stats,
-        )
-    }
-}
-
-impl DefinitionState {
-    /// The state of a version counting `applied` events on a runner with
-    /// `stats`: `failed` with a cause, else `live` when `live`, else
-    /// `backfilling`.
-    pub fn of(
-        version: i64,
-        applied: u64,
-        failed: Option<&str>,
-        live: bool,
-        stats: &super::RunnerStats,
-    ) -> DefinitionState {
-        let state = match (failed, live) {
-            (Some(_), _) => "failed",
-            (None, true) => "live",
-            (None, false) => "backfilling",
-        };
-        DefinitionState {
-            version,
-            state,
-            lag: stats.lag(),
-            applied,
-            error: failed
-                .map(str::to_owned)
-                .or_else(|| stats.last_error.clone()),
-        }
-    }
-}
-
-/// How often the stage looks for changed definitions and finished
-/// backfills.
-const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
+/// The metric runners of this process, for `/readyz` and `GET
+/// /v1/metrics/{name}`.
+pub type MetricRunners = Runners<MetricProcessor>;
 
 /// Runs every defined metric's current version as one supervised stage,
-/// `metrics`. A runner that fails ends the stage with its cause, and the
-/// supervisor starts it again.
+/// `metrics`.
 pub fn spawn(
     supervisor: &mut Supervisor,
     config: &Config,
     store: &Store,
     log: &Arc<dyn EventLog>,
 ) -> Result<MetricRunners, String> {
-    let (config, store, log) = (config.clone(), store.clone(), log.clone());
-    let runners = MetricRunners::default();
-    let shown = runners.clone();
     let budget = StateBudget::new(config.metric_state_budget);
-    supervisor.spawn("metrics", move |stop| {
-        let stage = Stage {
-            config: config.clone(),
-            store: store.clone(),
-            log: log.clone(),
-            shown: shown.clone(),
-            budget: budget.clone(),
-            members: HashMap::new(),
-            sets: BTreeMap::new(),
-            next_set: 0,
-            tasks: JoinSet::new(),
-            retiring: Vec::new(),
-        };
-        Ok(Box::pin(stage.run(stop)))
-    })?;
-    Ok(runners)
+    super::definition_stage::spawn(supervisor, config, store, log, budget)
+}
+
+#[async_trait]
+impl Staged for MetricProcessor {
+    type Definition = MetricDefinition;
+    type Context = StateBudget;
+    const KIND: DefinitionKind = DefinitionKind::Metric;
+
+    fn create(
+        budget: &StateBudget,
+        config: &Config,
+        store: Store,
+        spec: MetricSpec,
+        version: i64,
+    ) -> Arc<MetricProcessor> {
+        member(config, store, spec, version, budget)
+    }
+
+    fn name(&self) -> &str {
+        MetricProcessor::name(self)
+    }
+
+    fn counted(&self) -> u64 {
+        MetricProcessor::counted(self)
+    }
+
+    fn retires(&self) -> bool {
+        self.computed_trait().is_some()
+    }
+
+    /// Takes its computed trait out of the profiles (unless a current
+    /// version keeps a trait of that name).
+    async fn retire(&self, store: &Store, current: &[Arc<MetricProcessor>]) -> bool {
+        let kept = kept_traits(current.iter().map(|m| m.computed_trait()));
+        match store.remove_computed_traits(self.name(), &kept).await {
+            Ok(removed) => {
+                tracing::info!(
+                    "metric {} version {} no longer runs: its computed trait {:?} leaves {removed} profiles",
+                    self.metric(),
+                    self.version(),
+                    self.computed_trait().unwrap_or_default()
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot take the computed trait of metric {} version {} out of the profiles: {e}; trying again",
+                    self.metric(),
+                    self.version()
+                );
+                false
+            }
+        }
+    }
 }
 
 /// The computed trait names of `traits`, the current metrics'.
@@ -206,409 +125,4 @@ pub async fn purge_superseded(store: &Store) -> Result<usize, crate::store::Stor
     }
     store.purge_published_removals().await?;
     Ok(purged)
-}
-
-/// The current versions of the stored metric definitions that compile.
-async fn current_metrics(store: &Store) -> Result<HashMap<String, (i64, MetricSpec)>, String> {
-    let definitions = store
-        .definitions(DefinitionKind::Metric)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut current = HashMap::new();
-    for stored in definitions {
-        match MetricDefinition::from_json(stored.body.as_bytes())
-            .and_then(|d| d.compile(&stored.name))
-        {
-            Ok(spec) => {
-                current.insert(stored.name, (stored.version, spec));
-            }
-            // Checked when it was put; one that no longer compiles is not
-            // run, and said.
-            Err(e) => tracing::error!(
-                "metric {} version {} cannot run: {e}",
-                stored.name,
-                stored.version
-            ),
-        }
-    }
-    Ok(current)
-}
-
-/// The live set's id; backfills get ids above it.
-const LIVE: u64 = 0;
-
-/// One set of members and its runner.
-#[derive(Default)]
-struct SetSlot {
-    /// The members it should run.
-    wanted: Vec<Arc<MetricProcessor>>,
-    /// The runner going now, its members and how to stop it.
-    running: Option<RunningSet>,
-}
-
-struct RunningSet {
-    members: Vec<Arc<MetricProcessor>>,
-    stats: SharedStats,
-    stop: watch::Sender<bool>,
-    stopping: bool,
-}
-
-type Ended = (u64, Arc<MetricSet>, Result<(), String>);
-
-struct Stage {
-    config: Config,
-    store: Store,
-    log: Arc<dyn EventLog>,
-    shown: MetricRunners,
-    budget: StateBudget,
-    /// Each current definition's member, by name.
-    members: HashMap<String, Arc<MetricProcessor>>,
-    sets: BTreeMap<u64, SetSlot>,
-    next_set: u64,
-    tasks: JoinSet<Ended>,
-    /// Versions that left with a computed trait: once no runner here has
-    /// them, their trait leaves the profiles (unless a current version
-    /// keeps a trait of that name).
-    retiring: Vec<Arc<MetricProcessor>>,
-}
-
-impl Stage {
-    async fn run(mut self, stop: StopSignal) -> StageResult {
-        let mut seen = None;
-        let mut poll = tokio::time::interval(DEFINITIONS_POLL);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                () = &mut stop => {
-                    for slot in self.sets.values_mut() {
-                        if let Some(running) = &slot.running {
-                            let _ = running.stop.send(true);
-                        }
-                    }
-                    while self.tasks.join_next().await.is_some() {}
-                    return Ok(());
-                }
-                Some(ended) = self.tasks.join_next() => {
-                    let (id, set, result) = ended.map_err(|e| {
-                        format!("a metric runner panicked: {}", super::panic_message(e.into_panic().as_ref()))
-                    })?;
-                    self.ended(id, &set, result)?;
-                }
-                _ = poll.tick() => {
-                    match self.store.definitions_changes(DefinitionKind::Metric).await {
-                        Ok(changes) if seen == Some(changes) => {}
-                        Ok(changes) => match current_metrics(&self.store).await {
-                            Ok(current) => {
-                                self.follow(current, seen.is_none()).await;
-                                seen = Some(changes);
-                            }
-                            Err(e) => tracing::warn!("cannot read the metric definitions: {e}; trying again"),
-                        },
-                        Err(e) => tracing::warn!("cannot read the metric definitions: {e}; trying again"),
-                    }
-                    self.join_caught_up();
-                }
-            }
-            self.reconcile()?;
-            self.retire().await;
-        }
-    }
-
-    /// Takes the computed traits of versions that left out of the
-    /// profiles, once no runner here has them; a failure is tried again
-    /// at the next turn.
-    async fn retire(&mut self) {
-        let mut still = Vec::new();
-        for member in std::mem::take(&mut self.retiring) {
-            let running = self.sets.values().any(|slot| {
-                slot.running
-                    .as_ref()
-                    .is_some_and(|r| r.members.iter().any(|m| Arc::ptr_eq(m, &member)))
-            });
-            if running {
-                still.push(member);
-                continue;
-            }
-            let kept = kept_traits(self.members.values().map(|m| m.computed_trait()));
-            match self
-                .store
-                .remove_computed_traits(member.name(), &kept)
-                .await
-            {
-                Ok(removed) => tracing::info!(
-                    "metric {} version {} no longer runs: its computed trait {:?} leaves {removed} profiles",
-                    member.metric(),
-                    member.version(),
-                    member.computed_trait().unwrap_or_default()
-                ),
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot take the computed trait of metric {} version {} out of the profiles: {e}; trying again",
-                        member.metric(),
-                        member.version()
-                    );
-                    still.push(member);
-                }
-            }
-        }
-        self.retiring = still;
-    }
-
-    /// A set's runner ended: a failure ends the stage; a stop asked for
-    /// leaves the slot to be started again with its wanted members.
-    fn ended(
-        &mut self,
-        id: u64,
-        set: &MetricSet,
-        result: Result<(), String>,
-    ) -> Result<(), String> {
-        let asked = self
-            .sets
-            .get_mut(&id)
-            .and_then(|slot| slot.running.take())
-            .is_some_and(|r| r.stopping);
-        match result {
-            Err(cause) => {
-                let failed = set.failed_metric();
-                let cause = match &failed {
-                    Some(name) => {
-                        let version = set
-                            .members()
-                            .iter()
-                            .find(|m| m.metric() == name)
-                            .map_or(0, |m| m.version());
-                        format!("the runner of metric {name} version {version} failed: {cause}")
-                    }
-                    None => format!("the runner of {} failed: {cause}", set.describe()),
-                };
-                for member in set.members() {
-                    if failed.as_deref().is_none_or(|f| f == member.metric()) {
-                        self.shown.fail(member.metric(), &cause);
-                    }
-                }
-                Err(cause)
-            }
-            Ok(()) if !asked => Err(format!(
-                "the runner of {} returned although it was not asked to stop",
-                set.describe()
-            )),
-            Ok(()) => Ok(()),
-        }
-    }
-
-    /// Follows the stored definitions: a version no longer current leaves
-    /// its set; a new one gets a backfill set (one for all that appeared
-    /// in this poll). At the stage's start, the versions that have been
-    /// computed to near the front go straight into the live set.
-    async fn follow(&mut self, current: HashMap<String, (i64, MetricSpec)>, starting: bool) {
-        let gone: Vec<String> = self
-            .members
-            .iter()
-            .filter(|(name, m)| current.get(*name).is_none_or(|(v, _)| *v != m.version()))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            let member = self.members.remove(&name).expect("listed");
-            tracing::info!("metric {name} version {} stops", member.version());
-            for slot in self.sets.values_mut() {
-                slot.wanted.retain(|m| !Arc::ptr_eq(m, &member));
-            }
-            self.shown.with(|runners| runners.remove(&name));
-            if member.computed_trait().is_some() {
-                self.retiring.push(member);
-            }
-        }
-        let mut new = Vec::new();
-        for (name, (version, spec)) in current {
-            if self.members.contains_key(&name) {
-                continue;
-            }
-            let member = member(
-                &self.config,
-                self.store.clone(),
-                spec,
-                version,
-                &self.budget,
-            );
-            self.members.insert(name, member.clone());
-            new.push(member);
-        }
-        if new.is_empty() {
-            return;
-        }
-        let (live, backfill) = if starting {
-            self.split_by_progress(new).await
-        } else {
-            (Vec::new(), new)
-        };
-        for member in &backfill {
-            tracing::info!(
-                "metric {} version {} runs, reading the log's history first where it has not been computed yet",
-                member.metric(),
-                member.version()
-            );
-        }
-        self.sets.entry(LIVE).or_default().wanted.extend(live);
-        if !backfill.is_empty() {
-            self.next_set += 1;
-            let slot = SetSlot {
-                wanted: backfill,
-                running: None,
-            };
-            self.sets.insert(self.next_set, slot);
-        }
-    }
-
-    /// Splits the versions found at the stage's start: those whose stored
-    /// offsets are within a batch a partition of the furthest one's are
-    /// live; the rest read their history first.
-    async fn split_by_progress(
-        &self,
-        members: Vec<Arc<MetricProcessor>>,
-    ) -> (Vec<Arc<MetricProcessor>>, Vec<Arc<MetricProcessor>>) {
-        let topic = Topics::new(&self.config.topic_prefix).events();
-        let mut progress = Vec::new();
-        for member in members {
-            // Unknown progress reads the history on its own, which is
-            // never wrong, only slower.
-            let read: Option<i64> = member
-                .refresh(&topic)
-                .await
-                .ok()
-                .filter(|stored| !stored.is_empty())
-                .map(|stored| stored.values().sum());
-            progress.push((member, read));
-        }
-        let front = progress.iter().filter_map(|(_, r)| *r).max().unwrap_or(0);
-        let slack = i64::try_from(self.config.process_batch).unwrap_or(i64::MAX)
-            * i64::from(self.config.partitions);
-        let (mut live, mut behind) = (Vec::new(), Vec::new());
-        for (member, read) in progress {
-            if read.is_some_and(|r| r >= front - slack) {
-                live.push(member);
-            } else {
-                behind.push(member);
-            }
-        }
-        (live, behind)
-    }
-
-    /// How near the log's end a set is caught up: within a batch, which
-    /// the live set then reads in one go for a member that joins.
-    fn front(&self) -> i64 {
-        i64::try_from(self.config.process_batch).unwrap_or(i64::MAX)
-    }
-
-    /// Moves the members of each backfill that has caught up into the live
-    /// set.
-    fn join_caught_up(&mut self) {
-        let front = self.front();
-        let caught_up: Vec<u64> = self
-            .sets
-            .iter()
-            .filter(|(id, slot)| {
-                **id != LIVE
-                    && slot.running.as_ref().is_some_and(|r| {
-                        let stats = r.stats.lock().unwrap_or_else(|e| e.into_inner());
-                        !r.stopping && stats.near_front(front)
-                    })
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in caught_up {
-            let slot = self.sets.get_mut(&id).expect("listed");
-            let joining = std::mem::take(&mut slot.wanted);
-            for member in &joining {
-                tracing::info!(
-                    "metric {} version {} has read the log's history and joins the live metrics",
-                    member.metric(),
-                    member.version()
-                );
-            }
-            self.sets.entry(LIVE).or_default().wanted.extend(joining);
-        }
-    }
-
-    /// Starts and stops runners so each set runs its wanted members: a
-    /// runner whose members differ is stopped (between two batches), and
-    /// started again with them once it has ended.
-    fn reconcile(&mut self) -> Result<(), String> {
-        let mut start = Vec::new();
-        self.sets.retain(|id, slot| {
-            match &mut slot.running {
-                Some(running) => {
-                    let same = running.members.len() == slot.wanted.len()
-                        && running
-                            .members
-                            .iter()
-                            .zip(&slot.wanted)
-                            .all(|(a, b)| Arc::ptr_eq(a, b));
-                    if !same && !running.stopping {
-                        running.stopping = true;
-                        let _ = running.stop.send(true);
-                    }
-                }
-                None if !slot.wanted.is_empty() => start.push(*id),
-                None => return *id == LIVE,
-            }
-            true
-        });
-        for id in start {
-            // A member leaving another set joins once that set's runner
-            // has finished its last batch, so one member is never on two
-            // runners.
-            let busy = self.sets.iter().any(|(other, slot)| {
-                *other != id
-                    && slot.running.as_ref().is_some_and(|r| {
-                        r.members
-                            .iter()
-                            .any(|m| self.sets[&id].wanted.iter().any(|w| Arc::ptr_eq(m, w)))
-                    })
-            });
-            if !busy {
-                self.start(id)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn start(&mut self, id: u64) -> Result<(), String> {
-        let front = self.front();
-        let slot = self.sets.get_mut(&id).expect("listed");
-        let members = slot.wanted.clone();
-        let group = if id == LIVE {
-            "metrics".to_owned()
-        } else {
-            // Its own consumer group, named by its first member, so each
-            // instance's backfill of the same versions shares the work.
-            format!("metrics-backfill:{}", members[0].name())
-        };
-        let set = Arc::new(MetricSet::new(group, self.store.clone(), members.clone()));
-        let runner = runner(&self.config, self.log.clone(), set.clone(), false)
-            .map_err(|e| format!("cannot start the runner of {}: {e}", set.describe()))?;
-        let stats = runner.stats();
-        self.shown.with(|runners| {
-            for member in &members {
-                let entry = RunnerEntry {
-                    version: member.version(),
-                    member: member.clone(),
-                    stats: stats.clone(),
-                    live: id == LIVE,
-                    front,
-                    failed: None,
-                };
-                runners.insert(member.metric().to_owned(), entry);
-            }
-        });
-        let (stop, stopped) = watch::channel(false);
-        slot.running = Some(RunningSet {
-            members,
-            stats,
-            stop,
-            stopping: false,
-        });
-        self.tasks
-            .spawn(async move { (id, set, runner.run(stop_signal(stopped)).await) });
-        Ok(())
-    }
 }

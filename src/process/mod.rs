@@ -27,6 +27,7 @@
 
 pub mod clock;
 mod dead_letters;
+mod definition_stage;
 mod in_flight;
 mod metric_set;
 mod metric_stage;

@@ -15,6 +15,9 @@ use super::stats::Counting;
 use super::{Checkpoints, CommitError, OffsetAdvance, RETRY_DELAY};
 use crate::log::{LogReader, Polled, ReadError, StoredRecord};
 
+/// How often a runner refreshes its partitions' lag.
+const LAG_PROBE_EVERY: Duration = Duration::from_millis(250);
+
 /// The processor's view of one partition.
 #[derive(Debug, Clone, Copy)]
 struct Position {
@@ -308,11 +311,14 @@ impl Reading {
         seen
     }
 
-    /// Refreshes each partition's high watermark now and then.
+    /// Refreshes each partition's high watermark now and then: often
+    /// enough that a backfill that has caught up joins its live runner
+    /// within the stage's next look, and the lag gauges follow; the high
+    /// watermarks are the reader's own (no broker round trip).
     pub fn probe_lag(&mut self, caught_up: bool, counting: &Counting) {
         if self
             .last_lag_probe
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            .is_some_and(|t| t.elapsed() < LAG_PROBE_EVERY)
         {
             counting.caught_up(caught_up);
             return;

@@ -83,8 +83,9 @@ impl ChangeRelay {
     /// between two rounds, never with a write in flight.
     pub async fn run(self, stop: impl Future<Output = ()> + Send) {
         let (stopping, stopped) = watch::channel(false);
-        let loops =
-            futures_util::future::join_all(LOOPS.map(|kinds| self.run_loop(kinds, stopped.clone())));
+        let loops = futures_util::future::join_all(
+            LOOPS.map(|kinds| self.run_loop(kinds, stopped.clone())),
+        );
         tokio::pin!(loops);
         tokio::select! {
             () = stop => {

@@ -20,12 +20,15 @@ const TOPIC: &str = "events";
 const MINUTE: i64 = 60_000;
 
 fn fraud() -> RuleSpec {
-    let definition: RuleDefinition = serde_json::from_value(json!({
+    card_testing(json!({
         "steps": [{"name": "small", "where": "event == \"payment\" && properties.amount < 100", "times": {"min": 3}},
                   {"name": "large", "where": "event == \"payment\" && properties.amount > 1000"}],
         "within": "5m", "lateness": "1m"
     }))
-    .unwrap();
+}
+
+fn card_testing(definition: Value) -> RuleSpec {
+    let definition: RuleDefinition = serde_json::from_value(definition).unwrap();
     definition.compile("card_testing").unwrap()
 }
 
@@ -232,13 +235,11 @@ async fn a_step_compares_with_the_values_of_earlier_steps_across_a_restart() {
     let (_dir, log_dir, log, store) = scratch().await;
     let base = crate::store::now_ms() + 10 * MINUTE;
     let relative = || {
-        let definition: RuleDefinition = serde_json::from_value(json!({
+        card_testing(json!({
             "steps": [{"name": "small", "where": "event == \"payment\" && properties.amount < 100", "times": {"min": 3}},
                       {"name": "large", "where": "event == \"payment\" && properties.amount > 10.0 * avg(small.amount)"}],
             "within": "5m"
         }))
-        .unwrap();
-        definition.compile("card_testing").unwrap()
     };
     pay(
         &log,
