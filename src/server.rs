@@ -229,6 +229,16 @@ async fn purge(
                 "cannot delete the state of old metric versions: {e}; trying again in an hour"
             ),
         }
+        match crate::process::rules::purge_superseded(&store).await {
+            Ok(0) => {}
+            Ok(versions) => tracing::info!(
+                versions,
+                "deleted the partial matches of {versions} rule versions that no longer run"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot delete the state of old rule versions: {e}; trying again in an hour"
+            ),
+        }
     }
 }
 

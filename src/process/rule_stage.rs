@@ -4,6 +4,7 @@
 //! beginning (its partial matches start afresh) in a backfill of its own,
 //! so the live rules do not wait for it, then joins them.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::definition_stage::{Runners, Staged};
@@ -13,6 +14,26 @@ use crate::definitions::{RuleDefinition, RuleSpec};
 use crate::log::EventLog;
 use crate::store::{DefinitionKind, Store};
 use crate::supervisor::Supervisor;
+
+/// Deletes the partial matches and offsets of rule versions that no
+/// longer run (a changed or deleted rule); returns how many. Their
+/// alerts stay.
+pub async fn purge_superseded(store: &Store) -> Result<usize, crate::store::StoreError> {
+    let current: BTreeSet<String> = store
+        .definitions(DefinitionKind::Rule)
+        .await?
+        .iter()
+        .map(|d| super::rules::processor_name(&d.name, d.version))
+        .collect();
+    let mut purged = 0;
+    for processor in store.rule_processors().await? {
+        if !current.contains(&processor) {
+            store.forget_rule_processor(&processor).await?;
+            purged += 1;
+        }
+    }
+    Ok(purged)
+}
 
 /// The rule runners of this process, for `/readyz`.
 pub type RuleRunners = Runners<RuleProcessor>;

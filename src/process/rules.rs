@@ -33,7 +33,7 @@ use crate::patterns::{Engine, Input, KeyState, Match, Observed};
 use crate::store::{RuleBatch, Store, StoredAlert};
 
 pub use super::metric_set::Set;
-pub use super::rule_stage::{RuleRunners, spawn};
+pub use super::rule_stage::{RuleRunners, purge_superseded, spawn};
 
 /// The name a rule version's offsets and states are stored under.
 pub fn processor_name(rule: &str, version: i64) -> String {

@@ -422,9 +422,16 @@ impl Store {
     /// The metric processors (`metric:{name}:{version}`) with stored
     /// offsets.
     pub async fn metric_processors(&self) -> Result<Vec<String>, StoreError> {
+        self.processors_of("metric").await
+    }
+
+    /// The processors of a kind (`metric`, `rule`) with offsets stored.
+    pub(super) async fn processors_of(&self, kind: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
-            "SELECT DISTINCT processor FROM processor_offsets WHERE processor LIKE 'metric:%'",
+            "SELECT DISTINCT processor FROM processor_offsets WHERE processor LIKE $1 \
+             ORDER BY processor",
         )
+        .bind(format!("{kind}:%"))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -121,6 +121,26 @@ impl Store {
         rows.iter().map(alert).collect()
     }
 
+    /// The rule versions with offsets stored.
+    pub async fn rule_processors(&self) -> Result<Vec<String>, StoreError> {
+        self.processors_of("rule").await
+    }
+
+    /// Deletes what a rule version kept to match (its partial matches,
+    /// offsets and clocks); its alerts stay.
+    pub async fn forget_rule_processor(&self, processor: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for table in ["rule_state", "processor_offsets"] {
+            let sql = format!("DELETE FROM {table} WHERE processor = $1");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(processor)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Marks alerts as on `user_alerts`.
     pub async fn mark_alerts_published(&self, ids: &[&str]) -> Result<(), StoreError> {
         for chunk in ids.chunks(ROWS) {

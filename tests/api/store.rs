@@ -960,4 +960,57 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
             .unwrap()),
         vec!["card_testing:1:u4:m9", "card_testing:1:u3:m1"]
     );
+
+    // The rule changes (version 2 runs): version 1's partial matches and
+    // offsets go, its alerts stay.
+    let rule = |over: u32| {
+        format!(
+            r#"{{"steps": [{{"name": "big", "where": "properties.amount > {over}"}}], "within": "1m"}}"#
+        )
+    };
+    for over in [100, 200] {
+        store
+            .put_definition(
+                traitline::store::DefinitionKind::Rule,
+                "card_testing",
+                &rule(over),
+            )
+            .await
+            .unwrap();
+    }
+    let current = RuleBatch {
+        processor: "rule:card_testing:2",
+        ..batch(
+            None,
+            3,
+            vec![(2, "u9".to_owned(), Some("{}".to_owned()))],
+            vec![],
+        )
+    };
+    store.apply_rule_batch(&current).await.unwrap();
+    let purge = || traitline::process::rules::purge_superseded(&store);
+    assert_eq!(purge().await.unwrap(), 1);
+    assert_eq!(purge().await.unwrap(), 0, "nothing left to purge");
+    assert_eq!(
+        store.rule_processors().await.unwrap(),
+        vec!["rule:card_testing:2".to_owned()]
+    );
+    let (clock, states) = store
+        .rule_states(processor, "user_events", 2)
+        .await
+        .unwrap();
+    assert_eq!((clock, states), (None, vec![]));
+    let (_, states) = store
+        .rule_states("rule:card_testing:2", "user_events", 2)
+        .await
+        .unwrap();
+    assert_eq!(states.len(), 1, "the running version's state stays");
+    assert_eq!(
+        store
+            .alerts(&query(Some("card_testing"), None, None, None, 10))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
