@@ -1,7 +1,8 @@
 //! Snapshots of what the processors made: every profile, id, change and
-//! stored event, the deleted ids and the profile processor's offsets; and
-//! the metric definitions with each metric version's offsets, clocks,
-//! window state and closed windows. All read in one consistent
+//! stored event, the deleted ids and the profile processor's offsets; the
+//! definitions with each metric version's offsets, clocks, window state
+//! and closed windows; and each rule version's offsets, clocks, partial
+//! matches and alerts. All read in one consistent
 //! transaction. Restored, they put a store where the processors were when
 //! the snapshot was taken, so they read the log on from those offsets
 //! instead of from the beginning (which the log may no longer hold).
@@ -40,15 +41,21 @@ struct Table {
 
 use Kind::{Int, NullableInt, NullableText, Text};
 
-/// The rows of the metric versions' offsets and clocks.
+/// The rows of the metric and rule versions' offsets and clocks.
+const VERSION_OFFSETS: &str = "WHERE processor LIKE 'metric:%' OR processor LIKE 'rule:%'";
+
+/// Those a format-2 snapshot holds: the metric versions'.
 const METRIC_OFFSETS: &str = "WHERE processor LIKE 'metric:%'";
 
 /// The first tables, the profile processor's: all a format-1 snapshot
 /// holds.
 const PROFILE_TABLES: usize = 5;
 
+/// The first tables up to the metrics': all a format-2 snapshot holds.
+const METRIC_TABLES: usize = 15;
+
 /// What a snapshot holds, in the order it is restored.
-const TABLES: [Table; 15] = [
+const TABLES: [Table; 17] = [
     Table {
         name: "profiles",
         columns: &[
@@ -117,7 +124,7 @@ const TABLES: [Table; 15] = [
             ("updated_at", Int),
             ("clock", NullableInt),
         ],
-        rows: METRIC_OFFSETS,
+        rows: VERSION_OFFSETS,
     },
     Table {
         name: "metric_state",
@@ -220,14 +227,39 @@ const TABLES: [Table; 15] = [
         ],
         rows: "",
     },
+    Table {
+        name: "rule_state",
+        columns: &[
+            ("processor", Text),
+            ("partition", Int),
+            ("rule_key", Text),
+            ("state", Text),
+        ],
+        rows: "",
+    },
+    Table {
+        name: "alerts",
+        columns: &[
+            ("alert_id", Text),
+            ("rule", Text),
+            ("version", Int),
+            ("rule_key", Text),
+            ("body", Text),
+            ("at", Int),
+            ("created_at", Int),
+            ("published", Int),
+        ],
+        rows: "",
+    },
 ];
 
 /// The rows of a table restored with one statement.
 const ROWS_PER_INSERT: usize = 200;
 
-/// The snapshot format this build writes. Format 1 (profiles only) is
-/// read too: its metrics are computed from the log again.
-const FORMAT: u32 = 2;
+/// The snapshot format this build writes. Formats 1 (profiles only) and
+/// 2 (profiles and metrics) are read too: what they lack is computed from
+/// the log again.
+const FORMAT: u32 = 3;
 
 /// What a snapshot is of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -449,15 +481,21 @@ impl Store {
                 return Ok(None);
             }
         }
-        // A format-1 snapshot holds no metrics: theirs stay as they are
-        // here, to be computed on from where they are.
-        let held = if info.format > 1 {
-            &TABLES[..]
-        } else {
-            &TABLES[..PROFILE_TABLES]
+        // An older snapshot holds no metrics (format 1) or no rules
+        // (format 2): theirs stay as they are here, to be computed on from
+        // where they are.
+        let held = match info.format {
+            1 => &TABLES[..PROFILE_TABLES],
+            2 => &TABLES[..METRIC_TABLES],
+            _ => &TABLES[..],
         };
         for table in held.iter().filter(|t| t.name != "deleted_ids") {
-            let sql = format!("DELETE FROM {} {}", table.name, table.rows);
+            let rows = if table.rows == VERSION_OFFSETS && info.format == 2 {
+                METRIC_OFFSETS
+            } else {
+                table.rows
+            };
+            let sql = format!("DELETE FROM {} {rows}", table.name);
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
         sqlx::query("DELETE FROM processor_offsets WHERE processor = $1")

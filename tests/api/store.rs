@@ -3,7 +3,7 @@
 //! stored and forgotten when it is purged; a profile state kept in memory
 //! is used only while the store still holds it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::Utc;
 use serde_json::Value;
@@ -24,7 +24,7 @@ both_logs!(
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
-    a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be,
+    a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
     a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once
 );
 
@@ -677,11 +677,13 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
     );
 }
 
-/// A snapshot holds the metric definitions and each version's offsets,
-/// clock, open state, closed windows and computed traits: restored into a
-/// new store, the metric goes on from there. A format-1 snapshot (profiles
-/// only) restored leaves the metrics where they are.
-async fn a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be(backend: Backend) {
+/// A snapshot holds the definitions, each metric version's offsets,
+/// clock, open state, closed windows and computed traits, and each rule
+/// version's offsets, clock, partial matches and alerts: restored into a
+/// new store, they go on from there. An older snapshot restored leaves
+/// what it does not hold where it is: the rules (format 2), the metrics
+/// too (format 1).
+async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(backend: Backend) {
     use traitline::store::DefinitionKind;
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
@@ -725,12 +727,45 @@ async fn a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be(backend: B
         merged: vec![],
     };
     store.apply_metric_batch(&batch).await.unwrap();
+    let rule_body =
+        r#"{"steps": [{"name": "big", "where": "properties.amount > 100"}], "within": "1m"}"#;
+    store
+        .put_definition(DefinitionKind::Rule, "big_spender", rule_body)
+        .await
+        .unwrap();
+    let rule = "rule:big_spender:1";
+    let alert = StoredAlert {
+        id: "big_spender:1:u3:m1".to_owned(),
+        rule: "big_spender".to_owned(),
+        version: 1,
+        key: "u3".to_owned(),
+        at: 1_000,
+        body: "{}".to_owned(),
+    };
+    let partial = (3, "u4".to_owned(), Some(r#"{"runs":[]}"#.to_owned()));
+    store
+        .apply_rule_batch(&RuleBatch {
+            processor: rule,
+            rule: "big_spender",
+            topic: "user_events",
+            offsets: vec![OffsetAdvance {
+                partition: 3,
+                expected: None,
+                next: 7,
+            }],
+            clocks: vec![(3, 8_000_000)],
+            states: vec![partial.clone()],
+            deleted: vec![],
+            alerts: vec![alert.clone()],
+        })
+        .await
+        .unwrap();
     let mut snapshot = Vec::new();
     let info = store
         .write_snapshot("profiles", &mut snapshot)
         .await
         .unwrap();
-    assert_eq!(info.format, 2);
+    assert_eq!(info.format, 3);
 
     let other = TestDir::new();
     let restored = open(backend, &other).await;
@@ -768,9 +803,88 @@ async fn a_snapshot_carries_the_metrics_and_an_old_one_leaves_them_be(backend: B
         (traits[0].1.name.as_str(), traits[0].1.value.as_str()),
         ("orders_1h", "3")
     );
+    let rule_state = || async {
+        let offsets = restored.offsets(rule, "user_events").await.unwrap();
+        let (clock, states) = restored.rule_states(rule, "user_events", 3).await.unwrap();
+        let alerts = restored.unpublished_alerts(10).await.unwrap();
+        (offsets.get(&3).copied(), clock, states, alerts.len())
+    };
+    let held = (
+        Some(7),
+        Some(8_000_000),
+        vec![(partial.1.clone(), partial.2.clone().unwrap())],
+        1,
+    );
+    assert_eq!(rule_state().await, held);
+    assert_eq!(
+        restored.unpublished_alerts(10).await.unwrap()[0].id,
+        alert.id
+    );
+
+    // The same snapshot as format 2 wrote it: no rule rows.
+    let text = String::from_utf8(snapshot).unwrap();
+    let mut kept: BTreeMap<String, u64> = BTreeMap::new();
+    let mut format_2: Vec<String> = text
+        .lines()
+        .filter_map(|line| {
+            let mut value: Value = serde_json::from_str(line).unwrap();
+            if let Some(info) = value.get_mut("snapshot") {
+                info["format"] = 2.into();
+                info["rows"] = serde_json::json!({});
+            } else if value.get("end").is_some() {
+                return None;
+            } else {
+                let table = value["row"]["table"].as_str().unwrap().to_owned();
+                let of_rule = value["row"]["values"][0]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("rule:"));
+                if ["rule_state", "alerts"].contains(&table.as_str())
+                    || (table == "processor_offsets" && of_rule)
+                {
+                    return None;
+                }
+                *kept.entry(table).or_default() += 1;
+            }
+            Some(value.to_string())
+        })
+        .collect();
+    format_2.push(serde_json::json!({"end": {"rows": kept}}).to_string());
+    restored
+        .apply_rule_batch(&RuleBatch {
+            processor: rule,
+            rule: "big_spender",
+            topic: "user_events",
+            offsets: vec![OffsetAdvance {
+                partition: 3,
+                expected: Some(7),
+                next: 9,
+            }],
+            clocks: vec![],
+            states: vec![],
+            deleted: vec![],
+            alerts: vec![],
+        })
+        .await
+        .unwrap();
+    restored
+        .restore_snapshot("profiles", &topics, format_2.join("\n").as_bytes(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        rule_state().await,
+        (Some(9), held.1, held.2.clone(), held.3),
+        "the rules are left as they were"
+    );
+    assert_eq!(
+        restored
+            .offsets(&processor, "user_events")
+            .await
+            .unwrap()
+            .get(&3),
+        Some(&10)
+    );
 
     // The same snapshot as format 1 wrote it: the profile tables only.
-    let text = String::from_utf8(snapshot).unwrap();
     let profile_tables = [
         "profiles",
         "identities",
