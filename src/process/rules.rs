@@ -211,7 +211,17 @@ impl RuleProcessor {
                     .taken
                     .iter()
                     .filter(|t| t.step == i)
-                    .map(|t| json!({"message_id": t.id, "time": time(t.time)}))
+                    .map(|t| {
+                        let mut event = json!({"message_id": t.id, "time": time(t.time)});
+                        // What a rule comparing with earlier steps kept of
+                        // the event: the values it compared.
+                        if let Some(Value::Object(kept)) = t.values.as_deref() {
+                            for (field, value) in kept {
+                                event[field] = value.clone();
+                            }
+                        }
+                        event
+                    })
                     .collect();
                 (step.name.clone(), Value::Array(events))
             })

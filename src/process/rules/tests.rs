@@ -286,6 +286,25 @@ async fn a_step_compares_with_the_values_of_earlier_steps_across_a_restart() {
             ("u2".to_owned(), ids(&["b1", "b2", "b3", "b5"])),
         ]
     );
+    // Each step's events carry the values the rule compared.
+    let query = AlertQuery {
+        key: Some("u2"),
+        limit: 1,
+        ..AlertQuery::default()
+    };
+    let body: Value = serde_json::from_str(&store.alerts(&query).await.unwrap()[0].body).unwrap();
+    let amounts = |step: &str| -> Vec<u64> {
+        body["steps"][step]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["properties"]["amount"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        (amounts("small"), amounts("large")),
+        (vec![20, 30, 40], vec![400])
+    );
 }
 
 /// A GDPR deletion of a user, in order with its events: the payments
