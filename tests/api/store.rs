@@ -743,21 +743,28 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         body: "{}".to_owned(),
     };
     let partial = (3, "u4".to_owned(), Some(r#"{"runs":[]}"#.to_owned()));
+    // A batch of the rule's on partition 3, from `expected` to `next`.
+    let rule_batch = |expected, next, states, alerts| RuleBatch {
+        processor: rule,
+        rule: "big_spender",
+        topic: "user_events",
+        offsets: vec![OffsetAdvance {
+            partition: 3,
+            expected,
+            next,
+        }],
+        clocks: vec![(3, 8_000_000)],
+        states,
+        deleted: vec![],
+        alerts,
+    };
     store
-        .apply_rule_batch(&RuleBatch {
-            processor: rule,
-            rule: "big_spender",
-            topic: "user_events",
-            offsets: vec![OffsetAdvance {
-                partition: 3,
-                expected: None,
-                next: 7,
-            }],
-            clocks: vec![(3, 8_000_000)],
-            states: vec![partial.clone()],
-            deleted: vec![],
-            alerts: vec![alert.clone()],
-        })
+        .apply_rule_batch(&rule_batch(
+            None,
+            7,
+            vec![partial.clone()],
+            vec![alert.clone()],
+        ))
         .await
         .unwrap();
     let mut snapshot = Vec::new();
@@ -850,20 +857,7 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         .collect();
     format_2.push(serde_json::json!({"end": {"rows": kept}}).to_string());
     restored
-        .apply_rule_batch(&RuleBatch {
-            processor: rule,
-            rule: "big_spender",
-            topic: "user_events",
-            offsets: vec![OffsetAdvance {
-                partition: 3,
-                expected: Some(7),
-                next: 9,
-            }],
-            clocks: vec![],
-            states: vec![],
-            deleted: vec![],
-            alerts: vec![],
-        })
+        .apply_rule_batch(&rule_batch(Some(7), 9, vec![], vec![]))
         .await
         .unwrap();
     restored
