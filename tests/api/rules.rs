@@ -188,7 +188,8 @@ async fn the_configuration_files_rules_are_stored_at_start(backend: Backend) {
 /// Seed 004's fraud rule end to end: payments in over HTTP; u1's three
 /// small payments and a large one make one alert, in the API (all and
 /// the profile's) and on `user_alerts`, exactly as stored; u2's two
-/// small ones and a large one make none.
+/// small ones and a large one make none. Then the rule that compares
+/// with the small payments' average, added while the first runs.
 async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backend) {
     // A quiet log's clock moves half a second behind the wall clock, so
     // the last payment is taken without further traffic.
@@ -255,6 +256,55 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
     assert_eq!(published[0].key.as_deref(), Some(&b"card_testing:u1"[..]));
     let record: Value = serde_json::from_slice(&published[0].value).unwrap();
     assert_eq!(&record, alert);
+
+    // The wording of the rule: large against the user's own small
+    // payments (more than ten times their average). Added now, it reads
+    // the log's history first (u1 again), then u3's 950 after three of 90:
+    // large for u3, though not over the fixed 1,000.
+    let mut relative = card_testing();
+    relative["lateness"] = json!("0s");
+    relative["steps"][1]["where"] =
+        json!("event == \"payment\" && properties.amount > 10.0 * avg(small.amount)");
+    let (status, _) = send(
+        &app,
+        reqwest::Method::PUT,
+        "card_testing_relative",
+        ADMIN_KEY,
+        Some(&relative),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let batch = json!({"batch": [
+        payment("u3", "c1", 90), payment("u3", "c2", 90), payment("u3", "c3", 90),
+        payment("u3", "c4", 950),
+    ]});
+    assert_eq!(app.post("/v1/batch", &batch).await.status(), StatusCode::OK);
+    let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    eventually(
+        "the relative rule's alerts",
+        Duration::from_secs(30),
+        || async {
+            let got = alert_ids(&app, "card_testing_relative").await;
+            let expected = vec![
+                (1, ids(&["a1", "a2", "a3", "a4"])),
+                (1, ids(&["c1", "c2", "c3", "c4"])),
+            ];
+            (got == expected).then_some(()).ok_or(format!("{got:?}"))
+        },
+    )
+    .await;
+    assert_eq!(
+        alert_ids(&app, "card_testing").await,
+        vec![(1, ids(&["a1", "a2", "a3", "a4"]))],
+        "950 is not over the fixed bar"
+    );
+    let (_, page) = app
+        .get_as("/v1/alerts?rule=card_testing_relative&key=u3", READ_KEY)
+        .await;
+    assert_eq!(
+        page["alerts"][0]["steps"]["large"][0]["properties"]["amount"],
+        950
+    );
     app.stop().await;
 }
 
