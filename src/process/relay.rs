@@ -18,10 +18,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::admin::{WindowValue, time};
 use crate::envelope::{EventEnvelope, EventType, Source};
@@ -102,7 +101,7 @@ impl ChangeRelay {
             for kind in kinds {
                 match self.publish(*kind).await {
                     Ok(0) => {}
-                    Ok(_) => pause = pause.min(Duration::ZERO),
+                    Ok(_) => pause = Duration::ZERO,
                     Err(e) => {
                         tracing::warn!(
                             "cannot relay {} to the log: {e}; trying again in {RETRY:?}",

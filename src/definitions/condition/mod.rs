@@ -39,8 +39,8 @@ struct Part {
     expr: cel::IdedExpr,
     /// The envelope fields it reads: only these are handed to CEL.
     reads: Vec<&'static str>,
-    /// It evaluated on the JSON directly, when it has the common shape
-    /// ([`native`]).
+    /// The part compiled for evaluation on the JSON directly, when it has
+    /// the common shape ([`native`]).
     native: Option<Native>,
 }
 
