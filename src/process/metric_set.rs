@@ -519,3 +519,54 @@ pub fn held_back_failure(
         ),
     }
 }
+
+/// What the metric and rule processors' tests share.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Set;
+    use crate::process::definition_stage::Staged;
+    use crate::process::{Checkpoint, OffsetAdvance, PartitionTime, Processor, Runner};
+    use crate::store::Store;
+
+    /// Runs `runner` until it has read the log to its end.
+    pub async fn run_to_end<M: Staged>(runner: Runner<Set<M>>) {
+        tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
+            .await
+            .expect("the runner reads the log to its end")
+            .expect("the runner does not fail");
+    }
+
+    /// The time hook on a quiet log, through a set of `member` alone:
+    /// `partitions`' clocks of `topic` at `time_ms`.
+    pub async fn tick<M: Staged>(
+        store: &Store,
+        member: &Arc<M>,
+        topic: &str,
+        partitions: std::ops::Range<i32>,
+        time_ms: i64,
+    ) {
+        let stored = store.offsets(member.name(), topic).await.unwrap();
+        let (offsets, clocks) = partitions
+            .map(|partition| {
+                let expected = stored.get(&partition).copied();
+                let offset = OffsetAdvance {
+                    partition,
+                    expected,
+                    next: expected.unwrap_or(0),
+                };
+                (offset, PartitionTime { partition, time_ms })
+            })
+            .unzip();
+        let checkpoint = Checkpoint {
+            topic: topic.to_owned(),
+            offsets,
+            clocks,
+            backlog: false,
+        };
+        let set = Set::new(M::RUNNER.into(), store.clone(), vec![member.clone()]);
+        assert!(set.tick(checkpoint).await.unwrap());
+    }
+}

@@ -13,9 +13,8 @@ use super::*;
 use crate::definitions::MetricDefinition;
 use crate::log::embedded::{EmbeddedLog, EmbeddedReader};
 use crate::log::{EventLog, Record, StartAt};
-use crate::process::{
-    Checkpoint, Checkpoints, OffsetAdvance, PartitionTime, Processor, Runner, RunnerSettings,
-};
+use crate::process::metric_set::testing::{self, run_to_end};
+use crate::process::{Checkpoints, Runner, RunnerSettings};
 use crate::store::WindowQuery;
 
 const TOPIC: &str = "events";
@@ -97,33 +96,7 @@ async fn tick(
     partitions: std::ops::Range<i32>,
     time_ms: i64,
 ) {
-    let stored = store.offsets(processor.name(), TOPIC).await.unwrap();
-    let (offsets, clocks) = partitions
-        .map(|partition| {
-            let expected = stored.get(&partition).copied();
-            let offset = OffsetAdvance {
-                partition,
-                expected,
-                next: expected.unwrap_or(0),
-            };
-            (offset, PartitionTime { partition, time_ms })
-        })
-        .unzip();
-    let checkpoint = Checkpoint {
-        topic: TOPIC.to_owned(),
-        offsets,
-        clocks,
-        backlog: false,
-    };
-    let set = MetricSet::new("metrics".into(), store.clone(), vec![processor.clone()]);
-    assert!(set.tick(checkpoint).await.unwrap());
-}
-
-async fn run_to_end(runner: Runner<MetricSet>) {
-    tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
-        .await
-        .expect("the runner reads the log to its end")
-        .expect("the runner does not fail");
+    testing::tick(store, processor, TOPIC, partitions, time_ms).await;
 }
 
 /// A new embedded log of `partitions` partitions in a temporary

@@ -13,7 +13,8 @@ use crate::definitions::RuleDefinition;
 use crate::log::embedded::{EmbeddedLog, EmbeddedReader};
 use crate::log::{EventLog, Record, StartAt};
 use crate::process::metric_set::Set;
-use crate::process::{Checkpoint, Processor, Runner, RunnerSettings};
+use crate::process::metric_set::testing::{self, run_to_end};
+use crate::process::{Runner, RunnerSettings};
 use crate::store::AlertQuery;
 
 const TOPIC: &str = "events";
@@ -89,35 +90,9 @@ fn runner(
     Runner::new(set, reader, log.clone(), settings)
 }
 
-async fn run_to_end(runner: Runner<Set<RuleProcessor>>) {
-    tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
-        .await
-        .expect("the runner reads the log to its end")
-        .expect("the runner does not fail");
-}
-
 /// The time hook on a quiet log: `partitions`' clocks at `time_ms`.
 async fn tick(rule: &Arc<RuleProcessor>, partitions: std::ops::Range<i32>, time_ms: i64) {
-    let stored = rule.store.offsets(rule.name(), TOPIC).await.unwrap();
-    let (offsets, clocks) = partitions
-        .map(|partition| {
-            let expected = stored.get(&partition).copied();
-            let offset = OffsetAdvance {
-                partition,
-                expected,
-                next: expected.unwrap_or(0),
-            };
-            (offset, PartitionTime { partition, time_ms })
-        })
-        .unzip();
-    let checkpoint = Checkpoint {
-        topic: TOPIC.to_owned(),
-        offsets,
-        clocks,
-        backlog: false,
-    };
-    let set = Set::new("rules".into(), rule.store.clone(), vec![rule.clone()]);
-    assert!(set.tick(checkpoint).await.unwrap());
+    testing::tick(&rule.store, rule, TOPIC, partitions, time_ms).await;
 }
 
 fn partition_of(user: &str) -> i32 {
