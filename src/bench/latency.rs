@@ -218,6 +218,38 @@ fn report(base: &str, args: &BenchLatencyArgs, sent: u64, what: &str, mut sample
     );
 }
 
+/// Opens a reader at the end of `topic`, then defines the measured
+/// metric or rule (`definition` put at `url`): its output from then on.
+/// The admin key, to delete it at the end, and the reader.
+async fn define(
+    config: &Config,
+    args: &BenchLatencyArgs,
+    client: &reqwest::Client,
+    url: &str,
+    definition: &serde_json::Value,
+    topic: &str,
+) -> Result<(String, Box<dyn crate::log::LogReader>), BenchError> {
+    let admin = key(config, args.admin_key.as_ref(), &config.keys.admin, |k| {
+        k.admin
+    })?;
+    let reader = crate::log::open_reader(config, topic, crate::log::StartAt::End)
+        .map_err(|e| BenchError::Unreachable(topic.to_owned(), e.to_string()))?;
+    let defined = client
+        .put(url)
+        .basic_auth(&admin, Some(""))
+        .json(definition)
+        .send()
+        .await
+        .map_err(|e| BenchError::Unreachable(url.to_owned(), e.to_string()))?;
+    if !defined.status().is_success() {
+        return Err(BenchError::Unreachable(
+            url.to_owned(),
+            format!("defining it got {}", defined.status()),
+        ));
+    }
+    Ok((admin, reader))
+}
+
 /// Defines the measured metric, reads its windows off `user_metrics`
 /// until `end`, and deletes it: each window's delay after its end.
 async fn window_samples(
@@ -227,26 +259,11 @@ async fn window_samples(
     base: &str,
     end: Instant,
 ) -> Result<Vec<Duration>, BenchError> {
-    let admin = key(config, args.admin_key.as_ref(), &config.keys.admin, |k| {
-        k.admin
-    })?;
     let topic = crate::log::Topics::new(&config.topic_prefix).metrics();
-    let mut reader = crate::log::open_reader(config, &topic, crate::log::StartAt::End)
-        .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
     let url = format!("{base}/v1/metrics/{WINDOW_METRIC}");
-    let defined = client
-        .put(&url)
-        .basic_auth(&admin, Some(""))
-        .json(&serde_json::json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1s"}}))
-        .send()
-        .await
-        .map_err(|e| BenchError::Unreachable(base.to_owned(), e.to_string()))?;
-    if !defined.status().is_success() {
-        return Err(BenchError::Unreachable(
-            base.to_owned(),
-            format!("defining {WINDOW_METRIC} got {}", defined.status()),
-        ));
-    }
+    let definition =
+        serde_json::json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1s"}});
+    let (admin, mut reader) = define(config, args, client, &url, &definition, &topic).await?;
     // Windows that close while the new version reads the log's history
     // (before it is live, and a second after) are not samples of live
     // processing.
@@ -309,29 +326,12 @@ async fn alert_samples(
     end: Instant,
 ) -> Result<Vec<Duration>, BenchError> {
     let unreachable = |e: String| BenchError::Unreachable(base.to_owned(), e);
-    let admin = key(config, args.admin_key.as_ref(), &config.keys.admin, |k| {
-        k.admin
-    })?;
     let topic = crate::log::Topics::new(&config.topic_prefix).alerts();
-    let mut reader = crate::log::open_reader(config, &topic, crate::log::StartAt::End)
-        .map_err(|e| BenchError::Unreachable(topic.clone(), e.to_string()))?;
     let url = format!("{base}/v1/rules/{ALERT_RULE}");
     let rule = serde_json::json!({
         "steps": [{"name": "probe", "where": "event == \"bench.alert.probe\""}],
         "within": "1m"});
-    let defined = client
-        .put(&url)
-        .basic_auth(&admin, Some(""))
-        .json(&rule)
-        .send()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    if !defined.status().is_success() {
-        return Err(unreachable(format!(
-            "defining {ALERT_RULE} got {}",
-            defined.status()
-        )));
-    }
+    let (admin, mut reader) = define(config, args, client, &url, &rule, &topic).await?;
     // Probes start once the rule has read the log's history.
     let live_by = Instant::now() + Duration::from_secs(120);
     loop {
