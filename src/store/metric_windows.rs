@@ -445,20 +445,19 @@ impl Store {
     /// trait values (its closed windows stay, for their retention).
     pub async fn forget_metric_processor(&self, processor: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        for table in [
-            "metric_state",
-            "metric_merges",
-            "metric_parts",
-            "metric_combine",
-            "metric_seen",
-            "processor_offsets",
-        ] {
-            let sql = format!("DELETE FROM {table} WHERE processor = $1");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(processor)
-                .execute(&mut *tx)
-                .await?;
-        }
+        delete_rows_of(
+            &mut tx,
+            processor,
+            &[
+                "metric_state",
+                "metric_merges",
+                "metric_parts",
+                "metric_combine",
+                "metric_seen",
+                "processor_offsets",
+            ],
+        )
+        .await?;
         sqlx::query("DELETE FROM computed_traits WHERE processor = $1 AND published = 1")
             .bind(processor)
             .execute(&mut *tx)
@@ -1148,4 +1147,20 @@ async fn finalize(
         .execute(&mut *tx)
         .await?;
     Ok(count)
+}
+
+/// Deletes `processor`'s rows from each of `tables`.
+pub(super) async fn delete_rows_of(
+    tx: &mut AnyConnection,
+    processor: &str,
+    tables: &[&str],
+) -> Result<(), StoreError> {
+    for table in tables {
+        let sql = format!("DELETE FROM {table} WHERE processor = $1");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(processor)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@
 use sqlx::{AnyConnection, Row};
 
 use super::batch::Conn;
-use super::metric_windows::{ROWS, rows_of, store_clocks, write_rows};
+use super::metric_windows::{ROWS, delete_rows_of, rows_of, store_clocks, write_rows};
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 
 /// One batch of a rule version: where its offsets and clocks go, the keys
@@ -130,13 +130,7 @@ impl Store {
     /// offsets and clocks); its alerts stay.
     pub async fn forget_rule_processor(&self, processor: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        for table in ["rule_state", "processor_offsets"] {
-            let sql = format!("DELETE FROM {table} WHERE processor = $1");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(processor)
-                .execute(&mut *tx)
-                .await?;
-        }
+        delete_rows_of(&mut tx, processor, &["rule_state", "processor_offsets"]).await?;
         tx.commit().await?;
         Ok(())
     }
