@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod definitions;
+pub mod destinations;
 pub mod envelope;
 pub mod home;
 pub mod http;
@@ -34,3 +35,11 @@ pub mod supervisor;
 pub mod tail;
 pub mod telemetry;
 pub mod windows;
+
+/// Makes ring the process's TLS provider: HTTP clients (webhooks, span
+/// export, the load generators) are built with it. Call before building
+/// one; calling again does nothing.
+pub fn install_tls() {
+    // Only the first call installs; later ones find it there.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

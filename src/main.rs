@@ -16,6 +16,7 @@ use traitline::{bench, replay, server, snapshot, tail, telemetry};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    traitline::install_tls();
     let cli = Cli::parse();
     let config = match Config::resolve(cli.settings, cli.config.as_deref()) {
         Ok(config) => config,

@@ -89,6 +89,14 @@ pub const RULE_BOUND_HITS: &str = "traitline_rule_bound_hits_total";
 /// Events that came after the watermark less the lateness had passed
 /// them, taken by no rule, by `rule`.
 pub const RULE_LATE_EVENTS: &str = "traitline_rule_late_events_total";
+/// Delivery attempts of destinations, by `destination` and `outcome`
+/// (delivered, retrying, dead_letter, disabled).
+pub const DELIVERY_ATTEMPTS: &str = "traitline_delivery_attempts_total";
+/// How long delivery attempts took, by `destination`.
+pub const DELIVERY_SECONDS: &str = "traitline_delivery_duration_seconds";
+/// Deliveries of a destination in flight (retries waiting included), by
+/// `destination`.
+pub const DELIVERIES_IN_FLIGHT: &str = "traitline_deliveries_in_flight";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -175,6 +183,19 @@ fn describe() {
     describe_counter!(
         RULE_LATE_EVENTS,
         "Events behind a rule's watermark less its lateness, taken by no match, by rule"
+    );
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        "Delivery attempts of destinations, by destination and outcome (delivered, retrying, dead_letter, disabled)"
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Delivery attempt duration, by destination"
+    );
+    describe_gauge!(
+        DELIVERIES_IN_FLIGHT,
+        "Deliveries of a destination in flight, retries waiting included, by destination"
     );
     describe_counter!(
         STAGE_RESTARTS,

@@ -44,6 +44,12 @@ use crate::store::ChangeRecord;
         crate::admin::rules::delete_rule,
         crate::admin::rules::list_alerts,
         crate::admin::rules::profile_alerts,
+        crate::admin::destinations::put_destination,
+        crate::admin::destinations::get_destination,
+        crate::admin::destinations::list_destinations,
+        crate::admin::destinations::delete_destination,
+        crate::admin::destinations::list_attempts,
+        crate::admin::destinations::list_failures,
         crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
@@ -60,7 +66,11 @@ use crate::store::ChangeRecord;
         crate::admin::RuleEntry, crate::admin::RuleList, crate::admin::AlertList,
         crate::definitions::RuleDefinition, crate::definitions::rule::StepDefinition,
         crate::definitions::rule::Times,
-        crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition
+        crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition,
+        crate::admin::destinations::DestinationEntry, crate::admin::destinations::DestinationList,
+        crate::admin::destinations::DestinationStatus, crate::admin::destinations::AttemptList,
+        crate::admin::destinations::FailureList,
+        crate::definitions::DestinationDefinition, crate::definitions::destination::Secrets
     )),
     modifiers(&Security),
     tags(
@@ -69,6 +79,7 @@ use crate::store::ChangeRecord;
         (name = "profiles", description = "Profiles built from the events: read with a read or admin key, delete with an admin key"),
         (name = "metrics", description = "Metric definitions: define, change and delete with an admin key, read with a read or admin key"),
         (name = "rules", description = "Pattern rules and their alerts: define, change and delete rules with an admin key; read rules and alerts with a read or admin key"),
+        (name = "destinations", description = "Destinations (webhooks): define, change and delete with an admin key (secrets are write-only); read them, their attempts and dead letters with a read or admin key"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

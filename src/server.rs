@@ -81,6 +81,7 @@ pub async fn serve(
     {
         store_file_definitions(&config.metrics, store).await?;
         store_file_definitions(&config.rules, store).await?;
+        store_file_definitions(&config.destinations, store).await?;
     }
     let address = listener.local_addr()?;
     let (stop_stages, stopped) = watch::channel(false);
@@ -88,6 +89,7 @@ pub async fn serve(
     let mut processing = Vec::new();
     let mut metric_runners = None;
     let mut rule_runners = None;
+    let mut destination_runners = None;
     if config.roles.process
         && let Some(store) = &store
     {
@@ -96,6 +98,7 @@ pub async fn serve(
         start_from_snapshot(&config, store).await?;
         store_file_definitions(&config.metrics, store).await?;
         store_file_definitions(&config.rules, store).await?;
+        store_file_definitions(&config.destinations, store).await?;
         for input in [ProfileInput::Events, ProfileInput::Overflow] {
             let stats =
                 crate::process::profiles::spawn(&mut supervisor, &config, store, &log, input)
@@ -108,6 +111,10 @@ pub async fn serve(
         );
         rule_runners = Some(
             crate::process::rules::spawn(&mut supervisor, &config, store, &log)
+                .map_err(ServeError::Stage)?,
+        );
+        destination_runners = Some(
+            crate::destinations::spawn(&mut supervisor, &config, store, &log)
                 .map_err(ServeError::Stage)?,
         );
         let relay = ChangeRelay::new(
@@ -139,6 +146,7 @@ pub async fn serve(
         processing,
         metrics: metric_runners,
         rules: rule_runners,
+        destinations: destination_runners,
         stages: supervisor.stages(),
     };
     let router = router(&config, state, Arc::new(keys), store.clone());
@@ -292,6 +300,8 @@ pub fn router(
                 keys.clone(),
                 topics.events(),
                 readying.metrics.clone(),
+                readying.destinations.clone(),
+                config.destinations_allow_private,
             )
             .routes(),
         );
@@ -352,6 +362,8 @@ pub struct Readying {
     pub metrics: Option<MetricRunners>,
     /// The rule runner, when this process runs it.
     pub rules: Option<crate::process::rules::RuleRunners>,
+    /// The destinations, when this process delivers them.
+    pub destinations: Option<crate::destinations::DestinationRunners>,
     /// Every supervised stage of this process.
     pub stages: Stages,
 }
@@ -377,6 +389,12 @@ pub struct Readiness {
     /// Each pattern rule this process runs, by name, the same way.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub rules: BTreeMap<String, DefinitionState>,
+    /// Each destination this process delivers, by name: its version,
+    /// whether it is active, disabled (by its endpoint) or failed, and
+    /// its lag. Neither makes the process unready; it shows here.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub destinations: BTreeMap<String, crate::destinations::DestinationState>,
     /// Every supervised stage of this process (processors, the change
     /// relay, ...) by name: a stage that is not running makes the
     /// process unavailable.
@@ -462,6 +480,11 @@ pub async fn readyz(State(readying): State<Readying>) -> Response {
             .rules
             .as_ref()
             .map(crate::process::rules::RuleRunners::states)
+            .unwrap_or_default(),
+        destinations: readying
+            .destinations
+            .as_ref()
+            .map(crate::destinations::DestinationRunners::states)
             .unwrap_or_default(),
         stages: readying
             .stages

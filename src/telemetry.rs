@@ -63,6 +63,8 @@ impl Telemetry {
 /// Installs the global subscriber, and the span exporter when `otlp` is
 /// set; call once, first thing in `main`, outside the async runtime.
 pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
+    // The exporter's HTTP client needs it.
+    crate::install_tls();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,librdkafka=warn"));
     let fmt = tracing_subscriber::fmt::layer()

@@ -19,13 +19,16 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub mod destinations;
 pub mod rules;
 
 pub use rules::{AlertList, RuleEntry, RuleList};
 
 use crate::definitions::{
-    Definition, DefinitionError, GroupBy, MetricDefinition, MetricSpec, RuleDefinition,
+    Definition, DefinitionError, DestinationDefinition, GroupBy, MetricDefinition, MetricSpec,
+    RuleDefinition,
 };
+use crate::destinations::DestinationRunners;
 use crate::http::{ApiError, AuthError, ErrorBody, Need, authorize_request};
 use crate::keys::ApiKeys;
 use crate::metric::GLOBAL_GROUP;
@@ -44,6 +47,10 @@ pub struct AdminState {
     events_topic: String,
     /// This process's metric runners, when it runs them.
     runners: Option<MetricRunners>,
+    /// This process's destinations, when it runs them.
+    destinations: Option<DestinationRunners>,
+    /// Destinations may name private and loopback addresses.
+    allow_private: bool,
 }
 
 /// Why an admin request was refused or failed.
@@ -186,12 +193,16 @@ impl AdminState {
         keys: Arc<ApiKeys>,
         events_topic: String,
         runners: Option<MetricRunners>,
+        destinations: Option<DestinationRunners>,
+        allow_private: bool,
     ) -> AdminState {
         AdminState {
             store,
             keys,
             events_topic,
             runners,
+            destinations,
+            allow_private,
         }
     }
 
@@ -210,6 +221,21 @@ impl AdminState {
                     .put(rules::put_rule)
                     .delete(rules::delete_rule),
             )
+            .route("/v1/destinations", get(destinations::list_destinations))
+            .route(
+                "/v1/destinations/{name}",
+                get(destinations::get_destination)
+                    .put(destinations::put_destination)
+                    .delete(destinations::delete_destination),
+            )
+            .route(
+                "/v1/destinations/{name}/attempts",
+                get(destinations::list_attempts),
+            )
+            .route(
+                "/v1/destinations/{name}/failures",
+                get(destinations::list_failures),
+            )
             .route("/v1/alerts", get(rules::list_alerts))
             .route("/v1/profiles/{id}/alerts", get(rules::profile_alerts))
             .with_state(self)
@@ -227,6 +253,10 @@ impl Stored for MetricDefinition {
 
 impl Stored for RuleDefinition {
     const KIND: DefinitionKind = DefinitionKind::Rule;
+}
+
+impl Stored for DestinationDefinition {
+    const KIND: DefinitionKind = DefinitionKind::Destination;
 }
 
 /// Checks a definition and stores it as `name`'s next version (unless it
@@ -250,6 +280,22 @@ async fn put_definition<D: Stored>(
     name: &str,
     body: &[u8],
 ) -> Result<(StatusCode, StoredDefinition), AdminError> {
+    put_checked(state, headers, name, body, |d: D| async move { Ok(d) }).await
+}
+
+/// [`put_definition`] with a last look at the definition before it is
+/// checked and stored (`prepare` may complete it, or refuse it).
+async fn put_checked<D: Stored, F, Fut>(
+    state: &AdminState,
+    headers: &HeaderMap,
+    name: &str,
+    body: &[u8],
+    prepare: F,
+) -> Result<(StatusCode, StoredDefinition), AdminError>
+where
+    F: FnOnce(D) -> Fut,
+    Fut: std::future::Future<Output = Result<D, AdminError>>,
+{
     authorize_request(&state.keys, headers, Need::Admin)?;
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
         return Err(AdminError::NotJson(e.to_string()));
@@ -261,6 +307,7 @@ async fn put_definition<D: Stored>(
             "differs from the name in the path (leave it out of the body)",
         )));
     }
+    let definition = prepare(definition).await?;
     let (put, stored) = store_definition(&state.store, name, &definition).await?;
     let noun = D::NOUN;
     match put {

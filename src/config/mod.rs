@@ -124,6 +124,10 @@ pub struct Config {
     pub metrics: Vec<(String, crate::definitions::MetricDefinition)>,
     /// The `[[rules]]` of the configuration file, each checked, by name.
     pub rules: Vec<(String, crate::definitions::RuleDefinition)>,
+    /// The `[[destinations]]` of the configuration file, each checked.
+    pub destinations: Vec<(String, crate::definitions::DestinationDefinition)>,
+    /// Destinations may deliver to private and loopback addresses.
+    pub destinations_allow_private: bool,
 }
 
 /// OTLP span export.

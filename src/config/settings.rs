@@ -246,6 +246,13 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_METRIC_STATE_BUDGET_MB", global = true)]
     pub metric_state_budget_mb: Option<u64>,
 
+    /// Let destinations deliver to private, loopback, link-local and
+    /// cloud metadata addresses (a local test receiver); off, such a URL
+    /// is refused when it is defined and when it is connected to
+    /// [default: false]
+    #[arg(long, env = "TRAITLINE_DESTINATIONS_ALLOW_PRIVATE", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub destinations_allow_private: Option<bool>,
+
     /// Log format: text or json [default: text]
     #[arg(long, env = "TRAITLINE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -284,6 +291,12 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub rules: Option<Vec<crate::definitions::RuleDefinition>>,
+
+    /// Destinations (`[[destinations]]` tables of the file only; the
+    /// admin API changes them at run time).
+    #[arg(skip)]
+    #[serde(default)]
+    pub destinations: Option<Vec<crate::definitions::DestinationDefinition>>,
 }
 
 impl Settings {
@@ -355,6 +368,10 @@ impl Settings {
             otlp_sample_ratio: self.otlp_sample_ratio.or(fallback.otlp_sample_ratio),
             metrics: self.metrics.or(fallback.metrics),
             rules: self.rules.or(fallback.rules),
+            destinations: self.destinations.or(fallback.destinations),
+            destinations_allow_private: self
+                .destinations_allow_private
+                .or(fallback.destinations_allow_private),
         }
     }
 }

@@ -325,6 +325,7 @@ impl Config {
 
         let metrics = named_definitions(s.metrics.unwrap_or_default())?;
         let rules = named_definitions(s.rules.unwrap_or_default())?;
+        let destinations = named_definitions(s.destinations.unwrap_or_default())?;
 
         Ok(Config {
             listen,
@@ -353,6 +354,8 @@ impl Config {
             snapshot_interval,
             metrics,
             rules,
+            destinations,
+            destinations_allow_private: s.destinations_allow_private.unwrap_or(false),
         })
     }
 }

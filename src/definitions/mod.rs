@@ -5,11 +5,13 @@
 //! or into an error naming the field to fix. Pure code, no I/O.
 
 mod condition;
+pub mod destination;
 mod duration;
 pub mod metric;
 pub mod rule;
 
 pub use condition::Condition;
+pub use destination::{DestinationDefinition, DestinationSpec};
 pub use duration::parse_duration;
 pub use metric::{GroupBy, MetricDefinition, MetricSpec};
 pub use rule::{RuleDefinition, RuleKey, RuleSpec};

@@ -204,6 +204,12 @@ impl Topics {
         self.named("user_alerts")
     }
 
+    /// Each delivery attempt's outcome (key: destination and the
+    /// record's key).
+    pub fn deliveries(&self) -> String {
+        self.named("user_deliveries")
+    }
+
     /// Every topic Traitline writes, and whether Kafka should compact it
     /// (keep only the latest record of a key).
     pub fn all(&self) -> Vec<(String, bool)> {
@@ -216,6 +222,7 @@ impl Topics {
             (self.metrics(), false),
             (self.late(), false),
             (self.alerts(), false),
+            (self.deliveries(), false),
         ]
     }
 }

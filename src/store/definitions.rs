@@ -12,6 +12,7 @@ use super::{Store, StoreError, now_ms};
 pub enum DefinitionKind {
     Metric,
     Rule,
+    Destination,
 }
 
 impl DefinitionKind {
@@ -19,6 +20,7 @@ impl DefinitionKind {
         match self {
             DefinitionKind::Metric => "metric",
             DefinitionKind::Rule => "rule",
+            DefinitionKind::Destination => "destination",
         }
     }
 }
@@ -103,6 +105,23 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(stored).collect()
+    }
+
+    /// When definition `name` was created: its first version after its
+    /// last deletion (ms).
+    pub async fn definition_created_at(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT MIN(changed_at) FROM definitions WHERE kind = $1 AND name = $2 AND version >                COALESCE((SELECT MAX(version) FROM definitions                          WHERE kind = $1 AND name = $2 AND body IS NULL), 0)",
+        )
+        .bind(kind.as_str())
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?)
     }
 
     /// How many changes definitions of `kind` have had: it grows with every

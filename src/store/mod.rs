@@ -11,6 +11,7 @@
 //! shared test suite runs against both.
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
+pub use deliveries::{DeliveryOutcome, DeliverySummary, StoredFailure};
 pub use metric_windows::{
     Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, OpenGroup, StateSummary,
     StoredPart, StoredWindow, WindowQuery,
@@ -129,6 +130,7 @@ pub(crate) use in_write_transaction;
 mod batch;
 mod cache;
 mod definitions;
+mod deliveries;
 mod metric_windows;
 mod profiles;
 mod rules;
@@ -420,6 +422,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "one claim of a message id for every metric",
         include_str!("migrations/version_10.sql"),
     );
+    let deliveries = migration(
+        13,
+        "destinations' attempts, dead letters and states",
+        include_str!("migrations/version_13.sql"),
+    );
     let rules = migration(
         12,
         "pattern rules' partial matches and alerts",
@@ -447,6 +454,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 include_str!("migrations/postgres_11.sql"),
             ),
             rules,
+            deliveries,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -460,6 +468,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             shared_claims,
             // SQLite has no migration 11 (PostgreSQL's page fill).
             rules,
+            deliveries,
         ],
     }
 }

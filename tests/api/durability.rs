@@ -24,7 +24,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
 
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let answered = Arc::new(AtomicU64::new(0));
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -154,7 +154,7 @@ async fn profiles_count_every_event_once_across_two_sigkills() {
     const PER_USER: usize = 100;
     let dir = TestDir::new();
     let env = embedded_env(dir.path());
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -250,7 +250,7 @@ async fn failover() {
         ),
     ]);
     let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -406,7 +406,7 @@ async fn metrics_count_every_event_once_across_two_sigkills() {
     const EVENTS: usize = 30_000;
     let dir = TestDir::new();
     let env = embedded_env(dir.path());
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -527,7 +527,7 @@ async fn a_rule_alerts_once_across_a_sigkill_mid_pattern() {
     // payments are taken without further traffic.
     env.push(("TRAITLINE_APPEND_TIMEOUT_MS", "500".to_owned()));
     env.push(("TRAITLINE_CLOCK_SKEW_MS", "0".to_owned()));
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();

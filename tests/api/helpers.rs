@@ -174,7 +174,7 @@ pub async fn start(settings: Settings, dir: Arc<TestDir>) -> TestApp {
     let app = TestApp {
         base: format!("http://{address}"),
         config,
-        client: reqwest::Client::new(),
+        client: client(),
         shutdown: Some(tx),
         server: Some(server),
         dir,
@@ -311,6 +311,17 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
     }
+}
+
+/// An HTTP client for the tests (the TLS provider installed first, as
+/// the service's `main` does).
+pub fn client() -> reqwest::Client {
+    client_builder().build().expect("an HTTP client builds")
+}
+
+pub fn client_builder() -> reqwest::ClientBuilder {
+    traitline::install_tls();
+    reqwest::Client::builder()
 }
 
 /// Reads a whole topic from the beginning until the reader is caught up.

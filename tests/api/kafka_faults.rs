@@ -95,7 +95,7 @@ async fn outage_and_recovery() {
 /// A client that gives up after 15 s: a hang guard, far past the 1.5 s
 /// append bound these tests set.
 fn hang_guarded_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::helpers::client_builder()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap()
@@ -332,7 +332,7 @@ async fn a_hung_shutdown_exits_at_its_deadline() {
         &crate::helpers::env_refs(&env),
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let send = |id: &str| {
         client
             .post(service.url("/v1/track"))
@@ -448,7 +448,7 @@ async fn memory_stays_bounded_while_a_stalled_log_is_flooded() {
     );
 
     broker.signal("CONT");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     eventually(
         "a 2xx once the broker is back",
         Duration::from_secs(60),
@@ -489,7 +489,7 @@ async fn a_stalled_store_pauses_the_processor_and_memory_stays_bounded() {
         &crate::helpers::env_refs(&env),
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let applied = || async {
         let text = client
             .get(service.url("/metrics"))

@@ -21,6 +21,7 @@ mod helpers;
 mod auth;
 mod bench;
 mod definitions;
+mod destinations;
 mod durability;
 mod fuzz;
 mod kafka_faults;

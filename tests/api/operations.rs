@@ -36,7 +36,7 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
     assert!(saved["read"][0].as_str().unwrap().starts_with("tlr_"));
     assert!(saved["admin"][0].as_str().unwrap().starts_with("tla_"));
 
-    let response = reqwest::Client::new()
+    let response = crate::helpers::client()
         .post(service.url("/v1/track"))
         .basic_auth(&key, Some(""))
         .json(&json!({"userId": "u1", "event": "Signed Up"}))
@@ -58,7 +58,7 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
         "the profile of u1",
         std::time::Duration::from_secs(30),
         || async {
-            let response = reqwest::Client::new()
+            let response = crate::helpers::client()
                 .get(service.url("/v1/profiles/u1"))
                 .basic_auth(&read_key, Some(""))
                 .send()
@@ -277,7 +277,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         stream.write_all(head.as_bytes()).await.unwrap();
         halves.push((stream, rest.to_owned()));
     }
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     eventually(
         "every request in flight",
         Duration::from_secs(30),
@@ -355,7 +355,7 @@ async fn sigterm_under_load_loses_nothing_and_counts_each_event_once() {
     let mut senders = Vec::new();
     for sender in 0..8 {
         let (client, url, acknowledged) = (
-            reqwest::Client::new(),
+            crate::helpers::client(),
             service.url("/v1/track"),
             acknowledged.clone(),
         );
@@ -398,7 +398,7 @@ async fn sigterm_under_load_loses_nothing_and_counts_each_event_once() {
     for id in &acknowledged {
         assert!(stored.contains(id), "{id} got a 2xx and is stored");
     }
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let counted = || async {
         let profiles = restarted.profiles(&client).await;
         profiles
@@ -430,7 +430,7 @@ async fn log_lines_of_a_request_carry_its_request_id() {
     let mut refs = env_refs(&env);
     refs.push(("RUST_LOG", "info,traitline::telemetry=debug"));
     let service = ServiceProcess::start(dir.path(), "service", &[], &refs).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let send = |id: Option<&str>| {
         let mut request = client
             .post(service.url("/v1/track"))
@@ -500,7 +500,7 @@ async fn events_tail_prints_stored_records_as_json_lines() {
     let dir = TestDir::new();
     let env = embedded_env(dir.path());
     let service = ServiceProcess::start(dir.path(), "service", &[], &env_refs(&env)).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     for i in 0..3 {
         let response = client
             .post(service.url("/v1/identify"))

@@ -152,7 +152,7 @@ async fn an_address_with_too_many_failed_authentications_gets_429() {
     );
 
     // Another address (127.0.0.2 is loopback too) is not blocked.
-    let other = reqwest::Client::builder()
+    let other = crate::helpers::client_builder()
         .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
         .build()
         .unwrap();

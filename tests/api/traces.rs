@@ -80,7 +80,7 @@ async fn an_events_trace_covers_the_request_the_log_append_and_the_store_commit(
     let mut refs = env_refs(&env);
     refs.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
     let service = ServiceProcess::start(dir.path(), "service", &[], &refs).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
 
     // A caller's trace, continued.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -192,7 +192,7 @@ async fn without_an_endpoint_no_trace_context_is_stored() {
     let dir = TestDir::new();
     let env = embedded_env(dir.path());
     let service = ServiceProcess::start(dir.path(), "service", &[], &env_refs(&env)).await;
-    let answer = reqwest::Client::new()
+    let answer = crate::helpers::client()
         .post(service.url("/v1/track"))
         .basic_auth(WRITE_KEY, Some(""))
         .header(

@@ -64,6 +64,17 @@ impl Condition {
         Condition::compile_after(field, source, &[])
     }
 
+    /// Compiles a condition over records whose top-level fields are
+    /// `roots` (a destination's filter reads alerts, metric windows or
+    /// profile changes as well as envelopes).
+    pub fn compile_over(
+        field: &str,
+        source: &str,
+        roots: &'static [&'static str],
+    ) -> Result<Condition, DefinitionError> {
+        Condition::compile_with(field, source, &[], roots)
+    }
+
     /// Compiles a rule step's condition, which may also read the events
     /// earlier steps (`steps`) took: `small.amount` is the list of the
     /// `amount` property of each, as in `properties.amount > 10.0 *
@@ -73,6 +84,15 @@ impl Condition {
         source: &str,
         steps: &[&str],
     ) -> Result<Condition, DefinitionError> {
+        Condition::compile_with(field, source, steps, ENVELOPE_FIELDS)
+    }
+
+    fn compile_with(
+        field: &str,
+        source: &str,
+        steps: &[&str],
+        roots: &'static [&'static str],
+    ) -> Result<Condition, DefinitionError> {
         let program = cel::Program::compile(source).map_err(|e| {
             DefinitionError::new(field, format!("not a CEL expression: {}", first_line(&e)))
         })?;
@@ -80,7 +100,7 @@ impl Condition {
         let mut unknown: Vec<&str> = references
             .variables()
             .into_iter()
-            .filter(|v| !ENVELOPE_FIELDS.contains(v) && !steps.contains(v))
+            .filter(|v| !roots.contains(v) && !steps.contains(v))
             .collect();
         if !unknown.is_empty() {
             unknown.sort();
@@ -92,13 +112,13 @@ impl Condition {
             return Err(DefinitionError::new(
                 field,
                 format!(
-                    "unknown name {}: a condition reads the envelope's fields ({}){earlier}",
+                    "unknown name {}: a condition reads the fields {}{earlier}",
                     unknown
                         .iter()
                         .map(|u| format!("`{u}`"))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    ENVELOPE_FIELDS.join(", ")
+                    roots.join(", ")
                 ),
             ));
         }
@@ -108,13 +128,16 @@ impl Condition {
             .map(|s| (*s).to_owned())
             .collect();
         let (own, across) = if read.is_empty() {
-            (vec![Part::new(program.expression().clone())], Vec::new())
+            (
+                vec![Part::new(program.expression().clone(), roots)],
+                Vec::new(),
+            )
         } else {
             let mut conjuncts = Vec::new();
             conjuncts_of(program.expression(), &mut conjuncts);
             conjuncts
                 .into_iter()
-                .map(Part::new)
+                .map(|expr| Part::new(expr, roots))
                 .partition(|part| !read.iter().any(|s| part.expr.references().has_variable(s)))
         };
         Ok(Condition {
@@ -162,9 +185,9 @@ impl Condition {
 }
 
 impl Part {
-    fn new(expr: cel::IdedExpr) -> Part {
+    fn new(expr: cel::IdedExpr, roots: &'static [&'static str]) -> Part {
         let references = expr.references();
-        let reads = ENVELOPE_FIELDS
+        let reads = roots
             .iter()
             .copied()
             .filter(|f| references.has_variable(f))

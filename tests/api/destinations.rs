@@ -1,0 +1,554 @@
+//! Destinations end to end: webhooks defined through the admin API deliver
+//! every matching record to a receiver in the test, which checks each
+//! request's Standard Webhooks signature with an independent
+//! implementation (the `standardwebhooks` crate); a receiver that fails
+//! half the time or is down for a while loses nothing; a dead one makes
+//! dead letters after the budget; a 410 disables; private addresses and
+//! redirects to them are refused; secrets are never shown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use reqwest::Method;
+use serde_json::{Value, json};
+use traitline::log::Topics;
+
+use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, eventually, read_all, spawn_app_with};
+
+both_logs!(every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver);
+
+mod embedded_only {
+    use crate::helpers::Backend;
+
+    #[tokio::test]
+    async fn a_dead_endpoint_makes_dead_letters_after_the_budget() {
+        super::a_dead_endpoint_makes_dead_letters_after_the_budget(Backend::Embedded).await
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_answering_410_disables_its_destination_until_it_changes() {
+        super::an_endpoint_answering_410_disables_its_destination_until_it_changes(
+            Backend::Embedded,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn private_addresses_and_redirects_to_them_are_refused() {
+        super::private_addresses_and_redirects_to_them_are_refused(Backend::Embedded).await
+    }
+}
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// How the receiver answers.
+const HEALTHY: u8 = 0;
+/// Every other attempt fails (503), by a hash of the id and attempt.
+const FLAKY: u8 = 1;
+const DOWN: u8 = 2;
+const GONE: u8 = 3;
+/// 302 to the cloud metadata address.
+const REDIRECT: u8 = 4;
+
+#[derive(Default)]
+struct Seen {
+    /// Every request's `webhook-id`, in arrival order.
+    attempts: Vec<String>,
+    /// Ids answered 2xx, with their bodies.
+    delivered: BTreeMap<String, Value>,
+    /// Requests whose signature did not verify.
+    bad_signatures: usize,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    mode: Arc<AtomicU8>,
+    seen: Arc<Mutex<Seen>>,
+    verifier: Arc<standardwebhooks::Webhook>,
+}
+
+impl Receiver {
+    async fn start(mode: u8) -> (Receiver, SocketAddr) {
+        let receiver = Receiver {
+            mode: Arc::new(AtomicU8::new(mode)),
+            seen: Arc::default(),
+            verifier: Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap()),
+        };
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (receiver, address)
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().unwrap())
+    }
+}
+
+async fn receive(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, &'static str) {
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut seen = receiver.seen.lock().unwrap();
+    if receiver.verifier.verify(&body, &headers).is_err() {
+        seen.bad_signatures += 1;
+        return (StatusCode::UNAUTHORIZED, HeaderMap::new(), "bad signature");
+    }
+    seen.attempts.push(id.clone());
+    let tries = seen.attempts.iter().filter(|a| **a == id).count();
+    let mut answer = HeaderMap::new();
+    let status = match receiver.mode.load(Ordering::SeqCst) {
+        HEALTHY => StatusCode::OK,
+        FLAKY if (tries + id.len()) % 2 == 0 => StatusCode::SERVICE_UNAVAILABLE,
+        FLAKY => StatusCode::OK,
+        DOWN => StatusCode::SERVICE_UNAVAILABLE,
+        GONE => StatusCode::GONE,
+        _ => {
+            answer.insert(
+                "location",
+                "http://169.254.169.254/latest/meta-data/".parse().unwrap(),
+            );
+            StatusCode::FOUND
+        }
+    };
+    if status.is_success() {
+        seen.delivered
+            .insert(id, serde_json::from_slice(&body).unwrap_or(Value::Null));
+    }
+    (status, answer, "answered")
+}
+
+async fn send(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut request = app
+        .client
+        .request(method, app.url(path))
+        .basic_auth(key, Some(""));
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("the service answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn define(app: &TestApp, name: &str, body: &Value) -> Value {
+    let (status, stored) = send(
+        app,
+        Method::PUT,
+        &format!("/v1/destinations/{name}"),
+        ADMIN_KEY,
+        Some(body),
+    )
+    .await;
+    assert!(status.is_success(), "{status}: {stored}");
+    stored
+}
+
+async fn status_of(app: &TestApp, name: &str) -> Value {
+    let (status, shown) = send(
+        app,
+        Method::GET,
+        &format!("/v1/destinations/{name}"),
+        READ_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    shown["status"].clone()
+}
+
+/// Sends `events` track events of `event` for users `{tag}-u0` to
+/// `{tag}-u9`; their message ids.
+async fn track(app: &TestApp, event: &str, events: usize, tag: &str) -> Vec<String> {
+    let batch: Vec<Value> = (0..events)
+        .map(|i| {
+            json!({"type": "track", "event": event, "userId": format!("{tag}-u{}", i % 10),
+                   "messageId": format!("{tag}-{i}"), "properties": {"i": i}})
+        })
+        .collect();
+    let response = app.post("/v1/batch", &json!({"batch": batch})).await;
+    assert!(response.status().is_success(), "{}", response.status());
+    (0..events).map(|i| format!("{tag}-{i}")).collect()
+}
+
+fn webhook(address: SocketAddr, extra: Value) -> Value {
+    let mut body = json!({"kind": "webhook", "source": "user_events",
+        "url": format!("http://{address}/hook"), "secret": SECRET,
+        "backoff": "20ms", "backoff_max": "100ms"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver(
+    backend: Backend,
+) {
+    let (receiver, address) = Receiver::start(FLAKY).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    let stored = define(
+        &app,
+        "crm",
+        &webhook(address, json!({"where": "event == \"order.create\""})),
+    )
+    .await;
+    assert_eq!(
+        stored["definition"]["secret"],
+        json!("whsec_********"),
+        "{stored}"
+    );
+    assert!(
+        !stored.to_string().contains("MfKQ9r8"),
+        "the secret is never shown"
+    );
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(&app, "crm").await["state"] == json!("active") },
+    )
+    .await;
+
+    // Half the attempts fail.
+    let mut orders = track(&app, "order.create", 40, "flaky").await;
+    track(&app, "page.view", 40, "other").await;
+    eventually(
+        "the orders delivered through the flaky receiver",
+        Duration::from_secs(60),
+        || async {
+            let delivered = receiver.seen(|s| s.delivered.len());
+            (delivered >= orders.len())
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        },
+    )
+    .await;
+
+    // Down for a while: every attempt fails until it is back.
+    receiver.set(DOWN);
+    let down = track(&app, "order.create", 20, "down").await;
+    eventually(
+        "retries while the receiver is down",
+        Duration::from_secs(30),
+        || async {
+            let retried: BTreeSet<String> = receiver.seen(|s| {
+                s.attempts
+                    .iter()
+                    .filter(|a| a.starts_with("down"))
+                    .cloned()
+                    .collect()
+            });
+            retried.len() == down.len()
+        },
+    )
+    .await;
+    receiver.set(HEALTHY);
+    orders.extend(down);
+    eventually("every order delivered", Duration::from_secs(60), || async {
+        let delivered = receiver.seen(|s| s.delivered.len());
+        (delivered == orders.len())
+            .then_some(())
+            .ok_or(format!("{delivered} delivered"))
+    })
+    .await;
+
+    receiver.seen(|seen| {
+        assert_eq!(seen.bad_signatures, 0, "every request verifies");
+        let delivered: BTreeSet<&String> = seen.delivered.keys().collect();
+        let expected: BTreeSet<&String> = orders.iter().collect();
+        assert_eq!(
+            delivered, expected,
+            "exactly the orders, under their message ids"
+        );
+        for (id, body) in &seen.delivered {
+            assert_eq!(body["messageId"], json!(id), "the body is the event");
+            assert_eq!(body["event"], json!("order.create"));
+        }
+        let retried = seen
+            .attempts
+            .iter()
+            .filter(|a| seen.attempts.iter().filter(|b| b == a).count() > 1)
+            .count();
+        assert!(
+            retried > 0,
+            "some ids came again: the same id on every retry"
+        );
+    });
+
+    let status = status_of(&app, "crm").await;
+    assert_eq!(status["delivered"], json!(orders.len()), "{status}");
+    assert!(status["failed_attempts"].as_i64().unwrap() > 0, "{status}");
+    assert_eq!(status["dead_letters"], json!(0), "{status}");
+    let (_, attempts) = send(
+        &app,
+        Method::GET,
+        "/v1/destinations/crm/attempts?limit=1000",
+        READ_KEY,
+        None,
+    )
+    .await;
+    let outcomes: BTreeSet<&str> = attempts["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["outcome"].as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        BTreeSet::from(["delivered", "retrying"]),
+        "{attempts}"
+    );
+
+    // Each outcome is on user_deliveries, keyed by destination and user.
+    let topic = Topics::new(&app.config.topic_prefix).deliveries();
+    let delivered = eventually(
+        "the outcomes on user_deliveries",
+        Duration::from_secs(20),
+        || async {
+            let records = read_all(&app.config, &topic).await;
+            let delivered: BTreeSet<String> = records
+                .iter()
+                .filter_map(|r| serde_json::from_slice::<Value>(&r.value).ok())
+                .filter(|v| v["outcome"] == json!("delivered"))
+                .map(|v| v["delivery_id"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            (delivered.len() == orders.len()).then_some(records)
+        },
+    )
+    .await;
+    let key = String::from_utf8(delivered[0].key.clone().unwrap()).unwrap();
+    assert!(key.starts_with("crm:") && key.contains("-u"), "{key}");
+    app.stop().await;
+}
+
+async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
+    let (receiver, address) = Receiver::start(DOWN).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(
+        &app,
+        "dead",
+        &webhook(address, json!({"retry_for": "300ms"})),
+    )
+    .await;
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(&app, "dead").await["state"] == json!("active") },
+    )
+    .await;
+    let sent = track(&app, "order.create", 3, "dead").await;
+    let failures = eventually("three dead letters", Duration::from_secs(30), || async {
+        let (_, failures) = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/dead/failures",
+            READ_KEY,
+            None,
+        )
+        .await;
+        let list = failures["failures"].as_array().cloned().unwrap_or_default();
+        (list.len() == 3).then_some(list)
+    })
+    .await;
+    let ids: BTreeSet<&str> = failures
+        .iter()
+        .filter_map(|f| f["delivery_id"].as_str())
+        .collect();
+    assert_eq!(ids, sent.iter().map(String::as_str).collect());
+    for failure in &failures {
+        assert!(failure["attempts"].as_i64().unwrap() >= 2, "{failure}");
+        assert_eq!(
+            failure["record"]["event"],
+            json!("order.create"),
+            "{failure}"
+        );
+        assert!(
+            failure["reason"].as_str().unwrap().contains("answered"),
+            "{failure}"
+        );
+    }
+    let status = status_of(&app, "dead").await;
+    assert_eq!(status["dead_letters"], json!(3), "{status}");
+    assert_eq!(status["delivered"], json!(0), "{status}");
+    // Given up on is done: the position moves past them.
+    eventually(
+        "the destination caught up",
+        Duration::from_secs(10),
+        || async { status_of(&app, "dead").await["lag"] == json!(0) },
+    )
+    .await;
+    assert!(receiver.seen(|s| s.delivered.is_empty()));
+    app.stop().await;
+}
+
+async fn an_endpoint_answering_410_disables_its_destination_until_it_changes(backend: Backend) {
+    let (receiver, address) = Receiver::start(GONE).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(&app, "gone", &webhook(address, json!({}))).await;
+    let sent = track(&app, "order.create", 5, "gone").await;
+    let status = eventually(
+        "the destination disabled",
+        Duration::from_secs(20),
+        || async {
+            let status = status_of(&app, "gone").await;
+            (status["state"] == json!("disabled")).then_some(status)
+        },
+    )
+    .await;
+    assert!(
+        status["reason"].as_str().unwrap().contains("410"),
+        "{status}"
+    );
+    let ready = app.get_json("/readyz").await;
+    assert_eq!(
+        ready["destinations"]["gone"]["state"],
+        json!("disabled"),
+        "{ready}"
+    );
+    let attempts_when_disabled = receiver.seen(|s| s.attempts.len());
+    // Nothing more goes to it, and nothing was given up on: records stored
+    // and processed since are not attempted.
+    track(&app, "order.create", 2, "later").await;
+    app.wait_for_profile("later-u1", |_| true).await;
+    assert_eq!(receiver.seen(|s| s.attempts.len()), attempts_when_disabled);
+    assert_eq!(status_of(&app, "gone").await["dead_letters"], json!(0));
+
+    // The endpoint is back and the destination is defined again: every
+    // record comes, the ones sent while it was disabled too.
+    receiver.set(HEALTHY);
+    define(&app, "gone", &webhook(address, json!({"timeout": "5s"}))).await;
+    eventually(
+        "every record delivered after the change",
+        Duration::from_secs(30),
+        || async {
+            let delivered = receiver.seen(|s| s.delivered.len());
+            (delivered == sent.len() + 2)
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        },
+    )
+    .await;
+    assert_eq!(status_of(&app, "gone").await["state"], json!("active"));
+    app.stop().await;
+}
+
+async fn private_addresses_and_redirects_to_them_are_refused(backend: Backend) {
+    let (receiver, address) = Receiver::start(HEALTHY).await;
+    let app = spawn_app_with(backend, |_| {}).await;
+    for url in [
+        format!("http://{address}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{}/hook", address.port()),
+        "http://[::1]/hook".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.1.2.3/hook".to_owned(),
+    ] {
+        let (status, refused) = send(
+            &app,
+            Method::PUT,
+            "/v1/destinations/inside",
+            ADMIN_KEY,
+            Some(&json!({"kind": "webhook", "source": "user_events", "url": url})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {refused}");
+        assert_eq!(refused["error"]["field"], json!("url"), "{refused}");
+    }
+    // A name is checked on the addresses it resolves to, when connecting.
+    define(
+        &app,
+        "named",
+        &json!({"kind": "webhook", "source": "user_events",
+                "url": format!("http://localhost:{}/hook", address.port()),
+                "backoff": "20ms", "backoff_max": "50ms", "retry_for": "1h"}),
+    )
+    .await;
+    track(&app, "order.create", 1, "named").await;
+    let refused = eventually(
+        "an attempt refused at connect time",
+        Duration::from_secs(20),
+        || async {
+            let (_, attempts) = send(
+                &app,
+                Method::GET,
+                "/v1/destinations/named/attempts",
+                READ_KEY,
+                None,
+            )
+            .await;
+            attempts["attempts"]
+                .as_array()
+                .and_then(|a| a.first().cloned())
+        },
+    )
+    .await;
+    let why = refused["response"].as_str().unwrap();
+    assert!(
+        why.contains("loopback") && why.contains("destinations-allow-private"),
+        "{refused}"
+    );
+    assert_eq!(refused["status"], Value::Null, "{refused}");
+    assert!(
+        receiver.seen(|s| s.attempts.is_empty()),
+        "nothing reached the receiver"
+    );
+    app.stop().await;
+
+    // Allowed to reach the test's receiver, whose redirect to the metadata
+    // address is not followed.
+    receiver.set(REDIRECT);
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(&app, "redirected", &webhook(address, json!({}))).await;
+    track(&app, "order.create", 1, "redirected").await;
+    let attempt = eventually(
+        "a redirect not followed",
+        Duration::from_secs(20),
+        || async {
+            let (_, attempts) = send(
+                &app,
+                Method::GET,
+                "/v1/destinations/redirected/attempts",
+                READ_KEY,
+                None,
+            )
+            .await;
+            attempts["attempts"]
+                .as_array()
+                .and_then(|a| a.first().cloned())
+        },
+    )
+    .await;
+    assert_eq!(attempt["status"], json!(302), "{attempt}");
+    assert_eq!(attempt["outcome"], json!("retrying"), "{attempt}");
+    assert!(
+        attempt["response"]
+            .as_str()
+            .unwrap()
+            .contains("not followed"),
+        "{attempt}"
+    );
+    app.stop().await;
+}
