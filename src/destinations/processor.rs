@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::recorder::Recorder;
 use super::webhook::{Attempt, Sender, Verdict};
 use crate::definitions::DestinationSpec;
+use crate::definitions::destination::Ordering;
 use crate::log::StoredRecord;
 use crate::process::profiles::commit_error;
 use crate::process::{AtLeastOnce, Checkpoints, CommitError, OffsetAdvance, Rejected};
@@ -230,6 +231,13 @@ impl AtLeastOnce for Destination {
             .map(|k| String::from_utf8_lossy(k).into_owned());
         self.deliver(id, &record, key).await;
         Ok(())
+    }
+
+    fn in_order_of(&self, record: &StoredRecord) -> Option<Vec<u8>> {
+        match self.spec.ordering {
+            Ordering::PerUser => Some(record.key.clone().unwrap_or_default()),
+            Ordering::Unordered => None,
+        }
     }
 
     async fn save_positions(

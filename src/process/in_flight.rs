@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::dead_letters::DeadLetters;
@@ -36,6 +37,8 @@ struct Done {
     /// before the partition was fenced and read again is not counted.
     generation: u64,
     outcome: Result<(), Rejected>,
+    /// The key it was worked on in the order of, if any.
+    key: Option<Vec<u8>>,
 }
 
 /// Runs an [`AtLeastOnce`] processor over a topic.
@@ -52,6 +55,10 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     generations: HashMap<i32, u64>,
     /// Work finished since the positions were last saved.
     done_since_save: usize,
+    /// Per key worked on in order, the last record started (partition
+    /// and offset) and what resolves when its work ends: the key's next
+    /// record waits for it.
+    chains: HashMap<Vec<u8>, ((i32, i64), oneshot::Receiver<()>)>,
     tasks: JoinSet<Done>,
 }
 
@@ -75,6 +82,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             started_up_to: HashMap::new(),
             generations: HashMap::new(),
             done_since_save: 0,
+            chains: HashMap::new(),
             tasks: JoinSet::new(),
         }
     }
@@ -158,13 +166,28 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             self.started_up_to.insert(partition, offset + 1);
             let generation = self.generations.get(&partition).copied().unwrap_or(0);
             let processor = self.processor.clone();
+            let key = processor.in_order_of(&record);
+            // The key's previous record's work, which this one waits for;
+            // its own end is what the next one waits for. The sender goes
+            // with the task, so a panic or abort ends the wait too.
+            let (ended, waited) = oneshot::channel::<()>();
+            let previous = key.as_ref().and_then(|key| {
+                self.chains
+                    .insert(key.clone(), ((partition, offset), waited))
+                    .map(|(_, previous)| previous)
+            });
             self.tasks.spawn(async move {
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
                 let outcome = processor.handle(record).await;
+                drop(ended);
                 Done {
                     partition,
                     offset,
                     generation,
                     outcome,
+                    key,
                 }
             });
         }
@@ -194,6 +217,15 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             }
             Err(_) => return true,
         };
+        // The key's chain ends with this record unless a later one joined.
+        if let Some(key) = &done.key
+            && self
+                .chains
+                .get(key)
+                .is_some_and(|(last, _)| *last == (done.partition, done.offset))
+        {
+            self.chains.remove(key);
+        }
         if self.generations.get(&done.partition).copied().unwrap_or(0) != done.generation {
             return true;
         }

@@ -183,6 +183,13 @@ pub trait AtLeastOnce: Checkpoints {
     /// letter). A record it cannot handle at all comes back rejected.
     async fn handle(&self, record: StoredRecord) -> Result<(), Rejected>;
 
+    /// The key whose records are worked on one at a time, in offset
+    /// order (a destination's `ordering = "per-user"`: the record's key);
+    /// `None`, the default: the record's work starts at once.
+    fn in_order_of(&self, _record: &StoredRecord) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Stores each partition's position: the lowest offset whose work is
     /// not done. Fenced when the stored one is not `expected`.
     async fn save_positions(

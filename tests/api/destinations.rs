@@ -21,7 +21,10 @@ use traitline::log::Topics;
 
 use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, eventually, read_all, spawn_app_with};
 
-both_logs!(every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver);
+both_logs!(
+    every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver,
+    per_user_order_holds_for_a_delayed_user_and_others_go_on
+);
 
 mod embedded_only {
     use crate::helpers::Backend;
@@ -299,8 +302,16 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
         );
     });
 
-    let status = status_of(&app, "crm").await;
-    assert_eq!(status["delivered"], json!(orders.len()), "{status}");
+    // Outcomes are stored just after the receiver answers.
+    let status = eventually(
+        "every delivery recorded",
+        Duration::from_secs(10),
+        || async {
+            let status = status_of(&app, "crm").await;
+            (status["delivered"] == json!(orders.len())).then_some(status)
+        },
+    )
+    .await;
     assert!(status["failed_attempts"].as_i64().unwrap() > 0, "{status}");
     assert_eq!(status["dead_letters"], json!(0), "{status}");
     let (_, attempts) = send(
@@ -550,5 +561,125 @@ async fn private_addresses_and_redirects_to_them_are_refused(backend: Backend) {
             .contains("not followed"),
         "{attempt}"
     );
+    app.stop().await;
+}
+
+/// A receiver that holds the requests of user `slow` until the test lets
+/// them through (and fails the first), recording each user's arrivals and
+/// whether two of a user's requests were ever in flight at once.
+#[derive(Clone)]
+struct OrderReceiver {
+    gate: Arc<tokio::sync::Semaphore>,
+    seen: Arc<Mutex<OrderSeen>>,
+}
+
+#[derive(Default)]
+struct OrderSeen {
+    /// Per user, the message ids in the order their requests arrived.
+    arrivals: BTreeMap<String, Vec<String>>,
+    delivered: BTreeSet<String>,
+    in_flight: BTreeMap<String, usize>,
+    overlaps: usize,
+}
+
+async fn receive_in_order(State(receiver): State<OrderReceiver>, body: Bytes) -> StatusCode {
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    let user = event["userId"].as_str().unwrap().to_owned();
+    let id = event["messageId"].as_str().unwrap().to_owned();
+    let first_of_slow = {
+        let mut seen = receiver.seen.lock().unwrap();
+        let arrivals = seen.arrivals.entry(user.clone()).or_default();
+        arrivals.push(id.clone());
+        let first = user == "slow" && arrivals.len() == 1;
+        let in_flight = seen.in_flight.entry(user.clone()).or_default();
+        *in_flight += 1;
+        if *in_flight > 1 {
+            seen.overlaps += 1;
+        }
+        first
+    };
+    if user == "slow" {
+        receiver.gate.acquire().await.unwrap().forget();
+    }
+    let mut seen = receiver.seen.lock().unwrap();
+    *seen.in_flight.get_mut(&user).unwrap() -= 1;
+    if first_of_slow {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    seen.delivered.insert(id);
+    StatusCode::OK
+}
+
+async fn per_user_order_holds_for_a_delayed_user_and_others_go_on(backend: Backend) {
+    let receiver = OrderReceiver {
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        seen: Arc::default(),
+    };
+    let router = axum::Router::new()
+        .route("/hook", axum::routing::post(receive_in_order))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(
+        &app,
+        "ordered",
+        &json!({"kind": "webhook", "source": "user_events", "ordering": "per-user",
+                "url": format!("http://{address}/hook"), "backoff": "20ms", "backoff_max": "50ms"}),
+    )
+    .await;
+    let event = |user: String, id: String| json!({"type": "track", "event": "order.create", "userId": user, "messageId": id});
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.push(event("slow".into(), format!("s-{i}")));
+        for u in 0..10 {
+            batch.push(event(format!("fast-{u}"), format!("f-{u}-{i}")));
+        }
+    }
+    let response = app.post("/v1/batch", &json!({"batch": batch})).await;
+    assert!(response.status().is_success());
+
+    // Every other user's records arrive while the slow user's first is
+    // held, and its next ones wait behind it.
+    eventually(
+        "the other users delivered",
+        Duration::from_secs(30),
+        || async {
+            let delivered = receiver.seen.lock().unwrap().delivered.len();
+            (delivered == 50)
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        },
+    )
+    .await;
+    assert_eq!(
+        receiver.seen.lock().unwrap().arrivals["slow"],
+        vec!["s-0"],
+        "the slow user's later records wait for its first"
+    );
+
+    receiver.gate.add_permits(100);
+    eventually(
+        "the slow user delivered",
+        Duration::from_secs(30),
+        || async { receiver.seen.lock().unwrap().delivered.len() == 55 },
+    )
+    .await;
+    let seen = receiver.seen.lock().unwrap();
+    assert_eq!(
+        seen.overlaps, 0,
+        "one request of a user in flight at a time"
+    );
+    assert_eq!(
+        seen.arrivals["slow"],
+        vec!["s-0", "s-0", "s-1", "s-2", "s-3", "s-4"],
+        "a failed record is retried before the user's next"
+    );
+    for u in 0..10 {
+        let expected: Vec<String> = (0..5).map(|i| format!("f-{u}-{i}")).collect();
+        assert_eq!(seen.arrivals[&format!("fast-{u}")], expected);
+    }
+    drop(seen);
     app.stop().await;
 }
