@@ -29,6 +29,10 @@ pub struct InFlightSettings {
     pub save_every: Duration,
 }
 
+/// The last record of a key's chain (partition and offset) and what
+/// resolves when its work ends.
+type Link = ((i32, i64), oneshot::Receiver<()>);
+
 /// What one finished piece of work reports.
 struct Done {
     partition: i32,
@@ -58,7 +62,7 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     /// Per key worked on in order, the last record started (partition
     /// and offset) and what resolves when its work ends: the key's next
     /// record waits for it.
-    chains: HashMap<Vec<u8>, ((i32, i64), oneshot::Receiver<()>)>,
+    chains: HashMap<Vec<u8>, Link>,
     tasks: JoinSet<Done>,
 }
 

@@ -666,20 +666,19 @@ async fn per_user_order_holds_for_a_delayed_user_and_others_go_on(backend: Backe
         || async { receiver.seen.lock().unwrap().delivered.len() == 55 },
     )
     .await;
-    let seen = receiver.seen.lock().unwrap();
+    let (overlaps, arrivals) = {
+        let seen = receiver.seen.lock().unwrap();
+        (seen.overlaps, seen.arrivals.clone())
+    };
+    assert_eq!(overlaps, 0, "one request of a user in flight at a time");
     assert_eq!(
-        seen.overlaps, 0,
-        "one request of a user in flight at a time"
-    );
-    assert_eq!(
-        seen.arrivals["slow"],
+        arrivals["slow"],
         vec!["s-0", "s-0", "s-1", "s-2", "s-3", "s-4"],
         "a failed record is retried before the user's next"
     );
     for u in 0..10 {
         let expected: Vec<String> = (0..5).map(|i| format!("f-{u}-{i}")).collect();
-        assert_eq!(seen.arrivals[&format!("fast-{u}")], expected);
+        assert_eq!(arrivals[&format!("fast-{u}")], expected);
     }
-    drop(seen);
     app.stop().await;
 }
