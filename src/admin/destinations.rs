@@ -42,8 +42,10 @@ pub struct DestinationEntry {
 /// What a destination is doing and did in the last hour.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DestinationStatus {
-    /// `active`, `disabled` (an endpoint answered 410; a new version
-    /// resumes) or `failed` (its runner is being restarted).
+    /// `active`, `paused` (its circuit breaker is open: one probe at a
+    /// time until the endpoint answers), `disabled` (an endpoint answered
+    /// 410; a new version resumes) or `failed` (its runner is being
+    /// restarted).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -7,6 +7,7 @@
 //! definition changes.
 
 pub mod address;
+mod breaker;
 mod processor;
 pub mod recorder;
 pub mod signature;
@@ -40,8 +41,10 @@ const SAVE_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DestinationState {
     pub version: i64,
-    /// `active`, `disabled` (an endpoint answered 410; a new version
-    /// resumes) or `failed` (its runner stopped; it is started again).
+    /// `active`, `paused` (its circuit breaker is open: one probe at a
+    /// time until the endpoint answers), `disabled` (an endpoint answered
+    /// 410; a new version resumes) or `failed` (its runner stopped; it is
+    /// started again).
     pub state: &'static str,
     /// Records of its topic not yet done, when known.
     pub lag: Option<i64>,
@@ -59,6 +62,7 @@ struct Shown {
     /// Why its endpoint disabled it, as soon as it has (the stage stops
     /// the runner at its next look).
     disabled: Option<watch::Receiver<Option<String>>>,
+    breaker: Option<Arc<breaker::Breaker>>,
 }
 
 /// The destinations this process runs, as they are now.
@@ -101,9 +105,10 @@ impl Shown {
         if let Some(why) = self.disabled.as_ref().and_then(|d| d.borrow().clone()) {
             return Shown::disabled(self.version, why).state();
         }
+        let paused = self.breaker.as_ref().is_some_and(|b| b.paused());
         DestinationState {
             version: self.version,
-            state: self.state,
+            state: if paused { "paused" } else { self.state },
             lag: stats.as_ref().and_then(|s| s.lag()),
             done: stats.as_ref().map_or(0, |s| s.applied),
             reason: self
@@ -238,6 +243,7 @@ impl Stage {
                         reason: Some(cause),
                         stats: None,
                         disabled: None,
+                        breaker: None,
                     }),
                 );
             }
@@ -318,6 +324,7 @@ impl Stage {
             recorder.clone(),
         ));
         let disabled = destination.disabled();
+        let breaker = destination.breaker();
         let runner = InFlightRunner::new(destination, reader, self.log.clone(), settings);
         self.shown.show(
             &name,
@@ -327,6 +334,7 @@ impl Stage {
                 reason: None,
                 stats: Some(runner.stats()),
                 disabled: Some(disabled.clone()),
+                breaker: Some(breaker),
             }),
         );
         let (stop, stopped) = watch::channel(false);
@@ -362,6 +370,7 @@ impl Shown {
             reason: Some(why),
             stats: None,
             disabled: None,
+            breaker: None,
         }
     }
 }

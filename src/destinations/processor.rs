@@ -6,12 +6,14 @@
 //! work is done.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::breaker::{Admission, Breaker};
 use super::recorder::Recorder;
 use super::webhook::{Attempt, Sender, Verdict};
 use crate::definitions::DestinationSpec;
@@ -36,6 +38,7 @@ pub struct Destination {
     recorder: Recorder,
     /// Why the destination stopped delivering (a 410), once it has.
     disabled: watch::Sender<Option<String>>,
+    breaker: Arc<Breaker>,
 }
 
 impl Destination {
@@ -47,7 +50,12 @@ impl Destination {
         store: Store,
         recorder: Recorder,
     ) -> Destination {
+        let breaker = Arc::new(Breaker::new(
+            spec.webhook.backoff.max(Duration::from_secs(1)),
+            spec.webhook.backoff_max,
+        ));
         Destination {
+            breaker,
             processor: processor_name(&spec.name),
             spec,
             version,
@@ -57,6 +65,11 @@ impl Destination {
             recorder,
             disabled: watch::channel(None).0,
         }
+    }
+
+    /// Its endpoint's circuit breaker.
+    pub fn breaker(&self) -> Arc<Breaker> {
+        self.breaker.clone()
     }
 
     /// Resolves when an endpoint disabled the destination, with why.
@@ -70,13 +83,45 @@ impl Destination {
     async fn deliver(&self, id: String, record: &StoredRecord, key: Option<String>) {
         let webhook = &self.spec.webhook;
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + webhook.retry_for;
         let mut attempt = 0;
+        let mut last: Option<Attempt> = None;
         loop {
             if self.disabled.borrow().is_some() {
                 std::future::pending::<()>().await;
             }
+            let probe = match self.breaker.admit(deadline).await {
+                Admission::Go { probe } => probe,
+                Admission::Expired => {
+                    let paused = Attempt {
+                        status: None,
+                        latency: Duration::ZERO,
+                        response: format!(
+                            "the endpoint stayed paused by the circuit breaker past the retry budget; the last attempt: {}",
+                            last.map_or_else(String::new, |a| a.response)
+                        ),
+                        verdict: Verdict::Retry { after: None },
+                    };
+                    let body = String::from_utf8_lossy(&record.value).into_owned();
+                    let dead = self.outcome(
+                        &id,
+                        attempt,
+                        record,
+                        key,
+                        "dead_letter",
+                        &paused,
+                        Some(body),
+                    );
+                    self.recorder.record_final(dead).await;
+                    return;
+                }
+            };
             attempt += 1;
+            let mut unanswered = Unanswered(probe.then_some(&*self.breaker));
             let tried = self.sender.attempt(webhook, &id, &record.value).await;
+            unanswered.0 = None;
+            self.breaker
+                .record(tried.verdict == Verdict::Delivered, probe);
             let outcome = |what: &str, body: Option<String>| {
                 self.outcome(&id, attempt, record, key.clone(), what, &tried, body)
             };
@@ -105,6 +150,7 @@ impl Destination {
                         return;
                     }
                     self.recorder.record(outcome("retrying", None)).await;
+                    last = Some(tried);
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -155,6 +201,18 @@ impl Destination {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.disabled.send_replace(Some(why));
+    }
+}
+
+/// A probe whose attempt ends without an answer (its task is dropped)
+/// lets another attempt be the probe.
+struct Unanswered<'a>(Option<&'a Breaker>);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.abandon_probe();
+        }
     }
 }
 

@@ -43,6 +43,11 @@ mod embedded_only {
     }
 
     #[tokio::test]
+    async fn a_failing_endpoint_is_paused_and_probed_then_resumes() {
+        super::a_failing_endpoint_is_paused_and_probed_then_resumes(Backend::Embedded).await
+    }
+
+    #[tokio::test]
     async fn private_addresses_and_redirects_to_them_are_refused() {
         super::private_addresses_and_redirects_to_them_are_refused(Backend::Embedded).await
     }
@@ -67,6 +72,10 @@ struct Seen {
     delivered: BTreeMap<String, Value>,
     /// Requests whose signature did not verify.
     bad_signatures: usize,
+    in_flight: usize,
+    /// Since [`Receiver::mark`]: requests, and most in flight at once.
+    since_mark: usize,
+    most_in_flight_since_mark: usize,
 }
 
 #[derive(Clone)]
@@ -99,6 +108,12 @@ impl Receiver {
     fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
         f(&self.seen.lock().unwrap())
     }
+
+    fn mark(&self) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.since_mark = 0;
+        seen.most_in_flight_since_mark = 0;
+    }
 }
 
 async fn receive(
@@ -111,15 +126,27 @@ async fn receive(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let mut seen = receiver.seen.lock().unwrap();
-    if receiver.verifier.verify(&body, &headers).is_err() {
-        seen.bad_signatures += 1;
-        return (StatusCode::UNAUTHORIZED, HeaderMap::new(), "bad signature");
+    let mode = receiver.mode.load(Ordering::SeqCst);
+    let tries = {
+        let mut seen = receiver.seen.lock().unwrap();
+        if receiver.verifier.verify(&body, &headers).is_err() {
+            seen.bad_signatures += 1;
+            return (StatusCode::UNAUTHORIZED, HeaderMap::new(), "bad signature");
+        }
+        seen.attempts.push(id.clone());
+        seen.in_flight += 1;
+        seen.since_mark += 1;
+        seen.most_in_flight_since_mark = seen.most_in_flight_since_mark.max(seen.in_flight);
+        seen.attempts.iter().filter(|a| **a == id).count()
+    };
+    if mode == DOWN {
+        // Slow to fail, so attempts that overlap show.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    seen.attempts.push(id.clone());
-    let tries = seen.attempts.iter().filter(|a| **a == id).count();
+    let mut seen = receiver.seen.lock().unwrap();
+    seen.in_flight -= 1;
     let mut answer = HeaderMap::new();
-    let status = match receiver.mode.load(Ordering::SeqCst) {
+    let status = match mode {
         HEALTHY => StatusCode::OK,
         FLAKY if (tries + id.len()) % 2 == 0 => StatusCode::SERVICE_UNAVAILABLE,
         FLAKY => StatusCode::OK,
@@ -680,5 +707,50 @@ async fn per_user_order_holds_for_a_delayed_user_and_others_go_on(backend: Backe
         let expected: Vec<String> = (0..5).map(|i| format!("f-{u}-{i}")).collect();
         assert_eq!(arrivals[&format!("fast-{u}")], expected);
     }
+    app.stop().await;
+}
+
+async fn a_failing_endpoint_is_paused_and_probed_then_resumes(backend: Backend) {
+    let (receiver, address) = Receiver::start(DOWN).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(
+        &app,
+        "failing",
+        &webhook(address, json!({"retry_for": "1h"})),
+    )
+    .await;
+    let sent = track(&app, "order.create", 30, "paused").await;
+    eventually("the endpoint paused", Duration::from_secs(30), || async {
+        status_of(&app, "failing").await["state"] == json!("paused")
+    })
+    .await;
+    let attempts_before = receiver.seen(|s| s.attempts.len());
+    assert!(
+        attempts_before >= 20,
+        "{attempts_before} attempts paused it"
+    );
+    // While paused, one probe at a time, each after a pause.
+    receiver.mark();
+    eventually("two probes", Duration::from_secs(30), || async {
+        receiver.seen(|s| s.since_mark >= 2)
+    })
+    .await;
+    receiver.seen(|s| assert_eq!(s.most_in_flight_since_mark, 1, "one probe at a time"));
+    assert_eq!(status_of(&app, "failing").await["dead_letters"], json!(0));
+
+    // The endpoint is back: the next probe resumes every delivery.
+    receiver.set(HEALTHY);
+    eventually(
+        "every record delivered",
+        Duration::from_secs(30),
+        || async {
+            let delivered = receiver.seen(|s| s.delivered.len());
+            (delivered == sent.len())
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        },
+    )
+    .await;
+    assert_eq!(status_of(&app, "failing").await["state"], json!("active"));
     app.stop().await;
 }
