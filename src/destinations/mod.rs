@@ -35,7 +35,7 @@ pub use webhook::Sender;
 /// How often the stage looks for changed definitions.
 const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
 /// How often a runner stores its positions while deliveries complete.
-const SAVE_EVERY: Duration = Duration::from_millis(500);
+const SAVE_EVERY: Duration = Duration::from_millis(200);
 
 /// How a destination runs in this process, for `/readyz` and the API.
 #[derive(Debug, Clone, Serialize, PartialEq)]

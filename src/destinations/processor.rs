@@ -302,9 +302,17 @@ impl AtLeastOnce for Destination {
         &self,
         topic: &str,
         offsets: Vec<OffsetAdvance>,
+        done: &HashMap<i32, Vec<(i64, i64)>>,
     ) -> Result<(), CommitError> {
         self.store
-            .save_positions(&self.processor, topic, &offsets)
+            .save_positions(&self.processor, topic, &offsets, done)
+            .await
+            .map_err(commit_error)
+    }
+
+    async fn stored_done(&self, topic: &str) -> Result<HashMap<i32, Vec<(i64, i64)>>, CommitError> {
+        self.store
+            .done_above(&self.processor, topic)
             .await
             .map_err(commit_error)
     }

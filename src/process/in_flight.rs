@@ -63,6 +63,12 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     /// and offset) and what resolves when its work ends: the key's next
     /// record waits for it.
     chains: HashMap<Vec<u8>, Link>,
+    /// Per partition, offsets above the stored position whose work a
+    /// runner before this one finished (ranges `[from, to)`): skipped.
+    done_before: HashMap<i32, Vec<(i64, i64)>>,
+    /// Per partition, the finished ranges above its position as last
+    /// saved.
+    saved_done: HashMap<i32, Vec<(i64, i64)>>,
     tasks: JoinSet<Done>,
 }
 
@@ -87,6 +93,8 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             generations: HashMap::new(),
             done_since_save: 0,
             chains: HashMap::new(),
+            done_before: HashMap::new(),
+            saved_done: HashMap::new(),
             tasks: JoinSet::new(),
         }
     }
@@ -103,6 +111,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     pub async fn run(mut self, stop: impl Future<Output = ()> + Send) -> Result<(), String> {
         tokio::pin!(stop);
         self.reading.start(self.processor.as_ref()).await;
+        self.load_done(None).await;
         let mut last_save = Instant::now();
         loop {
             while let Some(joined) = self.tasks.try_join_next() {
@@ -164,6 +173,15 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 .is_some_and(|&next| offset < next)
             {
                 // Already being worked on (a re-read after a seek back).
+                continue;
+            }
+            if self
+                .done_before
+                .get(&partition)
+                .is_some_and(|done| done.iter().any(|&(from, to)| (from..to).contains(&offset)))
+            {
+                // Finished by the runner before this one.
+                self.started_up_to.insert(partition, offset + 1);
                 continue;
             }
             self.unfinished.entry(partition).or_default().insert(offset);
@@ -246,43 +264,103 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
         true
     }
 
-    /// Where each partition can be saved: its lowest unfinished offset,
-    /// else past the last record started.
-    fn positions(&self) -> Vec<OffsetAdvance> {
-        self.started_up_to
-            .iter()
-            .filter_map(|(&partition, &after_last)| {
-                let next = self
-                    .unfinished
-                    .get(&partition)
-                    .and_then(|offsets| offsets.first().copied())
-                    .unwrap_or(after_last);
-                let expected = self.reading.expected(partition);
-                (expected != Some(next)).then_some(OffsetAdvance {
+    /// Reads the work finished above the stored positions (of
+    /// `partitions`, or all): what a runner before this one did.
+    async fn load_done(&mut self, partitions: Option<&[i32]>) {
+        let topic = self.settings.runner.topic.clone();
+        let stored = match self.processor.stored_done(&topic).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Only costs repeating finished work.
+                tracing::warn!(
+                    "cannot read the finished work above the positions of {topic}: {e}; it is done again"
+                );
+                HashMap::new()
+            }
+        };
+        match partitions {
+            None => self.done_before = stored,
+            Some(partitions) => {
+                for partition in partitions {
+                    match stored.get(partition) {
+                        Some(done) => self.done_before.insert(*partition, done.clone()),
+                        None => self.done_before.remove(partition),
+                    };
+                }
+            }
+        }
+        self.saved_done = self.done_before.clone();
+    }
+
+    /// Where each partition can be saved: its lowest unfinished offset
+    /// (else past the last record started), with the ranges finished
+    /// above it; only partitions where either changed.
+    fn positions(&self) -> (Vec<OffsetAdvance>, HashMap<i32, Vec<(i64, i64)>>) {
+        let mut advances = Vec::new();
+        let mut finished = HashMap::new();
+        for (&partition, &after_last) in &self.started_up_to {
+            let unfinished = self.unfinished.get(&partition);
+            let next = unfinished
+                .and_then(|offsets| offsets.first().copied())
+                .unwrap_or(after_last);
+            let mut done = Vec::new();
+            // Between unfinished offsets, and after the last up to the
+            // last record started, all is finished.
+            let mut low: Option<i64> = None;
+            for &offset in unfinished.into_iter().flatten() {
+                if let Some(low) = low
+                    && offset > low + 1
+                {
+                    done.push((low + 1, offset));
+                }
+                low = Some(offset);
+            }
+            if let Some(low) = low
+                && after_last > low + 1
+            {
+                done.push((low + 1, after_last));
+            }
+            // What an earlier runner finished that this one has not read.
+            for &(from, to) in self.done_before.get(&partition).into_iter().flatten() {
+                let from = from.max(after_last);
+                if to > from {
+                    done.push((from, to));
+                }
+            }
+            let expected = self.reading.expected(partition);
+            let saved = self
+                .saved_done
+                .get(&partition)
+                .map_or(&[][..], Vec::as_slice);
+            if expected != Some(next) || saved != done.as_slice() {
+                advances.push(OffsetAdvance {
                     partition,
                     expected,
                     next,
-                })
-            })
-            .collect()
+                });
+                finished.insert(partition, done);
+            }
+        }
+        (advances, finished)
     }
 
     /// Saves the positions that moved. A fenced partition is read again
     /// from the store (its unfinished work is forgotten: its records come
     /// again); other failures are tried at the next save.
     async fn save(&mut self) {
-        let positions = self.positions();
+        let (positions, finished) = self.positions();
         if positions.is_empty() {
             return;
         }
         let topic = self.settings.runner.topic.clone();
         match self
             .processor
-            .save_positions(&topic, positions.clone())
+            .save_positions(&topic, positions.clone(), &finished)
             .await
         {
             Ok(()) => {
                 self.reading.committed(&positions);
+                self.saved_done.extend(finished);
                 let outcome = Committed {
                     applied: std::mem::take(&mut self.done_since_save),
                     duplicates: 0,
@@ -304,6 +382,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 self.reading
                     .seek_to_store(&partitions, self.processor.as_ref())
                     .await;
+                self.load_done(Some(&partitions)).await;
             }
             Err(e) => {
                 tracing::warn!("cannot save the positions of {topic}: {e}; trying again");

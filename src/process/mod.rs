@@ -190,13 +190,20 @@ pub trait AtLeastOnce: Checkpoints {
         None
     }
 
-    /// Stores each partition's position: the lowest offset whose work is
-    /// not done. Fenced when the stored one is not `expected`.
+    /// Stores each partition's position (the lowest offset whose work is
+    /// not done) and the work done above it (`done`: per partition,
+    /// ranges `[from, to)` of offsets), so a restart redoes only what was
+    /// unfinished. Fenced when the stored position is not `expected`.
     async fn save_positions(
         &self,
         topic: &str,
         offsets: Vec<OffsetAdvance>,
+        done: &HashMap<i32, Vec<(i64, i64)>>,
     ) -> Result<(), CommitError>;
+
+    /// The work done above each partition's stored position, as
+    /// [`AtLeastOnce::save_positions`] stored it.
+    async fn stored_done(&self, topic: &str) -> Result<HashMap<i32, Vec<(i64, i64)>>, CommitError>;
 }
 
 /// How a runner reads.

@@ -385,6 +385,8 @@ struct Deliverer {
 #[derive(Default)]
 struct Delivered {
     positions: HashMap<i32, i64>,
+    /// Per partition, the ranges saved as finished above its position.
+    finished: HashMap<i32, Vec<(i64, i64)>>,
     done: BTreeSet<(i32, i64)>,
     /// How many times each record's work ran to its end.
     deliveries: HashMap<(i32, i64), usize>,
@@ -424,13 +426,15 @@ impl AtLeastOnce for Deliverer {
         &self,
         _topic: &str,
         offsets: Vec<OffsetAdvance>,
+        finished: &HashMap<i32, Vec<(i64, i64)>>,
     ) -> Result<(), CommitError> {
         let mut state = self.state.lock().unwrap();
         for advance in &offsets {
             if state.positions.get(&advance.partition).copied() != advance.expected {
                 return Err(fenced(advance.partition));
             }
-            for offset in 0..advance.next {
+            let above = finished.get(&advance.partition).into_iter().flatten();
+            for offset in (0..advance.next).chain(above.flat_map(|&(from, to)| from..to)) {
                 assert!(
                     state.done.contains(&(advance.partition, offset)),
                     "position {} of partition {} passes unfinished record {offset}",
@@ -441,9 +445,21 @@ impl AtLeastOnce for Deliverer {
         }
         for advance in offsets {
             state.positions.insert(advance.partition, advance.next);
+            let ranges = finished
+                .get(&advance.partition)
+                .cloned()
+                .unwrap_or_default();
+            state.finished.insert(advance.partition, ranges);
         }
         state.saves += 1;
         Ok(())
+    }
+
+    async fn stored_done(
+        &self,
+        _topic: &str,
+    ) -> Result<HashMap<i32, Vec<(i64, i64)>>, CommitError> {
+        Ok(self.state.lock().unwrap().finished.clone())
     }
 }
 
@@ -482,12 +498,16 @@ async fn in_flight_work_moves_the_position_only_past_finished_records() {
     }
     stop.send(true).unwrap();
     running.await.unwrap().unwrap();
-    let saved_at_stop = {
+    let (saved_at_stop, finished_at_stop) = {
         let state = deliverer.state.lock().unwrap();
         assert!(state.done.len() < expected.len(), "stopped mid-way");
         assert!(state.saves > 0);
-        state.positions.clone()
+        (state.positions.clone(), state.finished.clone())
     };
+    assert!(
+        finished_at_stop.values().any(|r| !r.is_empty()),
+        "work finished above a position was saved: {finished_at_stop:?}"
+    );
 
     let second = InFlightRunner::new(
         deliverer.clone(),
@@ -521,6 +541,13 @@ async fn in_flight_work_moves_the_position_only_past_finished_records() {
             assert!(
                 offset >= saved_at_stop.get(&partition).copied().unwrap_or(0),
                 "only work past the saved position is done again ({partition}/{offset})"
+            );
+            let finished = finished_at_stop.get(&partition).into_iter().flatten();
+            assert!(
+                !finished
+                    .clone()
+                    .any(|&(from, to)| (from..to).contains(&offset)),
+                "work saved as finished is not done again ({partition}/{offset})"
             );
         }
     }

@@ -3,6 +3,8 @@
 //! an endpoint stopped it. Positions live in `processor_offsets` as every
 //! processor's do (processor `destination:{name}`).
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -67,17 +69,42 @@ const PERCENTILE_SAMPLE: i64 = 10_000;
 
 impl Store {
     /// Moves an at-least-once processor's positions (fenced as a batch's
-    /// offsets are).
+    /// offsets are), with the ranges of offsets finished above each.
     pub async fn save_positions(
         &self,
         processor: &str,
         topic: &str,
         offsets: &[OffsetAdvance],
+        done: &HashMap<i32, Vec<(i64, i64)>>,
     ) -> Result<(), StoreError> {
         let dialect = self.dialect;
-        let now = super::now_ms();
-        super::in_write_transaction!(self, self.begin_write(), |tx| Conn::Any(tx, dialect)
-            .advance_offsets(processor, topic, offsets, now))
+        super::in_write_transaction!(self, self.begin_write(), |tx| save_in(
+            tx, dialect, processor, topic, offsets, done
+        ))
+    }
+
+    /// The ranges of offsets finished above each partition's position.
+    pub async fn done_above(
+        &self,
+        processor: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, Vec<(i64, i64)>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT partition, done_above FROM processor_offsets \
+             WHERE processor = $1 AND topic = $2 AND done_above IS NOT NULL",
+        )
+        .bind(processor)
+        .bind(topic)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut done = HashMap::new();
+        for row in rows {
+            let text: String = row.try_get(1)?;
+            let ranges: Vec<(i64, i64)> = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("done_above of {processor}: {e}")))?;
+            done.insert(row.try_get(0)?, ranges);
+        }
+        Ok(done)
     }
 
     /// Stores attempts' outcomes: a dead letter is kept until replayed,
@@ -269,6 +296,33 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+async fn save_in(
+    tx: &mut AnyConnection,
+    dialect: super::Dialect,
+    processor: &str,
+    topic: &str,
+    offsets: &[OffsetAdvance],
+    done: &HashMap<i32, Vec<(i64, i64)>>,
+) -> Result<(), StoreError> {
+    Conn::Any(&mut *tx, dialect)
+        .advance_offsets(processor, topic, offsets, super::now_ms())
+        .await?;
+    for advance in offsets {
+        let ranges = done.get(&advance.partition).filter(|r| !r.is_empty());
+        sqlx::query(
+            "UPDATE processor_offsets SET done_above = $1 \
+             WHERE processor = $2 AND topic = $3 AND partition = $4",
+        )
+        .bind(ranges.map(|r| serde_json::to_string(r).expect("ranges serialize")))
+        .bind(processor)
+        .bind(topic)
+        .bind(advance.partition)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 const ATTEMPT_COLUMNS: &str = "attempt_id, destination, version, delivery_id, attempt, partition, \

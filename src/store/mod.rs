@@ -427,6 +427,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "destinations' attempts, dead letters and states",
         include_str!("migrations/version_13.sql"),
     );
+    let done_above = migration(
+        14,
+        "work finished above an at-least-once processor's position",
+        include_str!("migrations/version_14.sql"),
+    );
     let rules = migration(
         12,
         "pattern rules' partial matches and alerts",
@@ -455,6 +460,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             ),
             rules,
             deliveries,
+            done_above,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -469,6 +475,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             // SQLite has no migration 11 (PostgreSQL's page fill).
             rules,
             deliveries,
+            done_above,
         ],
     }
 }
