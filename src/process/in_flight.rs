@@ -33,6 +33,9 @@ pub struct InFlightSettings {
 /// resolves when its work ends.
 type Link = ((i32, i64), oneshot::Receiver<()>);
 
+/// Per partition, ranges `[from, to)` of offsets whose work is done.
+type Finished = HashMap<i32, Vec<(i64, i64)>>;
+
 /// What one finished piece of work reports.
 struct Done {
     partition: i32,
@@ -65,10 +68,10 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     chains: HashMap<Vec<u8>, Link>,
     /// Per partition, offsets above the stored position whose work a
     /// runner before this one finished (ranges `[from, to)`): skipped.
-    done_before: HashMap<i32, Vec<(i64, i64)>>,
+    done_before: Finished,
     /// Per partition, the finished ranges above its position as last
     /// saved.
-    saved_done: HashMap<i32, Vec<(i64, i64)>>,
+    saved_done: Finished,
     tasks: JoinSet<Done>,
 }
 
@@ -295,7 +298,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     /// Where each partition can be saved: its lowest unfinished offset
     /// (else past the last record started), with the ranges finished
     /// above it; only partitions where either changed.
-    fn positions(&self) -> (Vec<OffsetAdvance>, HashMap<i32, Vec<(i64, i64)>>) {
+    fn positions(&self) -> (Vec<OffsetAdvance>, Finished) {
         let mut advances = Vec::new();
         let mut finished = HashMap::new();
         for (&partition, &after_last) in &self.started_up_to {
