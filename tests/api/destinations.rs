@@ -19,7 +19,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use traitline::log::Topics;
 
-use crate::helpers::{ADMIN_KEY, Backend, READ_KEY, TestApp, eventually, read_all, spawn_app_with};
+use crate::helpers::{
+    ADMIN_KEY, Backend, READ_KEY, ServiceProcess, TestApp, TestDir, WRITE_KEY, embedded_env,
+    env_refs, eventually, read_all, spawn_app_with,
+};
 
 both_logs!(
     every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver,
@@ -28,6 +31,11 @@ both_logs!(
 
 mod embedded_only {
     use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those() {
+        super::a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those().await
+    }
 
     #[tokio::test]
     async fn a_dead_endpoint_makes_dead_letters_after_the_budget() {
@@ -753,4 +761,112 @@ async fn a_failing_endpoint_is_paused_and_probed_then_resumes(backend: Backend) 
     .await;
     assert_eq!(status_of(&app, "failing").await["state"], json!("active"));
     app.stop().await;
+}
+
+/// Counts each id's deliveries; every answer takes 400 ms, so deliveries
+/// are in flight when the service is killed.
+#[derive(Clone, Default)]
+struct SlowReceiver {
+    delivered: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+async fn receive_slowly(State(receiver): State<SlowReceiver>, headers: HeaderMap) -> StatusCode {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let id = headers["webhook-id"].to_str().unwrap().to_owned();
+    *receiver.delivered.lock().unwrap().entry(id).or_default() += 1;
+    StatusCode::OK
+}
+
+async fn a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those() {
+    const IN_FLIGHT: usize = 10;
+    let receiver = SlowReceiver::default();
+    let router = axum::Router::new()
+        .route("/hook", axum::routing::post(receive_slowly))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let dir = TestDir::new();
+    let mut env = embedded_env(dir.path());
+    env.push(("TRAITLINE_DESTINATIONS_ALLOW_PRIVATE", "true".into()));
+    let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let client = crate::helpers::client();
+    let defined = client
+        .put(service.url("/v1/destinations/slow"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .json(&json!({"kind": "webhook", "source": "user_events",
+                      "url": format!("http://{address}/hook"), "max_in_flight": IN_FLIGHT}))
+        .send()
+        .await
+        .unwrap();
+    assert!(defined.status().is_success());
+    // Records stored before a destination exists are not its own: wait
+    // until it is running.
+    eventually(
+        "the destination running",
+        Duration::from_secs(10),
+        || async {
+            let ready: Value = client
+                .get(service.url("/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            ready["destinations"]["slow"]["state"] == json!("active")
+        },
+    )
+    .await;
+    let ids: Vec<String> = (0..150).map(|i| format!("k-{i}")).collect();
+    let batch: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({"type": "track", "event": "order.create",
+                              "userId": format!("u{}", i % 7), "messageId": id})
+        })
+        .collect();
+    let sent = client
+        .post(service.url("/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"batch": batch}))
+        .send()
+        .await
+        .unwrap();
+    assert!(sent.status().is_success());
+    eventually("deliveries under way", Duration::from_secs(30), || async {
+        receiver.delivered.lock().unwrap().len() >= 40
+    })
+    .await;
+    service.kill();
+
+    let _restarted = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
+    let delivered = eventually(
+        "every record delivered after the restart",
+        Duration::from_secs(60),
+        || async {
+            let delivered = receiver.delivered.lock().unwrap().clone();
+            let count = delivered.len();
+            (count == ids.len())
+                .then_some(delivered)
+                .ok_or(format!("{count} delivered"))
+        },
+    )
+    .await;
+    let expected: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(
+        delivered.keys().collect::<BTreeSet<_>>(),
+        expected,
+        "none skipped"
+    );
+    let repeated = delivered.values().filter(|n| **n > 1).count();
+    // In flight at the kill, or finished since the last save (every
+    // 200 ms, while one delivery takes 400 ms).
+    assert!(
+        repeated <= 2 * IN_FLIGHT,
+        "{repeated} records delivered twice: only those in flight at the kill are repeated"
+    );
+    assert!(delivered.values().all(|n| *n <= 2), "{delivered:?}");
 }
