@@ -50,6 +50,8 @@ use crate::store::ChangeRecord;
         crate::admin::destinations::delete_destination,
         crate::admin::destinations::list_attempts,
         crate::admin::destinations::list_failures,
+        crate::admin::destinations::replay,
+        crate::admin::destinations::list_replays,
         crate::home::home,
         crate::server::healthz,
         crate::server::readyz,
@@ -69,7 +71,8 @@ use crate::store::ChangeRecord;
         crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition,
         crate::admin::destinations::DestinationEntry, crate::admin::destinations::DestinationList,
         crate::admin::destinations::DestinationStatus, crate::admin::destinations::AttemptList,
-        crate::admin::destinations::FailureList,
+        crate::admin::destinations::FailureList, crate::admin::destinations::ReplayRequest,
+        crate::admin::destinations::ReplayView, crate::admin::destinations::ReplayList,
         crate::definitions::DestinationDefinition, crate::definitions::destination::Secrets
     )),
     modifiers(&Security),

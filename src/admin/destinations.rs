@@ -346,7 +346,10 @@ pub async fn list_failures(
 ) -> Result<Json<FailureList>, AdminError> {
     authorize_request(&state.keys, &headers, Need::Read)?;
     let limit = limit(query)?;
-    let failures = state.store.delivery_failures(&name, None, limit).await?;
+    let failures = state
+        .store
+        .delivery_failures(&name, None, None, limit)
+        .await?;
     Ok(Json(FailureList {
         failures: failures
             .into_iter()
@@ -363,5 +366,151 @@ pub async fn list_failures(
                 })
             })
             .collect(),
+    }))
+}
+
+/// What to deliver again.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// `dead_letters` (the default): the records given up on; `log`: the
+    /// records the source topic stored in the range (a backfill).
+    #[serde(default)]
+    #[schema(pattern = "^(dead_letters|log)$")]
+    pub what: Option<String>,
+    /// Dead letters that failed, or records stored, at or after this
+    /// (default: all).
+    pub from: Option<DateTime<Utc>>,
+    /// ... and before this (default and at most: now).
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// A replay and how far it got.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayView {
+    pub replay_id: String,
+    pub what: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub requested_at: DateTime<Utc>,
+    /// `pending` (no instance running the destination took it yet),
+    /// `running` or `done`.
+    pub state: String,
+    /// Records delivered so far.
+    pub delivered: i64,
+    /// Records that became dead letters (again).
+    pub failed: i64,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A destination's replays, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayList {
+    pub replays: Vec<ReplayView>,
+}
+
+fn replay_view(r: crate::store::StoredReplay) -> ReplayView {
+    ReplayView {
+        replay_id: r.replay_id,
+        what: r.what,
+        from: time(r.from_ms),
+        to: time(r.to_ms),
+        requested_at: time(r.requested_at),
+        state: r.state,
+        delivered: r.delivered,
+        failed: r.failed,
+        finished_at: r.finished_at.map(time),
+    }
+}
+
+/// Delivers again a destination's dead letters, or the records of a time
+/// range of its topic (also how a destination added later gets the
+/// history). Runs on the instance that runs the destination; its
+/// progress is at `GET .../replays`.
+#[utoipa::path(post, path = "/v1/destinations/{name}/replay", tag = "destinations",
+    params(("name" = String, Path, description = "The destination's name")),
+    request_body(content = ReplayRequest, description = "What to deliver again (an empty object: every dead letter)"),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 202, description = "The replay is asked for", body = ReplayView),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No destination has this name", body = ErrorBody),
+        (status = 422, description = "A field is not valid; `field` names it", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn replay(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ReplayView>), AdminError> {
+    authorize_request(&state.keys, &headers, Need::Admin)?;
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(AdminError::NotJson(e.to_string()));
+    }
+    let request: ReplayRequest =
+        crate::definitions::from_json(body).map_err(AdminError::Invalid)?;
+    let what = request.what.as_deref().unwrap_or("dead_letters");
+    if !matches!(what, "dead_letters" | "log") {
+        return Err(AdminError::Invalid(DefinitionError::new(
+            "what",
+            format!("`{what}` is not dead_letters or log"),
+        )));
+    }
+    let now = now_ms();
+    let from = request.from.map_or(0, |t| t.timestamp_millis());
+    let to = request.to.map_or(now, |t| t.timestamp_millis().min(now));
+    if from >= to {
+        return Err(AdminError::Invalid(DefinitionError::new(
+            "to",
+            "must be after `from` (and `from` before now)",
+        )));
+    }
+    if state
+        .store
+        .definition(DefinitionKind::Destination, &name)
+        .await?
+        .is_none()
+    {
+        return Err(AdminError::NotFound {
+            noun: "destination",
+            name,
+        });
+    }
+    let asked = state.store.request_replay(&name, what, from, to).await?;
+    tracing::info!(
+        "destination {name}: a replay of {what} is asked for ({})",
+        asked.replay_id
+    );
+    Ok((StatusCode::ACCEPTED, Json(replay_view(asked))))
+}
+
+/// A destination's replays and their progress, newest first.
+#[utoipa::path(get, path = "/v1/destinations/{name}/replays", tag = "destinations",
+    params(("name" = String, Path, description = "The destination's name"), ListQuery),
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The replays", body = ReplayList),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not a read or admin key", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ))]
+pub async fn list_replays(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    DefinitionName(name): DefinitionName,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ReplayList>, AdminError> {
+    authorize_request(&state.keys, &headers, Need::Read)?;
+    let limit = limit(query)?;
+    let replays = state.store.replays(&name, limit).await?;
+    Ok(Json(ReplayList {
+        replays: replays.into_iter().map(replay_view).collect(),
     }))
 }

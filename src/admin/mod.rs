@@ -236,6 +236,14 @@ impl AdminState {
                 "/v1/destinations/{name}/failures",
                 get(destinations::list_failures),
             )
+            .route(
+                "/v1/destinations/{name}/replay",
+                axum::routing::post(destinations::replay),
+            )
+            .route(
+                "/v1/destinations/{name}/replays",
+                get(destinations::list_replays),
+            )
             .route("/v1/alerts", get(rules::list_alerts))
             .route("/v1/profiles/{id}/alerts", get(rules::profile_alerts))
             .with_state(self)

@@ -10,6 +10,7 @@ pub mod address;
 mod breaker;
 mod processor;
 pub mod recorder;
+mod replay;
 pub mod signature;
 mod webhook;
 
@@ -150,6 +151,9 @@ struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), String>>,
     disabled: watch::Receiver<Option<String>>,
+    destination: Arc<Destination>,
+    /// The replay it runs, if any.
+    replay: Option<JoinHandle<()>>,
 }
 
 struct Stage {
@@ -248,6 +252,7 @@ impl Stage {
                 );
             }
         }
+        self.take_replays().await;
         if !changed && ended.is_empty() {
             return Ok(());
         }
@@ -325,7 +330,7 @@ impl Stage {
         ));
         let disabled = destination.disabled();
         let breaker = destination.breaker();
-        let runner = InFlightRunner::new(destination, reader, self.log.clone(), settings);
+        let runner = InFlightRunner::new(destination.clone(), reader, self.log.clone(), settings);
         self.shown.show(
             &name,
             Some(Shown {
@@ -347,15 +352,43 @@ impl Stage {
                 stop,
                 task,
                 disabled,
+                destination,
+                replay: None,
             },
         );
         Ok(())
+    }
+
+    /// Starts the replays asked for of the destinations running here
+    /// that have none running.
+    async fn take_replays(&mut self) {
+        let stale_before = crate::store::now_ms() - replay::STALE_AFTER.as_millis() as i64;
+        for (name, running) in &mut self.running {
+            if running.replay.as_ref().is_some_and(|r| !r.is_finished()) {
+                continue;
+            }
+            match self.store.take_replay(name, stale_before).await {
+                Ok(Some(asked)) => {
+                    running.replay = Some(tokio::spawn(replay::run(
+                        asked,
+                        running.destination.clone(),
+                        self.store.clone(),
+                        self.config.clone(),
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot look for replays of destination {name}: {e}"),
+            }
+        }
     }
 
     /// Stops `name`'s runner: deliveries in flight are dropped and done
     /// again by the next runner; the finished ones' positions are saved.
     async fn stop(&mut self, name: &str) {
         if let Some(running) = self.running.remove(name) {
+            if let Some(replay) = &running.replay {
+                replay.abort();
+            }
             let _ = running.stop.send(true);
             let _ = running.task.await;
         }

@@ -80,7 +80,7 @@ impl Destination {
     /// Delivers `body` as `id` until it is delivered or given up on; a
     /// destination disabled meanwhile never resolves (its runner is
     /// stopped, and the record done again by the next version).
-    async fn deliver(&self, id: String, record: &StoredRecord, key: Option<String>) {
+    pub async fn deliver(&self, id: String, record: &StoredRecord, key: Option<String>) -> bool {
         let webhook = &self.spec.webhook;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + webhook.retry_for;
@@ -113,7 +113,7 @@ impl Destination {
                         Some(body),
                     );
                     self.recorder.record_final(dead).await;
-                    return;
+                    return false;
                 }
             };
             attempt += 1;
@@ -128,7 +128,7 @@ impl Destination {
             match &tried.verdict {
                 Verdict::Delivered => {
                     self.recorder.record_final(outcome("delivered", None)).await;
-                    return;
+                    return true;
                 }
                 Verdict::Gone => {
                     let why = format!(
@@ -147,7 +147,7 @@ impl Destination {
                         self.recorder
                             .record_final(outcome("dead_letter", Some(body)))
                             .await;
-                        return;
+                        return false;
                     }
                     self.recorder.record(outcome("retrying", None)).await;
                     last = Some(tried);
@@ -184,6 +184,41 @@ impl Destination {
             at: now_ms(),
             body,
         }
+    }
+
+    /// Whether the destination delivers `record`, and as what: its
+    /// delivery id and key; `None` when its filter does not take it.
+    pub fn take(
+        &self,
+        record: &StoredRecord,
+    ) -> Result<Option<(String, Option<String>)>, Rejected> {
+        let value: Value = match serde_json::from_slice(&record.value) {
+            Ok(value) => value,
+            Err(e) => {
+                return Err(Rejected {
+                    reason: format!(
+                        "destination {} cannot read the record as JSON: {e}",
+                        self.spec.name
+                    ),
+                    record: record.clone(),
+                });
+            }
+        };
+        if let Some(filter) = &self.spec.filter
+            && !filter.matches(&value)
+        {
+            return Ok(None);
+        }
+        let id = delivery_id(self.spec.source, &value, record);
+        let key = record
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
+        Ok(Some((id, key)))
+    }
+
+    pub fn spec(&self) -> &DestinationSpec {
+        &self.spec
     }
 
     async fn disable(&self, why: String) {
@@ -265,29 +300,9 @@ impl AtLeastOnce for Destination {
         if record.timestamp_ms < self.since_ms {
             return Ok(());
         }
-        let value: Value = match serde_json::from_slice(&record.value) {
-            Ok(value) => value,
-            Err(e) => {
-                return Err(Rejected {
-                    reason: format!(
-                        "destination {} cannot read the record as JSON: {e}",
-                        self.spec.name
-                    ),
-                    record,
-                });
-            }
-        };
-        if let Some(filter) = &self.spec.filter
-            && !filter.matches(&value)
-        {
-            return Ok(());
+        if let Some((id, key)) = self.take(&record)? {
+            self.deliver(id, &record, key).await;
         }
-        let id = delivery_id(self.spec.source, &value, &record);
-        let key = record
-            .key
-            .as_deref()
-            .map(|k| String::from_utf8_lossy(k).into_owned());
-        self.deliver(id, &record, key).await;
         Ok(())
     }
 

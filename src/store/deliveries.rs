@@ -50,6 +50,26 @@ pub struct StoredFailure {
     pub failed_at: i64,
 }
 
+/// A replay of a destination's dead letters or of a time range of its
+/// topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReplay {
+    pub replay_id: String,
+    pub destination: String,
+    /// `dead_letters` or `log`.
+    pub what: String,
+    /// Dead letters that failed, or records the log stored, in
+    /// `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub requested_at: i64,
+    /// `pending`, `running` or `done`.
+    pub state: String,
+    pub delivered: i64,
+    pub failed: i64,
+    pub finished_at: Option<i64>,
+}
+
 /// What a destination has done lately.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeliverySummary {
@@ -167,22 +187,28 @@ impl Store {
     }
 
     /// A destination's dead letters, oldest first; with `failed`, only
-    /// those that failed in `[from, to)` (ms).
+    /// those that failed in `[from, to)` (ms); with `after`, only those
+    /// after that one (its failure time and id: a page's cursor).
     pub async fn delivery_failures(
         &self,
         destination: &str,
         failed: Option<(i64, i64)>,
+        after: Option<(i64, &str)>,
         limit: u32,
     ) -> Result<Vec<StoredFailure>, StoreError> {
         let (from, to) = failed.unwrap_or((i64::MIN, i64::MAX));
+        let (after_at, after_id) = after.unwrap_or((i64::MIN, ""));
         let rows = sqlx::query(
             "SELECT delivery_id, partition, record_offset, record_key, body, attempts, reason, failed_at \
              FROM delivery_failures WHERE destination = $1 AND failed_at >= $2 AND failed_at < $3 \
-             ORDER BY failed_at, delivery_id LIMIT $4",
+             AND (failed_at > $4 OR (failed_at = $4 AND delivery_id > $5)) \
+             ORDER BY failed_at, delivery_id LIMIT $6",
         )
         .bind(destination)
         .bind(from)
         .bind(to)
+        .bind(after_at)
+        .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
@@ -247,6 +273,122 @@ impl Store {
             p95_latency_ms: p95,
             last_attempt_at: counts.try_get(2)?,
         })
+    }
+
+    /// Asks for a replay; it is pending until an instance running the
+    /// destination takes it.
+    pub async fn request_replay(
+        &self,
+        destination: &str,
+        what: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<StoredReplay, StoreError> {
+        let now = super::now_ms();
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO destination_replays (replay_id, destination, what, from_ms, to_ms, \
+             requested_at, state, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $6)",
+        )
+        .bind(id.as_str())
+        .bind(destination)
+        .bind(what)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(StoredReplay {
+            replay_id: id,
+            destination: destination.to_owned(),
+            what: what.to_owned(),
+            from_ms,
+            to_ms,
+            requested_at: now,
+            state: "pending".to_owned(),
+            delivered: 0,
+            failed: 0,
+            finished_at: None,
+        })
+    }
+
+    /// A destination's replays, newest first.
+    pub async fn replays(
+        &self,
+        destination: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredReplay>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPLAY_COLUMNS} FROM destination_replays WHERE destination = $1 \
+             ORDER BY requested_at DESC LIMIT $2"
+        )))
+        .bind(destination)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(replay).collect()
+    }
+
+    /// Takes a replay of `destination` to run: a pending one, or a
+    /// running one not touched since `stale_before` (its instance
+    /// stopped). Each is taken by one instance.
+    pub async fn take_replay(
+        &self,
+        destination: &str,
+        stale_before: i64,
+    ) -> Result<Option<StoredReplay>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPLAY_COLUMNS}, updated_at FROM destination_replays WHERE destination = $1 \
+             AND (state = 'pending' OR (state = 'running' AND updated_at < $2)) \
+             ORDER BY requested_at LIMIT 1"
+        )))
+        .bind(destination)
+        .bind(stale_before)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let mut found = replay(row)?;
+        let seen: i64 = row.try_get(10)?;
+        let taken = sqlx::query(
+            "UPDATE destination_replays SET state = 'running', updated_at = $1 \
+             WHERE replay_id = $2 AND updated_at = $3 AND state = $4",
+        )
+        .bind(super::now_ms())
+        .bind(found.replay_id.as_str())
+        .bind(seen)
+        .bind(found.state.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        found.state = "running".to_owned();
+        Ok((taken == 1).then_some(found))
+    }
+
+    /// Records a running replay's progress (`done`: it finished).
+    pub async fn replay_progress(
+        &self,
+        replay_id: &str,
+        delivered: i64,
+        failed: i64,
+        done: bool,
+    ) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        sqlx::query(
+            "UPDATE destination_replays SET delivered = $1, failed = $2, updated_at = $3, \
+             state = CASE WHEN $4 = 1 THEN 'done' ELSE state END, \
+             finished_at = CASE WHEN $4 = 1 THEN $3 ELSE finished_at END \
+             WHERE replay_id = $5",
+        )
+        .bind(delivered)
+        .bind(failed)
+        .bind(now)
+        .bind(i32::from(done))
+        .bind(replay_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// A destination's state when something other than its definition
@@ -323,6 +465,24 @@ async fn save_in(
         .await?;
     }
     Ok(())
+}
+
+const REPLAY_COLUMNS: &str = "replay_id, destination, what, from_ms, to_ms, requested_at, state, \
+     delivered, failed, finished_at";
+
+fn replay(row: &AnyRow) -> Result<StoredReplay, StoreError> {
+    Ok(StoredReplay {
+        replay_id: row.try_get(0)?,
+        destination: row.try_get(1)?,
+        what: row.try_get(2)?,
+        from_ms: row.try_get(3)?,
+        to_ms: row.try_get(4)?,
+        requested_at: row.try_get(5)?,
+        state: row.try_get(6)?,
+        delivered: row.try_get(7)?,
+        failed: row.try_get(8)?,
+        finished_at: row.try_get(9)?,
+    })
 }
 
 const ATTEMPT_COLUMNS: &str = "attempt_id, destination, version, delivery_id, attempt, partition, \

@@ -51,6 +51,11 @@ mod embedded_only {
     }
 
     #[tokio::test]
+    async fn a_replay_of_the_log_backfills_a_destination_added_later() {
+        super::a_replay_of_the_log_backfills_a_destination_added_later(Backend::Embedded).await
+    }
+
+    #[tokio::test]
     async fn a_failing_endpoint_is_paused_and_probed_then_resumes() {
         super::a_failing_endpoint_is_paused_and_probed_then_resumes(Backend::Embedded).await
     }
@@ -78,6 +83,8 @@ struct Seen {
     attempts: Vec<String>,
     /// Ids answered 2xx, with their bodies.
     delivered: BTreeMap<String, Value>,
+    /// How many times each id was answered 2xx.
+    delivered_times: BTreeMap<String, usize>,
     /// Requests whose signature did not verify.
     bad_signatures: usize,
     in_flight: usize,
@@ -169,6 +176,7 @@ async fn receive(
         }
     };
     if status.is_success() {
+        *seen.delivered_times.entry(id.clone()).or_default() += 1;
         seen.delivered
             .insert(id, serde_json::from_slice(&body).unwrap_or(Value::Null));
     }
@@ -448,6 +456,76 @@ async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
     )
     .await;
     assert!(receiver.seen(|s| s.delivered.is_empty()));
+
+    // The endpoint is back: a replay delivers each dead letter once.
+    receiver.set(HEALTHY);
+    let (status, asked) = send(
+        &app,
+        Method::POST,
+        "/v1/destinations/dead/replay",
+        ADMIN_KEY,
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let done = eventually("the replay done", Duration::from_secs(30), || async {
+        let (_, replays) = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/dead/replays",
+            READ_KEY,
+            None,
+        )
+        .await;
+        let first = replays["replays"][0].clone();
+        (first["state"] == json!("done")).then_some(first)
+    })
+    .await;
+    assert_eq!(
+        (done["delivered"].clone(), done["failed"].clone()),
+        (json!(3), json!(0)),
+        "{done}"
+    );
+    receiver.seen(|s| {
+        let times: Vec<usize> = sent
+            .iter()
+            .map(|id| s.delivered_times.get(id).copied().unwrap_or(0))
+            .collect();
+        assert_eq!(times, vec![1, 1, 1], "each dead letter delivered once");
+    });
+    eventually("no dead letter left", Duration::from_secs(10), || async {
+        let (_, failures) = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/dead/failures",
+            READ_KEY,
+            None,
+        )
+        .await;
+        failures["failures"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let (status, refused) = send(
+        &app,
+        Method::POST,
+        "/v1/destinations/dead/replay",
+        ADMIN_KEY,
+        Some(&json!({"what": "everything"})),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("what"))
+    );
+    let (status, _) = send(
+        &app,
+        Method::POST,
+        "/v1/destinations/nowhere/replay",
+        ADMIN_KEY,
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;
 }
 
@@ -869,4 +947,63 @@ async fn a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those()
         "{repeated} records delivered twice: only those in flight at the kill are repeated"
     );
     assert!(delivered.values().all(|n| *n <= 2), "{delivered:?}");
+}
+
+async fn a_replay_of_the_log_backfills_a_destination_added_later(backend: Backend) {
+    let (receiver, address) = Receiver::start(HEALTHY).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    let before = track(&app, "order.create", 5, "before").await;
+    app.wait_for_profile("before-u4", |_| true).await;
+    define(&app, "late", &webhook(address, json!({}))).await;
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(&app, "late").await["state"] == json!("active") },
+    )
+    .await;
+    let after = track(&app, "order.create", 2, "after").await;
+    eventually(
+        "the records sent after it was defined",
+        Duration::from_secs(20),
+        || async { receiver.seen(|s| s.delivered.len() == 2) },
+    )
+    .await;
+    assert!(
+        receiver.seen(|s| before.iter().all(|id| !s.delivered.contains_key(id))),
+        "a new destination starts from its creation"
+    );
+
+    let (status, asked) = send(
+        &app,
+        Method::POST,
+        "/v1/destinations/late/replay",
+        ADMIN_KEY,
+        Some(&json!({"what": "log"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let done = eventually("the backfill done", Duration::from_secs(30), || async {
+        let (_, replays) = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/late/replays",
+            READ_KEY,
+            None,
+        )
+        .await;
+        let first = replays["replays"][0].clone();
+        (first["state"] == json!("done")).then_some(first)
+    })
+    .await;
+    assert_eq!(done["delivered"], json!(7), "{done}");
+    receiver.seen(|s| {
+        for id in &before {
+            assert_eq!(s.delivered_times.get(id), Some(&1), "{id} backfilled once");
+        }
+        for id in &after {
+            // Live, then again by the replay: the same id to deduplicate on.
+            assert_eq!(s.delivered_times.get(id), Some(&2), "{id}");
+        }
+    });
+    app.stop().await;
 }

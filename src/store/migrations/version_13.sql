@@ -48,3 +48,25 @@ CREATE TABLE destination_states (
     reason TEXT NOT NULL,
     since BIGINT NOT NULL
 );
+
+-- Replays a user asked for (`POST /v1/destinations/{name}/replay`): the
+-- dead letters, or the records of a time range of the source topic,
+-- delivered again by an instance that runs the destination; a replay
+-- whose instance stopped touching it is taken over.
+CREATE TABLE destination_replays (
+    replay_id TEXT PRIMARY KEY,
+    destination TEXT NOT NULL,
+    -- dead_letters or log
+    what TEXT NOT NULL,
+    from_ms BIGINT NOT NULL,
+    to_ms BIGINT NOT NULL,
+    requested_at BIGINT NOT NULL,
+    -- pending, running, done
+    state TEXT NOT NULL,
+    delivered BIGINT NOT NULL DEFAULT 0,
+    failed BIGINT NOT NULL DEFAULT 0,
+    updated_at BIGINT NOT NULL,
+    finished_at BIGINT
+);
+
+CREATE INDEX destination_replays_by_destination ON destination_replays (destination, requested_at);
