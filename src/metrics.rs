@@ -94,9 +94,6 @@ pub const RULE_LATE_EVENTS: &str = "traitline_rule_late_events_total";
 pub const DELIVERY_ATTEMPTS: &str = "traitline_delivery_attempts_total";
 /// How long delivery attempts took, by `destination`.
 pub const DELIVERY_SECONDS: &str = "traitline_delivery_duration_seconds";
-/// Deliveries of a destination in flight (retries waiting included), by
-/// `destination`.
-pub const DELIVERIES_IN_FLIGHT: &str = "traitline_deliveries_in_flight";
 
 /// Bucket bounds for durations, in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -192,10 +189,6 @@ fn describe() {
         DELIVERY_SECONDS,
         Unit::Seconds,
         "Delivery attempt duration, by destination"
-    );
-    describe_gauge!(
-        DELIVERIES_IN_FLIGHT,
-        "Deliveries of a destination in flight, retries waiting included, by destination"
     );
     describe_counter!(
         STAGE_RESTARTS,
