@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::bench::BenchIngestArgs;
+use crate::bench::deliveries::BenchDeliveriesArgs;
 use crate::bench::latency::BenchLatencyArgs;
 use crate::bench::metrics::BenchMetricsArgs;
 use crate::bench::process::BenchProcessArgs;
@@ -101,4 +102,8 @@ pub enum BenchCommand {
     /// Measure the time from a 2xx to the profile being visible, under a
     /// steady background load, against a running service
     Latency(BenchLatencyArgs),
+    /// Measure webhook deliveries a second to a receiver in this process
+    /// that answers after a delay, alone and beside a destination whose
+    /// endpoint never answers
+    Deliveries(BenchDeliveriesArgs),
 }

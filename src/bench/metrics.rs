@@ -171,7 +171,7 @@ fn resident_bytes() -> usize {
 }
 
 /// The CPU time this process has used (user and system), from /proc.
-fn cpu_seconds() -> f64 {
+pub(super) fn cpu_seconds() -> f64 {
     let ticks = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| {

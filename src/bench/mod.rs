@@ -1,9 +1,11 @@
 //! Benchmarks of a running service and of the pipeline's stages:
 //! `traitline bench ingest` (HTTP load), `bench process` (profile
 //! processing throughput into the store, beside a naive consumer),
-//! `bench metrics` (metric processing beside profiles, with peak memory)
-//! and `bench latency` (from a 2xx to the profile being visible).
+//! `bench metrics` (metric processing beside profiles, with peak memory),
+//! `bench latency` (from a 2xx to the profile being visible) and `bench
+//! deliveries` (webhook deliveries a second).
 
+pub mod deliveries;
 pub mod ingest;
 pub mod latency;
 pub mod metrics;
