@@ -52,6 +52,10 @@ pub struct DestinationStatus {
     /// Records of its topic not yet done, when this process runs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
+    /// How long ago the log stored the oldest record being delivered
+    /// (retries included), when this process runs it and one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_undelivered_seconds: Option<f64>,
     /// Records delivered in the last hour.
     pub delivered: i64,
     /// Attempts that failed in the last hour (each retried or given up).
@@ -203,7 +207,8 @@ fn status(
     DestinationStatus {
         state,
         reason,
-        lag: running.and_then(|r| r.lag),
+        lag: running.as_ref().and_then(|r| r.lag),
+        oldest_undelivered_seconds: running.and_then(|r| r.oldest_undelivered_seconds),
         delivered: summary.delivered,
         failed_attempts: summary.retried,
         dead_letters: summary.dead_letters,

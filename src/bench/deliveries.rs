@@ -65,14 +65,25 @@ pub async fn run(config: &Config, args: BenchDeliveriesArgs) -> Result<(), Strin
         ));
         let (stop_dead, dead_stopped) = watch::channel(false);
         let dead = if beside_dead {
-            let runner = runner(&scratch, &store, &log, &recorder, "dead", &black_hole, &args, false)?;
+            let runner = runner(
+                &scratch,
+                &store,
+                &log,
+                &recorder,
+                "dead",
+                &black_hole,
+                &args,
+                false,
+            )?;
             Some(tokio::spawn(
                 runner.run(crate::supervisor::stop_signal(dead_stopped)),
             ))
         } else {
             None
         };
-        let fast = runner(&scratch, &store, &log, &recorder, "fast", &receiver, &args, true)?;
+        let fast = runner(
+            &scratch, &store, &log, &recorder, "fast", &receiver, &args, true,
+        )?;
         answered.store(0, Ordering::Relaxed);
         let (started, cpu) = (Instant::now(), super::metrics::cpu_seconds());
         fast.run(std::future::pending()).await?;

@@ -51,6 +51,9 @@ pub struct DestinationState {
     pub lag: Option<i64>,
     /// Records done since this process started it.
     pub done: u64,
+    /// How long ago the log stored the oldest record being delivered
+    /// (retries included), in seconds; `None` when none is.
+    pub oldest_undelivered_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -112,6 +115,10 @@ impl Shown {
             state: if paused { "paused" } else { self.state },
             lag: stats.as_ref().and_then(|s| s.lag()),
             done: stats.as_ref().map_or(0, |s| s.applied),
+            oldest_undelivered_seconds: stats
+                .as_ref()
+                .and_then(|s| s.oldest_unfinished_ms)
+                .map(|at| (crate::store::now_ms() - at).max(0) as f64 / 1000.0),
             reason: self
                 .reason
                 .clone()

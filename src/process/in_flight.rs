@@ -4,7 +4,7 @@
 //! unfinished offset. A crash or a stop repeats what was unfinished and
 //! never skips it; a receiver deduplicates on the record's identity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +56,9 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     settings: InFlightSettings,
     counting: Counting,
     /// Per partition, the offsets being worked on.
-    unfinished: BTreeMap<i32, BTreeSet<i64>>,
+    /// Per partition, the offsets being worked on, each with when the
+    /// log stored its record.
+    unfinished: BTreeMap<i32, BTreeMap<i64, i64>>,
     /// Per partition, the offset after the last record started.
     started_up_to: HashMap<i32, i64>,
     generations: HashMap<i32, u64>,
@@ -187,7 +189,10 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 self.started_up_to.insert(partition, offset + 1);
                 continue;
             }
-            self.unfinished.entry(partition).or_default().insert(offset);
+            self.unfinished
+                .entry(partition)
+                .or_default()
+                .insert(offset, record.timestamp_ms);
             self.started_up_to.insert(partition, offset + 1);
             let generation = self.generations.get(&partition).copied().unwrap_or(0);
             let processor = self.processor.clone();
@@ -304,13 +309,13 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
         for (&partition, &after_last) in &self.started_up_to {
             let unfinished = self.unfinished.get(&partition);
             let next = unfinished
-                .and_then(|offsets| offsets.first().copied())
+                .and_then(|offsets| offsets.keys().next().copied())
                 .unwrap_or(after_last);
             let mut done = Vec::new();
             // Between unfinished offsets, and after the last up to the
             // last record started, all is finished.
             let mut low: Option<i64> = None;
-            for &offset in unfinished.into_iter().flatten() {
+            for &offset in unfinished.into_iter().flat_map(BTreeMap::keys) {
                 if let Some(low) = low
                     && offset > low + 1
                 {
@@ -351,6 +356,12 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     /// from the store (its unfinished work is forgotten: its records come
     /// again); other failures are tried at the next save.
     async fn save(&mut self) {
+        let oldest = self
+            .unfinished
+            .values()
+            .filter_map(|offsets| offsets.values().min().copied())
+            .min();
+        self.counting.oldest_unfinished(oldest);
         let (positions, finished) = self.positions();
         if positions.is_empty() {
             return;

@@ -37,6 +37,9 @@ pub struct RunnerStats {
     pub caught_up: bool,
     /// Why the last read or commit failed, until one succeeds again.
     pub last_error: Option<String>,
+    /// When the log stored the oldest record whose work is under way (an
+    /// at-least-once runner's), as of its last save; `None` when none is.
+    pub oldest_unfinished_ms: Option<i64>,
 }
 
 impl RunnerStats {
@@ -126,6 +129,10 @@ impl Counting {
 
     pub fn caught_up(&self, caught_up: bool) {
         self.with(|s| s.caught_up = caught_up);
+    }
+
+    pub fn oldest_unfinished(&self, stored_at_ms: Option<i64>) {
+        self.with(|s| s.oldest_unfinished_ms = stored_at_ms);
     }
 }
 

@@ -154,19 +154,10 @@ impl Store {
         rows.iter().map(outcome).collect()
     }
 
+    /// Marks outcomes as on `user_deliveries`.
     pub async fn mark_deliveries_published(&self, ids: &[&str]) -> Result<(), StoreError> {
-        for chunk in ids.chunks(ROWS) {
-            let sql = format!(
-                "UPDATE delivery_attempts SET published = 1 WHERE attempt_id IN ({})",
-                self.dialect.params(chunk.len(), 1)
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            query.execute(&self.pool).await?;
-        }
-        Ok(())
+        self.mark_rows_published("delivery_attempts", "attempt_id", ids)
+            .await
     }
 
     /// A destination's attempts, newest first.

@@ -137,9 +137,20 @@ impl Store {
 
     /// Marks alerts as on `user_alerts`.
     pub async fn mark_alerts_published(&self, ids: &[&str]) -> Result<(), StoreError> {
+        self.mark_rows_published("alerts", "alert_id", ids).await
+    }
+
+    /// Sets `published` on the rows of `table` whose `id_column` is one
+    /// of `ids` (what a relay sent to the log).
+    pub(super) async fn mark_rows_published(
+        &self,
+        table: &str,
+        id_column: &str,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
         for chunk in ids.chunks(ROWS) {
             let sql = format!(
-                "UPDATE alerts SET published = 1 WHERE alert_id IN ({})",
+                "UPDATE {table} SET published = 1 WHERE {id_column} IN ({})",
                 self.dialect.params(chunk.len(), 1)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));

@@ -216,16 +216,45 @@ async fn define(app: &TestApp, name: &str, body: &Value) -> Value {
 }
 
 async fn status_of(app: &TestApp, name: &str) -> Value {
-    let (status, shown) = send(
+    let shown = read(app, &format!("/v1/destinations/{name}")).await;
+    assert!(shown["status"].is_object(), "{shown}");
+    shown["status"].clone()
+}
+
+/// GETs `path` with the read key; the answer's body.
+async fn read(app: &TestApp, path: &str) -> Value {
+    send(app, Method::GET, path, READ_KEY, None).await.1
+}
+
+/// Waits for destination `name`'s first attempt to be listed.
+async fn first_attempt(app: &TestApp, name: &str, what: &str) -> Value {
+    let path = format!("/v1/destinations/{name}/attempts");
+    eventually(what, Duration::from_secs(20), || async {
+        read(app, &path).await["attempts"]
+            .as_array()
+            .and_then(|a| a.first().cloned())
+    })
+    .await
+}
+
+/// Asks for a replay of destination `name` and waits until it is done;
+/// the replay as listed.
+async fn replay_to_end(app: &TestApp, name: &str, request: Value) -> Value {
+    let (status, asked) = send(
         app,
-        Method::GET,
-        &format!("/v1/destinations/{name}"),
-        READ_KEY,
-        None,
+        Method::POST,
+        &format!("/v1/destinations/{name}/replay"),
+        ADMIN_KEY,
+        Some(&request),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{shown}");
-    shown["status"].clone()
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let path = format!("/v1/destinations/{name}/replays");
+    eventually("the replay done", Duration::from_secs(30), || async {
+        let first = read(app, &path).await["replays"][0].clone();
+        (first["state"] == json!("done")).then_some(first)
+    })
+    .await
 }
 
 /// Sends `events` track events of `event` for users `{tag}-u0` to
@@ -357,14 +386,7 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
     .await;
     assert!(status["failed_attempts"].as_i64().unwrap() > 0, "{status}");
     assert_eq!(status["dead_letters"], json!(0), "{status}");
-    let (_, attempts) = send(
-        &app,
-        Method::GET,
-        "/v1/destinations/crm/attempts?limit=1000",
-        READ_KEY,
-        None,
-    )
-    .await;
+    let attempts = read(&app, "/v1/destinations/crm/attempts?limit=1000").await;
     let outcomes: BTreeSet<&str> = attempts["attempts"]
         .as_array()
         .unwrap()
@@ -416,14 +438,7 @@ async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
     .await;
     let sent = track(&app, "order.create", 3, "dead").await;
     let failures = eventually("three dead letters", Duration::from_secs(30), || async {
-        let (_, failures) = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/dead/failures",
-            READ_KEY,
-            None,
-        )
-        .await;
+        let failures = read(&app, "/v1/destinations/dead/failures").await;
         let list = failures["failures"].as_array().cloned().unwrap_or_default();
         (list.len() == 3).then_some(list)
     })
@@ -459,28 +474,7 @@ async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
 
     // The endpoint is back: a replay delivers each dead letter once.
     receiver.set(HEALTHY);
-    let (status, asked) = send(
-        &app,
-        Method::POST,
-        "/v1/destinations/dead/replay",
-        ADMIN_KEY,
-        Some(&json!({})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
-    let done = eventually("the replay done", Duration::from_secs(30), || async {
-        let (_, replays) = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/dead/replays",
-            READ_KEY,
-            None,
-        )
-        .await;
-        let first = replays["replays"][0].clone();
-        (first["state"] == json!("done")).then_some(first)
-    })
-    .await;
+    let done = replay_to_end(&app, "dead", json!({})).await;
     assert_eq!(
         (done["delivered"].clone(), done["failed"].clone()),
         (json!(3), json!(0)),
@@ -494,14 +488,7 @@ async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
         assert_eq!(times, vec![1, 1, 1], "each dead letter delivered once");
     });
     eventually("no dead letter left", Duration::from_secs(10), || async {
-        let (_, failures) = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/dead/failures",
-            READ_KEY,
-            None,
-        )
-        .await;
+        let failures = read(&app, "/v1/destinations/dead/failures").await;
         failures["failures"].as_array().is_some_and(Vec::is_empty)
     })
     .await;
@@ -611,24 +598,7 @@ async fn private_addresses_and_redirects_to_them_are_refused(backend: Backend) {
     )
     .await;
     track(&app, "order.create", 1, "named").await;
-    let refused = eventually(
-        "an attempt refused at connect time",
-        Duration::from_secs(20),
-        || async {
-            let (_, attempts) = send(
-                &app,
-                Method::GET,
-                "/v1/destinations/named/attempts",
-                READ_KEY,
-                None,
-            )
-            .await;
-            attempts["attempts"]
-                .as_array()
-                .and_then(|a| a.first().cloned())
-        },
-    )
-    .await;
+    let refused = first_attempt(&app, "named", "an attempt refused at connect time").await;
     let why = refused["response"].as_str().unwrap();
     assert!(
         why.contains("loopback") && why.contains("destinations-allow-private"),
@@ -647,24 +617,7 @@ async fn private_addresses_and_redirects_to_them_are_refused(backend: Backend) {
     let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
     define(&app, "redirected", &webhook(address, json!({}))).await;
     track(&app, "order.create", 1, "redirected").await;
-    let attempt = eventually(
-        "a redirect not followed",
-        Duration::from_secs(20),
-        || async {
-            let (_, attempts) = send(
-                &app,
-                Method::GET,
-                "/v1/destinations/redirected/attempts",
-                READ_KEY,
-                None,
-            )
-            .await;
-            attempts["attempts"]
-                .as_array()
-                .and_then(|a| a.first().cloned())
-        },
-    )
-    .await;
+    let attempt = first_attempt(&app, "redirected", "a redirect not followed").await;
     assert_eq!(attempt["status"], json!(302), "{attempt}");
     assert_eq!(attempt["outcome"], json!("retrying"), "{attempt}");
     assert!(
@@ -822,7 +775,14 @@ async fn a_failing_endpoint_is_paused_and_probed_then_resumes(backend: Backend) 
     })
     .await;
     receiver.seen(|s| assert_eq!(s.most_in_flight_since_mark, 1, "one probe at a time"));
-    assert_eq!(status_of(&app, "failing").await["dead_letters"], json!(0));
+    let status = status_of(&app, "failing").await;
+    assert_eq!(status["dead_letters"], json!(0), "{status}");
+    assert!(
+        status["oldest_undelivered_seconds"]
+            .as_f64()
+            .is_some_and(|age| age > 0.0),
+        "the oldest undelivered record's age shows: {status}"
+    );
 
     // The endpoint is back: the next probe resumes every delivery.
     receiver.set(HEALTHY);
@@ -973,28 +933,7 @@ async fn a_replay_of_the_log_backfills_a_destination_added_later(backend: Backen
         "a new destination starts from its creation"
     );
 
-    let (status, asked) = send(
-        &app,
-        Method::POST,
-        "/v1/destinations/late/replay",
-        ADMIN_KEY,
-        Some(&json!({"what": "log"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
-    let done = eventually("the backfill done", Duration::from_secs(30), || async {
-        let (_, replays) = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/late/replays",
-            READ_KEY,
-            None,
-        )
-        .await;
-        let first = replays["replays"][0].clone();
-        (first["state"] == json!("done")).then_some(first)
-    })
-    .await;
+    let done = replay_to_end(&app, "late", json!({"what": "log"})).await;
     assert_eq!(done["delivered"], json!(7), "{done}");
     receiver.seen(|s| {
         for id in &before {
