@@ -52,6 +52,11 @@ pub struct DestinationDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 10000)]
     pub max_in_flight: Option<usize>,
+    /// Records sent in one request, as `{"batch": [...]}` (default 1:
+    /// each record alone, as the body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub batch_size: Option<usize>,
     /// How long an endpoint has to answer an attempt (default `10s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
@@ -156,6 +161,8 @@ pub struct DestinationSpec {
     pub filter: Option<Condition>,
     pub ordering: Ordering,
     pub max_in_flight: usize,
+    /// Records a request carries at most (1: each alone).
+    pub batch_size: usize,
     pub webhook: WebhookSpec,
 }
 
@@ -261,6 +268,10 @@ impl DestinationDefinition {
                 "must be from 1 to 10000",
             ));
         }
+        let batch_size = self.batch_size.unwrap_or(1);
+        if !(1..=1000).contains(&batch_size) {
+            return Err(DefinitionError::new("batch_size", "must be from 1 to 1000"));
+        }
         let url = self.url()?;
         let secrets = match &self.secret {
             None => Vec::new(),
@@ -315,6 +326,7 @@ impl DestinationDefinition {
             filter,
             ordering,
             max_in_flight,
+            batch_size,
             webhook: WebhookSpec {
                 url,
                 secrets,
@@ -457,6 +469,7 @@ mod tests {
             ),
             (r#""ordering": "by-user""#, "ordering"),
             (r#""max_in_flight": 0"#, "max_in_flight"),
+            (r#""batch_size": 1001"#, "batch_size"),
             (r#""timeout": "10m""#, "timeout"),
             (r#""retry_for": "soon""#, "retry_for"),
             (r#""backoff": "1h", "backoff_max": "1m""#, "backoff_max"),

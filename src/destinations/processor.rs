@@ -21,7 +21,7 @@ use crate::definitions::destination::Ordering;
 use crate::log::StoredRecord;
 use crate::process::profiles::commit_error;
 use crate::process::{AtLeastOnce, Checkpoints, CommitError, OffsetAdvance, Rejected};
-use crate::store::{DeliveryOutcome, Store, now_ms};
+use crate::store::{DeadLetter, DeliveryOutcome, Store, now_ms};
 
 /// One version of a destination, delivering.
 pub struct Destination {
@@ -39,7 +39,21 @@ pub struct Destination {
     /// Why the destination stopped delivering (a 410), once it has.
     disabled: watch::Sender<Option<String>>,
     breaker: Arc<Breaker>,
+    /// The batch being filled (with `batch_size` above 1), and how many
+    /// were begun.
+    open: std::sync::Mutex<(Option<Open>, u64)>,
 }
+
+/// Records waiting to go as one batch, and what its senders wait on:
+/// `Some(delivered)` once it is done for good.
+struct Open {
+    records: Vec<Member>,
+    number: u64,
+    sent: watch::Sender<Option<bool>>,
+}
+
+/// How long a batch waits for more records before it goes as it is.
+const BATCH_LINGER: Duration = Duration::from_millis(100);
 
 impl Destination {
     pub fn new(
@@ -64,6 +78,7 @@ impl Destination {
             store,
             recorder,
             disabled: watch::channel(None).0,
+            open: std::sync::Mutex::new((None, 0)),
         }
     }
 
@@ -77,10 +92,16 @@ impl Destination {
         self.disabled.subscribe()
     }
 
-    /// Delivers `body` as `id` until it is delivered or given up on; a
-    /// destination disabled meanwhile never resolves (its runner is
-    /// stopped, and the record done again by the next version).
+    /// Delivers `record` alone as `id` (see [`Destination::deliver_payload`]).
     pub async fn deliver(&self, id: String, record: &StoredRecord, key: Option<String>) -> bool {
+        self.deliver_payload(&Payload::one(id, record, key)).await
+    }
+
+    /// Delivers `payload` until it is delivered or given up on (each of
+    /// its records then a dead letter); true when delivered. A
+    /// destination disabled meanwhile never resolves (its runner is
+    /// stopped, and the records done again by the next version).
+    pub async fn deliver_payload(&self, payload: &Payload) -> bool {
         let webhook = &self.spec.webhook;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + webhook.retry_for;
@@ -102,40 +123,33 @@ impl Destination {
                         ),
                         verdict: Verdict::Retry { after: None },
                     };
-                    let body = String::from_utf8_lossy(&record.value).into_owned();
-                    let dead = self.outcome(
-                        &id,
-                        attempt,
-                        record,
-                        key,
-                        "dead_letter",
-                        &paused,
-                        Some(body),
-                    );
+                    let dead = self.outcome(payload, attempt, "dead_letter", &paused);
                     self.recorder.record_final(dead).await;
                     return false;
                 }
             };
             attempt += 1;
             let mut unanswered = Unanswered(probe.then_some(&*self.breaker));
-            let tried = self.sender.attempt(webhook, &id, &record.value).await;
+            let tried = self
+                .sender
+                .attempt(webhook, &payload.id, &payload.body)
+                .await;
             unanswered.0 = None;
             self.breaker
                 .record(tried.verdict == Verdict::Delivered, probe);
-            let outcome = |what: &str, body: Option<String>| {
-                self.outcome(&id, attempt, record, key.clone(), what, &tried, body)
-            };
+            let outcome = |what: &str| self.outcome(payload, attempt, what, &tried);
             match &tried.verdict {
                 Verdict::Delivered => {
-                    self.recorder.record_final(outcome("delivered", None)).await;
+                    self.recorder.record_final(outcome("delivered")).await;
                     return true;
                 }
                 Verdict::Gone => {
                     let why = format!(
-                        "the endpoint answered 410 Gone to delivery {id}; define the destination again to resume"
+                        "the endpoint answered 410 Gone to delivery {}; define the destination again to resume",
+                        payload.id
                     );
                     tracing::warn!("destination {} is disabled: {why}", self.spec.name);
-                    self.recorder.record(outcome("disabled", None)).await;
+                    self.recorder.record(outcome("disabled")).await;
                     self.disable(why).await;
                     std::future::pending::<()>().await;
                 }
@@ -143,13 +157,10 @@ impl Destination {
                     let delay = backoff(webhook.backoff, webhook.backoff_max, attempt)
                         .max(after.unwrap_or_default());
                     if started.elapsed() + delay > webhook.retry_for {
-                        let body = String::from_utf8_lossy(&record.value).into_owned();
-                        self.recorder
-                            .record_final(outcome("dead_letter", Some(body)))
-                            .await;
+                        self.recorder.record_final(outcome("dead_letter")).await;
                         return false;
                     }
-                    self.recorder.record(outcome("retrying", None)).await;
+                    self.recorder.record(outcome("retrying")).await;
                     last = Some(tried);
                     tokio::time::sleep(delay).await;
                 }
@@ -157,32 +168,103 @@ impl Destination {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Adds `record` to the open batch and resolves once the batch is
+    /// done for good: the record that fills it sends it, else its first
+    /// record's task does after [`BATCH_LINGER`].
+    async fn deliver_in_batch(&self, record: Member) {
+        let (mut sent, full, first) = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let (batch, begun) = &mut *open;
+            let batch = batch.get_or_insert_with(|| {
+                *begun += 1;
+                Open {
+                    records: Vec::with_capacity(self.spec.batch_size),
+                    number: *begun,
+                    sent: watch::channel(None).0,
+                }
+            });
+            batch.records.push(record);
+            let sent = batch.sent.subscribe();
+            let first = (batch.records.len() == 1).then_some(batch.number);
+            let full = if batch.records.len() >= self.spec.batch_size {
+                open.0.take()
+            } else {
+                None
+            };
+            (sent, full, first)
+        };
+        if let Some(batch) = full {
+            return self.send_batch(batch).await;
+        }
+        if let Some(number) = first {
+            tokio::select! {
+                () = tokio::time::sleep(BATCH_LINGER) => {}
+                // Filled and sent by another record's task.
+                _ = sent.changed() => {}
+            }
+            let due = {
+                let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+                if open.0.as_ref().is_some_and(|b| b.number == number) {
+                    open.0.take()
+                } else {
+                    None
+                }
+            };
+            if let Some(batch) = due {
+                return self.send_batch(batch).await;
+            }
+        }
+        // The sender gone without an answer (a stop): not done.
+        if sent.wait_for(Option::is_some).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn send_batch(&self, batch: Open) {
+        let delivered = self.deliver_payload(&Payload::batch(batch.records)).await;
+        batch.sent.send_replace(Some(delivered));
+    }
+
+    /// An attempt's outcome as stored: under the payload's id, at its
+    /// first record's place; a dead letter keeps each of its records.
     fn outcome(
         &self,
-        id: &str,
+        payload: &Payload,
         attempt: i32,
-        record: &StoredRecord,
-        key: Option<String>,
         what: &str,
         tried: &Attempt,
-        body: Option<String>,
     ) -> DeliveryOutcome {
+        let first = &payload.records[0];
+        let dead_letters = if what == "dead_letter" {
+            payload
+                .records
+                .iter()
+                .map(|r| DeadLetter {
+                    delivery_id: r.id.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    key: r.key.clone(),
+                    body: String::from_utf8_lossy(&r.value).into_owned(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         DeliveryOutcome {
             attempt_id: uuid::Uuid::new_v4().to_string(),
             destination: self.spec.name.clone(),
             version: self.version,
-            delivery_id: id.to_owned(),
+            delivery_id: payload.id.clone(),
             attempt,
-            partition: record.partition,
-            offset: record.offset,
-            key,
+            partition: first.partition,
+            offset: first.offset,
+            key: first.key.clone(),
             outcome: what.to_owned(),
             status: tried.status.map(i32::from),
             latency_ms: tried.latency.as_millis() as i64,
             response: tried.response.clone(),
             at: now_ms(),
-            body,
+            dead_letters,
         }
     }
 
@@ -236,6 +318,60 @@ impl Destination {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.disabled.send_replace(Some(why));
+    }
+}
+
+/// One record of a payload.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its own delivery id.
+    pub id: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+}
+
+/// What one request carries: a record, or a batch of them
+/// (`{"batch": [...]}`), under one id.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    pub id: String,
+    pub body: Vec<u8>,
+    pub records: Vec<Member>,
+}
+
+impl Payload {
+    fn one(id: String, record: &StoredRecord, key: Option<String>) -> Payload {
+        Payload {
+            body: record.value.clone(),
+            records: vec![Member {
+                id: id.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                key,
+                value: record.value.clone(),
+            }],
+            id,
+        }
+    }
+
+    /// A batch: its id names its first record and how many there are, so
+    /// it is the same on every retry.
+    fn batch(records: Vec<Member>) -> Payload {
+        let mut body = b"{\"batch\":[".to_vec();
+        for (i, record) in records.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&record.value);
+        }
+        body.extend_from_slice(b"]}");
+        Payload {
+            id: format!("batch-{}-{}", records[0].id, records.len()),
+            body,
+            records,
+        }
     }
 }
 
@@ -301,7 +437,18 @@ impl AtLeastOnce for Destination {
             return Ok(());
         }
         if let Some((id, key)) = self.take(&record)? {
-            self.deliver(id, &record, key).await;
+            if self.spec.batch_size > 1 {
+                let member = Member {
+                    id,
+                    partition: record.partition,
+                    offset: record.offset,
+                    key,
+                    value: record.value,
+                };
+                self.deliver_in_batch(member).await;
+            } else {
+                self.deliver(id, &record, key).await;
+            }
         }
         Ok(())
     }

@@ -32,9 +32,21 @@ pub struct DeliveryOutcome {
     /// The start of the endpoint's answer, or why there was none.
     pub response: String,
     pub at: i64,
-    /// For a dead letter: the record as it was to be delivered, kept for
-    /// a replay.
-    pub body: Option<String>,
+    /// For a dead letter: the records given up on (one, or a batch's),
+    /// each kept for a replay.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// A record given up on, as the outcome that gave up names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The record's own delivery id (a replay sends it alone).
+    pub delivery_id: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    /// The record (JSON).
+    pub body: String,
 }
 
 /// A dead letter: a record a destination gave up on.
@@ -494,7 +506,7 @@ fn outcome(row: &AnyRow) -> Result<DeliveryOutcome, StoreError> {
         latency_ms: row.try_get(10)?,
         response: row.try_get(11)?,
         at: row.try_get(12)?,
-        body: None,
+        dead_letters: Vec::new(),
     })
 }
 
@@ -529,7 +541,10 @@ async fn record_in(
         },
     )
     .await?;
-    let dead: Vec<&DeliveryOutcome> = outcomes.iter().filter(|o| o.body.is_some()).collect();
+    let dead: Vec<(&DeliveryOutcome, &DeadLetter)> = outcomes
+        .iter()
+        .flat_map(|o| o.dead_letters.iter().map(move |d| (o, d)))
+        .collect();
     write_rows(
         tx,
         dialect,
@@ -539,14 +554,14 @@ async fn record_in(
          reason = excluded.reason, failed_at = excluded.failed_at",
         9,
         &dead,
-        |query, o| {
+        |query, (o, d)| {
             query
                 .bind(o.destination.as_str())
-                .bind(o.delivery_id.as_str())
-                .bind(o.partition)
-                .bind(o.offset)
-                .bind(o.key.as_deref())
-                .bind(o.body.as_deref())
+                .bind(d.delivery_id.as_str())
+                .bind(d.partition)
+                .bind(d.offset)
+                .bind(d.key.as_deref())
+                .bind(d.body.as_str())
                 .bind(o.attempt)
                 .bind(o.response.as_str())
                 .bind(o.at)

@@ -11,7 +11,7 @@
 //! shared test suite runs against both.
 
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
-pub use deliveries::{DeliveryOutcome, DeliverySummary, StoredFailure, StoredReplay};
+pub use deliveries::{DeadLetter, DeliveryOutcome, DeliverySummary, StoredFailure, StoredReplay};
 pub use metric_windows::{
     Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, OpenGroup, StateSummary,
     StoredPart, StoredWindow, WindowQuery,

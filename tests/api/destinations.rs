@@ -56,6 +56,11 @@ mod embedded_only {
     }
 
     #[tokio::test]
+    async fn records_go_in_signed_batches_up_to_the_batch_size() {
+        super::records_go_in_signed_batches_up_to_the_batch_size(Backend::Embedded).await
+    }
+
+    #[tokio::test]
     async fn a_failing_endpoint_is_paused_and_probed_then_resumes() {
         super::a_failing_endpoint_is_paused_and_probed_then_resumes(Backend::Embedded).await
     }
@@ -944,5 +949,92 @@ async fn a_replay_of_the_log_backfills_a_destination_added_later(backend: Backen
             assert_eq!(s.delivered_times.get(id), Some(&2), "{id}");
         }
     });
+    app.stop().await;
+}
+
+/// Batches as they arrived: each request's `webhook-id` and the message
+/// ids it carried.
+#[derive(Clone)]
+struct BatchReceiver {
+    verifier: Arc<standardwebhooks::Webhook>,
+    requests: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+}
+
+async fn receive_batch(
+    State(receiver): State<BatchReceiver>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if receiver.verifier.verify(&body, &headers).is_err() {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let payload: Value = serde_json::from_slice(&body).unwrap();
+    let ids = payload["batch"]
+        .as_array()
+        .map(|batch| {
+            batch
+                .iter()
+                .map(|e| e["messageId"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let id = headers["webhook-id"].to_str().unwrap().to_owned();
+    receiver.requests.lock().unwrap().push((id, ids));
+    StatusCode::OK
+}
+
+async fn records_go_in_signed_batches_up_to_the_batch_size(backend: Backend) {
+    let receiver = BatchReceiver {
+        verifier: Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap()),
+        requests: Arc::default(),
+    };
+    let router = axum::Router::new()
+        .route("/hook", axum::routing::post(receive_batch))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    define(
+        &app,
+        "batched",
+        &webhook(address, json!({"batch_size": 10})),
+    )
+    .await;
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(&app, "batched").await["state"] == json!("active") },
+    )
+    .await;
+    let sent = track(&app, "order.create", 25, "batched").await;
+    let requests = eventually(
+        "every record delivered",
+        Duration::from_secs(20),
+        || async {
+            let requests = receiver.requests.lock().unwrap().clone();
+            let delivered: usize = requests.iter().map(|(_, ids)| ids.len()).sum();
+            (delivered >= sent.len()).then_some(requests)
+        },
+    )
+    .await;
+    let mut delivered: Vec<String> = requests.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    delivered.sort();
+    let mut expected = sent.clone();
+    expected.sort();
+    assert_eq!(delivered, expected, "each record once, in a batch");
+    assert!(
+        requests.len() < sent.len(),
+        "{} requests carried them",
+        requests.len()
+    );
+    for (id, ids) in &requests {
+        assert!(!ids.is_empty() && ids.len() <= 10, "{id}: {ids:?}");
+        assert_eq!(
+            id,
+            &format!("batch-{}-{}", ids[0], ids.len()),
+            "a batch is named by its first record"
+        );
+    }
     app.stop().await;
 }
