@@ -952,12 +952,14 @@ async fn a_replay_of_the_log_backfills_a_destination_added_later(backend: Backen
     app.stop().await;
 }
 
-/// Batches as they arrived: each request's `webhook-id` and the message
-/// ids it carried.
+/// A request's `webhook-id` and the message ids its batch carried.
+type BatchRequest = (String, Vec<String>);
+
+/// Batches as they arrived.
 #[derive(Clone)]
 struct BatchReceiver {
     verifier: Arc<standardwebhooks::Webhook>,
-    requests: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    requests: Arc<Mutex<Vec<BatchRequest>>>,
 }
 
 async fn receive_batch(
