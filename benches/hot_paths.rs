@@ -257,8 +257,51 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a webhook delivery costs before the request: the Standard
+/// Webhooks signature of one ~330-byte event (one secret, and two during
+/// a rotation), and the address check of a resolved name.
+fn destinations(c: &mut Criterion) {
+    use traitline::destinations::{address, signature};
+    let body = MESSAGE;
+    let mut group = c.benchmark_group("destinations");
+    group.throughput(Throughput::Elements(1));
+    for keys in [1, 2] {
+        let secrets: Vec<Vec<u8>> = (0..keys).map(|k| vec![k as u8; 24]).collect();
+        group.bench_with_input(BenchmarkId::new("sign", keys), &secrets, |b, secrets| {
+            b.iter(|| {
+                signature::sign(
+                    secrets,
+                    "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+                    1_733_300_000,
+                    body.as_bytes(),
+                )
+            })
+        });
+    }
+    let addresses: Vec<std::net::IpAddr> = [
+        "93.184.216.34",
+        "10.0.0.1",
+        "::ffff:127.0.0.1",
+        "2606:4700::1111",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    group.throughput(Throughput::Elements(addresses.len() as u64));
+    group.bench_function("address_check", |b| {
+        b.iter(|| {
+            addresses
+                .iter()
+                .filter(|a| address::forbidden(**a).is_some())
+                .count()
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    destinations,
     normalize,
     partitioner,
     embedded_append,
