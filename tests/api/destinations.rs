@@ -56,6 +56,11 @@ mod embedded_only {
     }
 
     #[tokio::test]
+    async fn alerts_reach_a_destination_that_reads_user_alerts() {
+        super::alerts_reach_a_destination_that_reads_user_alerts(Backend::Embedded).await
+    }
+
+    #[tokio::test]
     async fn records_go_in_signed_batches_up_to_the_batch_size() {
         super::records_go_in_signed_batches_up_to_the_batch_size(Backend::Embedded).await
     }
@@ -1038,5 +1043,84 @@ async fn records_go_in_signed_batches_up_to_the_batch_size(backend: Backend) {
             "a batch is named by its first record"
         );
     }
+    app.stop().await;
+}
+
+async fn alerts_reach_a_destination_that_reads_user_alerts(backend: Backend) {
+    let (receiver, address) = Receiver::start(HEALTHY).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    for rule in ["alarm", "other"] {
+        let (status, body) = send(
+            &app,
+            Method::PUT,
+            &format!("/v1/rules/{rule}"),
+            ADMIN_KEY,
+            Some(
+                &json!({"steps": [{"name": "hit", "where": format!("event == \"{rule}\"")}],
+                         "within": "1m"}),
+            ),
+        )
+        .await;
+        assert!(status.is_success(), "{body}");
+    }
+    define(
+        &app,
+        "pager",
+        &webhook(
+            address,
+            json!({"source": "user_alerts", "where": "rule == \"alarm\""}),
+        ),
+    )
+    .await;
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(&app, "pager").await["state"] == json!("active") },
+    )
+    .await;
+    track(&app, "other", 1, "o").await;
+    track(&app, "alarm", 1, "a").await;
+    let alerts = eventually(
+        "the alarm's alert stored",
+        Duration::from_secs(30),
+        || async {
+            let alerts = read(&app, "/v1/alerts?rule=alarm").await["alerts"].clone();
+            alerts
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+                .then_some(alerts)
+        },
+    )
+    .await;
+    let id = alerts[0]["id"].as_str().unwrap().to_owned();
+    eventually("the alert delivered", Duration::from_secs(30), || async {
+        receiver.seen(|s| s.delivered.contains_key(&id))
+    })
+    .await;
+    // The other rule's alert is on user_alerts too, read and not
+    // delivered.
+    let topic = Topics::new(&app.config.topic_prefix).alerts();
+    eventually(
+        "both alerts on user_alerts",
+        Duration::from_secs(30),
+        || async { read_all(&app.config, &topic).await.len() == 2 },
+    )
+    .await;
+    eventually(
+        "the destination past both",
+        Duration::from_secs(30),
+        || async {
+            let status = status_of(&app, "pager").await;
+            (status["lag"] == json!(0))
+                .then_some(())
+                .ok_or(status.to_string())
+        },
+    )
+    .await;
+    receiver.seen(|s| {
+        assert_eq!(s.delivered.len(), 1, "only the alarm rule's alerts");
+        assert_eq!(s.delivered[&id]["rule"], json!("alarm"));
+        assert_eq!(s.delivered[&id]["message_ids"], json!(["a-0"]));
+    });
     app.stop().await;
 }
