@@ -126,11 +126,13 @@ pub async fn serve(
             .spawn_until_stop("change relay", move |stop| relay.clone().run(stop))
             .map_err(ServeError::Stage)?;
         let purged = store.clone();
-        let retention = (config.events_retention, config.metric_windows_retention);
+        let retention = Retention {
+            events: config.events_retention,
+            windows: config.metric_windows_retention,
+            attempts: config.delivery_attempts_retention,
+        };
         supervisor
-            .spawn_until_stop("purge", move |stop| {
-                purge(purged.clone(), retention.0, retention.1, stop)
-            })
+            .spawn_until_stop("purge", move |stop| purge(purged.clone(), retention, stop))
             .map_err(ServeError::Stage)?;
         if let Some(interval) = config.snapshot_interval {
             let (config, store) = (config.clone(), store.clone());
@@ -192,12 +194,15 @@ async fn start_from_snapshot(config: &Config, store: &Store) -> Result<(), Serve
 /// them the record of their message ids), closed metric windows past
 /// `windows_retention`, and the working state of metric versions that no
 /// longer run.
-async fn purge(
-    store: Store,
-    events_retention: Duration,
-    windows_retention: Duration,
-    stop: impl Future<Output = ()>,
-) {
+/// How long the store keeps what it keeps for a while.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    events: Duration,
+    windows: Duration,
+    attempts: Duration,
+}
+
+async fn purge(store: Store, retention: Retention, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     let before = |age: Duration| {
@@ -209,7 +214,7 @@ async fn purge(
             () = &mut stop => return,
             _ = every.tick() => {}
         }
-        match store.purge(before(events_retention)).await {
+        match store.purge(before(retention.events)).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,
@@ -217,7 +222,20 @@ async fn purge(
             ),
             Err(e) => tracing::warn!("cannot delete old events: {e}; trying again in an hour"),
         }
-        match store.purge_metric_windows(before(windows_retention)).await {
+        match store
+            .purge_delivery_attempts(before(retention.attempts))
+            .await
+        {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(
+                rows,
+                "deleted {rows} delivery attempts past delivery-attempts-retention-days"
+            ),
+            Err(e) => {
+                tracing::warn!("cannot delete old delivery attempts: {e}; trying again in an hour")
+            }
+        }
+        match store.purge_metric_windows(before(retention.windows)).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(
                 rows,

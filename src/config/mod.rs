@@ -113,6 +113,8 @@ pub struct Config {
     pub metric_windows_retention: Duration,
     /// Bytes of open window state the metric runners keep in memory.
     pub metric_state_budget: usize,
+    /// How long delivery attempts are kept.
+    pub delivery_attempts_retention: Duration,
     pub log_format: LogFormat,
     /// Where spans are exported, when they are.
     pub otlp: Option<Otlp>,

@@ -238,6 +238,16 @@ pub struct Settings {
     #[arg(long, env = "TRAITLINE_METRIC_WINDOWS_RETENTION_DAYS", global = true)]
     pub metric_windows_retention_days: Option<u64>,
 
+    /// How long destinations' delivery attempts are kept (listed at
+    /// `/v1/destinations/{name}/attempts`, counted in its status), in days;
+    /// dead letters stay until replayed [default: 7]
+    #[arg(
+        long,
+        env = "TRAITLINE_DELIVERY_ATTEMPTS_RETENTION_DAYS",
+        global = true
+    )]
+    pub delivery_attempts_retention_days: Option<u64>,
+
     /// Memory the metric runners may keep open window state in, in MiB,
     /// split evenly among the running metric versions; past it a runner
     /// keeps its least recently used groups in the store only, and reads
@@ -340,6 +350,9 @@ impl Settings {
             metric_windows_retention_days: self
                 .metric_windows_retention_days
                 .or(fallback.metric_windows_retention_days),
+            delivery_attempts_retention_days: self
+                .delivery_attempts_retention_days
+                .or(fallback.delivery_attempts_retention_days),
             metric_state_budget_mb: self
                 .metric_state_budget_mb
                 .or(fallback.metric_state_budget_mb),

@@ -284,6 +284,14 @@ impl Config {
             ));
         }
 
+        let attempts_retention_days = s.delivery_attempts_retention_days.unwrap_or(7);
+        if attempts_retention_days == 0 {
+            return Err(invalid(
+                "delivery-attempts-retention-days",
+                "must be at least 1",
+            ));
+        }
+
         let state_budget_mb = s.metric_state_budget_mb.unwrap_or(256);
         if !(1..=1_048_576).contains(&state_budget_mb) {
             return Err(invalid(
@@ -348,6 +356,9 @@ impl Config {
                 windows_retention_days.saturating_mul(86_400),
             ),
             metric_state_budget: usize::try_from(state_budget_mb << 20).unwrap_or(usize::MAX),
+            delivery_attempts_retention: Duration::from_secs(
+                attempts_retention_days.saturating_mul(86_400),
+            ),
             log_format,
             otlp,
             snapshot_dir,

@@ -278,6 +278,21 @@ impl Store {
         })
     }
 
+    /// Deletes the delivery attempts made before `before_ms` that are on
+    /// `user_deliveries`, and replays finished before it; the rows
+    /// deleted.
+    pub async fn purge_delivery_attempts(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let attempts = sqlx::query("DELETE FROM delivery_attempts WHERE at < $1 AND published = 1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM destination_replays WHERE state = 'done' AND finished_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(attempts.rows_affected())
+    }
+
     /// Asks for a replay; it is pending until an instance running the
     /// destination takes it.
     pub async fn request_replay(

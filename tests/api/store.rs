@@ -9,9 +9,9 @@ use chrono::Utc;
 use serde_json::Value;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    AlertQuery, Combine, ComputedTrait, GroupRow, MergeRow, MetricBatch, OffsetAdvance,
-    ProfileBatch, RuleBatch, StateSummary, Store, StoreError, StoredAlert, StoredWindow,
-    WindowQuery,
+    AlertQuery, Combine, ComputedTrait, DeadLetter, DeliveryOutcome, GroupRow, MergeRow,
+    MetricBatch, OffsetAdvance, ProfileBatch, RuleBatch, StateSummary, Store, StoreError,
+    StoredAlert, StoredWindow, WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
@@ -25,7 +25,8 @@ both_logs!(
     a_message_id_is_remembered_while_its_event_is_stored,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
-    a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once
+    a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once,
+    delivery_outcomes_dead_letters_and_positions_are_kept_and_purged
 );
 
 /// The database of the deployment `backend` stands for: SQLite in the
@@ -1120,5 +1121,166 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
             .unwrap()
             .len(),
         2
+    );
+}
+
+fn outcome(id: &str, attempt: i32, what: &str, at: i64, dead: &[&str]) -> DeliveryOutcome {
+    DeliveryOutcome {
+        attempt_id: format!("{id}-{attempt}"),
+        destination: "crm".into(),
+        version: 1,
+        delivery_id: id.into(),
+        attempt,
+        partition: 0,
+        offset: 7,
+        key: Some("u1".into()),
+        outcome: what.into(),
+        status: Some(503),
+        latency_ms: i64::from(attempt) * 10,
+        response: "answered 503".into(),
+        at,
+        dead_letters: dead
+            .iter()
+            .map(|d| DeadLetter {
+                delivery_id: (*d).into(),
+                partition: 0,
+                offset: 7,
+                key: Some("u1".into()),
+                body: format!(r#"{{"messageId": "{d}"}}"#),
+            })
+            .collect(),
+    }
+}
+
+async fn delivery_outcomes_dead_letters_and_positions_are_kept_and_purged(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let now = traitline::store::now_ms();
+    let day = 86_400_000;
+    store
+        .record_deliveries(&[
+            outcome("old", 1, "retrying", now - 10 * day, &[]),
+            outcome("m1", 1, "retrying", now - 2000, &[]),
+            outcome("m1", 2, "dead_letter", now - 1000, &["m1"]),
+            // A batch given up on: each record a dead letter of its own.
+            outcome("batch-m2-2", 1, "dead_letter", now - 500, &["m2", "m3"]),
+        ])
+        .await
+        .unwrap();
+    let failures = store
+        .delivery_failures("crm", None, None, 100)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = failures.iter().map(|f| f.delivery_id.as_str()).collect();
+    assert_eq!(ids, vec!["m1", "m2", "m3"]);
+    assert_eq!(
+        (failures[0].attempts, failures[0].body.as_str()),
+        (2, r#"{"messageId": "m1"}"#)
+    );
+    // Paged by the cursor of the page before.
+    let next = store
+        .delivery_failures("crm", None, Some((failures[0].failed_at, "m1")), 100)
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 2);
+
+    // A replay delivers m1: it is no longer a dead letter.
+    store
+        .record_deliveries(&[outcome("m1", 3, "delivered", now, &[])])
+        .await
+        .unwrap();
+    let left: Vec<String> = store
+        .delivery_failures("crm", None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.delivery_id)
+        .collect();
+    assert_eq!(left, vec!["m2", "m3"]);
+    let summary = store.delivery_summary("crm", now - day).await.unwrap();
+    assert_eq!(
+        (summary.delivered, summary.retried, summary.dead_letters),
+        (1, 3, 2)
+    );
+    assert_eq!(summary.p95_latency_ms, Some(30));
+
+    // Positions with the work finished above them; a stale save is fenced.
+    let advance = |expected, next| {
+        vec![OffsetAdvance {
+            partition: 0,
+            expected,
+            next,
+        }]
+    };
+    let done = HashMap::from([(0, vec![(12, 15), (20, 21)])]);
+    store
+        .save_positions("destination:crm", "user_events", &advance(None, 10), &done)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .done_above("destination:crm", "user_events")
+            .await
+            .unwrap(),
+        done
+    );
+    let fenced = store
+        .save_positions(
+            "destination:crm",
+            "user_events",
+            &advance(Some(5), 21),
+            &HashMap::new(),
+        )
+        .await;
+    assert!(
+        matches!(fenced, Err(StoreError::Fenced { .. })),
+        "{fenced:?}"
+    );
+    store
+        .save_positions(
+            "destination:crm",
+            "user_events",
+            &advance(Some(10), 21),
+            &HashMap::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .done_above("destination:crm", "user_events")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .offsets("destination:crm", "user_events")
+            .await
+            .unwrap()[&0],
+        21
+    );
+
+    // Only attempts on user_deliveries and past the retention go.
+    assert_eq!(
+        store.purge_delivery_attempts(now - day).await.unwrap(),
+        0,
+        "not yet published"
+    );
+    let unpublished = store.unpublished_deliveries(100).await.unwrap();
+    assert_eq!(unpublished.len(), 5);
+    let ids: Vec<&str> = unpublished.iter().map(|o| o.attempt_id.as_str()).collect();
+    store.mark_deliveries_published(&ids).await.unwrap();
+    assert_eq!(store.purge_delivery_attempts(now - day).await.unwrap(), 1);
+    let kept = store.delivery_attempts("crm", 100).await.unwrap();
+    assert_eq!(kept.len(), 4);
+    assert_eq!(kept[0].outcome, "delivered", "newest first");
+    assert_eq!(
+        store
+            .delivery_failures("crm", None, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "dead letters stay"
     );
 }
