@@ -29,51 +29,33 @@ both_logs!(
     per_user_order_holds_for_a_delayed_user_and_others_go_on
 );
 
-mod embedded_only {
-    use crate::helpers::Backend;
+/// Scenarios whose point does not depend on the log or the store: run on
+/// the embedded deployment.
+macro_rules! embedded_only {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_only {
+            use crate::helpers::Backend;
+            $( #[tokio::test] async fn $name() { super::$name(Backend::Embedded).await } )*
+        }
+    };
+}
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those() {
-        super::a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those().await
-    }
+embedded_only!(
+    a_dead_endpoint_makes_dead_letters_after_the_budget,
+    an_endpoint_answering_410_disables_its_destination_until_it_changes,
+    a_replay_of_the_log_backfills_a_destination_added_later,
+    alerts_reach_a_destination_that_reads_user_alerts,
+    records_go_in_signed_batches_up_to_the_batch_size,
+    a_failing_endpoint_is_paused_and_probed_then_resumes,
+    private_addresses_and_redirects_to_them_are_refused,
+);
 
-    #[tokio::test]
-    async fn a_dead_endpoint_makes_dead_letters_after_the_budget() {
-        super::a_dead_endpoint_makes_dead_letters_after_the_budget(Backend::Embedded).await
-    }
-
-    #[tokio::test]
-    async fn an_endpoint_answering_410_disables_its_destination_until_it_changes() {
-        super::an_endpoint_answering_410_disables_its_destination_until_it_changes(
-            Backend::Embedded,
-        )
-        .await
-    }
-
-    #[tokio::test]
-    async fn a_replay_of_the_log_backfills_a_destination_added_later() {
-        super::a_replay_of_the_log_backfills_a_destination_added_later(Backend::Embedded).await
-    }
-
-    #[tokio::test]
-    async fn alerts_reach_a_destination_that_reads_user_alerts() {
-        super::alerts_reach_a_destination_that_reads_user_alerts(Backend::Embedded).await
-    }
-
-    #[tokio::test]
-    async fn records_go_in_signed_batches_up_to_the_batch_size() {
-        super::records_go_in_signed_batches_up_to_the_batch_size(Backend::Embedded).await
-    }
-
-    #[tokio::test]
-    async fn a_failing_endpoint_is_paused_and_probed_then_resumes() {
-        super::a_failing_endpoint_is_paused_and_probed_then_resumes(Backend::Embedded).await
-    }
-
-    #[tokio::test]
-    async fn private_addresses_and_redirects_to_them_are_refused() {
-        super::private_addresses_and_redirects_to_them_are_refused(Backend::Embedded).await
-    }
+/// Serves a test receiver on a free port; its address.
+async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    address
 }
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -120,9 +102,7 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
             .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let address = serve(app).await;
         (receiver, address)
     }
 
@@ -231,6 +211,33 @@ async fn status_of(app: &TestApp, name: &str) -> Value {
     shown["status"].clone()
 }
 
+/// A receiver in `mode`, a service allowed to reach it, and destination
+/// `name` (the webhook of [`webhook`] with `extra`) delivering to it;
+/// with the receiver's address and what the service stored.
+async fn delivering_to(
+    backend: Backend,
+    mode: u8,
+    name: &str,
+    extra: Value,
+) -> (Receiver, SocketAddr, TestApp, Value) {
+    let (receiver, address) = Receiver::start(mode).await;
+    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
+    let stored = define(&app, name, &webhook(address, extra)).await;
+    wait_active(&app, name).await;
+    (receiver, address, app, stored)
+}
+
+/// Waits until destination `name` delivers: records the log stores
+/// before are not its own.
+async fn wait_active(app: &TestApp, name: &str) {
+    eventually(
+        "the destination active",
+        Duration::from_secs(10),
+        || async { status_of(app, name).await["state"] == json!("active") },
+    )
+    .await
+}
+
 /// GETs `path` with the read key; the answer's body.
 async fn read(app: &TestApp, path: &str) -> Value {
     send(app, Method::GET, path, READ_KEY, None).await.1
@@ -294,12 +301,11 @@ fn webhook(address: SocketAddr, extra: Value) -> Value {
 async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_receiver(
     backend: Backend,
 ) {
-    let (receiver, address) = Receiver::start(FLAKY).await;
-    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
-    let stored = define(
-        &app,
+    let (receiver, _, app, stored) = delivering_to(
+        backend,
+        FLAKY,
         "crm",
-        &webhook(address, json!({"where": "event == \"order.create\""})),
+        json!({"where": "event == \"order.create\""}),
     )
     .await;
     assert_eq!(
@@ -311,12 +317,6 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
         !stored.to_string().contains("MfKQ9r8"),
         "the secret is never shown"
     );
-    eventually(
-        "the destination active",
-        Duration::from_secs(10),
-        || async { status_of(&app, "crm").await["state"] == json!("active") },
-    )
-    .await;
 
     // Half the attempts fail.
     let mut orders = track(&app, "order.create", 40, "flaky").await;
@@ -432,20 +432,8 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
 }
 
 async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
-    let (receiver, address) = Receiver::start(DOWN).await;
-    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
-    define(
-        &app,
-        "dead",
-        &webhook(address, json!({"retry_for": "300ms"})),
-    )
-    .await;
-    eventually(
-        "the destination active",
-        Duration::from_secs(10),
-        || async { status_of(&app, "dead").await["state"] == json!("active") },
-    )
-    .await;
+    let (receiver, _, app, _) =
+        delivering_to(backend, DOWN, "dead", json!({"retry_for": "300ms"})).await;
     let sent = track(&app, "order.create", 3, "dead").await;
     let failures = eventually("three dead letters", Duration::from_secs(30), || async {
         let failures = read(&app, "/v1/destinations/dead/failures").await;
@@ -527,9 +515,7 @@ async fn a_dead_endpoint_makes_dead_letters_after_the_budget(backend: Backend) {
 }
 
 async fn an_endpoint_answering_410_disables_its_destination_until_it_changes(backend: Backend) {
-    let (receiver, address) = Receiver::start(GONE).await;
-    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
-    define(&app, "gone", &webhook(address, json!({}))).await;
+    let (receiver, address, app, _) = delivering_to(backend, GONE, "gone", json!({})).await;
     let sent = track(&app, "order.create", 5, "gone").await;
     let status = eventually(
         "the destination disabled",
@@ -694,9 +680,7 @@ async fn per_user_order_holds_for_a_delayed_user_and_others_go_on(backend: Backe
     let router = axum::Router::new()
         .route("/hook", axum::routing::post(receive_in_order))
         .with_state(receiver.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let address = serve(router).await;
     let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
     define(
         &app,
@@ -760,14 +744,8 @@ async fn per_user_order_holds_for_a_delayed_user_and_others_go_on(backend: Backe
 }
 
 async fn a_failing_endpoint_is_paused_and_probed_then_resumes(backend: Backend) {
-    let (receiver, address) = Receiver::start(DOWN).await;
-    let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
-    define(
-        &app,
-        "failing",
-        &webhook(address, json!({"retry_for": "1h"})),
-    )
-    .await;
+    let (receiver, _, app, _) =
+        delivering_to(backend, DOWN, "failing", json!({"retry_for": "1h"})).await;
     let sent = track(&app, "order.create", 30, "paused").await;
     eventually("the endpoint paused", Duration::from_secs(30), || async {
         status_of(&app, "failing").await["state"] == json!("paused")
@@ -825,15 +803,14 @@ async fn receive_slowly(State(receiver): State<SlowReceiver>, headers: HeaderMap
     StatusCode::OK
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_with_deliveries_in_flight_skips_none_and_repeats_only_those() {
     const IN_FLIGHT: usize = 10;
     let receiver = SlowReceiver::default();
     let router = axum::Router::new()
         .route("/hook", axum::routing::post(receive_slowly))
         .with_state(receiver.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let address = serve(router).await;
 
     let dir = TestDir::new();
     let mut env = embedded_env(dir.path());
@@ -925,12 +902,7 @@ async fn a_replay_of_the_log_backfills_a_destination_added_later(backend: Backen
     let before = track(&app, "order.create", 5, "before").await;
     app.wait_for_profile("before-u4", |_| true).await;
     define(&app, "late", &webhook(address, json!({}))).await;
-    eventually(
-        "the destination active",
-        Duration::from_secs(10),
-        || async { status_of(&app, "late").await["state"] == json!("active") },
-    )
-    .await;
+    wait_active(&app, "late").await;
     let after = track(&app, "order.create", 2, "after").await;
     eventually(
         "the records sent after it was defined",
@@ -998,9 +970,7 @@ async fn records_go_in_signed_batches_up_to_the_batch_size(backend: Backend) {
     let router = axum::Router::new()
         .route("/hook", axum::routing::post(receive_batch))
         .with_state(receiver.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let address = serve(router).await;
     let app = spawn_app_with(backend, |s| s.destinations_allow_private = Some(true)).await;
     define(
         &app,
@@ -1008,12 +978,7 @@ async fn records_go_in_signed_batches_up_to_the_batch_size(backend: Backend) {
         &webhook(address, json!({"batch_size": 10})),
     )
     .await;
-    eventually(
-        "the destination active",
-        Duration::from_secs(10),
-        || async { status_of(&app, "batched").await["state"] == json!("active") },
-    )
-    .await;
+    wait_active(&app, "batched").await;
     let sent = track(&app, "order.create", 25, "batched").await;
     let requests = eventually(
         "every record delivered",
@@ -1072,12 +1037,7 @@ async fn alerts_reach_a_destination_that_reads_user_alerts(backend: Backend) {
         ),
     )
     .await;
-    eventually(
-        "the destination active",
-        Duration::from_secs(10),
-        || async { status_of(&app, "pager").await["state"] == json!("active") },
-    )
-    .await;
+    wait_active(&app, "pager").await;
     track(&app, "other", 1, "o").await;
     track(&app, "alarm", 1, "a").await;
     let alerts = eventually(
