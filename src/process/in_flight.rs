@@ -55,7 +55,6 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     dead_letters: DeadLetters,
     settings: InFlightSettings,
     counting: Counting,
-    /// Per partition, the offsets being worked on.
     /// Per partition, the offsets being worked on, each with when the
     /// log stored its record.
     unfinished: BTreeMap<i32, BTreeMap<i64, i64>>,
