@@ -133,10 +133,14 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 .saturating_sub(self.tasks.len())
                 .min(self.settings.runner.max_batch);
             if room == 0 {
+                // Work that never ends (an endpoint that never answers)
+                // still lets the positions and the stats be saved.
+                let next_save = self.settings.save_every.saturating_sub(last_save.elapsed());
                 let joined = tokio::select! {
                     biased;
                     () = &mut stop => return self.stopped().await,
                     joined = self.tasks.join_next() => joined,
+                    () = tokio::time::sleep(next_save) => continue,
                 };
                 if let Some(joined) = joined
                     && !self.finished(joined, &mut stop).await

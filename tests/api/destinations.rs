@@ -48,6 +48,7 @@ embedded_only!(
     records_go_in_signed_batches_up_to_the_batch_size,
     a_failing_endpoint_is_paused_and_probed_then_resumes,
     private_addresses_and_redirects_to_them_are_refused,
+    an_endpoint_that_never_answers_times_out_and_holds_up_no_other_destination,
 );
 
 /// Serves a test receiver on a free port; its address.
@@ -1082,5 +1083,59 @@ async fn alerts_reach_a_destination_that_reads_user_alerts(backend: Backend) {
         assert_eq!(s.delivered[&id]["rule"], json!("alarm"));
         assert_eq!(s.delivered[&id]["message_ids"], json!(["a-0"]));
     });
+    app.stop().await;
+}
+
+async fn an_endpoint_that_never_answers_times_out_and_holds_up_no_other_destination(
+    backend: Backend,
+) {
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_address = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let (receiver, _, app, _) = delivering_to(backend, HEALTHY, "working", json!({})).await;
+    define(
+        &app,
+        "silent",
+        &webhook(
+            silent_address,
+            json!({"timeout": "300ms", "max_in_flight": 5}),
+        ),
+    )
+    .await;
+    wait_active(&app, "silent").await;
+    let sent = track(&app, "order.create", 50, "iso").await;
+    eventually(
+        "every record delivered to the working endpoint",
+        Duration::from_secs(20),
+        || async {
+            let delivered = receiver.seen(|s| s.delivered.len());
+            (delivered == sent.len())
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        },
+    )
+    .await;
+    let attempt = first_attempt(&app, "silent", "an attempt that timed out").await;
+    assert_eq!(attempt["outcome"], json!("retrying"), "{attempt}");
+    assert_eq!(attempt["status"], Value::Null, "{attempt}");
+    assert!(
+        attempt["response"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 300ms"),
+        "{attempt}"
+    );
+    let silent_status = status_of(&app, "silent").await;
+    assert_eq!(silent_status["delivered"], json!(0), "{silent_status}");
+    assert!(
+        silent_status["oldest_undelivered_seconds"].is_number(),
+        "its records wait: {silent_status}"
+    );
     app.stop().await;
 }
