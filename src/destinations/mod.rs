@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::definitions::{Definition, DestinationDefinition, DestinationSpec};
+use crate::definitions::{DestinationDefinition, DestinationSpec};
 use crate::log::{EventLog, Topics};
 use crate::process::profiles::group_reader;
 use crate::process::{InFlightRunner, InFlightSettings, RunnerSettings, SharedStats};
@@ -263,7 +263,11 @@ impl Stage {
         if !changed && ended.is_empty() {
             return Ok(());
         }
-        let current = current(&self.store).await?;
+        let current = crate::process::compiled::<DestinationDefinition>(
+            &self.store,
+            DefinitionKind::Destination,
+        )
+        .await?;
         let gone: Vec<String> = self
             .running
             .keys()
@@ -413,29 +417,4 @@ impl Shown {
             breaker: None,
         }
     }
-}
-
-/// The current versions of the stored destinations that compile.
-async fn current(store: &Store) -> Result<HashMap<String, (i64, DestinationSpec)>, String> {
-    let definitions = store
-        .definitions(DefinitionKind::Destination)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut current = HashMap::new();
-    for stored in definitions {
-        let compiled =
-            crate::definitions::from_json::<DestinationDefinition>(stored.body.as_bytes())
-                .and_then(|d| Definition::compile(&d, &stored.name));
-        match compiled {
-            Ok(spec) => {
-                current.insert(stored.name, (stored.version, spec));
-            }
-            Err(e) => tracing::error!(
-                "destination {} version {} cannot run: {e}",
-                stored.name,
-                stored.version
-            ),
-        }
-    }
-    Ok(current)
 }

@@ -227,16 +227,16 @@ pub fn spawn<M: Staged>(
     Ok(runners)
 }
 
-/// The current versions of the stored definitions of `M`'s kind that
-/// compile.
-async fn current<M: Staged>(store: &Store) -> Result<HashMap<String, (i64, Spec<M>)>, String> {
-    let definitions = store
-        .definitions(M::KIND)
-        .await
-        .map_err(|e| e.to_string())?;
+/// The current versions of the stored definitions of `kind` that
+/// compile, as `D`; one that no longer compiles is logged and left out.
+pub(crate) async fn compiled<D: Definition>(
+    store: &Store,
+    kind: DefinitionKind,
+) -> Result<HashMap<String, (i64, D::Spec)>, String> {
+    let definitions = store.definitions(kind).await.map_err(|e| e.to_string())?;
     let mut current = HashMap::new();
     for stored in definitions {
-        let compiled = crate::definitions::from_json::<M::Definition>(stored.body.as_bytes())
+        let compiled = crate::definitions::from_json::<D>(stored.body.as_bytes())
             .and_then(|d| d.compile(&stored.name));
         match compiled {
             Ok(spec) => {
@@ -246,7 +246,7 @@ async fn current<M: Staged>(store: &Store) -> Result<HashMap<String, (i64, Spec<
             // run, and said.
             Err(e) => tracing::error!(
                 "{} {} version {} cannot run: {e}",
-                noun::<M>(),
+                D::NOUN,
                 stored.name,
                 stored.version
             ),
@@ -325,7 +325,7 @@ impl<M: Staged> Stage<M> {
                 _ = poll.tick() => {
                     match self.store.definitions_changes(M::KIND).await {
                         Ok(changes) if seen == Some(changes) => {}
-                        Ok(changes) => match current::<M>(&self.store).await {
+                        Ok(changes) => match compiled::<M::Definition>(&self.store, M::KIND).await {
                             Ok(current) => {
                                 self.follow(current, seen.is_none()).await;
                                 seen = Some(changes);

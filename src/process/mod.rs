@@ -50,6 +50,7 @@ use async_trait::async_trait;
 use crate::log::StoredRecord;
 
 pub use clock::{Clock, PartitionTime, SystemClock};
+pub(crate) use definition_stage::compiled;
 pub use in_flight::{InFlightRunner, InFlightSettings};
 pub use runner::{Continuity, Runner, panic_message};
 pub use stats::{PartitionLag, RunnerStats, SharedStats};

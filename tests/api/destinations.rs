@@ -115,6 +115,17 @@ impl Receiver {
         f(&self.seen.lock().unwrap())
     }
 
+    /// Waits until the count of ids answered 2xx is `enough`.
+    async fn wait_delivered(&self, what: &str, deadline: Duration, enough: impl Fn(usize) -> bool) {
+        eventually(what, deadline, || async {
+            let delivered = self.seen(|s| s.delivered.len());
+            enough(delivered)
+                .then_some(())
+                .ok_or(format!("{delivered} delivered"))
+        })
+        .await
+    }
+
     fn mark(&self) {
         let mut seen = self.seen.lock().unwrap();
         seen.since_mark = 0;
@@ -322,17 +333,13 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
     // Half the attempts fail.
     let mut orders = track(&app, "order.create", 40, "flaky").await;
     track(&app, "page.view", 40, "other").await;
-    eventually(
-        "the orders delivered through the flaky receiver",
-        Duration::from_secs(60),
-        || async {
-            let delivered = receiver.seen(|s| s.delivered.len());
-            (delivered >= orders.len())
-                .then_some(())
-                .ok_or(format!("{delivered} delivered"))
-        },
-    )
-    .await;
+    receiver
+        .wait_delivered(
+            "the orders delivered through the flaky receiver",
+            Duration::from_secs(60),
+            |n| n >= orders.len(),
+        )
+        .await;
 
     // Down for a while: every attempt fails until it is back.
     receiver.set(DOWN);
@@ -354,13 +361,11 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
     .await;
     receiver.set(HEALTHY);
     orders.extend(down);
-    eventually("every order delivered", Duration::from_secs(60), || async {
-        let delivered = receiver.seen(|s| s.delivered.len());
-        (delivered == orders.len())
-            .then_some(())
-            .ok_or(format!("{delivered} delivered"))
-    })
-    .await;
+    receiver
+        .wait_delivered("every order delivered", Duration::from_secs(60), |n| {
+            n == orders.len()
+        })
+        .await;
 
     receiver.seen(|seen| {
         assert_eq!(seen.bad_signatures, 0, "every request verifies");
@@ -549,17 +554,13 @@ async fn an_endpoint_answering_410_disables_its_destination_until_it_changes(bac
     // record comes, the ones sent while it was disabled too.
     receiver.set(HEALTHY);
     define(&app, "gone", &webhook(address, json!({"timeout": "5s"}))).await;
-    eventually(
-        "every record delivered after the change",
-        Duration::from_secs(30),
-        || async {
-            let delivered = receiver.seen(|s| s.delivered.len());
-            (delivered == sent.len() + 2)
-                .then_some(())
-                .ok_or(format!("{delivered} delivered"))
-        },
-    )
-    .await;
+    receiver
+        .wait_delivered(
+            "every record delivered after the change",
+            Duration::from_secs(30),
+            |n| n == sent.len() + 2,
+        )
+        .await;
     assert_eq!(status_of(&app, "gone").await["state"], json!("active"));
     app.stop().await;
 }
@@ -775,17 +776,11 @@ async fn a_failing_endpoint_is_paused_and_probed_then_resumes(backend: Backend) 
 
     // The endpoint is back: the next probe resumes every delivery.
     receiver.set(HEALTHY);
-    eventually(
-        "every record delivered",
-        Duration::from_secs(30),
-        || async {
-            let delivered = receiver.seen(|s| s.delivered.len());
-            (delivered == sent.len())
-                .then_some(())
-                .ok_or(format!("{delivered} delivered"))
-        },
-    )
-    .await;
+    receiver
+        .wait_delivered("every record delivered", Duration::from_secs(30), |n| {
+            n == sent.len()
+        })
+        .await;
     assert_eq!(status_of(&app, "failing").await["state"], json!("active"));
     app.stop().await;
 }
@@ -1110,17 +1105,13 @@ async fn an_endpoint_that_never_answers_times_out_and_holds_up_no_other_destinat
     .await;
     wait_active(&app, "silent").await;
     let sent = track(&app, "order.create", 50, "iso").await;
-    eventually(
-        "every record delivered to the working endpoint",
-        Duration::from_secs(20),
-        || async {
-            let delivered = receiver.seen(|s| s.delivered.len());
-            (delivered == sent.len())
-                .then_some(())
-                .ok_or(format!("{delivered} delivered"))
-        },
-    )
-    .await;
+    receiver
+        .wait_delivered(
+            "every record delivered to the working endpoint",
+            Duration::from_secs(20),
+            |n| n == sent.len(),
+        )
+        .await;
     let attempt = first_attempt(&app, "silent", "an attempt that timed out").await;
     assert_eq!(attempt["outcome"], json!("retrying"), "{attempt}");
     assert_eq!(attempt["status"], Value::Null, "{attempt}");
