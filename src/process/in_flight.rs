@@ -16,7 +16,9 @@ use super::dead_letters::DeadLetters;
 use super::reading::Reading;
 use super::runner::panic_message;
 use super::stats::{Counting, SharedStats};
-use super::{AtLeastOnce, CommitError, Committed, OffsetAdvance, Rejected, RunnerSettings};
+use super::{
+    AtLeastOnce, CommitError, Committed, Group, OffsetAdvance, Rejected, RunnerSettings,
+};
 use crate::log::{EventLog, LogReader, StoredRecord};
 
 /// How an at-least-once runner reads and saves.
@@ -39,6 +41,9 @@ type Finished = HashMap<i32, Vec<(i64, i64)>>;
 /// What one finished piece of work reports.
 struct Done {
     partition: i32,
+    /// The offsets it finishes, `[from, offset]` (one record, or a group
+    /// and the records held for it).
+    from: i64,
     offset: i64,
     /// The partition's generation when the work started: work started
     /// before the partition was fenced and read again is not counted.
@@ -60,6 +65,9 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     unfinished: BTreeMap<i32, BTreeMap<i64, i64>>,
     /// Per partition, the offset after the last record started.
     started_up_to: HashMap<i32, i64>,
+    /// Per partition, the first record the processor holds (see
+    /// [`AtLeastOnce::begin`]).
+    held_from: HashMap<i32, i64>,
     generations: HashMap<i32, u64>,
     /// Work finished since the positions were last saved.
     done_since_save: usize,
@@ -94,6 +102,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             settings,
             unfinished: BTreeMap::new(),
             started_up_to: HashMap::new(),
+            held_from: HashMap::new(),
             generations: HashMap::new(),
             done_since_save: 0,
             chains: HashMap::new(),
@@ -124,6 +133,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 }
             }
             if last_save.elapsed() >= self.settings.save_every {
+                self.start_due();
                 self.save().await;
                 last_save = Instant::now();
             }
@@ -133,6 +143,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 .saturating_sub(self.tasks.len())
                 .min(self.settings.runner.max_batch);
             if room == 0 {
+                self.start_due();
                 // Work that never ends (an endpoint that never answers)
                 // still lets the positions and the stats be saved.
                 let next_save = self.settings.save_every.saturating_sub(last_save.elapsed());
@@ -163,7 +174,11 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             };
             self.start_work(records);
             self.reading.probe_lag(caught_up, &self.counting);
-            if caught_up && self.settings.runner.stop_when_caught_up && self.tasks.is_empty() {
+            if caught_up
+                && self.settings.runner.stop_when_caught_up
+                && self.tasks.is_empty()
+                && self.held_from.is_empty()
+            {
                 self.save().await;
                 return Ok(());
             }
@@ -197,33 +212,69 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 .or_default()
                 .insert(offset, record.timestamp_ms);
             self.started_up_to.insert(partition, offset + 1);
-            let generation = self.generations.get(&partition).copied().unwrap_or(0);
-            let processor = self.processor.clone();
-            let key = processor.in_order_of(&record);
+            let key = self.processor.in_order_of(&record);
+            let Some(group) = self.processor.clone().begin(record) else {
+                self.held_from.entry(partition).or_insert(offset);
+                continue;
+            };
+            let from = self
+                .held_from
+                .remove(&partition)
+                .unwrap_or(group.through.min(offset));
+            if group.through < offset {
+                // The record starts the next group.
+                self.held_from.insert(partition, offset);
+            }
             // The key's previous record's work, which this one waits for;
             // its own end is what the next one waits for. The sender goes
             // with the task, so a panic or abort ends the wait too.
             let (ended, waited) = oneshot::channel::<()>();
             let previous = key.as_ref().and_then(|key| {
                 self.chains
-                    .insert(key.clone(), ((partition, offset), waited))
+                    .insert(key.clone(), ((partition, group.through), waited))
                     .map(|(_, previous)| previous)
             });
-            self.tasks.spawn(async move {
-                if let Some(previous) = previous {
-                    let _ = previous.await;
-                }
-                let outcome = processor.handle(record).await;
-                drop(ended);
-                Done {
-                    partition,
-                    offset,
-                    generation,
-                    outcome,
-                    key,
-                }
-            });
+            self.spawn(partition, from, group, key, previous, ended);
         }
+    }
+
+    /// Starts the groups the processor closes on time.
+    fn start_due(&mut self) {
+        for (partition, group) in self.processor.due() {
+            let from = self
+                .held_from
+                .remove(&partition)
+                .unwrap_or(group.through);
+            let (ended, _) = oneshot::channel::<()>();
+            self.spawn(partition, from, group, None, None, ended);
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        partition: i32,
+        from: i64,
+        group: Group,
+        key: Option<Vec<u8>>,
+        previous: Option<oneshot::Receiver<()>>,
+        ended: oneshot::Sender<()>,
+    ) {
+        let generation = self.generations.get(&partition).copied().unwrap_or(0);
+        self.tasks.spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let outcome = group.work.await;
+            drop(ended);
+            Done {
+                partition,
+                from,
+                offset: group.through,
+                generation,
+                outcome,
+                key,
+            }
+        });
     }
 
     /// Takes one finished piece of work: a reject goes to the dead
@@ -268,11 +319,27 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             }
             self.counting.rejected(1);
         }
-        if let Some(offsets) = self.unfinished.get_mut(&done.partition) {
-            offsets.remove(&done.offset);
-        }
-        self.done_since_save += 1;
+        self.done_since_save += self.finish(done.partition, done.from, done.offset);
         true
+    }
+
+    /// Takes `[from, through]` of `partition` off the unfinished offsets:
+    /// how many it finished.
+    fn finish(&mut self, partition: i32, from: i64, through: i64) -> usize {
+        let Some(offsets) = self.unfinished.get_mut(&partition) else {
+            return 0;
+        };
+        if from == through {
+            return usize::from(offsets.remove(&through).is_some());
+        }
+        let finished: Vec<i64> = offsets
+            .range(from..=through)
+            .map(|(&offset, _)| offset)
+            .collect();
+        for offset in &finished {
+            offsets.remove(offset);
+        }
+        finished.len()
     }
 
     /// Reads the work finished above the stored positions (of
@@ -395,6 +462,8 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                     *self.generations.entry(*partition).or_default() += 1;
                     self.unfinished.remove(partition);
                     self.started_up_to.remove(partition);
+                    self.held_from.remove(partition);
+                    self.processor.forget(*partition);
                 }
                 self.reading
                     .seek_to_store(&partitions, self.processor.as_ref())
@@ -415,9 +484,8 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             if let Ok(done) = joined
                 && done.outcome.is_ok()
                 && self.generations.get(&done.partition).copied().unwrap_or(0) == done.generation
-                && let Some(offsets) = self.unfinished.get_mut(&done.partition)
             {
-                offsets.remove(&done.offset);
+                self.finish(done.partition, done.from, done.offset);
             }
         }
         self.save().await;

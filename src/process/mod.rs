@@ -43,9 +43,11 @@ mod stats;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 
 use crate::log::StoredRecord;
 
@@ -184,6 +186,32 @@ pub trait AtLeastOnce: Checkpoints {
     /// letter). A record it cannot handle at all comes back rejected.
     async fn handle(&self, record: StoredRecord) -> Result<(), Rejected>;
 
+    /// Begins `record`'s work, on the runner's task, in offset order per
+    /// partition. The default is [`AtLeastOnce::handle`] on the record
+    /// alone. A processor that gathers records into one piece of work (an
+    /// archive's object) returns `None` to hold a record, and a [`Group`]
+    /// when a piece of work is whole: its end finishes the partition's
+    /// records held since its last group, up to [`Group::through`].
+    fn begin(self: Arc<Self>, record: StoredRecord) -> Option<Group> {
+        let through = record.offset;
+        Some(Group {
+            through,
+            work: Box::pin(async move { self.handle(record).await }),
+        })
+    }
+
+    /// Groups whose time has come without a record to close them (an
+    /// object old enough to go), by partition. Asked at every save of the
+    /// positions and whenever every in-flight slot is taken.
+    fn due(self: &Arc<Self>) -> Vec<(i32, Group)> {
+        Vec::new()
+    }
+
+    /// The runner has dropped the unfinished work of `partition` (it is
+    /// read again from the stored position): records held for it are
+    /// forgotten.
+    fn forget(&self, _partition: i32) {}
+
     /// The key whose records are worked on one at a time, in offset
     /// order (a destination's `ordering = "per-user"`: the record's key);
     /// `None`, the default: the record's work starts at once.
@@ -205,6 +233,14 @@ pub trait AtLeastOnce: Checkpoints {
     /// The work done above each partition's stored position, as
     /// [`AtLeastOnce::save_positions`] stored it.
     async fn stored_done(&self, topic: &str) -> Result<HashMap<i32, Vec<(i64, i64)>>, CommitError>;
+}
+
+/// Work that finishes a partition's held records (see
+/// [`AtLeastOnce::begin`]).
+pub struct Group {
+    /// The last offset it finishes.
+    pub through: i64,
+    pub work: BoxFuture<'static, Result<(), Rejected>>,
 }
 
 /// How a runner reads.

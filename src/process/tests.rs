@@ -552,3 +552,134 @@ async fn in_flight_work_moves_the_position_only_past_finished_records() {
         }
     }
 }
+
+/// Holds records and finishes them in groups (an archive's objects): a
+/// group of seven closes with its last record, a record whose value is a
+/// multiple of 11 closes the group before it and starts the next, and
+/// what is left closes on time ([`AtLeastOnce::due`]).
+#[derive(Default)]
+struct Gatherer {
+    deliverer: Deliverer,
+    held: Mutex<HashMap<i32, Vec<i64>>>,
+    groups: Mutex<Vec<(i32, Vec<i64>)>>,
+}
+
+impl Gatherer {
+    fn close(self: &Arc<Self>, partition: i32, offsets: Vec<i64>) -> Group {
+        let through = *offsets.last().unwrap();
+        self.groups.lock().unwrap().push((partition, offsets.clone()));
+        let this = self.clone();
+        Group {
+            through,
+            work: Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis((through % 5) as u64)).await;
+                let mut state = this.deliverer.state.lock().unwrap();
+                for offset in offsets {
+                    state.done.insert((partition, offset));
+                    *state.deliveries.entry((partition, offset)).or_default() += 1;
+                }
+                Ok(())
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Checkpoints for Gatherer {
+    fn name(&self) -> &str {
+        "gatherer"
+    }
+
+    async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        self.deliverer.stored_offsets(topic).await
+    }
+}
+
+#[async_trait]
+impl AtLeastOnce for Gatherer {
+    async fn handle(&self, _record: StoredRecord) -> Result<(), Rejected> {
+        unreachable!("every record is begun")
+    }
+
+    fn begin(self: Arc<Self>, record: StoredRecord) -> Option<Group> {
+        let value: i64 = String::from_utf8_lossy(&record.value).parse().unwrap();
+        let mut held = self.held.lock().unwrap();
+        let offsets = held.entry(record.partition).or_default();
+        if value % 11 == 0 && !offsets.is_empty() {
+            let before = std::mem::replace(offsets, vec![record.offset]);
+            drop(held);
+            return Some(self.close(record.partition, before));
+        }
+        offsets.push(record.offset);
+        if offsets.len() < 7 {
+            return None;
+        }
+        let group = std::mem::take(offsets);
+        drop(held);
+        Some(self.close(record.partition, group))
+    }
+
+    fn due(self: &Arc<Self>) -> Vec<(i32, Group)> {
+        let held: Vec<(i32, Vec<i64>)> = self
+            .held
+            .lock()
+            .unwrap()
+            .drain()
+            .filter(|(_, offsets)| !offsets.is_empty())
+            .collect();
+        held.into_iter()
+            .map(|(partition, offsets)| (partition, self.close(partition, offsets)))
+            .collect()
+    }
+
+    async fn save_positions(
+        &self,
+        topic: &str,
+        offsets: Vec<OffsetAdvance>,
+        done: &HashMap<i32, Vec<(i64, i64)>>,
+    ) -> Result<(), CommitError> {
+        self.deliverer.save_positions(topic, offsets, done).await
+    }
+
+    async fn stored_done(&self, topic: &str) -> Result<HashMap<i32, Vec<(i64, i64)>>, CommitError> {
+        self.deliverer.stored_done(topic).await
+    }
+}
+
+/// Records held for a group are finished with it, the position never
+/// passes a held record, and the tail closes on time: every record done
+/// exactly once, in the groups the processor made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_records_finish_with_their_group() {
+    let (dir, log, expected) = log_with(300).await;
+    let gatherer = Arc::new(Gatherer::default());
+    let runner = InFlightRunner::new(
+        gatherer.clone(),
+        reader(&dir),
+        log,
+        InFlightSettings {
+            max_in_flight: 40,
+            ..in_flight_settings(true)
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
+        .await
+        .expect("the runner reads to the end")
+        .unwrap();
+
+    let state = gatherer.deliverer.state.lock().unwrap();
+    let done: Vec<(i32, i64)> = state.done.iter().copied().collect();
+    assert_eq!(done, expected, "every record finished, none skipped");
+    assert!(state.deliveries.values().all(|&n| n == 1), "none twice");
+    let groups = gatherer.groups.lock().unwrap();
+    assert!(groups.iter().any(|(_, g)| g.len() == 7), "full groups");
+    assert!(
+        groups.iter().any(|(_, g)| g.len() < 7),
+        "groups closed before a multiple of 11, and on time"
+    );
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    for (p, o) in &expected {
+        last.insert(*p, o + 1);
+    }
+    assert_eq!(state.positions, last, "the positions end past the last records");
+}
