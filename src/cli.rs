@@ -49,6 +49,11 @@ pub enum Command {
     /// Write a snapshot of every profile and the log offsets they reach
     /// into snapshot-dir (safe while the service runs)
     Snapshot,
+    /// Work with the archives (`kind: "s3"` destinations)
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// Measure a running service
     Bench {
         #[command(subcommand)]
@@ -61,6 +66,20 @@ pub struct ReplayArgs {
     /// Ignore the snapshots: rebuild from the first record of the log
     #[arg(long)]
     pub from_beginning: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ArchiveCommand {
+    /// Check each archive's bucket against its manifest: no gaps, no
+    /// overlaps, every object there with its size (exits 1 on a problem)
+    Verify(ArchiveVerifyArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ArchiveVerifyArgs {
+    /// Only this archive [default: every one]
+    #[arg(long)]
+    pub destination: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::net::TcpListener;
 
-use traitline::cli::{BenchCommand, Cli, Command, EventsCommand};
+use traitline::cli::{ArchiveCommand, BenchCommand, Cli, Command, EventsCommand};
 use traitline::config::Config;
 use traitline::{bench, replay, server, snapshot, tail, telemetry};
 
@@ -68,6 +68,12 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             .await
             .map(|_| ()),
         Command::Snapshot => snapshot::run(&config).await,
+        Command::Archive {
+            command: ArchiveCommand::Verify(args),
+        } => {
+            traitline::destinations::archive::verify::run(&config, args.destination.as_deref())
+                .await
+        }
         Command::Bench {
             command: BenchCommand::Ingest(args),
         } => bench::run_ingest(&config, args)

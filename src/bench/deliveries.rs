@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::process::{discard, fresh_store, scratch_log};
 use crate::config::Config;
 use crate::definitions::DestinationDefinition;
+use crate::definitions::destination::Target;
 use crate::destinations::recorder::Recorder;
 use crate::destinations::{Destination, Sender};
 use crate::log::{EventLog, Topics};
@@ -137,8 +138,12 @@ fn runner(
     let topics = Topics::new(&scratch.topic_prefix);
     let topic = topics.events();
     let reader = group_reader(scratch, &topic, name).map_err(|e| e.to_string())?;
+    let Target::Webhook(webhook) = definition.target.clone() else {
+        return Err("a webhook definition compiled as another kind".to_owned());
+    };
     let destination = Destination::new(
         definition,
+        webhook,
         1,
         0,
         Sender::new(true)?,

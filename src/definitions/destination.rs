@@ -4,6 +4,9 @@
 //! {"kind": "webhook", "source": "user_events", "where": "event == \"order.create\"",
 //!  "url": "https://crm.example.com/hooks/traitline", "secret": "whsec_...",
 //!  "ordering": "per-user"}
+//! {"kind": "s3", "source": "user_events", "endpoint": "http://127.0.0.1:9000",
+//!  "bucket": "events", "prefix": "raw", "region": "us-east-1",
+//!  "access_key_id": "...", "secret_access_key": "..."}
 //! ```
 //!
 //! Secrets are write-only: [`DestinationDefinition::redacted`] is what the
@@ -25,7 +28,7 @@ pub struct DestinationDefinition {
     /// In the file only; the API takes the name from the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `webhook` (`s3`, the archive, is refused until it is built).
+    /// `webhook`, or `s3`: the archive.
     #[schema(pattern = "^(webhook|s3)$")]
     pub kind: String,
     /// The topic it delivers, by short name: `user_events`,
@@ -71,20 +74,35 @@ pub struct DestinationDefinition {
     /// The longest delay between two attempts (default `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_max: Option<String>,
-    // The archive's settings (`kind: "s3"`).
+    /// The archive's S3-compatible server (http or https); without it,
+    /// Amazon S3 (or `AWS_ENDPOINT_URL`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The archive's bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bucket: Option<String>,
+    /// Where in the bucket its objects go (`raw`: `raw/dt=.../hh=.../`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// The bucket's region (default `AWS_REGION`, else `us-east-1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// With `secret_access_key`; without both, the standard AWS variables
+    /// (`AWS_ACCESS_KEY_ID`, ...) and instance credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
     /// Write-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_access_key: Option<String>,
+    /// An archive object goes once it holds this many bytes of JSON lines
+    /// (before gzip; default 64 MiB, from 1 KiB to 1 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1024, maximum = 1073741824)]
+    pub roll_bytes: Option<usize>,
+    /// ... or once its first record is this old (default `1m`, at most
+    /// `1h`); an object never spans two hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roll_after: Option<String>,
 }
 
 /// One signing secret, or several during a rotation.
@@ -163,7 +181,30 @@ pub struct DestinationSpec {
     pub max_in_flight: usize,
     /// Records a request carries at most (1: each alone).
     pub batch_size: usize,
-    pub webhook: WebhookSpec,
+    pub target: Target,
+}
+
+/// Where a destination delivers.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Webhook(WebhookSpec),
+    Archive(ArchiveSpec),
+}
+
+/// Where and how the archive writes its objects.
+#[derive(Debug, Clone)]
+pub struct ArchiveSpec {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    /// Without a trailing `/`; empty: objects start at `dt=`.
+    pub prefix: String,
+    pub region: Option<String>,
+    /// Access key id and secret, when set here.
+    pub credentials: Option<(String, String)>,
+    pub roll_bytes: usize,
+    pub roll_after: Duration,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
 }
 
 /// Where and how a webhook delivers.
@@ -202,35 +243,51 @@ impl DestinationDefinition {
     /// Checks every field and compiles it as `name`.
     pub fn compile(&self, name: &str) -> Result<DestinationSpec, DefinitionError> {
         check_name("name", name)?;
-        match self.kind.as_str() {
-            "webhook" => {}
-            "s3" => {
-                return Err(DefinitionError::new(
-                    "kind",
-                    "the S3 archive is not available in this version; `webhook` is",
-                ));
-            }
+        let archive = match self.kind.as_str() {
+            "webhook" => false,
+            "s3" => true,
             other => {
                 return Err(DefinitionError::new(
                     "kind",
-                    format!("`{other}` is not a destination kind (webhook)"),
+                    format!("`{other}` is not a destination kind (webhook or s3)"),
                 ));
             }
-        }
-        for (field, set) in [
+        };
+        let archive_only = [
             ("endpoint", self.endpoint.is_some()),
             ("bucket", self.bucket.is_some()),
             ("prefix", self.prefix.is_some()),
             ("region", self.region.is_some()),
             ("access_key_id", self.access_key_id.is_some()),
             ("secret_access_key", self.secret_access_key.is_some()),
-        ] {
-            if set {
-                return Err(DefinitionError::new(
-                    field,
-                    "is a setting of the archive (`kind: \"s3\"`), not of a webhook",
-                ));
-            }
+            ("roll_bytes", self.roll_bytes.is_some()),
+            ("roll_after", self.roll_after.is_some()),
+        ];
+        let webhook_only = [
+            ("url", self.url.is_some()),
+            ("secret", self.secret.is_some()),
+            ("ordering", self.ordering.is_some()),
+            ("max_in_flight", self.max_in_flight.is_some()),
+            ("batch_size", self.batch_size.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("retry_for", self.retry_for.is_some()),
+        ];
+        let (foreign, what) = if archive {
+            (
+                &webhook_only[..],
+                "a webhook's, not the archive's (`kind: \"s3\"`)",
+            )
+        } else {
+            (
+                &archive_only[..],
+                "the archive's (`kind: \"s3\"`), not a webhook's",
+            )
+        };
+        if let Some((field, _)) = foreign.iter().find(|(_, set)| *set) {
+            return Err(DefinitionError::new(
+                *field,
+                format!("is a setting of {what}"),
+            ));
         }
         let Some(&(source, roots)) = SOURCES.iter().find(|(s, _)| *s == self.source) else {
             return Err(DefinitionError::new(
@@ -272,6 +329,52 @@ impl DestinationDefinition {
         if !(1..=1000).contains(&batch_size) {
             return Err(DefinitionError::new("batch_size", "must be from 1 to 1000"));
         }
+        let duration = |field: &str, value: &Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => {
+                parse_duration(text).map_err(|reason| DefinitionError::new(field, reason))
+            }
+        };
+        let backoff = duration("backoff", &self.backoff, Duration::from_secs(1))?;
+        if backoff.is_zero() {
+            return Err(DefinitionError::new("backoff", "must be above 0"));
+        }
+        let backoff_max = duration("backoff_max", &self.backoff_max, Duration::from_secs(3600))?;
+        if backoff_max < backoff {
+            return Err(DefinitionError::new(
+                "backoff_max",
+                "must be at least `backoff`",
+            ));
+        }
+        let target = if archive {
+            let roll_after = duration("roll_after", &self.roll_after, Duration::from_secs(60))?;
+            if roll_after.is_zero() || roll_after > Duration::from_secs(3600) {
+                return Err(DefinitionError::new(
+                    "roll_after",
+                    "must be above 0 and at most 1h",
+                ));
+            }
+            Target::Archive(self.archive(roll_after, backoff, backoff_max)?)
+        } else {
+            Target::Webhook(self.webhook(duration, backoff, backoff_max)?)
+        };
+        Ok(DestinationSpec {
+            name: name.to_owned(),
+            source,
+            filter,
+            ordering,
+            max_in_flight,
+            batch_size,
+            target,
+        })
+    }
+
+    fn webhook(
+        &self,
+        duration: impl Fn(&str, &Option<String>, Duration) -> Result<Duration, DefinitionError>,
+        backoff: Duration,
+        backoff_max: Duration,
+    ) -> Result<WebhookSpec, DefinitionError> {
         let url = self.url()?;
         let secrets = match &self.secret {
             None => Vec::new(),
@@ -295,12 +398,6 @@ impl DestinationDefinition {
                     .collect::<Result<_, _>>()?
             }
         };
-        let duration = |field: &str, value: &Option<String>, default: Duration| match value {
-            None => Ok(default),
-            Some(text) => {
-                parse_duration(text).map_err(|reason| DefinitionError::new(field, reason))
-            }
-        };
         let timeout = duration("timeout", &self.timeout, Duration::from_secs(10))?;
         if timeout.is_zero() || timeout > MAX_TIMEOUT {
             return Err(DefinitionError::new(
@@ -309,32 +406,99 @@ impl DestinationDefinition {
             ));
         }
         let retry_for = duration("retry_for", &self.retry_for, Duration::from_secs(24 * 3600))?;
-        let backoff = duration("backoff", &self.backoff, Duration::from_secs(1))?;
-        if backoff.is_zero() {
-            return Err(DefinitionError::new("backoff", "must be above 0"));
-        }
-        let backoff_max = duration("backoff_max", &self.backoff_max, Duration::from_secs(3600))?;
-        if backoff_max < backoff {
+        Ok(WebhookSpec {
+            url,
+            secrets,
+            timeout,
+            retry_for,
+            backoff,
+            backoff_max,
+        })
+    }
+
+    fn archive(
+        &self,
+        roll_after: Duration,
+        backoff: Duration,
+        backoff_max: Duration,
+    ) -> Result<ArchiveSpec, DefinitionError> {
+        let Some(bucket) = self.bucket.clone() else {
             return Err(DefinitionError::new(
-                "backoff_max",
-                "must be at least `backoff`",
+                "bucket",
+                "the archive needs a `bucket`",
+            ));
+        };
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && !bucket.starts_with(['.', '-'])
+            && !bucket.ends_with(['.', '-']);
+        if !valid_bucket {
+            return Err(DefinitionError::new(
+                "bucket",
+                "not a bucket name: 3 to 63 lowercase letters, digits, `.` and `-`, starting and ending with a letter or digit",
             ));
         }
-        Ok(DestinationSpec {
-            name: name.to_owned(),
-            source,
-            filter,
-            ordering,
-            max_in_flight,
-            batch_size,
-            webhook: WebhookSpec {
-                url,
-                secrets,
-                timeout,
-                retry_for,
-                backoff,
-                backoff_max,
-            },
+        if let Some(endpoint) = &self.endpoint {
+            let url = reqwest::Url::parse(endpoint)
+                .map_err(|e| DefinitionError::new("endpoint", format!("not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(DefinitionError::new(
+                    "endpoint",
+                    "must be an http or https URL with a host",
+                ));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(DefinitionError::new(
+                    "endpoint",
+                    "carries credentials; use `access_key_id` and `secret_access_key`",
+                ));
+            }
+        }
+        let prefix = self.prefix.as_deref().unwrap_or("").trim_matches('/');
+        if prefix.split('/').any(|part| matches!(part, "." | ".."))
+            || prefix.contains("//")
+            || prefix.chars().any(char::is_control)
+        {
+            return Err(DefinitionError::new(
+                "prefix",
+                "must be a path of names without `.`, `..` or empty parts",
+            ));
+        }
+        let credentials = match (&self.access_key_id, &self.secret_access_key) {
+            (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(DefinitionError::new(
+                    "secret_access_key",
+                    "is needed with `access_key_id`",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(DefinitionError::new(
+                    "access_key_id",
+                    "is needed with `secret_access_key`",
+                ));
+            }
+        };
+        let roll_bytes = self.roll_bytes.unwrap_or(64 << 20);
+        if !(1024..=1 << 30).contains(&roll_bytes) {
+            return Err(DefinitionError::new(
+                "roll_bytes",
+                "must be from 1024 to 1073741824",
+            ));
+        }
+        Ok(ArchiveSpec {
+            endpoint: self.endpoint.clone(),
+            bucket,
+            prefix: prefix.to_owned(),
+            region: self.region.clone(),
+            credentials,
+            roll_bytes,
+            roll_after,
+            backoff,
+            backoff_max,
         })
     }
 
@@ -428,9 +592,12 @@ mod tests {
         assert_eq!(spec.source, "user_events");
         assert_eq!(spec.ordering, Ordering::PerUser);
         assert_eq!(spec.max_in_flight, 100);
-        assert_eq!(spec.webhook.secrets.len(), 1);
-        assert_eq!(spec.webhook.secrets[0].len(), 24);
-        assert_eq!(spec.webhook.retry_for, Duration::from_secs(86_400));
+        let Target::Webhook(webhook) = &spec.target else {
+            panic!("a webhook")
+        };
+        assert_eq!(webhook.secrets.len(), 1);
+        assert_eq!(webhook.secrets[0].len(), 24);
+        assert_eq!(webhook.retry_for, Duration::from_secs(86_400));
         let filter = spec.filter.unwrap();
         assert!(filter.matches(&serde_json::json!({"event": "order.create"})));
         assert!(!filter.matches(&serde_json::json!({"event": "page"})));
@@ -487,7 +654,32 @@ mod tests {
             (r#"{"kind": "kafka", "source": "user_events"}"#, "kind"),
             (
                 r#"{"kind": "s3", "source": "user_events", "bucket": "b"}"#,
-                "kind",
+                "bucket",
+            ),
+            (r#"{"kind": "s3", "source": "user_events"}"#, "bucket"),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "url": "http://e.com/"}"#,
+                "url",
+            ),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "endpoint": "s3.local"}"#,
+                "endpoint",
+            ),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "prefix": "raw/../x"}"#,
+                "prefix",
+            ),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "access_key_id": "k"}"#,
+                "secret_access_key",
+            ),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "roll_bytes": 10}"#,
+                "roll_bytes",
+            ),
+            (
+                r#"{"kind": "s3", "source": "user_events", "bucket": "events", "roll_after": "2h"}"#,
+                "roll_after",
             ),
             (
                 r#"{"kind": "webhook", "source": "user_profiles", "url": "http://e.com/"}"#,
@@ -510,6 +702,27 @@ mod tests {
             let (got, reason) = refused(body);
             assert_eq!(got, field, "{body}: {reason}");
         }
+    }
+
+    #[test]
+    fn an_archive_compiles_with_its_defaults() {
+        let spec = compile(
+            r#"{"kind": "s3", "source": "user_events", "endpoint": "http://127.0.0.1:9000",
+                "bucket": "events", "prefix": "/raw/", "region": "us-east-1",
+                "access_key_id": "AKIA", "secret_access_key": "s3cret"}"#,
+        )
+        .unwrap();
+        let Target::Archive(archive) = spec.target else {
+            panic!("an archive")
+        };
+        assert_eq!(archive.bucket, "events");
+        assert_eq!(archive.prefix, "raw");
+        assert_eq!(archive.roll_bytes, 64 << 20);
+        assert_eq!(archive.roll_after, Duration::from_secs(60));
+        assert_eq!(
+            archive.credentials,
+            Some(("AKIA".to_owned(), "s3cret".to_owned()))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! definition changes.
 
 pub mod address;
+pub mod archive;
 mod breaker;
 mod processor;
 pub mod recorder;
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::definitions::destination::Target;
 use crate::definitions::{DestinationDefinition, DestinationSpec};
 use crate::log::{EventLog, Topics};
 use crate::process::profiles::group_reader;
@@ -37,6 +39,8 @@ pub use webhook::Sender;
 const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
 /// How often a runner stores its positions while deliveries complete.
 const SAVE_EVERY: Duration = Duration::from_millis(200);
+/// Most records an archive's runner reads at once.
+const ARCHIVE_BATCH: usize = 5000;
 
 /// How a destination runs in this process, for `/readyz` and the API.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -157,8 +161,9 @@ struct Running {
     version: i64,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), String>>,
-    disabled: watch::Receiver<Option<String>>,
-    destination: Arc<Destination>,
+    /// A webhook's: why its endpoint disabled it, and the destination
+    /// (which replays run through).
+    webhook: Option<(watch::Receiver<Option<String>>, Arc<Destination>)>,
     /// The replay it runs, if any.
     replay: Option<JoinHandle<()>>,
 }
@@ -220,7 +225,8 @@ impl Stage {
             .running
             .iter()
             .filter_map(|(name, r)| {
-                r.disabled
+                let (disabled, _) = r.webhook.as_ref()?;
+                disabled
                     .borrow()
                     .clone()
                     .map(|why| (name.clone(), r.version, why))
@@ -322,39 +328,72 @@ impl Stage {
             .unwrap_or(0);
         let group = format!("{}-destination-{name}", self.config.kafka_group);
         let reader = group_reader(&self.config, &topic, &group).map_err(|e| e.to_string())?;
+        let (max_in_flight, max_batch) = match &spec.target {
+            Target::Webhook(_) => (spec.max_in_flight, spec.max_in_flight),
+            Target::Archive(_) => (archive::MOST_IN_FLIGHT, ARCHIVE_BATCH),
+        };
         let settings = InFlightSettings {
             runner: RunnerSettings {
-                max_batch: spec.max_in_flight,
+                max_batch,
                 idle_bound: self.config.append_timeout + self.config.clock_skew,
                 ..RunnerSettings::new("destination", topic, topics.rejected())
             },
-            max_in_flight: spec.max_in_flight,
+            max_in_flight,
             save_every: SAVE_EVERY,
         };
-        let destination = Arc::new(Destination::new(
-            spec,
-            version,
-            since,
-            self.sender.clone(),
-            self.store.clone(),
-            recorder.clone(),
-        ));
-        let disabled = destination.disabled();
-        let breaker = destination.breaker();
-        let runner = InFlightRunner::new(destination.clone(), reader, self.log.clone(), settings);
-        self.shown.show(
-            &name,
-            Some(Shown {
-                version,
-                state: "active",
-                reason: None,
-                stats: Some(runner.stats()),
-                disabled: Some(disabled.clone()),
-                breaker: Some(breaker),
-            }),
-        );
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(runner.run(crate::supervisor::stop_signal(stopped)));
+        let stopped = crate::supervisor::stop_signal(stopped);
+        let (task, shown, webhook) = match spec.target.clone() {
+            Target::Webhook(webhook) => {
+                let destination = Arc::new(Destination::new(
+                    spec,
+                    webhook,
+                    version,
+                    since,
+                    self.sender.clone(),
+                    self.store.clone(),
+                    recorder.clone(),
+                ));
+                let disabled = destination.disabled();
+                let runner =
+                    InFlightRunner::new(destination.clone(), reader, self.log.clone(), settings);
+                let shown = Shown {
+                    version,
+                    state: "active",
+                    reason: None,
+                    stats: Some(runner.stats()),
+                    disabled: Some(disabled.clone()),
+                    breaker: Some(destination.breaker()),
+                };
+                (
+                    tokio::spawn(runner.run(stopped)),
+                    shown,
+                    Some((disabled, destination)),
+                )
+            }
+            Target::Archive(settings_of) => {
+                let archive = archive::Archive::new(
+                    &spec,
+                    settings_of,
+                    version,
+                    since,
+                    self.store.clone(),
+                    recorder.clone(),
+                )?;
+                let runner =
+                    InFlightRunner::new(Arc::new(archive), reader, self.log.clone(), settings);
+                let shown = Shown {
+                    version,
+                    state: "active",
+                    reason: None,
+                    stats: Some(runner.stats()),
+                    disabled: None,
+                    breaker: None,
+                };
+                (tokio::spawn(runner.run(stopped)), shown, None)
+            }
+        };
+        self.shown.show(&name, Some(shown));
         tracing::info!("destination {name} (version {version}) is delivering");
         self.running.insert(
             name,
@@ -362,8 +401,7 @@ impl Stage {
                 version,
                 stop,
                 task,
-                disabled,
-                destination,
+                webhook,
                 replay: None,
             },
         );
@@ -375,6 +413,9 @@ impl Stage {
     async fn take_replays(&mut self) {
         let stale_before = crate::store::now_ms() - replay::STALE_AFTER.as_millis() as i64;
         for (name, running) in &mut self.running {
+            let Some((_, destination)) = &running.webhook else {
+                continue;
+            };
             if running.replay.as_ref().is_some_and(|r| !r.is_finished()) {
                 continue;
             }
@@ -382,7 +423,7 @@ impl Stage {
                 Ok(Some(asked)) => {
                     running.replay = Some(tokio::spawn(replay::run(
                         asked,
-                        running.destination.clone(),
+                        destination.clone(),
                         self.store.clone(),
                         self.config.clone(),
                     )));

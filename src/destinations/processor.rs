@@ -17,7 +17,7 @@ use super::breaker::{Admission, Breaker};
 use super::recorder::Recorder;
 use super::webhook::{Attempt, Sender, Verdict};
 use crate::definitions::DestinationSpec;
-use crate::definitions::destination::Ordering;
+use crate::definitions::destination::{Ordering, WebhookSpec};
 use crate::log::StoredRecord;
 use crate::process::profiles::commit_error;
 use crate::process::{AtLeastOnce, Checkpoints, CommitError, OffsetAdvance, Rejected};
@@ -26,6 +26,7 @@ use crate::store::{DeadLetter, DeliveryOutcome, Store, now_ms};
 /// One version of a destination, delivering.
 pub struct Destination {
     spec: DestinationSpec,
+    webhook: WebhookSpec,
     version: i64,
     /// Its positions' name in the store (`destination:{name}`): a new
     /// version goes on from where the last one got.
@@ -58,6 +59,7 @@ const BATCH_LINGER: Duration = Duration::from_millis(100);
 impl Destination {
     pub fn new(
         spec: DestinationSpec,
+        webhook: WebhookSpec,
         version: i64,
         since_ms: i64,
         sender: Sender,
@@ -65,10 +67,11 @@ impl Destination {
         recorder: Recorder,
     ) -> Destination {
         let breaker = Arc::new(Breaker::new(
-            spec.webhook.backoff.max(Duration::from_secs(1)),
-            spec.webhook.backoff_max,
+            webhook.backoff.max(Duration::from_secs(1)),
+            webhook.backoff_max,
         ));
         Destination {
+            webhook,
             breaker,
             processor: processor_name(&spec.name),
             spec,
@@ -102,7 +105,7 @@ impl Destination {
     /// destination disabled meanwhile never resolves (its runner is
     /// stopped, and the records done again by the next version).
     pub async fn deliver_payload(&self, payload: &Payload) -> bool {
-        let webhook = &self.spec.webhook;
+        let webhook = &self.webhook;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + webhook.retry_for;
         let mut attempt = 0;
@@ -395,7 +398,7 @@ pub fn processor_name(destination: &str) -> String {
 /// The delay before attempt `attempt + 1`: doubling from `first`, at
 /// most `max`, with "full jitter" in its upper half so retries of many
 /// records spread out.
-fn backoff(first: Duration, max: Duration, attempt: i32) -> Duration {
+pub(super) fn backoff(first: Duration, max: Duration, attempt: i32) -> Duration {
     let doubled = first.saturating_mul(1u32 << (attempt - 1).clamp(0, 30) as u32);
     let ceiling = doubled.min(max);
     ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)

@@ -16,16 +16,15 @@ use super::dead_letters::DeadLetters;
 use super::reading::Reading;
 use super::runner::panic_message;
 use super::stats::{Counting, SharedStats};
-use super::{
-    AtLeastOnce, CommitError, Committed, Group, OffsetAdvance, Rejected, RunnerSettings,
-};
+use super::{AtLeastOnce, CommitError, Committed, Group, OffsetAdvance, Rejected, RunnerSettings};
 use crate::log::{EventLog, LogReader, StoredRecord};
 
 /// How an at-least-once runner reads and saves.
 #[derive(Debug, Clone)]
 pub struct InFlightSettings {
     pub runner: RunnerSettings,
-    /// Most records being worked on at once, over all partitions.
+    /// Most records being worked on at once, over all partitions (held
+    /// ones included).
     pub max_in_flight: usize,
     /// How often the positions are saved while work completes.
     pub save_every: Duration,
@@ -63,6 +62,9 @@ pub struct InFlightRunner<P: AtLeastOnce> {
     /// Per partition, the offsets being worked on, each with when the
     /// log stored its record.
     unfinished: BTreeMap<i32, BTreeMap<i64, i64>>,
+    /// How many offsets `unfinished` holds: the records in flight, held
+    /// ones included.
+    in_flight: usize,
     /// Per partition, the offset after the last record started.
     started_up_to: HashMap<i32, i64>,
     /// Per partition, the first record the processor holds (see
@@ -101,6 +103,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             },
             settings,
             unfinished: BTreeMap::new(),
+            in_flight: 0,
             started_up_to: HashMap::new(),
             held_from: HashMap::new(),
             generations: HashMap::new(),
@@ -140,7 +143,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
             let room = self
                 .settings
                 .max_in_flight
-                .saturating_sub(self.tasks.len())
+                .saturating_sub(self.in_flight)
                 .min(self.settings.runner.max_batch);
             if room == 0 {
                 self.start_due();
@@ -150,7 +153,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 let joined = tokio::select! {
                     biased;
                     () = &mut stop => return self.stopped().await,
-                    joined = self.tasks.join_next() => joined,
+                    joined = self.tasks.join_next(), if !self.tasks.is_empty() => joined,
                     () = tokio::time::sleep(next_save) => continue,
                 };
                 if let Some(joined) = joined
@@ -211,6 +214,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 .entry(partition)
                 .or_default()
                 .insert(offset, record.timestamp_ms);
+            self.in_flight += 1;
             self.started_up_to.insert(partition, offset + 1);
             let key = self.processor.in_order_of(&record);
             let Some(group) = self.processor.clone().begin(record) else {
@@ -241,10 +245,7 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     /// Starts the groups the processor closes on time.
     fn start_due(&mut self) {
         for (partition, group) in self.processor.due() {
-            let from = self
-                .held_from
-                .remove(&partition)
-                .unwrap_or(group.through);
+            let from = self.held_from.remove(&partition).unwrap_or(group.through);
             let (ended, _) = oneshot::channel::<()>();
             self.spawn(partition, from, group, None, None, ended);
         }
@@ -329,17 +330,20 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
         let Some(offsets) = self.unfinished.get_mut(&partition) else {
             return 0;
         };
-        if from == through {
-            return usize::from(offsets.remove(&through).is_some());
-        }
-        let finished: Vec<i64> = offsets
-            .range(from..=through)
-            .map(|(&offset, _)| offset)
-            .collect();
-        for offset in &finished {
-            offsets.remove(offset);
-        }
-        finished.len()
+        let finished = if from == through {
+            usize::from(offsets.remove(&through).is_some())
+        } else {
+            let finished: Vec<i64> = offsets
+                .range(from..=through)
+                .map(|(&offset, _)| offset)
+                .collect();
+            for offset in &finished {
+                offsets.remove(offset);
+            }
+            finished.len()
+        };
+        self.in_flight -= finished;
+        finished
     }
 
     /// Reads the work finished above the stored positions (of
@@ -460,7 +464,8 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
                 for partition in &partitions {
                     *self.generations.entry(*partition).or_default() += 1;
-                    self.unfinished.remove(partition);
+                    let dropped = self.unfinished.remove(partition).map_or(0, |o| o.len());
+                    self.in_flight -= dropped;
                     self.started_up_to.remove(partition);
                     self.held_from.remove(partition);
                     self.processor.forget(*partition);

@@ -567,7 +567,10 @@ struct Gatherer {
 impl Gatherer {
     fn close(self: &Arc<Self>, partition: i32, offsets: Vec<i64>) -> Group {
         let through = *offsets.last().unwrap();
-        self.groups.lock().unwrap().push((partition, offsets.clone()));
+        self.groups
+            .lock()
+            .unwrap()
+            .push((partition, offsets.clone()));
         let this = self.clone();
         Group {
             through,
@@ -681,5 +684,8 @@ async fn held_records_finish_with_their_group() {
     for (p, o) in &expected {
         last.insert(*p, o + 1);
     }
-    assert_eq!(state.positions, last, "the positions end past the last records");
+    assert_eq!(
+        state.positions, last,
+        "the positions end past the last records"
+    );
 }

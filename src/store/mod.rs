@@ -10,6 +10,7 @@
 //! how a write transaction begins, which errors mean "try again"). The
 //! shared test suite runs against both.
 
+pub use archive::ArchivedObject;
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
 pub use deliveries::{DeadLetter, DeliveryOutcome, DeliverySummary, StoredFailure, StoredReplay};
 pub use metric_windows::{
@@ -127,6 +128,7 @@ macro_rules! in_write_transaction {
 }
 pub(crate) use in_write_transaction;
 
+mod archive;
 mod batch;
 mod cache;
 mod definitions;
@@ -432,6 +434,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "work finished above an at-least-once processor's position",
         include_str!("migrations/version_14.sql"),
     );
+    let archive = migration(
+        15,
+        "the archive's manifest",
+        include_str!("migrations/version_15.sql"),
+    );
     let rules = migration(
         12,
         "pattern rules' partial matches and alerts",
@@ -461,6 +468,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             rules,
             deliveries,
             done_above,
+            archive,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -476,6 +484,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             rules,
             deliveries,
             done_above,
+            archive,
         ],
     }
 }
