@@ -475,16 +475,23 @@ pub async fn replay(
             "must be after `from` (and `from` before now)",
         )));
     }
-    if state
+    let Some(current) = state
         .store
         .definition(DefinitionKind::Destination, &name)
         .await?
-        .is_none()
-    {
+    else {
         return Err(AdminError::NotFound {
             noun: "destination",
             name,
         });
+    };
+    if DestinationDefinition::from_json(current.body.as_bytes()).is_ok_and(|d| d.kind == "s3") {
+        // An archive retries each object until it is stored: it has no
+        // dead letters, and its objects are named by their offsets.
+        return Err(AdminError::Invalid(DefinitionError::new(
+            "what",
+            "an archive (`kind: \"s3\"`) has no dead letters and is not replayed; it archives every record from its creation",
+        )));
     }
     let asked = state.store.request_replay(&name, what, from, to).await?;
     tracing::info!(

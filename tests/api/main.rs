@@ -18,6 +18,7 @@ macro_rules! both_logs {
 
 mod helpers;
 
+mod archive;
 mod auth;
 mod bench;
 mod definitions;
