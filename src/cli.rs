@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::bench::BenchIngestArgs;
+use crate::bench::archive::BenchArchiveArgs;
 use crate::bench::deliveries::BenchDeliveriesArgs;
 use crate::bench::latency::BenchLatencyArgs;
 use crate::bench::metrics::BenchMetricsArgs;
@@ -121,6 +122,9 @@ pub enum BenchCommand {
     /// Measure the time from a 2xx to the profile being visible, under a
     /// steady background load, against a running service
     Latency(BenchLatencyArgs),
+    /// Measure events a second archived to an S3-compatible server
+    /// (gzip'd JSON lines, every object uploaded and in the manifest)
+    Archive(BenchArchiveArgs),
     /// Measure webhook deliveries a second to a receiver in this process
     /// that answers after a delay, alone and beside a destination whose
     /// endpoint never answers

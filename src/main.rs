@@ -86,6 +86,9 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             command: BenchCommand::Metrics(args),
         } => bench::metrics::run(&config, args).await,
         Command::Bench {
+            command: BenchCommand::Archive(args),
+        } => bench::archive::run(&config, args).await,
+        Command::Bench {
             command: BenchCommand::Deliveries(args),
         } => bench::deliveries::run(&config, args).await,
         Command::Bench {

@@ -5,6 +5,7 @@
 //! `bench latency` (from a 2xx to the profile being visible) and `bench
 //! deliveries` (webhook deliveries a second).
 
+pub mod archive;
 pub mod deliveries;
 pub mod ingest;
 pub mod latency;
