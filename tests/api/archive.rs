@@ -33,6 +33,92 @@ use crate::helpers::{
 
 both_logs!(every_event_is_archived_once_equal_to_the_log);
 
+#[tokio::test]
+async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
+    let (name, bucket) = new_bucket().await;
+    let proxy = Proxy::default();
+    proxy.failing.store(true, Ordering::SeqCst);
+    let address = serve_proxy(proxy.clone()).await;
+    let app = spawn_app(Backend::Embedded).await;
+    let (status, stored) = send(
+        &app,
+        Method::PUT,
+        "/v1/destinations/archive",
+        ADMIN_KEY,
+        Some(&archive(&format!("http://{address}"), &name)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    eventually("the archive active", Duration::from_secs(10), || async {
+        send(
+            &app,
+            Method::GET,
+            "/v1/destinations/archive",
+            READ_KEY,
+            None,
+        )
+        .await
+        .1["status"]["state"]
+            == json!("active")
+    })
+    .await;
+    send_events(
+        async |body| app.post("/v1/batch", &body).await.status(),
+        "d",
+        200,
+    )
+    .await;
+    // The failures are visible: retried attempts, records undelivered.
+    let shown = eventually("failed uploads shown", Duration::from_secs(30), || async {
+        let shown = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/archive",
+            READ_KEY,
+            None,
+        )
+        .await
+        .1;
+        (shown["status"]["failed_attempts"].as_i64() > Some(1)
+            && shown["status"]["oldest_undelivered_seconds"].is_number())
+        .then_some(shown)
+    })
+    .await;
+    assert_eq!(shown["status"]["delivered"], json!(0), "{shown}");
+    let attempts = send(
+        &app,
+        Method::GET,
+        "/v1/destinations/archive/attempts",
+        READ_KEY,
+        None,
+    )
+    .await
+    .1;
+    assert_eq!(
+        attempts["attempts"][0]["outcome"],
+        json!("retrying"),
+        "{attempts}"
+    );
+    assert!(objects(bucket.as_ref()).await.is_empty());
+
+    proxy.failing.store(false, Ordering::SeqCst);
+    let log = read_all(&app.config, &Topics::new(&app.config.topic_prefix).events()).await;
+    eventually(
+        "every event archived once the bucket is back",
+        Duration::from_secs(60),
+        || async {
+            check_against_log(&objects(bucket.as_ref()).await, &log).and_then(|n| {
+                if n == log.len() {
+                    Ok(())
+                } else {
+                    Err(format!("{n} archived"))
+                }
+            })
+        },
+    )
+    .await;
+}
+
 /// The S3 server the test command started.
 fn s3_endpoint() -> String {
     std::env::var("TRAITLINE_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
@@ -303,12 +389,17 @@ async fn send(
 #[derive(Clone, Default)]
 struct Proxy {
     holding: Arc<AtomicBool>,
+    /// Every request answered 503 without reaching the server.
+    failing: Arc<AtomicBool>,
     /// Every object key uploaded through it, in order, and whether it was
     /// held.
     puts: Arc<Mutex<Vec<(String, bool)>>>,
 }
 
 async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
+    if proxy.failing.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down for the test").into_response();
+    }
     let (parts, body) = request.into_parts();
     let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let url = format!("{}{}", s3_endpoint(), parts.uri.path_and_query().unwrap());

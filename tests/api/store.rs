@@ -9,8 +9,8 @@ use chrono::Utc;
 use serde_json::Value;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    AlertQuery, Combine, ComputedTrait, DeadLetter, DeliveryOutcome, GroupRow, MergeRow,
-    MetricBatch, OffsetAdvance, ProfileBatch, RuleBatch, StateSummary, Store, StoreError,
+    AlertQuery, ArchivedObject, Combine, ComputedTrait, DeadLetter, DeliveryOutcome, GroupRow,
+    MergeRow, MetricBatch, OffsetAdvance, ProfileBatch, RuleBatch, StateSummary, Store, StoreError,
     StoredAlert, StoredWindow, WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
@@ -26,7 +26,8 @@ both_logs!(
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
     a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once,
-    delivery_outcomes_dead_letters_and_positions_are_kept_and_purged
+    delivery_outcomes_dead_letters_and_positions_are_kept_and_purged,
+    the_archive_manifest_refuses_overlaps_and_keeps_what_is_above_the_position
 );
 
 /// The database of the deployment `backend` stands for: SQLite in the
@@ -1282,5 +1283,91 @@ async fn delivery_outcomes_dead_letters_and_positions_are_kept_and_purged(backen
             .len(),
         2,
         "dead letters stay"
+    );
+}
+
+fn archived(partition: i32, first: i64, last: i64) -> ArchivedObject {
+    ArchivedObject {
+        partition,
+        first,
+        last,
+        key: format!("raw/p{partition}-{first}-{last}.jsonl.gz"),
+        records: last - first + 1,
+        bytes: 100,
+        first_at: 1_000,
+        uploaded_at: None,
+    }
+}
+
+async fn the_archive_manifest_refuses_overlaps_and_keeps_what_is_above_the_position(
+    backend: Backend,
+) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    for object in [archived(0, 0, 9), archived(0, 10, 19), archived(1, 0, 4)] {
+        assert!(store.claim_archive_object("raw", &object).await.unwrap());
+    }
+    // The same range again (an upload tried again) is taken; one that
+    // overlaps another object is refused and stores nothing.
+    assert!(
+        store
+            .claim_archive_object("raw", &archived(0, 10, 19))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_archive_object("raw", &archived(0, 10, 14))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_archive_object("raw", &archived(0, 15, 25))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_archive_object("other", &archived(0, 15, 25))
+            .await
+            .unwrap()
+    );
+    store.archive_uploaded("raw", 0, 0, 2_000).await.unwrap();
+
+    let all = store.archived_objects("raw", None, 0).await.unwrap();
+    let ranges: Vec<(i32, i64, i64, Option<i64>)> = all
+        .iter()
+        .map(|o| (o.partition, o.first, o.last, o.uploaded_at))
+        .collect();
+    assert_eq!(
+        ranges,
+        [(0, 0, 9, Some(2_000)), (0, 10, 19, None), (1, 0, 4, None)]
+    );
+    assert_eq!(store.archived_partitions("raw").await.unwrap().len(), 2);
+
+    // Above the stored position: what a restart must close at again.
+    store
+        .save_positions(
+            "destination:raw",
+            "user_events",
+            &[OffsetAdvance {
+                partition: 0,
+                expected: None,
+                next: 10,
+            }],
+            &HashMap::new(),
+        )
+        .await
+        .unwrap();
+    let above = store
+        .archived_above("raw", "destination:raw", "user_events")
+        .await
+        .unwrap();
+    let ranges: Vec<(i32, i64)> = above.iter().map(|o| (o.partition, o.first)).collect();
+    assert_eq!(
+        ranges,
+        [(0, 10), (1, 0)],
+        "partition 1 has no position: all of it"
     );
 }
