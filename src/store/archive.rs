@@ -43,6 +43,13 @@ fn object(row: &AnyRow) -> Result<ArchivedObject, sqlx::Error> {
     })
 }
 
+fn objects(rows: &[AnyRow]) -> Result<Vec<ArchivedObject>, StoreError> {
+    rows.iter()
+        .map(object)
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::from)
+}
+
 impl Store {
     /// Stores `object` in the manifest before its upload (with
     /// `uploaded_at` set when nothing is to be uploaded): false, and
@@ -131,10 +138,7 @@ impl Store {
         .bind(topic)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(object)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::from)
+        objects(&rows)
     }
 
     /// The partitions `destination` has objects of.
@@ -168,9 +172,6 @@ impl Store {
         .bind(from_first)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(object)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::from)
+        objects(&rows)
     }
 }

@@ -28,7 +28,7 @@ use traitline::log::{StoredRecord, Topics};
 
 use crate::helpers::{
     ADMIN_KEY, Backend, READ_KEY, ServiceProcess, TestApp, TestDir, WRITE_KEY, embedded_env,
-    env_refs, eventually, read_all, spawn_app,
+    env_refs, eventually, read_all, send, spawn_app,
 };
 
 both_logs!(every_event_is_archived_once_equal_to_the_log);
@@ -40,28 +40,7 @@ async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
     proxy.failing.store(true, Ordering::SeqCst);
     let address = serve_proxy(proxy.clone()).await;
     let app = spawn_app(Backend::Embedded).await;
-    let (status, stored) = send(
-        &app,
-        Method::PUT,
-        "/v1/destinations/archive",
-        ADMIN_KEY,
-        Some(&archive(&format!("http://{address}"), &name)),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{stored}");
-    eventually("the archive active", Duration::from_secs(10), || async {
-        send(
-            &app,
-            Method::GET,
-            "/v1/destinations/archive",
-            READ_KEY,
-            None,
-        )
-        .await
-        .1["status"]["state"]
-            == json!("active")
-    })
-    .await;
+    define_archive(&app, &format!("http://{address}"), &name).await;
     send_events(
         async |body| app.post("/v1/batch", &body).await.status(),
         "d",
@@ -103,18 +82,10 @@ async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
 
     proxy.failing.store(false, Ordering::SeqCst);
     let log = read_all(&app.config, &Topics::new(&app.config.topic_prefix).events()).await;
-    eventually(
+    all_archived(
+        bucket.as_ref(),
+        &log,
         "every event archived once the bucket is back",
-        Duration::from_secs(60),
-        || async {
-            check_against_log(&objects(bucket.as_ref()).await, &log).and_then(|n| {
-                if n == log.len() {
-                    Ok(())
-                } else {
-                    Err(format!("{n} archived"))
-                }
-            })
-        },
     )
     .await;
 }
@@ -255,6 +226,42 @@ fn check_against_log(
     Ok(archived)
 }
 
+/// Defines archive `archive` of `bucket` at `endpoint` and waits until
+/// it runs; what the API stored.
+async fn define_archive(app: &TestApp, endpoint: &str, bucket: &str) -> Value {
+    let (status, stored) = send(
+        app,
+        Method::PUT,
+        "/v1/destinations/archive",
+        ADMIN_KEY,
+        Some(&archive(endpoint, bucket)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    eventually("the archive active", Duration::from_secs(10), || async {
+        send(app, Method::GET, "/v1/destinations/archive", READ_KEY, None)
+            .await
+            .1["status"]["state"]
+            == json!("active")
+    })
+    .await;
+    stored
+}
+
+/// Waits until every record of `log` is archived, exactly, in `bucket`.
+async fn all_archived(bucket: &dyn ObjectStore, log: &[StoredRecord], what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        check_against_log(&objects(bucket).await, log).and_then(|n| {
+            if n == log.len() {
+                Ok(())
+            } else {
+                Err(format!("{n} archived"))
+            }
+        })
+    })
+    .await
+}
+
 async fn send_events(post: impl AsyncFn(Value) -> StatusCode, tag: &str, count: usize) {
     for chunk in 0..count / 50 {
         let batch: Vec<Value> = (0..50)
@@ -272,33 +279,12 @@ async fn send_events(post: impl AsyncFn(Value) -> StatusCode, tag: &str, count: 
 async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
     let (name, bucket) = new_bucket().await;
     let app = spawn_app(backend).await;
-    let (status, stored) = send(
-        &app,
-        Method::PUT,
-        "/v1/destinations/archive",
-        ADMIN_KEY,
-        Some(&archive(&s3_endpoint(), &name)),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    let stored = define_archive(&app, &s3_endpoint(), &name).await;
     assert_eq!(
         stored["definition"]["secret_access_key"],
         json!("********"),
         "{stored}"
     );
-    eventually("the archive active", Duration::from_secs(10), || async {
-        send(
-            &app,
-            Method::GET,
-            "/v1/destinations/archive",
-            READ_KEY,
-            None,
-        )
-        .await
-        .1["status"]["state"]
-            == json!("active")
-    })
-    .await;
     send_events(
         async |body| app.post("/v1/batch", &body).await.status(),
         "a",
@@ -309,17 +295,7 @@ async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
     let topic = Topics::new(&app.config.topic_prefix).events();
     let log = read_all(&app.config, &topic).await;
     assert_eq!(log.len(), 600);
-    let archived = eventually("every event archived", Duration::from_secs(60), || async {
-        check_against_log(&objects(bucket.as_ref()).await, &log).and_then(|n| {
-            if n == log.len() {
-                Ok(n)
-            } else {
-                Err(format!("{n} archived"))
-            }
-        })
-    })
-    .await;
-    assert_eq!(archived, 600);
+    all_archived(bucket.as_ref(), &log, "every event archived").await;
     let found = objects(bucket.as_ref()).await;
     assert!(found.len() > 4, "objects rolled by size: {}", found.len());
 
@@ -362,25 +338,6 @@ async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
-}
-
-async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    key: &str,
-    body: Option<&Value>,
-) -> (StatusCode, Value) {
-    let mut request = app
-        .client
-        .request(method, app.url(path))
-        .basic_auth(key, Some(""));
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.expect("the service answers");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// A proxy in front of the S3 server. Holding, it forwards each upload
@@ -572,18 +529,10 @@ async fn a_sigkill_mid_upload_leaves_no_gap_and_no_overlap() {
     .unwrap();
     let log = read_all(&config, &Topics::new(&config.topic_prefix).events()).await;
     assert_eq!(log.len(), 600);
-    eventually(
+    all_archived(
+        bucket.as_ref(),
+        &log,
         "every event archived after the restart",
-        Duration::from_secs(60),
-        || async {
-            check_against_log(&objects(bucket.as_ref()).await, &log).and_then(|n| {
-                if n == log.len() {
-                    Ok(())
-                } else {
-                    Err(format!("{n} archived"))
-                }
-            })
-        },
     )
     .await;
     assert!(

@@ -21,7 +21,7 @@ use traitline::log::Topics;
 
 use crate::helpers::{
     ADMIN_KEY, Backend, READ_KEY, ServiceProcess, TestApp, TestDir, WRITE_KEY, embedded_env,
-    env_refs, eventually, read_all, spawn_app_with,
+    env_refs, eventually, read_all, send, spawn_app_with,
 };
 
 both_logs!(
@@ -183,25 +183,6 @@ async fn receive(
             .insert(id, serde_json::from_slice(&body).unwrap_or(Value::Null));
     }
     (status, answer, "answered")
-}
-
-async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    key: &str,
-    body: Option<&Value>,
-) -> (StatusCode, Value) {
-    let mut request = app
-        .client
-        .request(method, app.url(path))
-        .basic_auth(key, Some(""));
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.expect("the service answers");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 async fn define(app: &TestApp, name: &str, body: &Value) -> Value {

@@ -315,6 +315,30 @@ impl Drop for TestApp {
 
 /// An HTTP client for the tests (the TLS provider installed first, as
 /// the service's `main` does).
+/// Sends `method` to `path` of `app` with `key` and a JSON `body`; the
+/// answer's status and body (`null` when not JSON).
+pub async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<&serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = app
+        .client
+        .request(method, app.url(path))
+        .basic_auth(key, Some(""));
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("the service answers");
+    let status = response.status();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
 pub fn client() -> reqwest::Client {
     client_builder().build().expect("an HTTP client builds")
 }
