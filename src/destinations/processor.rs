@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -96,7 +97,7 @@ impl Destination {
     }
 
     /// Delivers `record` alone as `id` (see [`Destination::deliver_payload`]).
-    pub async fn deliver(&self, id: String, record: &StoredRecord, key: Option<String>) -> bool {
+    pub async fn deliver(&self, id: String, record: StoredRecord, key: Option<String>) -> bool {
         self.deliver_payload(&Payload::one(id, record, key)).await
     }
 
@@ -332,7 +333,7 @@ pub struct Member {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<String>,
-    pub value: Vec<u8>,
+    pub value: Bytes,
 }
 
 /// What one request carries: a record, or a batch of them
@@ -340,21 +341,22 @@ pub struct Member {
 #[derive(Debug, Clone)]
 pub struct Payload {
     pub id: String,
-    pub body: Vec<u8>,
+    pub body: Bytes,
     pub records: Vec<Member>,
 }
 
 impl Payload {
-    fn one(id: String, record: &StoredRecord, key: Option<String>) -> Payload {
+    fn one(id: String, record: StoredRecord, key: Option<String>) -> Payload {
+        let body = Bytes::from(record.value);
         Payload {
-            body: record.value.clone(),
             records: vec![Member {
                 id: id.clone(),
                 partition: record.partition,
                 offset: record.offset,
                 key,
-                value: record.value.clone(),
+                value: body.clone(),
             }],
+            body,
             id,
         }
     }
@@ -372,7 +374,7 @@ impl Payload {
         body.extend_from_slice(b"]}");
         Payload {
             id: format!("batch-{}-{}", records[0].id, records.len()),
-            body,
+            body: Bytes::from(body),
             records,
         }
     }
@@ -446,11 +448,11 @@ impl AtLeastOnce for Destination {
                     partition: record.partition,
                     offset: record.offset,
                     key,
-                    value: record.value,
+                    value: Bytes::from(record.value),
                 };
                 self.deliver_in_batch(member).await;
             } else {
-                self.deliver(id, &record, key).await;
+                self.deliver(id, record, key).await;
             }
         }
         Ok(())

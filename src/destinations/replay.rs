@@ -158,7 +158,7 @@ async fn dead_letters(
             let (destination, counts) = (destination.clone(), counts.clone());
             tasks.spawn(async move {
                 let delivered = destination
-                    .deliver(failure.delivery_id, &record, failure.key)
+                    .deliver(failure.delivery_id, record, failure.key)
                     .await;
                 counts.add(delivered);
             });
@@ -199,7 +199,7 @@ async fn log_range(
             }
             let (destination, counts) = (destination.clone(), counts.clone());
             tasks.spawn(async move {
-                let delivered = destination.deliver(id, &record, key).await;
+                let delivered = destination.deliver(id, record, key).await;
                 counts.add(delivered);
             });
         }

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use super::address::{Resolver, check_host};
@@ -61,7 +62,7 @@ impl Sender {
     }
 
     /// POSTs `body` (JSON) as message `id`.
-    pub async fn attempt(&self, spec: &WebhookSpec, id: &str, body: &[u8]) -> Attempt {
+    pub async fn attempt(&self, spec: &WebhookSpec, id: &str, body: &Bytes) -> Attempt {
         let started = Instant::now();
         let failed = |response: String| Attempt {
             status: None,
@@ -86,7 +87,7 @@ impl Sender {
                 sign(&spec.secrets, id, timestamp, body),
             );
         }
-        let response = match request.body(body.to_vec()).send().await {
+        let response = match request.body(body.clone()).send().await {
             Ok(response) => response,
             Err(e) => return failed(describe(&e, spec.timeout)),
         };
