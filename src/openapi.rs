@@ -70,7 +70,7 @@ use crate::store::ChangeRecord;
         crate::definitions::rule::Times,
         crate::definitions::MetricDefinition, crate::definitions::metric::WindowDefinition,
         crate::admin::destinations::DestinationEntry, crate::admin::destinations::DestinationList,
-        crate::admin::destinations::DestinationStatus, crate::admin::destinations::AttemptList,
+        crate::admin::destinations::DestinationStatus, crate::admin::destinations::ArchiveStatus, crate::admin::destinations::AttemptList,
         crate::admin::destinations::FailureList, crate::admin::destinations::ReplayRequest,
         crate::admin::destinations::ReplayView, crate::admin::destinations::ReplayList,
         crate::definitions::DestinationDefinition, crate::definitions::destination::Secrets

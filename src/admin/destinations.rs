@@ -65,6 +65,19 @@ pub struct DestinationStatus {
     /// The 95th percentile of the last hour's attempt latencies.
     pub p95_latency_ms: Option<i64>,
     pub last_attempt_at: Option<DateTime<Utc>>,
+    /// An archive's objects (its counts above are of uploads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+}
+
+/// How an archive's uploads go.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ArchiveStatus {
+    /// The newest object uploaded, and when.
+    pub last_object: Option<String>,
+    pub last_uploaded_at: Option<DateTime<Utc>>,
+    /// Objects whose upload is under way (retried while the bucket fails).
+    pub uploading: i64,
 }
 
 /// Every destination.
@@ -190,7 +203,16 @@ pub async fn get_destination(
         .destination_state(&name)
         .await?
         .filter(|(v, ..)| *v == version);
-    shown.status = Some(status(running, stopped, summary));
+    let mut status = status(running, stopped, summary);
+    if shown.definition["kind"] == "s3" {
+        let (newest, uploading) = state.store.archive_progress(&name).await?;
+        status.archive = Some(ArchiveStatus {
+            last_uploaded_at: newest.as_ref().map(|(_, at)| time(*at)),
+            last_object: newest.map(|(key, _)| key),
+            uploading,
+        });
+    }
+    shown.status = Some(status);
     Ok(Json(shown))
 }
 
@@ -214,6 +236,7 @@ fn status(
         dead_letters: summary.dead_letters,
         p95_latency_ms: summary.p95_latency_ms,
         last_attempt_at: summary.last_attempt_at.map(time),
+        archive: None,
     }
 }
 

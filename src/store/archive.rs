@@ -141,6 +141,32 @@ impl Store {
         objects(&rows)
     }
 
+    /// The newest object `destination` uploaded (key and when), and how
+    /// many uploads are under way.
+    pub async fn archive_progress(
+        &self,
+        destination: &str,
+    ) -> Result<(Option<(String, i64)>, i64), StoreError> {
+        let newest = sqlx::query(
+            "SELECT object_key, uploaded_at FROM archive_objects \
+             WHERE destination = $1 AND uploaded_at IS NOT NULL \
+             ORDER BY uploaded_at DESC LIMIT 1",
+        )
+        .bind(destination)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| Ok::<_, sqlx::Error>((row.try_get(0)?, row.try_get(1)?)))
+        .transpose()?;
+        let uploading: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM archive_objects WHERE destination = $1 AND uploaded_at IS NULL",
+        )
+        .bind(destination)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok((newest, uploading))
+    }
+
     /// The partitions `destination` has objects of.
     pub async fn archived_partitions(&self, destination: &str) -> Result<Vec<i32>, StoreError> {
         let rows =

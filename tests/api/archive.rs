@@ -64,6 +64,15 @@ async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
     })
     .await;
     assert_eq!(shown["status"]["delivered"], json!(0), "{shown}");
+    assert!(
+        shown["status"]["archive"]["uploading"].as_i64() >= Some(1),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["status"]["archive"]["last_object"],
+        Value::Null,
+        "{shown}"
+    );
     let attempts = send(
         &app,
         Method::GET,
@@ -299,16 +308,23 @@ async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
     let found = objects(bucket.as_ref()).await;
     assert!(found.len() > 4, "objects rolled by size: {}", found.len());
 
-    let shown = send(
-        &app,
-        Method::GET,
-        "/v1/destinations/archive",
-        READ_KEY,
-        None,
-    )
-    .await
-    .1;
+    // Every upload marked done: none under way, the newest shown.
+    let shown = eventually("no upload under way", Duration::from_secs(10), || async {
+        let shown = send(
+            &app,
+            Method::GET,
+            "/v1/destinations/archive",
+            READ_KEY,
+            None,
+        )
+        .await
+        .1;
+        (shown["status"]["archive"]["uploading"] == json!(0)).then_some(shown)
+    })
+    .await;
     assert_eq!(shown["status"]["state"], json!("active"), "{shown}");
+    let newest = shown["status"]["archive"]["last_object"].as_str().unwrap();
+    assert!(found.contains_key(newest), "{shown}");
     let attempts = send(
         &app,
         Method::GET,

@@ -13,3 +13,5 @@ CREATE TABLE archive_objects (
     uploaded_at BIGINT,
     PRIMARY KEY (destination, partition, first_offset)
 );
+-- The newest upload and the uploads under way, for a destination's status.
+CREATE INDEX archive_objects_uploaded ON archive_objects (destination, uploaded_at);
