@@ -16,7 +16,7 @@ use super::dead_letters::DeadLetters;
 use super::reading::Reading;
 use super::runner::panic_message;
 use super::stats::{Counting, SharedStats};
-use super::{AtLeastOnce, CommitError, Committed, Group, OffsetAdvance, Rejected, RunnerSettings};
+use super::{AtLeastOnce, CommitError, Committed, Group, OffsetAdvance, RunnerSettings, Undone};
 use crate::log::{EventLog, LogReader, StoredRecord};
 
 /// How an at-least-once runner reads and saves.
@@ -47,7 +47,7 @@ struct Done {
     /// The partition's generation when the work started: work started
     /// before the partition was fenced and read again is not counted.
     generation: u64,
-    outcome: Result<(), Rejected>,
+    outcome: Result<(), Undone>,
     /// The key it was worked on in the order of, if any.
     key: Option<Vec<u8>>,
 }
@@ -314,11 +314,24 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
         if self.generations.get(&done.partition).copied().unwrap_or(0) != done.generation {
             return true;
         }
-        if let Err(rejected) = done.outcome {
-            if !self.dead_letters.publish(&[rejected], stop).await {
-                return false;
+        match done.outcome {
+            Ok(()) => {}
+            Err(Undone::Rejected(rejected)) => {
+                if !self.dead_letters.publish(&[rejected], stop).await {
+                    return false;
+                }
+                self.counting.rejected(1);
             }
-            self.counting.rejected(1);
+            Err(Undone::Reread(why)) => {
+                tracing::warn!(
+                    "partition {} of {}: {why}; reading it again from the stored position",
+                    done.partition,
+                    self.settings.runner.topic
+                );
+                self.counting.fenced();
+                self.reread(&[done.partition]).await;
+                return true;
+            }
         }
         self.done_since_save += self.finish(done.partition, done.from, done.offset);
         true
@@ -462,24 +475,30 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 );
                 self.counting.fenced();
                 let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
-                for partition in &partitions {
-                    *self.generations.entry(*partition).or_default() += 1;
-                    let dropped = self.unfinished.remove(partition).map_or(0, |o| o.len());
-                    self.in_flight -= dropped;
-                    self.started_up_to.remove(partition);
-                    self.held_from.remove(partition);
-                    self.processor.forget(*partition);
-                }
-                self.reading
-                    .seek_to_store(&partitions, self.processor.as_ref())
-                    .await;
-                self.load_done(Some(&partitions)).await;
+                self.reread(&partitions).await;
             }
             Err(e) => {
                 tracing::warn!("cannot save the positions of {topic}: {e}; trying again");
                 self.counting.error(&e);
             }
         }
+    }
+
+    /// Drops the unfinished work of `partitions` (work under way is not
+    /// counted when it ends) and reads them again from the store.
+    async fn reread(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            *self.generations.entry(*partition).or_default() += 1;
+            let dropped = self.unfinished.remove(partition).map_or(0, |o| o.len());
+            self.in_flight -= dropped;
+            self.started_up_to.remove(partition);
+            self.held_from.remove(partition);
+            self.processor.forget(*partition);
+        }
+        self.reading
+            .seek_to_store(partitions, self.processor.as_ref())
+            .await;
+        self.load_done(Some(partitions)).await;
     }
 
     /// At a stop: the finished work is saved, the unfinished dropped.

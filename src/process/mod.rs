@@ -196,7 +196,7 @@ pub trait AtLeastOnce: Checkpoints {
         let through = record.offset;
         Some(Group {
             through,
-            work: Box::pin(async move { self.handle(record).await }),
+            work: Box::pin(async move { self.handle(record).await.map_err(Undone::Rejected) }),
         })
     }
 
@@ -240,7 +240,20 @@ pub trait AtLeastOnce: Checkpoints {
 pub struct Group {
     /// The last offset it finishes.
     pub through: i64,
-    pub work: BoxFuture<'static, Result<(), Rejected>>,
+    pub work: BoxFuture<'static, Result<(), Undone>>,
+}
+
+/// Why a group's work did not finish its records.
+#[derive(Debug)]
+pub enum Undone {
+    /// A record it cannot handle at all: to the dead letters, and the
+    /// group is finished.
+    Rejected(Rejected),
+    /// What the store holds for the partition changed under the work
+    /// (another instance took the partition over): nothing of it is
+    /// finished, and the partition is read again from the store, as
+    /// when a save is fenced.
+    Reread(String),
 }
 
 /// How a runner reads.

@@ -584,3 +584,136 @@ async fn a_sigkill_mid_upload_leaves_no_gap_and_no_overlap() {
         "{found}"
     );
 }
+
+/// Two instances in one consumer group archive one topic; the second
+/// takes partitions from the first (whose objects under way are in the
+/// manifest), then is killed and the first takes them back: the objects
+/// still cover every record once, with no gap and no overlap. On
+/// librdkafka's mock cluster, as the profiles' failover test is (tansu
+/// 0.6.0 does not hand a dead member's partitions over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_hand_partitions_over_without_gap_or_overlap() {
+    tokio::time::timeout(Duration::from_secs(240), handover())
+        .await
+        .expect("the handover test finishes");
+}
+
+async fn handover() {
+    let (name, bucket) = new_bucket().await;
+    let dir = TestDir::new();
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("ar{}_", uuid::Uuid::new_v4().simple());
+    for (topic, _) in Topics::new(&prefix).all() {
+        cluster
+            .create_topic(&topic, 4, 1)
+            .expect("the topic is created");
+    }
+    let mut env = embedded_env(dir.path());
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", cluster.bootstrap_servers()),
+        (
+            "TRAITLINE_DATABASE_URL",
+            crate::helpers::test_database().await,
+        ),
+        ("TRAITLINE_TOPIC_PREFIX", prefix.clone()),
+        ("TRAITLINE_PARTITIONS", "4".to_owned()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".to_owned()),
+        (
+            "TRAITLINE_KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500".to_owned(),
+        ),
+    ]);
+    let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    let client = crate::helpers::client_builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // Objects close on age, so the instances' boundaries differ unless
+    // the manifest makes them agree.
+    let mut by_age = archive(&s3_endpoint(), &name);
+    by_age["roll_bytes"] = json!(1 << 20);
+    let defined = client
+        .put(first.url("/v1/destinations/archive"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .json(&by_age)
+        .send()
+        .await
+        .unwrap();
+    assert!(defined.status().is_success(), "{}", defined.status());
+    let running = async |service: &ServiceProcess| {
+        let ready: Value = client
+            .get(service.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ready["destinations"]["archive"]["state"] == json!("active")
+    };
+    eventually("the archive running", Duration::from_secs(30), || {
+        running(&first)
+    })
+    .await;
+    let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
+    let stderr = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap_or_default()
+    };
+    let mut sent = 0;
+    let mut send = async |service: &ServiceProcess, tag: &str| {
+        let post = async |body: Value| {
+            client
+                .post(service.url("/v1/batch"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&body)
+                .send()
+                .await
+                .map_or(StatusCode::SERVICE_UNAVAILABLE, |r| {
+                    StatusCode::from_u16(r.status().as_u16()).unwrap()
+                })
+        };
+        send_events(post, &format!("{tag}{sent}"), 100).await;
+        sent += 100;
+    };
+    // Sent while the group settles, then while both archive.
+    send(&first, "h").await;
+    eventually(
+        "the second instance given partitions",
+        Duration::from_secs(60),
+        || async { stderr("second").contains("gave this instance partitions [") },
+    )
+    .await;
+    for _ in 0..3 {
+        send(&first, "h").await;
+        send(&second, "h").await;
+    }
+    eventually("objects uploaded", Duration::from_secs(30), || async {
+        objects(bucket.as_ref()).await.len() >= 4
+    })
+    .await;
+    second.kill();
+    for _ in 0..2 {
+        send(&first, "h").await;
+    }
+    let config = traitline::config::Config::from_settings(traitline::config::Settings {
+        data_dir: Some(dir.path().join("reader")),
+        kafka_brokers: Some(cluster.bootstrap_servers()),
+        topic_prefix: Some(prefix.clone()),
+        kafka_replication_factor: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let log = read_all(&config, &Topics::new(&prefix).events()).await;
+    assert_eq!(log.len(), sent);
+    all_archived(
+        bucket.as_ref(),
+        &log,
+        "every event archived by the survivor",
+    )
+    .await;
+    assert!(
+        stderr("first").contains("gave this instance partitions [0, 1, 2, 3]"),
+        "the survivor got every partition back:\n{}",
+        stderr("first")
+    );
+}

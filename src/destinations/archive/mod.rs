@@ -27,7 +27,9 @@ use crate::definitions::destination::ArchiveSpec;
 use crate::definitions::{Condition, DestinationSpec};
 use crate::log::StoredRecord;
 use crate::process::profiles::commit_error;
-use crate::process::{AtLeastOnce, Checkpoints, CommitError, Group, OffsetAdvance, Rejected};
+use crate::process::{
+    AtLeastOnce, Checkpoints, CommitError, Group, OffsetAdvance, Rejected, Undone,
+};
 use crate::store::{ArchivedObject, DeliveryOutcome, Store, now_ms};
 use objects::{Closed, Objects};
 
@@ -117,17 +119,15 @@ impl Archive {
         let this = self.clone();
         Group {
             through: closed.last,
-            work: Box::pin(async move {
-                this.upload(closed).await;
-                Ok(())
-            }),
+            work: Box::pin(async move { this.upload(closed).await }),
         }
     }
 
     /// Stores the object's range in the manifest, uploads it (retrying
     /// with backoff until the bucket takes it: an archive gives nothing
-    /// up), and marks it uploaded.
-    async fn upload(&self, closed: Closed) {
+    /// up), and marks it uploaded. Refused by the manifest (another
+    /// object over its offsets), its partition is read again.
+    async fn upload(&self, closed: Closed) -> Result<(), Undone> {
         let object = ArchivedObject {
             partition: closed.partition,
             first: closed.first,
@@ -143,16 +143,14 @@ impl Archive {
             match self.store.claim_archive_object(&self.name, &object).await {
                 Ok(true) => break,
                 Ok(false) => {
-                    // Another instance archives this partition now (a
-                    // rebalance): this object is never finished here,
-                    // and the partition is taken from this runner.
-                    tracing::warn!(
-                        "archive {} does not upload {}: the manifest has another object over its offsets (another instance archives partition {})",
-                        self.name,
-                        object.key,
-                        object.partition
-                    );
-                    std::future::pending::<()>().await;
+                    // Another instance closed an object over these
+                    // offsets (a rebalance): the partition is read again
+                    // with the manifest as it is now, so its objects
+                    // close where that one did.
+                    return Err(Undone::Reread(format!(
+                        "archive {} does not upload {}: the manifest has another object over offsets {} to {}",
+                        self.name, object.key, object.first, object.last
+                    )));
                 }
                 Err(e) => {
                     attempt += 1;
@@ -167,7 +165,7 @@ impl Archive {
             }
         }
         if closed.records == 0 {
-            return;
+            return Ok(());
         }
         let path = Path::from(closed.key.as_str());
         let payload = PutPayload::from(closed.body);
@@ -230,6 +228,7 @@ impl Archive {
             );
             tokio::time::sleep(backoff(self.spec.backoff, self.spec.backoff_max, attempt)).await;
         }
+        Ok(())
     }
 
     /// Whether `record` is one the archive starts after: stored before
@@ -329,7 +328,7 @@ impl AtLeastOnce for Archive {
             (record.partition, record.offset, record.timestamp_ms);
         let alone = |outcome: Result<(), Rejected>| Group {
             through: offset,
-            work: Box::pin(std::future::ready(outcome)),
+            work: Box::pin(std::future::ready(outcome.map_err(Undone::Rejected))),
         };
         let filling = {
             let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
