@@ -285,6 +285,36 @@ async fn send_events(post: impl AsyncFn(Value) -> StatusCode, tag: &str, count: 
     }
 }
 
+/// Waits until `service` runs the archive.
+async fn wait_running(client: &reqwest::Client, service: &ServiceProcess) {
+    eventually("the archive running", Duration::from_secs(30), || async {
+        let ready: Value = client
+            .get(service.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ready["destinations"]["archive"]["state"] == json!("active")
+    })
+    .await
+}
+
+/// [`send_events`] to a service process.
+async fn send_to(client: &reqwest::Client, service: &ServiceProcess, tag: &str, count: usize) {
+    let post = async |body: Value| {
+        client
+            .post(service.url("/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&body)
+            .send()
+            .await
+            .map_or(StatusCode::SERVICE_UNAVAILABLE, |r| r.status())
+    };
+    send_events(post, tag, count).await;
+}
+
 async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
     let (name, bucket) = new_bucket().await;
     let app = spawn_app(backend).await;
@@ -453,46 +483,15 @@ async fn a_sigkill_mid_upload_leaves_no_gap_and_no_overlap() {
         .await
         .unwrap();
     assert!(defined.status().is_success(), "{}", defined.status());
-    eventually("the archive running", Duration::from_secs(10), || async {
-        let ready: Value = client
-            .get(service.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ready["destinations"]["archive"]["state"] == json!("active")
-    })
-    .await;
-    let post = async |body: Value| {
-        client
-            .post(service.url("/v1/batch"))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
+    wait_running(&client, &service).await;
     // Objects close on age (1 s) well below `roll_bytes`.
-    send_events(post, "b", 300).await;
+    send_to(&client, &service, "b", 300).await;
     eventually("objects uploaded", Duration::from_secs(30), || async {
         proxy.puts.lock().unwrap().len() >= 3
     })
     .await;
     proxy.holding.store(true, Ordering::SeqCst);
-    let post = async |body: Value| {
-        client
-            .post(service.url("/v1/batch"))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    send_events(post, "c", 300).await;
+    send_to(&client, &service, "c", 300).await;
     let held = eventually(
         "an upload in the bucket, unanswered",
         Duration::from_secs(30),
@@ -601,28 +600,7 @@ async fn two_instances_hand_partitions_over_without_gap_or_overlap() {
 async fn handover() {
     let (name, bucket) = new_bucket().await;
     let dir = TestDir::new();
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster starts");
-    let prefix = format!("ar{}_", uuid::Uuid::new_v4().simple());
-    for (topic, _) in Topics::new(&prefix).all() {
-        cluster
-            .create_topic(&topic, 4, 1)
-            .expect("the topic is created");
-    }
-    let mut env = embedded_env(dir.path());
-    env.extend([
-        ("TRAITLINE_KAFKA_BROKERS", cluster.bootstrap_servers()),
-        (
-            "TRAITLINE_DATABASE_URL",
-            crate::helpers::test_database().await,
-        ),
-        ("TRAITLINE_TOPIC_PREFIX", prefix.clone()),
-        ("TRAITLINE_PARTITIONS", "4".to_owned()),
-        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".to_owned()),
-        (
-            "TRAITLINE_KAFKA_OPTIONS",
-            "session.timeout.ms=6000,heartbeat.interval.ms=500".to_owned(),
-        ),
-    ]);
+    let (cluster, prefix, env) = crate::helpers::consumer_group_env(dir.path(), "ar").await;
     let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
     let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))
@@ -640,39 +618,14 @@ async fn handover() {
         .await
         .unwrap();
     assert!(defined.status().is_success(), "{}", defined.status());
-    let running = async |service: &ServiceProcess| {
-        let ready: Value = client
-            .get(service.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ready["destinations"]["archive"]["state"] == json!("active")
-    };
-    eventually("the archive running", Duration::from_secs(30), || {
-        running(&first)
-    })
-    .await;
+    wait_running(&client, &first).await;
     let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
     let stderr = |name: &str| {
         std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap_or_default()
     };
     let mut sent = 0;
     let mut send = async |service: &ServiceProcess, tag: &str| {
-        let post = async |body: Value| {
-            client
-                .post(service.url("/v1/batch"))
-                .basic_auth(WRITE_KEY, Some(""))
-                .json(&body)
-                .send()
-                .await
-                .map_or(StatusCode::SERVICE_UNAVAILABLE, |r| {
-                    StatusCode::from_u16(r.status().as_u16()).unwrap()
-                })
-        };
-        send_events(post, &format!("{tag}{sent}"), 100).await;
+        send_to(&client, service, &format!("{tag}{sent}"), 100).await;
         sent += 100;
     };
     // Sent while the group settles, then while both archive.

@@ -226,29 +226,7 @@ async fn failover() {
     const USERS: usize = 200;
     const PER_USER: usize = 100;
     let dir = TestDir::new();
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster starts");
-    let prefix = format!("cg{}_", uuid::Uuid::new_v4().simple());
-    for (topic, _) in Topics::new(&prefix).all() {
-        cluster
-            .create_topic(&topic, 4, 1)
-            .expect("the topic is created");
-    }
-    let mut env = embedded_env(dir.path());
-    env.extend([
-        ("TRAITLINE_KAFKA_BROKERS", cluster.bootstrap_servers()),
-        (
-            "TRAITLINE_DATABASE_URL",
-            crate::helpers::test_database().await,
-        ),
-        ("TRAITLINE_TOPIC_PREFIX", prefix),
-        ("TRAITLINE_PARTITIONS", "4".to_owned()),
-        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".to_owned()),
-        // Notice a dead member within seconds, not the default 45 s.
-        (
-            "TRAITLINE_KAFKA_OPTIONS",
-            "session.timeout.ms=6000,heartbeat.interval.ms=500".to_owned(),
-        ),
-    ]);
+    let (_cluster, _prefix, env) = crate::helpers::consumer_group_env(dir.path(), "cg").await;
     let first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
     let client = crate::helpers::client_builder()
         .timeout(Duration::from_secs(10))

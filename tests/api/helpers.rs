@@ -539,6 +539,41 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// A mock Kafka cluster (librdkafka's: it hands a dead member's
+/// partitions over, which tansu 0.6.0 does not) with the topics of a new
+/// prefix (`{tag}…_`, 4 partitions), and the environment of processes
+/// that share it and one new PostgreSQL database, in one consumer group.
+pub async fn consumer_group_env(
+    dir: &Path,
+    tag: &str,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    Vec<(&'static str, String)>,
+) {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster starts");
+    let prefix = format!("{tag}{}_", uuid::Uuid::new_v4().simple());
+    for (topic, _) in Topics::new(&prefix).all() {
+        cluster
+            .create_topic(&topic, 4, 1)
+            .expect("the topic is created");
+    }
+    let mut env = embedded_env(dir);
+    env.extend([
+        ("TRAITLINE_KAFKA_BROKERS", cluster.bootstrap_servers()),
+        ("TRAITLINE_DATABASE_URL", test_database().await),
+        ("TRAITLINE_TOPIC_PREFIX", prefix.clone()),
+        ("TRAITLINE_PARTITIONS", "4".to_owned()),
+        ("TRAITLINE_KAFKA_REPLICATION_FACTOR", "1".to_owned()),
+        // Notice a dead member within seconds, not the default 45 s.
+        (
+            "TRAITLINE_KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500".to_owned(),
+        ),
+    ]);
+    (cluster, prefix, env)
+}
+
 /// Environment for a process on the embedded log in `dir` with the test keys.
 pub fn embedded_env(dir: &Path) -> Vec<(&'static str, String)> {
     vec![
