@@ -49,15 +49,7 @@ async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
     .await;
     // The failures are visible: retried attempts, records undelivered.
     let shown = eventually("failed uploads shown", Duration::from_secs(30), || async {
-        let shown = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/archive",
-            READ_KEY,
-            None,
-        )
-        .await
-        .1;
+        let shown = read(&app, "/v1/destinations/archive").await;
         (shown["status"]["failed_attempts"].as_i64() > Some(1)
             && shown["status"]["oldest_undelivered_seconds"].is_number())
         .then_some(shown)
@@ -73,15 +65,7 @@ async fn an_unavailable_bucket_delays_the_archive_and_loses_nothing() {
         Value::Null,
         "{shown}"
     );
-    let attempts = send(
-        &app,
-        Method::GET,
-        "/v1/destinations/archive/attempts",
-        READ_KEY,
-        None,
-    )
-    .await
-    .1;
+    let attempts = read(&app, "/v1/destinations/archive/attempts").await;
     assert_eq!(
         attempts["attempts"][0]["outcome"],
         json!("retrying"),
@@ -248,10 +232,7 @@ async fn define_archive(app: &TestApp, endpoint: &str, bucket: &str) -> Value {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{stored}");
     eventually("the archive active", Duration::from_secs(10), || async {
-        send(app, Method::GET, "/v1/destinations/archive", READ_KEY, None)
-            .await
-            .1["status"]["state"]
-            == json!("active")
+        read(app, "/v1/destinations/archive").await["status"]["state"] == json!("active")
     })
     .await;
     stored
@@ -283,6 +264,11 @@ async fn send_events(post: impl AsyncFn(Value) -> StatusCode, tag: &str, count: 
         let status = post(json!({"batch": batch})).await;
         assert!(status.is_success(), "{status}");
     }
+}
+
+/// GETs `path` of `app` with the read key; the answer's body.
+async fn read(app: &TestApp, path: &str) -> Value {
+    send(app, Method::GET, path, READ_KEY, None).await.1
 }
 
 /// Waits until `service` runs the archive.
@@ -340,30 +326,14 @@ async fn every_event_is_archived_once_equal_to_the_log(backend: Backend) {
 
     // Every upload marked done: none under way, the newest shown.
     let shown = eventually("no upload under way", Duration::from_secs(10), || async {
-        let shown = send(
-            &app,
-            Method::GET,
-            "/v1/destinations/archive",
-            READ_KEY,
-            None,
-        )
-        .await
-        .1;
+        let shown = read(&app, "/v1/destinations/archive").await;
         (shown["status"]["archive"]["uploading"] == json!(0)).then_some(shown)
     })
     .await;
     assert_eq!(shown["status"]["state"], json!("active"), "{shown}");
     let newest = shown["status"]["archive"]["last_object"].as_str().unwrap();
     assert!(found.contains_key(newest), "{shown}");
-    let attempts = send(
-        &app,
-        Method::GET,
-        "/v1/destinations/archive/attempts",
-        READ_KEY,
-        None,
-    )
-    .await
-    .1;
+    let attempts = read(&app, "/v1/destinations/archive/attempts").await;
     let uploaded: Vec<&Value> = attempts["attempts"]
         .as_array()
         .unwrap()
