@@ -12,7 +12,7 @@
 pub mod objects;
 pub mod verify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ pub struct Archive {
     objects: Mutex<Objects>,
     /// Per partition, whether the archive began objects of it (in the
     /// manifest, or in this run): no record of it is skipped any more.
-    begun: Mutex<HashMap<i32, bool>>,
+    begun: Mutex<HashSet<i32>>,
 }
 
 impl Archive {
@@ -81,7 +81,7 @@ impl Archive {
             spec: archive,
             store,
             recorder,
-            begun: Mutex::new(HashMap::new()),
+            begun: Mutex::new(HashSet::new()),
         })
     }
 
@@ -238,7 +238,7 @@ impl Archive {
             return false;
         }
         let begun = self.begun.lock().unwrap_or_else(|e| e.into_inner());
-        !begun.get(&record.partition).copied().unwrap_or(false)
+        !begun.contains(&record.partition)
     }
 }
 
@@ -310,7 +310,7 @@ impl Checkpoints for Archive {
         }
         let mut begun = self.begun.lock().unwrap_or_else(|e| e.into_inner());
         for partition in partitions {
-            begun.insert(partition, true);
+            begun.insert(partition);
         }
         Ok(positions)
     }
@@ -350,7 +350,7 @@ impl AtLeastOnce for Archive {
         self.begun
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(partition, true);
+            .insert(partition);
         let closed = self.objects.lock().unwrap_or_else(|e| e.into_inner()).add(
             partition,
             offset,
