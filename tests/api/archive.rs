@@ -271,6 +271,27 @@ async fn read(app: &TestApp, path: &str) -> Value {
     send(app, Method::GET, path, READ_KEY, None).await.1
 }
 
+/// Defines on `service` an archive of `bucket` at `endpoint` whose objects
+/// close on age (1 s), well below `roll_bytes`, and waits until it runs.
+async fn define_by_age(
+    client: &reqwest::Client,
+    service: &ServiceProcess,
+    endpoint: &str,
+    bucket: &str,
+) {
+    let mut by_age = archive(endpoint, bucket);
+    by_age["roll_bytes"] = json!(1 << 20);
+    let defined = client
+        .put(service.url("/v1/destinations/archive"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .json(&by_age)
+        .send()
+        .await
+        .unwrap();
+    assert!(defined.status().is_success(), "{}", defined.status());
+    wait_running(client, service).await;
+}
+
 /// Waits until `service` runs the archive.
 async fn wait_running(client: &reqwest::Client, service: &ServiceProcess) {
     eventually("the archive running", Duration::from_secs(30), || async {
@@ -443,17 +464,7 @@ async fn a_sigkill_mid_upload_leaves_no_gap_and_no_overlap() {
     let env = embedded_env(dir.path());
     let mut service = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
     let client = crate::helpers::client();
-    let mut by_age = archive(&format!("http://{address}"), &name);
-    by_age["roll_bytes"] = json!(1 << 20);
-    let defined = client
-        .put(service.url("/v1/destinations/archive"))
-        .basic_auth(ADMIN_KEY, Some(""))
-        .json(&by_age)
-        .send()
-        .await
-        .unwrap();
-    assert!(defined.status().is_success(), "{}", defined.status());
-    wait_running(&client, &service).await;
+    define_by_age(&client, &service, &format!("http://{address}"), &name).await;
     // Objects close on age (1 s) well below `roll_bytes`.
     send_to(&client, &service, "b", 300).await;
     eventually("objects uploaded", Duration::from_secs(30), || async {
@@ -578,17 +589,7 @@ async fn handover() {
         .unwrap();
     // Objects close on age, so the instances' boundaries differ unless
     // the manifest makes them agree.
-    let mut by_age = archive(&s3_endpoint(), &name);
-    by_age["roll_bytes"] = json!(1 << 20);
-    let defined = client
-        .put(first.url("/v1/destinations/archive"))
-        .basic_auth(ADMIN_KEY, Some(""))
-        .json(&by_age)
-        .send()
-        .await
-        .unwrap();
-    assert!(defined.status().is_success(), "{}", defined.status());
-    wait_running(&client, &first).await;
+    define_by_age(&client, &first, &s3_endpoint(), &name).await;
     let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
     let stderr = |name: &str| {
         std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap_or_default()
