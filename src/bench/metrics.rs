@@ -48,6 +48,11 @@ pub struct BenchMetricsArgs {
     /// their own beside the metrics' (0: none)
     #[arg(long, default_value_t = 0)]
     pub rules: usize,
+    /// Then, in the same store, the same definitions as new versions from
+    /// the log's beginning (a changed definition computed from history,
+    /// each of its message ids claimed already), measured alone
+    #[arg(long)]
+    pub backfill: bool,
 }
 
 /// The rules measured with `--rules`, in order: sequences, counts,
@@ -278,6 +283,26 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
             peak.load(Ordering::Relaxed) >> 20,
             before >> 20,
         );
+        if args.backfill {
+            scratch.kafka_group = format!("{group}-{count}-backfill");
+            let members = self::specs(count, &args.only)?
+                .into_iter()
+                .map(|spec| member(&scratch, store.clone(), spec, 2, &budget))
+                .collect();
+            let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
+            let runner =
+                metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+            let (t, cpu) = (Instant::now(), cpu_seconds());
+            runner.run(std::future::pending()).await?;
+            let elapsed = t.elapsed();
+            let cpu = cpu_seconds() - cpu;
+            println!(
+                "| {described} | backfill | {count} | 0 | {:.2} | {:.0} | {:.0} | - | - |",
+                elapsed.as_secs_f64(),
+                args.events as f64 / elapsed.as_secs_f64(),
+                args.events as f64 / cpu.max(0.01),
+            );
+        }
         discard(store, drop_db).await?;
     }
     log.close(Duration::from_secs(10)).await;

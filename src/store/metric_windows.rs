@@ -478,6 +478,18 @@ impl Store {
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
     ) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+        match &self.pg {
+            Some(pg) => claim_pg(pg, processor, claims).await,
+            None => self.claim_any(processor, claims).await,
+        }
+    }
+
+    /// [`Store::claim_metric_ids`] through the `Any` driver (SQLite).
+    async fn claim_any(
+        &self,
+        processor: &str,
+        claims: &[(&str, i32, i64, i64)],
+    ) -> Result<HashMap<String, (i32, i64)>, StoreError> {
         let mut first = HashMap::new();
         let mut tx = self.begin_write().await?;
         for chunk in claims.chunks(ROWS / 5) {
@@ -501,23 +513,11 @@ impl Store {
                 .iter()
                 .map(|row| row.try_get(0))
                 .collect::<Result<_, _>>()?;
-            // Rows go in in order: of an id twice in the batch, the first
-            // was inserted.
-            for (id, partition, offset, _) in chunk {
-                if inserted.contains(*id) {
-                    first
-                        .entry((*id).to_owned())
-                        .or_insert((*partition, *offset));
-                }
-            }
+            claimed_first(chunk, &inserted, &mut first);
         }
         // Ids claimed before (a retry, or this batch tried again): their
         // first position as stored.
-        let earlier: Vec<&str> = claims
-            .iter()
-            .map(|(id, ..)| *id)
-            .filter(|id| !first.contains_key(*id))
-            .collect();
+        let earlier = unclaimed(claims, &first);
         for chunk in earlier.chunks(ROWS) {
             let sql = format!(
                 "SELECT message_id, partition, record_offset FROM metric_seen \
@@ -1163,4 +1163,85 @@ pub(super) async fn delete_rows_of(
             .await?;
     }
     Ok(())
+}
+
+/// [`Store::claim_metric_ids`] on PostgreSQL, each column bound as one
+/// array: a batch's claims are one insert and, for the ids claimed before,
+/// one lookup, each prepared once. Through `Any` the lookup is an `IN`
+/// list of 2,000 parameters, planned on every call: ten times the cost,
+/// and every id of a backfill (a new version reading the history) was
+/// claimed before.
+async fn claim_pg(
+    pg: &sqlx::PgPool,
+    processor: &str,
+    claims: &[(&str, i32, i64, i64)],
+) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+    let mut first = HashMap::new();
+    let mut tx = pg.begin().await?;
+    let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
+    let partitions: Vec<i32> = claims.iter().map(|c| c.1).collect();
+    let offsets: Vec<i64> = claims.iter().map(|c| c.2).collect();
+    let received: Vec<i64> = claims.iter().map(|c| c.3).collect();
+    // `WITH ORDINALITY ... ORDER BY` inserts the rows in the batch's order,
+    // so of an id twice in the batch the first is the one inserted.
+    let inserted: HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
+         SELECT $1, c.id, c.p, c.o, c.r \
+         FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::int8[]) WITH ORDINALITY AS c(id, p, o, r, n) \
+         ORDER BY c.n ON CONFLICT DO NOTHING RETURNING message_id",
+    )
+    .bind(processor)
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&received)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    claimed_first(claims, &inserted, &mut first);
+    let earlier = unclaimed(claims, &first);
+    if !earlier.is_empty() {
+        let rows: Vec<(String, Option<i32>, Option<i64>)> = sqlx::query_as(
+            "SELECT message_id, partition, record_offset FROM metric_seen \
+             WHERE processor = $1 AND message_id = ANY($2)",
+        )
+        .bind(processor)
+        .bind(&earlier)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, partition, offset) in rows {
+            first.insert(id, (partition.unwrap_or(-1), offset.unwrap_or(-1)));
+        }
+    }
+    tx.commit().await?;
+    Ok(first)
+}
+
+/// Records the position of each of `claims` whose id `inserted` holds
+/// (claims are in log order: of an id twice, the first).
+fn claimed_first(
+    claims: &[(&str, i32, i64, i64)],
+    inserted: &HashSet<String>,
+    first: &mut HashMap<String, (i32, i64)>,
+) {
+    for (id, partition, offset, _) in claims {
+        if inserted.contains(*id) {
+            first
+                .entry((*id).to_owned())
+                .or_insert((*partition, *offset));
+        }
+    }
+}
+
+/// The ids of `claims` that `first` has no position for yet.
+fn unclaimed<'a>(
+    claims: &[(&'a str, i32, i64, i64)],
+    first: &HashMap<String, (i32, i64)>,
+) -> Vec<&'a str> {
+    claims
+        .iter()
+        .map(|(id, ..)| *id)
+        .filter(|id| !first.contains_key(*id))
+        .collect()
 }

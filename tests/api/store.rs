@@ -299,7 +299,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
     // Claims: the first record of an id is where it counts. A client's
     // retry (m1 again at partition 4) finds m1's first record at
     // partition 3, offset 5; the batch claiming it tried again finds its
-    // own claim.
+    // own claim; of a new id twice in one batch, the first record counts.
     let first = store
         .claim_metric_ids(processor, &[("m1", 3, 5, 4_000_000)])
         .await
@@ -312,13 +312,19 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
                 ("m1", 4, 9, 4_100_000),
                 ("m1", 3, 5, 4_000_000),
                 ("m2", 4, 10, 4_100_000),
+                ("m3", 4, 11, 4_100_000),
+                ("m3", 2, 7, 4_100_000),
             ],
         )
         .await
         .unwrap();
     assert_eq!(
         again,
-        HashMap::from([("m1".to_owned(), (3, 5)), ("m2".to_owned(), (4, 10))])
+        HashMap::from([
+            ("m1".to_owned(), (3, 5)),
+            ("m2".to_owned(), (4, 10)),
+            ("m3".to_owned(), (4, 11))
+        ])
     );
     let (clock, states) = store
         .metric_states(processor, "user_events", 3)
