@@ -282,6 +282,8 @@ pub fn bucket(spec: &ArchiveSpec) -> Result<Arc<dyn ObjectStore>, String> {
 
 #[async_trait]
 impl Checkpoints for Archive {
+    // Positions are stored under the processor's name, not the archive's.
+    #[allow(clippy::misnamed_getters)]
     fn name(&self) -> &str {
         &self.processor
     }
