@@ -792,45 +792,24 @@ async fn write_batch(
         .states
         .iter()
         .partition(|(_, _, state)| state.is_some());
-    let upsert = "ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state, due = excluded.due";
-    match dialect {
-        super::Dialect::Postgres => {
-            for chunk in written.chunks(ROWS) {
-                let stored = || chunk.iter().filter_map(|(_, _, state)| state.as_ref());
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO metric_state (processor, partition, grp, state, due) \
-                     SELECT $1, u.* FROM UNNEST($2::int4[], $3::text[], $4::text[], $5::int8[]) AS u {upsert}"
-                )))
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO metric_state (processor, partition, grp, state, due) VALUES",
+        "ON CONFLICT (processor, partition, grp) DO UPDATE SET state = excluded.state, due = excluded.due",
+        5,
+        &written,
+        |query, (partition, group, state)| {
+            let stored = state.as_ref().expect("partitioned above");
+            query
                 .bind(batch.processor)
-                .bind(array_of_ints(chunk.iter().map(|(p, ..)| Some(i64::from(*p)))))
-                .bind(array_of_texts(chunk.iter().map(|(_, g, _)| Some(g.as_str()))))
-                .bind(array_of_texts(stored().map(|s| Some(s.state.as_str()))))
-                .bind(array_of_ints(stored().map(|s| s.due)))
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        super::Dialect::Sqlite => {
-            write_rows(
-                tx,
-                dialect,
-                "INSERT INTO metric_state (processor, partition, grp, state, due) VALUES",
-                upsert,
-                5,
-                &written,
-                |query, (partition, group, state)| {
-                    let stored = state.as_ref().expect("partitioned above");
-                    query
-                        .bind(batch.processor)
-                        .bind(*partition)
-                        .bind(group.as_str())
-                        .bind(stored.state.as_str())
-                        .bind(stored.due)
-                },
-            )
-            .await?;
-        }
-    }
+                .bind(*partition)
+                .bind(group.as_str())
+                .bind(stored.state.as_str())
+                .bind(stored.due)
+        },
+    )
+    .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
             "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) IN ({})",
@@ -1035,53 +1014,6 @@ pub(super) async fn write_rows<'a, T>(
         query.execute(&mut *tx).await?;
     }
     Ok(())
-}
-
-/// A column of text values as a PostgreSQL array literal, for the `Any`
-/// driver, which cannot bind arrays: bound as one parameter and cast
-/// (`$2::text[]`), a batch's rows are one statement prepared once, where
-/// a `VALUES` list binds every value on its own and is planned on every
-/// call (most of what a metric's state rows cost).
-pub(super) fn array_of_texts<'a>(values: impl Iterator<Item = Option<&'a str>>) -> String {
-    let mut literal = String::from("{");
-    for (i, value) in values.enumerate() {
-        if i > 0 {
-            literal.push(',');
-        }
-        match value {
-            None => literal.push_str("NULL"),
-            Some(text) => {
-                literal.push('"');
-                for c in text.chars() {
-                    if c == '"' || c == '\\' {
-                        literal.push('\\');
-                    }
-                    literal.push(c);
-                }
-                literal.push('"');
-            }
-        }
-    }
-    literal.push('}');
-    literal
-}
-
-/// A column of integers as a PostgreSQL array literal (see
-/// [`array_of_texts`]).
-pub(super) fn array_of_ints(values: impl Iterator<Item = Option<i64>>) -> String {
-    use std::fmt::Write;
-    let mut literal = String::from("{");
-    for (i, value) in values.enumerate() {
-        if i > 0 {
-            literal.push(',');
-        }
-        match value {
-            None => literal.push_str("NULL"),
-            Some(n) => write!(literal, "{n}").expect("writing to a String"),
-        }
-    }
-    literal.push('}');
-    literal
 }
 
 pub(super) type AnyQuery<'a> = sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>;

@@ -6,9 +6,7 @@
 use sqlx::{AnyConnection, Row};
 
 use super::batch::Conn;
-use super::metric_windows::{
-    ROWS, array_of_ints, array_of_texts, delete_rows_of, rows_of, store_clocks, write_rows,
-};
+use super::metric_windows::{ROWS, delete_rows_of, rows_of, store_clocks, write_rows};
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 
 /// One batch of a rule version: where its offsets and clocks go, the keys
@@ -190,46 +188,22 @@ async fn write_rule_batch(
         .states
         .iter()
         .partition(|(_, _, state)| state.is_some());
-    let upsert =
-        "ON CONFLICT (processor, partition, rule_key) DO UPDATE SET state = excluded.state";
-    match dialect {
-        super::Dialect::Postgres => {
-            for chunk in written.chunks(ROWS) {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO rule_state (processor, partition, rule_key, state) \
-                     SELECT $1, u.* FROM UNNEST($2::int4[], $3::text[], $4::text[]) AS u {upsert}"
-                )))
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO rule_state (processor, partition, rule_key, state) VALUES",
+        "ON CONFLICT (processor, partition, rule_key) DO UPDATE SET state = excluded.state",
+        4,
+        &written,
+        |query, (partition, key, state)| {
+            query
                 .bind(batch.processor)
-                .bind(array_of_ints(
-                    chunk.iter().map(|(p, ..)| Some(i64::from(*p))),
-                ))
-                .bind(array_of_texts(
-                    chunk.iter().map(|(_, k, _)| Some(k.as_str())),
-                ))
-                .bind(array_of_texts(chunk.iter().map(|(.., s)| s.as_deref())))
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        super::Dialect::Sqlite => {
-            write_rows(
-                tx,
-                dialect,
-                "INSERT INTO rule_state (processor, partition, rule_key, state) VALUES",
-                upsert,
-                4,
-                &written,
-                |query, (partition, key, state)| {
-                    query
-                        .bind(batch.processor)
-                        .bind(*partition)
-                        .bind(key.as_str())
-                        .bind(state.as_deref().expect("partitioned above"))
-                },
-            )
-            .await?;
-        }
-    }
+                .bind(*partition)
+                .bind(key.as_str())
+                .bind(state.as_deref().expect("partitioned above"))
+        },
+    )
+    .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
             "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) IN ({})",
@@ -256,46 +230,24 @@ async fn write_rule_batch(
     }
     // A batch tried again after a failed commit makes the same alerts:
     // their ids are taken already.
-    match dialect {
-        super::Dialect::Postgres => {
-            for chunk in batch.alerts.chunks(ROWS) {
-                sqlx::query(
-                    "INSERT INTO alerts (alert_id, rule, version, rule_key, body, at, created_at) \
-                     SELECT u.*, $7 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[]) AS u \
-                     ON CONFLICT (alert_id) DO NOTHING",
-                )
-                .bind(array_of_texts(chunk.iter().map(|a| Some(a.id.as_str()))))
-                .bind(array_of_texts(chunk.iter().map(|a| Some(a.rule.as_str()))))
-                .bind(array_of_ints(chunk.iter().map(|a| Some(a.version))))
-                .bind(array_of_texts(chunk.iter().map(|a| Some(a.key.as_str()))))
-                .bind(array_of_texts(chunk.iter().map(|a| Some(a.body.as_str()))))
-                .bind(array_of_ints(chunk.iter().map(|a| Some(a.at))))
+    write_rows(
+        tx,
+        dialect,
+        "INSERT INTO alerts (alert_id, rule, version, rule_key, body, at, created_at) VALUES",
+        "ON CONFLICT (alert_id) DO NOTHING",
+        7,
+        &batch.alerts,
+        |query, a| {
+            query
+                .bind(a.id.as_str())
+                .bind(a.rule.as_str())
+                .bind(a.version)
+                .bind(a.key.as_str())
+                .bind(a.body.as_str())
+                .bind(a.at)
                 .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        super::Dialect::Sqlite => {
-            write_rows(
-                tx,
-                dialect,
-                "INSERT INTO alerts (alert_id, rule, version, rule_key, body, at, created_at) VALUES",
-                "ON CONFLICT (alert_id) DO NOTHING",
-                7,
-                &batch.alerts,
-                |query, a| {
-                    query
-                        .bind(a.id.as_str())
-                        .bind(a.rule.as_str())
-                        .bind(a.version)
-                        .bind(a.key.as_str())
-                        .bind(a.body.as_str())
-                        .bind(a.at)
-                        .bind(now)
-                },
-            )
-            .await?;
-        }
-    }
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -240,8 +240,8 @@ fn closed(group: &str, start_ms: i64, events: i64) -> StoredWindow {
     }
 }
 
-/// A group and a state with what an array literal must escape (the
-/// PostgreSQL store binds a batch's state rows as arrays).
+/// A group and a state with quotes, a backslash, braces, a comma and a
+/// word SQL knows, stored and read back as they are.
 const ODD_GROUP: &str = r#"u4"\{,} NULL"#;
 const ODD_STATE: &str = r#"{"a":"\\"}"#;
 
@@ -1384,4 +1384,28 @@ async fn the_archive_manifest_refuses_overlaps_and_keeps_what_is_above_the_posit
         [(0, 10), (1, 0)],
         "partition 1 has no position: all of it"
     );
+}
+
+/// Window and partial-match states, rewritten by every batch, are
+/// compressed with lz4 on PostgreSQL (migration 16), not pglz.
+#[tokio::test]
+async fn postgresql_compresses_states_with_lz4() {
+    let url = test_database().await;
+    let dir = TestDir::new();
+    Store::open(Some(&url), dir.path())
+        .await
+        .expect("the store opens");
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let methods: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attrelid::regclass::text, attcompression::text FROM pg_attribute \
+         WHERE attname = 'state' AND attrelid IN ('rule_state'::regclass, 'metric_state'::regclass) \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let lz4 = |table: &str| (table.to_owned(), "l".to_owned());
+    assert_eq!(methods, [lz4("metric_state"), lz4("rule_state")]);
 }
