@@ -469,6 +469,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             deliveries,
             done_above,
             archive,
+            migration(
+                16,
+                "lz4 for window and partial-match states",
+                include_str!("migrations/postgres_16.sql"),
+            ),
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -480,7 +485,8 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             merges,
             claims,
             shared_claims,
-            // SQLite has no migration 11 (PostgreSQL's page fill).
+            // SQLite has no migration 11 (PostgreSQL's page fill) nor 16
+            // (its value compression).
             rules,
             deliveries,
             done_above,
