@@ -3,7 +3,7 @@
 -- A key's open windows of a metric, and its partial matches of a rule,
 -- are one JSON value, often several kilobytes, rewritten by every batch
 -- that touches the key. PostgreSQL compresses a value over about 2 kB,
--- with pglz unless told otherwise, which was half of what a rule state's
+-- with pglz unless told otherwise, which was most of what a rule state's
 -- write cost (docs/benchmarks.md); lz4 does it in a fraction of the CPU.
 -- Values stored before keep their compression until rewritten. A server
 -- without lz4 (built without it, or older than PostgreSQL 14) keeps pglz.
