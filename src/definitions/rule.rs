@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Condition, DefinitionError, FieldPath, check_name, millis};
 use serde_json::Value;
 
-use crate::patterns::{Guard, Guarded, Input, MAX_STEPS, Pattern, Skip, Step, Taken};
+use crate::patterns::{Earlier, Guard, Guarded, Input, MAX_STEPS, Pattern, Skip, Step};
 
 /// A rule as written: JSON through the admin API, or a `[[rules]]` table
 /// of `traitline.toml` (which also carries the `name`).
@@ -131,7 +131,7 @@ struct StepGuard {
 }
 
 impl Guard for StepGuard {
-    fn allows(&self, step: usize, taken: &[Taken], input: &Input) -> bool {
+    fn allows(&self, step: usize, taken: &[Earlier<'_>], input: &Input) -> bool {
         let Some(kept) = input.values.as_deref() else {
             return false;
         };
@@ -149,10 +149,10 @@ impl Guard for StepGuard {
 }
 
 /// `{property: [value of each event step took that has it]}`.
-fn step_properties(step: usize, taken: &[Taken]) -> Value {
+fn step_properties(step: usize, taken: &[Earlier<'_>]) -> Value {
     let mut lists = serde_json::Map::new();
     for t in taken.iter().filter(|t| t.step == step) {
-        let properties = t.values.as_deref().and_then(|v| v.get("properties"));
+        let properties = t.values.and_then(|v| v.get("properties"));
         if let Some(Value::Object(properties)) = properties {
             for (name, value) in properties {
                 if let Value::Array(list) = lists
@@ -451,16 +451,15 @@ mod tests {
     /// A guarded step's condition on an event, after `small` took events
     /// with these amounts.
     fn allows(spec: &RuleSpec, step: usize, amounts: &[u32], event: Value) -> bool {
-        let taken: Vec<Taken> = amounts
+        let values: Vec<Value> = amounts
             .iter()
-            .enumerate()
-            .map(|(i, amount)| Taken {
+            .map(|amount| serde_json::json!({"properties": {"amount": amount}}))
+            .collect();
+        let taken: Vec<Earlier<'_>> = values
+            .iter()
+            .map(|values| Earlier {
                 step: 0,
-                time: i as i64,
-                id: format!("s{i}"),
-                values: Some(Arc::new(
-                    serde_json::json!({"properties": {"amount": amount}}),
-                )),
+                values: Some(values),
             })
             .collect();
         let kept: serde_json::Map<String, Value> = spec

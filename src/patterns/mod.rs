@@ -68,7 +68,15 @@ pub enum Skip {
 pub trait Guard: Send + Sync {
     /// Whether step `step` (the absent step's is `steps.len()`) may take
     /// `input` after the events `taken`.
-    fn allows(&self, step: usize, taken: &[Taken], input: &Input) -> bool;
+    fn allows(&self, step: usize, taken: &[Earlier<'_>], input: &Input) -> bool;
+}
+
+/// An event a partial match took, as a [`Guard`] reads it: the step that
+/// took it and what the guard keeps of it ([`Input::values`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Earlier<'a> {
+    pub step: usize,
+    pub values: Option<&'a serde_json::Value>,
 }
 
 /// A pattern's guard and the steps it decides for (a bit each, as in
@@ -124,14 +132,22 @@ impl Pattern {
         1 << self.steps.len()
     }
 
-    /// Whether step `step` takes `input` after `taken`: the event meets
-    /// the step's condition, all of it.
-    fn takes(&self, step: usize, taken: &[Taken], input: &Input) -> bool {
+    /// Whether step `step` takes `input` after the events `taken` (of the
+    /// key's `held`): the event meets the step's condition, all of it.
+    fn takes(&self, step: usize, held: &[Held], taken: &[Pick], input: &Input) -> bool {
         input.meets & (1 << step) != 0
-            && self
-                .guarded
-                .as_ref()
-                .is_none_or(|g| g.steps & (1 << step) == 0 || g.guard.allows(step, taken, input))
+            && self.guarded.as_ref().is_none_or(|g| {
+                g.steps & (1 << step) == 0 || {
+                    let earlier: Vec<Earlier<'_>> = taken
+                        .iter()
+                        .map(|&(event, step)| Earlier {
+                            step: step as usize,
+                            values: held[event as usize].values.as_deref(),
+                        })
+                        .collect();
+                    g.guard.allows(step, &earlier, input)
+                }
+            })
     }
 }
 
@@ -160,13 +176,29 @@ pub struct Taken {
     pub values: Option<Arc<serde_json::Value>>,
 }
 
-/// A partial match.
+/// An event some partial match of a key took, held once however many
+/// took it: a key's runs branch at every event and share most of theirs,
+/// so each names its events by index (a copy or a stored state of a run
+/// is a list of small numbers, not of ids).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Held {
+    time: Millis,
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    values: Option<Arc<serde_json::Value>>,
+}
+
+/// An event a run took: its index among the key's held events, and the
+/// step that took it.
+type Pick = (u32, u32);
+
+/// A partial match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 struct Run {
     /// The step of its last event, and how many events that step took.
     step: usize,
     count: u32,
-    taken: Vec<Taken>,
+    taken: Vec<Pick>,
     /// It passed an event over since its last: a strict step cannot
     /// follow.
     #[serde(default)]
@@ -177,15 +209,30 @@ struct Run {
 }
 
 impl Run {
-    fn start(&self) -> Millis {
-        self.taken[0].time
+    /// Its first event, of the key's `held`.
+    fn first<'a>(&self, held: &'a [Held]) -> &'a Held {
+        &held[self.taken[0].0 as usize]
+    }
+
+    fn start(&self, held: &[Held]) -> Millis {
+        self.first(held).time
+    }
+
+    /// Where it sorts among runs completing together: earliest first
+    /// event first, and of those that began with one event, the one that
+    /// took most.
+    fn order<'a>(&self, held: &'a [Held]) -> (Millis, &'a str, std::cmp::Reverse<usize>) {
+        let first = self.first(held);
+        (first.time, &first.id, std::cmp::Reverse(self.taken.len()))
     }
 }
 
-/// A key's state: its partial matches and the events waiting for the
-/// limit, in event-time order.
+/// A key's state: the events its partial matches took, its partial
+/// matches, and the events waiting for the limit, in event-time order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredState")]
 pub struct KeyState {
+    held: Vec<Held>,
     runs: Vec<Run>,
     waiting: Vec<Input>,
 }
@@ -198,6 +245,149 @@ impl KeyState {
     /// Partial matches held.
     pub fn partials(&self) -> usize {
         self.runs.len()
+    }
+
+    /// `input`'s index among the held events: `event`, once some run
+    /// took it, else a new one.
+    fn hold(&mut self, event: &mut Option<u32>, input: &Input) -> u32 {
+        *event.get_or_insert_with(|| {
+            self.held.push(Held {
+                time: input.time,
+                id: input.id.clone(),
+                values: input.values.clone(),
+            });
+            u32::try_from(self.held.len() - 1).expect("a key holds fewer than 2^32 events")
+        })
+    }
+
+    /// Drops the held events no run names any more.
+    fn compact(&mut self) {
+        let mut index = vec![u32::MAX; self.held.len()];
+        for run in &self.runs {
+            for (event, _) in &run.taken {
+                index[*event as usize] = 0;
+            }
+        }
+        if !index.contains(&u32::MAX) {
+            return;
+        }
+        let mut next = 0;
+        for slot in &mut index {
+            if *slot == 0 {
+                *slot = next;
+                next += 1;
+            }
+        }
+        let mut i = 0;
+        self.held.retain(|_| {
+            i += 1;
+            index[i - 1] != u32::MAX
+        });
+        for run in &mut self.runs {
+            for (event, _) in &mut run.taken {
+                *event = index[*event as usize];
+            }
+        }
+    }
+
+    /// The events `run` took, as a match reports them.
+    fn taken(&self, run: &Run) -> Vec<Taken> {
+        run.taken
+            .iter()
+            .map(|&(event, step)| {
+                let held = &self.held[event as usize];
+                Taken {
+                    step: step as usize,
+                    time: held.time,
+                    id: held.id.clone(),
+                    values: held.values.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A key's state as stored: runs name their events by index, or (as
+/// states were stored before events were held once a key) each in full.
+#[derive(Deserialize)]
+struct StoredState {
+    #[serde(default)]
+    held: Vec<Held>,
+    runs: Vec<StoredRun>,
+    waiting: Vec<Input>,
+}
+
+#[derive(Deserialize)]
+struct StoredRun {
+    step: usize,
+    count: u32,
+    taken: Vec<StoredPick>,
+    #[serde(default)]
+    passed: bool,
+    waiting: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredPick {
+    Pick(u32, u32),
+    Taken(Taken),
+}
+
+impl TryFrom<StoredState> for KeyState {
+    type Error = String;
+
+    fn try_from(stored: StoredState) -> Result<KeyState, String> {
+        let mut state = KeyState {
+            held: stored.held,
+            runs: Vec::with_capacity(stored.runs.len()),
+            waiting: stored.waiting,
+        };
+        let mut interned: HashMap<(Millis, String), u32> = HashMap::new();
+        for run in stored.runs {
+            let mut taken = Vec::with_capacity(run.taken.len());
+            for pick in run.taken {
+                let pick = match pick {
+                    StoredPick::Pick(event, _) if event as usize >= state.held.len() => {
+                        return Err(format!(
+                            "a partial match names held event {event} of {}",
+                            state.held.len()
+                        ));
+                    }
+                    StoredPick::Pick(event, step) => (event, step),
+                    StoredPick::Taken(t) => {
+                        let key = (t.time, t.id.clone());
+                        let event = match interned.get(&key) {
+                            Some(event) => *event,
+                            None => {
+                                let input = Input {
+                                    time: t.time,
+                                    id: t.id,
+                                    meets: 0,
+                                    values: t.values,
+                                };
+                                let event = state.hold(&mut None, &input);
+                                interned.insert(key, event);
+                                event
+                            }
+                        };
+                        (event, t.step as u32)
+                    }
+                };
+                taken.push(pick);
+            }
+            if taken.is_empty() {
+                return Err("a partial match took no event".into());
+            }
+            state.runs.push(Run {
+                step: run.step,
+                count: run.count,
+                taken,
+                passed: run.passed,
+                waiting: run.waiting,
+            });
+        }
+        Ok(state)
     }
 }
 
@@ -359,10 +549,12 @@ impl Engine {
             end_waits(&self.pattern, &key, state, limit, &mut matches);
             let within = self.pattern.within;
             let before = state.runs.len();
+            let held = &state.held;
             state
                 .runs
-                .retain(|r| r.waiting || r.start().saturating_add(within) >= limit);
+                .retain(|r| r.waiting || r.start(held).saturating_add(within) >= limit);
             self.counts.timed_out += (before - state.runs.len()) as u64;
+            state.compact();
             self.changed.insert(key.clone());
             if state.is_empty() {
                 self.keys.remove(&key);
@@ -394,12 +586,11 @@ impl Engine {
                 .first()
                 .map(|w| w.time.saturating_add(1))
                 .into_iter()
-                .chain(
-                    state
-                        .runs
-                        .iter()
-                        .map(|r| r.start().saturating_add(within).saturating_add(1)),
-                )
+                .chain(state.runs.iter().map(|r| {
+                    r.start(&state.held)
+                        .saturating_add(within)
+                        .saturating_add(1)
+                }))
                 .min()
         });
         let old = self.due.get(key).copied();
@@ -489,16 +680,18 @@ fn take(
 ) {
     end_waits(pattern, key, state, input.time, matches);
     let last = pattern.steps.len() - 1;
+    // The input's index among the held events, once a run takes it.
+    let mut event = None;
     let mut runs = Vec::with_capacity(state.runs.len() + 1);
     let mut complete = Vec::new();
     for run in std::mem::take(&mut state.runs) {
         if run.waiting {
-            if !pattern.takes(pattern.steps.len(), &run.taken, input) {
+            if !pattern.takes(pattern.steps.len(), &state.held, &run.taken, input) {
                 runs.push(run);
             }
             continue;
         }
-        if input.time > run.start().saturating_add(pattern.within) {
+        if input.time > run.start(&state.held).saturating_add(pattern.within) {
             counts.timed_out += 1;
             continue;
         }
@@ -510,17 +703,21 @@ fn take(
         // again, and one its next step takes once its step cannot; an
         // event that starts a step while the run could still repeat its
         // own, or that only an optional step takes, branches.
-        let mut forced = can_repeat && pattern.takes(run.step, &run.taken, input);
+        let mut forced = can_repeat && pattern.takes(run.step, &state.held, &run.taken, input);
         if forced {
-            next.push(run.extended(run.step, run.count + 1, input));
+            let event = state.hold(&mut event, input);
+            next.push(run.extended(run.step, run.count + 1, event));
         }
         // Whether the run may pass this event over (relaxed contiguity
         // for some step it could take next).
         let mut relaxed = can_repeat && !step.strict;
         if run.count >= step.min {
             for (j, after) in pattern.steps.iter().enumerate().skip(run.step + 1) {
-                if (!after.strict || !run.passed) && pattern.takes(j, &run.taken, input) {
-                    next.push(run.extended(j, 1, input));
+                if (!after.strict || !run.passed)
+                    && pattern.takes(j, &state.held, &run.taken, input)
+                {
+                    let event = state.hold(&mut event, input);
+                    next.push(run.extended(j, 1, event));
                     forced |= !can_repeat && !after.optional;
                 }
                 relaxed |= !after.strict;
@@ -544,11 +741,11 @@ fn take(
         }
     }
     for (j, step) in pattern.steps.iter().enumerate() {
-        if pattern.takes(j, &[], input) {
+        if pattern.takes(j, &state.held, &[], input) {
             let run = Run {
                 step: j,
                 count: 1,
-                taken: vec![Taken::of(j, input)],
+                taken: vec![(state.hold(&mut event, input), j as u32)],
                 passed: false,
                 waiting: false,
             };
@@ -567,13 +764,7 @@ fn take(
         // Complete runs wait for the bound to pass without an absent
         // event; of those that began with the same event, the one that
         // took most waits.
-        complete.sort_by(|a, b| {
-            (a.start(), &a.taken[0].id, std::cmp::Reverse(a.taken.len())).cmp(&(
-                b.start(),
-                &b.taken[0].id,
-                std::cmp::Reverse(b.taken.len()),
-            ))
-        });
+        complete.sort_by(|a, b| a.order(&state.held).cmp(&b.order(&state.held)));
         complete.dedup_by(|b, a| a.taken[0] == b.taken[0]);
         for mut run in complete {
             if state
@@ -591,11 +782,13 @@ fn take(
     }
     let bound = pattern.max_partials.max(1);
     if state.runs.len() > bound {
-        state.runs.sort_by_key(Run::start);
+        let held = &state.held;
+        state.runs.sort_by_key(|r| r.start(held));
         let excess = state.runs.len() - bound;
         state.runs.drain(..excess);
         counts.dropped += excess as u64;
     }
+    state.compact();
 }
 
 /// Completes the waits (absent steps) whose bound passed before
@@ -613,12 +806,15 @@ fn end_waits(
         .runs
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.waiting && r.start().saturating_add(within) < before)
-        .min_by(|(_, a), (_, b)| (a.start(), &a.taken[0].id).cmp(&(b.start(), &b.taken[0].id)))
+        .filter(|(_, r)| r.waiting && r.start(&state.held).saturating_add(within) < before)
+        .min_by(|(_, a), (_, b)| {
+            let (a, b) = (a.first(&state.held), b.first(&state.held));
+            (a.time, &a.id).cmp(&(b.time, &b.id))
+        })
         .map(|(i, _)| i)
     {
         let run = state.runs.remove(i);
-        let at = run.start().saturating_add(within);
+        let at = run.start(&state.held).saturating_add(within);
         matched(pattern, key, state, vec![run], at, matches);
     }
 }
@@ -634,31 +830,27 @@ fn matched(
     at: Millis,
     matches: &mut Vec<Match>,
 ) {
-    complete.sort_by(|a, b| {
-        (a.start(), &a.taken[0].id, std::cmp::Reverse(a.taken.len())).cmp(&(
-            b.start(),
-            &b.taken[0].id,
-            std::cmp::Reverse(b.taken.len()),
-        ))
-    });
-    let mut firsts: Vec<Taken> = Vec::new();
+    complete.sort_by(|a, b| a.order(&state.held).cmp(&b.order(&state.held)));
+    let mut firsts: Vec<Pick> = Vec::new();
     for run in complete {
-        let first = run.taken[0].clone();
+        let first = run.taken[0];
         if firsts.contains(&first) {
             continue;
         }
-        let last = run.taken.last().expect("a run took an event").clone();
+        let held = &state.held;
         match pattern.skip {
             Skip::PastLast => {
-                state
-                    .runs
-                    .retain(|r| (r.start(), &r.taken[0].id) > (last.time, &last.id));
+                let last = &held[run.taken.last().expect("a run took an event").0 as usize];
+                state.runs.retain(|r| {
+                    let first = r.first(held);
+                    (first.time, &first.id) > (last.time, &last.id)
+                });
             }
             Skip::ToNext => state.runs.retain(|r| r.taken[0] != first),
         }
         matches.push(Match {
             key: key.to_owned(),
-            taken: run.taken,
+            taken: state.taken(&run),
             at,
         });
         if pattern.skip == Skip::PastLast {
@@ -669,27 +861,18 @@ fn matched(
 }
 
 impl Run {
-    /// This run with `input` taken by `step`, its `count`th event.
-    fn extended(&self, step: usize, count: u32, input: &Input) -> Run {
-        let mut taken = self.taken.clone();
-        taken.push(Taken::of(step, input));
+    /// This run with `event` (of the key's held events) taken by `step`,
+    /// its `count`th event.
+    fn extended(&self, step: usize, count: u32, event: u32) -> Run {
+        let mut taken = Vec::with_capacity(self.taken.len() + 1);
+        taken.extend_from_slice(&self.taken);
+        taken.push((event, step as u32));
         Run {
             step,
             count,
             taken,
             passed: false,
             waiting: false,
-        }
-    }
-}
-
-impl Taken {
-    fn of(step: usize, input: &Input) -> Taken {
-        Taken {
-            step,
-            time: input.time,
-            id: input.id.clone(),
-            values: input.values.clone(),
         }
     }
 }

@@ -388,6 +388,72 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
     );
 }
 
+fn small(i: i64, meets: u64) -> Input {
+    Input {
+        time: i * 1_000,
+        id: format!("s{i}"),
+        meets,
+        values: None,
+    }
+}
+
+#[test]
+fn a_key_holds_each_event_once_however_many_partial_matches_took_it() {
+    let mut engine = Engine::new(Arc::new(fraud()));
+    for i in 0..5 {
+        engine.observe("u1", small(i, 1));
+    }
+    engine.advance(5_000);
+    let state = engine.state("u1").unwrap();
+    // Each small payment starts a run and every earlier run takes it.
+    assert_eq!(state.runs.len(), 5);
+    assert_eq!(state.runs.iter().map(|r| r.taken.len()).sum::<usize>(), 15);
+    assert_eq!(state.held.len(), 5);
+
+    // Five minutes after the first, the runs the first two began are
+    // over: what only they took is no longer held.
+    engine.observe("u1", small(301, 1));
+    engine.advance(302_000);
+    let state = engine.state("u1").unwrap();
+    let held: Vec<&str> = state.held.iter().map(|h| h.id.as_str()).collect();
+    assert_eq!(held, ["s2", "s3", "s4", "s301"]);
+    assert_eq!(state.runs.len(), 4);
+
+    engine.observe("u1", small(302, 2));
+    let matched = ids(engine.advance(303_000));
+    assert_eq!(matched, vec![m("u1", &["s2", "s3", "s4", "s301", "s302"])]);
+}
+
+#[test]
+fn a_state_stored_with_each_event_in_full_is_read_back() {
+    // How states were stored before a key held its events once.
+    let stored = r#"{"runs": [
+        {"step": 0, "count": 2, "taken": [{"step": 0, "time": 0, "id": "s0"}, {"step": 0, "time": 1000, "id": "s1"}], "passed": false, "waiting": false},
+        {"step": 0, "count": 1, "taken": [{"step": 0, "time": 1000, "id": "s1"}], "waiting": false}
+    ], "waiting": []}"#;
+    let state: KeyState = serde_json::from_str(stored).unwrap();
+    assert_eq!(state.held.len(), 2, "an event two runs took is held once");
+    let mut engine = Engine::new(Arc::new(fraud()));
+    engine.resume(2_000);
+    engine.restore("u1", state);
+    engine.observe("u1", small(2, 1));
+    engine.observe("u1", small(3, 2));
+    assert_eq!(
+        ids(engine.advance(20_000)),
+        vec![m("u1", &["s0", "s1", "s2", "s3"])]
+    );
+}
+
+#[test]
+fn a_stored_state_naming_an_event_it_does_not_hold_is_refused() {
+    let stored = r#"{"held": [{"time": 0, "id": "s0"}], "runs": [{"step": 0, "count": 2, "taken": [[0, 0], [1, 0]], "waiting": false}], "waiting": []}"#;
+    let error = serde_json::from_str::<KeyState>(stored).unwrap_err();
+    assert!(
+        error.to_string().contains("names held event 1 of 1"),
+        "{error}"
+    );
+}
+
 /// A random pattern of two or three steps over a key's events.
 fn arb_pattern() -> impl Strategy<Value = Pattern> {
     let arb_step = (

@@ -812,7 +812,7 @@ async fn write_batch(
     .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
-            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) IN ({})",
+            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) IN (VALUES {})",
             dialect.params(1, 1),
             rows_of(dialect, chunk.len(), 2, 2)
         );
@@ -958,7 +958,12 @@ async fn forget_groups(
 pub(super) const ROWS: usize = 2_000;
 
 /// `rows` row values of `width` placeholders each, numbered from `start`
-/// (PostgreSQL) or plain `?` (SQLite): one style in a statement.
+/// (PostgreSQL) or plain `?` (SQLite): one style in a statement. Rows
+/// matched against a list of them are matched `IN (VALUES ...)`:
+/// PostgreSQL plans `(a, b) IN ((..), (..))` as comparisons OR-ed
+/// together, at a cost that grows with the square of the list (a
+/// thousand pairs take it most of a second), and a `VALUES` list as a
+/// hashed join, planned in milliseconds.
 pub(super) fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
     (0..rows)
         .map(|r| format!("({})", dialect.params(width, start + r * width)))

@@ -206,7 +206,7 @@ async fn write_rule_batch(
     .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
-            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) IN ({})",
+            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) IN (VALUES {})",
             dialect.params(1, 1),
             rows_of(dialect, chunk.len(), 2, 2)
         );
