@@ -21,7 +21,7 @@
 //! pruned on the watermark, so a quiet key's state goes. After a match,
 //! the skip strategy drops the runs it overlaps.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,10 @@ mod tests;
 
 /// Milliseconds since the epoch: event time and watermarks.
 pub type Millis = i64;
+
+/// The hasher of the engine's tables of keys: keys are looked up for
+/// every event, and SipHash was a tenth of the engine's time.
+type Hasher = foldhash::fast::RandomState;
 
 /// Most steps a pattern may have (a step's conditions are a bit each).
 pub const MAX_STEPS: usize = 32;
@@ -427,14 +431,14 @@ pub struct Counts {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pattern: Arc<Pattern>,
-    keys: HashMap<String, KeyState>,
+    keys: HashMap<String, KeyState, Hasher>,
     /// When each key next needs the watermark: the limit at which its
     /// earliest waiting event can be taken or its earliest run's bound
     /// has passed.
     timers: BTreeSet<(Millis, String)>,
-    due: HashMap<String, Millis>,
+    due: HashMap<String, Millis, Hasher>,
     watermark: Option<Millis>,
-    changed: BTreeSet<String>,
+    changed: HashSet<String, Hasher>,
     counts: Counts,
     /// Matches found while taking events early (`max_waiting`), handed
     /// out by the next [`Engine::advance`].
@@ -445,11 +449,11 @@ impl Engine {
     pub fn new(pattern: Arc<Pattern>) -> Engine {
         Engine {
             pattern,
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             timers: BTreeSet::new(),
-            due: HashMap::new(),
+            due: HashMap::default(),
             watermark: None,
-            changed: BTreeSet::new(),
+            changed: HashSet::default(),
             counts: Counts::default(),
             rushed: Vec::new(),
         }
@@ -487,10 +491,10 @@ impl Engine {
                 late_by: limit - input.time,
             };
         }
-        if !self.keys.contains_key(key) {
-            self.keys.insert(key.to_owned(), KeyState::default());
-        }
-        let state = self.keys.get_mut(key).expect("inserted above");
+        let state = match self.keys.get_mut(key) {
+            Some(state) => state,
+            None => self.keys.entry(key.to_owned()).or_default(),
+        };
         let at = state
             .waiting
             .partition_point(|w| (w.time, &w.id) <= (input.time, &input.id));
@@ -642,14 +646,18 @@ impl Engine {
     }
 
     /// The keys whose state changed since the last
-    /// [`Engine::take_changed`].
+    /// [`Engine::take_changed`], in order.
     pub fn changed(&self) -> Vec<String> {
-        self.changed.iter().cloned().collect()
+        let mut changed: Vec<String> = self.changed.iter().cloned().collect();
+        changed.sort_unstable();
+        changed
     }
 
-    /// The keys whose state changed since the last call.
+    /// The keys whose state changed since the last call, in order.
     pub fn take_changed(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.changed).into_iter().collect()
+        let mut changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
+        changed.sort_unstable();
+        changed
     }
 
     /// What happened since the last call.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::metric_set::{Member, held_back_failure, hold_offsets, own_offsets};
 use super::metrics::Event;
@@ -99,6 +99,31 @@ impl HeldBack {
             topic.clone_into(&mut self.topic);
         }
     }
+}
+
+/// An alert as `user_alerts` and the API show it.
+#[derive(serde::Serialize)]
+struct AlertBody<'a> {
+    rule: &'a str,
+    version: i64,
+    key: &'a str,
+    message_ids: Vec<&'a str>,
+    first: chrono::DateTime<chrono::Utc>,
+    last: chrono::DateTime<chrono::Utc>,
+    at: chrono::DateTime<chrono::Utc>,
+    /// Each step's events, by the step's name.
+    steps: BTreeMap<&'a str, Vec<StepEvent<'a>>>,
+}
+
+/// An event a step of a match took.
+#[derive(serde::Serialize)]
+struct StepEvent<'a> {
+    message_id: &'a str,
+    time: chrono::DateTime<chrono::Utc>,
+    /// What a rule comparing with earlier steps kept of the event: the
+    /// values it compared.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    kept: Option<&'a serde_json::Map<String, Value>>,
 }
 
 /// One version of one rule.
@@ -200,49 +225,46 @@ impl RuleProcessor {
     fn alert(&self, m: &Match) -> StoredAlert {
         let first = m.taken.first().expect("a match took an event");
         let last = m.taken.last().expect("a match took an event");
-        let steps: serde_json::Map<String, Value> = self
+        let steps = self
             .spec
             .pattern
             .steps
             .iter()
             .enumerate()
             .map(|(i, step)| {
-                let events: Vec<Value> = m
+                let events = m
                     .taken
                     .iter()
                     .filter(|t| t.step == i)
-                    .map(|t| {
-                        let mut event = json!({"message_id": t.id, "time": time(t.time)});
-                        // What a rule comparing with earlier steps kept of
-                        // the event: the values it compared.
-                        if let Some(Value::Object(kept)) = t.values.as_deref() {
-                            for (field, value) in kept {
-                                event[field] = value.clone();
-                            }
-                        }
-                        event
+                    .map(|t| StepEvent {
+                        message_id: &t.id,
+                        time: time(t.time),
+                        kept: match t.values.as_deref() {
+                            Some(Value::Object(kept)) => Some(kept),
+                            _ => None,
+                        },
                     })
                     .collect();
-                (step.name.clone(), Value::Array(events))
+                (step.name.as_str(), events)
             })
             .collect();
-        let body = json!({
-            "rule": self.spec.name,
-            "version": self.version,
-            "key": m.key,
-            "message_ids": m.taken.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
-            "first": time(first.time),
-            "last": time(last.time),
-            "at": time(m.at),
-            "steps": steps,
-        });
+        let body = AlertBody {
+            rule: &self.spec.name,
+            version: self.version,
+            key: &m.key,
+            message_ids: m.taken.iter().map(|t| t.id.as_str()).collect(),
+            first: time(first.time),
+            last: time(last.time),
+            at: time(m.at),
+            steps,
+        };
         StoredAlert {
             id: format!("{}:{}:{}:{}", self.spec.name, self.version, m.key, first.id),
             rule: self.spec.name.clone(),
             version: self.version,
             key: m.key.clone(),
             at: m.at,
-            body: body.to_string(),
+            body: serde_json::to_string(&body).expect("an alert serializes"),
         }
     }
 
