@@ -26,15 +26,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::KeyHasher as Hasher;
+
 #[cfg(test)]
 mod tests;
 
 /// Milliseconds since the epoch: event time and watermarks.
 pub type Millis = i64;
-
-/// The hasher of the engine's tables of keys: keys are looked up for
-/// every event, and SipHash was a tenth of the engine's time.
-type Hasher = foldhash::fast::RandomState;
 
 /// Most steps a pattern may have (a step's conditions are a bit each).
 pub const MAX_STEPS: usize = 32;

@@ -96,7 +96,7 @@ struct Held {
     metric: Metric,
     /// Each group in memory: its estimated bytes and the batch that last
     /// changed or read it.
-    groups: HashMap<String, (usize, u64)>,
+    groups: HashMap<String, (usize, u64), crate::KeyHasher>,
     bytes: usize,
     /// Some group's state is only in the store (evicted, or too much to
     /// read when the partition was loaded).
@@ -111,7 +111,7 @@ impl Held {
     fn new(metric: Metric) -> Held {
         Held {
             metric,
-            groups: HashMap::new(),
+            groups: HashMap::default(),
             bytes: 0,
             spilled: false,
             spilled_due: None,

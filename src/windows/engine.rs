@@ -10,6 +10,7 @@ use super::aggregate::{Aggregate, Partial, Stamp};
 use super::calendar::calendar_span;
 use super::session::{Part, Session, Shape};
 use super::{Millis, Span, WindowKind, floor_to, gcd};
+use crate::KeyHasher;
 
 /// What became of one event.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,12 +121,12 @@ pub struct Engine {
     /// Windows ending at or before this are closed: the watermark less the
     /// lateness.
     limit: Millis,
-    groups: HashMap<String, GroupState>,
+    groups: HashMap<String, GroupState, KeyHasher>,
     /// When to look at a group again (a limit), and each group's timer.
     timers: BTreeSet<(Millis, String)>,
-    timer_of: HashMap<String, Millis>,
+    timer_of: HashMap<String, Millis, KeyHasher>,
     /// Groups changed since [`Engine::take_changed`].
-    changed: HashSet<String>,
+    changed: HashSet<String, KeyHasher>,
 }
 
 impl Engine {
@@ -155,10 +156,10 @@ impl Engine {
             lateness: if trailing { 0 } else { lateness.max(0) },
             watermark: None,
             limit: Millis::MIN,
-            groups: HashMap::new(),
+            groups: HashMap::default(),
             timers: BTreeSet::new(),
-            timer_of: HashMap::new(),
-            changed: HashSet::new(),
+            timer_of: HashMap::default(),
+            changed: HashSet::default(),
         }
     }
 
