@@ -34,7 +34,8 @@ pub struct BenchMetricsArgs {
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
     /// How many definitions run (the first N of the ten below), one
-    /// measurement each, comma-separated
+    /// measurement each, comma-separated (0: none, to measure rules
+    /// alone)
     #[arg(long, value_delimiter = ',', default_values_t = [1, 10])]
     pub definitions: Vec<usize>,
     /// Instead of the first N: these definitions (by name, below), in
@@ -235,14 +236,18 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
             runners.spawn(runner.run(std::future::pending()));
         }
-        // Every definition in one set, as the live metrics run.
-        let members = specs
-            .into_iter()
-            .map(|spec| member(&scratch, store.clone(), spec, 1, &budget))
-            .collect();
-        let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
-        let runner = metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
-        runners.spawn(runner.run(std::future::pending()));
+        // Every definition in one set, as the live metrics run; with none,
+        // no runner (as the live stage starts none).
+        if !specs.is_empty() {
+            let members = specs
+                .into_iter()
+                .map(|spec| member(&scratch, store.clone(), spec, 1, &budget))
+                .collect();
+            let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
+            let runner =
+                metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+            runners.spawn(runner.run(std::future::pending()));
+        }
         if args.rules > 0 {
             let rules = rules(args.rules)?
                 .into_iter()
