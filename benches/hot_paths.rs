@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the ingest hot path, without HTTP:
 //! parse + check + normalize + serialize a message and a 100-message batch,
 //! the murmur2 partitioner, an embedded-log group commit, the profile
-//! rules on a batch, and a metric's window engine.
+//! rules on a batch, a metric's window engine and a rule's pattern engine.
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -257,6 +257,86 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
+/// One pattern rule's CPU work on 10,000 parsed events of 1,000 users, as
+/// the rules processor does it: which steps' conditions each event meets,
+/// the engine (every event waits for the watermark, then is taken in
+/// event-time order), and each changed key's state serialized for the
+/// store. `views_then_identify` starts a partial match at every view and
+/// keeps them (three or more views, then an identify, within 10
+/// minutes); `fraud` is seed 004's rule (three small payments, then a
+/// large one, within 5 minutes).
+fn patterns(c: &mut Criterion) {
+    use traitline::definitions::RuleDefinition;
+    use traitline::patterns::{Engine, Input};
+    let events: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| {
+            let at = 1_790_000_000_000_i64 + i * 10;
+            // Each user's ten events, a round of the users each: views,
+            // an identify in rounds 3 and 7, a large amount in 4 and 9.
+            let round = i / 1000;
+            let (kind, event) = if round % 4 == 3 {
+                ("identify", None)
+            } else {
+                ("track", Some("view"))
+            };
+            let amount = if round % 5 == 4 { 2000 } else { 20 };
+            serde_json::json!({
+                "type": kind, "event": event, "userId": format!("u{}", i % 1000),
+                "messageId": format!("m{i}"), "at": at,
+                "properties": {"amount": amount}
+            })
+        })
+        .collect();
+    let mut group = c.benchmark_group("pattern");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    for (name, rule) in [
+        (
+            "views_then_identify",
+            r#"{"steps": [{"name": "view", "where": "event == \"view\"", "times": {"min": 3}}, {"name": "identify", "where": "type == \"identify\""}], "within": "10m"}"#,
+        ),
+        (
+            "fraud",
+            r#"{"steps": [{"name": "small", "where": "event == \"view\" && properties.amount < 100", "times": {"min": 3}}, {"name": "large", "where": "event == \"view\" && properties.amount > 1000"}], "within": "5m"}"#,
+        ),
+    ] {
+        let spec = RuleDefinition::from_json(rule.as_bytes())
+            .and_then(|d| d.compile(name))
+            .unwrap();
+        group.bench_function(format!("10000_events_1000_users_{name}"), |b| {
+            b.iter(|| {
+                let mut engine = Engine::new(spec.pattern.clone());
+                for event in &events {
+                    let meets = spec
+                        .conditions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.matches(event))
+                        .fold(0u64, |bits, (i, _)| bits | 1 << i);
+                    if meets == 0 {
+                        continue;
+                    }
+                    let input = Input {
+                        time: event["at"].as_i64().unwrap(),
+                        id: event["messageId"].as_str().unwrap().to_owned(),
+                        meets,
+                        values: None,
+                    };
+                    engine.observe(event["userId"].as_str().unwrap(), input);
+                }
+                let matches = engine.advance(1_790_000_000_000 + 100_000).len();
+                let stored: usize = engine
+                    .take_changed()
+                    .iter()
+                    .filter_map(|key| engine.state(key))
+                    .map(|state| serde_json::to_string(state).unwrap().len())
+                    .sum();
+                (matches, stored)
+            })
+        });
+    }
+    group.finish();
+}
+
 /// What a webhook delivery costs before the request: the Standard
 /// Webhooks signature of one ~330-byte event (one secret, and two during
 /// a rotation), and the address check of a resolved name.
@@ -307,6 +387,7 @@ criterion_group!(
     embedded_append,
     profiles,
     profile_batch,
-    metrics
+    metrics,
+    patterns
 );
 criterion_main!(benches);
