@@ -202,11 +202,13 @@ struct Run {
     count: u32,
     taken: Vec<Pick>,
     /// It passed an event over since its last: a strict step cannot
-    /// follow.
-    #[serde(default)]
+    /// follow. (Stored only when set, as `waiting` is: most runs are
+    /// neither, and a state is rewritten often.)
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     passed: bool,
     /// Every positive step is met: it waits for the bound to pass
     /// without an absent event.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     waiting: bool,
 }
 
@@ -236,6 +238,7 @@ impl Run {
 pub struct KeyState {
     held: Vec<Held>,
     runs: Vec<Run>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     waiting: Vec<Input>,
 }
 
@@ -316,6 +319,7 @@ struct StoredState {
     #[serde(default)]
     held: Vec<Held>,
     runs: Vec<StoredRun>,
+    #[serde(default)]
     waiting: Vec<Input>,
 }
 
@@ -326,6 +330,7 @@ struct StoredRun {
     taken: Vec<StoredPick>,
     #[serde(default)]
     passed: bool,
+    #[serde(default)]
     waiting: bool,
 }
 

@@ -233,6 +233,11 @@ fn not_followed_by_fires_on_the_watermark_alone_and_an_absent_event_cancels_it()
         vec![],
         "the bound is inclusive"
     );
+    // A waiting run is stored as waiting (only what is set is written).
+    let stored = serde_json::to_string(engine.state("u1").unwrap()).unwrap();
+    assert!(stored.contains(r#""waiting":true"#), "{stored}");
+    let read: KeyState = serde_json::from_str(&stored).unwrap();
+    assert_eq!(&read, engine.state("u1").unwrap());
     let fired = engine.advance(30 * MINUTE + 2);
     assert_eq!(
         fired,
