@@ -312,7 +312,7 @@ impl EventEnvelope {
 /// fraction of 3, 6 or 9 digits only when there is one), without its
 /// formatting machinery: every event carries up to four times, and writing
 /// them was a tenth of the ingest's work.
-mod rfc3339 {
+pub(crate) mod rfc3339 {
     use chrono::{DateTime, Datelike, Timelike, Utc};
     use serde::{Serialize, Serializer};
 

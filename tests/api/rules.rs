@@ -237,6 +237,15 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
     assert_eq!(alert["message_ids"], json!(["a1", "a2", "a3", "a4"]));
     assert_eq!(alert["steps"]["large"][0]["message_id"], "a4");
     assert_eq!(alert["steps"]["small"].as_array().unwrap().len(), 3);
+    // Its times are RFC 3339: the match's first and last events'.
+    assert_eq!(alert["first"], alert["steps"]["small"][0]["time"]);
+    assert_eq!(alert["last"], alert["steps"]["large"][0]["time"]);
+    assert_eq!(alert["at"], alert["last"]);
+    let time = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(alert[field].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{field}: {e}"))
+    };
+    assert!(time("first") <= time("last"));
     let (_, mine) = app.get_as("/v1/profiles/u1/alerts", READ_KEY).await;
     assert_eq!(mine["alerts"], json!([alert]));
     let (_, none) = app.get_as("/v1/profiles/u2/alerts", READ_KEY).await;
