@@ -505,10 +505,13 @@ impl Engine {
             // The same event again (a retry): taken once.
             return Observed::Waiting;
         }
+        let due = input.time.saturating_add(1);
         state.waiting.insert(at, input);
+        let mut rushed = false;
         while state.waiting.len() > self.pattern.max_waiting.max(1) {
             let input = state.waiting.remove(0);
             self.counts.rushed += 1;
+            rushed = true;
             take(
                 &self.pattern,
                 key,
@@ -519,7 +522,14 @@ impl Engine {
             );
         }
         self.mark_changed(key);
-        self.schedule(key);
+        if rushed {
+            self.schedule(key);
+        } else if at == 0 && self.due.get(key).is_none_or(|old| due < *old) {
+            // Only the waiting events changed, and this one is now their
+            // earliest: the key's timer is the sooner of its old one and
+            // this event's (no need to look at every partial match).
+            self.set_timer(key, Some(due));
+        }
         Observed::Waiting
     }
 
@@ -600,6 +610,11 @@ impl Engine {
                 }))
                 .min()
         });
+        self.set_timer(key, due);
+    }
+
+    /// Sets `key`'s timer to `due` (`None`: no timer).
+    fn set_timer(&mut self, key: &str, due: Option<Millis>) {
         let old = self.due.get(key).copied();
         if old == due {
             return;
