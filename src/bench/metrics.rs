@@ -239,13 +239,7 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
         // Every definition in one set, as the live metrics run; with none,
         // no runner (as the live stage starts none).
         if !specs.is_empty() {
-            let members = specs
-                .into_iter()
-                .map(|spec| member(&scratch, store.clone(), spec, 1, &budget))
-                .collect();
-            let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
-            let runner =
-                metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+            let runner = metric_set_runner(&scratch, &store, &log, specs, 1, &budget)?;
             runners.spawn(runner.run(std::future::pending()));
         }
         if args.rules > 0 {
@@ -288,15 +282,10 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
             peak.load(Ordering::Relaxed) >> 20,
             before >> 20,
         );
-        if args.backfill {
+        if args.backfill && count > 0 {
             scratch.kafka_group = format!("{group}-{count}-backfill");
-            let members = self::specs(count, &args.only)?
-                .into_iter()
-                .map(|spec| member(&scratch, store.clone(), spec, 2, &budget))
-                .collect();
-            let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
-            let runner =
-                metric_runner(&scratch, log.clone(), set, true).map_err(|e| e.to_string())?;
+            let specs = self::specs(count, &args.only)?;
+            let runner = metric_set_runner(&scratch, &store, &log, specs, 2, &budget)?;
             let (t, cpu) = (Instant::now(), cpu_seconds());
             runner.run(std::future::pending()).await?;
             let elapsed = t.elapsed();
@@ -313,6 +302,24 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
     log.close(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A runner of `specs` as `version` in one set, as the live metrics run,
+/// reading the scratch log to its end.
+fn metric_set_runner(
+    scratch: &Config,
+    store: &crate::store::Store,
+    log: &Arc<dyn crate::log::EventLog>,
+    specs: Vec<MetricSpec>,
+    version: i64,
+    budget: &StateBudget,
+) -> Result<crate::process::Runner<MetricSet>, String> {
+    let members = specs
+        .into_iter()
+        .map(|spec| member(scratch, store.clone(), spec, version, budget))
+        .collect();
+    let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
+    metric_runner(scratch, log.clone(), set, true).map_err(|e| e.to_string())
 }
 
 /// The first `count` of [`RULES`], compiled.
