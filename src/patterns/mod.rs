@@ -671,11 +671,10 @@ impl Engine {
         changed
     }
 
-    /// The keys whose state changed since the last call, in order.
+    /// The keys whose state changed since the last call (after a write
+    /// of [`Engine::changed`], which are in order).
     pub fn take_changed(&mut self) -> Vec<String> {
-        let mut changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
-        changed.sort_unstable();
-        changed
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     /// What happened since the last call.

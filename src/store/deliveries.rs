@@ -589,8 +589,8 @@ async fn record_in(
         .collect();
     for chunk in delivered.chunks(ROWS / 2) {
         let sql = format!(
-            "DELETE FROM delivery_failures WHERE (destination, delivery_id) IN (VALUES {})",
-            super::metric_windows::rows_of(dialect, chunk.len(), 2, 1)
+            "DELETE FROM delivery_failures WHERE (destination, delivery_id) {}",
+            super::metric_windows::in_rows(dialect, chunk.len(), 2, 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for o in chunk {

@@ -812,9 +812,9 @@ async fn write_batch(
     .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
-            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) IN (VALUES {})",
+            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) {}",
             dialect.params(1, 1),
-            rows_of(dialect, chunk.len(), 2, 2)
+            in_rows(dialect, chunk.len(), 2, 2)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
         for (partition, group, _) in chunk {
@@ -958,17 +958,21 @@ async fn forget_groups(
 pub(super) const ROWS: usize = 2_000;
 
 /// `rows` row values of `width` placeholders each, numbered from `start`
-/// (PostgreSQL) or plain `?` (SQLite): one style in a statement. Rows
-/// matched against a list of them are matched `IN (VALUES ...)`:
-/// PostgreSQL plans `(a, b) IN ((..), (..))` as comparisons OR-ed
-/// together, at a cost that grows with the square of the list (a
-/// thousand pairs take it most of a second), and a `VALUES` list as a
-/// hashed join, planned in milliseconds.
+/// (PostgreSQL) or plain `?` (SQLite): one style in a statement.
 pub(super) fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
     (0..rows)
         .map(|r| format!("({})", dialect.params(width, start + r * width)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `IN` a list of [`rows_of`], for `(a, b) IN ...`: as a `VALUES` list.
+/// PostgreSQL plans `(a, b) IN ((..), (..))` as comparisons OR-ed
+/// together, at a cost that grows with the square of the list (a
+/// thousand pairs take it most of a second), and a `VALUES` list as a
+/// hashed join, planned in milliseconds.
+pub(super) fn in_rows(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
+    format!("IN (VALUES {})", rows_of(dialect, rows, width, start))
 }
 
 /// Stores each partition's watermark beside its offset (the partition's

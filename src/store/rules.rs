@@ -6,7 +6,7 @@
 use sqlx::{AnyConnection, Row};
 
 use super::batch::Conn;
-use super::metric_windows::{ROWS, delete_rows_of, rows_of, store_clocks, write_rows};
+use super::metric_windows::{ROWS, delete_rows_of, in_rows, store_clocks, write_rows};
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 
 /// One batch of a rule version: where its offsets and clocks go, the keys
@@ -206,9 +206,9 @@ async fn write_rule_batch(
     .await?;
     for chunk in removed.chunks(ROWS / 2) {
         let sql = format!(
-            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) IN (VALUES {})",
+            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) {}",
             dialect.params(1, 1),
-            rows_of(dialect, chunk.len(), 2, 2)
+            in_rows(dialect, chunk.len(), 2, 2)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
         for (partition, key, _) in chunk {
