@@ -1,7 +1,7 @@
 //! The engine of one metric over one partition's events: groups' window
 //! state, the watermark, and the timers that close windows.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::aggregate::{Aggregate, Partial, Stamp};
 use super::calendar::calendar_span;
 use super::session::{Part, Session, Shape};
+use super::slices::Slices;
 use super::{Millis, Span, WindowKind, floor_to, gcd};
 use crate::KeyHasher;
 
@@ -64,8 +65,8 @@ pub struct Slice {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupState {
     /// Slices by start (every kind but sessions).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub slices: BTreeMap<Millis, Slice>,
+    #[serde(default, skip_serializing_if = "Slices::is_empty")]
+    pub slices: Slices,
     /// Open sessions by start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<Session>,
@@ -78,7 +79,7 @@ pub struct GroupState {
 impl Default for GroupState {
     fn default() -> GroupState {
         GroupState {
-            slices: BTreeMap::new(),
+            slices: Slices::default(),
             sessions: Vec::new(),
             closed_until: beginning(),
         }
@@ -222,7 +223,7 @@ impl Engine {
         let late = (first_end <= self.limit && !self.trailing).then(|| self.late(span, first_end));
         let aggregate = self.aggregate;
         let state = self.group_mut(group);
-        let slice = state.slices.entry(span.start).or_insert_with(|| Slice {
+        let slice = state.slices.get_or_insert_with(span.start, || Slice {
             end: span.end,
             partial: aggregate.empty(),
             events: 0,
@@ -310,14 +311,13 @@ impl Engine {
                 };
                 state
                     .slices
-                    .keys()
-                    .next()
+                    .first_start()
                     .map(|start| start.saturating_add(size))
             }
-            Layout::Single => state.slices.values().next().map(|s| s.end),
-            Layout::Hopping { .. } => state.slices.iter().next().map(|(start, s)| {
+            Layout::Single => state.slices.first().map(|(_, s)| s.end),
+            Layout::Hopping { .. } => state.slices.first().map(|(start, s)| {
                 let (first_end, _) = self.window_ends(Span {
-                    start: *start,
+                    start,
                     end: s.end,
                 });
                 first_end.max(self.next_end_after(self.limit))
@@ -413,10 +413,7 @@ impl Engine {
                 }
             }
             Layout::Single => {
-                while let Some(entry) = state.slices.first_entry()
-                    && entry.get().end <= limit
-                {
-                    let (start, slice) = entry.remove_entry();
+                while let Some((start, slice)) = state.slices.pop_first_if(|s| s.end <= limit) {
                     let window = Span {
                         start,
                         end: slice.end,
@@ -429,7 +426,7 @@ impl Engine {
                 let before = state.slices.len();
                 state
                     .slices
-                    .retain(|start, _| start.saturating_add(size) > limit);
+                    .retain(|start| start.saturating_add(size) > limit);
                 if state.slices.len() != before {
                     let window = Span {
                         start: next_end - size,
@@ -440,7 +437,7 @@ impl Engine {
                 }
             }
             Layout::Hopping { size, slide, .. } => {
-                let Some(first) = state.slices.keys().next().copied() else {
+                let Some(first) = state.slices.first_start() else {
                     return;
                 };
                 let mut end = first_end(first, size, slide).max(after_before);
@@ -457,15 +454,15 @@ impl Engine {
                     }
                     // Nothing in this window: on to the first window of
                     // the next slice.
-                    match state.slices.range(end..).next() {
-                        Some((start, _)) => end = first_end(*start, size, slide),
+                    match state.slices.start_from(end) {
+                        Some(start) => end = first_end(start, size, slide),
                         None => break,
                     }
                 }
                 // A slice leaves once the last window holding it closed.
                 state
                     .slices
-                    .retain(|start, _| floor_to(*start, slide).saturating_add(size) > limit);
+                    .retain(|start| floor_to(start, slide).saturating_add(size) > limit);
             }
         }
     }
@@ -494,7 +491,7 @@ impl Engine {
                 .iter()
                 .map(|(start, s)| {
                     let span = Span {
-                        start: *start,
+                        start,
                         end: s.end,
                     };
                     window(span, s.partial.clone(), s.events)
@@ -510,13 +507,12 @@ impl Engine {
                 vec![window(span, partial, events)]
             }
             Layout::Hopping { size, slide, .. } => {
-                let (Some(first), Some(last)) =
-                    (state.slices.keys().next(), state.slices.keys().next_back())
+                let (Some(first), Some(last)) = (state.slices.first_start(), state.slices.last_start())
                 else {
                     return Vec::new();
                 };
-                let mut end = first_end(*first, size, slide).max(self.next_end_after(self.limit));
-                let last_end = floor_to(*last, slide).saturating_add(size);
+                let mut end = first_end(first, size, slide).max(self.next_end_after(self.limit));
+                let last_end = floor_to(last, slide).saturating_add(size);
                 let mut out = Vec::new();
                 while end <= last_end {
                     let span = Span {
@@ -636,7 +632,7 @@ impl Engine {
     /// out, and the events it held are returned, to be reported.
     pub fn merge_state(&mut self, into: &str, source: GroupState) -> u64 {
         let mut left_out = 0;
-        let mut slices = BTreeMap::new();
+        let mut slices = Vec::new();
         for (start, slice) in source.slices {
             let (_, last_end) = self.window_ends(Span {
                 start,
@@ -645,7 +641,7 @@ impl Engine {
             if last_end <= self.limit {
                 left_out += slice.events;
             } else {
-                slices.insert(start, slice);
+                slices.push((start, slice));
             }
         }
         let mut sessions = Vec::new();
@@ -663,7 +659,7 @@ impl Engine {
         }
         let target = self.groups.entry(into.to_owned()).or_default();
         for (start, slice) in slices {
-            match target.slices.get_mut(&start) {
+            match target.slices.get_mut(start) {
                 Some(t) => {
                     t.partial.merge(&slice.partial);
                     t.events += slice.events;
@@ -696,12 +692,12 @@ fn first_end(at: Millis, size: Millis, slide: Millis) -> Millis {
 /// The partial and event count of the slices within `window`.
 fn merge_slices(
     aggregate: Aggregate,
-    slices: &BTreeMap<Millis, Slice>,
+    slices: &Slices,
     window: Span,
 ) -> (Partial, u64) {
     let mut partial = aggregate.empty();
     let mut events = 0;
-    for slice in slices.range(window.start..window.end).map(|(_, s)| s) {
+    for (_, slice) in slices.range(window.start..window.end) {
         partial.merge(&slice.partial);
         events += slice.events;
     }

@@ -14,6 +14,7 @@ pub mod aggregate;
 mod calendar;
 mod engine;
 mod session;
+mod slices;
 
 #[cfg(test)]
 mod tests;
