@@ -248,8 +248,9 @@ pub struct Settings {
     )]
     pub delivery_attempts_retention_days: Option<u64>,
 
-    /// Memory the metric runners may keep open window state in, in MiB,
-    /// split evenly among the running metric versions; past it a runner
+    /// Memory the metric runners may keep open window state in, in MiB:
+    /// an even part for each running metric version, and what some leave
+    /// unused for those that need more; past its part a runner
     /// keeps its least recently used groups in the store only, and reads
     /// one back when an event or its next window close needs it
     /// [default: 256]

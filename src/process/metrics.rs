@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -43,44 +43,86 @@ pub fn processor_name(metric: &str, version: i64) -> String {
 }
 
 /// The memory the metric runners of a process may keep open window state
-/// in (`metric-state-budget-mb`), split evenly among the running metric
-/// versions. A runner over its share evicts the groups it used least
-/// recently (their state is in the store after every commit) and reads
-/// one back when an event, a deletion or the watermark needs it.
+/// in (`metric-state-budget-mb`). Each running metric version may hold
+/// its even part of it; one that holds that much may also hold an equal
+/// share, with the others that do, of what the runners under their part
+/// leave unused: a global count or a metric grouped by product holds a
+/// few groups, and the per-user metrics beside it split their room. A
+/// runner over what it may hold evicts the groups it used least recently
+/// (their state is in the store after every commit) and reads one back
+/// when an event, a deletion or the watermark needs it. Runners look at
+/// what the others hold at each batch, so when one under its part grows
+/// (a new version starting), together they exceed the budget by at most
+/// its part until the others have evicted, a batch later.
 #[derive(Debug, Clone)]
 pub struct StateBudget {
     bytes: usize,
-    runners: Arc<AtomicUsize>,
+    /// What each runner holding a part holds, by the part's number.
+    runners: Arc<std::sync::Mutex<BTreeMap<u64, usize>>>,
+    next: Arc<AtomicU64>,
 }
 
 impl StateBudget {
     pub fn new(bytes: usize) -> StateBudget {
         StateBudget {
             bytes,
-            runners: Arc::new(AtomicUsize::new(0)),
+            runners: Arc::default(),
+            next: Arc::default(),
         }
+    }
+
+    fn runners(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, usize>> {
+        self.runners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A runner's part of the budget, for as long as it is held.
     fn share(&self) -> BudgetShare {
-        self.runners.fetch_add(1, Ordering::Relaxed);
-        BudgetShare(self.clone())
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.runners().insert(id, 0);
+        BudgetShare {
+            budget: self.clone(),
+            id,
+        }
     }
 }
 
 /// One running metric version's part of a [`StateBudget`].
 #[derive(Debug)]
-struct BudgetShare(StateBudget);
+struct BudgetShare {
+    budget: StateBudget,
+    id: u64,
+}
 
 impl BudgetShare {
+    /// What this runner may hold: its even part and, when it holds that
+    /// much, an equal share with the others that do of what those under
+    /// theirs leave.
     fn bytes(&self) -> usize {
-        self.0.bytes / self.0.runners.load(Ordering::Relaxed).max(1)
+        let runners = self.budget.runners();
+        let even = self.budget.bytes / runners.len().max(1);
+        if runners.get(&self.id).is_none_or(|held| *held < even) {
+            return even;
+        }
+        let others = runners.iter().filter(|(id, _)| **id != self.id);
+        let (unused, full) = others.fold((0, 1), |(unused, full), (_, held)| {
+            if *held < even {
+                (unused + (even - held), full)
+            } else {
+                (unused, full + 1)
+            }
+        });
+        even + unused / full
+    }
+
+    /// Records that this runner holds `bytes` now.
+    fn hold(&self, bytes: usize) {
+        self.budget.runners().insert(self.id, bytes);
     }
 }
 
 impl Drop for BudgetShare {
     fn drop(&mut self) {
-        self.0.runners.fetch_sub(1, Ordering::Relaxed);
+        self.budget.runners().remove(&self.id);
     }
 }
 
@@ -615,6 +657,7 @@ impl MetricProcessor {
         // are evicted only once written), and not a batch that deletes or
         // links groups, which other partitions and instances wait for.
         let used: usize = engines.partitions.values().map(|h| h.bytes).sum();
+        self.budget.hold(used);
         let hold = backlog
             && !tick
             && used <= self.budget.bytes()
@@ -1036,6 +1079,7 @@ impl MetricProcessor {
     fn spill(&self, partitions: &mut HashMap<i32, Held>) {
         let share = self.budget.bytes();
         let held: usize = partitions.values().map(|h| h.bytes).sum();
+        self.budget.hold(held);
         if held <= share {
             return;
         }
@@ -1058,6 +1102,7 @@ impl MetricProcessor {
         metrics::counter!(crate::metrics::METRIC_GROUPS_EVICTED, "metric" => name.clone())
             .increment(evicted);
         let held: usize = partitions.values().map(|h| h.bytes).sum();
+        self.budget.hold(held);
         metrics::gauge!(crate::metrics::METRIC_STATE_BYTES, "metric" => name).set(held as f64);
     }
 

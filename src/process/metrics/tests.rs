@@ -391,3 +391,30 @@ async fn a_global_window_is_final_only_when_every_partition_has_passed_it() {
     assert_eq!(got, expected);
     assert_eq!(got.len(), 3);
 }
+
+#[test]
+fn runners_at_their_part_of_the_budget_split_what_the_others_leave() {
+    let budget = StateBudget::new(1_000);
+    let mut parts: Vec<BudgetShare> = (0..4).map(|_| budget.share()).collect();
+    // Under its even part, a runner may grow to it and no further.
+    assert_eq!(parts[0].bytes(), 250);
+    parts[0].hold(250);
+    parts[1].hold(400);
+    parts[2].hold(50);
+    // The two at their part split what the other two leave: 200 + 250.
+    assert_eq!(parts[0].bytes(), 250 + 225);
+    assert_eq!(parts[1].bytes(), 250 + 225);
+    assert_eq!(parts[2].bytes(), 250);
+    // A runner that grows to its part takes its room back.
+    parts[3].hold(250);
+    assert_eq!(parts[1].bytes(), 250 + 200 / 3);
+    // A runner that stops gives its part to the rest.
+    drop(parts.remove(2));
+    assert_eq!(parts[1].bytes(), 333 + 2 * 83);
+    assert_eq!(
+        budget.runners().values().copied().collect::<Vec<_>>(),
+        vec![250, 400, 250]
+    );
+    let newcomer = budget.share();
+    assert_eq!(newcomer.bytes(), 250);
+}
