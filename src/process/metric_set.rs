@@ -24,7 +24,7 @@ use super::{
 use crate::config::Config;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
-use crate::store::Store;
+use crate::store::{FirstRecords, Store};
 
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
@@ -70,7 +70,7 @@ pub trait Member: Send + Sync + 'static {
         topic: &str,
         events: &[Event],
         steps: &[Self::Step],
-        first: &HashMap<String, (i32, i64)>,
+        first: &FirstRecords,
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,
@@ -158,7 +158,7 @@ impl<M: Member> Set<M> {
     async fn claim(
         &self,
         parsed: &Parsed<M::Step>,
-    ) -> Result<HashMap<String, (i32, i64)>, CommitError> {
+    ) -> Result<FirstRecords, CommitError> {
         let claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()
@@ -169,7 +169,7 @@ impl<M: Member> Set<M> {
             })
             .collect();
         if claims.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(FirstRecords::default());
         }
         self.store
             .claim_metric_ids(M::CLAIMS, &claims)
@@ -182,7 +182,7 @@ impl<M: Member> Set<M> {
     async fn apply_all(
         &self,
         parsed: &Arc<Parsed<M::Step>>,
-        first: HashMap<String, (i32, i64)>,
+        first: FirstRecords,
         checkpoint: &Checkpoint,
         tick: bool,
     ) -> Result<(), CommitError> {
@@ -346,7 +346,7 @@ impl<M: Member> Processor for Set<M> {
             events: Vec::new(),
             steps: vec![Vec::new(); self.members.len()],
         });
-        self.apply_all(&empty, HashMap::new(), &checkpoint, true)
+        self.apply_all(&empty, FirstRecords::default(), &checkpoint, true)
             .await?;
         Ok(true)
     }
@@ -427,7 +427,7 @@ impl Member for MetricProcessor {
         topic: &str,
         events: &[Event],
         steps: &[Self::Step],
-        first: &HashMap<String, (i32, i64)>,
+        first: &FirstRecords,
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,

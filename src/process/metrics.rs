@@ -28,7 +28,7 @@ use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec};
 use crate::log::StoredRecord;
 use crate::metric::{Head, Metric, Outcome};
-use crate::store::{
+use crate::store::{FirstRecords, 
     Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary, Store,
     StoredWindow,
 };
@@ -620,7 +620,7 @@ impl MetricProcessor {
         topic: &str,
         events: &[Event],
         steps: &[Step],
-        first: &HashMap<String, (i32, i64)>,
+        first: &FirstRecords,
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
@@ -630,7 +630,7 @@ impl MetricProcessor {
         if offsets.is_empty() && !tick {
             return Ok(0);
         }
-        let from: HashMap<i32, i64> = offsets
+        let from: HashMap<i32, i64, crate::KeyHasher> = offsets
             .iter()
             .map(|o| (o.partition, o.expected.unwrap_or(0)))
             .collect();
@@ -745,7 +745,7 @@ impl MetricProcessor {
         engines: &mut Engines,
         topic: &str,
         batch: &[(&Event, &Step)],
-        first: &HashMap<String, (i32, i64)>,
+        first: &FirstRecords,
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
         touched: &BTreeSet<i32>,

@@ -31,7 +31,7 @@ use crate::definitions::{RuleKey, RuleSpec};
 use crate::envelope::rfc3339;
 use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
-use crate::store::{RuleBatch, Store, StoredAlert};
+use crate::store::{FirstRecords, RuleBatch, Store, StoredAlert};
 
 pub use super::metric_set::Set;
 pub use super::rule_stage::{RuleRunners, purge_superseded, spawn};
@@ -433,7 +433,7 @@ impl Member for RuleProcessor {
         topic: &str,
         events: &[Event],
         steps: &[RuleStep],
-        first: &HashMap<String, (i32, i64)>,
+        first: &FirstRecords,
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
@@ -452,7 +452,7 @@ impl Member for RuleProcessor {
         if offsets.is_empty() && !tick {
             return Ok(0);
         }
-        let from: HashMap<i32, i64> = offsets
+        let from: HashMap<i32, i64, crate::KeyHasher> = offsets
             .iter()
             .map(|o| (o.partition, o.expected.unwrap_or(0)))
             .collect();

@@ -86,6 +86,10 @@ pub struct Combine {
     pub parts: Vec<(i32, Closed)>,
 }
 
+/// Each claimed message id's first record (partition, offset): looked up
+/// for every event by every member of a set.
+pub type FirstRecords = HashMap<String, (i32, i64), crate::KeyHasher>;
+
 /// One group's stored open window state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupRow {
@@ -480,7 +484,7 @@ impl Store {
         &self,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
-    ) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+    ) -> Result<FirstRecords, StoreError> {
         match &self.pg {
             Some(pg) => claim_pg(pg, processor, claims).await,
             None => self.claim_any(processor, claims).await,
@@ -492,8 +496,8 @@ impl Store {
         &self,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
-    ) -> Result<HashMap<String, (i32, i64)>, StoreError> {
-        let mut first = HashMap::new();
+    ) -> Result<FirstRecords, StoreError> {
+        let mut first = FirstRecords::default();
         let mut tx = self.begin_write().await?;
         for chunk in claims.chunks(ROWS / 5) {
             let sql = format!(
@@ -1214,8 +1218,8 @@ async fn claim_pg(
     pg: &sqlx::PgPool,
     processor: &str,
     claims: &[(&str, i32, i64, i64)],
-) -> Result<HashMap<String, (i32, i64)>, StoreError> {
-    let mut first = HashMap::new();
+) -> Result<FirstRecords, StoreError> {
+    let mut first = FirstRecords::default();
     let mut tx = pg.begin().await?;
     let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.1).collect();
@@ -1262,7 +1266,7 @@ async fn claim_pg(
 fn claimed_first(
     claims: &[(&str, i32, i64, i64)],
     inserted: &HashSet<String>,
-    first: &mut HashMap<String, (i32, i64)>,
+    first: &mut FirstRecords,
 ) {
     for (id, partition, offset, _) in claims {
         if inserted.contains(*id) {
@@ -1276,7 +1280,7 @@ fn claimed_first(
 /// The ids of `claims` that `first` has no position for yet.
 fn unclaimed<'a>(
     claims: &[(&'a str, i32, i64, i64)],
-    first: &HashMap<String, (i32, i64)>,
+    first: &FirstRecords,
 ) -> Vec<&'a str> {
     claims
         .iter()
