@@ -817,18 +817,8 @@ async fn write_batch(
         },
     )
     .await?;
-    for chunk in removed.chunks(ROWS / 2) {
-        let sql = format!(
-            "DELETE FROM metric_state WHERE processor = {} AND (partition, grp) {}",
-            dialect.params(1, 1),
-            in_rows(dialect, chunk.len(), 2, 2)
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
-        for (partition, group, _) in chunk {
-            query = query.bind(*partition).bind(group.as_str());
-        }
-        query.execute(&mut *tx).await?;
-    }
+    let removed: Vec<(i32, &str)> = removed.iter().map(|(p, g, _)| (*p, g.as_str())).collect();
+    delete_partition_keys(tx, dialect, "metric_state", "grp", batch.processor, &removed).await?;
     insert_windows(tx, dialect, &batch.windows, now).await?;
     if !batch.deleted.is_empty() {
         forget_groups(tx, batch.metric, &batch.deleted).await?;
@@ -980,6 +970,57 @@ pub(super) fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start:
 /// hashed join, planned in milliseconds.
 pub(super) fn in_rows(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
     format!("IN (VALUES {})", rows_of(dialect, rows, width, start))
+}
+
+/// Deletes `processor`'s rows of `table` at `keys` (each a partition and
+/// the value of `key_column`). On PostgreSQL the keys are one JSON
+/// recordset joined to the table, found through its primary key whatever
+/// the statistics say: the plan of a `VALUES` list hashed the processor's
+/// every row when the table had grown since it was last analyzed (0.2 s
+/// a call with 88,000 rule states, for rows that were never stored).
+pub(super) async fn delete_partition_keys(
+    tx: &mut AnyConnection,
+    dialect: super::Dialect,
+    table: &str,
+    key_column: &str,
+    processor: &str,
+    keys: &[(i32, &str)],
+) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    if dialect == super::Dialect::Postgres {
+        #[derive(serde::Serialize)]
+        struct Key<'a> {
+            p: i32,
+            k: &'a str,
+        }
+        let keys: Vec<Key> = keys.iter().map(|(p, k)| Key { p: *p, k }).collect();
+        let keys = serde_json::to_string(&keys).expect("keys serialize");
+        let sql = format!(
+            "DELETE FROM {table} t USING jsonb_to_recordset($2::jsonb) AS d(p int4, k text) \
+             WHERE t.processor = $1 AND t.partition = d.p AND t.{key_column} = d.k"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(processor)
+            .bind(keys)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
+    for chunk in keys.chunks(ROWS / 2) {
+        let sql = format!(
+            "DELETE FROM {table} WHERE processor = {} AND (partition, {key_column}) {}",
+            dialect.params(1, 1),
+            in_rows(dialect, chunk.len(), 2, 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
+        for (partition, key) in chunk {
+            query = query.bind(*partition).bind(*key);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 /// Stores each partition's watermark beside its offset (the partition's

@@ -6,7 +6,9 @@
 use sqlx::{AnyConnection, Row};
 
 use super::batch::Conn;
-use super::metric_windows::{ROWS, delete_rows_of, in_rows, store_clocks, write_rows};
+use super::metric_windows::{
+    ROWS, delete_partition_keys, delete_rows_of, store_clocks, write_rows,
+};
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 
 /// One batch of a rule version: where its offsets and clocks go, the keys
@@ -204,18 +206,8 @@ async fn write_rule_batch(
         },
     )
     .await?;
-    for chunk in removed.chunks(ROWS / 2) {
-        let sql = format!(
-            "DELETE FROM rule_state WHERE processor = {} AND (partition, rule_key) {}",
-            dialect.params(1, 1),
-            in_rows(dialect, chunk.len(), 2, 2)
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(batch.processor);
-        for (partition, key, _) in chunk {
-            query = query.bind(*partition).bind(key.as_str());
-        }
-        query.execute(&mut *tx).await?;
-    }
+    let removed: Vec<(i32, &str)> = removed.iter().map(|(p, k, _)| (*p, k.as_str())).collect();
+    delete_partition_keys(tx, dialect, "rule_state", "rule_key", batch.processor, &removed).await?;
     for chunk in batch.deleted.chunks(ROWS) {
         let sql = format!(
             "DELETE FROM alerts WHERE rule = {} AND rule_key IN ({})",
