@@ -361,10 +361,14 @@ impl Store {
         topic: &str,
         group: &str,
     ) -> Result<OpenGroup, StoreError> {
+        // A state is committed with its partition's offset, so the
+        // partitions with an offset are where the group's states can be:
+        // one primary-key lookup each, and no index by group for every
+        // state write to keep.
         let rows = sqlx::query(
-            "SELECT s.state, o.clock FROM metric_state s LEFT JOIN processor_offsets o \
-               ON o.processor = s.processor AND o.topic = $2 AND o.partition = s.partition \
-             WHERE s.processor = $1 AND s.grp = $3 ORDER BY s.partition",
+            "SELECT s.state, o.clock FROM processor_offsets o JOIN metric_state s \
+               ON s.processor = o.processor AND s.partition = o.partition AND s.grp = $3 \
+             WHERE o.processor = $1 AND o.topic = $2 ORDER BY o.partition",
         )
         .bind(processor)
         .bind(topic)

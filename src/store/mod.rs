@@ -439,6 +439,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "the archive's manifest",
         include_str!("migrations/version_15.sql"),
     );
+    let by_group = migration(
+        17,
+        "no index of metric states by group",
+        include_str!("migrations/version_17.sql"),
+    );
     let rules = migration(
         12,
         "pattern rules' partial matches and alerts",
@@ -474,6 +479,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 "lz4 for window and partial-match states",
                 include_str!("migrations/postgres_16.sql"),
             ),
+            by_group,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -491,6 +497,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             deliveries,
             done_above,
             archive,
+            by_group,
         ],
     }
 }
