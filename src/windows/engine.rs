@@ -109,6 +109,15 @@ enum Layout {
     Sessions(Shape),
 }
 
+/// A group the engine holds: its state, and when it next has something
+/// to close (its entry in [`Engine::timers`]), kept together so a held
+/// group costs one table entry.
+#[derive(Debug, Default)]
+struct Group {
+    state: GroupState,
+    timer: Option<Millis>,
+}
+
 /// The window state of one metric over the partitions one engine is fed.
 #[derive(Debug)]
 pub struct Engine {
@@ -122,10 +131,9 @@ pub struct Engine {
     /// Windows ending at or before this are closed: the watermark less the
     /// lateness.
     limit: Millis,
-    groups: HashMap<String, GroupState, KeyHasher>,
-    /// When to look at a group again (a limit), and each group's timer.
+    groups: HashMap<String, Group, KeyHasher>,
+    /// When to look at a group again (a limit), as each group's timer.
     timers: BTreeSet<(Millis, String)>,
-    timer_of: HashMap<String, Millis, KeyHasher>,
     /// Groups changed since [`Engine::take_changed`].
     changed: HashSet<String, KeyHasher>,
 }
@@ -159,7 +167,6 @@ impl Engine {
             limit: Millis::MIN,
             groups: HashMap::default(),
             timers: BTreeSet::new(),
-            timer_of: HashMap::default(),
             changed: HashSet::default(),
         }
     }
@@ -261,7 +268,7 @@ impl Engine {
         let closed_until = self
             .groups
             .get(group)
-            .map_or(Millis::MIN, |g| g.closed_until);
+            .map_or(Millis::MIN, |g| g.state.closed_until);
         let own_end = at.saturating_add(shape.gap);
         if own_end <= self.limit || at < closed_until {
             let end = own_end.max(closed_until);
@@ -297,7 +304,8 @@ impl Engine {
     /// Sets `group`'s timer to the next limit at which it has something to
     /// close (or, for a trailing window, to move).
     fn reschedule(&mut self, group: &str) {
-        let next = self.groups.get(group).and_then(|state| match self.layout {
+        let held = self.groups.get(group).map(|g| &g.state);
+        let next = held.and_then(|state| match self.layout {
             // A group whose sessions all closed stays while an event could
             // still come that would have joined one (and so is late).
             Layout::Sessions(shape) => shape.next_close(&state.sessions).or_else(|| {
@@ -323,12 +331,11 @@ impl Engine {
                 first_end.max(self.next_end_after(self.limit))
             }),
         });
-        let old = match next {
-            Some(at) => match self.timer_of.get_mut(group) {
-                Some(timer) => Some(std::mem::replace(timer, at)),
-                None => self.timer_of.insert(group.to_owned(), at),
-            },
-            None => self.timer_of.remove(group),
+        // No group, no timer: one taken out of the engine left its timer
+        // with it ([`Engine::remove`]).
+        let old = match self.groups.get_mut(group) {
+            Some(g) => std::mem::replace(&mut g.timer, next),
+            None => None,
         };
         if old != next {
             if let Some(old) = old {
@@ -344,9 +351,25 @@ impl Engine {
     /// name of a group it has).
     fn group_mut(&mut self, group: &str) -> &mut GroupState {
         if !self.groups.contains_key(group) {
-            self.groups.insert(group.to_owned(), GroupState::default());
+            self.groups.insert(group.to_owned(), Group::default());
         }
-        self.groups.get_mut(group).expect("inserted above")
+        &mut self.groups.get_mut(group).expect("inserted above").state
+    }
+
+    /// Takes `group` out of the engine with its timer.
+    fn remove(&mut self, group: &str) -> Option<GroupState> {
+        let Group { state, timer } = self.groups.remove(group)?;
+        if let Some(at) = timer {
+            self.timers.remove(&(at, group.to_owned()));
+        }
+        Some(state)
+    }
+
+    /// Forgets `group` if it has nothing left to close.
+    fn drop_if_done(&mut self, group: &str) {
+        if self.groups.get(group).is_some_and(|g| g.timer.is_none()) {
+            self.groups.remove(group);
+        }
     }
 
     /// Notes that `group` changed since the last [`Engine::take_changed`].
@@ -371,12 +394,12 @@ impl Engine {
             && *at <= self.limit
         {
             let (_, group) = self.timers.pop_first().expect("a first timer");
-            self.timer_of.remove(&group);
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.timer = None;
+            }
             self.close_group(&group, before, &mut closed);
             self.reschedule(&group);
-            if !self.timer_of.contains_key(&group) {
-                self.groups.remove(&group);
-            }
+            self.drop_if_done(&group);
             // What closed left the group's state (or the group is gone).
             self.changed.insert(group);
         }
@@ -392,7 +415,7 @@ impl Engine {
         let layout = self.layout;
         let trailing = self.trailing;
         let next_end = self.next_end_after(limit);
-        let Some(state) = self.groups.get_mut(group) else {
+        let Some(state) = self.groups.get_mut(group).map(|g| &mut g.state) else {
             return;
         };
         let emit = |closed: &mut Vec<Closed>, window: Span, partial: Partial, events: u64| {
@@ -470,7 +493,7 @@ impl Engine {
     /// Windows of `group` still open, oldest first: for a trailing metric
     /// the one window that holds the watermark.
     pub fn open(&self, group: &str) -> Vec<OpenWindow> {
-        let Some(state) = self.groups.get(group) else {
+        let Some(state) = self.groups.get(group).map(|g| &g.state) else {
             return Vec::new();
         };
         let aggregate = self.aggregate;
@@ -541,19 +564,23 @@ impl Engine {
 
     /// The state of `group`, as the store keeps it.
     pub fn state(&self, group: &str) -> Option<&GroupState> {
-        self.groups.get(group)
+        self.groups.get(group).map(|g| &g.state)
     }
 
     /// Gives the engine a group's stored state (after a restart, or read
     /// back from the store), replacing what it held for it.
     pub fn restore(&mut self, group: &str, state: GroupState) {
-        self.groups.insert(group.to_owned(), state);
+        match self.groups.get_mut(group) {
+            Some(held) => held.state = state,
+            None => {
+                let held = Group { state, timer: None };
+                self.groups.insert(group.to_owned(), held);
+            }
+        }
         self.reschedule(group);
         // Nothing left to close or remember (a session group's closed
         // sessions still matter until events for them would be late).
-        if !self.timer_of.contains_key(group) {
-            self.groups.remove(group);
-        }
+        self.drop_if_done(group);
     }
 
     /// Starts a restarted engine at the watermark its stored states were
@@ -568,7 +595,7 @@ impl Engine {
     /// watermark less the lateness): the store keeps it beside the
     /// group's state, so a group held only there is read back in time.
     pub fn timer(&self, group: &str) -> Option<Millis> {
-        self.timer_of.get(group).copied()
+        self.groups.get(group).and_then(|g| g.timer)
     }
 
     /// The limit a watermark of `watermark` sets: windows ending by it
@@ -583,18 +610,12 @@ impl Engine {
     /// before an event of it, a deletion or a watermark past its timer.
     pub fn evict(&mut self, group: &str) -> bool {
         debug_assert!(!self.changed.contains(group), "an unstored change");
-        if self.groups.remove(group).is_none() {
-            return false;
-        }
-        if let Some(at) = self.timer_of.remove(group) {
-            self.timers.remove(&(at, group.to_owned()));
-        }
-        true
+        self.remove(group).is_some()
     }
 
     /// The groups held in memory.
     pub fn groups(&self) -> impl Iterator<Item = (&String, &GroupState)> {
-        self.groups.iter()
+        self.groups.iter().map(|(name, g)| (name, &g.state))
     }
 
     /// How many groups have open windows.
@@ -612,8 +633,7 @@ impl Engine {
     /// another group): nothing of it closes here, and its stored state
     /// goes.
     pub fn take(&mut self, group: &str) -> Option<GroupState> {
-        let state = self.groups.remove(group)?;
-        self.reschedule(group);
+        let state = self.remove(group)?;
         self.changed.insert(group.to_owned());
         Some(state)
     }
@@ -657,7 +677,7 @@ impl Engine {
         if slices.is_empty() && sessions.is_empty() {
             return left_out;
         }
-        let target = self.groups.entry(into.to_owned()).or_default();
+        let target = &mut self.groups.entry(into.to_owned()).or_default().state;
         for (start, slice) in slices {
             match target.slices.get_mut(start) {
                 Some(t) => {

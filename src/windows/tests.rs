@@ -639,3 +639,22 @@ proptest! {
         prop_assert_eq!(published(got), published(expected));
     }
 }
+
+#[test]
+fn a_group_evicted_or_taken_leaves_no_timer_behind() {
+    let mut e = Engine::new(WindowKind::Tumbling { size: 10 * MIN }, Aggregate::Count, 0);
+    for (i, group) in ["evicted", "taken", "kept"].iter().enumerate() {
+        e.observe(group, &stamp(MIN, i), Some(&json!(1)));
+    }
+    e.take_changed();
+    assert!(e.evict("evicted"));
+    assert!(e.take("taken").is_some());
+    assert_eq!(e.take_changed(), vec!["taken".to_owned()]);
+    assert_eq!(e.timer("evicted"), None);
+    // The watermark passing their window closes the kept group's alone,
+    // and marks no group the engine no longer holds as changed.
+    let closed: Vec<String> = e.advance(20 * MIN).into_iter().map(|c| c.group).collect();
+    assert_eq!(closed, vec!["kept".to_owned()]);
+    assert_eq!(e.take_changed(), vec!["kept".to_owned()]);
+    assert_eq!(e.group_count(), 0);
+}
