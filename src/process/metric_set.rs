@@ -155,10 +155,7 @@ impl<M: Member> Set<M> {
 
     /// Claims the message ids of the events some member counts: each id's
     /// first record, as stored.
-    async fn claim(
-        &self,
-        parsed: &Parsed<M::Step>,
-    ) -> Result<FirstRecords, CommitError> {
+    async fn claim(&self, parsed: &Parsed<M::Step>) -> Result<FirstRecords, CommitError> {
         let claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()

@@ -28,9 +28,9 @@ use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec};
 use crate::log::StoredRecord;
 use crate::metric::{Head, Metric, Outcome};
-use crate::store::{FirstRecords, 
-    Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary, Store,
-    StoredWindow,
+use crate::store::{
+    Combine, ComputedTrait, FirstRecords, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary,
+    Store, StoredWindow,
 };
 use crate::windows::{Closed, Millis, Stamp};
 
@@ -127,8 +127,8 @@ impl Drop for BudgetShare {
 }
 
 /// What a group held in memory costs beyond its state's JSON: its entries
-/// in the engine's group and timer maps and in [`Held::groups`], and the
-/// state's own allocations. Measured: 295-455 bytes a group of a per-user
+/// in the engine's group table and timer set and in [`Held::groups`], and
+/// the state's own allocations. Measured: 295-455 bytes a group of a per-user
 /// hourly count, between 220,000, 440,000 and 880,000 groups held
 /// (docs/benchmarks.md, `bench metrics`).
 pub const GROUP_BYTES: usize = 380;

@@ -822,7 +822,15 @@ async fn write_batch(
     )
     .await?;
     let removed: Vec<(i32, &str)> = removed.iter().map(|(p, g, _)| (*p, g.as_str())).collect();
-    delete_partition_keys(tx, dialect, "metric_state", "grp", batch.processor, &removed).await?;
+    delete_partition_keys(
+        tx,
+        dialect,
+        "metric_state",
+        "grp",
+        batch.processor,
+        &removed,
+    )
+    .await?;
     insert_windows(tx, dialect, &batch.windows, now).await?;
     if !batch.deleted.is_empty() {
         forget_groups(tx, batch.metric, &batch.deleted).await?;
@@ -1323,10 +1331,7 @@ fn claimed_first(
 }
 
 /// The ids of `claims` that `first` has no position for yet.
-fn unclaimed<'a>(
-    claims: &[(&'a str, i32, i64, i64)],
-    first: &FirstRecords,
-) -> Vec<&'a str> {
+fn unclaimed<'a>(claims: &[(&'a str, i32, i64, i64)], first: &FirstRecords) -> Vec<&'a str> {
     claims
         .iter()
         .map(|(id, ..)| *id)

@@ -207,7 +207,15 @@ async fn write_rule_batch(
     )
     .await?;
     let removed: Vec<(i32, &str)> = removed.iter().map(|(p, k, _)| (*p, k.as_str())).collect();
-    delete_partition_keys(tx, dialect, "rule_state", "rule_key", batch.processor, &removed).await?;
+    delete_partition_keys(
+        tx,
+        dialect,
+        "rule_state",
+        "rule_key",
+        batch.processor,
+        &removed,
+    )
+    .await?;
     for chunk in batch.deleted.chunks(ROWS) {
         let sql = format!(
             "DELETE FROM alerts WHERE rule = {} AND rule_key IN ({})",

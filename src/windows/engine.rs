@@ -324,10 +324,7 @@ impl Engine {
             }
             Layout::Single => state.slices.first().map(|(_, s)| s.end),
             Layout::Hopping { .. } => state.slices.first().map(|(start, s)| {
-                let (first_end, _) = self.window_ends(Span {
-                    start,
-                    end: s.end,
-                });
+                let (first_end, _) = self.window_ends(Span { start, end: s.end });
                 first_end.max(self.next_end_after(self.limit))
             }),
         });
@@ -513,10 +510,7 @@ impl Engine {
                 .slices
                 .iter()
                 .map(|(start, s)| {
-                    let span = Span {
-                        start,
-                        end: s.end,
-                    };
+                    let span = Span { start, end: s.end };
                     window(span, s.partial.clone(), s.events)
                 })
                 .collect(),
@@ -530,7 +524,8 @@ impl Engine {
                 vec![window(span, partial, events)]
             }
             Layout::Hopping { size, slide, .. } => {
-                let (Some(first), Some(last)) = (state.slices.first_start(), state.slices.last_start())
+                let (Some(first), Some(last)) =
+                    (state.slices.first_start(), state.slices.last_start())
                 else {
                     return Vec::new();
                 };
@@ -710,11 +705,7 @@ fn first_end(at: Millis, size: Millis, slide: Millis) -> Millis {
 }
 
 /// The partial and event count of the slices within `window`.
-fn merge_slices(
-    aggregate: Aggregate,
-    slices: &Slices,
-    window: Span,
-) -> (Partial, u64) {
+fn merge_slices(aggregate: Aggregate, slices: &Slices, window: Span) -> (Partial, u64) {
     let mut partial = aggregate.empty();
     let mut events = 0;
     for (_, slice) in slices.range(window.start..window.end) {

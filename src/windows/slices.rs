@@ -63,7 +63,11 @@ impl Slices {
     }
 
     /// The slice starting at `start`, made by `make` if there is none.
-    pub fn get_or_insert_with(&mut self, start: Millis, make: impl FnOnce() -> Slice) -> &mut Slice {
+    pub fn get_or_insert_with(
+        &mut self,
+        start: Millis,
+        make: impl FnOnce() -> Slice,
+    ) -> &mut Slice {
         let i = match self.position(start) {
             Ok(i) => i,
             Err(i) => {
@@ -113,7 +117,9 @@ impl Slices {
     pub fn range(&self, range: Range<Millis>) -> impl Iterator<Item = (Millis, &Slice)> {
         let from = self.0.partition_point(|(s, _)| *s < range.start);
         let to = self.0.partition_point(|(s, _)| *s < range.end);
-        self.0[from..to.max(from)].iter().map(|(start, s)| (*start, s))
+        self.0[from..to.max(from)]
+            .iter()
+            .map(|(start, s)| (*start, s))
     }
 
     /// The start of the earliest slice starting at or after `at`.

@@ -309,7 +309,10 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         .claim_metric_ids(processor, &[("m1", 3, 5, 4_000_000)])
         .await
         .unwrap();
-    assert_eq!(first, traitline::store::FirstRecords::from_iter([("m1".to_owned(), (3, 5))]));
+    assert_eq!(
+        first,
+        traitline::store::FirstRecords::from_iter([("m1".to_owned(), (3, 5))])
+    );
     let again = store
         .claim_metric_ids(
             processor,
