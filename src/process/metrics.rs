@@ -128,9 +128,10 @@ impl Drop for BudgetShare {
 
 /// What a group held in memory costs beyond its state's JSON: its entries
 /// in the engine's group table and timer set and in [`Held::groups`], and
-/// the state's own allocations. Measured: 295-455 bytes a group of a per-user
-/// hourly count, between 220,000, 440,000 and 880,000 groups held
-/// (docs/benchmarks.md, `bench metrics`).
+/// the state's own allocations. Measured: about 330 bytes a group of a
+/// per-user hourly count, between 220,000 and 880,000 groups held
+/// (docs/benchmarks.md, `bench metrics`); counted a little high, so a
+/// budget is not overrun.
 pub const GROUP_BYTES: usize = 380;
 
 /// One partition's engine, and which of its groups are in memory.

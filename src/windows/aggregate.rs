@@ -102,8 +102,10 @@ pub enum Partial {
     Distinct(BTreeSet<String>),
     /// How often each value (by its JSON text) was seen.
     Frequencies(BTreeMap<String, u64>),
-    First(Option<Stamped>),
-    Last(Option<Stamped>),
+    /// Boxed, so a partial (one a slice) is the size of its usual
+    /// variants, not of a stamped value.
+    First(Option<Box<Stamped>>),
+    Last(Option<Box<Stamped>>),
     /// Each value (by its JSON text) with the stamp it was first seen at.
     Unique(BTreeMap<String, Stamp>),
 }
@@ -145,12 +147,11 @@ impl Partial {
             },
             Partial::First(first) => match value {
                 Some(v) => {
-                    let seen = Stamped {
-                        stamp: stamp.clone(),
-                        value: v.clone(),
-                    };
-                    if first.as_ref().is_none_or(|f| seen.stamp < f.stamp) {
-                        *first = Some(seen);
+                    if first.as_ref().is_none_or(|f| *stamp < f.stamp) {
+                        *first = Some(Box::new(Stamped {
+                            stamp: stamp.clone(),
+                            value: v.clone(),
+                        }));
                     }
                     true
                 }
@@ -158,12 +159,11 @@ impl Partial {
             },
             Partial::Last(last) => match value {
                 Some(v) => {
-                    let seen = Stamped {
-                        stamp: stamp.clone(),
-                        value: v.clone(),
-                    };
-                    if last.as_ref().is_none_or(|l| seen.stamp > l.stamp) {
-                        *last = Some(seen);
+                    if last.as_ref().is_none_or(|l| *stamp > l.stamp) {
+                        *last = Some(Box::new(Stamped {
+                            stamp: stamp.clone(),
+                            value: v.clone(),
+                        }));
                     }
                     true
                 }

@@ -281,6 +281,14 @@ mod tests {
         assert!(serde_json::from_str::<Slices>(r#"{"x": {}}"#).is_err());
     }
 
+    /// A slice is what most groups hold: its partial is boxed where it
+    /// would otherwise be the size of a stamped value.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_slice_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<Slice>(), 48);
+    }
+
     #[test]
     fn a_group_with_one_slice_holds_one() {
         let mut slices = Slices::default();
