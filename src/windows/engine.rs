@@ -1,7 +1,9 @@
 //! The engine of one metric over one partition's events: groups' window
 //! state, the watermark, and the timers that close windows.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
+
+use hashbrown::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -109,13 +111,36 @@ enum Layout {
     Sessions(Shape),
 }
 
-/// A group the engine holds: its state, and when it next has something
-/// to close (its entry in [`Engine::timers`]), kept together so a held
-/// group costs one table entry.
+impl Layout {
+    /// The end of the first and of the last window holding slice `s`.
+    fn window_ends(self, s: Span) -> (Millis, Millis) {
+        match self {
+            Layout::Hopping { size, slide, .. } => (
+                first_end(s.start, size, slide),
+                floor_to(s.start, slide).saturating_add(size),
+            ),
+            _ => (s.end, s.end),
+        }
+    }
+
+    /// The first window end after `limit`.
+    fn next_end_after(self, limit: Millis) -> Millis {
+        match self {
+            Layout::Hopping { size, slide, .. } => first_end(limit, size, slide),
+            _ => limit.saturating_add(1),
+        }
+    }
+}
+
+/// A group the engine holds: its state, when it next has something to
+/// close (its entry in [`Engine::timers`]), and whether it is in
+/// [`Engine::changed`], kept together so a held group costs one table
+/// entry and an event one lookup of its name.
 #[derive(Debug, Default)]
 struct Group {
     state: GroupState,
     timer: Option<Millis>,
+    changed: bool,
 }
 
 /// The window state of one metric over the partitions one engine is fed.
@@ -192,25 +217,6 @@ impl Engine {
         }
     }
 
-    /// The end of the first and of the last window holding slice `s`.
-    fn window_ends(&self, s: Span) -> (Millis, Millis) {
-        match self.layout {
-            Layout::Hopping { size, slide, .. } => (
-                first_end(s.start, size, slide),
-                floor_to(s.start, slide).saturating_add(size),
-            ),
-            _ => (s.end, s.end),
-        }
-    }
-
-    /// The first window end after `limit`.
-    fn next_end_after(&self, limit: Millis) -> Millis {
-        match self.layout {
-            Layout::Hopping { size, slide, .. } => first_end(limit, size, slide),
-            _ => limit.saturating_add(1),
-        }
-    }
-
     /// Takes one event of `group` in: its time and id (`stamp`) and the
     /// value of the metric's field.
     pub fn observe(&mut self, group: &str, stamp: &Stamp, value: Option<&Value>) -> Observed {
@@ -219,7 +225,7 @@ impl Engine {
             return self.observe_session(shape, group, stamp, value);
         }
         let span = self.slice_span(at);
-        let (first_end, last_end) = self.window_ends(span);
+        let (first_end, last_end) = self.layout.window_ends(span);
         if last_end <= self.limit {
             return Observed {
                 counted: false,
@@ -229,16 +235,15 @@ impl Engine {
         // A trailing window only ever shows the window holding now.
         let late = (first_end <= self.limit && !self.trailing).then(|| self.late(span, first_end));
         let aggregate = self.aggregate;
-        let state = self.group_mut(group);
-        let slice = state.slices.get_or_insert_with(span.start, || Slice {
-            end: span.end,
-            partial: aggregate.empty(),
-            events: 0,
+        self.change(group, |state| {
+            let slice = state.slices.get_or_insert_with(span.start, || Slice {
+                end: span.end,
+                partial: aggregate.empty(),
+                events: 0,
+            });
+            slice.partial.observe(stamp, value);
+            slice.events += 1;
         });
-        slice.partial.observe(stamp, value);
-        slice.events += 1;
-        self.mark_changed(group);
-        self.reschedule(group);
         Observed {
             counted: true,
             late,
@@ -291,71 +296,43 @@ impl Engine {
                 events: 1,
             }],
         };
-        let state = self.group_mut(group);
-        shape.insert(&mut state.sessions, session);
-        self.mark_changed(group);
-        self.reschedule(group);
+        self.change(group, |state| shape.insert(&mut state.sessions, session));
         Observed {
             counted: true,
             late: None,
         }
     }
 
+    /// Changes `group`'s state (made empty if it has none) with `change`,
+    /// notes the change and sets its timer: one lookup of its name, and a
+    /// copy of it only for a new group, a first change or a moved timer.
+    fn change(&mut self, group: &str, change: impl FnOnce(&mut GroupState)) {
+        let (kind, layout, limit) = (self.kind, self.layout, self.limit);
+        let held = self.groups.entry_ref(group).or_default();
+        change(&mut held.state);
+        if !held.changed {
+            held.changed = true;
+            self.changed.insert(group.to_owned());
+        }
+        let next = next_timer(kind, layout, limit, &held.state);
+        set_timer(&mut self.timers, group, held, next);
+    }
+
     /// Sets `group`'s timer to the next limit at which it has something to
     /// close (or, for a trailing window, to move).
     fn reschedule(&mut self, group: &str) {
-        let held = self.groups.get(group).map(|g| &g.state);
-        let next = held.and_then(|state| match self.layout {
-            // A group whose sessions all closed stays while an event could
-            // still come that would have joined one (and so is late).
-            Layout::Sessions(shape) => shape.next_close(&state.sessions).or_else(|| {
-                let forget = state.closed_until.saturating_add(shape.gap);
-                (forget > self.limit).then_some(forget)
-            }),
-            _ if self.trailing => {
-                let size = match self.kind {
-                    WindowKind::Trailing { size, .. } => size,
-                    _ => 0,
-                };
-                state
-                    .slices
-                    .first_start()
-                    .map(|start| start.saturating_add(size))
-            }
-            Layout::Single => state.slices.first().map(|(_, s)| s.end),
-            Layout::Hopping { .. } => state.slices.first().map(|(start, s)| {
-                let (first_end, _) = self.window_ends(Span { start, end: s.end });
-                first_end.max(self.next_end_after(self.limit))
-            }),
-        });
+        let (kind, layout, limit) = (self.kind, self.layout, self.limit);
         // No group, no timer: one taken out of the engine left its timer
         // with it ([`Engine::remove`]).
-        let old = match self.groups.get_mut(group) {
-            Some(g) => std::mem::replace(&mut g.timer, next),
-            None => None,
-        };
-        if old != next {
-            if let Some(old) = old {
-                self.timers.remove(&(old, group.to_owned()));
-            }
-            if let Some(at) = next {
-                self.timers.insert((at, group.to_owned()));
-            }
+        if let Some(held) = self.groups.get_mut(group) {
+            let next = next_timer(kind, layout, limit, &held.state);
+            set_timer(&mut self.timers, group, held, next);
         }
-    }
-
-    /// `group`'s state, made empty if it has none (without copying the
-    /// name of a group it has).
-    fn group_mut(&mut self, group: &str) -> &mut GroupState {
-        if !self.groups.contains_key(group) {
-            self.groups.insert(group.to_owned(), Group::default());
-        }
-        &mut self.groups.get_mut(group).expect("inserted above").state
     }
 
     /// Takes `group` out of the engine with its timer.
     fn remove(&mut self, group: &str) -> Option<GroupState> {
-        let Group { state, timer } = self.groups.remove(group)?;
+        let Group { state, timer, .. } = self.groups.remove(group)?;
         if let Some(at) = timer {
             self.timers.remove(&(at, group.to_owned()));
         }
@@ -366,13 +343,6 @@ impl Engine {
     fn drop_if_done(&mut self, group: &str) {
         if self.groups.get(group).is_some_and(|g| g.timer.is_none()) {
             self.groups.remove(group);
-        }
-    }
-
-    /// Notes that `group` changed since the last [`Engine::take_changed`].
-    fn mark_changed(&mut self, group: &str) {
-        if !self.changed.contains(group) {
-            self.changed.insert(group.to_owned());
         }
     }
 
@@ -407,11 +377,11 @@ impl Engine {
     /// window ending by then was closed when the limit passed it).
     fn close_group(&mut self, group: &str, before: Millis, closed: &mut Vec<Closed>) {
         let limit = self.limit;
-        let after_before = self.next_end_after(before);
+        let after_before = self.layout.next_end_after(before);
         let aggregate = self.aggregate;
         let layout = self.layout;
         let trailing = self.trailing;
-        let next_end = self.next_end_after(limit);
+        let next_end = self.layout.next_end_after(limit);
         let Some(state) = self.groups.get_mut(group).map(|g| &mut g.state) else {
             return;
         };
@@ -515,7 +485,9 @@ impl Engine {
                 })
                 .collect(),
             Layout::Hopping { size, .. } if self.trailing => {
-                let end = self.next_end_after(self.watermark.unwrap_or(Millis::MIN + size));
+                let end = self
+                    .layout
+                    .next_end_after(self.watermark.unwrap_or(Millis::MIN + size));
                 let span = Span {
                     start: end - size,
                     end,
@@ -529,7 +501,8 @@ impl Engine {
                 else {
                     return Vec::new();
                 };
-                let mut end = first_end(first, size, slide).max(self.next_end_after(self.limit));
+                let mut end =
+                    first_end(first, size, slide).max(self.layout.next_end_after(self.limit));
                 let last_end = floor_to(last, slide).saturating_add(size);
                 let mut out = Vec::new();
                 while end <= last_end {
@@ -553,6 +526,11 @@ impl Engine {
     /// computed traits.
     pub fn take_changed(&mut self) -> Vec<String> {
         let mut changed: Vec<String> = self.changed.drain().collect();
+        for name in &changed {
+            if let Some(held) = self.groups.get_mut(name.as_str()) {
+                held.changed = false;
+            }
+        }
         changed.sort();
         changed
     }
@@ -568,7 +546,10 @@ impl Engine {
         match self.groups.get_mut(group) {
             Some(held) => held.state = state,
             None => {
-                let held = Group { state, timer: None };
+                let held = Group {
+                    state,
+                    ..Group::default()
+                };
                 self.groups.insert(group.to_owned(), held);
             }
         }
@@ -649,7 +630,7 @@ impl Engine {
         let mut left_out = 0;
         let mut slices = Vec::new();
         for (start, slice) in source.slices {
-            let (_, last_end) = self.window_ends(Span {
+            let (_, last_end) = self.layout.window_ends(Span {
                 start,
                 end: slice.end,
             });
@@ -693,6 +674,53 @@ impl Engine {
         self.changed.insert(into.to_owned());
         self.reschedule(into);
         left_out
+    }
+}
+
+/// When a group holding `state` next has something to close (or, for a
+/// trailing window, to move), as a limit, the engine's limit being
+/// `limit`.
+fn next_timer(
+    kind: WindowKind,
+    layout: Layout,
+    limit: Millis,
+    state: &GroupState,
+) -> Option<Millis> {
+    match layout {
+        // A group whose sessions all closed stays while an event could
+        // still come that would have joined one (and so is late).
+        Layout::Sessions(shape) => shape.next_close(&state.sessions).or_else(|| {
+            let forget = state.closed_until.saturating_add(shape.gap);
+            (forget > limit).then_some(forget)
+        }),
+        _ if let WindowKind::Trailing { size, .. } = kind => state
+            .slices
+            .first_start()
+            .map(|start| start.saturating_add(size)),
+        Layout::Single => state.slices.first().map(|(_, s)| s.end),
+        Layout::Hopping { .. } => state.slices.first().map(|(start, s)| {
+            let (first_end, _) = layout.window_ends(Span { start, end: s.end });
+            first_end.max(layout.next_end_after(limit))
+        }),
+    }
+}
+
+/// Sets `held`'s timer (the group `name`'s) to `next`, moving its entry
+/// in the engine's `timers`.
+fn set_timer(
+    timers: &mut BTreeSet<(Millis, String)>,
+    name: &str,
+    held: &mut Group,
+    next: Option<Millis>,
+) {
+    let old = std::mem::replace(&mut held.timer, next);
+    if old != next {
+        if let Some(old) = old {
+            timers.remove(&(old, name.to_owned()));
+        }
+        if let Some(at) = next {
+            timers.insert((at, name.to_owned()));
+        }
     }
 }
 
