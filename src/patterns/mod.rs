@@ -21,9 +21,10 @@
 //! pruned on the watermark, so a quiet key's state goes. After a match,
 //! the skip strategy drops the runs it overlaps.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
+use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHasher as Hasher;
@@ -429,17 +430,26 @@ pub struct Counts {
     pub rushed: u64,
 }
 
+/// A key the engine holds: its state, its timer (its entry in
+/// [`Engine::timers`]) and whether it is in [`Engine::changed`], kept
+/// together so an event looks its key up once.
+#[derive(Debug, Clone, Default)]
+struct KeyEntry {
+    state: KeyState,
+    due: Option<Millis>,
+    changed: bool,
+}
+
 /// The partial matches of one rule version over the keys of one
 /// partition.
 #[derive(Debug, Clone)]
 pub struct Engine {
     pattern: Arc<Pattern>,
-    keys: HashMap<String, KeyState, Hasher>,
+    keys: HashMap<String, KeyEntry, Hasher>,
     /// When each key next needs the watermark: the limit at which its
     /// earliest waiting event can be taken or its earliest run's bound
     /// has passed.
     timers: BTreeSet<(Millis, String)>,
-    due: HashMap<String, Millis, Hasher>,
     watermark: Option<Millis>,
     changed: HashSet<String, Hasher>,
     counts: Counts,
@@ -454,7 +464,6 @@ impl Engine {
             pattern,
             keys: HashMap::default(),
             timers: BTreeSet::new(),
-            due: HashMap::default(),
             watermark: None,
             changed: HashSet::default(),
             counts: Counts::default(),
@@ -494,10 +503,8 @@ impl Engine {
                 late_by: limit - input.time,
             };
         }
-        let state = match self.keys.get_mut(key) {
-            Some(state) => state,
-            None => self.keys.entry(key.to_owned()).or_default(),
-        };
+        let entry = self.keys.entry_ref(key).or_default();
+        let state = &mut entry.state;
         let at = state
             .waiting
             .partition_point(|w| (w.time, &w.id) <= (input.time, &input.id));
@@ -521,14 +528,18 @@ impl Engine {
                 &mut self.rushed,
             );
         }
-        self.mark_changed(key);
+        if !entry.changed {
+            entry.changed = true;
+            self.changed.insert(key.to_owned());
+        }
         if rushed {
-            self.schedule(key);
-        } else if at == 0 && self.due.get(key).is_none_or(|old| due < *old) {
+            let due = next_due(&self.pattern, &entry.state);
+            set_timer(&mut self.timers, key, entry, due);
+        } else if at == 0 && entry.due.is_none_or(|old| due < old) {
             // Only the waiting events changed, and this one is now their
             // earliest: the key's timer is the sooner of its old one and
             // this event's (no need to look at every partial match).
-            self.set_timer(key, Some(due));
+            set_timer(&mut self.timers, key, entry, Some(due));
         }
         Observed::Waiting
     }
@@ -547,10 +558,11 @@ impl Engine {
             && *due <= limit
         {
             let (_, key) = self.timers.pop_first().expect("looked at above");
-            self.due.remove(&key);
-            let Some(state) = self.keys.get_mut(&key) else {
+            let Some(entry) = self.keys.get_mut(key.as_str()) else {
                 continue;
             };
+            entry.due = None;
+            let state = &mut entry.state;
             let ready = state.waiting.partition_point(|w| w.time < limit);
             let inputs: Vec<Input> = state.waiting.drain(..ready).collect();
             for input in &inputs {
@@ -572,95 +584,60 @@ impl Engine {
                 .retain(|r| r.waiting || r.start(held).saturating_add(within) >= limit);
             self.counts.timed_out += (before - state.runs.len()) as u64;
             state.compact();
-            self.changed.insert(key.clone());
-            if state.is_empty() {
-                self.keys.remove(&key);
+            if !entry.changed {
+                entry.changed = true;
+                self.changed.insert(key.clone());
+            }
+            if entry.state.is_empty() {
+                // Its timer was the one just taken.
+                self.keys.remove(key.as_str());
             } else {
-                self.schedule(&key);
+                let due = next_due(&self.pattern, &entry.state);
+                set_timer(&mut self.timers, &key, entry, due);
             }
         }
         // A burst of keys that went quiet leaves its tables' room behind:
         // give most of it back once they are pruned.
         if self.keys.len() < self.keys.capacity() / 4 {
             self.keys.shrink_to_fit();
-            self.due.shrink_to_fit();
         }
         matches
     }
 
     /// Room the engine's tables hold for keys.
     pub fn capacity(&self) -> usize {
-        self.keys.capacity().max(self.due.capacity())
+        self.keys.capacity()
     }
 
-    /// Sets `key`'s timer: the limit at which its earliest waiting event
-    /// is taken or its earliest partial match's bound has passed.
-    fn schedule(&mut self, key: &str) {
-        let within = self.pattern.within;
-        let due = self.keys.get(key).and_then(|state| {
-            state
-                .waiting
-                .first()
-                .map(|w| w.time.saturating_add(1))
-                .into_iter()
-                .chain(state.runs.iter().map(|r| {
-                    r.start(&state.held)
-                        .saturating_add(within)
-                        .saturating_add(1)
-                }))
-                .min()
-        });
-        self.set_timer(key, due);
-    }
-
-    /// Sets `key`'s timer to `due` (`None`: no timer).
-    fn set_timer(&mut self, key: &str, due: Option<Millis>) {
-        let old = self.due.get(key).copied();
-        if old == due {
-            return;
-        }
-        let key = key.to_owned();
-        if let Some(old) = old {
-            self.timers.remove(&(old, key.clone()));
-        }
-        match due {
-            Some(due) => {
-                self.timers.insert((due, key.clone()));
-                self.due.insert(key, due);
-            }
-            None => {
-                self.due.remove(&key);
-            }
-        }
-    }
-
-    fn mark_changed(&mut self, key: &str) {
-        if !self.changed.contains(key) {
-            self.changed.insert(key.to_owned());
+    /// Takes `key` out of the engine with its timer.
+    fn remove(&mut self, key: &str) {
+        if let Some(KeyEntry { due: Some(due), .. }) = self.keys.remove(key) {
+            self.timers.remove(&(due, key.to_owned()));
         }
     }
 
     /// A key's state, to store.
     pub fn state(&self, key: &str) -> Option<&KeyState> {
-        self.keys.get(key)
+        self.keys.get(key).map(|entry| &entry.state)
     }
 
     /// Puts back a key's stored state.
     pub fn restore(&mut self, key: &str, state: KeyState) {
         if state.is_empty() {
-            self.keys.remove(key);
-        } else {
-            self.keys.insert(key.to_owned(), state);
+            self.remove(key);
+            return;
         }
-        self.schedule(key);
+        let entry = self.keys.entry_ref(key).or_default();
+        entry.state = state;
+        let due = next_due(&self.pattern, &entry.state);
+        set_timer(&mut self.timers, key, entry, due);
     }
 
     /// Forgets a key (a GDPR deletion): its partial matches and waiting
     /// events go.
     pub fn forget(&mut self, key: &str) {
-        self.keys.remove(key);
-        self.schedule(key);
-        self.mark_changed(key);
+        self.remove(key);
+        self.changed.insert(key.to_owned());
     }
 
     /// The keys whose state changed since the last
@@ -674,7 +651,13 @@ impl Engine {
     /// The keys whose state changed since the last call (after a write
     /// of [`Engine::changed`], which are in order).
     pub fn take_changed(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.changed).into_iter().collect()
+        let changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
+        for key in &changed {
+            if let Some(entry) = self.keys.get_mut(key.as_str()) {
+                entry.changed = false;
+            }
+        }
+        changed
     }
 
     /// What happened since the last call.
@@ -686,8 +669,46 @@ impl Engine {
     pub fn held(&self) -> (usize, usize) {
         (
             self.keys.len(),
-            self.keys.values().map(KeyState::partials).sum(),
+            self.keys.values().map(|entry| entry.state.partials()).sum(),
         )
+    }
+}
+
+/// When a key holding `state` next needs the watermark: the limit at
+/// which its earliest waiting event is taken or its earliest partial
+/// match's bound has passed.
+fn next_due(pattern: &Pattern, state: &KeyState) -> Option<Millis> {
+    let within = pattern.within;
+    state
+        .waiting
+        .first()
+        .map(|w| w.time.saturating_add(1))
+        .into_iter()
+        .chain(state.runs.iter().map(|r| {
+            r.start(&state.held)
+                .saturating_add(within)
+                .saturating_add(1)
+        }))
+        .min()
+}
+
+/// Sets `entry`'s timer (the key `key`'s) to `due` (`None`: no timer),
+/// moving its entry in the engine's `timers`.
+fn set_timer(
+    timers: &mut BTreeSet<(Millis, String)>,
+    key: &str,
+    entry: &mut KeyEntry,
+    due: Option<Millis>,
+) {
+    let old = std::mem::replace(&mut entry.due, due);
+    if old == due {
+        return;
+    }
+    if let Some(old) = old {
+        timers.remove(&(old, key.to_owned()));
+    }
+    if let Some(due) = due {
+        timers.insert((due, key.to_owned()));
     }
 }
 
