@@ -165,12 +165,27 @@ impl Metric {
         stamp: Option<&Stamp>,
         envelope: &Value,
     ) -> Outcome {
-        let Some(stamp) = stamp else {
-            return Outcome::NoGroup;
-        };
-        let value = self.spec.field.as_ref().and_then(|f| f.get(envelope));
-        let observed = self.engine.observe(&group, stamp, value);
-        Outcome::Observed { group, observed }
+        match self.observe_value(&group, stamp, self.field_value(envelope)) {
+            Some(observed) => Outcome::Observed { group, observed },
+            None => Outcome::NoGroup,
+        }
+    }
+
+    /// [`Metric::observe_in`] with the value of the metric's field
+    /// ([`Metric::field_value`]) read before; `None` for an event without
+    /// a time.
+    pub fn observe_value(
+        &mut self,
+        group: &str,
+        stamp: Option<&Stamp>,
+        value: Option<&Value>,
+    ) -> Option<Observed> {
+        Some(self.engine.observe(group, stamp?, value))
+    }
+
+    /// The value of the metric's field in `envelope`, if it has one.
+    pub fn field_value<'v>(&self, envelope: &'v Value) -> Option<&'v Value> {
+        self.spec.field.as_ref().and_then(|f| f.get(envelope))
     }
 
     /// The value of `group` as a computed trait: its latest open window's

@@ -27,7 +27,7 @@ use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec};
 use crate::log::StoredRecord;
-use crate::metric::{Head, Metric, Outcome};
+use crate::metric::{Head, Metric};
 use crate::store::{
     Combine, ComputedTrait, FirstRecords, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary,
     Store, StoredWindow,
@@ -312,10 +312,13 @@ pub enum Step {
     Delete(Vec<String>),
     /// Merges the groups an alias or identify links into the user's (the
     /// user, the linked ids), then counts the event in its group if the
-    /// metric takes it.
+    /// metric takes it, with the value of the metric's field: read while
+    /// the batch is parsed, when the event's JSON is in the CPU's cache
+    /// (each member reading it later found it cold).
     Observe {
         link: Option<(String, Vec<String>)>,
         group: Option<String>,
+        value: Option<Value>,
     },
 }
 
@@ -462,7 +465,11 @@ impl MetricProcessor {
         if link.is_none() && group.is_none() {
             return Step::Skip;
         }
-        Step::Observe { link, group }
+        let value = group
+            .as_ref()
+            .and_then(|_| metric.field_value(event))
+            .cloned();
+        Step::Observe { link, group, value }
     }
 
     /// Reads its offsets from the store. A partition held in memory whose
@@ -792,7 +799,7 @@ impl MetricProcessor {
             match step {
                 Step::Skip => {}
                 Step::Delete(ids) => wanted.extend(ids.iter().map(String::as_str)),
-                Step::Observe { link, group } => {
+                Step::Observe { link, group, .. } => {
                     wanted.extend(group.as_deref());
                     if let Some((into, from)) = link {
                         wanted.insert(into);
@@ -862,7 +869,7 @@ impl MetricProcessor {
             let p = event.partition;
             let id = event.message_id();
             let metric = &mut partitions.get_mut(&p).expect("loaded above").metric;
-            let group = match step {
+            let (group, value) = match step {
                 Step::Skip => continue,
                 Step::Delete(ids) => {
                     // A GDPR deletion, in order with the user's events:
@@ -874,7 +881,7 @@ impl MetricProcessor {
                     }
                     continue;
                 }
-                Step::Observe { link, group } => {
+                Step::Observe { link, group, value } => {
                     if let (Some((into, from)), Some(id)) = (link, id) {
                         for from in from {
                             let partition = self.partition_of(from);
@@ -894,7 +901,7 @@ impl MetricProcessor {
                         }
                     }
                     match group {
-                        Some(group) => group,
+                        Some(group) => (group, value.as_ref()),
                         None => continue,
                     }
                 }
@@ -907,15 +914,14 @@ impl MetricProcessor {
             {
                 continue;
             }
-            let outcome = metric.observe_in(group.clone(), event.stamp.as_ref(), &event.value);
-            let Outcome::Observed { group, observed } = outcome else {
+            let Some(observed) = metric.observe_value(group, event.stamp.as_ref(), value) else {
                 continue;
             };
             if let (Some(missed), Some(id)) = (&observed.late, id) {
                 late.push(LateEvent {
                     metric: self.spec.name.clone(),
                     version: self.version,
-                    group,
+                    group: group.clone(),
                     message_id: id.to_owned(),
                     start_ms: missed.window.start,
                     end_ms: missed.window.end,
