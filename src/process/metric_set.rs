@@ -63,14 +63,15 @@ pub trait Member: Send + Sync + 'static {
 
     /// Applies the set's batch (`events` with this member's `steps`) from
     /// its own offsets on, and commits it (or holds it back under a
-    /// `backlog`); the events it counted.
+    /// `backlog`); the events it counted. `retries` marks the events that
+    /// are a client's retry: their message id's first record is another.
     #[allow(clippy::too_many_arguments)]
     async fn apply(
         &self,
         topic: &str,
         events: &[Event],
         steps: &[Self::Step],
-        first: &FirstRecords,
+        retries: &[bool],
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,
@@ -153,9 +154,10 @@ impl<M: Member> Set<M> {
         Parsed { events, steps }
     }
 
-    /// Claims the message ids of the events some member counts: each id's
-    /// first record, as stored.
-    async fn claim(&self, parsed: &Parsed<M::Step>) -> Result<FirstRecords, CommitError> {
+    /// Claims the message ids of the events some member counts, and marks
+    /// each event that is a retry (its id's first record, as stored, is
+    /// another), once for every member.
+    async fn claim(&self, parsed: &Parsed<M::Step>) -> Result<Vec<bool>, CommitError> {
         let claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()
@@ -166,12 +168,23 @@ impl<M: Member> Set<M> {
             })
             .collect();
         if claims.is_empty() {
-            return Ok(FirstRecords::default());
+            return Ok(vec![false; parsed.events.len()]);
         }
-        self.store
+        let first: FirstRecords = self
+            .store
             .claim_metric_ids(M::CLAIMS, &claims)
             .await
-            .map_err(commit_error)
+            .map_err(commit_error)?;
+        Ok(parsed
+            .events
+            .iter()
+            .map(|e| {
+                e.message_id
+                    .as_deref()
+                    .and_then(|id| first.get(id))
+                    .is_some_and(|at| *at != (e.partition, e.offset))
+            })
+            .collect())
     }
 
     /// Runs every member's commit of `parsed` at once (see
@@ -179,13 +192,13 @@ impl<M: Member> Set<M> {
     async fn apply_all(
         &self,
         parsed: &Arc<Parsed<M::Step>>,
-        first: FirstRecords,
+        retries: Vec<bool>,
         checkpoint: &Checkpoint,
         tick: bool,
     ) -> Result<(), CommitError> {
-        let first = Arc::new(first);
+        let retries = Arc::new(retries);
         self.each_member(|i, member| {
-            let (parsed, first) = (parsed.clone(), first.clone());
+            let (parsed, retries) = (parsed.clone(), retries.clone());
             let checkpoint = checkpoint.clone();
             async move {
                 member
@@ -193,7 +206,7 @@ impl<M: Member> Set<M> {
                         &checkpoint.topic,
                         &parsed.events,
                         &parsed.steps[i],
-                        &first,
+                        &retries,
                         &checkpoint.offsets,
                         &checkpoint.clocks,
                         tick,
@@ -323,8 +336,8 @@ impl<M: Member> Processor for Set<M> {
         prepared: &Prepared<M::Step>,
         checkpoint: Checkpoint,
     ) -> Result<Committed, CommitError> {
-        let first = self.claim(&prepared.0).await?;
-        self.apply_all(&prepared.0, first, &checkpoint, false)
+        let retries = self.claim(&prepared.0).await?;
+        self.apply_all(&prepared.0, retries, &checkpoint, false)
             .await?;
         Ok(Committed {
             applied: prepared.0.events.len(),
@@ -343,7 +356,7 @@ impl<M: Member> Processor for Set<M> {
             events: Vec::new(),
             steps: vec![Vec::new(); self.members.len()],
         });
-        self.apply_all(&empty, FirstRecords::default(), &checkpoint, true)
+        self.apply_all(&empty, Vec::new(), &checkpoint, true)
             .await?;
         Ok(true)
     }
@@ -424,14 +437,14 @@ impl Member for MetricProcessor {
         topic: &str,
         events: &[Event],
         steps: &[Self::Step],
-        first: &FirstRecords,
+        retries: &[bool],
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,
         backlog: bool,
     ) -> Result<usize, CommitError> {
         MetricProcessor::apply(
-            self, topic, events, steps, first, advances, clocks, tick, backlog,
+            self, topic, events, steps, retries, advances, clocks, tick, backlog,
         )
         .await
     }

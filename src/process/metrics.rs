@@ -29,8 +29,8 @@ use crate::definitions::{GroupBy, MetricSpec};
 use crate::log::StoredRecord;
 use crate::metric::{Head, Metric};
 use crate::store::{
-    Combine, ComputedTrait, FirstRecords, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary,
-    Store, StoredWindow,
+    Combine, ComputedTrait, GroupRow, LateEvent, MergeRow, MetricBatch, StateSummary, Store,
+    StoredWindow,
 };
 use crate::windows::{Closed, Millis, Stamp};
 
@@ -615,7 +615,8 @@ impl MetricProcessor {
     /// Applies the set's batch (`events` with this member's `steps`) and
     /// `clocks` to the engines and commits the result with this member's
     /// offsets; the events below its own offsets were applied before and
-    /// are skipped. `first` is each claimed message id's first record.
+    /// are skipped. `retries` marks the events that are a client's retry
+    /// (their message id's first record is another).
     /// With `backlog` (more records wait) the batch may be held back in
     /// memory, to be written with a later one ([`HeldBack`]). On a failed
     /// write the partitions it touched are dropped from memory, to be
@@ -628,7 +629,7 @@ impl MetricProcessor {
         topic: &str,
         events: &[Event],
         steps: &[Step],
-        first: &FirstRecords,
+        retries: &[bool],
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
@@ -642,14 +643,17 @@ impl MetricProcessor {
             .iter()
             .map(|o| (o.partition, o.expected.unwrap_or(0)))
             .collect();
-        let batch: Vec<(&Event, &Step)> = events
+        debug_assert_eq!(retries.len(), events.len(), "a retry mark an event");
+        let batch: Vec<(&Event, &Step, bool)> = events
             .iter()
             .zip(steps)
-            .filter(|(e, _)| from.get(&e.partition).is_some_and(|f| e.offset >= *f))
+            .zip(retries)
+            .map(|((e, step), retry)| (e, step, *retry))
+            .filter(|(e, ..)| from.get(&e.partition).is_some_and(|f| e.offset >= *f))
             .collect();
         let batch_no = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut engines = self.engines.lock().await;
-        let touched = touched(batch.iter().map(|(e, _)| *e), &offsets, clocks);
+        let touched = touched(batch.iter().map(|(e, ..)| *e), &offsets, clocks);
         let missing: Vec<i32> = touched
             .iter()
             .filter(|p| !engines.partitions.contains_key(p))
@@ -673,7 +677,7 @@ impl MetricProcessor {
                 .held_back
                 .since
                 .is_none_or(|t| t.elapsed() < HOLD_BACK_FOR)
-            && batch.iter().all(|(_, step)| match step {
+            && batch.iter().all(|(_, step, _)| match step {
                 Step::Skip => true,
                 Step::Delete(_) => false,
                 Step::Observe { link, .. } => link.is_none(),
@@ -685,7 +689,6 @@ impl MetricProcessor {
                 &mut engines,
                 topic,
                 &batch,
-                first,
                 offsets,
                 clocks,
                 &touched,
@@ -752,8 +755,7 @@ impl MetricProcessor {
         &self,
         engines: &mut Engines,
         topic: &str,
-        batch: &[(&Event, &Step)],
-        first: &FirstRecords,
+        batch: &[(&Event, &Step, bool)],
         offsets: Vec<OffsetAdvance>,
         clocks: &[PartitionTime],
         touched: &BTreeSet<i32>,
@@ -790,7 +792,7 @@ impl MetricProcessor {
         };
         // Evicted groups are read back before any is observed.
         let mut wanted: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
-        for (event, step) in batch {
+        for (event, step, _) in batch {
             let p = event.partition;
             if !partitions[&p].spilled {
                 continue;
@@ -865,7 +867,7 @@ impl MetricProcessor {
         let mut counted = 0;
         let mut late = Vec::new();
         let mut deleted = Vec::new();
-        for &(event, step) in batch {
+        for &(event, step, retry) in batch {
             let p = event.partition;
             let id = event.message_id();
             let metric = &mut partitions.get_mut(&p).expect("loaded above").metric;
@@ -908,10 +910,7 @@ impl MetricProcessor {
             };
             // A client's retry (the same message id) is counted once:
             // where the first record of its id is.
-            if id
-                .and_then(|id| first.get(id))
-                .is_some_and(|at| *at != (p, event.offset))
-            {
+            if retry {
                 continue;
             }
             let Some(observed) = metric.observe_value(group, event.stamp.as_ref(), value) else {

@@ -31,7 +31,7 @@ use crate::definitions::{RuleKey, RuleSpec};
 use crate::envelope::rfc3339;
 use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
-use crate::store::{FirstRecords, RuleBatch, Store, StoredAlert};
+use crate::store::{RuleBatch, Store, StoredAlert};
 
 pub use super::metric_set::Set;
 pub use super::rule_stage::{RuleRunners, purge_superseded, spawn};
@@ -433,7 +433,7 @@ impl Member for RuleProcessor {
         topic: &str,
         events: &[Event],
         steps: &[RuleStep],
-        first: &FirstRecords,
+        retries: &[bool],
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
@@ -469,7 +469,8 @@ impl Member for RuleProcessor {
         let mut counted = 0;
         let mut late: HashMap<i32, u64> = HashMap::new();
         let mut deleted = Vec::new();
-        for (event, step) in events.iter().zip(steps) {
+        debug_assert_eq!(retries.len(), events.len(), "a retry mark an event");
+        for ((event, step), retry) in events.iter().zip(steps).zip(retries) {
             if from.get(&event.partition).is_none_or(|f| event.offset < *f) {
                 continue;
             }
@@ -492,10 +493,7 @@ impl Member for RuleProcessor {
             };
             // A client's retry (the same message id) is taken once: where
             // the first record of its id is.
-            if first
-                .get(&stamp.id)
-                .is_some_and(|at| *at != (event.partition, event.offset))
-            {
+            if *retry {
                 continue;
             }
             let input = Input {
