@@ -21,13 +21,14 @@
 //! pruned on the watermark, so a quiet key's state goes. After a match,
 //! the skip strategy drops the runs it overlaps.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHasher as Hasher;
+use crate::windows::{Timers, move_timer};
 
 #[cfg(test)]
 mod tests;
@@ -449,7 +450,7 @@ pub struct Engine {
     /// When each key next needs the watermark: the limit at which its
     /// earliest waiting event can be taken or its earliest run's bound
     /// has passed.
-    timers: BTreeSet<(Millis, String)>,
+    timers: Timers,
     watermark: Option<Millis>,
     changed: HashSet<String, Hasher>,
     counts: Counts,
@@ -463,7 +464,7 @@ impl Engine {
         Engine {
             pattern,
             keys: HashMap::default(),
-            timers: BTreeSet::new(),
+            timers: Timers::new(),
             watermark: None,
             changed: HashSet::default(),
             counts: Counts::default(),
@@ -694,22 +695,9 @@ fn next_due(pattern: &Pattern, state: &KeyState) -> Option<Millis> {
 
 /// Sets `entry`'s timer (the key `key`'s) to `due` (`None`: no timer),
 /// moving its entry in the engine's `timers`.
-fn set_timer(
-    timers: &mut BTreeSet<(Millis, String)>,
-    key: &str,
-    entry: &mut KeyEntry,
-    due: Option<Millis>,
-) {
+fn set_timer(timers: &mut Timers, key: &str, entry: &mut KeyEntry, due: Option<Millis>) {
     let old = std::mem::replace(&mut entry.due, due);
-    if old == due {
-        return;
-    }
-    if let Some(old) = old {
-        timers.remove(&(old, key.to_owned()));
-    }
-    if let Some(due) = due {
-        timers.insert((due, key.to_owned()));
-    }
+    move_timer(timers, key, old, due);
 }
 
 /// Runs one event of `key`, in event-time order, through its partial

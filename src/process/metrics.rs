@@ -314,7 +314,7 @@ pub enum Step {
     /// user, the linked ids), then counts the event in its group if the
     /// metric takes it, with the value of the metric's field: read while
     /// the batch is parsed, when the event's JSON is in the CPU's cache
-    /// (each member reading it later found it cold).
+    /// (by the time each member applies the batch, it is cold).
     Observe {
         link: Option<(String, Vec<String>)>,
         group: Option<String>,
@@ -643,7 +643,7 @@ impl MetricProcessor {
             .iter()
             .map(|o| (o.partition, o.expected.unwrap_or(0)))
             .collect();
-        debug_assert_eq!(retries.len(), events.len(), "a retry mark an event");
+        debug_assert_eq!(retries.len(), events.len(), "one retry mark an event");
         let batch: Vec<(&Event, &Step, bool)> = events
             .iter()
             .zip(steps)

@@ -469,7 +469,7 @@ impl Member for RuleProcessor {
         let mut counted = 0;
         let mut late: HashMap<i32, u64> = HashMap::new();
         let mut deleted = Vec::new();
-        debug_assert_eq!(retries.len(), events.len(), "a retry mark an event");
+        debug_assert_eq!(retries.len(), events.len(), "one retry mark an event");
         for ((event, step), retry) in events.iter().zip(steps).zip(retries) {
             if from.get(&event.partition).is_none_or(|f| event.offset < *f) {
                 continue;

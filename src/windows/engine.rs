@@ -1,7 +1,7 @@
 //! The engine of one metric over one partition's events: groups' window
 //! state, the watermark, and the timers that close windows.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use hashbrown::HashMap;
 
@@ -12,7 +12,7 @@ use super::aggregate::{Aggregate, Partial, Stamp};
 use super::calendar::calendar_span;
 use super::session::{Part, Session, Shape};
 use super::slices::Slices;
-use super::{Millis, Span, WindowKind, floor_to, gcd};
+use super::{Millis, Span, Timers, WindowKind, floor_to, gcd, move_timer};
 use crate::KeyHasher;
 
 /// What became of one event.
@@ -158,7 +158,7 @@ pub struct Engine {
     limit: Millis,
     groups: HashMap<String, Group, KeyHasher>,
     /// When to look at a group again (a limit), as each group's timer.
-    timers: BTreeSet<(Millis, String)>,
+    timers: Timers,
     /// Groups changed since [`Engine::take_changed`].
     changed: HashSet<String, KeyHasher>,
 }
@@ -191,7 +191,7 @@ impl Engine {
             watermark: None,
             limit: Millis::MIN,
             groups: HashMap::default(),
-            timers: BTreeSet::new(),
+            timers: Timers::new(),
             changed: HashSet::default(),
         }
     }
@@ -707,21 +707,9 @@ fn next_timer(
 
 /// Sets `held`'s timer (the group `name`'s) to `next`, moving its entry
 /// in the engine's `timers`.
-fn set_timer(
-    timers: &mut BTreeSet<(Millis, String)>,
-    name: &str,
-    held: &mut Group,
-    next: Option<Millis>,
-) {
+fn set_timer(timers: &mut Timers, name: &str, held: &mut Group, next: Option<Millis>) {
     let old = std::mem::replace(&mut held.timer, next);
-    if old != next {
-        if let Some(old) = old {
-            timers.remove(&(old, name.to_owned()));
-        }
-        if let Some(at) = next {
-            timers.insert((at, name.to_owned()));
-        }
-    }
+    move_timer(timers, name, old, next);
 }
 
 /// The end of the first window of `size` every `slide` that holds time

@@ -29,6 +29,23 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the epoch: event time and watermarks.
 pub type Millis = i64;
 
+/// Timers by when they are due, each with whose it is (a metric's group,
+/// a rule's key).
+pub type Timers = std::collections::BTreeSet<(Millis, String)>;
+
+/// Moves `name`'s timer in `timers` from `old` to `new` (`None`: none).
+pub fn move_timer(timers: &mut Timers, name: &str, old: Option<Millis>, new: Option<Millis>) {
+    if old == new {
+        return;
+    }
+    if let Some(old) = old {
+        timers.remove(&(old, name.to_owned()));
+    }
+    if let Some(new) = new {
+        timers.insert((new, name.to_owned()));
+    }
+}
+
 /// A window's bounds, `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Span {
