@@ -86,8 +86,8 @@ pub struct Combine {
     pub parts: Vec<(i32, Closed)>,
 }
 
-/// Each claimed message id's first record (partition, offset): looked up
-/// for every event by every member of a set.
+/// Each claimed message id's first record (partition, offset): a set
+/// looks every event of its batch up in it once.
 pub type FirstRecords = HashMap<String, (i32, i64), crate::KeyHasher>;
 
 /// One group's stored open window state.
