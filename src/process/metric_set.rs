@@ -138,18 +138,19 @@ impl<M: Member> Set<M> {
     }
 
     /// Parses `records` and works out every member's steps.
-    fn parse(&self, records: &[StoredRecord]) -> Parsed<M::Step> {
-        let events: Vec<Event> = records.iter().filter_map(Event::parse).collect();
+    fn parse(&self, records: Vec<StoredRecord>) -> Parsed<M::Step> {
+        let mut events = Vec::with_capacity(records.len());
         let mut steps: Vec<Vec<M::Step>> = self
             .members
             .iter()
-            .map(|_| Vec::with_capacity(events.len()))
+            .map(|_| Vec::with_capacity(records.len()))
             .collect();
-        for event in &events {
-            let head = Head::of(&event.value);
+        for (event, value) in records.into_iter().filter_map(Event::parse) {
+            let head = Head::of(&value);
             for (member, steps) in self.members.iter().zip(&mut steps) {
-                steps.push(member.step(&head, &event.value));
+                steps.push(member.step(&head, &value));
             }
+            events.push(event);
         }
         Parsed { events, steps }
     }
@@ -308,9 +309,19 @@ impl<M: Member> Processor for Set<M> {
     fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared<M::Step>, Vec<Rejected>) {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let chunk = records.len().div_ceil(threads).max(PARSE_CHUNK);
+        let total = records.len();
+        let mut parts = Vec::with_capacity(threads);
+        let mut rest = records;
+        while rest.len() > chunk {
+            let tail = rest.split_off(chunk);
+            parts.push(std::mem::replace(&mut rest, tail));
+        }
+        if !rest.is_empty() {
+            parts.push(rest);
+        }
         let parts: Vec<Parsed<M::Step>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = records
-                .chunks(chunk)
+            let handles: Vec<_> = parts
+                .into_iter()
                 .map(|part| scope.spawn(|| self.parse(part)))
                 .collect();
             handles
@@ -319,8 +330,8 @@ impl<M: Member> Processor for Set<M> {
                 .collect()
         });
         let mut parsed = Parsed {
-            events: Vec::with_capacity(records.len()),
-            steps: vec![Vec::with_capacity(records.len()); self.members.len()],
+            events: Vec::with_capacity(total),
+            steps: vec![Vec::with_capacity(total); self.members.len()],
         };
         for part in parts {
             parsed.events.extend(part.events);
