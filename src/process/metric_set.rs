@@ -24,7 +24,7 @@ use super::{
 use crate::config::Config;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
-use crate::store::{FirstRecords, Store};
+use crate::store::Store;
 
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
@@ -171,7 +171,7 @@ impl<M: Member> Set<M> {
         if claims.is_empty() {
             return Ok(vec![false; parsed.events.len()]);
         }
-        let first: FirstRecords = self
+        let claimed = self
             .store
             .claim_metric_ids(M::CLAIMS, &claims)
             .await
@@ -182,8 +182,7 @@ impl<M: Member> Set<M> {
             .map(|e| {
                 e.message_id
                     .as_deref()
-                    .and_then(|id| first.get(id))
-                    .is_some_and(|at| *at != (e.partition, e.offset))
+                    .is_some_and(|id| claimed.is_retry(id, e.partition, e.offset))
             })
             .collect())
     }

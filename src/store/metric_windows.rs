@@ -86,9 +86,31 @@ pub struct Combine {
     pub parts: Vec<(i32, Closed)>,
 }
 
-/// Each claimed message id's first record (partition, offset): a set
-/// looks every event of its batch up in it once.
+/// Each claimed message id's first record (partition, offset).
 pub type FirstRecords = HashMap<String, (i32, i64), crate::KeyHasher>;
+
+/// What a claim of a batch's message ids found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claimed {
+    /// Every claim was its id's first record: no event is a retry. The
+    /// common case costs no answer from the store, only a row count.
+    AllFirst,
+    /// Some id was claimed before (a client's retry, a batch tried again,
+    /// a backfill) or twice in the batch: every id's first record, as
+    /// stored.
+    Positions(FirstRecords),
+}
+
+impl Claimed {
+    /// Whether the record at `partition`, `offset` of message `id` is a
+    /// client's retry: its id's first record is another.
+    pub fn is_retry(&self, id: &str, partition: i32, offset: i64) -> bool {
+        match self {
+            Claimed::AllFirst => false,
+            Claimed::Positions(first) => first.get(id).is_some_and(|at| *at != (partition, offset)),
+        }
+    }
+}
 
 /// One group's stored open window state.
 #[derive(Debug, Clone, PartialEq)]
@@ -479,16 +501,17 @@ impl Store {
 
     /// Claims message ids for `processor`: each `(id, partition, offset,
     /// received_at)` records that the id's first record is at that log
-    /// position, unless an earlier claim did. Returns the first position of
-    /// every id claimed; an event counts when it is its own record's.
-    /// Claiming needs no lookup of the ids already counted (a claim is an
-    /// insert), and is true of the log whether or not the batch commits,
-    /// so it is made before the batch's transaction.
+    /// position, unless an earlier claim did. An event counts when it is
+    /// its id's first record. Claiming needs no lookup of the ids already
+    /// counted (a claim is an insert; only when fewer rows go in than
+    /// were claimed are the ids' first records read), and is true of the
+    /// log whether or not the batch commits, so it is made before the
+    /// batch's transaction.
     pub async fn claim_metric_ids(
         &self,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
-    ) -> Result<FirstRecords, StoreError> {
+    ) -> Result<Claimed, StoreError> {
         match &self.pg {
             Some(pg) => claim_pg(pg, processor, claims).await,
             None => self.claim_any(processor, claims).await,
@@ -500,13 +523,13 @@ impl Store {
         &self,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
-    ) -> Result<FirstRecords, StoreError> {
-        let mut first = FirstRecords::default();
+    ) -> Result<Claimed, StoreError> {
         let mut tx = self.begin_write().await?;
+        let mut inserted = 0;
         for chunk in claims.chunks(ROWS / 5) {
             let sql = format!(
                 "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
-                 VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
+                 VALUES {} ON CONFLICT DO NOTHING",
                 rows_of(self.dialect, chunk.len(), 5, 1)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -518,38 +541,35 @@ impl Store {
                     .bind(*offset)
                     .bind(*received_at);
             }
-            let inserted: HashSet<String> = query
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|row| row.try_get(0))
-                .collect::<Result<_, _>>()?;
-            claimed_first(chunk, &inserted, &mut first);
+            inserted += query.execute(&mut *tx).await?.rows_affected();
         }
-        // Ids claimed before (a retry, or this batch tried again): their
-        // first position as stored.
-        let earlier = unclaimed(claims, &first);
-        for chunk in earlier.chunks(ROWS) {
-            let sql = format!(
-                "SELECT message_id, partition, record_offset FROM metric_seen \
-                 WHERE processor = {} AND message_id IN ({})",
-                self.dialect.params(1, 1),
-                self.dialect.params(chunk.len(), 2)
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                let position = (
-                    row.try_get::<Option<i32>, _>(1)?.unwrap_or(-1),
-                    row.try_get::<Option<i64>, _>(2)?.unwrap_or(-1),
+        let claimed = if inserted as usize == claims.len() {
+            Claimed::AllFirst
+        } else {
+            let mut first = FirstRecords::default();
+            for chunk in distinct_ids(claims).chunks(ROWS) {
+                let sql = format!(
+                    "SELECT message_id, partition, record_offset FROM metric_seen \
+                     WHERE processor = {} AND message_id IN ({})",
+                    self.dialect.params(1, 1),
+                    self.dialect.params(chunk.len(), 2)
                 );
-                first.insert(row.try_get(0)?, position);
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                for row in query.fetch_all(&mut *tx).await? {
+                    let position = (
+                        row.try_get::<Option<i32>, _>(1)?.unwrap_or(-1),
+                        row.try_get::<Option<i64>, _>(2)?.unwrap_or(-1),
+                    );
+                    first.insert(row.try_get(0)?, position);
+                }
             }
-        }
+            Claimed::Positions(first)
+        };
         tx.commit().await?;
-        Ok(first)
+        Ok(claimed)
     }
 
     /// Closed windows not yet on `user_metrics`, in the order they
@@ -1271,8 +1291,7 @@ async fn claim_pg(
     pg: &sqlx::PgPool,
     processor: &str,
     claims: &[(&str, i32, i64, i64)],
-) -> Result<FirstRecords, StoreError> {
-    let mut first = FirstRecords::default();
+) -> Result<Claimed, StoreError> {
     let mut tx = pg.begin().await?;
     let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.1).collect();
@@ -1280,61 +1299,49 @@ async fn claim_pg(
     let received: Vec<i64> = claims.iter().map(|c| c.3).collect();
     // `WITH ORDINALITY ... ORDER BY` inserts the rows in the batch's order,
     // so of an id twice in the batch the first is the one inserted.
-    let inserted: HashSet<String> = sqlx::query_scalar(
+    let inserted = sqlx::query(
         "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
          SELECT $1, c.id, c.p, c.o, c.r \
          FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::int8[]) WITH ORDINALITY AS c(id, p, o, r, n) \
-         ORDER BY c.n ON CONFLICT DO NOTHING RETURNING message_id",
+         ORDER BY c.n ON CONFLICT DO NOTHING",
     )
     .bind(processor)
     .bind(&ids)
     .bind(&partitions)
     .bind(&offsets)
     .bind(&received)
-    .fetch_all(&mut *tx)
+    .execute(&mut *tx)
     .await?
-    .into_iter()
-    .collect();
-    claimed_first(claims, &inserted, &mut first);
-    let earlier = unclaimed(claims, &first);
-    if !earlier.is_empty() {
+    .rows_affected();
+    let claimed = if inserted as usize == claims.len() {
+        Claimed::AllFirst
+    } else {
         let rows: Vec<(String, Option<i32>, Option<i64>)> = sqlx::query_as(
             "SELECT message_id, partition, record_offset FROM metric_seen \
              WHERE processor = $1 AND message_id = ANY($2)",
         )
         .bind(processor)
-        .bind(&earlier)
+        .bind(distinct_ids(claims))
         .fetch_all(&mut *tx)
         .await?;
-        for (id, partition, offset) in rows {
-            first.insert(id, (partition.unwrap_or(-1), offset.unwrap_or(-1)));
-        }
-    }
+        Claimed::Positions(
+            rows.into_iter()
+                .map(|(id, partition, offset)| {
+                    (id, (partition.unwrap_or(-1), offset.unwrap_or(-1)))
+                })
+                .collect(),
+        )
+    };
     tx.commit().await?;
-    Ok(first)
+    Ok(claimed)
 }
 
-/// Records the position of each of `claims` whose id `inserted` holds
-/// (claims are in log order: of an id twice, the first).
-fn claimed_first(
-    claims: &[(&str, i32, i64, i64)],
-    inserted: &HashSet<String>,
-    first: &mut FirstRecords,
-) {
-    for (id, partition, offset, _) in claims {
-        if inserted.contains(*id) {
-            first
-                .entry((*id).to_owned())
-                .or_insert((*partition, *offset));
-        }
-    }
-}
-
-/// The ids of `claims` that `first` has no position for yet.
-fn unclaimed<'a>(claims: &[(&'a str, i32, i64, i64)], first: &FirstRecords) -> Vec<&'a str> {
+/// The message ids of `claims`, each once.
+fn distinct_ids<'a>(claims: &[(&'a str, i32, i64, i64)]) -> Vec<&'a str> {
+    let mut seen = HashSet::with_capacity(claims.len());
     claims
         .iter()
         .map(|(id, ..)| *id)
-        .filter(|id| !first.contains_key(*id))
+        .filter(|id| seen.insert(*id))
         .collect()
 }

@@ -14,8 +14,8 @@ pub use archive::ArchivedObject;
 pub use definitions::{DefinitionKind, Put, StoredDefinition};
 pub use deliveries::{DeadLetter, DeliveryOutcome, DeliverySummary, StoredFailure, StoredReplay};
 pub use metric_windows::{
-    Combine, ComputedTrait, FirstRecords, GroupRow, LateEvent, MergeRow, MetricBatch, OpenGroup,
-    StateSummary, StoredPart, StoredWindow, WindowQuery,
+    Claimed, Combine, ComputedTrait, FirstRecords, GroupRow, LateEvent, MergeRow, MetricBatch,
+    OpenGroup, StateSummary, StoredPart, StoredWindow, WindowQuery,
 };
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 pub use rules::{AlertQuery, RuleBatch, StoredAlert};

@@ -9,9 +9,9 @@ use chrono::Utc;
 use serde_json::Value;
 use traitline::envelope::{EventEnvelope, EventType};
 use traitline::store::{
-    AlertQuery, ArchivedObject, Combine, ComputedTrait, DeadLetter, DeliveryOutcome, GroupRow,
-    MergeRow, MetricBatch, OffsetAdvance, ProfileBatch, RuleBatch, StateSummary, Store, StoreError,
-    StoredAlert, StoredWindow, WindowQuery,
+    AlertQuery, ArchivedObject, Claimed, Combine, ComputedTrait, DeadLetter, DeliveryOutcome,
+    GroupRow, MergeRow, MetricBatch, OffsetAdvance, ProfileBatch, RuleBatch, StateSummary, Store,
+    StoreError, StoredAlert, StoredWindow, WindowQuery,
 };
 use traitline::windows::{Aggregate, Closed, Span, Stamp};
 
@@ -309,10 +309,7 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         .claim_metric_ids(processor, &[("m1", 3, 5, 4_000_000)])
         .await
         .unwrap();
-    assert_eq!(
-        first,
-        traitline::store::FirstRecords::from_iter([("m1".to_owned(), (3, 5))])
-    );
+    assert_eq!(first, Claimed::AllFirst);
     let again = store
         .claim_metric_ids(
             processor,
@@ -328,12 +325,16 @@ async fn a_metric_batch_commits_with_its_offsets_and_a_stale_one_writes_nothing(
         .unwrap();
     assert_eq!(
         again,
-        traitline::store::FirstRecords::from_iter([
+        Claimed::Positions(traitline::store::FirstRecords::from_iter([
             ("m1".to_owned(), (3, 5)),
             ("m2".to_owned(), (4, 10)),
             ("m3".to_owned(), (4, 11))
-        ])
+        ]))
     );
+    assert!(again.is_retry("m1", 4, 9));
+    assert!(!again.is_retry("m1", 3, 5));
+    assert!(again.is_retry("m3", 2, 7));
+    assert!(!again.is_retry("m2", 4, 10));
     let (clock, states) = store
         .metric_states(processor, "user_events", 3)
         .await
