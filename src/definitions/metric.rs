@@ -98,6 +98,26 @@ pub struct MetricSpec {
     pub computed_trait: Option<String>,
 }
 
+impl MetricSpec {
+    /// The envelope fields it reads of an event, beyond what every
+    /// metric reads (its type, name, ids and times).
+    pub fn reads(&self) -> super::Reads {
+        let group = match &self.group_by {
+            GroupBy::Field(path) => path.reads(),
+            GroupBy::Global | GroupBy::User => super::Reads::NONE,
+        };
+        self.condition
+            .as_ref()
+            .map_or(super::Reads::NONE, Condition::reads)
+            .with(group)
+            .with(
+                self.field
+                    .as_ref()
+                    .map_or(super::Reads::NONE, FieldPath::reads),
+            )
+    }
+}
+
 /// The default allowed lateness.
 const DEFAULT_LATENESS_MS: Millis = 0;
 

@@ -8,12 +8,14 @@ mod condition;
 pub mod destination;
 mod duration;
 pub mod metric;
+mod reads;
 pub mod rule;
 
 pub use condition::Condition;
 pub use destination::{DestinationDefinition, DestinationSpec};
 pub use duration::parse_duration;
 pub use metric::{GroupBy, MetricDefinition, MetricSpec};
+pub use reads::Reads;
 pub use rule::{RuleDefinition, RuleKey, RuleSpec};
 
 use crate::windows::Millis;
@@ -115,6 +117,11 @@ impl FieldPath {
 
     pub fn as_string(&self) -> String {
         self.segments.join(".")
+    }
+
+    /// The envelope field it starts at.
+    pub fn reads(&self) -> Reads {
+        Reads::of([self.segments[0].as_str()])
     }
 }
 

@@ -119,6 +119,21 @@ pub struct RuleSpec {
     pub keeps: Vec<&'static str>,
 }
 
+impl RuleSpec {
+    /// The envelope fields it reads of an event, beyond what every rule
+    /// reads (its type, name, ids and times).
+    pub fn reads(&self) -> super::Reads {
+        let key = match &self.key {
+            RuleKey::Field(path) => path.reads(),
+            RuleKey::User => super::Reads::NONE,
+        };
+        self.conditions
+            .iter()
+            .fold(key, |reads, c| reads.with(c.reads()))
+            .with(super::Reads::of(self.keeps.iter().copied()))
+    }
+}
+
 /// Answers for the steps whose conditions read earlier steps' events:
 /// the condition's parts that do, with each earlier step it names bound
 /// to the properties of the events that step took (`small.amount`: the

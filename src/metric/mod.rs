@@ -35,6 +35,22 @@ pub enum Outcome {
     Observed { group: String, observed: Observed },
 }
 
+/// What every metric and rule reads of an event, whatever its
+/// definition names: its [`Head`], the ids an alias links
+/// ([`Metric::linked_groups`]), its [`stamp`] and when it was received.
+/// A deletion's ids ([`deleted_ids`]) are in its properties, which a
+/// runner reads of a deletion whatever its definitions name.
+pub const EVERY_DEFINITION_READS: [&str; 8] = [
+    "type",
+    "event",
+    "userId",
+    "anonymousId",
+    "previousId",
+    "messageId",
+    "timestamp",
+    "receivedAt",
+];
+
 /// The envelope fields every metric looks at, read once an event.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Head<'a> {

@@ -22,6 +22,7 @@ use super::{
     Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected, Runner, RunnerSettings,
 };
 use crate::config::Config;
+use crate::definitions::Reads;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
 use crate::store::Store;
@@ -48,6 +49,12 @@ pub trait Member: Send + Sync + 'static {
 
     /// The definition's name.
     fn definition(&self) -> &str;
+
+    /// The envelope fields its definition reads of an event, beyond
+    /// [`EVERY_DEFINITION_READS`].
+    ///
+    /// [`EVERY_DEFINITION_READS`]: crate::metric::EVERY_DEFINITION_READS
+    fn reads(&self) -> Reads;
 
     fn version(&self) -> i64;
 
@@ -87,6 +94,9 @@ pub struct Set<M: Member> {
     name: String,
     store: Store,
     members: Vec<Arc<M>>,
+    /// The envelope fields some member reads: the rest of an event is
+    /// not built when it is parsed.
+    reads: Reads,
     /// The definition whose commit failed for good, for `/readyz`.
     failed: Mutex<Option<String>>,
 }
@@ -107,9 +117,14 @@ impl<M: Member> Set<M> {
     /// A set named `name` (in logs and the dead-letter records) of
     /// `members`.
     pub fn new(name: String, store: Store, members: Vec<Arc<M>>) -> Set<M> {
+        let reads = members.iter().fold(
+            Reads::of(crate::metric::EVERY_DEFINITION_READS),
+            |reads, m| reads.with(m.reads()),
+        );
         Set {
             name,
             store,
+            reads,
             members,
             failed: Mutex::new(None),
         }
@@ -145,7 +160,8 @@ impl<M: Member> Set<M> {
             .iter()
             .map(|_| Vec::with_capacity(records.len()))
             .collect();
-        for (event, value) in records.into_iter().filter_map(Event::parse) {
+        let parse = |record| Event::parse(record, self.reads);
+        for (event, value) in records.into_iter().filter_map(parse) {
             let head = Head::of(&value);
             for (member, steps) in self.members.iter().zip(&mut steps) {
                 steps.push(member.step(&head, &value));
@@ -426,6 +442,10 @@ impl Member for MetricProcessor {
         self.metric()
     }
 
+    fn reads(&self) -> Reads {
+        MetricProcessor::reads(self)
+    }
+
     fn version(&self) -> i64 {
         MetricProcessor::version(self)
     }
@@ -588,5 +608,97 @@ pub mod testing {
         };
         let set = Set::new(M::RUNNER.into(), store.clone(), vec![member.clone()]);
         assert!(set.tick(checkpoint).await.unwrap());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::definitions::MetricDefinition;
+    use crate::process::metrics::{StateBudget, Step};
+
+    fn record(offset: i64, envelope: serde_json::Value) -> StoredRecord {
+        StoredRecord {
+            topic: "events".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: envelope.to_string().into_bytes(),
+        }
+    }
+
+    /// A set reads of an event only what its members read, and all of a
+    /// deletion, whose ids are in its properties, which no member names.
+    #[tokio::test]
+    async fn a_set_reads_what_its_members_read_and_every_id_a_deletion_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(None, dir.path()).await.unwrap();
+        let spec = |body: serde_json::Value, name: &str| {
+            serde_json::from_value::<MetricDefinition>(body)
+                .unwrap()
+                .compile(name)
+                .unwrap()
+        };
+        let by_os = spec(
+            json!({"group_by": "context.os", "aggregate": "count",
+                   "where": "traits.plan == \"pro\"",
+                   "window": {"kind": "tumbling", "size": "1h"}}),
+            "by_os",
+        );
+        let per_user = spec(
+            json!({"group_by": "userId", "aggregate": "sum", "field": "traits.score",
+                   "window": {"kind": "tumbling", "size": "1h"}}),
+            "per_user",
+        );
+        let budget = StateBudget::new(usize::MAX);
+        let member = |spec| Arc::new(MetricProcessor::new(store.clone(), spec, 1, 1, &budget));
+        let set = Set::new(
+            "metrics".into(),
+            store.clone(),
+            vec![member(by_os), member(per_user)],
+        );
+        assert_eq!(
+            set.reads,
+            Reads::of(crate::metric::EVERY_DEFINITION_READS).with(Reads::of(["context", "traits"]))
+        );
+        assert!(!set.reads.contains("properties") && !set.reads.contains("sentAt"));
+
+        let at = "2026-01-01T00:00:00Z";
+        let (prepared, rejected) = set.prepare(vec![
+            record(
+                0,
+                json!({"type": "identify", "userId": "u1", "messageId": "m0",
+                             "timestamp": at, "traits": {"plan": "pro"},
+                             "context": {"os": "iOS"}, "sentAt": at}),
+            ),
+            record(
+                1,
+                json!({"type": "track", "event": "order", "userId": "u1",
+                             "messageId": "m1", "timestamp": at,
+                             "traits": {"score": 4}, "properties": {"amount": 9}}),
+            ),
+            record(
+                2,
+                json!({"type": "delete", "userId": "u1", "messageId": "m2",
+                             "timestamp": at, "properties": {"ids": ["u1", "anon-1"]}}),
+            ),
+        ]);
+        assert!(rejected.is_empty());
+        let parsed = &prepared.0;
+        assert_eq!(parsed.events.len(), 3);
+        assert!(matches!(&parsed.steps[0][0], Step::Observe { group: Some(g), .. } if g == "iOS"));
+        assert!(matches!(
+            &parsed.steps[1][1],
+            Step::Observe { group: Some(g), value: Some(v), .. } if g == "u1" && *v == json!(4)
+        ));
+        assert_eq!(
+            parsed.steps[1][2],
+            Step::Delete(vec!["anon-1".to_owned(), "u1".to_owned()])
+        );
     }
 }

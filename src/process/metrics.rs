@@ -25,7 +25,7 @@ use serde_json::Value;
 use super::metric_set::{held_back_failure, hold_offsets};
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
-use crate::definitions::{GroupBy, MetricSpec};
+use crate::definitions::{GroupBy, MetricSpec, Reads};
 use crate::log::StoredRecord;
 use crate::metric::{Head, Metric};
 use crate::store::{
@@ -286,12 +286,16 @@ pub struct Event {
 }
 
 impl Event {
-    /// Parses a record into the event and its JSON tree; `None` when it
-    /// is not JSON. The caller drops the tree once the members have read
-    /// it, while it is still in the CPU's cache: a batch's trees kept to
-    /// its commit cost a cold walk to free and fresh pages to hold.
-    pub fn parse(record: StoredRecord) -> Option<(Event, Value)> {
-        let value: Value = serde_json::from_slice(&record.value).ok()?;
+    /// Parses a record into the event and its JSON tree of the fields in
+    /// `reads` (a deletion's properties too); `None` when it is not JSON.
+    /// The caller drops the tree once the members have read it, while it
+    /// is still in the CPU's cache: a batch's trees kept to its commit
+    /// cost a cold walk to free and fresh pages to hold.
+    pub fn parse(record: StoredRecord, reads: Reads) -> Option<(Event, Value)> {
+        let mut value = reads.parse(&record.value).ok()?;
+        if value.get("type").and_then(Value::as_str) == Some("delete") {
+            value = Reads::ALL.parse(&record.value).ok()?;
+        }
         let event = Event {
             partition: record.partition,
             offset: record.offset,
@@ -449,6 +453,11 @@ impl MetricProcessor {
 
     pub fn version(&self) -> i64 {
         self.version
+    }
+
+    /// The envelope fields its definition reads of an event.
+    pub fn reads(&self) -> Reads {
+        self.spec.reads()
     }
 
     /// The name of the computed trait it keeps in the profiles, if any.

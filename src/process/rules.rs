@@ -369,6 +369,10 @@ impl Member for RuleProcessor {
         &self.spec.name
     }
 
+    fn reads(&self) -> crate::definitions::Reads {
+        self.spec.reads()
+    }
+
     fn version(&self) -> i64 {
         self.version
     }

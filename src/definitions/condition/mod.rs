@@ -161,6 +161,17 @@ impl Condition {
             .all(|part| part.matches(&self.env, envelope, &[]))
     }
 
+    /// The envelope fields it reads of an event, its parts that read
+    /// earlier steps' events too.
+    pub fn reads(&self) -> super::Reads {
+        super::Reads::of(
+            self.own
+                .iter()
+                .chain(self.across.iter())
+                .flat_map(|part| part.reads.iter().copied()),
+        )
+    }
+
     /// The earlier steps it reads.
     pub fn steps(&self) -> &[String] {
         &self.steps
