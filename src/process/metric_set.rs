@@ -672,20 +672,18 @@ mod tests {
         let (prepared, rejected) = set.prepare(vec![
             record(
                 0,
-                json!({"type": "identify", "userId": "u1", "messageId": "m0",
-                             "timestamp": at, "traits": {"plan": "pro"},
-                             "context": {"os": "iOS"}, "sentAt": at}),
+                json!({"type": "identify", "userId": "u1", "messageId": "m0", "timestamp": at,
+                       "traits": {"plan": "pro"}, "context": {"os": "iOS"}, "sentAt": at}),
             ),
             record(
                 1,
-                json!({"type": "track", "event": "order", "userId": "u1",
-                             "messageId": "m1", "timestamp": at,
-                             "traits": {"score": 4}, "properties": {"amount": 9}}),
+                json!({"type": "track", "event": "order", "userId": "u1", "messageId": "m1",
+                       "timestamp": at, "traits": {"score": 4}, "properties": {"amount": 9}}),
             ),
             record(
                 2,
-                json!({"type": "delete", "userId": "u1", "messageId": "m2",
-                             "timestamp": at, "properties": {"ids": ["u1", "anon-1"]}}),
+                json!({"type": "delete", "userId": "u1", "messageId": "m2", "timestamp": at,
+                       "properties": {"ids": ["u1", "anon-1"]}}),
             ),
         ]);
         assert!(rejected.is_empty());
