@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the ingest hot path, without HTTP:
 //! parse + check + normalize + serialize a message and a 100-message batch,
 //! the murmur2 partitioner, an embedded-log group commit, the profile
-//! rules on a batch, a metric's window engine and a rule's pattern engine.
+//! rules on a batch, a metric's window engine and a rule's pattern engine,
+//! and parsing a stored event for a set of definitions.
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -59,6 +60,27 @@ fn normalize(c: &mut Criterion) {
             segment::normalize_batch_into(&batch, 32 * 1024, Utc::now(), ingest::record).unwrap()
         })
     });
+    group.finish();
+}
+
+/// A stored track event as analytics.js sends it, its `context` most of
+/// its bytes: what a set of definitions parses once an event.
+const STORED_EVENT: &str = r#"{"type":"track","event":"Order Completed","userId":"user-4711","anonymousId":"a6f1c2d4-5e3b-4f7a-9c1d-2b8e0f6a7d35","messageId":"ajs-next-1732181400250-5e3b4f7a","timestamp":"2026-11-21T09:30:00.250Z","originalTimestamp":"2026-11-21T09:30:01.002Z","sentAt":"2026-11-21T09:30:01.010Z","receivedAt":"2026-11-21T09:30:00.258Z","properties":{"order_id":"o-50314","total":27.5,"revenue":25.0,"currency":"EUR","products":[{"product_id":"p-17","sku":"45790-32","name":"Monopoly","price":19.99,"quantity":1},{"product_id":"p-18","sku":"46493-32","name":"Uno","price":7.51,"quantity":1}]},"context":{"library":{"name":"analytics.js","version":"next-1.70.0"},"page":{"path":"/checkout","referrer":"https://shop.example.com/cart","search":"","title":"Checkout","url":"https://shop.example.com/checkout"},"userAgent":"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36","userAgentData":{"brands":[{"brand":"Chromium","version":"131"},{"brand":"Google Chrome","version":"131"}],"mobile":false,"platform":"macOS"},"locale":"en-GB","timezone":"Europe/London","ip":"203.0.113.7","campaign":{"name":"winter","source":"newsletter","medium":"email"},"screen":{"width":1512,"height":982,"density":2}},"integrations":{}}"#;
+
+fn event_reads(c: &mut Criterion) {
+    use traitline::definitions::Reads;
+    let mut group = c.benchmark_group("event_reads");
+    group.throughput(Throughput::Elements(1));
+    let every = Reads::of(traitline::metric::EVERY_DEFINITION_READS);
+    for (name, reads) in [
+        ("whole", Reads::ALL),
+        ("properties", every.with(Reads::of(["properties"]))),
+        ("head_only", every),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| reads.parse(STORED_EVENT.as_bytes()).unwrap())
+        });
+    }
     group.finish();
 }
 
@@ -383,6 +405,7 @@ criterion_group!(
     benches,
     destinations,
     normalize,
+    event_reads,
     partitioner,
     embedded_append,
     profiles,
