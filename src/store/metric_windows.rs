@@ -1282,8 +1282,8 @@ async fn metric_states_of_pg(
 }
 
 /// [`Store::claim_metric_ids`] on PostgreSQL, each column bound as one
-/// array: a batch's claims are one insert and, for the ids claimed before,
-/// one lookup, each prepared once. Through `Any` the lookup is an `IN`
+/// array: a batch's claims are one insert and, when some id was claimed
+/// before, one lookup, each prepared once. Through `Any` the lookup is an `IN`
 /// list of 2,000 parameters, planned on every call: ten times the cost,
 /// and every id of a backfill (a new version reading the history) was
 /// claimed before.
