@@ -278,7 +278,12 @@ impl Reading {
     /// not be read or a partition refused the seek.
     pub async fn seek_to_store(&mut self, partitions: &[i32], store: &dyn Checkpoints) -> bool {
         self.stored = None;
-        self.positions.clear();
+        // Only these: another partition stays where this runner knows it
+        // stored, or its next save, expecting nothing stored, would be
+        // taken for another instance's and send it back too.
+        for partition in partitions {
+            self.positions.remove(partition);
+        }
         let Ok(stored) = store.stored_offsets(&self.topic).await else {
             return false;
         };

@@ -567,6 +567,25 @@ struct Gatherer {
 }
 
 impl Gatherer {
+    /// Waits until `partition` has a stored position.
+    async fn saved(&self, partition: i32) {
+        let stored = async {
+            while !self
+                .deliverer
+                .state
+                .lock()
+                .unwrap()
+                .positions
+                .contains_key(&partition)
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), stored)
+            .await
+            .expect("the other partition's position is stored");
+    }
+
     fn close(self: &Arc<Self>, partition: i32, offsets: Vec<i64>) -> Group {
         let through = *offsets.last().unwrap();
         self.groups
@@ -579,6 +598,9 @@ impl Gatherer {
             work: Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis((through % 5) as u64)).await;
                 if partition == 1 && !this.reread.swap(true, Ordering::SeqCst) {
+                    // Once partition 0's position is stored: reading
+                    // partition 1 again must leave it where it is.
+                    this.saved(0).await;
                     return Err(Undone::Reread("the test says so".to_owned()));
                 }
                 let mut state = this.deliverer.state.lock().unwrap();
@@ -710,4 +732,39 @@ async fn held_records_finish_with_their_group() {
         state.positions, last,
         "the positions end past the last records"
     );
+}
+
+/// Reading one partition again from the store leaves the others where
+/// the runner knows them stored: a save of theirs right after is not
+/// taken for another instance's work (a fence), which would send them
+/// back too and repeat the work they had under way.
+#[tokio::test]
+async fn reading_one_partition_again_leaves_the_others_positions() {
+    let (dir, _log, _) = log_with(20).await;
+    let store = Deliverer::default();
+    store
+        .state
+        .lock()
+        .unwrap()
+        .positions
+        .extend([(0, 2), (1, 3)]);
+    let mut reading = reading::Reading::new(reader(&dir), TOPIC.to_owned());
+    let counting = stats::Counting {
+        name: "test",
+        stats: SharedStats::default(),
+    };
+    let polled = reading.reader.poll(100, Duration::from_millis(100)).await;
+    reading
+        .take(polled, &store, &counting)
+        .await
+        .expect("records are read");
+    assert_eq!(
+        (reading.expected(0), reading.expected(1)),
+        (Some(2), Some(3))
+    );
+
+    store.state.lock().unwrap().positions.insert(1, 1);
+    assert!(reading.seek_to_store(&[1], &store).await);
+    assert_eq!(reading.expected(0), Some(2), "partition 0 stays");
+    assert_eq!(reading.believed(1), Some(Some(1)), "partition 1 as stored");
 }
