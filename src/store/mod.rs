@@ -480,6 +480,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 include_str!("migrations/postgres_16.sql"),
             ),
             by_group,
+            migration(
+                18,
+                "byte-wise keys in the tables added since the first",
+                include_str!("migrations/postgres_18.sql"),
+            ),
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -491,8 +496,9 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             merges,
             claims,
             shared_claims,
-            // SQLite has no migration 11 (PostgreSQL's page fill) nor 16
-            // (its value compression).
+            // SQLite has no migration 11 (PostgreSQL's page fill), 16
+            // (its value compression) nor 18 (its collation: SQLite's
+            // BINARY compares bytes already).
             rules,
             deliveries,
             done_above,

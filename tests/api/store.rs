@@ -1413,3 +1413,46 @@ async fn postgresql_compresses_states_with_lz4() {
     let lz4 = |table: &str| (table.to_owned(), "l".to_owned());
     assert_eq!(methods, [lz4("metric_state"), lz4("rule_state")]);
 }
+
+/// Every text column in a key or an index of the PostgreSQL store compares
+/// byte by byte (COLLATE "C", migrations 1 and 18), as SQLite's do: the
+/// stores order and page alike, and no index comparison goes through the
+/// locale.
+#[tokio::test]
+async fn postgresql_keys_compare_bytes() {
+    let url = test_database().await;
+    let dir = TestDir::new();
+    Store::open(Some(&url), dir.path())
+        .await
+        .expect("the store opens");
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let indexed: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT c.relname::text || '.' || a.attname::text, co.collname::text \
+         FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
+         JOIN pg_type t ON t.oid = a.atttypid AND t.typname = 'text' \
+         LEFT JOIN pg_collation co ON co.oid = a.attcollation \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert!(
+        indexed
+            .iter()
+            .any(|(column, _)| column == "metric_seen.message_id"),
+        "the query finds the indexed text columns: {indexed:?}"
+    );
+    let by_locale: Vec<&(String, Option<String>)> = indexed
+        .iter()
+        .filter(|(_, collation)| collation.as_deref() != Some("C"))
+        .collect();
+    assert!(
+        by_locale.is_empty(),
+        "compared by the locale: {by_locale:?}"
+    );
+}
