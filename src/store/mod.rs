@@ -243,7 +243,16 @@ impl Store {
             Dialect::Sqlite => None,
         };
         let migrator = Migrator::with_migrations(migrations(dialect));
+        let started = std::time::Instant::now();
+        let pending = announce_migrations(&pool, &migrator).await;
         migrator.run(&pool).await.map_err(|e| open_error(&e))?;
+        if pending > 0 {
+            tracing::info!(
+                migrations = pending,
+                seconds = started.elapsed().as_secs_f64(),
+                "the store's schema is up to date"
+            );
+        }
         Ok(Store {
             pool,
             dialect,
@@ -369,6 +378,38 @@ impl Store {
             .await?;
         Ok(events.rows_affected())
     }
+}
+
+/// Says which of `migrator`'s migrations the store is about to apply, and
+/// returns how many: on an existing store one may rebuild indexes of
+/// large tables, and start-up waits for it. A store with none applied
+/// (or whose table of them cannot be read: then applying says what is
+/// wrong) is new.
+async fn announce_migrations(pool: &AnyPool, migrator: &Migrator) -> usize {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    let pending: Vec<&Migration> = migrator
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .collect();
+    if applied.is_empty() {
+        tracing::info!(
+            migrations = pending.len(),
+            "the store is new: creating its tables"
+        );
+    } else {
+        for migration in &pending {
+            tracing::info!(
+                migration = migration.version,
+                "updating the store's schema: {}; on a large store this can take minutes",
+                migration.description
+            );
+        }
+    }
+    pending.len()
 }
 
 /// The store's schema, as numbered migrations (applied in order at start-up,

@@ -575,3 +575,53 @@ async fn the_front_page_says_what_traitline_is_and_where_its_routes_are() {
         assert!(routes.contains(&route), "{route} in {routes:?}");
     }
 }
+
+/// Start-up names each migration an existing store is about to take (one
+/// may rebuild large indexes, and start-up waits for it), and says when a
+/// store is new.
+#[tokio::test]
+async fn start_up_names_the_store_migrations_it_applies() {
+    let dir = TestDir::new();
+    let database = crate::helpers::test_database().await;
+    let mut env = embedded_env(dir.path());
+    env.push(("TRAITLINE_DATABASE_URL", database.clone()));
+    let log = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.stderr"))).unwrap_or_default()
+    };
+    let mut first = ServiceProcess::start(dir.path(), "first", &[], &env_refs(&env)).await;
+    assert!(first.terminate().await.success());
+    let first_log = log("first");
+    assert!(first_log.contains("the store is new"), "{first_log}");
+    assert!(
+        !first_log.contains("updating the store's schema"),
+        "{first_log}"
+    );
+
+    // The store as the release before migration 18 left it (its
+    // statements can be applied again).
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&database)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 18")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let mut second = ServiceProcess::start(dir.path(), "second", &[], &env_refs(&env)).await;
+    assert!(second.terminate().await.success());
+    let second_log = log("second");
+    let updating: Vec<&str> = second_log
+        .lines()
+        .filter(|line| line.contains("updating the store's schema"))
+        .collect();
+    assert_eq!(updating.len(), 1, "{second_log}");
+    assert!(
+        updating[0].contains("migration=18") && updating[0].contains("byte-wise keys"),
+        "{}",
+        updating[0]
+    );
+    assert!(!second_log.contains("the store is new"), "{second_log}");
+    assert!(
+        second_log.contains("the store's schema is up to date"),
+        "{second_log}"
+    );
+}
