@@ -70,10 +70,17 @@ async fn first_start_generates_keys_and_prints_a_curl_that_works() {
     .await;
     assert!(service.terminate().await.success());
 
-    // A second start reads the same keys back.
+    // A second start reads the same keys back, and the store as it was.
     let service = ServiceProcess::start(dir.path(), "second", &[], &env).await;
     let printed = std::fs::read_to_string(&service.stdout).unwrap();
     assert!(printed.contains(&key));
+    let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.stderr")));
+    assert!(log("first").unwrap().contains("the store is new"));
+    let second = log("second").unwrap();
+    assert!(
+        !second.contains("the store is new") && !second.contains("store's schema"),
+        "{second}"
+    );
 }
 
 #[test]
@@ -623,5 +630,13 @@ async fn start_up_names_the_store_migrations_it_applies() {
     assert!(
         second_log.contains("the store's schema is up to date"),
         "{second_log}"
+    );
+
+    let mut third = ServiceProcess::start(dir.path(), "third", &[], &env_refs(&env)).await;
+    assert!(third.terminate().await.success());
+    let third_log = log("third");
+    assert!(
+        !third_log.contains("the store is new") && !third_log.contains("store's schema"),
+        "an up-to-date store starts without a word of its schema: {third_log}"
     );
 }
