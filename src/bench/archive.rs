@@ -37,7 +37,14 @@ pub struct BenchArchiveArgs {
 /// Fills, measures and prints.
 pub async fn run(config: &Config, args: BenchArchiveArgs) -> Result<(), String> {
     crate::install_tls();
-    let (scratch, log, filled) = scratch_log(config, args.events, args.users, false).await?;
+    let (scratch, log, filled) = scratch_log(
+        config,
+        args.events,
+        args.users,
+        false,
+        super::process::MessageIds::Counted,
+    )
+    .await?;
     let dir = scratch.data_dir.clone();
     // Unsigned, as moto and a local MinIO take it; an existing bucket
     // answers 409, which is as good.

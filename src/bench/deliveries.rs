@@ -40,7 +40,14 @@ pub struct BenchDeliveriesArgs {
 
 /// Fills, measures and prints.
 pub async fn run(config: &Config, args: BenchDeliveriesArgs) -> Result<(), String> {
-    let (scratch, log, filled) = scratch_log(config, args.events, args.users, false).await?;
+    let (scratch, log, filled) = scratch_log(
+        config,
+        args.events,
+        args.users,
+        false,
+        super::process::MessageIds::Counted,
+    )
+    .await?;
     let dir = scratch.data_dir.clone();
     let answered = Arc::new(AtomicU64::new(0));
     let receiver = receiver(answered.clone(), Duration::from_millis(args.answer_ms)).await?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::process::{discard, fresh_store, scratch_log};
+use super::process::{MessageIds, discard, fresh_store, scratch_log};
 use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
 use crate::definitions::{RuleDefinition, RuleSpec};
@@ -45,6 +45,10 @@ pub struct BenchMetricsArgs {
     /// Run the metrics alone, without the profile processor
     #[arg(long)]
     pub without_profiles: bool,
+    /// Give the events random UUIDs as message ids, as the Segment SDKs
+    /// do, rather than `bench-{n}` (whose neighbours sort together)
+    #[arg(long)]
+    pub random_message_ids: bool,
     /// Also run the first N of the ten pattern rules below, in a runner of
     /// their own beside the metrics' (0: none)
     #[arg(long, default_value_t = 0)]
@@ -194,7 +198,13 @@ pub(super) fn cpu_seconds() -> f64 {
 
 /// Fills, measures and prints.
 pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> {
-    let (mut scratch, log, filled) = scratch_log(config, args.events, args.users, true).await?;
+    let ids = if args.random_message_ids {
+        MessageIds::Random
+    } else {
+        MessageIds::Counted
+    };
+    let (mut scratch, log, filled) =
+        scratch_log(config, args.events, args.users, true, ids).await?;
     let dir = scratch.data_dir.clone();
     let group = scratch.kafka_group.clone();
     let budget_mb = config.metric_state_budget >> 20;

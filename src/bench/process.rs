@@ -117,6 +117,16 @@ pub(super) async fn discard(store: Store, drop_db: Option<(String, String)>) -> 
     Ok(())
 }
 
+/// The message ids of a scratch log's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MessageIds {
+    /// `bench-{n}`: consecutive events' ids sort near each other.
+    Counted,
+    /// Random UUIDs, as the Segment SDKs send: each id lands anywhere in
+    /// an index of them.
+    Random,
+}
+
 /// A scratch log filled with `events` generated events for `users`
 /// users: an embedded log in a new temporary directory, or with
 /// `on_kafka` and a configured broker, new topics there (a prefix of their
@@ -127,6 +137,7 @@ pub(super) async fn scratch_log(
     events: usize,
     users: usize,
     on_kafka: bool,
+    ids: MessageIds,
 ) -> Result<(Config, Arc<dyn EventLog>, Duration), String> {
     let mut scratch = config.clone();
     scratch.data_dir = tempfile_dir()?;
@@ -145,7 +156,10 @@ pub(super) async fn scratch_log(
         let records = chunk
             .iter()
             .map(|n| {
-                let event = event(*n, users);
+                let mut event = event(*n, users);
+                if ids == MessageIds::Random {
+                    event.message_id = uuid::Uuid::new_v4().to_string();
+                }
                 Record {
                     key: event.record_key().map(str::to_owned),
                     value: serde_json::to_vec(&event).unwrap_or_default(),
@@ -161,7 +175,8 @@ pub(super) async fn scratch_log(
 
 /// Fills, measures and prints.
 pub async fn run(config: &Config, args: BenchProcessArgs) -> Result<(), String> {
-    let (mut scratch, log, filled) = scratch_log(config, args.events, args.users, false).await?;
+    let (mut scratch, log, filled) =
+        scratch_log(config, args.events, args.users, false, MessageIds::Counted).await?;
     let dir = scratch.data_dir.clone();
     let topic = Topics::new("").events();
 

@@ -175,7 +175,7 @@ impl<M: Member> Set<M> {
     /// each event that is a retry (its id's first record, as stored, is
     /// another), once for every member.
     async fn claim(&self, parsed: &Parsed<M::Step>) -> Result<Vec<bool>, CommitError> {
-        let claims: Vec<(&str, i32, i64, i64)> = parsed
+        let mut claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()
             .enumerate()
@@ -187,6 +187,9 @@ impl<M: Member> Set<M> {
         if claims.is_empty() {
             return Ok(vec![false; parsed.events.len()]);
         }
+        // In key order, the claims' index takes them page by page rather
+        // than at random; a stable sort keeps an id's first record first.
+        claims.sort_by(|a, b| a.0.cmp(b.0));
         let claimed = self
             .store
             .claim_metric_ids(M::CLAIMS, &claims)
@@ -698,5 +701,49 @@ mod tests {
             parsed.steps[1][2],
             Step::Delete(vec!["anon-1".to_owned(), "u1".to_owned()])
         );
+    }
+
+    /// The claims go to the store in key order (see [`Set::claim`]), and
+    /// of an id twice in a batch the first record is the one that counts,
+    /// the later one a retry, wherever their ids sort among the others.
+    #[tokio::test]
+    async fn of_an_id_twice_in_a_batch_the_first_record_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(None, dir.path()).await.unwrap();
+        let spec = serde_json::from_value::<MetricDefinition>(
+            json!({"aggregate": "count", "window": {"kind": "tumbling", "size": "1h"}}),
+        )
+        .unwrap()
+        .compile("all")
+        .unwrap();
+        let budget = StateBudget::new(usize::MAX);
+        let member = Arc::new(MetricProcessor::new(store.clone(), spec, 1, 1, &budget));
+        let set = Set::new("metrics".into(), store.clone(), vec![member]);
+        let event = |offset: i64, id: &str| {
+            record(
+                offset,
+                json!({"type": "track", "event": "view", "userId": "u1", "messageId": id,
+                       "timestamp": "2026-01-01T00:00:00Z"}),
+            )
+        };
+        let ids = ["m9", "m5", "a", "m5", "z", "m9", "m0"];
+        let records = ids
+            .iter()
+            .enumerate()
+            .map(|(offset, id)| event(offset as i64, id))
+            .collect();
+        let (prepared, _) = set.prepare(records);
+        let retries = set.claim(&prepared.0).await.unwrap();
+        assert_eq!(retries, [false, false, false, true, false, true, false]);
+
+        // A batch read again finds every record its own id's first.
+        let again = ids
+            .iter()
+            .enumerate()
+            .map(|(offset, id)| event(offset as i64, id))
+            .collect();
+        let (prepared, _) = set.prepare(again);
+        let retries = set.claim(&prepared.0).await.unwrap();
+        assert_eq!(retries, [false, false, false, true, false, true, false]);
     }
 }
