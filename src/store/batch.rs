@@ -426,13 +426,18 @@ impl Conn<'_> {
                 copy.send(c, into).await?;
             }
             Conn::Any(c, dialect) => {
-                for chunk in chunks(rows.message_id.len()) {
+                // In key order, the message ids' index takes the rows page
+                // by page rather than at random (the SDKs' ids are random
+                // UUIDs), within SQLite's small page cache.
+                let mut order: Vec<usize> = (0..rows.message_id.len()).collect();
+                order.sort_unstable_by_key(|&i| rows.message_id[i]);
+                for chunk in order.chunks(ROWS_PER_INSERT) {
                     let sql = format!(
                         "INSERT INTO {into} VALUES {}",
                         dialect.tuples(chunk.len(), 7)
                     );
                     let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for i in chunk {
+                    for &i in chunk {
                         query = query
                             .bind(rows.message_id[i])
                             .bind(rows.profile_id[i])
