@@ -727,22 +727,18 @@ mod tests {
             )
         };
         let ids = ["m9", "m5", "a", "m5", "z", "m9", "m0"];
-        let records = ids
-            .iter()
-            .enumerate()
-            .map(|(offset, id)| event(offset as i64, id))
-            .collect();
-        let (prepared, _) = set.prepare(records);
+        let batch = || {
+            ids.iter()
+                .enumerate()
+                .map(|(offset, id)| event(offset as i64, id))
+                .collect()
+        };
+        let (prepared, _) = set.prepare(batch());
         let retries = set.claim(&prepared.0).await.unwrap();
         assert_eq!(retries, [false, false, false, true, false, true, false]);
 
         // A batch read again finds every record its own id's first.
-        let again = ids
-            .iter()
-            .enumerate()
-            .map(|(offset, id)| event(offset as i64, id))
-            .collect();
-        let (prepared, _) = set.prepare(again);
+        let (prepared, _) = set.prepare(batch());
         let retries = set.claim(&prepared.0).await.unwrap();
         assert_eq!(retries, [false, false, false, true, false, true, false]);
     }

@@ -1390,18 +1390,23 @@ async fn the_archive_manifest_refuses_overlaps_and_keeps_what_is_above_the_posit
     );
 }
 
-/// Window and partial-match states, rewritten by every batch, are
-/// compressed with lz4 on PostgreSQL (migration 16), not pglz.
-#[tokio::test]
-async fn postgresql_compresses_states_with_lz4() {
+/// A connection to a new PostgreSQL database the store has migrated.
+async fn migrated_postgresql() -> sqlx::PgConnection {
     let url = test_database().await;
     let dir = TestDir::new();
     Store::open(Some(&url), dir.path())
         .await
         .expect("the store opens");
-    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+    <sqlx::PgConnection as sqlx::Connection>::connect(&url)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Window and partial-match states, rewritten by every batch, are
+/// compressed with lz4 on PostgreSQL (migration 16), not pglz.
+#[tokio::test]
+async fn postgresql_compresses_states_with_lz4() {
+    let mut connection = migrated_postgresql().await;
     let methods: Vec<(String, String)> = sqlx::query_as(
         "SELECT attrelid::regclass::text, attcompression::text FROM pg_attribute \
          WHERE attname = 'state' AND attrelid IN ('rule_state'::regclass, 'metric_state'::regclass) \
@@ -1420,14 +1425,7 @@ async fn postgresql_compresses_states_with_lz4() {
 /// locale.
 #[tokio::test]
 async fn postgresql_keys_compare_bytes() {
-    let url = test_database().await;
-    let dir = TestDir::new();
-    Store::open(Some(&url), dir.path())
-        .await
-        .expect("the store opens");
-    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
+    let mut connection = migrated_postgresql().await;
     let indexed: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT DISTINCT c.relname::text || '.' || a.attname::text, co.collname::text \
          FROM pg_index i \
