@@ -737,7 +737,8 @@ mod tests {
         let retries = set.claim(&prepared.0).await.unwrap();
         assert_eq!(retries, [false, false, false, true, false, true, false]);
 
-        // A batch read again finds every record its own id's first.
+        // The batch read again (a failed commit) gets the same answers,
+        // now from the first records the store holds.
         let (prepared, _) = set.prepare(batch());
         let retries = set.claim(&prepared.0).await.unwrap();
         assert_eq!(retries, [false, false, false, true, false, true, false]);
