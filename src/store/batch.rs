@@ -11,6 +11,7 @@
 //! PostgreSQL stores in bulk, with nothing to parse on either side.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
 
 use sqlx::{AnyConnection, AssertSqlSafe, PgConnection};
 
@@ -73,21 +74,46 @@ impl Dialect {
     /// PostgreSQL; plain `?` for SQLite, whose driver looks numbered
     /// parameters up one by one (quadratic in a 3,000-parameter insert).
     pub(super) fn params(self, count: usize, start: usize) -> String {
-        match self {
-            Dialect::Postgres => (start..start + count)
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Dialect::Sqlite => vec!["?"; count].join(", "),
-        }
+        let mut sql = String::with_capacity(count * 7);
+        self.push_params(&mut sql, count, start);
+        sql
     }
 
-    /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
+    /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders
+    /// for parameters `start..`. Written into one string: a batch's insert
+    /// is tens of thousands of placeholders, and a string for each was a
+    /// few per cent of a metric runner's CPU.
+    pub(super) fn rows(self, rows: usize, columns: usize, start: usize) -> String {
+        let mut sql = String::with_capacity(rows * (columns * 7 + 4));
+        for row in 0..rows {
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            self.push_params(&mut sql, columns, start + row * columns);
+            sql.push(')');
+        }
+        sql
+    }
+
+    /// [`Dialect::rows`] from the first parameter.
     pub(super) fn tuples(self, rows: usize, columns: usize) -> String {
-        (0..rows)
-            .map(|r| format!("({})", self.params(columns, 1 + r * columns)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.rows(rows, columns, 1)
+    }
+
+    fn push_params(self, sql: &mut String, count: usize, start: usize) {
+        for n in start..start + count {
+            if n > start {
+                sql.push_str(", ");
+            }
+            match self {
+                Dialect::Postgres => {
+                    // Writing to a string cannot fail.
+                    let _ = write!(sql, "${n}");
+                }
+                Dialect::Sqlite => sql.push('?'),
+            }
+        }
     }
 }
 
@@ -520,5 +546,20 @@ impl BinaryCopy {
         copy.send(self.buf).await?;
         copy.finish().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dialect;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgresql_and_plain_for_sqlite() {
+        assert_eq!(Dialect::Postgres.params(3, 2), "$2, $3, $4");
+        assert_eq!(Dialect::Sqlite.params(3, 2), "?, ?, ?");
+        assert_eq!(Dialect::Postgres.rows(2, 2, 3), "($3, $4), ($5, $6)");
+        assert_eq!(Dialect::Sqlite.rows(2, 3, 1), "(?, ?, ?), (?, ?, ?)");
+        assert_eq!(Dialect::Postgres.tuples(1, 1), "($1)");
+        assert_eq!(Dialect::Postgres.rows(0, 2, 1), "");
     }
 }

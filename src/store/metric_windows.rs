@@ -526,16 +526,19 @@ impl Store {
     ) -> Result<Claimed, StoreError> {
         let mut tx = self.begin_write().await?;
         let mut inserted = 0;
-        for chunk in claims.chunks(ROWS / 5) {
+        for chunk in claims.chunks((ROWS - 1) / 4) {
+            // The processor once a statement, not once a row: a bound text
+            // is a copy of it. (`WHERE true` tells SQLite's parser that
+            // `ON` starts the upsert, not a join.)
             let sql = format!(
                 "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
-                 VALUES {} ON CONFLICT DO NOTHING",
-                rows_of(self.dialect, chunk.len(), 5, 1)
+                 SELECT ?, column1, column2, column3, column4 FROM (VALUES {}) WHERE true \
+                 ON CONFLICT DO NOTHING",
+                self.dialect.rows(chunk.len(), 4, 2)
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
             for (id, partition, offset, received_at) in chunk {
                 query = query
-                    .bind(processor)
                     .bind(*id)
                     .bind(*partition)
                     .bind(*offset)
@@ -592,7 +595,7 @@ impl Store {
             let sql = format!(
                 "UPDATE metric_windows SET published = 1 \
                  WHERE (metric, version, grp, start_ms, end_ms) IN ({})",
-                tuples(chunk.len(), 5)
+                self.dialect.tuples(chunk.len(), 5)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for w in chunk {
@@ -693,7 +696,7 @@ impl Store {
         for chunk in published.chunks(super::batch::ROWS_PER_INSERT / 3) {
             let sql = format!(
                 "UPDATE computed_traits SET published = 1 WHERE (processor, grp, seq) IN ({})",
-                tuples(chunk.len(), 3)
+                self.dialect.tuples(chunk.len(), 3)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (processor, group, seq) in chunk {
@@ -742,7 +745,7 @@ impl Store {
         for chunk in late.chunks(super::batch::ROWS_PER_INSERT / 2) {
             let sql = format!(
                 "UPDATE metric_late SET published = 1 WHERE (processor, message_id) IN ({})",
-                tuples(chunk.len(), 2)
+                self.dialect.tuples(chunk.len(), 2)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (processor, message_id) in chunk {
@@ -774,19 +777,6 @@ impl Store {
         .await?;
         rows.iter().map(window).collect()
     }
-}
-
-/// `($1, $2), ($3, $4)`: `rows` row values of `width` parameters each.
-fn tuples(rows: usize, width: usize) -> String {
-    (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=width)
-                .map(|column| format!("${}", row * width + column))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn group_row(row: &AnyRow) -> Result<(String, GroupRow), StoreError> {
@@ -986,22 +976,14 @@ async fn forget_groups(
 /// PostgreSQL's limits.
 pub(super) const ROWS: usize = 2_000;
 
-/// `rows` row values of `width` placeholders each, numbered from `start`
-/// (PostgreSQL) or plain `?` (SQLite): one style in a statement.
-pub(super) fn rows_of(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", dialect.params(width, start + r * width)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `IN` a list of [`rows_of`], for `(a, b) IN ...`: as a `VALUES` list.
+/// `IN` a list of [`Dialect::rows`](super::Dialect::rows), for `(a, b)
+/// IN ...`: as a `VALUES` list.
 /// PostgreSQL plans `(a, b) IN ((..), (..))` as comparisons OR-ed
 /// together, at a cost that grows with the square of the list (a
 /// thousand pairs take it most of a second), and a `VALUES` list as a
 /// hashed join, planned in milliseconds.
 pub(super) fn in_rows(dialect: super::Dialect, rows: usize, width: usize, start: usize) -> String {
-    format!("IN (VALUES {})", rows_of(dialect, rows, width, start))
+    format!("IN (VALUES {})", dialect.rows(rows, width, start))
 }
 
 /// Deletes `processor`'s rows of `table` at `keys` (each a partition and
@@ -1095,7 +1077,7 @@ pub(super) async fn write_rows<'a, T>(
     bind: impl Fn(AnyQuery<'a>, &'a T) -> AnyQuery<'a>,
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(ROWS / width) {
-        let sql = format!("{head} {} {tail}", rows_of(dialect, chunk.len(), width, 1));
+        let sql = format!("{head} {} {tail}", dialect.tuples(chunk.len(), width));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for row in chunk {
             query = bind(query, row);
