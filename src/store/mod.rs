@@ -539,12 +539,18 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             shared_claims,
             // SQLite has no migration 11 (PostgreSQL's page fill), 16
             // (its value compression) nor 18 (its collation: SQLite's
-            // BINARY compares bytes already).
+            // BINARY compares bytes already); PostgreSQL no 19 (its
+            // tables are heaps beside their indexes, whatever the key).
             rules,
             deliveries,
             done_above,
             archive,
             by_group,
+            migration(
+                19,
+                "message-id claims stored in their key's B-tree",
+                include_str!("migrations/sqlite_19.sql"),
+            ),
         ],
     }
 }

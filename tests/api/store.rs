@@ -1454,3 +1454,63 @@ async fn postgresql_keys_compare_bytes() {
         "compared by the locale: {by_locale:?}"
     );
 }
+
+/// SQLite keeps the message-id claims in their key's B-tree (migration 19,
+/// `WITHOUT ROWID`), and an older store's claims move there: a client's
+/// retry made before the upgrade is still found after it.
+#[tokio::test]
+async fn sqlite_claims_move_into_their_key_btree_and_are_kept() {
+    use sqlx::Connection;
+    let dir = TestDir::new();
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let first = [("m1", 3, 5, 4_000_000), ("m2", 0, 1, 4_000_000)];
+    assert_eq!(
+        store.claim_metric_ids("metrics", &first).await.unwrap(),
+        Claimed::AllFirst
+    );
+    store.close().await;
+    // The store as it was before migration 19: claims in a rowid table.
+    let url = format!("sqlite://{}", dir.path().join("traitline.db").display());
+    let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    for statement in [
+        "CREATE TABLE seen_before AS SELECT * FROM metric_seen",
+        "DROP TABLE metric_seen",
+        "CREATE TABLE metric_seen (processor TEXT NOT NULL, message_id TEXT NOT NULL, \
+         received_at BIGINT NOT NULL, partition INTEGER, record_offset BIGINT, \
+         PRIMARY KEY (processor, message_id))",
+        "INSERT INTO metric_seen SELECT processor, message_id, received_at, partition, \
+         record_offset FROM seen_before",
+        "DROP TABLE seen_before",
+        "DELETE FROM _sqlx_migrations WHERE version = 19",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    let schema = || async {
+        let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query_scalar::<_, String>("SELECT sql FROM sqlite_master WHERE name = 'metric_seen'")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap()
+    };
+    assert!(!schema().await.contains("WITHOUT ROWID"), "the old shape");
+    connection.close().await.unwrap();
+
+    let store = Store::open(None, dir.path()).await.unwrap();
+    assert!(
+        schema().await.contains("WITHOUT ROWID"),
+        "{}",
+        schema().await
+    );
+    let again = store
+        .claim_metric_ids(
+            "metrics",
+            &[("m1", 4, 9, 4_100_000), ("m3", 1, 1, 4_100_000)],
+        )
+        .await
+        .unwrap();
+    assert!(again.is_retry("m1", 4, 9), "m1's first record is kept");
+    assert!(!again.is_retry("m3", 1, 1));
+}
