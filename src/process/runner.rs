@@ -628,7 +628,16 @@ impl<P: Processor> Runner<P> {
             .settings
             .parallel_commits
             .clamp(1, partitions.len().max(1));
-        let mut groups: Vec<Vec<StoredRecord>> = vec![Vec::new(); count];
+        if count == 1 {
+            return if records.is_empty() {
+                Vec::new()
+            } else {
+                vec![records]
+            };
+        }
+        let mut groups: Vec<Vec<StoredRecord>> = (0..count)
+            .map(|_| Vec::with_capacity(records.len() / count + 1))
+            .collect();
         for record in records {
             let slot = partitions.binary_search(&record.partition).unwrap_or(0) % count;
             groups[slot].push(record);

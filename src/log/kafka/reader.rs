@@ -262,7 +262,10 @@ impl KafkaReader {
 impl LogReader for KafkaReader {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut records = Vec::new();
+        // Room for a few thousand records: a backlog's batch (tens of
+        // thousands) regrows a few times rather than from one, and a poll
+        // of a quiet log reserves little.
+        let mut records = Vec::with_capacity(max.min(4096));
         self.refresh_partitions();
         while records.len() < max {
             let caught_up = self.caught_up();
