@@ -12,7 +12,6 @@ pub mod combine;
 
 use std::collections::BTreeMap;
 
-use chrono::DateTime;
 use serde_json::Value;
 
 use crate::definitions::{GroupBy, MetricSpec};
@@ -330,10 +329,10 @@ pub fn deleted_ids<'a>(head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>>
 /// An event's time (its `timestamp`, corrected for clock skew at ingest)
 /// and message id.
 pub fn stamp(envelope: &Value) -> Option<Stamp> {
-    let at = DateTime::parse_from_rfc3339(envelope.get("timestamp")?.as_str()?).ok()?;
+    let at = crate::envelope::rfc3339::millis(envelope.get("timestamp")?.as_str()?)?;
     let id = envelope.get("messageId")?.as_str()?;
     Some(Stamp {
-        at: at.timestamp_millis(),
+        at,
         id: id.to_owned(),
     })
 }

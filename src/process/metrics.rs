@@ -364,8 +364,8 @@ fn received_ms(event: &Value) -> Millis {
     event
         .get("receivedAt")
         .and_then(Value::as_str)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map_or_else(crate::store::now_ms, |t| t.timestamp_millis())
+        .and_then(crate::envelope::rfc3339::millis)
+        .unwrap_or_else(crate::store::now_ms)
 }
 
 /// One version of one metric, a member of a [`MetricSet`]: its engines,
