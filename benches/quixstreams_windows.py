@@ -6,13 +6,23 @@ RocksDB window state, so both are measured in one run.
     python3 benches/quixstreams_windows.py --brokers 127.0.0.1:9092 \
         --events 200000 --users 10000
 
-It writes `--events` events (the bench's shape: a user id key, a JSON
-value with a price) to a new topic, then runs two applications over it,
-each in a consumer group of its own: a per-user tumbling 1-hour count
-(`views_hourly` in the bench) and a per-user hopping 5-minute average of
-the price every minute (`price_moving_average`). Each prints events/s and
-events per CPU-second, timed from the first record it processed to the
-last.
+It runs two applications, each in a consumer group of its own: a
+per-user tumbling 1-hour count (`views_hourly` in the bench) and a
+per-user hopping 5-minute average of the price every minute
+(`price_moving_average`). Each prints events/s and events per
+CPU-second, timed from the first record it processed to the last.
+
+With `--copy-from`, they read a copy (same partitions, keys and values)
+of a topic `traitline bench metrics --kafka-brokers` filled
+(`bench-XXXXXXXX-user_events`, named in the bench's first line): the
+records Traitline reads, windowed as its definitions window them, on
+the envelope's `timestamp` (event time), taking the same events
+(`bench.product.view` tracks; events with a user id and a price). (A
+copy, because quixstreams reads a topic's retention settings, which
+tansu describes only when they were given at its creation.) Without it,
+they write `--events` small events of their own (a user id key, a JSON
+value with a price) to a new topic and window them on the broker's
+timestamps: less to parse than the bench's events.
 """
 
 import argparse
@@ -20,8 +30,9 @@ import json
 import logging
 import time
 import uuid
+from datetime import datetime
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from quixstreams import Application
 from quixstreams.models import TopicConfig
@@ -44,7 +55,38 @@ def fill(brokers, topic, events, users):
     producer.flush(60)
 
 
-def measure(brokers, topic_name, partitions, events, window):
+def copy(brokers, source, topic, events):
+    """Copies the first `events` records of `source` to `topic`, each to
+    its partition there."""
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"quix-bench-copy-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([source])
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True})
+    copied = 0
+    while copied < events:
+        for message in consumer.consume(10_000, 1.0):
+            if message.error():
+                raise RuntimeError(message.error())
+            while True:
+                try:
+                    producer.produce(topic, key=message.key(), value=message.value(), partition=message.partition())
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            copied += 1
+        producer.poll(0)
+    consumer.close()
+    producer.flush(60)
+
+
+def event_time(value, _headers, timestamp, _type):
+    """The envelope's `timestamp` in milliseconds, as Traitline windows it;
+    the broker's timestamp for a value that has none."""
+    text = value.get("timestamp") if isinstance(value, dict) else None
+    return int(datetime.fromisoformat(text).timestamp() * 1000) if text else timestamp
+
+
+def measure(brokers, topic_name, partitions, events, window, envelopes):
     app = Application(
         broker_address=brokers,
         consumer_group=f"quix-bench-{window}-{uuid.uuid4().hex[:8]}",
@@ -62,6 +104,7 @@ def measure(brokers, topic_name, partitions, events, window):
             replication_factor=1,
             extra_config={"retention.ms": "604800000", "retention.bytes": "-1"},
         ),
+        timestamp_extractor=event_time if envelopes else None,
     )
     seen = {"n": 0, "t0": None, "cpu0": None, "t1": None, "cpu1": None}
 
@@ -76,8 +119,12 @@ def measure(brokers, topic_name, partitions, events, window):
     sdf = app.dataframe(topic)
     sdf = sdf.update(count)
     if window == "tumbling-count":
+        if envelopes:
+            sdf = sdf.filter(lambda v: v.get("type") == "track" and v.get("event") == "bench.product.view")
         sdf = sdf.tumbling_window(duration_ms=3_600_000).count().final()
     else:
+        if envelopes:
+            sdf = sdf.filter(lambda v: bool(v.get("userId")) and "price" in v.get("properties", {}))
         sdf = sdf.apply(lambda v: v["properties"]["price"])
         sdf = sdf.hopping_window(duration_ms=300_000, step_ms=60_000).mean().final()
     app.run()
@@ -92,17 +139,22 @@ def main():
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--copy-from", help="a topic the Traitline bench filled, copied as it is")
     args = parser.parse_args()
     topic = f"quix-bench-{uuid.uuid4().hex[:8]}"
     t = time.monotonic()
-    print(f"writing {args.events} events for {args.users} users to {topic}")
     create_topic(args.brokers, topic, args.partitions)
-    fill(args.brokers, topic, args.events, args.users)
+    if args.copy_from:
+        print(f"copying {args.events} records of {args.copy_from} to {topic}")
+        copy(args.brokers, args.copy_from, topic, args.events)
+    else:
+        print(f"writing {args.events} events for {args.users} users to {topic}")
+        fill(args.brokers, topic, args.events, args.users)
     print(f"written in {time.monotonic() - t:.1f} s")
     print("| processor | events | seconds | events/s | events per CPU-second |")
     print("|---|---|---|---|---|")
     for window in ("tumbling-count", "hopping-average"):
-        measure(args.brokers, topic, args.partitions, args.events, window)
+        measure(args.brokers, topic, args.partitions, args.events, window, args.copy_from is not None)
 
 
 def create_topic(brokers, topic, partitions):
