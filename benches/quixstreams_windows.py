@@ -62,9 +62,13 @@ def copy(brokers, source, topic, events):
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([source])
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True})
-    copied = 0
+    copied, idle = 0, 0
     while copied < events:
-        for message in consumer.consume(10_000, 1.0):
+        messages = consumer.consume(10_000, 1.0)
+        idle = 0 if messages else idle + 1
+        if idle == 10:
+            raise RuntimeError(f"{source} has {copied} records, not {events}")
+        for message in messages:
             if message.error():
                 raise RuntimeError(message.error())
             while True:
