@@ -180,9 +180,7 @@ impl<M: Member> Set<M> {
             .iter()
             .enumerate()
             .filter(|(i, _)| parsed.steps.iter().any(|steps| M::counts(&steps[*i])))
-            .filter_map(|(_, e)| {
-                Some((e.message_id.as_deref()?, e.partition, e.offset, e.received))
-            })
+            .filter_map(|(_, e)| Some((e.message_id()?, e.partition, e.offset, e.received)))
             .collect();
         if claims.is_empty() {
             return Ok(vec![false; parsed.events.len()]);
@@ -199,8 +197,7 @@ impl<M: Member> Set<M> {
             .events
             .iter()
             .map(|e| {
-                e.message_id
-                    .as_deref()
+                e.message_id()
                     .is_some_and(|id| claimed.is_retry(id, e.partition, e.offset))
             })
             .collect())

@@ -278,7 +278,9 @@ pub struct Event {
     /// The record as the log holds it: what a late event is reported
     /// with.
     pub record: Vec<u8>,
-    pub message_id: Option<String>,
+    /// Its message id when it has no stamp (a stamp holds the id): one
+    /// copy of it an event.
+    unstamped_id: Option<String>,
     /// When the log received it (ms), else when it was parsed.
     pub received: Millis,
     /// Its time and message id, when it has both.
@@ -296,22 +298,29 @@ impl Event {
         if value.get("type").and_then(Value::as_str) == Some("delete") {
             value = Reads::ALL.parse(&record.value).ok()?;
         }
+        let stamp = crate::metric::stamp(&value);
         let event = Event {
             partition: record.partition,
             offset: record.offset,
             received: received_ms(&value),
-            stamp: crate::metric::stamp(&value),
-            message_id: value
-                .get("messageId")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            unstamped_id: match stamp {
+                Some(_) => None,
+                None => value
+                    .get("messageId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            },
+            stamp,
             record: record.value,
         };
         Some((event, value))
     }
 
-    fn message_id(&self) -> Option<&str> {
-        self.message_id.as_deref()
+    pub fn message_id(&self) -> Option<&str> {
+        match &self.stamp {
+            Some(stamp) => Some(&stamp.id),
+            None => self.unstamped_id.as_deref(),
+        }
     }
 
     /// The event's JSON text.
