@@ -23,6 +23,7 @@ pub use rules::{AlertQuery, RuleBatch, StoredAlert};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
@@ -148,6 +149,9 @@ pub struct Store {
     pg: Option<PgPool>,
     /// The profile processor's states between batches.
     states: Arc<StateCache>,
+    /// Message-id claims still to make with `ON CONFLICT` on PostgreSQL
+    /// before a plain insert is tried again (see `claim_pg`).
+    careful_claims: Arc<AtomicU32>,
 }
 
 impl Store {
@@ -258,6 +262,7 @@ impl Store {
             dialect,
             pg,
             states: Arc::new(StateCache::new(DEFAULT_PROFILE_CACHE)),
+            careful_claims: Arc::new(AtomicU32::new(0)),
         })
     }
 

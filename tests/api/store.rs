@@ -23,6 +23,7 @@ both_logs!(
     combined_windows_from_instances_committing_at_once_are_final_once_and_exact,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
+    a_claim_finds_each_ids_first_record_batch_after_batch,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
     a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once,
@@ -152,6 +153,66 @@ async fn a_message_id_is_remembered_while_its_event_is_stored(backend: Backend) 
         "once its event is purged the old id is new again; the recent one is still known"
     );
     assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 3);
+}
+
+/// Claims in a row find each id's first record whatever the batches
+/// before held: on PostgreSQL a claim is first a plain insert, which an id
+/// claimed before (or twice in the batch) makes fail whole, and the claims
+/// after such a failure are made with `ON CONFLICT` for a while.
+async fn a_claim_finds_each_ids_first_record_batch_after_batch(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let claim = |claims: Vec<(String, i32, i64)>| {
+        let store = store.clone();
+        async move {
+            let claims: Vec<(&str, i32, i64, i64)> = claims
+                .iter()
+                .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
+                .collect();
+            store.claim_metric_ids("metrics", &claims).await.unwrap()
+        }
+    };
+    let new = |round: i64| vec![(format!("n{round}"), 0, 100 + round)];
+    let twice = claim(vec![("a".into(), 0, 1), ("a".into(), 1, 2)]).await;
+    assert_eq!(
+        twice,
+        Claimed::Positions(traitline::store::FirstRecords::from_iter([(
+            "a".to_owned(),
+            (0, 1)
+        )])),
+        "of an id twice in a batch, the first record counts"
+    );
+    // Enough new ids, one batch each, to be past the claims made with care.
+    for round in 0..20 {
+        assert_eq!(claim(new(round)).await, Claimed::AllFirst, "round {round}");
+    }
+    let mixed = claim(vec![
+        ("b".into(), 2, 3),
+        ("n3".into(), 5, 9),
+        ("a".into(), 4, 4),
+    ])
+    .await;
+    assert!(mixed.is_retry("n3", 5, 9), "n3 was claimed at 0:103");
+    assert!(mixed.is_retry("a", 4, 4));
+    assert!(!mixed.is_retry("b", 2, 3), "b is new, and claimed once");
+    for round in 20..40 {
+        assert_eq!(claim(new(round)).await, Claimed::AllFirst, "round {round}");
+    }
+    let again = claim(vec![
+        ("c".into(), 1, 7),
+        ("c".into(), 0, 8),
+        ("b".into(), 3, 3),
+    ])
+    .await;
+    assert!(
+        !again.is_retry("c", 1, 7),
+        "the first of c in the batch counts"
+    );
+    assert!(again.is_retry("c", 0, 8));
+    assert!(
+        again.is_retry("b", 3, 3) && !again.is_retry("b", 2, 3),
+        "b's first record is the one claimed with n3: {again:?}"
+    );
 }
 
 async fn a_cached_profile_is_used_only_while_it_is_the_stored_one(backend: Backend) {
