@@ -59,6 +59,17 @@ impl Reading {
         }
     }
 
+    /// The same reading through `wrap` around its reader.
+    pub fn map_reader(
+        self,
+        wrap: impl FnOnce(Box<dyn LogReader>) -> Box<dyn LogReader>,
+    ) -> Reading {
+        Reading {
+            reader: wrap(self.reader),
+            ..self
+        }
+    }
+
     /// Starts each partition where the store is. A consumer-group reader
     /// has no partitions yet and refuses; it is checked on its first
     /// records instead ([`Reading::admit`]).

@@ -105,6 +105,18 @@ impl<P: Processor> Runner<P> {
         self
     }
 
+    /// Reads through `wrap` around its reader (a benchmark notes when
+    /// the first records come).
+    pub fn map_reader(
+        self,
+        wrap: impl FnOnce(Box<dyn LogReader>) -> Box<dyn LogReader>,
+    ) -> Runner<P> {
+        Runner {
+            reading: self.reading.map_reader(wrap),
+            ..self
+        }
+    }
+
     /// What the runner has done, updated as it goes.
     pub fn stats(&self) -> SharedStats {
         self.continuity.stats.clone()
