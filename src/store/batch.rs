@@ -167,6 +167,32 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Stores each partition's watermark beside its offset (the
+    /// partition's offset row must be there).
+    pub async fn store_clocks(
+        &mut self,
+        processor: &str,
+        topic: &str,
+        clocks: &[(i32, i64)],
+    ) -> Result<(), StoreError> {
+        for (partition, clock) in clocks {
+            // A partition's new owner may start its clock behind the
+            // stored one: a watermark never goes back.
+            execute!(
+                self,
+                sqlx::query(
+                    "UPDATE processor_offsets SET clock = CASE WHEN clock IS NULL OR clock < $1 THEN $1 ELSE clock END \
+                     WHERE processor = $2 AND topic = $3 AND partition = $4",
+                )
+                .bind(*clock)
+                .bind(processor)
+                .bind(topic)
+                .bind(*partition)
+            );
+        }
+        Ok(())
+    }
+
     /// Which of `message_ids` the `events` table holds (applied before).
     pub async fn known_message_ids(
         &mut self,
@@ -491,7 +517,7 @@ fn chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
 /// Rows in PostgreSQL's binary `COPY` format, sent with `COPY ... FROM
 /// STDIN`: the server stores them in bulk (a WAL record a page of rows,
 /// not a row), and nothing is parsed or escaped on either side.
-struct BinaryCopy {
+pub(super) struct BinaryCopy {
     buf: Vec<u8>,
     rows: usize,
 }
@@ -500,21 +526,21 @@ impl BinaryCopy {
     /// The format's signature, then flags and header extension length (0).
     const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-    fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(Self::HEADER);
         BinaryCopy { buf, rows: 0 }
     }
 
     /// Starts a row of `columns` fields, to be followed by exactly that many.
-    fn row(&mut self, columns: i16) -> &mut Self {
+    pub(super) fn row(&mut self, columns: i16) -> &mut Self {
         self.rows += 1;
         self.buf.extend_from_slice(&columns.to_be_bytes());
         self
     }
 
     /// A `text` field (UTF-8, its length first) or NULL.
-    fn text(&mut self, value: Option<&str>) -> &mut Self {
+    pub(super) fn text(&mut self, value: Option<&str>) -> &mut Self {
         match value {
             Some(value) => {
                 let len = i32::try_from(value.len()).expect("a text field is under 2 GiB");
@@ -527,15 +553,50 @@ impl BinaryCopy {
     }
 
     /// An `int8` field.
-    fn int8(&mut self, value: i64) -> &mut Self {
+    pub(super) fn int8(&mut self, value: i64) -> &mut Self {
         self.buf.extend_from_slice(&8i32.to_be_bytes());
         self.buf.extend_from_slice(&value.to_be_bytes());
         self
     }
 
+    /// Copies `count` rows into `into` (`table (columns)`), `write`
+    /// putting row `i`'s fields into the buffer, which goes to the server
+    /// whenever it holds a megabyte or so: a backlog's batch can hold
+    /// hundreds of megabytes of rows. No rows, no round trip.
+    pub(super) async fn stream(
+        conn: &mut PgConnection,
+        into: &str,
+        count: usize,
+        mut write: impl FnMut(&mut BinaryCopy, usize),
+    ) -> Result<(), StoreError> {
+        const PART: usize = 1 << 20;
+        if count == 0 {
+            return Ok(());
+        }
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY {into} FROM STDIN (FORMAT binary)"))
+            .await?;
+        let mut rows = BinaryCopy::new(PART + PART / 4);
+        for i in 0..count {
+            write(&mut rows, i);
+            if rows.buf.len() >= PART {
+                let part = std::mem::replace(&mut rows.buf, Vec::with_capacity(PART + PART / 4));
+                copy.send(part).await?;
+            }
+        }
+        rows.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        copy.send(rows.buf).await?;
+        copy.finish().await?;
+        Ok(())
+    }
+
     /// Appends the rows to `into` (`table (columns)`, the columns in the
     /// order of each row's fields). No rows, no round trip.
-    async fn send(mut self, conn: &mut PgConnection, into: &str) -> Result<(), StoreError> {
+    pub(super) async fn send(
+        mut self,
+        conn: &mut PgConnection,
+        into: &str,
+    ) -> Result<(), StoreError> {
         if self.rows == 0 {
             return Ok(());
         }

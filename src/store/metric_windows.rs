@@ -809,7 +809,9 @@ async fn write_batch(
     Conn::Any(&mut *tx, dialect)
         .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
-    store_clocks(tx, batch.processor, batch.topic, &batch.clocks).await?;
+    Conn::Any(&mut *tx, dialect)
+        .store_clocks(batch.processor, batch.topic, &batch.clocks)
+        .await?;
     let (written, removed): (Vec<_>, Vec<_>) = batch
         .states
         .iter()
@@ -987,6 +989,26 @@ pub(super) fn in_rows(dialect: super::Dialect, rows: usize, width: usize, start:
     format!("IN (VALUES {})", dialect.rows(rows, width, start))
 }
 
+/// PostgreSQL's deletion of `processor` (`$1`)'s rows of `table` at
+/// `keys`, and the keys as the JSON recordset it binds as `$2`.
+pub(super) fn keys_recordset(
+    table: &str,
+    key_column: &str,
+    keys: &[(i32, &str)],
+) -> (String, String) {
+    #[derive(serde::Serialize)]
+    struct Key<'a> {
+        p: i32,
+        k: &'a str,
+    }
+    let keys: Vec<Key> = keys.iter().map(|(p, k)| Key { p: *p, k }).collect();
+    let sql = format!(
+        "DELETE FROM {table} t USING jsonb_to_recordset($2::jsonb) AS d(p int4, k text) \
+         WHERE t.processor = $1 AND t.partition = d.p AND t.{key_column} = d.k"
+    );
+    (sql, serde_json::to_string(&keys).expect("keys serialize"))
+}
+
 /// Deletes `processor`'s rows of `table` at `keys` (each a partition and
 /// the value of `key_column`). On PostgreSQL the keys are one JSON
 /// recordset joined to the table, found through its primary key whatever
@@ -1005,17 +1027,7 @@ pub(super) async fn delete_partition_keys(
         return Ok(());
     }
     if dialect == super::Dialect::Postgres {
-        #[derive(serde::Serialize)]
-        struct Key<'a> {
-            p: i32,
-            k: &'a str,
-        }
-        let keys: Vec<Key> = keys.iter().map(|(p, k)| Key { p: *p, k }).collect();
-        let keys = serde_json::to_string(&keys).expect("keys serialize");
-        let sql = format!(
-            "DELETE FROM {table} t USING jsonb_to_recordset($2::jsonb) AS d(p int4, k text) \
-             WHERE t.processor = $1 AND t.partition = d.p AND t.{key_column} = d.k"
-        );
+        let (sql, keys) = keys_recordset(table, key_column, keys);
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(processor)
             .bind(keys)
@@ -1034,31 +1046,6 @@ pub(super) async fn delete_partition_keys(
             query = query.bind(*partition).bind(*key);
         }
         query.execute(&mut *tx).await?;
-    }
-    Ok(())
-}
-
-/// Stores each partition's watermark beside its offset (the partition's
-/// offset row must be there).
-pub(super) async fn store_clocks(
-    tx: &mut AnyConnection,
-    processor: &str,
-    topic: &str,
-    clocks: &[(i32, i64)],
-) -> Result<(), StoreError> {
-    for (partition, clock) in clocks {
-        // A partition's new owner may start its clock behind the stored
-        // one: a watermark never goes back.
-        sqlx::query(
-            "UPDATE processor_offsets SET clock = CASE WHEN clock IS NULL OR clock < $1 THEN $1 ELSE clock END \
-             WHERE processor = $2 AND topic = $3 AND partition = $4",
-        )
-        .bind(*clock)
-        .bind(processor)
-        .bind(topic)
-        .bind(*partition)
-        .execute(&mut *tx)
-        .await?;
     }
     Ok(())
 }

@@ -3,11 +3,11 @@
 //! make, written in one transaction a batch; the alerts read newest first
 //! and relayed to `user_alerts`.
 
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, PgConnection, Row};
 
-use super::batch::Conn;
+use super::batch::{BinaryCopy, Conn};
 use super::metric_windows::{
-    ROWS, delete_partition_keys, delete_rows_of, store_clocks, write_rows,
+    ROWS, delete_partition_keys, delete_rows_of, keys_recordset, write_rows,
 };
 use super::{OffsetAdvance, Store, StoreError, now_ms};
 
@@ -62,10 +62,17 @@ impl Store {
     /// Writes a rule version's batch and moves its offsets, in one
     /// transaction; fenced when an offset is not where the batch expects.
     pub async fn apply_rule_batch(&self, batch: &RuleBatch<'_>) -> Result<(), StoreError> {
-        let dialect = self.dialect;
-        super::in_write_transaction!(self, self.begin_write(), |tx| write_rule_batch(
-            tx, dialect, batch
-        ))
+        match &self.pg {
+            Some(pg) => {
+                super::in_write_transaction!(self, pg.begin(), |tx| write_rule_batch_pg(tx, batch))
+            }
+            None => {
+                let dialect = self.dialect;
+                super::in_write_transaction!(self, self.begin_write(), |tx| write_rule_batch(
+                    tx, dialect, batch
+                ))
+            }
+        }
     }
 
     /// A rule version's stored watermark of `partition` and its keys'
@@ -185,7 +192,9 @@ async fn write_rule_batch(
     Conn::Any(&mut *tx, dialect)
         .advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
         .await?;
-    store_clocks(tx, batch.processor, batch.topic, &batch.clocks).await?;
+    Conn::Any(&mut *tx, dialect)
+        .store_clocks(batch.processor, batch.topic, &batch.clocks)
+        .await?;
     let (written, removed): (Vec<_>, Vec<_>) = batch
         .states
         .iter()
@@ -250,4 +259,140 @@ async fn write_rule_batch(
     )
     .await?;
     Ok(())
+}
+
+/// Most bytes of states bound to one statement.
+const STATE_BYTES: usize = 4 << 20;
+
+/// [`write_rule_batch`] on PostgreSQL's own driver: the states bound as
+/// arrays (a statement a batch, prepared once), the alerts copied in bulk.
+/// A rule that matches often makes an alert for most events, and as
+/// `VALUES` lists of 285 alerts, each statement parsed and planned, their
+/// writes were most of a backlog's final commit.
+async fn write_rule_batch_pg(
+    tx: &mut PgConnection,
+    batch: &RuleBatch<'_>,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut conn = Conn::Pg(&mut *tx);
+    conn.advance_offsets(batch.processor, batch.topic, &batch.offsets, now)
+        .await?;
+    conn.store_clocks(batch.processor, batch.topic, &batch.clocks)
+        .await?;
+    let (mut partitions, mut keys, mut states) = (Vec::new(), Vec::new(), Vec::new());
+    let mut removed = Vec::new();
+    for (partition, key, state) in &batch.states {
+        match state {
+            Some(state) => {
+                partitions.push(*partition);
+                keys.push(key.as_str());
+                states.push(state.as_str());
+            }
+            None => removed.push((*partition, key.as_str())),
+        }
+    }
+    // In statements of a few megabytes: a key's state can be kilobytes,
+    // and a backlog's batch holds every key its rule saw.
+    let mut start = 0;
+    while start < keys.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < keys.len() && (end == start || bytes < STATE_BYTES) {
+            bytes += states[end].len();
+            end += 1;
+        }
+        sqlx::query(
+            "INSERT INTO rule_state (processor, partition, rule_key, state) \
+             SELECT $1, s.p, s.k, s.st FROM UNNEST($2::int4[], $3::text[], $4::text[]) AS s(p, k, st) \
+             ON CONFLICT (processor, partition, rule_key) DO UPDATE SET state = excluded.state",
+        )
+        .bind(batch.processor)
+        .bind(&partitions[start..end])
+        .bind(&keys[start..end])
+        .bind(&states[start..end])
+        .execute(&mut *tx)
+        .await?;
+        start = end;
+    }
+    if !removed.is_empty() {
+        let (sql, keys) = keys_recordset("rule_state", "rule_key", &removed);
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(batch.processor)
+            .bind(keys)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !batch.deleted.is_empty() {
+        sqlx::query("DELETE FROM alerts WHERE rule = $1 AND rule_key = ANY($2)")
+            .bind(batch.rule)
+            .bind(&batch.deleted)
+            .execute(&mut *tx)
+            .await?;
+    }
+    insert_alerts_pg(tx, &batch.alerts, now).await
+}
+
+/// Copies `alerts` in; if one is there already, inserts them instead
+/// without those there. An alert's id is taken once (its first event
+/// starts no other match of its key, and a batch's offsets are fenced
+/// before its alerts are written), so a copy meets one only if a rule
+/// version's history is read again with its alerts kept; the copy, which
+/// cannot skip a row, runs in a savepoint to be undone then.
+async fn insert_alerts_pg(
+    tx: &mut PgConnection,
+    alerts: &[StoredAlert],
+    now: i64,
+) -> Result<(), StoreError> {
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SAVEPOINT alerts").execute(&mut *tx).await?;
+    let into = "alerts (alert_id, rule, version, rule_key, body, at, created_at)";
+    let copied = BinaryCopy::stream(tx, into, alerts.len(), |copy, i| {
+        let a = &alerts[i];
+        copy.row(7)
+            .text(Some(&a.id))
+            .text(Some(&a.rule))
+            .int8(a.version)
+            .text(Some(&a.key))
+            .text(Some(&a.body))
+            .int8(a.at)
+            .int8(now);
+    })
+    .await;
+    match copied {
+        Ok(()) => {
+            sqlx::query("RELEASE SAVEPOINT alerts")
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        }
+        Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+            sqlx::query("ROLLBACK TO SAVEPOINT alerts")
+                .execute(&mut *tx)
+                .await?;
+            for part in alerts.chunks(10_000) {
+                let column =
+                    |f: fn(&StoredAlert) -> &str| -> Vec<&str> { part.iter().map(f).collect() };
+                sqlx::query(
+                    "INSERT INTO alerts (alert_id, rule, version, rule_key, body, at, created_at) \
+                     SELECT a.id, a.rule, a.version, a.k, a.body, a.at, $7 \
+                     FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[]) \
+                       AS a(id, rule, version, k, body, at) \
+                     ON CONFLICT (alert_id) DO NOTHING",
+                )
+                .bind(column(|a| &a.id))
+                .bind(column(|a| &a.rule))
+                .bind(part.iter().map(|a| a.version).collect::<Vec<_>>())
+                .bind(column(|a| &a.key))
+                .bind(column(|a| &a.body))
+                .bind(part.iter().map(|a| a.at).collect::<Vec<_>>())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
