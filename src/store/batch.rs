@@ -526,7 +526,7 @@ impl BinaryCopy {
     /// The format's signature, then flags and header extension length (0).
     const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-    pub(super) fn new(capacity: usize) -> Self {
+    fn new(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(Self::HEADER);
         BinaryCopy { buf, rows: 0 }
@@ -592,11 +592,7 @@ impl BinaryCopy {
 
     /// Appends the rows to `into` (`table (columns)`, the columns in the
     /// order of each row's fields). No rows, no round trip.
-    pub(super) async fn send(
-        mut self,
-        conn: &mut PgConnection,
-        into: &str,
-    ) -> Result<(), StoreError> {
+    async fn send(mut self, conn: &mut PgConnection, into: &str) -> Result<(), StoreError> {
         if self.rows == 0 {
             return Ok(());
         }
