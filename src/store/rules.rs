@@ -346,10 +346,15 @@ async fn insert_alerts_pg(
     if alerts.is_empty() {
         return Ok(());
     }
+    // In id order (the rule, its version, then the key), the primary key
+    // and the index by key take the rows page by page rather than at
+    // random.
+    let mut order: Vec<usize> = (0..alerts.len()).collect();
+    order.sort_unstable_by_key(|&i| alerts[i].id.as_str());
     sqlx::query("SAVEPOINT alerts").execute(&mut *tx).await?;
     let into = "alerts (alert_id, rule, version, rule_key, body, at, created_at)";
     let copied = BinaryCopy::stream(tx, into, alerts.len(), |copy, i| {
-        let a = &alerts[i];
+        let a = &alerts[order[i]];
         copy.row(7)
             .text(Some(&a.id))
             .text(Some(&a.rule))
