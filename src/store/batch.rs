@@ -348,11 +348,11 @@ impl Conn<'_> {
     pub async fn insert_ids(&mut self, ids: &[(String, String)]) -> Result<(), StoreError> {
         match self {
             Conn::Pg(c) => {
-                let mut copy = BinaryCopy::new(ids.len() * 64);
-                for (id, profile_id) in ids {
-                    copy.row(2).text(Some(id)).text(Some(profile_id));
-                }
-                copy.send(c, "identities (distinct_id, profile_id)").await?;
+                let into = "identities (distinct_id, profile_id)";
+                BinaryCopy::stream(c, into, ids.len(), |copy, i| {
+                    copy.row(2).text(Some(&ids[i].0)).text(Some(&ids[i].1));
+                })
+                .await?;
             }
             Conn::Any(c, dialect) => {
                 for chunk in ids.chunks(ROWS_PER_INSERT) {
@@ -423,8 +423,7 @@ impl Conn<'_> {
                     (profile_id, user_id, before_view, after_view, causes, changed_at)";
         match self {
             Conn::Pg(c) => {
-                let mut copy = BinaryCopy::new(rows.profile_id.len() * 2048);
-                for i in 0..rows.profile_id.len() {
+                BinaryCopy::stream(c, into, rows.profile_id.len(), |copy, i| {
                     copy.row(6)
                         .text(Some(&rows.profile_id[i]))
                         .text(rows.user_id[i].as_deref())
@@ -432,8 +431,8 @@ impl Conn<'_> {
                         .text(rows.after_view[i].as_deref())
                         .text(Some(&rows.causes[i]))
                         .int8(now);
-                }
-                copy.send(c, into).await?;
+                })
+                .await?;
             }
             Conn::Any(c, dialect) => {
                 for chunk in chunks(rows.profile_id.len()) {
@@ -464,8 +463,7 @@ impl Conn<'_> {
         let into = "events (message_id, profile_id, type, event, occurred_at, received_at, body)";
         match self {
             Conn::Pg(c) => {
-                let mut copy = BinaryCopy::new(rows.message_id.len() * 512);
-                for i in 0..rows.message_id.len() {
+                BinaryCopy::stream(c, into, rows.message_id.len(), |copy, i| {
                     copy.row(7)
                         .text(Some(rows.message_id[i]))
                         .text(Some(rows.profile_id[i]))
@@ -474,8 +472,8 @@ impl Conn<'_> {
                         .int8(rows.occurred_at[i])
                         .int8(rows.received_at[i])
                         .text(Some(rows.body[i]));
-                }
-                copy.send(c, into).await?;
+                })
+                .await?;
             }
             Conn::Any(c, dialect) => {
                 // In key order, the message ids' index takes the rows page
@@ -519,7 +517,6 @@ fn chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
 /// not a row), and nothing is parsed or escaped on either side.
 pub(super) struct BinaryCopy {
     buf: Vec<u8>,
-    rows: usize,
 }
 
 impl BinaryCopy {
@@ -529,12 +526,11 @@ impl BinaryCopy {
     fn new(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(Self::HEADER);
-        BinaryCopy { buf, rows: 0 }
+        BinaryCopy { buf }
     }
 
     /// Starts a row of `columns` fields, to be followed by exactly that many.
     pub(super) fn row(&mut self, columns: i16) -> &mut Self {
-        self.rows += 1;
         self.buf.extend_from_slice(&columns.to_be_bytes());
         self
     }
@@ -586,21 +582,6 @@ impl BinaryCopy {
         }
         rows.buf.extend_from_slice(&(-1i16).to_be_bytes());
         copy.send(rows.buf).await?;
-        copy.finish().await?;
-        Ok(())
-    }
-
-    /// Appends the rows to `into` (`table (columns)`, the columns in the
-    /// order of each row's fields). No rows, no round trip.
-    async fn send(mut self, conn: &mut PgConnection, into: &str) -> Result<(), StoreError> {
-        if self.rows == 0 {
-            return Ok(());
-        }
-        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
-        let mut copy = conn
-            .copy_in_raw(&format!("COPY {into} FROM STDIN (FORMAT binary)"))
-            .await?;
-        copy.send(self.buf).await?;
         copy.finish().await?;
         Ok(())
     }
