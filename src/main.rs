@@ -15,7 +15,25 @@ use traitline::{bench, replay, server, snapshot, tail, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's number for the option `purge_delay` (`mi_option_purge_delay`
+/// in mimalloc.h; the crate names no constant for it).
+const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// How long memory freed stays the process's before it goes back to the
+/// OS, unless `MIMALLOC_PURGE_DELAY` says otherwise. A runner frees a
+/// batch's hundreds of megabytes and allocates the next's about once a
+/// second: with mimalloc's 1 s, every batch faulted its pages in afresh
+/// (150,000 page faults in a 12 s run of profiles and 10 metrics, a tenth
+/// of the process's CPU); with 10 s, a tenth of them, and memory still goes
+/// back within seconds of the load ending (docs/benchmarks.md).
+const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
+
 fn main() -> ExitCode {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: `mi_option_set` stores the option's value (mimalloc reads
+        // it each time it schedules a purge); any value is valid.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) };
+    }
     traitline::install_tls();
     let cli = Cli::parse();
     let config = match Config::resolve(cli.settings, cli.config.as_deref()) {
