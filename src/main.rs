@@ -22,10 +22,10 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long memory freed stays the process's before it goes back to the
 /// OS, unless `MIMALLOC_PURGE_DELAY` says otherwise. A runner frees a
 /// batch's hundreds of megabytes and allocates the next's about once a
-/// second: with mimalloc's 1 s, every batch faulted its pages in afresh
+/// second: with mimalloc's 1 s, every batch faults its pages in afresh
 /// (150,000 page faults in a 12 s run of profiles and 10 metrics, a tenth
-/// of the process's CPU); with 10 s, a tenth of them, and memory still goes
-/// back within seconds of the load ending (docs/benchmarks.md).
+/// of the process's CPU); with 10 s, a tenth as many, and memory still
+/// goes back within seconds of the load ending (docs/benchmarks.md).
 const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 
 fn main() -> ExitCode {

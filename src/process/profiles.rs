@@ -94,8 +94,8 @@ pub fn runner(
         stop_when_caught_up: replay,
         // SQLite has one writer at a time; PostgreSQL runs transactions
         // side by side: while one waits on its commit, another has work
-        // for the CPU. One a core: on 2 cores, 4 made profiles + 10
-        // metrics 5-17% slower than 2 and profiles alone no faster
+        // for the CPU. One a core: on 2 cores, 4 make profiles + 10
+        // metrics 5-17% slower than 2, and profiles alone no faster
         // (docs/benchmarks.md); at most 4, within the pool's connections.
         parallel_commits: match store.dialect() {
             Dialect::Postgres => std::thread::available_parallelism()

@@ -200,7 +200,7 @@ impl Store {
                             // 32 MiB of pages a connection, not SQLite's
                             // 2 MiB: a batch's commit of profiles, claims
                             // and window states touches more than that,
-                            // and read them back from the OS once each
+                            // and would read them back from the OS
                             // (profiles + 10 metrics 7% faster, 100 MiB
                             // more at peak: docs/benchmarks.md).
                             "PRAGMA cache_size = -32768",
