@@ -15,9 +15,11 @@ use traitline::{bench, replay, server, snapshot, tail, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's number for the option `purge_delay` (`mi_option_purge_delay`
-/// in mimalloc.h; the crate names no constant for it).
+/// mimalloc's numbers for the options `purge_delay` and `allow_thp`
+/// (`mi_option_purge_delay`, `mi_option_allow_thp` in mimalloc.h; the
+/// crate names no constants for them).
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// How long memory freed stays the process's before it goes back to the
 /// OS, unless `MIMALLOC_PURGE_DELAY` says otherwise. A runner frees a
@@ -28,12 +30,40 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// goes back within seconds of the load ending (docs/benchmarks.md).
 const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 
-fn main() -> ExitCode {
+/// Sets the allocator up for batches that come and go, unless the
+/// environment sets the same options (mimalloc reads `MIMALLOC_*`).
+///
+/// Transparent huge pages go too: mimalloc asks for them, and a 64 KiB
+/// stretch of a 2 MiB page given back and used again faults the whole
+/// page in afresh, zeroed by the kernel, so the whole pipeline spent
+/// 3.3 s of system CPU of 20 s (a sixteenth of the machine clearing
+/// pages) where 4 KiB pages cost 1.3 s, and ran a tenth faster
+/// (docs/benchmarks.md).
+fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: `mi_option_set` stores the option's value (mimalloc reads
         // it each time it schedules a purge); any value is valid.
         unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) };
     }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above; mimalloc reads it each time it maps memory.
+        unsafe { libmimalloc_sys::mi_option_set(ALLOW_THP, 0) };
+        // mimalloc disables them for the process only as it starts, from
+        // the environment, and memory it mapped before `main` asked for
+        // them: the process's flag covers every mapping. Its result is
+        // not checked: where the kernel lacks the flag, the option keeps
+        // mimalloc from asking for them.
+        #[cfg(target_os = "linux")]
+        // SAFETY: `PR_SET_THP_DISABLE` takes an integer and touches no
+        // memory of the process.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
     traitline::install_tls();
     let cli = Cli::parse();
     let config = match Config::resolve(cli.settings, cli.config.as_deref()) {
