@@ -12,7 +12,7 @@ per-user hopping 5-minute average of the price every minute
 (`price_moving_average`). Each prints events/s and events per
 CPU-second, timed from the first record it processed to the last.
 
-With `--copy-from`, they read a copy (same partitions, keys and values)
+With `--copy-from`, they read a copy (same partitions, keys, values and lz4 compression)
 of a topic `traitline bench metrics --kafka-brokers` filled
 (`bench-XXXXXXXX-user_events`, named in the bench's first line): the
 records Traitline reads, windowed as its definitions window them, on
@@ -61,7 +61,10 @@ def copy(brokers, source, topic, events):
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"quix-bench-copy-{uuid.uuid4().hex[:8]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([source])
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True})
+    # Compressed as Traitline's producer compresses the source (lz4, its
+    # default), so both read the same batches and pay their decompression.
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True,
+                         "compression.type": "lz4"})
     copied, idle = 0, 0
     while copied < events:
         messages = consumer.consume(10_000, 1.0)
