@@ -35,10 +35,10 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 ///
 /// Transparent huge pages go too: mimalloc asks for them, and a 64 KiB
 /// stretch of a 2 MiB page given back and used again faults the whole
-/// page in afresh, zeroed by the kernel, so the whole pipeline spent
-/// 3.3 s of system CPU of 20 s (a sixteenth of the machine clearing
-/// pages) where 4 KiB pages cost 1.3 s, and ran a tenth faster
-/// (docs/benchmarks.md).
+/// page in afresh, zeroed by the kernel. With them the whole pipeline's
+/// system CPU was 3 to 3.4 s a 20 s run (6.5% of the machine clearing
+/// pages), with 4 KiB pages 1.1 to 1.3 s: 5% fewer CPU-seconds an event,
+/// and an eighth fewer for one metric on Kafka (docs/benchmarks.md).
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: `mi_option_set` stores the option's value (mimalloc reads
