@@ -27,6 +27,7 @@ both_logs!(
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
     a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once,
+    alerts_of_every_rule_read_newest_first_a_page_at_a_time,
     delivery_outcomes_dead_letters_and_positions_are_kept_and_purged,
     the_archive_manifest_refuses_overlaps_and_keeps_what_is_above_the_position
 );
@@ -1202,6 +1203,105 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
             .len(),
         2
     );
+}
+
+/// Alerts of several rules, read without a rule or key (each rule's
+/// newest merged, or, past 64 rules, one statement over them all): newest
+/// first, equal times by id, a page at a time with nothing skipped or
+/// repeated, from a time on.
+async fn alerts_of_every_rule_read_newest_first_a_page_at_a_time(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let write = |rule: String, alerts: Vec<(&'static str, i64)>| {
+        let store = &store;
+        async move {
+            let processor = format!("rule:{rule}:1");
+            let alerts = alerts
+                .into_iter()
+                .map(|(first, at)| StoredAlert {
+                    id: format!("{rule}:1:u1:{first}"),
+                    rule: rule.clone(),
+                    version: 1,
+                    key: "u1".to_owned(),
+                    at,
+                    body: "{}".to_owned(),
+                })
+                .collect();
+            let batch = RuleBatch {
+                processor: &processor,
+                rule: &rule,
+                topic: "user_events",
+                offsets: vec![OffsetAdvance {
+                    partition: 0,
+                    expected: None,
+                    next: 1,
+                }],
+                clocks: vec![],
+                states: vec![],
+                deleted: vec![],
+                alerts,
+            };
+            store.apply_rule_batch(&batch).await.unwrap();
+        }
+    };
+    // Every page of `limit` from `from` on, as ids.
+    let pages = |from: Option<i64>, limit: u32| {
+        let store = &store;
+        async move {
+            let mut seen: Vec<(i64, String)> = Vec::new();
+            loop {
+                let query = AlertQuery {
+                    from,
+                    before: seen.last().map(|(at, id)| (*at, id.as_str())),
+                    limit,
+                    ..AlertQuery::default()
+                };
+                let page = store.alerts(&query).await.unwrap();
+                assert!(page.len() <= limit as usize);
+                if page.is_empty() {
+                    break seen.into_iter().map(|(_, id)| id).collect::<Vec<_>>();
+                }
+                seen.extend(page.into_iter().map(|a| (a.at, a.id)));
+            }
+        }
+    };
+
+    write(
+        "b".into(),
+        vec![("m2", 3_000), ("m4", 4_000), ("m6", 6_000)],
+    )
+    .await;
+    write(
+        "a".into(),
+        vec![("m1", 1_000), ("m3", 3_000), ("m5", 5_000)],
+    )
+    .await;
+    write("c".into(), vec![("m3", 3_000), ("m7", 7_000)]).await;
+    let newest_first = vec![
+        "c:1:u1:m7",
+        "b:1:u1:m6",
+        "a:1:u1:m5",
+        "b:1:u1:m4",
+        "c:1:u1:m3",
+        "b:1:u1:m2",
+        "a:1:u1:m3",
+        "a:1:u1:m1",
+    ];
+    for limit in [1, 2, 3, 10] {
+        assert_eq!(pages(None, limit).await, newest_first, "pages of {limit}");
+    }
+    assert_eq!(pages(Some(3_000), 2).await, newest_first[..7]);
+
+    // Past 64 rules, one statement sorts them all, alike.
+    for n in 0..64 {
+        write(format!("r{n:02}"), vec![("m0", 2_000 + n)]).await;
+    }
+    let all = pages(None, 5).await;
+    assert_eq!(all.len(), 8 + 64);
+    assert_eq!(all[..7], newest_first[..7]);
+    assert_eq!(all[7..9], ["r63:1:u1:m0", "r62:1:u1:m0"]);
+    assert_eq!(all[70..], ["r00:1:u1:m0", "a:1:u1:m1"]);
+    assert_eq!(pages(Some(3_000), 3).await, newest_first[..7]);
 }
 
 fn outcome(id: &str, attempt: i32, what: &str, at: i64, dead: &[&str]) -> DeliveryOutcome {

@@ -1,0 +1,102 @@
+-- The alerts listing without a rule or key (`GET /v1/alerts`), as the
+-- store reads it, on a million alerts of ten rules in a scratch table:
+-- first as one statement (a scan and sort of every alert), then as the
+-- store reads it now: each rule found from the index by rule, each
+-- rule's newest 50 from it, merged by the caller (src/store/rules.rs).
+-- The table is dropped at the end.
+--
+--   runuser -u postgres -- psql -q -o /dev/null -f benches/alerts_listing.sql | grep Time
+--
+-- The first three times are the single statement's; the next 63 are
+-- three listings of 21 statements each (11 to find the rules, 10 pages).
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS alerts_listing;
+CREATE TABLE alerts_listing (
+    alert_id TEXT COLLATE "C" PRIMARY KEY, rule TEXT NOT NULL, version BIGINT NOT NULL,
+    rule_key TEXT NOT NULL, body TEXT NOT NULL, at BIGINT NOT NULL, created_at BIGINT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX ON alerts_listing (rule, at);
+CREATE INDEX ON alerts_listing (rule_key, at);
+CREATE INDEX ON alerts_listing (created_at) WHERE published = 0;
+INSERT INTO alerts_listing
+SELECT 'r' || (i % 10) || ':1:user-' || (i % 10000) || ':bench-' || i, 'r' || (i % 10), 1,
+       'user-' || (i % 10000), repeat('x', 300), 1733378400000 + i, 1, 1
+FROM generate_series(1, 1000000) i;
+VACUUM ANALYZE alerts_listing;
+PREPARE page(text, text, bigint, bigint, text, bigint) AS
+    SELECT alert_id, rule, version, rule_key, at, body FROM alerts_listing
+    WHERE ($1::text IS NULL OR rule = $1) AND ($2::text IS NULL OR rule_key = $2)
+      AND ($3::bigint IS NULL OR at >= $3)
+      AND ($4::bigint IS NULL OR at < $4 OR (at = $4 AND alert_id < $5))
+    ORDER BY at DESC, alert_id DESC LIMIT $6;
+PREPARE next_rule(text) AS SELECT rule FROM alerts_listing WHERE rule > $1 ORDER BY rule LIMIT 1;
+\timing on
+EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
+EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
+EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
+EXECUTE next_rule('');
+EXECUTE next_rule('r0');
+EXECUTE next_rule('r1');
+EXECUTE next_rule('r2');
+EXECUTE next_rule('r3');
+EXECUTE next_rule('r4');
+EXECUTE next_rule('r5');
+EXECUTE next_rule('r6');
+EXECUTE next_rule('r7');
+EXECUTE next_rule('r8');
+EXECUTE next_rule('r9');
+EXECUTE page('r0', NULL, NULL, NULL, '', 50);
+EXECUTE page('r1', NULL, NULL, NULL, '', 50);
+EXECUTE page('r2', NULL, NULL, NULL, '', 50);
+EXECUTE page('r3', NULL, NULL, NULL, '', 50);
+EXECUTE page('r4', NULL, NULL, NULL, '', 50);
+EXECUTE page('r5', NULL, NULL, NULL, '', 50);
+EXECUTE page('r6', NULL, NULL, NULL, '', 50);
+EXECUTE page('r7', NULL, NULL, NULL, '', 50);
+EXECUTE page('r8', NULL, NULL, NULL, '', 50);
+EXECUTE page('r9', NULL, NULL, NULL, '', 50);
+EXECUTE next_rule('');
+EXECUTE next_rule('r0');
+EXECUTE next_rule('r1');
+EXECUTE next_rule('r2');
+EXECUTE next_rule('r3');
+EXECUTE next_rule('r4');
+EXECUTE next_rule('r5');
+EXECUTE next_rule('r6');
+EXECUTE next_rule('r7');
+EXECUTE next_rule('r8');
+EXECUTE next_rule('r9');
+EXECUTE page('r0', NULL, NULL, NULL, '', 50);
+EXECUTE page('r1', NULL, NULL, NULL, '', 50);
+EXECUTE page('r2', NULL, NULL, NULL, '', 50);
+EXECUTE page('r3', NULL, NULL, NULL, '', 50);
+EXECUTE page('r4', NULL, NULL, NULL, '', 50);
+EXECUTE page('r5', NULL, NULL, NULL, '', 50);
+EXECUTE page('r6', NULL, NULL, NULL, '', 50);
+EXECUTE page('r7', NULL, NULL, NULL, '', 50);
+EXECUTE page('r8', NULL, NULL, NULL, '', 50);
+EXECUTE page('r9', NULL, NULL, NULL, '', 50);
+EXECUTE next_rule('');
+EXECUTE next_rule('r0');
+EXECUTE next_rule('r1');
+EXECUTE next_rule('r2');
+EXECUTE next_rule('r3');
+EXECUTE next_rule('r4');
+EXECUTE next_rule('r5');
+EXECUTE next_rule('r6');
+EXECUTE next_rule('r7');
+EXECUTE next_rule('r8');
+EXECUTE next_rule('r9');
+EXECUTE page('r0', NULL, NULL, NULL, '', 50);
+EXECUTE page('r1', NULL, NULL, NULL, '', 50);
+EXECUTE page('r2', NULL, NULL, NULL, '', 50);
+EXECUTE page('r3', NULL, NULL, NULL, '', 50);
+EXECUTE page('r4', NULL, NULL, NULL, '', 50);
+EXECUTE page('r5', NULL, NULL, NULL, '', 50);
+EXECUTE page('r6', NULL, NULL, NULL, '', 50);
+EXECUTE page('r7', NULL, NULL, NULL, '', 50);
+EXECUTE page('r8', NULL, NULL, NULL, '', 50);
+EXECUTE page('r9', NULL, NULL, NULL, '', 50);
+\timing off
+DROP TABLE alerts_listing;
