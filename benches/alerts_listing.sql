@@ -1,14 +1,15 @@
 -- The alerts listing without a rule or key (`GET /v1/alerts`), as the
 -- store reads it, on a million alerts of ten rules in a scratch table:
 -- first as one statement (a scan and sort of every alert), then as the
--- store reads it now: each rule found from the index by rule, each
+-- store reads it: each rule found from the index by rule, each
 -- rule's newest 50 from it, merged by the caller (src/store/rules.rs).
 -- The table is dropped at the end.
 --
 --   runuser -u postgres -- psql -q -o /dev/null -f benches/alerts_listing.sql | grep Time
 --
--- The first three times are the single statement's; the next 63 are
--- three listings of 21 statements each (11 to find the rules, 10 pages).
+-- The times: the single statement thrice, the query that wrote those
+-- three, then three listings of 21 statements each (11 to find the
+-- rules, 10 pages), then the query that wrote those.
 SET client_min_messages = warning;
 DROP TABLE IF EXISTS alerts_listing;
 CREATE TABLE alerts_listing (
@@ -32,71 +33,14 @@ PREPARE page(text, text, bigint, bigint, text, bigint) AS
     ORDER BY at DESC, alert_id DESC LIMIT $6;
 PREPARE next_rule(text) AS SELECT rule FROM alerts_listing WHERE rule > $1 ORDER BY rule LIMIT 1;
 \timing on
-EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
-EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
-EXECUTE page(NULL, NULL, NULL, NULL, '', 50);
-EXECUTE next_rule('');
-EXECUTE next_rule('r0');
-EXECUTE next_rule('r1');
-EXECUTE next_rule('r2');
-EXECUTE next_rule('r3');
-EXECUTE next_rule('r4');
-EXECUTE next_rule('r5');
-EXECUTE next_rule('r6');
-EXECUTE next_rule('r7');
-EXECUTE next_rule('r8');
-EXECUTE next_rule('r9');
-EXECUTE page('r0', NULL, NULL, NULL, '', 50);
-EXECUTE page('r1', NULL, NULL, NULL, '', 50);
-EXECUTE page('r2', NULL, NULL, NULL, '', 50);
-EXECUTE page('r3', NULL, NULL, NULL, '', 50);
-EXECUTE page('r4', NULL, NULL, NULL, '', 50);
-EXECUTE page('r5', NULL, NULL, NULL, '', 50);
-EXECUTE page('r6', NULL, NULL, NULL, '', 50);
-EXECUTE page('r7', NULL, NULL, NULL, '', 50);
-EXECUTE page('r8', NULL, NULL, NULL, '', 50);
-EXECUTE page('r9', NULL, NULL, NULL, '', 50);
-EXECUTE next_rule('');
-EXECUTE next_rule('r0');
-EXECUTE next_rule('r1');
-EXECUTE next_rule('r2');
-EXECUTE next_rule('r3');
-EXECUTE next_rule('r4');
-EXECUTE next_rule('r5');
-EXECUTE next_rule('r6');
-EXECUTE next_rule('r7');
-EXECUTE next_rule('r8');
-EXECUTE next_rule('r9');
-EXECUTE page('r0', NULL, NULL, NULL, '', 50);
-EXECUTE page('r1', NULL, NULL, NULL, '', 50);
-EXECUTE page('r2', NULL, NULL, NULL, '', 50);
-EXECUTE page('r3', NULL, NULL, NULL, '', 50);
-EXECUTE page('r4', NULL, NULL, NULL, '', 50);
-EXECUTE page('r5', NULL, NULL, NULL, '', 50);
-EXECUTE page('r6', NULL, NULL, NULL, '', 50);
-EXECUTE page('r7', NULL, NULL, NULL, '', 50);
-EXECUTE page('r8', NULL, NULL, NULL, '', 50);
-EXECUTE page('r9', NULL, NULL, NULL, '', 50);
-EXECUTE next_rule('');
-EXECUTE next_rule('r0');
-EXECUTE next_rule('r1');
-EXECUTE next_rule('r2');
-EXECUTE next_rule('r3');
-EXECUTE next_rule('r4');
-EXECUTE next_rule('r5');
-EXECUTE next_rule('r6');
-EXECUTE next_rule('r7');
-EXECUTE next_rule('r8');
-EXECUTE next_rule('r9');
-EXECUTE page('r0', NULL, NULL, NULL, '', 50);
-EXECUTE page('r1', NULL, NULL, NULL, '', 50);
-EXECUTE page('r2', NULL, NULL, NULL, '', 50);
-EXECUTE page('r3', NULL, NULL, NULL, '', 50);
-EXECUTE page('r4', NULL, NULL, NULL, '', 50);
-EXECUTE page('r5', NULL, NULL, NULL, '', 50);
-EXECUTE page('r6', NULL, NULL, NULL, '', 50);
-EXECUTE page('r7', NULL, NULL, NULL, '', 50);
-EXECUTE page('r8', NULL, NULL, NULL, '', 50);
-EXECUTE page('r9', NULL, NULL, NULL, '', 50);
+SELECT 'EXECUTE page(NULL, NULL, NULL, NULL, '''', 50)' FROM generate_series(1, 3) \gexec
+SELECT statement FROM generate_series(1, 3) AS listing, LATERAL (
+    SELECT i AS n, format('EXECUTE next_rule(%L)', CASE WHEN i = 0 THEN '' ELSE 'r' || (i - 1) END)
+    FROM generate_series(0, 10) AS i
+    UNION ALL
+    SELECT 11 + i, format('EXECUTE page(%L, NULL, NULL, NULL, '''', 50)', 'r' || i)
+    FROM generate_series(0, 9) AS i
+) AS statements(n, statement)
+ORDER BY listing, n \gexec
 \timing off
 DROP TABLE alerts_listing;

@@ -135,8 +135,8 @@ impl Store {
     /// each rule's newest from the index by rule, merged. Without a rule
     /// or key, the order by time has no index of its own (another index
     /// would slow every alert's insert, as each of the four does by
-    /// 15-35%), and one statement scans and sorts every alert: 186-227 ms
-    /// a page on a million, against 3-5 ms merged from ten rules
+    /// 15-35%), and one statement scans and sorts every alert: about
+    /// 200 ms a page on a million, against 3-4 ms merged from ten rules
     /// (benches/alerts_listing.sql).
     async fn alerts_of(
         &self,
