@@ -46,8 +46,10 @@ pub struct StoredAlert {
 }
 
 /// Most rules whose alerts a listing of every rule's merges from each
-/// rule's own; with more, one statement sorts them all.
+/// rule's own, and most alerts it reads to merge (a page of each); with
+/// more, one statement sorts them all.
 const MERGED_RULES: usize = 64;
+const MERGED_ROWS: usize = 20_000;
 
 /// Which alerts to read, newest first.
 #[derive(Debug, Default, Clone, Copy)]
@@ -104,9 +106,11 @@ impl Store {
 
     /// Alerts, newest first.
     pub async fn alerts(&self, query: &AlertQuery<'_>) -> Result<Vec<StoredAlert>, StoreError> {
+        // Each rule's page is read whole: at most `MERGED_ROWS` of them.
+        let most = (MERGED_ROWS / query.limit.max(1) as usize).min(MERGED_RULES);
         if query.rule.is_none()
             && query.key.is_none()
-            && let Some(rules) = self.alerting_rules().await?
+            && let Some(rules) = self.alerting_rules(most).await?
         {
             return self.alerts_of(&rules, query).await;
         }
@@ -114,8 +118,8 @@ impl Store {
     }
 
     /// Every rule with alerts stored, found from the index by rule a rule
-    /// at a time; `None` when there are more than [`MERGED_RULES`].
-    async fn alerting_rules(&self) -> Result<Option<Vec<String>>, StoreError> {
+    /// at a time; `None` when there are more than `most`.
+    async fn alerting_rules(&self, most: usize) -> Result<Option<Vec<String>>, StoreError> {
         let mut rules: Vec<String> = Vec::new();
         loop {
             let next: Option<String> =
@@ -125,7 +129,7 @@ impl Store {
                     .await?;
             match next {
                 None => return Ok(Some(rules)),
-                Some(_) if rules.len() == MERGED_RULES => return Ok(None),
+                Some(_) if rules.len() == most => return Ok(None),
                 Some(rule) => rules.push(rule),
             }
         }

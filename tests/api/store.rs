@@ -1206,7 +1206,8 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
 }
 
 /// Alerts of several rules, read without a rule or key (each rule's
-/// newest merged, or, past 64 rules, one statement over them all): newest
+/// newest merged, or, past 64 rules or 20,000 alerts to merge, one
+/// statement over them all): newest
 /// first, equal times by id, a page at a time with nothing skipped or
 /// repeated, from a time on.
 async fn alerts_of_every_rule_read_newest_first_a_page_at_a_time(backend: Backend) {
@@ -1287,7 +1288,9 @@ async fn alerts_of_every_rule_read_newest_first_a_page_at_a_time(backend: Backen
         "a:1:u1:m3",
         "a:1:u1:m1",
     ];
-    for limit in [1, 2, 3, 10] {
+    // 7,000 a page: more than 20,000 alerts to read for three rules' pages,
+    // so one statement.
+    for limit in [1, 2, 3, 10, 7_000] {
         assert_eq!(pages(None, limit).await, newest_first, "pages of {limit}");
     }
     assert_eq!(pages(Some(3_000), 2).await, newest_first[..7]);
