@@ -1207,9 +1207,8 @@ async fn a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once(backen
 
 /// Alerts of several rules, read without a rule or key (each rule's
 /// newest merged, or, past 64 rules or 20,000 alerts to merge, one
-/// statement over them all): newest
-/// first, equal times by id, a page at a time with nothing skipped or
-/// repeated, from a time on.
+/// statement over them all): newest first, equal times by id, a page at
+/// a time with nothing skipped or repeated, from a time on.
 async fn alerts_of_every_rule_read_newest_first_a_page_at_a_time(backend: Backend) {
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
