@@ -202,6 +202,7 @@ struct Run {
     /// The step of its last event, and how many events that step took.
     step: usize,
     count: u32,
+    #[serde(serialize_with = "spans")]
     taken: Vec<Pick>,
     /// It passed an event over since its last: a strict step cannot
     /// follow. (Stored only when set, as `waiting` is: most runs are
@@ -340,7 +341,34 @@ struct StoredRun {
 #[serde(untagged)]
 enum StoredPick {
     Pick(u32, u32),
+    /// Held events `first` to `first + count - 1`, each taken by `step`.
+    Span(u32, u32, u32),
     Taken(Taken),
+}
+
+/// Writes a run's picks with each stretch of consecutive held events one
+/// step took as `[first, step, count]` (a lone pick as `[event, step]`).
+/// A run that repeats a step takes the key's events one after another,
+/// and each of a key's runs names most of them: listed one by one, a
+/// key's stored state grew with the square of its events.
+fn spans<S: serde::Serializer>(taken: &[Pick], serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = serializer.serialize_seq(None)?;
+    let mut rest = taken;
+    while let Some(&(first, step)) = rest.first() {
+        let count = rest
+            .iter()
+            .zip(first..)
+            .take_while(|(pick, event)| **pick == (*event, step))
+            .count();
+        if count == 1 {
+            seq.serialize_element(&(first, step))?;
+        } else {
+            seq.serialize_element(&(first, step, count as u32))?;
+        }
+        rest = &rest[count..];
+    }
+    seq.end()
 }
 
 impl TryFrom<StoredState> for KeyState {
@@ -364,6 +392,18 @@ impl TryFrom<StoredState> for KeyState {
                         ));
                     }
                     StoredPick::Pick(event, step) => (event, step),
+                    StoredPick::Span(first, step, count) => match first.checked_add(count) {
+                        Some(end) if count > 0 && end as usize <= state.held.len() => {
+                            taken.extend((first..end).map(|event| (event, step)));
+                            continue;
+                        }
+                        _ => {
+                            return Err(format!(
+                                "a partial match names {count} held events from {first} of {}",
+                                state.held.len()
+                            ));
+                        }
+                    },
                     StoredPick::Taken(t) => {
                         let key = (t.time, t.id.clone());
                         let event = match interned.get(&key) {
@@ -534,6 +574,7 @@ impl Engine {
             self.changed.insert(key.to_owned());
         }
         if rushed {
+            entry.state.compact();
             let due = next_due(&self.pattern, &entry.state);
             set_timer(&mut self.timers, key, entry, due);
         } else if at == 0 && entry.due.is_none_or(|old| due < old) {
@@ -703,7 +744,9 @@ fn set_timer(timers: &mut Timers, key: &str, entry: &mut KeyEntry, due: Option<M
 /// Runs one event of `key`, in event-time order, through its partial
 /// matches: waits that ended before it complete, each run takes it
 /// where it can (branching where it could go two ways), and it may begin
-/// runs of its own.
+/// runs of its own. The held events no run names any more stay until
+/// the caller's [`KeyState::compact`], once for all the events it takes
+/// (each compaction reads every run).
 fn take(
     pattern: &Pattern,
     key: &str,
@@ -729,7 +772,8 @@ fn take(
             counts.timed_out += 1;
             continue;
         }
-        let mut next = Vec::new();
+        // The (step, count) of each way the run takes the event.
+        let mut ways: Vec<(usize, u32)> = Vec::new();
         let step = &pattern.steps[run.step];
         let can_repeat =
             step.max.is_none_or(|max| run.count < max) && (!step.strict || !run.passed);
@@ -739,8 +783,7 @@ fn take(
         // own, or that only an optional step takes, branches.
         let mut forced = can_repeat && pattern.takes(run.step, &state.held, &run.taken, input);
         if forced {
-            let event = state.hold(&mut event, input);
-            next.push(run.extended(run.step, run.count + 1, event));
+            ways.push((run.step, run.count + 1));
         }
         // Whether the run may pass this event over (relaxed contiguity
         // for some step it could take next).
@@ -750,8 +793,7 @@ fn take(
                 if (!after.strict || !run.passed)
                     && pattern.takes(j, &state.held, &run.taken, input)
                 {
-                    let event = state.hold(&mut event, input);
-                    next.push(run.extended(j, 1, event));
+                    ways.push((j, 1));
                     forced |= !can_repeat && !after.optional;
                 }
                 relaxed |= !after.strict;
@@ -760,11 +802,28 @@ fn take(
                 }
             }
         }
+        let mut next = Vec::with_capacity(ways.len());
         if relaxed && !forced {
+            if !ways.is_empty() {
+                let event = state.hold(&mut event, input);
+                for &(j, count) in &ways {
+                    next.push(run.extended(j, count, event));
+                }
+            }
             runs.push(Run {
                 passed: true,
                 ..run
             });
+        } else if let Some((&(step, count), others)) = ways.split_last() {
+            let event = state.hold(&mut event, input);
+            for &(j, count) in others {
+                next.push(run.extended(j, count, event));
+            }
+            // The run goes on only as its last way, which takes the run's
+            // events rather than a copy: a run that repeats a step takes
+            // a key's events one at a time, and a copy each time made a
+            // burst of n events cost n² a run.
+            next.push(run.into_extended(step, count, event));
         }
         for run in next {
             if run.step == last && run.count >= pattern.steps[last].min {
@@ -822,7 +881,6 @@ fn take(
         state.runs.drain(..excess);
         counts.dropped += excess as u64;
     }
-    state.compact();
 }
 
 /// Completes the waits (absent steps) whose bound passed before
@@ -905,6 +963,18 @@ impl Run {
             step,
             count,
             taken,
+            passed: false,
+            waiting: false,
+        }
+    }
+
+    /// [`Run::extended`], the run itself going on no other way.
+    fn into_extended(mut self, step: usize, count: u32, event: u32) -> Run {
+        self.taken.push((event, step as u32));
+        Run {
+            step,
+            count,
+            taken: self.taken,
             passed: false,
             waiting: false,
         }

@@ -460,6 +460,47 @@ fn a_stored_state_naming_an_event_it_does_not_hold_is_refused() {
 }
 
 /// A random pattern of two or three steps over a key's events.
+#[test]
+fn a_stored_state_grows_with_a_keys_events_not_their_square() {
+    // Each small payment starts a run, and every run takes every later
+    // one: n payments make n runs of up to n events.
+    let stored = |n: i64| {
+        let mut engine = Engine::new(Arc::new(fraud()));
+        for i in 0..n {
+            engine.observe("u1", small(i, 1));
+        }
+        engine.advance(n * 1_000);
+        assert_eq!(engine.state("u1").unwrap().partials(), n as usize);
+        serde_json::to_string(engine.state("u1").unwrap()).unwrap()
+    };
+    let (hundred, two_hundred) = (stored(100).len(), stored(200).len());
+    assert!(
+        two_hundred < 3 * hundred,
+        "100 events stored in {hundred} bytes, 200 in {two_hundred}"
+    );
+    let state: KeyState = serde_json::from_str(&stored(200)).unwrap();
+    assert_eq!(
+        state.runs.iter().map(|r| r.taken.len()).sum::<usize>(),
+        200 * 201 / 2
+    );
+}
+
+#[test]
+fn a_stored_span_beyond_the_held_events_is_refused() {
+    for taken in [
+        "[[0, 0, 2]]",
+        "[[1, 0, 1]]",
+        "[[0, 0, 0]]",
+        "[[4294967295, 0, 2]]",
+    ] {
+        let stored = format!(
+            r#"{{"held": [{{"time": 0, "id": "s0"}}], "runs": [{{"step": 0, "count": 1, "taken": {taken}}}]}}"#
+        );
+        let error = serde_json::from_str::<KeyState>(&stored).unwrap_err();
+        assert!(error.to_string().contains("held event"), "{taken}: {error}");
+    }
+}
+
 fn arb_pattern() -> impl Strategy<Value = Pattern> {
     let arb_step = (
         1u32..3,
@@ -634,6 +675,38 @@ proptest! {
             })
             .collect();
         prop_assert_eq!(got, brute_force(&p, &events));
+    }
+
+    #[test]
+    fn a_key_stored_and_restored_at_every_watermark_matches_as_if_it_never_was(
+        (p, events) in arb_pattern().prop_flat_map(|p| {
+            let steps = p.steps.len();
+            (Just(p), arb_events(steps))
+        })
+    ) {
+        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}"), meets: events[i].1, values: None };
+        let p = Arc::new(p);
+        let (mut kept, mut stored) = (Engine::new(p.clone()), Engine::new(p.clone()));
+        let (mut expected, mut got) = (Vec::new(), Vec::new());
+        for (i, &(time, _)) in events.iter().enumerate() {
+            kept.observe("k", input(i));
+            stored.observe("k", input(i));
+            expected.extend(ids(kept.advance(time)));
+            got.extend(ids(stored.advance(time)));
+            // What a runner writes after each batch, read back by the
+            // next owner of the partition.
+            if let Some(state) = stored.state("k") {
+                let text = serde_json::to_string(state).unwrap();
+                let read: KeyState = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(&read, state);
+                stored = Engine::new(p.clone());
+                stored.resume(time);
+                stored.restore("k", read);
+            }
+        }
+        expected.extend(ids(kept.advance(1_000)));
+        got.extend(ids(stored.advance(1_000)));
+        prop_assert_eq!(got, expected);
     }
 
     #[test]
