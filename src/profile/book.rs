@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{Profile, links_ids};
+use crate::KeyHasher;
 use crate::envelope::{EventEnvelope, EventType};
 
 /// The profiles and ids one batch touches, loaded from the store, with the
@@ -13,10 +14,10 @@ use crate::envelope::{EventEnvelope, EventType};
 pub struct Book {
     /// Id → profile id, for every id the batch's events carry (`None`: the
     /// store has no profile for it).
-    ids: HashMap<String, Option<String>>,
+    ids: HashMap<String, Option<String>, KeyHasher>,
     profiles: BTreeMap<String, Profile>,
     /// Each loaded profile before the batch, for the change log.
-    before: HashMap<String, Before>,
+    before: HashMap<String, Before, KeyHasher>,
     new_ids: Vec<(String, String)>,
     merges: Vec<Merge>,
     /// Profile id → message ids of the events that changed it.

@@ -197,14 +197,17 @@ impl Conn<'_> {
     pub async fn known_message_ids(
         &mut self,
         message_ids: &[&str],
-    ) -> Result<HashSet<String>, StoreError> {
+    ) -> Result<HashSet<String, crate::KeyHasher>, StoreError> {
         let select = "SELECT message_id FROM events WHERE message_id";
         let rows: Vec<(String,)> = self.rows_in(select, "", message_ids).await?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// When each of `ids` was deleted, for the ids that were.
-    pub async fn deleted_at(&mut self, ids: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
+    pub async fn deleted_at(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, i64, crate::KeyHasher>, StoreError> {
         let select = "SELECT distinct_id, deleted_at FROM deleted_ids WHERE distinct_id";
         Ok(self.rows_in(select, "", ids).await?.into_iter().collect())
     }
@@ -213,7 +216,7 @@ impl Conn<'_> {
     pub async fn identities(
         &mut self,
         ids: &[&str],
-    ) -> Result<HashMap<String, String>, StoreError> {
+    ) -> Result<HashMap<String, String, crate::KeyHasher>, StoreError> {
         let select = "SELECT distinct_id, profile_id FROM identities WHERE distinct_id";
         Ok(self.rows_in(select, "", ids).await?.into_iter().collect())
     }

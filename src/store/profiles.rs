@@ -299,7 +299,7 @@ async fn try_apply(
     // the deduplication window. A concurrent batch inserting one of
     // these ids too makes the insert below fail, and this batch is run
     // again (then it sees the id).
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<&str, crate::KeyHasher> = HashSet::default();
     let candidates: Vec<&(EventEnvelope, String)> = batch_events
         .into_iter()
         .filter(|(e, _)| seen.insert(e.message_id.as_str()))
@@ -431,7 +431,7 @@ async fn write_applied(
     }
     conn.upsert_profiles(&profiles, now).await?;
     let mut changes = ChangeRows::default();
-    let mut views = HashMap::new();
+    let mut views: HashMap<String, String, crate::KeyHasher> = HashMap::default();
     for change in applied.changes {
         if let Some(view) = &change.after {
             views.insert(change.profile_id.clone(), view.clone());
