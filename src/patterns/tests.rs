@@ -459,7 +459,6 @@ fn a_stored_state_naming_an_event_it_does_not_hold_is_refused() {
     );
 }
 
-/// A random pattern of two or three steps over a key's events.
 #[test]
 fn a_stored_state_grows_with_a_keys_events_not_their_square() {
     // Each small payment starts a run, and every run takes every later
@@ -501,6 +500,7 @@ fn a_stored_span_beyond_the_held_events_is_refused() {
     }
 }
 
+/// A random pattern of two or three steps over a key's events.
 fn arb_pattern() -> impl Strategy<Value = Pattern> {
     let arb_step = (
         1u32..3,
