@@ -256,7 +256,15 @@ impl Store {
         let migrator = Migrator::with_migrations(migrations(dialect));
         let started = std::time::Instant::now();
         let pending = announce_migrations(&pool, &migrator).await;
-        migrator.run(&pool).await.map_err(|e| open_error(&e))?;
+        migrator.run(&pool).await.map_err(|e| match e {
+            // A newer release may store what this one cannot read.
+            sqlx::migrate::MigrateError::VersionMissing(version) => open_error(&format!(
+                "a newer Traitline updated this store (its migration {version} is unknown to \
+                 version {}); run that release or a later one",
+                env!("CARGO_PKG_VERSION")
+            )),
+            e => open_error(&e),
+        })?;
         if pending > 0 {
             tracing::info!(
                 migrations = pending,
@@ -502,6 +510,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "pattern rules' partial matches and alerts",
         include_str!("migrations/version_12.sql"),
     );
+    let spans = migration(
+        20,
+        "pattern states stored with spans of events (older versions refuse the store)",
+        include_str!("migrations/version_20.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -538,6 +551,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 "byte-wise keys in the tables added since the first",
                 include_str!("migrations/postgres_18.sql"),
             ),
+            spans,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -563,6 +577,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 "message-id claims stored in their key's B-tree",
                 include_str!("migrations/sqlite_19.sql"),
             ),
+            spans,
         ],
     }
 }

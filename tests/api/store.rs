@@ -1677,3 +1677,35 @@ async fn sqlite_claims_move_into_their_key_btree_and_are_kept() {
     assert!(again.is_retry("m1", 4, 9), "m1's first record is kept");
     assert!(!again.is_retry("m3", 1, 1));
 }
+
+/// A store a newer version migrated (a migration this build does not
+/// know) is refused at start-up, naming the migration and the setting:
+/// the newer version may store what this one cannot read (pattern states
+/// since migration 20).
+#[tokio::test]
+async fn a_store_migrated_by_a_newer_version_is_refused_at_start() {
+    use sqlx::Connection;
+    let dir = TestDir::new();
+    let store = Store::open(None, dir.path()).await.unwrap();
+    store.close().await;
+    let url = format!("sqlite://{}", dir.path().join("traitline.db").display());
+    let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'a later release', true, x'00', 0)",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    connection.close().await.unwrap();
+    let Err(refused) = Store::open(None, dir.path()).await else {
+        panic!("a store a newer version migrated was opened");
+    };
+    let message = refused.to_string();
+    assert!(
+        message.contains("a newer Traitline updated this store")
+            && message.contains("migration 9999")
+            && message.contains("data-dir"),
+        "{message}"
+    );
+}
