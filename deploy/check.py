@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks deploy/ without a container engine (none runs on the development
 machine): every file parses; the compose file has Kafka in KRaft mode,
-PostgreSQL, Traitline split by role, Prometheus and Grafana; the
+PostgreSQL with the settings docs/operations.md asks for, Traitline split by role, Prometheus and Grafana; the
 Kubernetes manifests have one Deployment per role with probes and a
 grace period past the shutdown deadline, and autoscalers on CPU (ingest)
 and lag (process); every Traitline metric the dashboard, the autoscaler
@@ -53,6 +53,10 @@ services = compose["services"]
 for name in ["kafka", "postgres", "traitline-ingest", "traitline-process", "traitline-query", "prometheus", "grafana", "jaeger"]:
     check(name in services, f"compose: no service {name}")
 check(not any("zookeeper" in n for n in services), "compose: ZooKeeper is not needed (KRaft)")
+postgres_command = " ".join(services["postgres"].get("command", []))
+for setting in ["shared_buffers=", "max_wal_size=", "checkpoint_timeout=", "wal_buffers="]:
+    check(setting in postgres_command, f"compose: PostgreSQL does not set {setting.rstrip('=')}")
+check("synchronous_commit=off" not in postgres_command, "compose: synchronous_commit=off republishes outputs after a crash")
 kafka_env = services["kafka"]["environment"]
 check("controller" in kafka_env.get("KAFKA_PROCESS_ROLES", ""), "compose: Kafka is not in KRaft mode")
 for role, replicas in [("ingest", 2), ("process", 2), ("query", 1)]:
