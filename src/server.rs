@@ -58,6 +58,24 @@ pub enum ServeError {
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs the configured roles on `listener` until `shutdown` resolves.
+/// Says what the database server's settings mean for the processors
+/// once, at start-up: a setting that risks the store or publishes outputs
+/// twice as a warning, one that only slows them down as information.
+async fn advise_on_database(store: &Store) {
+    match store.database_advice().await {
+        Ok(advice) => {
+            for advice in advice {
+                if advice.risk {
+                    tracing::warn!("{}", advice.text);
+                } else {
+                    tracing::info!("{}", advice.text);
+                }
+            }
+        }
+        Err(e) => tracing::info!("cannot read PostgreSQL's settings to advise on them: {e}"),
+    }
+}
+
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -93,6 +111,7 @@ pub async fn serve(
     if config.roles.process
         && let Some(store) = &store
     {
+        advise_on_database(store).await;
         // First: a snapshot restored brings its metric definitions, and the
         // configuration file's are stored over them.
         start_from_snapshot(&config, store).await?;

@@ -19,6 +19,7 @@ pub use metric_windows::{
 };
 pub use profiles::{BatchOutcome, ChangeRecord, EventPage, ProfileBatch, ProfilePage};
 pub use rules::{AlertQuery, RuleBatch, StoredAlert};
+pub use settings::Advice;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -137,6 +138,7 @@ mod deliveries;
 mod metric_windows;
 mod profiles;
 mod rules;
+mod settings;
 pub mod snapshot;
 
 /// The store of one deployment. Cheap to clone (a pool inside).

@@ -1611,6 +1611,45 @@ async fn postgresql_compresses_states_with_lz4() {
     assert_eq!(methods, [lz4("metric_state"), lz4("rule_state")]);
 }
 
+/// The start-up advice reads PostgreSQL's memory settings in their own
+/// units, as PostgreSQL converts them, and SQLite gets none.
+#[tokio::test]
+async fn the_database_advice_reads_postgresqls_settings_as_it_does() {
+    let url = test_database().await;
+    let dir = TestDir::new();
+    let store = Store::open(Some(&url), dir.path()).await.unwrap();
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let (shared_buffers, max_wal_size): (i64, i64) = sqlx::query_as(
+        "SELECT pg_size_bytes(current_setting('shared_buffers')), \
+                pg_size_bytes(current_setting('max_wal_size'))",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .unwrap();
+    let advice = store.database_advice().await.unwrap();
+    let says = |what: &str| advice.iter().any(|a| a.text.contains(what));
+    assert_eq!(
+        says(&format!("{} MB of shared_buffers", shared_buffers >> 20)),
+        shared_buffers < 1 << 30,
+        "shared_buffers {shared_buffers} bytes: {advice:?}"
+    );
+    assert_eq!(
+        says("of WAL (max_wal_size)"),
+        max_wal_size < 4 << 30,
+        "max_wal_size {max_wal_size} bytes: {advice:?}"
+    );
+    assert!(
+        advice.iter().all(|a| !a.risk),
+        "the test server is safe: {advice:?}"
+    );
+
+    let embedded = TestDir::new();
+    let sqlite = Store::open(None, embedded.path()).await.unwrap();
+    assert_eq!(sqlite.database_advice().await.unwrap(), Vec::new());
+}
+
 /// Every text column in a key or an index of the PostgreSQL store compares
 /// byte by byte (COLLATE "C", migrations 1 and 18), as SQLite's do: the
 /// stores order and page alike, and no index comparison goes through the
