@@ -124,14 +124,11 @@ pub async fn serve(
                     .map_err(ServeError::Stage)?;
             processing.push(stats);
         }
-        metric_runners = Some(
-            crate::process::metrics::spawn(&mut supervisor, &config, store, &log)
-                .map_err(ServeError::Stage)?,
-        );
-        rule_runners = Some(
-            crate::process::rules::spawn(&mut supervisor, &config, store, &log)
-                .map_err(ServeError::Stage)?,
-        );
+        let (metrics, rules) =
+            crate::process::defined::spawn(&mut supervisor, &config, store, &log)
+                .map_err(ServeError::Stage)?;
+        metric_runners = Some(metrics);
+        rule_runners = Some(rules);
         destination_runners = Some(
             crate::destinations::spawn(&mut supervisor, &config, store, &log)
                 .map_err(ServeError::Stage)?,

@@ -23,7 +23,8 @@ use crate::config::Config;
 use crate::definitions::{MetricDefinition, MetricSpec};
 use crate::definitions::{RuleDefinition, RuleSpec};
 use crate::log::{LogReader, Polled, ReadError};
-use crate::process::metrics::{MetricSet, StateBudget, member, runner as metric_runner};
+use crate::process::defined::Defined;
+use crate::process::metrics::{Member, StateBudget, member, runner as metric_runner};
 use crate::process::profiles::{ProfileInput, runner as profile_runner};
 use crate::process::rules::{RuleProcessor, Set};
 
@@ -294,22 +295,20 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
             .map_reader(timed);
             runners.spawn(runner.run(std::future::pending()));
         }
-        // Every definition in one set, as the live metrics run; with none,
-        // no runner (as the live stage starts none).
-        if !specs.is_empty() {
-            let runner =
-                metric_set_runner(&scratch, &store, &log, specs, 1, &budget)?.map_reader(timed);
-            runners.spawn(runner.run(std::future::pending()));
-        }
-        if args.rules > 0 {
-            let rules = rules(args.rules)?
-                .into_iter()
-                .map(|spec| Arc::new(RuleProcessor::new(store.clone(), spec, 1)))
-                .collect();
-            let set = Arc::new(Set::new("rules".into(), store.clone(), rules));
-            let runner = metric_runner(&scratch, log.clone(), set, true)
-                .map_err(|e| e.to_string())?
-                .map_reader(timed);
+        // Every metric and rule in one set, as the live definitions run;
+        // with none, no runner (as the live stage starts none).
+        let rules = rules(args.rules)?.into_iter().map(|spec| {
+            Arc::new(Defined::Rule(Arc::new(RuleProcessor::new(
+                store.clone(),
+                spec,
+                1,
+            ))))
+        });
+        let members: Vec<Arc<Defined>> = metric_members(&scratch, &store, specs, 1, &budget)
+            .chain(rules)
+            .collect();
+        if !members.is_empty() {
+            let runner = set_runner(&scratch, &store, &log, members)?.map_reader(timed);
             runners.spawn(runner.run(std::future::pending()));
         }
         let before = resident_bytes();
@@ -351,7 +350,8 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
         if args.backfill && count > 0 {
             scratch.kafka_group = format!("{group}-{count}-backfill");
             let specs = self::specs(count, &args.only)?;
-            let runner = metric_set_runner(&scratch, &store, &log, specs, 2, &budget)?;
+            let members = metric_members(&scratch, &store, specs, 2, &budget).collect();
+            let runner = set_runner(&scratch, &store, &log, members)?;
             let (t, cpu) = (Instant::now(), cpu_seconds());
             runner.run(std::future::pending()).await?;
             let elapsed = t.elapsed();
@@ -370,21 +370,34 @@ pub async fn run(config: &Config, args: BenchMetricsArgs) -> Result<(), String> 
     Ok(())
 }
 
-/// A runner of `specs` as `version` in one set, as the live metrics run,
+/// The members for `specs` as `version`.
+fn metric_members<'a>(
+    scratch: &'a Config,
+    store: &'a crate::store::Store,
+    specs: Vec<MetricSpec>,
+    version: i64,
+    budget: &'a StateBudget,
+) -> impl Iterator<Item = Arc<Defined>> + 'a {
+    specs.into_iter().map(move |spec| {
+        Arc::new(Defined::Metric(member(
+            scratch,
+            store.clone(),
+            spec,
+            version,
+            budget,
+        )))
+    })
+}
+
+/// A runner of `members` in one set, as the live definitions run,
 /// reading the scratch log to its end.
-fn metric_set_runner(
+fn set_runner(
     scratch: &Config,
     store: &crate::store::Store,
     log: &Arc<dyn crate::log::EventLog>,
-    specs: Vec<MetricSpec>,
-    version: i64,
-    budget: &StateBudget,
-) -> Result<crate::process::Runner<MetricSet>, String> {
-    let members = specs
-        .into_iter()
-        .map(|spec| member(scratch, store.clone(), spec, version, budget))
-        .collect();
-    let set = Arc::new(MetricSet::new("metrics".into(), store.clone(), members));
+    members: Vec<Arc<Defined>>,
+) -> Result<crate::process::Runner<Set<Defined>>, String> {
+    let set = Arc::new(Set::new(Defined::RUNNER.into(), store.clone(), members));
     metric_runner(scratch, log.clone(), set, true).map_err(|e| e.to_string())
 }
 

@@ -1,6 +1,6 @@
-//! The stage that runs the definitions of one kind (metrics, rules) on
-//! every instance (the definitions are in the shared store), without a
-//! restart when one is added, changed or deleted.
+//! The stage that runs the definitions (metrics and rules) on every
+//! instance (the definitions are in the shared store), without a restart
+//! when one is added, changed or deleted.
 //!
 //! The versions that are live share one runner, the live [`Set`]: the
 //! log is read and parsed once for all of them. A new or changed version
@@ -32,24 +32,35 @@ use crate::supervisor::{StageResult, StopSignal, Supervisor, stop_signal};
 /// A member kind the stage runs.
 #[async_trait]
 pub trait Staged: Member + Sized {
-    /// Its definitions as written.
-    type Definition: Definition<Spec: Send>;
+    /// A compiled definition.
+    type Spec: Send;
     /// What its members are made with, beside the configuration and the
     /// store (the metrics' state budget).
     type Context: Clone + Send + Sync + 'static;
-    /// Its definitions' kind in the store.
-    const KIND: DefinitionKind;
+    /// What changes whenever a stored definition of its kinds does.
+    type Changes: PartialEq + Send;
+
+    async fn changes(store: &Store) -> Result<Self::Changes, String>;
+
+    /// The current version of every stored definition that compiles, by
+    /// [`Staged::key`].
+    async fn current(store: &Store) -> Result<HashMap<String, (i64, Self::Spec)>, String>;
 
     fn create(
         context: &Self::Context,
         config: &Config,
         store: Store,
-        spec: Spec<Self>,
+        spec: Self::Spec,
         version: i64,
     ) -> Arc<Self>;
 
-    /// Its processor name (`metric:{name}:{version}`).
-    fn name(&self) -> &str;
+    /// Its definition among the stage's: its kind and name.
+    fn key(&self) -> String;
+
+    fn kind(&self) -> DefinitionKind;
+
+    /// Its kind in a log line (`metric`).
+    fn noun(&self) -> &'static str;
 
     /// Events it has taken since it started.
     fn counted(&self) -> u64;
@@ -67,16 +78,9 @@ pub trait Staged: Member + Sized {
     }
 }
 
-/// A compiled definition of `M`'s kind.
-pub type Spec<M> = <<M as Staged>::Definition as Definition>::Spec;
-
-fn noun<M: Staged>() -> &'static str {
-    <M::Definition as Definition>::NOUN
-}
-
-/// The runners of one kind in this process, for `/readyz` and the
+/// The definitions' runners in this process, for `/readyz` and the
 /// definitions' API: each definition's running version, its runner's
-/// progress, and why it failed.
+/// progress, and why it failed, by [`Staged::key`].
 #[derive(Debug)]
 pub struct Runners<M: Staged>(Arc<std::sync::Mutex<BTreeMap<String, RunnerEntry<M>>>>);
 
@@ -126,25 +130,31 @@ impl<M: Staged> Runners<M> {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Every definition this process computes, by name.
-    pub fn states(&self) -> BTreeMap<String, DefinitionState> {
+    /// Every definition of `kind` this process computes, by name.
+    pub fn states(&self, kind: DefinitionKind) -> BTreeMap<String, DefinitionState> {
         self.with(|runners| {
             runners
-                .iter()
-                .map(|(name, entry)| (name.clone(), entry.state()))
+                .values()
+                .filter(|entry| entry.member.kind() == kind)
+                .map(|entry| (entry.member.definition().to_owned(), entry.state()))
                 .collect()
         })
     }
 
-    /// How `name` is computed here, if it is.
-    pub fn state(&self, name: &str) -> Option<DefinitionState> {
-        self.with(|runners| runners.get(name).map(RunnerEntry::state))
+    /// How `name` of `kind` is computed here, if it is.
+    pub fn state(&self, kind: DefinitionKind, name: &str) -> Option<DefinitionState> {
+        self.with(|runners| {
+            runners
+                .values()
+                .find(|entry| entry.member.kind() == kind && entry.member.definition() == name)
+                .map(RunnerEntry::state)
+        })
     }
 
-    /// Marks `name` failed with `cause`.
-    fn fail(&self, name: &str, cause: &str) {
+    /// Marks the definition `key` failed with `cause`.
+    fn fail(&self, key: &str, cause: &str) {
         self.with(|runners| {
-            if let Some(entry) = runners.get_mut(name) {
+            if let Some(entry) = runners.get_mut(key) {
                 entry.failed = Some(cause.to_owned());
             }
         });
@@ -196,9 +206,9 @@ impl DefinitionState {
 /// backfills.
 const DEFINITIONS_POLL: Duration = Duration::from_secs(1);
 
-/// Runs every defined version of `M`'s kind as one supervised stage
-/// (named as its runner: `metrics`, `rules`). A runner that fails ends
-/// the stage with its cause, and the supervisor starts it again.
+/// Runs every defined version as one supervised stage (named as its
+/// runner: `definitions`). A runner that fails ends the stage with its
+/// cause, and the supervisor starts it again.
 pub fn spawn<M: Staged>(
     supervisor: &mut Supervisor,
     config: &Config,
@@ -318,21 +328,21 @@ impl<M: Staged> Stage<M> {
                 }
                 Some(ended) = self.tasks.join_next() => {
                     let (id, set, result) = ended.map_err(|e| {
-                        format!("a {} runner panicked: {}", noun::<M>(), super::panic_message(e.into_panic().as_ref()))
+                        format!("a {} runner panicked: {}", M::RUNNER, super::panic_message(e.into_panic().as_ref()))
                     })?;
                     self.ended(id, &set, result)?;
                 }
                 _ = poll.tick() => {
-                    match self.store.definitions_changes(M::KIND).await {
-                        Ok(changes) if seen == Some(changes) => {}
-                        Ok(changes) => match compiled::<M::Definition>(&self.store, M::KIND).await {
+                    match M::changes(&self.store).await {
+                        Ok(changes) if seen.as_ref() == Some(&changes) => {}
+                        Ok(changes) => match M::current(&self.store).await {
                             Ok(current) => {
                                 self.follow(current, seen.is_none()).await;
                                 seen = Some(changes);
                             }
-                            Err(e) => tracing::warn!("cannot read the {} definitions: {e}; trying again", noun::<M>()),
+                            Err(e) => tracing::warn!("cannot read the definitions: {e}; trying again"),
                         },
-                        Err(e) => tracing::warn!("cannot read the {} definitions: {e}; trying again", noun::<M>()),
+                        Err(e) => tracing::warn!("cannot read the definitions: {e}; trying again"),
                     }
                     self.join_caught_up();
                 }
@@ -370,24 +380,22 @@ impl<M: Staged> Stage<M> {
             .is_some_and(|r| r.stopping);
         match result {
             Err(cause) => {
-                let failed = set.failed_definition();
-                let cause = match &failed {
-                    Some(name) => {
-                        let version = set
-                            .members()
-                            .iter()
-                            .find(|m| m.definition() == name)
-                            .map_or(0, |m| m.version());
-                        format!(
-                            "the runner of {} {name} version {version} failed: {cause}",
-                            noun::<M>()
-                        )
-                    }
+                let failed = set.failed_member();
+                let failed = failed
+                    .as_deref()
+                    .and_then(|name| set.members().iter().find(|m| m.name() == name));
+                let cause = match failed {
+                    Some(member) => format!(
+                        "the runner of {} {} version {} failed: {cause}",
+                        member.noun(),
+                        member.definition(),
+                        member.version()
+                    ),
                     None => format!("the runner of {} failed: {cause}", set.describe()),
                 };
                 for member in set.members() {
-                    if failed.as_deref().is_none_or(|f| f == member.definition()) {
-                        self.shown.fail(member.definition(), &cause);
+                    if failed.is_none_or(|f| Arc::ptr_eq(f, member)) {
+                        self.shown.fail(&member.key(), &cause);
                     }
                 }
                 Err(cause)
@@ -404,27 +412,32 @@ impl<M: Staged> Stage<M> {
     /// its set; a new one gets a backfill set (one for all that appeared
     /// in this poll). At the stage's start, the versions that have been
     /// computed to near the front go straight into the live set.
-    async fn follow(&mut self, current: HashMap<String, (i64, Spec<M>)>, starting: bool) {
+    async fn follow(&mut self, current: HashMap<String, (i64, M::Spec)>, starting: bool) {
         let gone: Vec<String> = self
             .members
             .iter()
-            .filter(|(name, m)| current.get(*name).is_none_or(|(v, _)| *v != m.version()))
-            .map(|(name, _)| name.clone())
+            .filter(|(key, m)| current.get(*key).is_none_or(|(v, _)| *v != m.version()))
+            .map(|(key, _)| key.clone())
             .collect();
-        for name in gone {
-            let member = self.members.remove(&name).expect("listed");
-            tracing::info!("{} {name} version {} stops", noun::<M>(), member.version());
+        for key in gone {
+            let member = self.members.remove(&key).expect("listed");
+            tracing::info!(
+                "{} {} version {} stops",
+                member.noun(),
+                member.definition(),
+                member.version()
+            );
             for slot in self.sets.values_mut() {
                 slot.wanted.retain(|m| !Arc::ptr_eq(m, &member));
             }
-            self.shown.with(|runners| runners.remove(&name));
+            self.shown.with(|runners| runners.remove(&key));
             if member.retires() {
                 self.retiring.push(member);
             }
         }
         let mut new = Vec::new();
-        for (name, (version, spec)) in current {
-            if self.members.contains_key(&name) {
+        for (key, (version, spec)) in current {
+            if self.members.contains_key(&key) {
                 continue;
             }
             let member = M::create(
@@ -434,7 +447,7 @@ impl<M: Staged> Stage<M> {
                 spec,
                 version,
             );
-            self.members.insert(name, member.clone());
+            self.members.insert(key, member.clone());
             new.push(member);
         }
         if new.is_empty() {
@@ -448,7 +461,7 @@ impl<M: Staged> Stage<M> {
         for member in &backfill {
             tracing::info!(
                 "{} {} version {} runs, reading the log's history first where it has not been computed yet",
-                noun::<M>(),
+                member.noun(),
                 member.definition(),
                 member.version()
             );
@@ -523,7 +536,7 @@ impl<M: Staged> Stage<M> {
             for member in &joining {
                 tracing::info!(
                     "{} {} version {} has read the log's history and joins the live {}",
-                    noun::<M>(),
+                    member.noun(),
                     member.definition(),
                     member.version(),
                     M::RUNNER
@@ -601,7 +614,7 @@ impl<M: Staged> Stage<M> {
                     front,
                     failed: None,
                 };
-                runners.insert(member.definition().to_owned(), entry);
+                runners.insert(member.key(), entry);
             }
         });
         let (stop, stopped) = watch::channel(false);

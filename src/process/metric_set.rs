@@ -34,21 +34,24 @@ const PARSE_CHUNK: usize = 2_000;
 /// with each event, and applies batches with offsets of its own.
 #[async_trait]
 pub trait Member: Send + Sync + 'static {
-    /// What a batch does with one event for this member.
-    type Step: Clone + Send + Sync + 'static;
+    /// What a batch does with each of its events for this member, in the
+    /// batch's order.
+    type Steps: Send + Sync + 'static;
 
-    /// Its set's runner in metrics and logs (`metrics`, `rules`).
+    /// Its set's runner in metrics and logs (`definitions`).
     const RUNNER: &'static str;
 
-    /// The name the message ids its kind takes are claimed under: one
-    /// claim an event for every version of the kind, since which record
-    /// of an id is its first is a fact of the log. Each kind claims its
-    /// own, so one set finds its ids new, not claimed by the other (a
-    /// lookup that costs far more than an insert).
+    /// The name the message ids its set takes are claimed under: one
+    /// claim an event for every version, since which record of an id is
+    /// its first is a fact of the log.
     const CLAIMS: &'static str;
 
     /// The definition's name.
     fn definition(&self) -> &str;
+
+    /// Its processor name (`metric:{name}:{version}`), under which its
+    /// offsets are stored.
+    fn name(&self) -> &str;
 
     /// The envelope fields its definition reads of an event, beyond
     /// [`EVERY_DEFINITION_READS`].
@@ -58,11 +61,19 @@ pub trait Member: Send + Sync + 'static {
 
     fn version(&self) -> i64;
 
-    /// What a batch does with `event` (whose head is `head`).
-    fn step(&self, head: &Head, event: &serde_json::Value) -> Self::Step;
+    /// No steps yet, with room for `capacity`.
+    fn no_steps(&self, capacity: usize) -> Self::Steps;
 
-    /// Whether the event counts (and so its message id is claimed).
-    fn counts(step: &Self::Step) -> bool;
+    /// Works out what a batch does with `event` (whose head is `head`),
+    /// after what `steps` holds.
+    fn step(&self, head: &Head, event: &serde_json::Value, steps: &mut Self::Steps);
+
+    /// Puts `more`, a later part of the batch, after `steps`.
+    fn append(steps: &mut Self::Steps, more: Self::Steps);
+
+    /// Whether the batch's `i`th event counts (and so its message id is
+    /// claimed).
+    fn counts(steps: &Self::Steps, i: usize) -> bool;
 
     /// Reads its offsets from the store (writing what it held back
     /// first).
@@ -77,7 +88,7 @@ pub trait Member: Send + Sync + 'static {
         &self,
         topic: &str,
         events: &[Event],
-        steps: &[Self::Step],
+        steps: &Self::Steps,
         retries: &[bool],
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
@@ -97,7 +108,8 @@ pub struct Set<M: Member> {
     /// The envelope fields some member reads: the rest of an event is
     /// not built when it is parsed.
     reads: Reads,
-    /// The definition whose commit failed for good, for `/readyz`.
+    /// The member (its processor name) whose commit failed for good, for
+    /// `/readyz`.
     failed: Mutex<Option<String>>,
 }
 
@@ -106,11 +118,11 @@ pub type MetricSet = Set<MetricProcessor>;
 
 /// A batch parsed once: its events, and for each member (in the set's
 /// order) what it does with each event.
-pub struct Prepared<S>(Arc<Parsed<S>>);
+pub struct Prepared<M: Member>(Arc<Parsed<M>>);
 
-struct Parsed<S> {
+struct Parsed<M: Member> {
     events: Vec<Event>,
-    steps: Vec<Vec<S>>,
+    steps: Vec<M::Steps>,
 }
 
 impl<M: Member> Set<M> {
@@ -144,8 +156,9 @@ impl<M: Member> Set<M> {
         format!("{} {}", M::RUNNER, members.join(", "))
     }
 
-    /// The definition whose failure stopped the set, if one did.
-    pub fn failed_definition(&self) -> Option<String> {
+    /// The member (its processor name) whose failure stopped the set, if
+    /// one did.
+    pub fn failed_member(&self) -> Option<String> {
         self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -153,18 +166,14 @@ impl<M: Member> Set<M> {
     }
 
     /// Parses `records` and works out every member's steps.
-    fn parse(&self, records: Vec<StoredRecord>) -> Parsed<M::Step> {
+    fn parse(&self, records: Vec<StoredRecord>) -> Parsed<M> {
         let mut events = Vec::with_capacity(records.len());
-        let mut steps: Vec<Vec<M::Step>> = self
-            .members
-            .iter()
-            .map(|_| Vec::with_capacity(records.len()))
-            .collect();
+        let mut steps = self.no_steps(records.len());
         let parse = |record| Event::parse(record, self.reads);
         for (event, value) in records.into_iter().filter_map(parse) {
             let head = Head::of(&value);
             for (member, steps) in self.members.iter().zip(&mut steps) {
-                steps.push(member.step(&head, &value));
+                member.step(&head, &value, steps);
             }
             events.push(event);
         }
@@ -174,12 +183,17 @@ impl<M: Member> Set<M> {
     /// Claims the message ids of the events some member counts, and marks
     /// each event that is a retry (its id's first record, as stored, is
     /// another), once for every member.
-    async fn claim(&self, parsed: &Parsed<M::Step>) -> Result<Vec<bool>, CommitError> {
+    /// Every member's steps, none yet, with room for `capacity`.
+    fn no_steps(&self, capacity: usize) -> Vec<M::Steps> {
+        self.members.iter().map(|m| m.no_steps(capacity)).collect()
+    }
+
+    async fn claim(&self, parsed: &Parsed<M>) -> Result<Vec<bool>, CommitError> {
         let mut claims: Vec<(&str, i32, i64, i64)> = parsed
             .events
             .iter()
             .enumerate()
-            .filter(|(i, _)| parsed.steps.iter().any(|steps| M::counts(&steps[*i])))
+            .filter(|(i, _)| parsed.steps.iter().any(|steps| M::counts(steps, *i)))
             .filter_map(|(_, e)| Some((e.message_id()?, e.partition, e.offset, e.received)))
             .collect();
         if claims.is_empty() {
@@ -207,7 +221,7 @@ impl<M: Member> Set<M> {
     /// [`MetricSet::each_member`]).
     async fn apply_all(
         &self,
-        parsed: &Arc<Parsed<M::Step>>,
+        parsed: &Arc<Parsed<M>>,
         retries: Vec<bool>,
         checkpoint: &Checkpoint,
         tick: bool,
@@ -274,7 +288,7 @@ impl<M: Member> Set<M> {
                     member.version()
                 );
                 let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-                failed.get_or_insert_with(|| member.definition().to_owned());
+                failed.get_or_insert_with(|| member.name().to_owned());
             }
             if worse {
                 outcome = Err(e);
@@ -316,12 +330,12 @@ impl<M: Member> Checkpoints for Set<M> {
 
 #[async_trait]
 impl<M: Member> Processor for Set<M> {
-    type Prepared = Prepared<M::Step>;
+    type Prepared = Prepared<M>;
 
     /// Records that are not JSON are skipped, not dead-lettered: the
     /// profile processor, which reads the same records, reports them. A
     /// large batch is parsed on every core.
-    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared<M::Step>, Vec<Rejected>) {
+    fn prepare(&self, records: Vec<StoredRecord>) -> (Prepared<M>, Vec<Rejected>) {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let chunk = records.len().div_ceil(threads).max(PARSE_CHUNK);
         let total = records.len();
@@ -334,7 +348,7 @@ impl<M: Member> Processor for Set<M> {
         if !rest.is_empty() {
             parts.push(rest);
         }
-        let parts: Vec<Parsed<M::Step>> = std::thread::scope(|scope| {
+        let parts: Vec<Parsed<M>> = std::thread::scope(|scope| {
             let handles: Vec<_> = parts
                 .into_iter()
                 .map(|part| scope.spawn(|| self.parse(part)))
@@ -346,12 +360,12 @@ impl<M: Member> Processor for Set<M> {
         });
         let mut parsed = Parsed {
             events: Vec::with_capacity(total),
-            steps: vec![Vec::with_capacity(total); self.members.len()],
+            steps: self.no_steps(total),
         };
         for part in parts {
             parsed.events.extend(part.events);
             for (all, some) in parsed.steps.iter_mut().zip(part.steps) {
-                all.extend(some);
+                M::append(all, some);
             }
         }
         (Prepared(Arc::new(parsed)), Vec::new())
@@ -359,7 +373,7 @@ impl<M: Member> Processor for Set<M> {
 
     async fn commit(
         &self,
-        prepared: &Prepared<M::Step>,
+        prepared: &Prepared<M>,
         checkpoint: Checkpoint,
     ) -> Result<Committed, CommitError> {
         let retries = self.claim(&prepared.0).await?;
@@ -380,7 +394,7 @@ impl<M: Member> Processor for Set<M> {
         }
         let empty = Arc::new(Parsed {
             events: Vec::new(),
-            steps: vec![Vec::new(); self.members.len()],
+            steps: self.no_steps(0),
         });
         self.apply_all(&empty, Vec::new(), &checkpoint, true)
             .await?;
@@ -434,12 +448,16 @@ pub fn member(
 
 #[async_trait]
 impl Member for MetricProcessor {
-    type Step = super::metrics::Step;
+    type Steps = Vec<super::metrics::Step>;
     const RUNNER: &'static str = "metrics";
     const CLAIMS: &'static str = "metrics";
 
     fn definition(&self) -> &str {
         self.metric()
+    }
+
+    fn name(&self) -> &str {
+        MetricProcessor::name(self)
     }
 
     fn reads(&self) -> Reads {
@@ -450,12 +468,20 @@ impl Member for MetricProcessor {
         MetricProcessor::version(self)
     }
 
-    fn step(&self, head: &Head, event: &serde_json::Value) -> Self::Step {
-        MetricProcessor::step(self, head, event)
+    fn no_steps(&self, capacity: usize) -> Self::Steps {
+        Vec::with_capacity(capacity)
     }
 
-    fn counts(step: &Self::Step) -> bool {
-        step.counts()
+    fn step(&self, head: &Head, event: &serde_json::Value, steps: &mut Self::Steps) {
+        steps.push(MetricProcessor::step(self, head, event));
+    }
+
+    fn append(steps: &mut Self::Steps, more: Self::Steps) {
+        steps.extend(more);
+    }
+
+    fn counts(steps: &Self::Steps, i: usize) -> bool {
+        steps[i].counts()
     }
 
     async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
@@ -466,7 +492,7 @@ impl Member for MetricProcessor {
         &self,
         topic: &str,
         events: &[Event],
-        steps: &[Self::Step],
+        steps: &Self::Steps,
         retries: &[bool],
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
@@ -566,13 +592,12 @@ pub mod testing {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::Set;
-    use crate::process::definition_stage::Staged;
+    use super::{Member, Set};
     use crate::process::{Checkpoint, OffsetAdvance, PartitionTime, Processor, Runner};
     use crate::store::Store;
 
     /// Runs `runner` until it has read the log to its end.
-    pub async fn run_to_end<M: Staged>(runner: Runner<Set<M>>) {
+    pub async fn run_to_end<M: Member>(runner: Runner<Set<M>>) {
         tokio::time::timeout(Duration::from_secs(30), runner.run(std::future::pending()))
             .await
             .expect("the runner reads the log to its end")
@@ -581,7 +606,7 @@ pub mod testing {
 
     /// The time hook on a quiet log, through a set of `member` alone:
     /// `partitions`' clocks of `topic` at `time_ms`.
-    pub async fn tick<M: Staged>(
+    pub async fn tick<M: Member>(
         store: &Store,
         member: &Arc<M>,
         topic: &str,

@@ -34,8 +34,9 @@ use crate::store::{
 };
 use crate::windows::{Closed, Millis, Stamp};
 
-pub use super::metric_set::{MetricSet, member, runner};
-pub use super::metric_stage::{DefinitionState, MetricRunners, purge_superseded, spawn};
+pub use super::defined::MetricRunners;
+pub use super::metric_set::{Member, MetricSet, member, runner};
+pub use super::metric_stage::{DefinitionState, purge_superseded};
 
 /// The name a metric version's offsets and states are stored under.
 pub fn processor_name(metric: &str, version: i64) -> String {

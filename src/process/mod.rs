@@ -27,6 +27,7 @@
 
 pub mod clock;
 mod dead_letters;
+pub mod defined;
 mod definition_stage;
 mod in_flight;
 mod metric_set;

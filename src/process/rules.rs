@@ -33,8 +33,9 @@ use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
 use crate::store::{RuleBatch, Store, StoredAlert};
 
+pub use super::defined::RuleRunners;
 pub use super::metric_set::Set;
-pub use super::rule_stage::{RuleRunners, purge_superseded, spawn};
+pub use super::rule_stage::purge_superseded;
 
 /// The name a rule version's offsets and states are stored under.
 pub fn processor_name(rule: &str, version: i64) -> String {
@@ -228,6 +229,38 @@ impl RuleProcessor {
         Ok(engine)
     }
 
+    /// What a batch does with `event` (whose head is `head`).
+    fn step_of(&self, head: &Head, event: &Value) -> RuleStep {
+        if self.spec.key == RuleKey::User
+            && let Some(ids) = crate::metric::deleted_ids(head, event)
+        {
+            return RuleStep::Delete(ids.into_iter().map(str::to_owned).collect());
+        }
+        let Some(key) = self.key(head, event) else {
+            return RuleStep::Skip;
+        };
+        let meets = self
+            .spec
+            .conditions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.matches(event))
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        if meets == 0 && !self.strict {
+            return RuleStep::Skip;
+        }
+        let values = (!self.spec.keeps.is_empty()).then(|| {
+            let kept = self
+                .spec
+                .keeps
+                .iter()
+                .filter_map(|f| Some(((*f).to_owned(), event.get(*f)?.clone())))
+                .collect();
+            Arc::new(Value::Object(kept))
+        });
+        RuleStep::Event { key, meets, values }
+    }
+
     /// The alert a match makes.
     fn alert(&self, m: &Match) -> StoredAlert {
         let first = m.taken.first().expect("a match took an event");
@@ -361,12 +394,16 @@ impl RuleProcessor {
 
 #[async_trait]
 impl Member for RuleProcessor {
-    type Step = RuleStep;
+    type Steps = Vec<RuleStep>;
     const RUNNER: &'static str = "rules";
     const CLAIMS: &'static str = "rules";
 
     fn definition(&self) -> &str {
         &self.spec.name
+    }
+
+    fn name(&self) -> &str {
+        RuleProcessor::name(self)
     }
 
     fn reads(&self) -> crate::definitions::Reads {
@@ -377,39 +414,20 @@ impl Member for RuleProcessor {
         self.version
     }
 
-    fn step(&self, head: &Head, event: &Value) -> RuleStep {
-        if self.spec.key == RuleKey::User
-            && let Some(ids) = crate::metric::deleted_ids(head, event)
-        {
-            return RuleStep::Delete(ids.into_iter().map(str::to_owned).collect());
-        }
-        let Some(key) = self.key(head, event) else {
-            return RuleStep::Skip;
-        };
-        let meets = self
-            .spec
-            .conditions
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.matches(event))
-            .fold(0u64, |bits, (i, _)| bits | 1 << i);
-        if meets == 0 && !self.strict {
-            return RuleStep::Skip;
-        }
-        let values = (!self.spec.keeps.is_empty()).then(|| {
-            let kept = self
-                .spec
-                .keeps
-                .iter()
-                .filter_map(|f| Some(((*f).to_owned(), event.get(*f)?.clone())))
-                .collect();
-            Arc::new(Value::Object(kept))
-        });
-        RuleStep::Event { key, meets, values }
+    fn no_steps(&self, capacity: usize) -> Vec<RuleStep> {
+        Vec::with_capacity(capacity)
     }
 
-    fn counts(step: &RuleStep) -> bool {
-        matches!(step, RuleStep::Event { .. })
+    fn step(&self, head: &Head, event: &Value, steps: &mut Vec<RuleStep>) {
+        steps.push(self.step_of(head, event));
+    }
+
+    fn append(steps: &mut Vec<RuleStep>, more: Vec<RuleStep>) {
+        steps.extend(more);
+    }
+
+    fn counts(steps: &Vec<RuleStep>, i: usize) -> bool {
+        matches!(steps[i], RuleStep::Event { .. })
     }
 
     /// Reads its offsets from the store. A partition held in memory whose
@@ -436,7 +454,7 @@ impl Member for RuleProcessor {
         &self,
         topic: &str,
         events: &[Event],
-        steps: &[RuleStep],
+        steps: &Vec<RuleStep>,
         retries: &[bool],
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],

@@ -517,6 +517,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
         "pattern states stored with spans of events (older versions refuse the store)",
         include_str!("migrations/version_20.sql"),
     );
+    let one_claim = migration(
+        21,
+        "one message-id claim for the metrics and rules together",
+        include_str!("migrations/version_21.sql"),
+    );
     match dialect {
         Dialect::Postgres => vec![
             migration(1, TABLES, include_str!("migrations/postgres.sql")),
@@ -554,6 +559,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 include_str!("migrations/postgres_18.sql"),
             ),
             spans,
+            one_claim,
         ],
         Dialect::Sqlite => vec![
             migration(1, TABLES, include_str!("migrations/sqlite.sql")),
@@ -580,6 +586,7 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
                 include_str!("migrations/sqlite_19.sql"),
             ),
             spans,
+            one_claim,
         ],
     }
 }

@@ -260,8 +260,10 @@ const ROWS_PER_INSERT: usize = 200;
 /// 2 (profiles and metrics) are read too: what they lack is computed from
 /// the log again. Format 4 holds what 3 does, its partial matches maybe
 /// stored as spans (migration 20), which a build that reads only up to 3
-/// then refuses rather than restores.
-const FORMAT: u32 = 4;
+/// then refuses rather than restores. Format 5 holds the rules' message-id
+/// claims with the metrics' (migration 21): a build that reads up to 4
+/// would find no claims of its rules and count a retry again.
+const FORMAT: u32 = 5;
 
 /// What a snapshot is of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -568,6 +570,13 @@ impl Store {
             return Err(invalid(format!(
                 "its end line counts {expected:?} rows, but it holds {counts:?}"
             )));
+        }
+        if info.format < 5 {
+            // Its rules' claims join the metrics', as migration 21 moved
+            // those of the store.
+            sqlx::raw_sql(include_str!("migrations/version_21.sql"))
+                .execute(&mut *tx)
+                .await?;
         }
         if self.dialect == Dialect::Postgres {
             // Change ids go on after the restored ones, never back.

@@ -1089,7 +1089,7 @@ async fn a_failing_metric_runner_shows_in_readyz_and_recovers(backend: Backend) 
         "{ready}"
     );
     assert!(
-        ready["stages"]["metrics"]["restarts"].as_u64() >= Some(1),
+        ready["stages"]["definitions"]["restarts"].as_u64() >= Some(1),
         "{ready}"
     );
 

@@ -24,6 +24,7 @@ both_logs!(
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
     a_claim_finds_each_ids_first_record_batch_after_batch,
+    the_rules_claims_join_the_metrics_claims,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
     a_rule_batch_commits_its_states_and_alerts_with_its_offsets_once,
@@ -765,6 +766,74 @@ async fn old_windows_and_superseded_versions_state_are_purged(backend: Backend) 
 /// new store, they go on from there. An older snapshot restored leaves
 /// what it does not hold where it is: the rules (format 2), the metrics
 /// too (format 1).
+/// Migration 21: the claims the rules made under their own name before
+/// they shared the metrics' runner are the metrics' now, where the
+/// metrics' own claim of the same id is kept.
+async fn the_rules_claims_join_the_metrics_claims(backend: Backend) {
+    use sqlx::Connection;
+    let dir = TestDir::new();
+    let url = database(backend).await;
+    let store = Store::open(url.as_deref(), dir.path()).await.unwrap();
+    let claim = |name: &'static str, claims: Vec<(&'static str, i32, i64)>| {
+        let store = store.clone();
+        async move {
+            let claims: Vec<(&str, i32, i64, i64)> = claims
+                .iter()
+                .map(|&(id, p, o)| (id, p, o, 4_000_000))
+                .collect();
+            store.claim_metric_ids(name, &claims).await.unwrap()
+        }
+    };
+    claim("rules", vec![("by-a-rule", 2, 7), ("by-both", 1, 3)]).await;
+    claim("metrics", vec![("by-both", 1, 3), ("by-a-metric", 0, 1)]).await;
+    store.close().await;
+    // Migration 21 applied again, as to a store an older version left.
+    let forget = "DELETE FROM _sqlx_migrations WHERE version = 21";
+    match &url {
+        Some(url) => {
+            let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query(forget).execute(&mut connection).await.unwrap();
+        }
+        None => {
+            let file = format!("sqlite://{}", dir.path().join("traitline.db").display());
+            let mut connection = sqlx::SqliteConnection::connect(&file).await.unwrap();
+            sqlx::query(forget).execute(&mut connection).await.unwrap();
+        }
+    }
+    let store = Store::open(url.as_deref(), dir.path()).await.unwrap();
+    let retried = [
+        ("by-a-rule", 2, 9),
+        ("by-both", 1, 8),
+        ("by-a-metric", 0, 4),
+    ];
+    let first = store
+        .claim_metric_ids(
+            "metrics",
+            &retried
+                .iter()
+                .map(|&(id, p, o)| (id, p, o, 4_000_000))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        Claimed::Positions(traitline::store::FirstRecords::from_iter([
+            ("by-a-rule".to_owned(), (2, 7)),
+            ("by-both".to_owned(), (1, 3)),
+            ("by-a-metric".to_owned(), (0, 1)),
+        ]))
+    );
+    assert_eq!(
+        store
+            .claim_metric_ids("rules", &[("by-a-rule", 2, 9, 4_000_000)])
+            .await
+            .unwrap(),
+        Claimed::AllFirst,
+        "no claim is left under the rules' name"
+    );
+}
+
 async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(backend: Backend) {
     use traitline::store::DefinitionKind;
     let dir = TestDir::new();
@@ -775,6 +844,11 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         .await
         .unwrap();
     let processor = traitline::process::metrics::processor_name("orders_hourly", 1);
+    // A claim as the rules made theirs before migration 21.
+    store
+        .claim_metric_ids("rules", &[("by-a-rule", 3, 5, 4_000_000)])
+        .await
+        .unwrap();
     let state = GroupRow {
         state: r#"{"slices":{}}"#.to_owned(),
         due: Some(12_000_000),
@@ -854,7 +928,7 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         .write_snapshot("profiles", &mut snapshot)
         .await
         .unwrap();
-    assert_eq!(info.format, 4);
+    assert_eq!(info.format, 5);
 
     let other = TestDir::new();
     let restored = open(backend, &other).await;
@@ -908,6 +982,19 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
     assert_eq!(
         restored.unpublished_alerts(10).await.unwrap()[0].id,
         alert.id
+    );
+    // Each restore rewrites the claims whole, so this claim goes with the
+    // next one.
+    let claimed_by_a_rule = |store: Store| async move {
+        store
+            .claim_metric_ids("metrics", &[("by-a-rule", 3, 9, 4_000_000)])
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        claimed_by_a_rule(restored.clone()).await,
+        Claimed::AllFirst,
+        "format 5 holds the claims as they were"
     );
 
     // The same snapshot as format 2 wrote it: no rule rows.
@@ -1004,9 +1091,9 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
     );
 
     // As the build before pattern states could hold spans wrote it
-    // (format 3, the same tables): restored whole. A format this build
-    // does not know is refused, naming it: it may hold what this build
-    // cannot read.
+    // (format 3, the same tables): restored whole, the rules' claims
+    // joining the metrics'. A format this build does not know is refused,
+    // naming it: it may hold what this build cannot read.
     let as_format = |format: u32| -> String {
         text.lines()
             .map(|line| {
@@ -1024,12 +1111,20 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         .await
         .unwrap();
     assert_eq!(rule_state().await, held);
+    assert_eq!(
+        claimed_by_a_rule(restored.clone()).await,
+        Claimed::Positions(traitline::store::FirstRecords::from_iter([(
+            "by-a-rule".to_owned(),
+            (3, 5)
+        )])),
+        "a rule's claim of an older snapshot is the metrics' now"
+    );
     let refused = restored
-        .restore_snapshot("profiles", &topics, as_format(5).as_bytes(), false)
+        .restore_snapshot("profiles", &topics, as_format(6).as_bytes(), false)
         .await
         .unwrap_err()
         .to_string();
-    assert!(refused.contains("format 5"), "{refused}");
+    assert!(refused.contains("format 6"), "{refused}");
     assert_eq!(rule_state().await, held, "nothing changed");
 }
 
