@@ -38,7 +38,8 @@ pub trait Member: Send + Sync + 'static {
     /// batch's order.
     type Steps: Send + Sync + 'static;
 
-    /// Its set's runner in metrics and logs (`definitions`).
+    /// Its set's runner in metrics and logs (`definitions` for the
+    /// service's metrics and rules together).
     const RUNNER: &'static str;
 
     /// The name the message ids its set takes are claimed under: one

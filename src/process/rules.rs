@@ -396,7 +396,8 @@ impl RuleProcessor {
 impl Member for RuleProcessor {
     type Steps = Vec<RuleStep>;
     const RUNNER: &'static str = "rules";
-    const CLAIMS: &'static str = "rules";
+    // The one name every set claims under (migration 21).
+    const CLAIMS: &'static str = "metrics";
 
     fn definition(&self) -> &str {
         &self.spec.name

@@ -393,3 +393,89 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
         )]
     );
 }
+
+/// The live metrics and rules run as one set: each event is parsed once
+/// and its message id claimed once for both kinds, so a client's retry of
+/// a payment (its message id again, later in the log) is neither counted
+/// by the metric nor taken by the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metric_and_a_rule_in_one_set_each_take_a_retried_event_once() {
+    use crate::definitions::MetricDefinition;
+    use crate::process::defined::Defined;
+    use crate::process::metrics::{MetricProcessor, StateBudget};
+    use crate::store::WindowQuery;
+
+    let (_dir, log_dir, log, store) = scratch().await;
+    let base = crate::store::now_ms() + 10 * MINUTE;
+    pay(
+        &log,
+        base,
+        &[
+            ("u1", 0, 20, "a1"),
+            ("u1", 10, 30, "a2"),
+            ("u1", 20, 40, "a3"),
+            ("u1", 25, 30, "a2"),
+            ("u1", 30, 5_000, "a4"),
+        ],
+    )
+    .await;
+    let payments: MetricDefinition = serde_json::from_value(json!({
+        "type": "track", "event": "payment", "group_by": "userId",
+        "aggregate": "count", "window": {"kind": "tumbling", "size": "1h"}
+    }))
+    .unwrap();
+    let budget = StateBudget::new(usize::MAX);
+    let metric = MetricProcessor::new(
+        store.clone(),
+        payments.compile("payments").unwrap(),
+        1,
+        3,
+        &budget,
+    );
+    let members = vec![
+        Arc::new(Defined::Metric(Arc::new(metric))),
+        Arc::new(Defined::Rule(Arc::new(RuleProcessor::new(
+            store.clone(),
+            fraud(),
+            1,
+        )))),
+    ];
+    let set = Arc::new(Set::new(
+        "definitions".into(),
+        store.clone(),
+        members.clone(),
+    ));
+    let reader = Box::new(EmbeddedReader::open(&log_dir, TOPIC, StartAt::Beginning).unwrap());
+    let settings = RunnerSettings {
+        max_batch: 3,
+        max_wait: Duration::from_millis(10),
+        stop_when_caught_up: true,
+        tick: Duration::ZERO,
+        ..RunnerSettings::new("definitions", TOPIC.to_owned(), "rejected".to_owned())
+    };
+    run_to_end(Runner::new(set, reader, log.clone(), settings)).await;
+    // The watermark passes the hour the payments are in.
+    for member in &members {
+        testing::tick(&store, member, TOPIC, 0..3, base + 120 * MINUTE).await;
+    }
+
+    let expected = vec![(
+        "u1".to_owned(),
+        vec!["a1".into(), "a2".into(), "a3".into(), "a4".into()],
+    )];
+    assert_eq!(alerts(&store).await, expected);
+    let query = WindowQuery {
+        metric: "payments",
+        version: 1,
+        group: Some("u1"),
+        limit: 10,
+        ..WindowQuery::default()
+    };
+    let windows = store.metric_windows(&query).await.unwrap();
+    assert!(!windows.is_empty(), "the payments' windows closed");
+    assert_eq!(
+        windows.iter().map(|w| w.events).sum::<i64>(),
+        4,
+        "{windows:?}"
+    );
+}
