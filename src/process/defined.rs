@@ -100,6 +100,12 @@ impl Member for Defined {
         }
     }
 
+    /// With its kind: a metric and a rule may share a name.
+    fn label(&self) -> String {
+        let (kind, name) = (Staged::noun(self), self.definition());
+        format!("{kind} {name} version {}", self.version())
+    }
+
     fn no_steps(&self, capacity: usize) -> DefinedSteps {
         match self {
             Defined::Metric(m) => DefinedSteps::Metric(m.no_steps(capacity)),

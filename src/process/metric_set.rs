@@ -62,6 +62,11 @@ pub trait Member: Send + Sync + 'static {
 
     fn version(&self) -> i64;
 
+    /// It in a log line (`orders version 2`).
+    fn label(&self) -> String {
+        format!("{} version {}", self.definition(), self.version())
+    }
+
     /// No steps yet, with room for `capacity`.
     fn no_steps(&self, capacity: usize) -> Self::Steps;
 
@@ -149,11 +154,7 @@ impl<M: Member> Set<M> {
 
     /// Its members, as a log line names them.
     pub fn describe(&self) -> String {
-        let members: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("{} version {}", m.definition(), m.version()))
-            .collect();
+        let members: Vec<String> = self.members.iter().map(|m| m.label()).collect();
         format!("{} {}", M::RUNNER, members.join(", "))
     }
 
@@ -283,11 +284,7 @@ impl<M: Member> Set<M> {
                 _ => false,
             };
             if let CommitError::Fatal(cause) = &e {
-                tracing::error!(
-                    "{} version {} cannot go on: {cause}",
-                    member.definition(),
-                    member.version()
-                );
+                tracing::error!("{} cannot go on: {cause}", member.label());
                 let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
                 failed.get_or_insert_with(|| member.name().to_owned());
             }
