@@ -57,7 +57,6 @@ pub enum ServeError {
 /// How long the log may take to write out what it holds at shutdown.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Runs the configured roles on `listener` until `shutdown` resolves.
 /// Says what the database server's settings mean for the processors
 /// once, at start-up: a setting that risks the store or publishes outputs
 /// twice as a warning, one that only slows them down as information.
@@ -76,6 +75,7 @@ async fn advise_on_database(store: &Store) {
     }
 }
 
+/// Runs the configured roles on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: Config,
     listener: TcpListener,

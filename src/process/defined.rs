@@ -1,8 +1,7 @@
 //! A metric or a rule version as one kind of [`Member`], so the live
 //! metrics and rules share one runner: each batch is read and parsed once
-//! for all of them, and its message ids claimed once (where two runners
-//! made two claims an event and parsed it twice, a tenth of the pipeline's
-//! CPU: docs/benchmarks.md, "Pattern rules").
+//! for all of them, and its message ids claimed once (docs/benchmarks.md,
+//! "One runner for the metrics and rules").
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -71,8 +70,8 @@ fn mismatched() -> ! {
 impl Member for Defined {
     type Steps = DefinedSteps;
     const RUNNER: &'static str = "definitions";
-    // The name the metrics claimed under alone before the rules joined
-    // them (migration 21 moved the rules' claims there).
+    // The metrics' name, under which migration 21 puts the rules' claims
+    // of older releases too.
     const CLAIMS: &'static str = "metrics";
 
     fn definition(&self) -> &str {
