@@ -16,6 +16,7 @@ use crate::helpers::{
 
 both_logs!(
     the_fraud_rule_alerts_through_the_api_and_on_user_alerts,
+    a_metric_and_a_rule_live_together_take_a_retried_payment_once,
     a_rule_added_changed_and_deleted_while_events_flow_needs_no_restart,
     a_rule_is_defined_versioned_read_and_deleted,
     a_bad_rule_is_refused_naming_its_field_and_the_running_version_stays,
@@ -314,6 +315,81 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
         page["alerts"][0]["steps"]["large"][0]["properties"]["amount"],
         950
     );
+    app.stop().await;
+}
+
+/// A metric and a rule run on one runner (the `definitions` stage), which
+/// claims each message id once for both: a small payment sent again with
+/// its message id is neither summed by the metric nor taken by the rule
+/// as a third small payment. Taken, it would make the alert
+/// a1, a2, a2, a4 and the sum 11,120; neither is ever the right answer,
+/// nor a step on the way to it.
+async fn a_metric_and_a_rule_live_together_take_a_retried_payment_once(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.append_timeout_ms = Some(500);
+        s.clock_skew_ms = Some(0);
+    })
+    .await;
+    let mut rule = card_testing();
+    rule["lateness"] = json!("0s");
+    assert_eq!(put(&app, rule).await.0, StatusCode::CREATED);
+    let spent = json!({"type": "track", "event": "payment", "group_by": "userId",
+                       "aggregate": "sum", "field": "properties.amount",
+                       "window": {"kind": "tumbling", "size": "1d"}});
+    let defined = app
+        .client
+        .put(app.url("/v1/metrics/spent"))
+        .basic_auth(ADMIN_KEY, Some(""))
+        .json(&spent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(defined.status(), StatusCode::CREATED);
+    eventually("both live", Duration::from_secs(30), || async {
+        let (_, ready) = app.get_as("/readyz", READ_KEY).await;
+        (ready["rules"]["card_testing"]["state"] == "live"
+            && ready["metrics"]["spent"]["state"] == "live"
+            && ready["stages"]["definitions"].is_object())
+        .then_some(())
+        .ok_or(ready.to_string())
+    })
+    .await;
+
+    let payment = |id: &str, amount: u32| {
+        json!({"type": "track", "event": "payment", "userId": "u1", "messageId": id,
+               "properties": {"amount": amount}})
+    };
+    // In order, one user's partition: two small payments; a retry of the
+    // second and a large one; a third small one and a large one.
+    for batch in [
+        json!([payment("a1", 20), payment("a2", 30)]),
+        json!([payment("a2", 30), payment("a4", 5_000)]),
+        json!([payment("a3", 40), payment("a5", 6_000)]),
+    ] {
+        let batch = json!({ "batch": batch });
+        assert_eq!(app.post("/v1/batch", &batch).await.status(), StatusCode::OK);
+    }
+    let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    eventually("the alert", Duration::from_secs(30), || async {
+        let alerts = alert_ids(&app, "card_testing").await;
+        (alerts == vec![(1, ids(&["a1", "a2", "a3", "a5"]))])
+            .then_some(())
+            .ok_or(format!("{alerts:?}"))
+    })
+    .await;
+    eventually("the sum", Duration::from_secs(30), || async {
+        let (_, body) = app
+            .get_as("/v1/metrics/spent/values?group=u1", READ_KEY)
+            .await;
+        let sum: f64 = body["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["value"].as_f64().unwrap())
+            .sum();
+        (sum == 11_090.0).then_some(()).ok_or(body.to_string())
+    })
+    .await;
     app.stop().await;
 }
 
