@@ -36,26 +36,11 @@ pub enum DefinedSteps {
 }
 
 impl Defined {
-    pub fn kind(&self) -> DefinitionKind {
-        match self {
-            Defined::Metric(_) => DefinitionKind::Metric,
-            Defined::Rule(_) => DefinitionKind::Rule,
-        }
-    }
-
     /// Its processor name (`metric:{name}:{version}`, `rule:...`).
     pub fn name(&self) -> &str {
         match self {
             Defined::Metric(m) => m.name(),
             Defined::Rule(r) => r.name(),
-        }
-    }
-
-    /// Events it has taken since it started.
-    pub fn counted(&self) -> u64 {
-        match self {
-            Defined::Metric(m) => m.counted(),
-            Defined::Rule(r) => r.counted(),
         }
     }
 }
@@ -283,7 +268,10 @@ impl Staged for Defined {
     }
 
     fn kind(&self) -> DefinitionKind {
-        Defined::kind(self)
+        match self {
+            Defined::Metric(_) => DefinitionKind::Metric,
+            Defined::Rule(_) => DefinitionKind::Rule,
+        }
     }
 
     fn noun(&self) -> &'static str {
@@ -294,7 +282,10 @@ impl Staged for Defined {
     }
 
     fn counted(&self) -> u64 {
-        Defined::counted(self)
+        match self {
+            Defined::Metric(m) => m.counted(),
+            Defined::Rule(r) => r.counted(),
+        }
     }
 
     fn retires(&self) -> bool {

@@ -191,9 +191,10 @@ async fn the_configuration_files_rules_are_stored_at_start(backend: Backend) {
 /// the profile's) and on `user_alerts`, exactly as stored; u2's two
 /// small ones and a large one make none. Then the rule that compares
 /// with the small payments' average, added while the first runs.
-async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backend) {
-    // A quiet log's clock moves half a second behind the wall clock, so
-    // the last payment is taken without further traffic.
+/// A service whose quiet log's clock moves half a second behind the
+/// wall clock, so the last payment is taken without further traffic, with
+/// the fraud rule defined (no lateness).
+async fn with_the_fraud_rule(backend: Backend) -> TestApp {
     let app = spawn_app_with(backend, |s| {
         s.append_timeout_ms = Some(500);
         s.clock_skew_ms = Some(0);
@@ -202,6 +203,11 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
     let mut rule = card_testing();
     rule["lateness"] = json!("0s");
     assert_eq!(put(&app, rule).await.0, StatusCode::CREATED);
+    app
+}
+
+async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backend) {
+    let app = with_the_fraud_rule(backend).await;
     eventually("the rule to run", Duration::from_secs(30), || async {
         let (_, ready) = app.get_as("/readyz", READ_KEY).await;
         ready["rules"]["card_testing"]["version"] == 1
@@ -325,14 +331,7 @@ async fn the_fraud_rule_alerts_through_the_api_and_on_user_alerts(backend: Backe
 /// a1, a2, a2, a4 and the sum 11,120; neither is ever the right answer,
 /// nor a step on the way to it.
 async fn a_metric_and_a_rule_live_together_take_a_retried_payment_once(backend: Backend) {
-    let app = spawn_app_with(backend, |s| {
-        s.append_timeout_ms = Some(500);
-        s.clock_skew_ms = Some(0);
-    })
-    .await;
-    let mut rule = card_testing();
-    rule["lateness"] = json!("0s");
-    assert_eq!(put(&app, rule).await.0, StatusCode::CREATED);
+    let app = with_the_fraud_rule(backend).await;
     let spent = json!({"type": "track", "event": "payment", "group_by": "userId",
                        "aggregate": "sum", "field": "properties.amount",
                        "window": {"kind": "tumbling", "size": "1d"}});

@@ -74,20 +74,25 @@ fn runner(
     log: &Arc<EmbeddedLog>,
     rule: &Arc<RuleProcessor>,
 ) -> Runner<Set<RuleProcessor>> {
-    let set = Arc::new(Set::new(
-        "rules".into(),
-        rule.store.clone(),
-        vec![rule.clone()],
-    ));
+    let set = Set::new("rules".into(), rule.store.clone(), vec![rule.clone()]);
+    set_runner(dir, log, set)
+}
+
+/// A runner of `set` that reads the log to its end in small batches.
+fn set_runner<M: crate::process::metric_set::Member>(
+    dir: &std::path::Path,
+    log: &Arc<EmbeddedLog>,
+    set: Set<M>,
+) -> Runner<Set<M>> {
     let reader = Box::new(EmbeddedReader::open(dir, TOPIC, StartAt::Beginning).unwrap());
     let settings = RunnerSettings {
         max_batch: 3,
         max_wait: Duration::from_millis(10),
         stop_when_caught_up: true,
         tick: Duration::ZERO,
-        ..RunnerSettings::new("rules", TOPIC.to_owned(), "rejected".to_owned())
+        ..RunnerSettings::new(M::RUNNER, TOPIC.to_owned(), "rejected".to_owned())
     };
-    Runner::new(set, reader, log.clone(), settings)
+    Runner::new(Arc::new(set), reader, log.clone(), settings)
 }
 
 /// The time hook on a quiet log: `partitions`' clocks at `time_ms`.
@@ -440,20 +445,8 @@ async fn a_metric_and_a_rule_in_one_set_each_take_a_retried_event_once() {
             1,
         )))),
     ];
-    let set = Arc::new(Set::new(
-        "definitions".into(),
-        store.clone(),
-        members.clone(),
-    ));
-    let reader = Box::new(EmbeddedReader::open(&log_dir, TOPIC, StartAt::Beginning).unwrap());
-    let settings = RunnerSettings {
-        max_batch: 3,
-        max_wait: Duration::from_millis(10),
-        stop_when_caught_up: true,
-        tick: Duration::ZERO,
-        ..RunnerSettings::new("definitions", TOPIC.to_owned(), "rejected".to_owned())
-    };
-    run_to_end(Runner::new(set, reader, log.clone(), settings)).await;
+    let set = Set::new("definitions".into(), store.clone(), members.clone());
+    run_to_end(set_runner(&log_dir, &log, set)).await;
     // The watermark passes the hour the payments are in.
     for member in &members {
         testing::tick(&store, member, TOPIC, 0..3, base + 120 * MINUTE).await;
