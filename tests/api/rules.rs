@@ -354,16 +354,23 @@ async fn a_metric_and_a_rule_live_together_take_a_retried_payment_once(backend: 
     })
     .await;
 
-    let payment = |id: &str, amount: u32| {
+    // Each payment has its own millisecond, since the rule orders a key's
+    // events by time and then message id: two requests stamped in one
+    // millisecond would otherwise put a3 before a4. They are a little
+    // ahead of the log's clock, so none is behind the rule's watermark
+    // (its lateness is nil) when it arrives.
+    let start = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let payment = |id: &str, amount: u32, ms: i64| {
+        let at = start + chrono::Duration::milliseconds(ms);
         json!({"type": "track", "event": "payment", "userId": "u1", "messageId": id,
-               "properties": {"amount": amount}})
+               "properties": {"amount": amount}, "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)})
     };
     // In order, one user's partition: two small payments; a retry of the
     // second and a large one; a third small one and a large one.
     for batch in [
-        json!([payment("a1", 20), payment("a2", 30)]),
-        json!([payment("a2", 30), payment("a4", 5_000)]),
-        json!([payment("a3", 40), payment("a5", 6_000)]),
+        json!([payment("a1", 20, 0), payment("a2", 30, 1)]),
+        json!([payment("a2", 30, 1), payment("a4", 5_000, 2)]),
+        json!([payment("a3", 40, 3), payment("a5", 6_000, 4)]),
     ] {
         let batch = json!({ "batch": batch });
         assert_eq!(app.post("/v1/batch", &batch).await.status(), StatusCode::OK);
