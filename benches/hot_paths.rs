@@ -339,7 +339,7 @@ fn patterns(c: &mut Criterion) {
                     }
                     let input = Input {
                         time: event["at"].as_i64().unwrap(),
-                        id: event["messageId"].as_str().unwrap().to_owned(),
+                        id: event["messageId"].as_str().unwrap().into(),
                         meets,
                         values: None,
                     };

@@ -331,10 +331,7 @@ pub fn deleted_ids<'a>(head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>>
 pub fn stamp(envelope: &Value) -> Option<Stamp> {
     let at = crate::envelope::rfc3339::millis(envelope.get("timestamp")?.as_str()?)?;
     let id = envelope.get("messageId")?.as_str()?;
-    Some(Stamp {
-        at,
-        id: id.to_owned(),
-    })
+    Some(Stamp { at, id: id.into() })
 }
 
 #[cfg(test)]

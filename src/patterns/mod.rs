@@ -161,7 +161,7 @@ impl Pattern {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Input {
     pub time: Millis,
-    pub id: String,
+    pub id: Arc<str>,
     pub meets: u64,
     /// What a guarded step's condition reads of it (for a pattern with
     /// a guard).
@@ -174,7 +174,7 @@ pub struct Input {
 pub struct Taken {
     pub step: usize,
     pub time: Millis,
-    pub id: String,
+    pub id: Arc<str>,
     /// The event's [`Input::values`], for later steps' guards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Arc<serde_json::Value>>,
@@ -187,7 +187,7 @@ pub struct Taken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Held {
     time: Millis,
-    id: String,
+    id: Arc<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     values: Option<Arc<serde_json::Value>>,
 }
@@ -380,7 +380,7 @@ impl TryFrom<StoredState> for KeyState {
             runs: Vec::with_capacity(stored.runs.len()),
             waiting: stored.waiting,
         };
-        let mut interned: HashMap<(Millis, String), u32> = HashMap::new();
+        let mut interned: HashMap<(Millis, Arc<str>), u32> = HashMap::new();
         for run in stored.runs {
             let mut taken = Vec::with_capacity(run.taken.len());
             for pick in run.taken {

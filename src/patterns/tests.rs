@@ -51,7 +51,7 @@ fn run(pattern: Pattern, events: &[(&str, Millis, &str, u64)]) -> Vec<(String, V
     for (key, time, id, meets) in events {
         let input = Input {
             time: *time,
-            id: (*id).to_owned(),
+            id: (*id).into(),
             meets: *meets,
             values: None,
         };
@@ -64,7 +64,12 @@ fn run(pattern: Pattern, events: &[(&str, Millis, &str, u64)]) -> Vec<(String, V
 fn ids(matches: Vec<Match>) -> Vec<(String, Vec<String>)> {
     matches
         .into_iter()
-        .map(|m| (m.key, m.taken.into_iter().map(|t| t.id).collect()))
+        .map(|m| {
+            (
+                m.key,
+                m.taken.into_iter().map(|t| t.id.to_string()).collect(),
+            )
+        })
         .collect()
 }
 
@@ -216,7 +221,7 @@ fn not_followed_by_fires_on_the_watermark_alone_and_an_absent_event_cancels_it()
     let mut engine = Engine::new(Arc::new(p));
     let input = |time, id: &str, meets| Input {
         time,
-        id: id.to_owned(),
+        id: id.into(),
         meets,
         values: None,
     };
@@ -294,7 +299,7 @@ fn quiet_keys_are_pruned(keys: i64) {
     for key in 0..keys {
         let input = Input {
             time: key % 1_000,
-            id: format!("e{key}"),
+            id: format!("e{key}").into(),
             meets: 1,
             values: None,
         };
@@ -347,7 +352,7 @@ fn partial_matches_beyond_the_bound_are_dropped_and_counted() {
     for i in 0..5 {
         let input = Input {
             time: i,
-            id: format!("s{i}"),
+            id: format!("s{i}").into(),
             meets: 1,
             values: None,
         };
@@ -365,7 +370,7 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
     for i in 0..2 {
         let input = Input {
             time: i * 1_000,
-            id: format!("s{i}"),
+            id: format!("s{i}").into(),
             meets: 1,
             values: None,
         };
@@ -381,7 +386,7 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
     for (i, meets) in [(2, 1), (3, 2)] {
         let input = Input {
             time: 5_000 + i * 1_000,
-            id: format!("s{i}"),
+            id: format!("s{i}").into(),
             meets,
             values: None,
         };
@@ -396,7 +401,7 @@ fn a_key_stored_and_restored_mid_pattern_matches_as_if_nothing_happened() {
 fn small(i: i64, meets: u64) -> Input {
     Input {
         time: i * 1_000,
-        id: format!("s{i}"),
+        id: format!("s{i}").into(),
         meets,
         values: None,
     }
@@ -420,7 +425,7 @@ fn a_key_holds_each_event_once_however_many_partial_matches_took_it() {
     engine.observe("u1", small(301, 1));
     engine.advance(302_000);
     let state = engine.state("u1").unwrap();
-    let held: Vec<&str> = state.held.iter().map(|h| h.id.as_str()).collect();
+    let held: Vec<&str> = state.held.iter().map(|h| &*h.id).collect();
     assert_eq!(held, ["s2", "s3", "s4", "s301"]);
     assert_eq!(state.runs.len(), 4);
 
@@ -662,7 +667,7 @@ proptest! {
     ) {
         let mut engine = Engine::new(Arc::new(p.clone()));
         for (i, (time, meets)) in events.iter().enumerate() {
-            let input = Input { time: *time, id: format!("{i:03}"), meets: *meets, values: None };
+            let input = Input { time: *time, id: format!("{i:03}").into(), meets: *meets, values: None };
             engine.observe("k", input);
         }
         let got: Vec<(usize, usize)> = engine
@@ -684,7 +689,7 @@ proptest! {
             (Just(p), arb_events(steps))
         })
     ) {
-        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}"), meets: events[i].1, values: None };
+        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}").into(), meets: events[i].1, values: None };
         let p = Arc::new(p);
         let (mut kept, mut stored) = (Engine::new(p.clone()), Engine::new(p.clone()));
         let (mut expected, mut got) = (Vec::new(), Vec::new());
@@ -717,7 +722,7 @@ proptest! {
         })
     ) {
         let p = Pattern { lateness: 10, ..p };
-        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}"), meets: events[i].1, values: None };
+        let input = |i: usize| Input { time: events[i].0, id: format!("{i:03}").into(), meets: events[i].1, values: None };
         let mut in_order = Engine::new(Arc::new(p.clone()));
         for i in 0..events.len() {
             in_order.observe("k", input(i));

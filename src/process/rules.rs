@@ -292,7 +292,7 @@ impl RuleProcessor {
             rule: &self.spec.name,
             version: self.version,
             key: &m.key,
-            message_ids: m.taken.iter().map(|t| t.id.as_str()).collect(),
+            message_ids: m.taken.iter().map(|t| &*t.id).collect(),
             first: time(first.time),
             last: time(last.time),
             at: time(m.at),

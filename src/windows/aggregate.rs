@@ -9,6 +9,7 @@
 //! partitions equals the same metric computed in one.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -73,8 +74,9 @@ impl Aggregate {
 pub struct Stamp {
     /// Event time, milliseconds since the epoch.
     pub at: i64,
-    /// The event's message id.
-    pub id: String,
+    /// The event's message id (shared: every metric and rule of a
+    /// batch holds the one copy).
+    pub id: Arc<str>,
 }
 
 /// A value with the stamp of the event that carried it.
@@ -336,10 +338,7 @@ mod tests {
     use super::*;
 
     fn stamp(at: i64, id: &str) -> Stamp {
-        Stamp {
-            at,
-            id: id.to_owned(),
-        }
+        Stamp { at, id: id.into() }
     }
 
     fn fold(aggregate: Aggregate, values: &[(i64, &str, Value)]) -> Value {

@@ -10,7 +10,7 @@ const MIN: Millis = 60_000;
 fn stamp(at: Millis, id: usize) -> Stamp {
     Stamp {
         at,
-        id: format!("m{id:05}"),
+        id: format!("m{id:05}").into(),
     }
 }
 

@@ -562,7 +562,7 @@ async fn combined_windows_from_instances_committing_at_once_are_final_once_and_e
         for i in 0..=partition {
             let stamp = Stamp {
                 at: hour * HOUR + i64::from(i),
-                id: format!("m{partition}-{hour}-{i}"),
+                id: format!("m{partition}-{hour}-{i}").into(),
             };
             partial.observe(&stamp, Some(&serde_json::json!(0.1 * f64::from(i + 1))));
         }
