@@ -10,7 +10,9 @@
 
 pub mod combine;
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::Value;
 
@@ -22,6 +24,13 @@ use crate::windows::{
 /// The group of a metric without a group-by.
 pub const GLOBAL_GROUP: &str = "*";
 
+/// [`GLOBAL_GROUP`], shared by every event of every global metric.
+static GLOBAL_KEY: LazyLock<Arc<str>> = LazyLock::new(|| GLOBAL_GROUP.into());
+
+/// A group or key as the metrics' and rules' batch steps hold it: an
+/// event's user id is made once and shared by all of them.
+pub type Key = Arc<str>;
+
 /// What became of one event for one metric.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -31,7 +40,7 @@ pub enum Outcome {
     /// an event without a user, a property group-by and no such property).
     NoGroup,
     /// Given to the engine as `group`.
-    Observed { group: String, observed: Observed },
+    Observed { group: Key, observed: Observed },
 }
 
 /// What every metric and rule reads of an event, whatever its
@@ -51,7 +60,7 @@ pub const EVERY_DEFINITION_READS: [&str; 8] = [
 ];
 
 /// The envelope fields every metric looks at, read once an event.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Head<'a> {
     /// `type`.
     pub kind: Option<&'a str>,
@@ -60,6 +69,9 @@ pub struct Head<'a> {
     /// `userId` and `anonymousId`, when not empty.
     pub user: Option<&'a str>,
     pub anonymous: Option<&'a str>,
+    /// `user` and `anonymous` as [`Key`]s, made when first asked for.
+    user_key: OnceCell<Key>,
+    anonymous_key: OnceCell<Key>,
 }
 
 impl<'a> Head<'a> {
@@ -70,7 +82,21 @@ impl<'a> Head<'a> {
             event: text("event"),
             user: text("userId").filter(|id| !id.is_empty()),
             anonymous: text("anonymousId").filter(|id| !id.is_empty()),
+            ..Head::default()
         }
+    }
+
+    /// `userId` as a key, the one copy every metric and rule of the event
+    /// shares.
+    pub fn user_key(&self) -> Option<Key> {
+        let user = self.user?;
+        Some(self.user_key.get_or_init(|| user.into()).clone())
+    }
+
+    /// `anonymousId` as a key, shared as [`Head::user_key`] is.
+    pub fn anonymous_key(&self) -> Option<Key> {
+        let anonymous = self.anonymous?;
+        Some(self.anonymous_key.get_or_init(|| anonymous.into()).clone())
     }
 }
 
@@ -130,18 +156,18 @@ impl Metric {
     /// else by `anonymousId` (merged into the user's group when the ids
     /// are linked); a property group-by by its value, strings as they are
     /// and anything else as JSON text.
-    pub fn group(&self, envelope: &Value) -> Option<String> {
+    pub fn group(&self, envelope: &Value) -> Option<Key> {
         self.group_head(&Head::of(envelope), envelope)
     }
 
-    fn group_head(&self, head: &Head, envelope: &Value) -> Option<String> {
+    fn group_head(&self, head: &Head, envelope: &Value) -> Option<Key> {
         match &self.spec.group_by {
-            GroupBy::Global => Some(GLOBAL_GROUP.to_owned()),
-            GroupBy::User => head.user.or(head.anonymous).map(str::to_owned),
+            GroupBy::Global => Some(GLOBAL_KEY.clone()),
+            GroupBy::User => head.user_key().or_else(|| head.anonymous_key()),
             GroupBy::Field(path) => match path.get(envelope)? {
                 Value::Null => None,
-                Value::String(s) => Some(s.clone()),
-                other => Some(other.to_string()),
+                Value::String(s) => Some(s.as_str().into()),
+                other => Some(other.to_string().into()),
             },
         }
     }
@@ -160,13 +186,13 @@ impl Metric {
     /// The group an event this definition takes counts in, if any: what
     /// [`Metric::observe`] would give it to, so its state can be read back
     /// from the store first.
-    pub fn selected_group(&self, envelope: &Value) -> Option<String> {
+    pub fn selected_group(&self, envelope: &Value) -> Option<Key> {
         self.selected_group_head(&Head::of(envelope), envelope)
     }
 
     /// [`Metric::selected_group`] with the envelope's [`Head`] read once
     /// for every metric.
-    pub fn selected_group_head(&self, head: &Head, envelope: &Value) -> Option<String> {
+    pub fn selected_group_head(&self, head: &Head, envelope: &Value) -> Option<Key> {
         self.selects_head(head, envelope)
             .then(|| self.group_head(head, envelope))
             .flatten()
@@ -174,12 +200,7 @@ impl Metric {
 
     /// Takes in an event of `group` (from [`Metric::selected_group`]) and
     /// its [`stamp`], worked out once for every metric.
-    pub fn observe_in(
-        &mut self,
-        group: String,
-        stamp: Option<&Stamp>,
-        envelope: &Value,
-    ) -> Outcome {
+    pub fn observe_in(&mut self, group: Key, stamp: Option<&Stamp>, envelope: &Value) -> Outcome {
         match self.observe_value(&group, stamp, self.field_value(envelope)) {
             Some(observed) => Outcome::Observed { group, observed },
             None => Outcome::NoGroup,

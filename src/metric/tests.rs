@@ -42,10 +42,12 @@ fn a_definition_takes_only_its_events_and_groups_them() {
         json!({"anonymousId": "a1", "properties": {"amount": 200}}),
     );
     let nobody = event(0, 5, json!({"properties": {"amount": 200}}));
-    assert!(matches!(m.observe(&big), Outcome::Observed { ref group, .. } if group == "u1"));
+    assert!(matches!(m.observe(&big), Outcome::Observed { ref group, .. } if &**group == "u1"));
     assert_eq!(m.observe(&small), Outcome::NotSelected);
     assert_eq!(m.observe(&page), Outcome::NotSelected);
-    assert!(matches!(m.observe(&anonymous), Outcome::Observed { ref group, .. } if group == "a1"));
+    assert!(
+        matches!(m.observe(&anonymous), Outcome::Observed { ref group, .. } if &**group == "a1")
+    );
     assert_eq!(m.observe(&nobody), Outcome::NoGroup);
     let closed = m.advance(Millis::MAX);
     let values: Vec<(&str, Value)> = closed

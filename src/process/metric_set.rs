@@ -712,10 +712,12 @@ mod tests {
         assert!(rejected.is_empty());
         let parsed = &prepared.0;
         assert_eq!(parsed.events.len(), 3);
-        assert!(matches!(&parsed.steps[0][0], Step::Observe { group: Some(g), .. } if g == "iOS"));
+        assert!(
+            matches!(&parsed.steps[0][0], Step::Observe { group: Some(g), .. } if &**g == "iOS")
+        );
         assert!(matches!(
             &parsed.steps[1][1],
-            Step::Observe { group: Some(g), value: Some(v), .. } if g == "u1" && *v == json!(4)
+            Step::Observe { group: Some(g), value: Some(v), .. } if &**g == "u1" && *v == json!(4)
         ));
         assert_eq!(
             parsed.steps[1][2],

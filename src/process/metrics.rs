@@ -344,7 +344,7 @@ pub enum Step {
     /// (by the time each member applies the batch, it is cold).
     Observe {
         link: Option<(String, Vec<String>)>,
-        group: Option<String>,
+        group: Option<crate::metric::Key>,
         value: Option<Value>,
     },
 }
@@ -952,7 +952,7 @@ impl MetricProcessor {
                 late.push(LateEvent {
                     metric: self.spec.name.clone(),
                     version: self.version,
-                    group: group.clone(),
+                    group: group.to_string(),
                     message_id: id.to_owned(),
                     start_ms: missed.window.start,
                     end_ms: missed.window.end,

@@ -53,7 +53,7 @@ pub enum RuleStep {
     Delete(Vec<String>),
     /// An event of `key` meeting the steps of `meets`.
     Event {
-        key: String,
+        key: crate::metric::Key,
         meets: u64,
         /// The fields the rule's conditions that read earlier steps read
         /// of it ([`RuleSpec::keeps`]).
@@ -193,13 +193,13 @@ impl RuleProcessor {
     }
 
     /// The event's key for this rule.
-    fn key(&self, head: &Head, event: &Value) -> Option<String> {
+    fn key(&self, head: &Head, event: &Value) -> Option<crate::metric::Key> {
         match &self.spec.key {
-            RuleKey::User => head.user.map(str::to_owned),
+            RuleKey::User => head.user_key(),
             RuleKey::Field(path) => match path.get(event)? {
-                Value::String(s) if !s.is_empty() => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                Value::Bool(b) => Some(b.to_string()),
+                Value::String(s) if !s.is_empty() => Some(s.as_str().into()),
+                Value::Number(n) => Some(n.to_string().into()),
+                Value::Bool(b) => Some(b.to_string().into()),
                 _ => None,
             },
         }
