@@ -479,6 +479,8 @@ struct KeyEntry {
     state: KeyState,
     due: Option<Millis>,
     changed: bool,
+    /// The key, as its timer names it (made with its first timer).
+    name: Option<Arc<str>>,
 }
 
 /// The partial matches of one rule version over the keys of one
@@ -600,7 +602,7 @@ impl Engine {
             && *due <= limit
         {
             let (_, key) = self.timers.pop_first().expect("looked at above");
-            let Some(entry) = self.keys.get_mut(key.as_str()) else {
+            let Some(entry) = self.keys.get_mut(&*key) else {
                 continue;
             };
             entry.due = None;
@@ -628,11 +630,11 @@ impl Engine {
             state.compact();
             if !entry.changed {
                 entry.changed = true;
-                self.changed.insert(key.clone());
+                self.changed.insert(key.to_string());
             }
             if entry.state.is_empty() {
                 // Its timer was the one just taken.
-                self.keys.remove(key.as_str());
+                self.keys.remove(&*key);
             } else {
                 let due = next_due(&self.pattern, &entry.state);
                 set_timer(&mut self.timers, &key, entry, due);
@@ -653,8 +655,13 @@ impl Engine {
 
     /// Takes `key` out of the engine with its timer.
     fn remove(&mut self, key: &str) {
-        if let Some(KeyEntry { due: Some(due), .. }) = self.keys.remove(key) {
-            self.timers.remove(&(due, key.to_owned()));
+        if let Some(KeyEntry {
+            due: Some(due),
+            name: Some(name),
+            ..
+        }) = self.keys.remove(key)
+        {
+            self.timers.remove(&(due, name));
         }
     }
 
@@ -738,7 +745,8 @@ fn next_due(pattern: &Pattern, state: &KeyState) -> Option<Millis> {
 /// moving its entry in the engine's `timers`.
 fn set_timer(timers: &mut Timers, key: &str, entry: &mut KeyEntry, due: Option<Millis>) {
     let old = std::mem::replace(&mut entry.due, due);
-    move_timer(timers, key, old, due);
+    let name = entry.name.get_or_insert_with(|| key.into());
+    move_timer(timers, name, old, due);
 }
 
 /// Runs one event of `key`, in event-time order, through its partial

@@ -2,6 +2,7 @@
 //! state, the watermark, and the timers that close windows.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use hashbrown::HashMap;
 
@@ -141,6 +142,9 @@ struct Group {
     state: GroupState,
     timer: Option<Millis>,
     changed: bool,
+    /// The group's name, as its timer names it (made with its first
+    /// timer).
+    name: Option<Arc<str>>,
 }
 
 /// The window state of one metric over the partitions one engine is fed.
@@ -332,9 +336,11 @@ impl Engine {
 
     /// Takes `group` out of the engine with its timer.
     fn remove(&mut self, group: &str) -> Option<GroupState> {
-        let Group { state, timer, .. } = self.groups.remove(group)?;
-        if let Some(at) = timer {
-            self.timers.remove(&(at, group.to_owned()));
+        let Group {
+            state, timer, name, ..
+        } = self.groups.remove(group)?;
+        if let (Some(at), Some(name)) = (timer, name) {
+            self.timers.remove(&(at, name));
         }
         Some(state)
     }
@@ -361,14 +367,14 @@ impl Engine {
             && *at <= self.limit
         {
             let (_, group) = self.timers.pop_first().expect("a first timer");
-            if let Some(g) = self.groups.get_mut(&group) {
+            if let Some(g) = self.groups.get_mut(&*group) {
                 g.timer = None;
             }
             self.close_group(&group, before, &mut closed);
             self.reschedule(&group);
             self.drop_if_done(&group);
             // What closed left the group's state (or the group is gone).
-            self.changed.insert(group);
+            self.changed.insert(group.to_string());
         }
         closed
     }
@@ -709,6 +715,7 @@ fn next_timer(
 /// in the engine's `timers`.
 fn set_timer(timers: &mut Timers, name: &str, held: &mut Group, next: Option<Millis>) {
     let old = std::mem::replace(&mut held.timer, next);
+    let name = held.name.get_or_insert_with(|| name.into());
     move_timer(timers, name, old, next);
 }
 

@@ -23,6 +23,8 @@ pub use aggregate::{Aggregate, Partial, Stamp};
 pub use calendar::{CalendarUnit, calendar_span};
 pub use engine::{Closed, Engine, GroupState, Late, Observed, OpenWindow};
 
+use std::sync::Arc;
+
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -30,19 +32,20 @@ use serde::{Deserialize, Serialize};
 pub type Millis = i64;
 
 /// Timers by when they are due, each with whose it is (a metric's group,
-/// a rule's key).
-pub type Timers = std::collections::BTreeSet<(Millis, String)>;
+/// a rule's key). The name is the one its entry in the engine holds, so
+/// a timer moves without copying it.
+pub type Timers = std::collections::BTreeSet<(Millis, Arc<str>)>;
 
 /// Moves `name`'s timer in `timers` from `old` to `new` (`None`: none).
-pub fn move_timer(timers: &mut Timers, name: &str, old: Option<Millis>, new: Option<Millis>) {
+pub fn move_timer(timers: &mut Timers, name: &Arc<str>, old: Option<Millis>, new: Option<Millis>) {
     if old == new {
         return;
     }
     if let Some(old) = old {
-        timers.remove(&(old, name.to_owned()));
+        timers.remove(&(old, name.clone()));
     }
     if let Some(new) = new {
-        timers.insert((new, name.to_owned()));
+        timers.insert((new, name.clone()));
     }
 }
 
