@@ -154,6 +154,9 @@ pub struct Store {
     /// Message-id claims still to make with `ON CONFLICT` on PostgreSQL
     /// before a plain insert is tried again (see `claim_pg`).
     careful_claims: Arc<AtomicU32>,
+    /// Profile batches still to look their message ids up in `events` on
+    /// PostgreSQL before one goes without (see `try_apply`).
+    careful_events: Arc<AtomicU32>,
 }
 
 impl Store {
@@ -280,6 +283,7 @@ impl Store {
             pg,
             states: Arc::new(StateCache::new(DEFAULT_PROFILE_CACHE)),
             careful_claims: Arc::new(AtomicU32::new(0)),
+            careful_events: Arc::new(AtomicU32::new(0)),
         })
     }
 

@@ -23,6 +23,7 @@ both_logs!(
     combined_windows_from_instances_committing_at_once_are_final_once_and_exact,
     a_stale_batch_is_fenced_and_writes_nothing,
     a_message_id_is_remembered_while_its_event_is_stored,
+    a_retried_message_id_is_found_after_many_batches_of_new_ones,
     a_claim_finds_each_ids_first_record_batch_after_batch,
     the_rules_claims_join_the_metrics_claims,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
@@ -155,6 +156,47 @@ async fn a_message_id_is_remembered_while_its_event_is_stored(backend: Backend) 
         "once its event is purged the old id is new again; the recent one is still known"
     );
     assert_eq!(store.profile("d1").await.unwrap().unwrap().event_count, 3);
+}
+
+/// On PostgreSQL a profile batch looks its message ids up in `events`
+/// only for a while after one met a stored id: a retry that comes after
+/// many batches of new ids (none looked up) fails its batch's insert, and
+/// the batch, run again, takes the retry as a duplicate, the new event
+/// once, and nothing else.
+async fn a_retried_message_id_is_found_after_many_batches_of_new_ones(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let mut next = 0;
+    let mut apply = |events: Vec<(EventEnvelope, String)>| {
+        let store = store.clone();
+        let expected = (next > 0).then_some(next);
+        next += 1;
+        async move {
+            store
+                .apply_profile_batch(&batch(&events, expected, expected.unwrap_or(0) + 1))
+                .await
+                .unwrap()
+        }
+    };
+    let first = apply(vec![track("r1", "r-0")]).await;
+    assert_eq!((first.applied, first.duplicates), (1, 0));
+    for i in 1..=40 {
+        let fresh = apply(vec![track("r1", &format!("r-{i}"))]).await;
+        assert_eq!((fresh.applied, fresh.duplicates), (1, 0), "batch {i}");
+    }
+    let retried = apply(vec![track("r1", "r-0"), track("r1", "r-41")]).await;
+    assert_eq!(
+        (retried.applied, retried.duplicates),
+        (1, 1),
+        "the retry is known, the new event applied"
+    );
+    let again = apply(vec![track("r1", "r-41"), track("r1", "r-42")]).await;
+    assert_eq!((again.applied, again.duplicates), (1, 1));
+    assert_eq!(store.profile("r1").await.unwrap().unwrap().event_count, 43);
+    assert_eq!(
+        store.offsets("profiles", "user_events").await.unwrap()[&0],
+        43
+    );
 }
 
 /// Claims in a row find each id's first record whatever the batches
