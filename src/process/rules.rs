@@ -61,6 +61,12 @@ pub enum RuleStep {
     },
 }
 
+/// The matches a rule holds back at most (some 80 MB with their alerts
+/// built to be written): a rule that matches most events would
+/// otherwise hold the alerts of a backlog's whole hold in memory, and
+/// write them in one long transaction at its end.
+const HELD_MATCHES: usize = 100_000;
+
 /// Batches applied to the engines and not written yet: under a backlog
 /// (see the metrics' `HeldBack`) each key's state is written once for
 /// several batches. Their offsets are not stored until then, so a crash
@@ -150,6 +156,8 @@ pub struct RuleProcessor {
     /// last read or committed it (`None`: not read yet).
     positions: std::sync::Mutex<Option<HashMap<i32, i64>>>,
     counted: AtomicU64,
+    /// The matches it holds back at most ([`HELD_MATCHES`]).
+    held_matches: usize,
 }
 
 impl std::fmt::Debug for RuleProcessor {
@@ -171,6 +179,16 @@ impl RuleProcessor {
             engines: tokio::sync::Mutex::new((HashMap::new(), HeldBack::default())),
             positions: std::sync::Mutex::new(None),
             counted: AtomicU64::new(0),
+            held_matches: HELD_MATCHES,
+        }
+    }
+
+    /// It holding back at most `matches` matches.
+    #[cfg(test)]
+    fn holding_at_most(self, matches: usize) -> RuleProcessor {
+        RuleProcessor {
+            held_matches: matches,
+            ..self
         }
     }
 
@@ -542,11 +560,13 @@ impl Member for RuleProcessor {
             self.account(engine, late.get(p).copied().unwrap_or(0));
         }
         let next: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
-        // Held back while a backlog lasts, up to the metrics' bound, and
-        // never a batch with a deletion (its alerts go at once).
+        // Held back while a backlog lasts, up to the metrics' time and a
+        // number of matches, and never a batch with a deletion (its
+        // alerts go at once).
         let hold = backlog
             && !tick
             && deleted.is_empty()
+            && held.matches.len() + matches.len() < self.held_matches
             && held
                 .since
                 .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR);

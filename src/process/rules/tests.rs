@@ -399,6 +399,97 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_alert_once() {
     );
 }
 
+/// Under a backlog a rule holds its matches back with the batches that
+/// made them, up to a bound: the batch that reaches it is written at
+/// once, its alerts with its offsets; below it nothing is written until
+/// the rule writes what it held back.
+#[tokio::test]
+async fn a_rule_writes_a_backlogs_batch_at_once_when_its_matches_reach_the_bound() {
+    use crate::log::StoredRecord;
+    use crate::process::{Checkpoint, OffsetAdvance, PartitionTime, Processor};
+
+    let base = crate::store::now_ms() - 30 * MINUTE;
+    // Two users' card testing, both complete in one batch.
+    let payments = [
+        ("u1", 0, 20, "a1"),
+        ("u2", 0, 20, "b1"),
+        ("u1", 10, 30, "a2"),
+        ("u2", 10, 30, "b2"),
+        ("u1", 20, 40, "a3"),
+        ("u2", 20, 40, "b3"),
+        ("u1", 30, 5_000, "a4"),
+        ("u2", 30, 5_000, "b4"),
+    ];
+    let records = || {
+        payments
+            .iter()
+            .enumerate()
+            .map(|(offset, (user, after, amount, id))| {
+                let at = DateTime::<Utc>::from_timestamp_millis(base + after * 1_000).unwrap();
+                let envelope = json!({
+                    "type": "track", "event": "payment", "userId": user, "messageId": id,
+                    "properties": {"amount": amount}, "timestamp": at.to_rfc3339(),
+                });
+                StoredRecord {
+                    topic: TOPIC.to_owned(),
+                    partition: 0,
+                    offset: offset as i64,
+                    timestamp_ms: base + after * 1_000,
+                    key: Some(user.as_bytes().to_vec()),
+                    value: envelope.to_string().into_bytes(),
+                }
+            })
+            .collect()
+    };
+    // The clock far past the payments and the rule's lateness: the batch
+    // completes both matches.
+    let backlog = || Checkpoint {
+        topic: TOPIC.to_owned(),
+        offsets: vec![OffsetAdvance {
+            partition: 0,
+            expected: None,
+            next: payments.len() as i64,
+        }],
+        clocks: vec![PartitionTime {
+            partition: 0,
+            time_ms: base + 20 * MINUTE,
+        }],
+        backlog: true,
+    };
+    let both = vec![
+        (
+            "u1".to_owned(),
+            vec!["a1".into(), "a2".into(), "a3".into(), "a4".into()],
+        ),
+        (
+            "u2".to_owned(),
+            vec!["b1".into(), "b2".into(), "b3".into(), "b4".into()],
+        ),
+    ];
+
+    for (bound, written_at_once) in [(3, false), (2, true)] {
+        let (_dir, _log_dir, _log, store) = scratch().await;
+        let rule = Arc::new(RuleProcessor::new(store.clone(), fraud(), 1).holding_at_most(bound));
+        let set = Set::new("rules".into(), store.clone(), vec![rule.clone()]);
+        let (prepared, _) = set.prepare(records());
+        set.commit(&prepared, backlog()).await.unwrap();
+        let stored = store.offsets(rule.name(), TOPIC).await.unwrap();
+        if written_at_once {
+            assert_eq!(alerts(&store).await, both, "bound {bound}: written at once");
+            assert_eq!(stored.get(&0), Some(&(payments.len() as i64)));
+        } else {
+            assert_eq!(alerts(&store).await, vec![], "bound {bound}: held back");
+            assert!(stored.is_empty(), "bound {bound}: no offset stored yet");
+            set.flush().await.unwrap();
+            assert_eq!(
+                alerts(&store).await,
+                both,
+                "bound {bound}: written by the flush"
+            );
+        }
+    }
+}
+
 /// The live metrics and rules run as one set: each event is parsed once
 /// and its message id claimed once for both kinds, so a client's retry of
 /// a payment (its message id again, later in the log) is neither counted
