@@ -380,6 +380,10 @@ struct Deliverer {
     in_flight: AtomicUsize,
     most_in_flight: AtomicUsize,
     state: Mutex<Delivered>,
+    /// While set, the work of record 20 of partition 0 does not finish:
+    /// a runner stopped then has work finished above that partition's
+    /// position, whatever the machine's pace.
+    held_up: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -412,6 +416,9 @@ impl AtLeastOnce for Deliverer {
         // Later records of a partition often finish first.
         let delay = (record.offset * 7919 % 13) as u64;
         tokio::time::sleep(Duration::from_millis(delay)).await;
+        while (record.partition, record.offset) == (0, 20) && self.held_up.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap();
         state.done.insert((record.partition, record.offset));
@@ -479,6 +486,7 @@ fn in_flight_settings(replay: bool) -> InFlightSettings {
 async fn in_flight_work_moves_the_position_only_past_finished_records() {
     let (dir, log, expected) = log_with(300).await;
     let deliverer = Arc::new(Deliverer::default());
+    deliverer.held_up.store(true, Ordering::SeqCst);
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let first = InFlightRunner::new(
@@ -508,6 +516,7 @@ async fn in_flight_work_moves_the_position_only_past_finished_records() {
         finished_at_stop.values().any(|r| !r.is_empty()),
         "work finished above a position was saved: {finished_at_stop:?}"
     );
+    deliverer.held_up.store(false, Ordering::SeqCst);
 
     let second = InFlightRunner::new(
         deliverer.clone(),
