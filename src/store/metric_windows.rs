@@ -5,7 +5,6 @@
 //! window, and a closed window is written once.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -1251,10 +1250,6 @@ async fn metric_states_of_pg(
         .collect())
 }
 
-/// Claims made with `ON CONFLICT` after a plain claim met a claimed id,
-/// before a plain insert is tried again.
-const CAREFUL_CLAIMS: u32 = 16;
-
 /// [`Store::claim_metric_ids`] on PostgreSQL, each column bound as one
 /// array: a batch's claims are one insert and, when some id was claimed
 /// before, one lookup, each prepared once. Through `Any` the lookup is an `IN`
@@ -1267,11 +1262,11 @@ const CAREFUL_CLAIMS: u32 = 16;
 /// `ON CONFLICT DO NOTHING` looks each key up before it inserts and
 /// confirms each insert in the WAL, a third of a claim's cost. When the
 /// plain insert fails, the claim is made again with `ON CONFLICT`, and so
-/// are the next [`CAREFUL_CLAIMS`] (a backfill's ids, and a client's burst
+/// are the next [`super::Careful::BATCHES`] (a backfill's ids, and a client's burst
 /// of retries, are claimed before, batch after batch).
 async fn claim_pg(
     pg: &sqlx::PgPool,
-    careful_claims: &AtomicU32,
+    careful_claims: &super::Careful,
     processor: &str,
     claims: &[(&str, i32, i64, i64)],
 ) -> Result<Claimed, StoreError> {
@@ -1279,10 +1274,7 @@ async fn claim_pg(
     let partitions: Vec<i32> = claims.iter().map(|c| c.1).collect();
     let offsets: Vec<i64> = claims.iter().map(|c| c.2).collect();
     let received: Vec<i64> = claims.iter().map(|c| c.3).collect();
-    let careful = careful_claims
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-        .is_ok();
-    if !careful {
+    if !careful_claims.take() {
         let plain = sqlx::query(
             "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
              SELECT $1, c.id, c.p, c.o, c.r FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::int8[]) AS c(id, p, o, r)",
@@ -1297,7 +1289,7 @@ async fn claim_pg(
         match plain {
             Ok(_) => return Ok(Claimed::AllFirst),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                careful_claims.store(CAREFUL_CLAIMS, Ordering::Relaxed);
+                careful_claims.arm();
             }
             Err(e) => return Err(e.into()),
         }

@@ -24,7 +24,7 @@ pub use settings::Advice;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
@@ -153,10 +153,33 @@ pub struct Store {
     states: Arc<StateCache>,
     /// Message-id claims still to make with `ON CONFLICT` on PostgreSQL
     /// before a plain insert is tried again (see `claim_pg`).
-    careful_claims: Arc<AtomicU32>,
+    careful_claims: Arc<Careful>,
     /// Profile batches still to look their message ids up in `events` on
     /// PostgreSQL before one goes without (see `try_apply`).
-    careful_events: Arc<AtomicU32>,
+    careful_events: Arc<Careful>,
+}
+
+/// How many more batches of a kind go the careful way (a lookup, an
+/// `ON CONFLICT`) rather than the fast one, which fails whole on a message
+/// id stored before: once one did, the next [`Careful::BATCHES`] (a
+/// client's burst of retries, a backfill's ids, come batch after batch).
+#[derive(Debug, Default)]
+pub(super) struct Careful(AtomicU32);
+
+impl Careful {
+    const BATCHES: u32 = 16;
+
+    /// Whether this batch goes the careful way (and counts it).
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// A batch met an id stored before: the next ones go carefully.
+    fn arm(&self) {
+        self.0.store(Self::BATCHES, Ordering::Relaxed);
+    }
 }
 
 impl Store {
@@ -282,8 +305,8 @@ impl Store {
             dialect,
             pg,
             states: Arc::new(StateCache::new(DEFAULT_PROFILE_CACHE)),
-            careful_claims: Arc::new(AtomicU32::new(0)),
-            careful_events: Arc::new(AtomicU32::new(0)),
+            careful_claims: Arc::default(),
+            careful_events: Arc::default(),
         })
     }
 

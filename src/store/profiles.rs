@@ -2,7 +2,6 @@
 //! with its offsets, and the reads and deletes of the query API.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::batch::{ChangeRows, Conn, EventRows, ProfileRows, ROWS_PER_INSERT};
 use super::cache::{CachedState, StateCache};
-use super::{OffsetAdvance, Store, StoreError, now_ms};
+use super::{Careful, OffsetAdvance, Store, StoreError, now_ms};
 use crate::envelope::EventEnvelope;
 use crate::profile::{Applied, Book, Profile, ProfileView};
 
@@ -273,10 +272,6 @@ impl Store {
     }
 }
 
-/// Profile batches that look their message ids up after one met a stored
-/// id, before one goes without again.
-const CAREFUL_BATCHES: u32 = 16;
-
 /// Applies a batch in the transaction of `conn`; returns what it did and
 /// the states it wrote, for the cache once the transaction commits.
 ///
@@ -284,13 +279,12 @@ const CAREFUL_BATCHES: u32 = 16;
 /// `events` (an index probe an event, about a tenth of the profiles'
 /// statement time in the pipeline benchmark): a batch that holds an id
 /// stored before then fails at its `events` insert, as a conflict, and
-/// is run again, looking its ids up, as are the next [`CAREFUL_BATCHES`]
-/// (a client's burst of retries comes batch after batch) and every batch
-/// while they keep finding one.
+/// is run again, looking its ids up, as are the next ones ([`Careful`])
+/// and every batch while they keep finding one.
 async fn try_apply(
     mut conn: Conn<'_>,
     states: &StateCache,
-    careful_events: &AtomicU32,
+    careful_events: &Careful,
     batch: &ProfileBatch<'_>,
 ) -> Result<(BatchOutcome, Vec<(String, CachedState)>), StoreError> {
     let now = now_ms();
@@ -325,17 +319,14 @@ async fn try_apply(
         .iter()
         .map(|(e, _)| e.message_id.as_str())
         .collect();
-    let careful = !matches!(conn, Conn::Pg(_))
-        || careful_events
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
+    let careful = !matches!(conn, Conn::Pg(_)) || careful_events.take();
     let known = if careful {
         conn.known_message_ids(&message_ids).await?
     } else {
         HashSet::default()
     };
     if !known.is_empty() {
-        careful_events.store(CAREFUL_BATCHES, Ordering::Relaxed);
+        careful_events.arm();
     }
     let events: Vec<&(EventEnvelope, String)> = candidates
         .into_iter()
@@ -392,7 +383,7 @@ async fn try_apply(
     {
         // An id stored before (or by a concurrent batch): the batch runs
         // again and looks its ids up.
-        careful_events.store(CAREFUL_BATCHES, Ordering::Relaxed);
+        careful_events.arm();
     }
     inserted?;
     Ok((outcome, written))
