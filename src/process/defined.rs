@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::definition_stage::{DefinitionState, Runners, Staged, compiled};
-use super::metric_set::{Member, member};
+use super::metric_set::{Hold, Member, member};
 use super::metric_stage::kept_traits;
 use super::metrics::{Event, MetricProcessor, StateBudget, Step};
 use super::rules::{RuleProcessor, RuleStep};
@@ -142,22 +142,39 @@ impl Member for Defined {
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
-        backlog: bool,
+        hold: Hold,
     ) -> Result<usize, CommitError> {
         match (self, steps) {
             (Defined::Metric(m), DefinedSteps::Metric(steps)) => {
                 Member::apply(
-                    &**m, topic, events, steps, retries, advances, clocks, tick, backlog,
+                    &**m, topic, events, steps, retries, advances, clocks, tick, hold,
                 )
                 .await
             }
             (Defined::Rule(r), DefinedSteps::Rule(steps)) => {
                 Member::apply(
-                    &**r, topic, events, steps, retries, advances, clocks, tick, backlog,
+                    &**r, topic, events, steps, retries, advances, clocks, tick, hold,
                 )
                 .await
             }
             _ => mismatched(),
+        }
+    }
+
+    async fn would_hold(&self, steps: &DefinedSteps) -> bool {
+        match (self, steps) {
+            (Defined::Metric(m), DefinedSteps::Metric(steps)) => {
+                Member::would_hold(&**m, steps).await
+            }
+            (Defined::Rule(r), DefinedSteps::Rule(steps)) => Member::would_hold(&**r, steps).await,
+            _ => mismatched(),
+        }
+    }
+
+    async fn discard(&self) {
+        match self {
+            Defined::Metric(m) => Member::discard(&**m).await,
+            Defined::Rule(r) => Member::discard(&**r).await,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::definitions::Reads;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
-use crate::store::Store;
+use crate::store::{Careful, Store};
 
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
@@ -86,9 +86,9 @@ pub trait Member: Send + Sync + 'static {
     async fn refresh(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError>;
 
     /// Applies the set's batch (`events` with this member's `steps`) from
-    /// its own offsets on, and commits it (or holds it back under a
-    /// `backlog`); the events it counted. `retries` marks the events that
-    /// are a client's retry: their message id's first record is another.
+    /// its own offsets on, and commits it (or holds it back, as `hold`
+    /// says); the events it counted. `retries` marks the events that are
+    /// a client's retry: their message id's first record is another.
     #[allow(clippy::too_many_arguments)]
     async fn apply(
         &self,
@@ -99,11 +99,57 @@ pub trait Member: Send + Sync + 'static {
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,
-        backlog: bool,
+        hold: Hold,
     ) -> Result<usize, CommitError>;
+
+    /// Whether it would hold back a backlog's batch of `steps`
+    /// ([`Hold::Backlog`]) whatever the batch makes: its bounds allow
+    /// one more batch, and none of `steps` must be written at once.
+    async fn would_hold(&self, steps: &Self::Steps) -> bool;
+
+    /// Drops what it holds back, to read it again from the store's
+    /// offsets.
+    async fn discard(&self);
 
     /// Writes what it held back.
     async fn flush(&self) -> Result<(), CommitError>;
+}
+
+/// Whether a member may hold a batch back rather than write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Live traffic, or a tick: written now.
+    Never,
+    /// A backlog: held back while the member's own bounds allow.
+    Backlog,
+    /// A backlog whose message ids are claimed in memory only (see
+    /// [`Pending`]): held back, as the member said it would
+    /// ([`Member::would_hold`]), since nothing it counted may be written
+    /// before their claims are.
+    Always,
+}
+
+/// Claims not written yet after which the set writes them even while
+/// every member holds its batches back (some 100 MB).
+const PENDING_CLAIMS: usize = 1_000_000;
+
+/// The message ids claimed while every member holds a backlog's batches
+/// back: each batch's claims in memory, checked against one another, and
+/// all of them written at once before any member writes (where
+/// quixstreams commits its state every 5 s, a claim a batch rewrote most
+/// of SQLite's claim index each batch). A retry of an id claimed in an
+/// earlier write shows only then, as a claim that is not its id's first
+/// record: every member drops what it held back and the batches are read
+/// again, their ids claimed through the store.
+struct Pending {
+    /// Each id's first record among the claims not written: partition,
+    /// offset, and when the log stored it.
+    first: HashMap<String, (i32, i64, i64), crate::KeyHasher>,
+    /// Batches still to claim through the store before claiming in
+    /// memory again: after a claim made in memory turned out to be a
+    /// retry, and while they keep finding retries (a backfill's ids are
+    /// all claimed before).
+    careful: Careful,
 }
 
 /// Versions of definitions of one kind read through one runner.
@@ -117,6 +163,7 @@ pub struct Set<M: Member> {
     /// The member (its processor name) whose commit failed for good, for
     /// `/readyz`.
     failed: Mutex<Option<String>>,
+    pending: Mutex<Pending>,
 }
 
 /// The metric versions' set.
@@ -145,6 +192,12 @@ impl<M: Member> Set<M> {
             reads,
             members,
             failed: Mutex::new(None),
+            // The first batch is claimed through the store: a set that
+            // reads a history (a backfill) finds its ids claimed before.
+            pending: Mutex::new(Pending {
+                first: HashMap::default(),
+                careful: Careful::new(1),
+            }),
         }
     }
 
@@ -209,14 +262,120 @@ impl<M: Member> Set<M> {
             .claim_metric_ids(M::CLAIMS, &claims)
             .await
             .map_err(commit_error)?;
-        Ok(parsed
+        let retries: Vec<bool> = parsed
             .events
             .iter()
             .map(|e| {
                 e.message_id()
                     .is_some_and(|id| claimed.is_retry(id, e.partition, e.offset))
             })
-            .collect())
+            .collect();
+        if retries.contains(&true) {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .careful
+                .arm();
+        }
+        Ok(retries)
+    }
+
+    /// Whether `parsed`, a backlog's batch, may be claimed in memory: no
+    /// retry was met lately, and every member would hold it back.
+    async fn claims_in_memory(&self, parsed: &Parsed<M>) -> bool {
+        {
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.first.len() >= PENDING_CLAIMS || pending.careful.take() {
+                return false;
+            }
+        }
+        for (member, steps) in self.members.iter().zip(&parsed.steps) {
+            if !member.would_hold(steps).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Claims the message ids of `parsed` in memory (see [`Pending`]);
+    /// marks each event that is a retry of an id claimed there.
+    fn claim_in_memory(&self, parsed: &Parsed<M>) -> Vec<bool> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        parsed
+            .events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if !parsed.steps.iter().any(|steps| M::counts(steps, i)) {
+                    return false;
+                }
+                let Some(id) = e.message_id() else {
+                    return false;
+                };
+                match pending.first.get(id) {
+                    Some(&(partition, offset, _)) => (partition, offset) != (e.partition, e.offset),
+                    None => {
+                        pending
+                            .first
+                            .insert(id.to_owned(), (e.partition, e.offset, e.received));
+                        false
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Writes the claims made in memory (see [`Pending`]) before a member
+    /// writes. When one was not its id's first record, or they cannot be
+    /// written, every member drops what it held back, and the runner
+    /// reads the batches again from the store's offsets.
+    async fn write_pending(&self) -> Result<(), CommitError> {
+        let first = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut pending.first)
+        };
+        if first.is_empty() {
+            return Ok(());
+        }
+        let mut claims: Vec<(&str, i32, i64, i64)> = first
+            .iter()
+            .map(|(id, &(partition, offset, received))| (id.as_str(), partition, offset, received))
+            .collect();
+        claims.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let retry = match self.store.claim_metric_ids(M::CLAIMS, &claims).await {
+            Ok(claimed) => claims
+                .iter()
+                .find(|(id, partition, offset, _)| claimed.is_retry(id, *partition, *offset))
+                .map(|(id, partition, ..)| {
+                    (
+                        *partition,
+                        format!(
+                            "message id {id} was claimed in memory but its first record is another (a client's retry)"
+                        ),
+                    )
+                }),
+            Err(e) => Some((
+                claims[0].1,
+                format!("the message ids claimed in memory cannot be written ({e})"),
+            )),
+        };
+        let Some((partition, cause)) = retry else {
+            return Ok(());
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .careful
+            .arm();
+        for member in &self.members {
+            member.discard().await;
+        }
+        Err(CommitError::Fenced {
+            partition,
+            reason: format!(
+                "{cause}: the batches held back are read again from the store's offsets, their ids claimed through the store"
+            ),
+        })
     }
 
     /// Runs every member's commit of `parsed` at once (see
@@ -227,6 +386,7 @@ impl<M: Member> Set<M> {
         retries: Vec<bool>,
         checkpoint: &Checkpoint,
         tick: bool,
+        hold: Hold,
     ) -> Result<(), CommitError> {
         let retries = Arc::new(retries);
         self.each_member(|i, member| {
@@ -242,7 +402,7 @@ impl<M: Member> Set<M> {
                         &checkpoint.offsets,
                         &checkpoint.clocks,
                         tick,
-                        checkpoint.backlog,
+                        hold,
                     )
                     .await
                     .map(drop)
@@ -305,6 +465,12 @@ impl<M: Member> Checkpoints for Set<M> {
     /// Each partition's lowest offset among the members; a partition
     /// some member has nothing stored of is read from its beginning.
     async fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, CommitError> {
+        // The claims made in memory are written before any member's
+        // offsets are read (a failure drops what the members held back,
+        // to be read again from where this returns).
+        if let Err(e) = self.write_pending().await {
+            tracing::warn!("{e}");
+        }
         let mut lowest: Option<HashMap<i32, i64>> = None;
         for member in &self.members {
             let stored = member.refresh(topic).await?;
@@ -374,8 +540,21 @@ impl<M: Member> Processor for Set<M> {
         prepared: &Prepared<M>,
         checkpoint: Checkpoint,
     ) -> Result<Committed, CommitError> {
-        let retries = self.claim(&prepared.0).await?;
-        self.apply_all(&prepared.0, retries, &checkpoint, false)
+        let parsed = &prepared.0;
+        let hold = if !checkpoint.backlog {
+            Hold::Never
+        } else if self.claims_in_memory(parsed).await {
+            Hold::Always
+        } else {
+            Hold::Backlog
+        };
+        let retries = if hold == Hold::Always {
+            self.claim_in_memory(parsed)
+        } else {
+            self.write_pending().await?;
+            self.claim(parsed).await?
+        };
+        self.apply_all(parsed, retries, &checkpoint, false, hold)
             .await?;
         Ok(Committed {
             applied: prepared.0.events.len(),
@@ -394,12 +573,14 @@ impl<M: Member> Processor for Set<M> {
             events: Vec::new(),
             steps: self.no_steps(0),
         });
-        self.apply_all(&empty, Vec::new(), &checkpoint, true)
+        self.write_pending().await?;
+        self.apply_all(&empty, Vec::new(), &checkpoint, true, Hold::Never)
             .await?;
         Ok(true)
     }
 
     async fn flush(&self) -> Result<(), CommitError> {
+        self.write_pending().await?;
         self.each_member(|_, member| async move { member.flush().await })
             .await
     }
@@ -495,12 +676,20 @@ impl Member for MetricProcessor {
         advances: &[super::OffsetAdvance],
         clocks: &[super::PartitionTime],
         tick: bool,
-        backlog: bool,
+        hold: Hold,
     ) -> Result<usize, CommitError> {
         MetricProcessor::apply(
-            self, topic, events, steps, retries, advances, clocks, tick, backlog,
+            self, topic, events, steps, retries, advances, clocks, tick, hold,
         )
         .await
+    }
+
+    async fn would_hold(&self, steps: &Self::Steps) -> bool {
+        MetricProcessor::would_hold(self, steps).await
+    }
+
+    async fn discard(&self) {
+        MetricProcessor::discard(self).await;
     }
 
     async fn flush(&self) -> Result<(), CommitError> {

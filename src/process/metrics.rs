@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::metric_set::{held_back_failure, hold_offsets};
+use super::metric_set::{Hold, held_back_failure, hold_offsets};
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::definitions::{GroupBy, MetricSpec, Reads};
@@ -221,6 +221,16 @@ impl Held {
 /// a tenth more events a second than at 5 s); Kafka Streams commits
 /// every 30 s by default.
 pub(super) const HOLD_BACK_FOR: Duration = Duration::from_secs(10);
+
+/// Whether a batch with `step` may be held back: not one that deletes or
+/// links groups, which other partitions and instances wait for.
+fn holds_step(step: &Step) -> bool {
+    match step {
+        Step::Skip => true,
+        Step::Delete(_) => false,
+        Step::Observe { link, .. } => link.is_none(),
+    }
+}
 
 /// A member's engines and what it has not written of them.
 #[derive(Default)]
@@ -653,8 +663,8 @@ impl MetricProcessor {
     /// offsets; the events below its own offsets were applied before and
     /// are skipped. `retries` marks the events that are a client's retry
     /// (their message id's first record is another).
-    /// With `backlog` (more records wait) the batch may be held back in
-    /// memory, to be written with a later one ([`HeldBack`]). On a failed
+    /// Under a backlog (`hold`) the batch may be held back in memory, to
+    /// be written with a later one ([`HeldBack`]). On a failed
     /// write the partitions it touched are dropped from memory, to be
     /// read back from the store; when it carried batches held back, the
     /// failure is fenced, so the runner reads them again. The events it
@@ -669,7 +679,7 @@ impl MetricProcessor {
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
-        backlog: bool,
+        hold: Hold,
     ) -> Result<usize, CommitError> {
         let offsets = self.own_offsets(topic, advances, tick).await?;
         if offsets.is_empty() && !tick {
@@ -706,18 +716,15 @@ impl MetricProcessor {
         // links groups, which other partitions and instances wait for.
         let used: usize = engines.partitions.values().map(|h| h.bytes).sum();
         self.budget.hold(used);
-        let hold = backlog
-            && !tick
-            && used <= self.budget.bytes()
-            && engines
-                .held_back
-                .since
-                .is_none_or(|t| t.elapsed() < HOLD_BACK_FOR)
-            && batch.iter().all(|(_, step, _)| match step {
-                Step::Skip => true,
-                Step::Delete(_) => false,
-                Step::Observe { link, .. } => link.is_none(),
-            });
+        let hold = match hold {
+            Hold::Never => false,
+            Hold::Always => true,
+            Hold::Backlog => {
+                !tick
+                    && self.holds(&engines, used)
+                    && batch.iter().all(|(_, step, _)| holds_step(step))
+            }
+        };
         let stored: Vec<(i32, i64)> = offsets.iter().map(|o| (o.partition, o.next)).collect();
         let earlier = engines.held_back.batches;
         let result = match self
@@ -769,6 +776,33 @@ impl MetricProcessor {
         }
         let first = lost.offsets.keys().next().copied();
         held_back_failure(&format!("metric {}", self.spec.name), first, earlier, e)
+    }
+
+    /// Whether its engines may hold back one more batch: within the
+    /// budget (groups are evicted only once written) and the time.
+    fn holds(&self, engines: &Engines, used: usize) -> bool {
+        used <= self.budget.bytes()
+            && engines
+                .held_back
+                .since
+                .is_none_or(|t| t.elapsed() < HOLD_BACK_FOR)
+    }
+
+    /// Whether it would hold back a backlog's batch of `steps` (see
+    /// [`Hold::Always`]).
+    pub async fn would_hold(&self, steps: &[Step]) -> bool {
+        let engines = self.engines.lock().await;
+        let used: usize = engines.partitions.values().map(|h| h.bytes).sum();
+        self.holds(&engines, used) && steps.iter().all(holds_step)
+    }
+
+    /// Drops what it holds back and every engine, to read its partitions
+    /// again from the store's offsets.
+    pub async fn discard(&self) {
+        let mut engines = self.engines.lock().await;
+        engines.held_back = HeldBack::default();
+        engines.partitions.clear();
+        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Writes what is held back, if anything is (see [`HeldBack`]).

@@ -86,10 +86,13 @@ pub struct Checkpoint {
     pub offsets: Vec<OffsetAdvance>,
     /// Every partition the runner reads, after this batch.
     pub clocks: Vec<PartitionTime>,
-    /// The batch is as large as the runner makes them: more records are
-    /// likely waiting (a backlog), and a processor may hold the batch's
-    /// effects back to write them with a later one's (see
-    /// [`Processor::flush`]).
+    /// More records are waiting (a backlog): the batch is as large as the
+    /// runner makes them, or a quarter of that and the reader is not at
+    /// the log's end (a Kafka consumer hands over what it has fetched,
+    /// often less than a batch, however long the backlog). A processor
+    /// may hold the batch's effects back to write them with a later
+    /// one's (see [`Processor::flush`]); live traffic comes in smaller
+    /// batches, written at once.
     pub backlog: bool,
 }
 

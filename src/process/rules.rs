@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::metric_set::{Member, held_back_failure, hold_offsets, own_offsets};
+use super::metric_set::{Hold, Member, held_back_failure, hold_offsets, own_offsets};
 use super::metrics::Event;
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
@@ -84,6 +84,12 @@ struct HeldBack {
     touched: BTreeSet<i32>,
     matches: Vec<Match>,
     deleted: Vec<String>,
+}
+
+/// Whether `held` may take one more batch, by the time it has held.
+fn holds_for(held: &HeldBack) -> bool {
+    held.since
+        .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR)
 }
 
 impl HeldBack {
@@ -478,7 +484,7 @@ impl Member for RuleProcessor {
         advances: &[OffsetAdvance],
         clocks: &[PartitionTime],
         tick: bool,
-        backlog: bool,
+        hold: Hold,
     ) -> Result<usize, CommitError> {
         let known = self
             .positions
@@ -563,13 +569,16 @@ impl Member for RuleProcessor {
         // Held back while a backlog lasts, up to the metrics' time and a
         // number of matches, and never a batch with a deletion (its
         // alerts go at once).
-        let hold = backlog
-            && !tick
-            && deleted.is_empty()
-            && held.matches.len() + matches.len() < self.held_matches
-            && held
-                .since
-                .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR);
+        let hold = match hold {
+            Hold::Never => false,
+            Hold::Always => true,
+            Hold::Backlog => {
+                !tick
+                    && deleted.is_empty()
+                    && held.matches.len() + matches.len() < self.held_matches
+                    && holds_for(held)
+            }
+        };
         let earlier = held.batches;
         held.add(topic, offsets, stored_clocks, &touched, matches, deleted);
         if !hold && let Err(e) = self.write(engines, held).await {
@@ -579,6 +588,19 @@ impl Member for RuleProcessor {
         positions.get_or_insert_with(HashMap::new).extend(next);
         self.counted.fetch_add(counted as u64, Ordering::Relaxed);
         Ok(counted)
+    }
+
+    async fn would_hold(&self, steps: &Vec<RuleStep>) -> bool {
+        let guard = self.engines.lock().await;
+        guard.1.matches.len() < self.held_matches
+            && holds_for(&guard.1)
+            && !steps.iter().any(|s| matches!(s, RuleStep::Delete(_)))
+    }
+
+    async fn discard(&self) {
+        let mut guard = self.engines.lock().await;
+        *guard = (HashMap::new(), HeldBack::default());
+        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     async fn flush(&self) -> Result<(), CommitError> {

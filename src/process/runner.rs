@@ -160,7 +160,10 @@ impl<P: Processor> Runner<P> {
             if !records.is_empty() {
                 // Read ahead while this batch commits, unless the runner
                 // stops when caught up and is.
-                match self.process(records, !replaying_done, &mut stop).await {
+                match self
+                    .process(records, caught_up, !replaying_done, &mut stop)
+                    .await
+                {
                     Outcome::Committed => {}
                     Outcome::SentBack => replaying_done = false,
                     Outcome::Stopped => break Ok(()),
@@ -328,6 +331,7 @@ impl<P: Processor> Runner<P> {
     async fn process(
         &mut self,
         records: Vec<StoredRecord>,
+        caught_up: bool,
         read_ahead: bool,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> Outcome {
@@ -336,7 +340,8 @@ impl<P: Processor> Runner<P> {
         }
         let started = Instant::now();
         let name = self.settings.name;
-        let backlog = records.len() >= self.settings.max_batch;
+        let max = self.settings.max_batch;
+        let backlog = records.len() >= max || (!caught_up && records.len() >= max / 4);
         metrics::histogram!(crate::metrics::PROCESSOR_BATCH_RECORDS, "processor" => name)
             .record(records.len() as f64);
         let received_ms: Vec<i64> = records.iter().map(|r| r.timestamp_ms).collect();

@@ -164,20 +164,25 @@ pub struct Store {
 /// id stored before: once one did, the next [`Careful::BATCHES`] (a
 /// client's burst of retries, a backfill's ids, come batch after batch).
 #[derive(Debug, Default)]
-pub(super) struct Careful(AtomicU32);
+pub(crate) struct Careful(AtomicU32);
 
 impl Careful {
     const BATCHES: u32 = 16;
 
+    /// One whose next `batches` go carefully.
+    pub(crate) fn new(batches: u32) -> Careful {
+        Careful(AtomicU32::new(batches))
+    }
+
     /// Whether this batch goes the careful way (and counts it).
-    fn take(&self) -> bool {
+    pub(crate) fn take(&self) -> bool {
         self.0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok()
     }
 
     /// A batch met an id stored before: the next ones go carefully.
-    fn arm(&self) {
+    pub(crate) fn arm(&self) {
         self.0.store(Self::BATCHES, Ordering::Relaxed);
     }
 }

@@ -41,10 +41,16 @@ fn events(base: i64, range: std::ops::Range<usize>) -> Vec<(String, i64, bool)> 
 }
 
 async fn append(log: &EmbeddedLog, base: i64, range: std::ops::Range<usize>) {
-    let records = range
-        .clone()
-        .zip(events(base, range))
-        .map(|(i, (user, at, order))| {
+    append_each(log, base, range).await;
+}
+
+/// Appends the events `numbers` of [`events`] (again, for a client's
+/// retry: the same message id, user and time).
+async fn append_each(log: &EmbeddedLog, base: i64, numbers: impl IntoIterator<Item = usize>) {
+    let records = numbers
+        .into_iter()
+        .map(|i| {
+            let (user, at, order) = events(base, i..i + 1).remove(0);
             let envelope = json!({
                 "type": if order { "track" } else { "page" },
                 "event": if order { Some("order.create") } else { None },
@@ -234,6 +240,39 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
     assert_eq!(stored.values().sum::<i64>(), 130);
     tick(&store, &member, 0..3, base + 4 * HOUR).await;
     assert_eq!(closed_windows(&store, 1).await, hourly_orders(base, 0..130));
+}
+
+/// Under a backlog the ids are claimed in memory and written once for
+/// the batches held back; a client's retry of an id written earlier
+/// shows only then. The batches held back are read again, their ids
+/// claimed through the store, and every window counts every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_id_claimed_in_an_earlier_write_is_found_and_counted_once() {
+    let (_dir, log_dir, log, store) = scratch(3).await;
+    let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+    append(&log, base, 0..130).await;
+    // Retries, then more events after them in every partition.
+    append_each(&log, base, [1, 2, 5, 40]).await;
+    append(&log, base, 130..200).await;
+
+    let member = Arc::new(MetricProcessor::new(
+        store.clone(),
+        spec(),
+        1,
+        3,
+        &unlimited(),
+    ));
+    let runner = runner(&log_dir, &log, &member);
+    let stats = runner.stats();
+    run_to_end(runner).await;
+    assert!(
+        stats.lock().unwrap().fenced >= 1,
+        "a retry claimed in memory is found when the claims are written"
+    );
+    let stored = store.offsets(member.name(), TOPIC).await.unwrap();
+    assert_eq!(stored.values().sum::<i64>(), 204);
+    tick(&store, &member, 0..3, base + 4 * HOUR).await;
+    assert_eq!(closed_windows(&store, 1).await, hourly_orders(base, 0..200));
 }
 
 /// Each user's orders per hour among `events(base, range)`.
