@@ -128,6 +128,11 @@ fn unlimited() -> StateBudget {
     StateBudget::new(usize::MAX)
 }
 
+/// Version 1 of [`spec`] over three partitions.
+fn hourly_orders_member(store: &Store, budget: &StateBudget) -> Arc<MetricProcessor> {
+    Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, budget))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_between_two_halves_and_a_second_pass_count_every_event_once() {
     let (held, stored) = restart_between_two_halves_and_a_second_pass(unlimited()).await;
@@ -161,13 +166,13 @@ async fn restart_between_two_halves_and_a_second_pass(
     let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
 
     append(&log, base, 0..60).await;
-    let first = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &budget));
+    let first = hourly_orders_member(&store, &budget);
     run_to_end(runner(&log_dir, &log, &first)).await;
     drop(first);
 
     // A restart: a new processor, nothing in memory, the same store.
     append(&log, base, 60..130).await;
-    let second = Arc::new(MetricProcessor::new(store.clone(), spec(), 1, 3, &budget));
+    let second = hourly_orders_member(&store, &budget);
     run_to_end(runner(&log_dir, &log, &second)).await;
     // And a second pass over the whole log: every offset is stored.
     run_to_end(runner(&log_dir, &log, &second)).await;
@@ -209,13 +214,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
     append(&log, base, 0..130).await;
     store.refuse_inserts("metric_state").await;
 
-    let member = Arc::new(MetricProcessor::new(
-        store.clone(),
-        spec(),
-        1,
-        3,
-        &unlimited(),
-    ));
+    let member = hourly_orders_member(&store, &unlimited());
     let runner = runner(&log_dir, &log, &member);
     let stats = runner.stats();
     let running = tokio::spawn(runner.run(std::future::pending()));
@@ -255,13 +254,7 @@ async fn a_retry_of_an_id_claimed_in_an_earlier_write_is_found_and_counted_once(
     append_each(&log, base, [1, 2, 5, 40]).await;
     append(&log, base, 130..200).await;
 
-    let member = Arc::new(MetricProcessor::new(
-        store.clone(),
-        spec(),
-        1,
-        3,
-        &unlimited(),
-    ));
+    let member = hourly_orders_member(&store, &unlimited());
     let runner = runner(&log_dir, &log, &member);
     let stats = runner.stats();
     run_to_end(runner).await;
