@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::definitions::Reads;
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
-use crate::store::{Careful, Store};
+use crate::store::{Careful, Dialect, Store};
 
 /// Records below this many are parsed on one thread.
 const PARSE_CHUNK: usize = 2_000;
@@ -134,10 +134,11 @@ pub enum Hold {
 const PENDING_CLAIMS: usize = 1_000_000;
 
 /// The message ids claimed while every member holds a backlog's batches
-/// back: each batch's claims in memory, checked against one another, and
-/// all of them written at once before any member writes (where
-/// quixstreams commits its state every 5 s, a claim a batch rewrote most
-/// of SQLite's claim index each batch). A retry of an id claimed in an
+/// back (SQLite only): each batch's claims in memory, checked against
+/// one another, and all of them written at once, sorted, before any
+/// member writes. Random ids (the SDKs' UUIDs) land across SQLite's
+/// claim index, so claims written a batch at a time rewrite most of its
+/// pages every batch. A retry of an id claimed in an
 /// earlier write shows only then, as a claim that is not its id's first
 /// record: every member drops what it held back and the batches are read
 /// again, their ids claimed through the store.
@@ -280,9 +281,17 @@ impl<M: Member> Set<M> {
         Ok(retries)
     }
 
-    /// Whether `parsed`, a backlog's batch, may be claimed in memory: no
-    /// retry was met lately, and every member would hold it back.
+    /// Whether `parsed`, a backlog's batch, may be claimed in memory: the
+    /// store is SQLite, no retry was met lately, and every member would
+    /// hold it back.
     async fn claims_in_memory(&self, parsed: &Parsed<M>) -> bool {
+        // PostgreSQL's buffers hold the claim index, so claims written a
+        // batch at a time cost it no more than once a hold, and each
+        // overlaps the next batch's parse where one large write would
+        // stall the runner (and other instances claim beside this one).
+        if self.store.dialect() == Dialect::Postgres {
+            return false;
+        }
         {
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.first.len() >= PENDING_CLAIMS || pending.careful.take() {
