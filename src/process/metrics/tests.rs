@@ -270,13 +270,85 @@ async fn a_retry_of_an_id_claimed_in_an_earlier_write_is_found_and_counted_once(
 
 /// Each user's orders per hour among `events(base, range)`.
 fn hourly_orders(base: i64, range: std::ops::Range<usize>) -> BTreeMap<(String, i64), i64> {
+    hourly_orders_of(base, range)
+}
+
+/// Each user's orders per hour among the events `numbers` of [`events`].
+fn hourly_orders_of(
+    base: i64,
+    numbers: impl IntoIterator<Item = usize>,
+) -> BTreeMap<(String, i64), i64> {
     let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for (user, at, order) in events(base, range) {
+    for i in numbers {
+        let (user, at, order) = events(base, i..i + 1).remove(0);
         if order {
             *expected.entry((user, at - at % HOUR)).or_default() += 1;
         }
     }
     expected
+}
+
+/// What one action of [`claims_in_memory_count_every_event_once`] does.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    /// Appends the next new event.
+    New,
+    /// Appends a client's retry of an event appended before (the one at
+    /// this index, modulo how many there are).
+    Retry(usize),
+    /// Runs a runner to the log's end: the claims made in memory are
+    /// written at its flush.
+    Run,
+}
+
+fn action() -> impl proptest::strategy::Strategy<Value = Action> {
+    use proptest::prelude::*;
+    prop_oneof![
+        14 => Just(Action::New),
+        4 => any::<usize>().prop_map(Action::Retry),
+        1 => Just(Action::Run),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10))]
+
+    /// Retries anywhere, of ids claimed in memory in the same hold or
+    /// written by an earlier run, with runs between them: every window
+    /// counts each message id once.
+    #[test]
+    fn claims_in_memory_count_every_event_once(
+        actions in proptest::collection::vec(action(), 40..140),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_dir, log_dir, log, store) = scratch(3).await;
+            let base = (crate::store::now_ms() / HOUR + 2) * HOUR;
+            let member = hourly_orders_member(&store, &unlimited());
+            let mut appended = 0;
+            for action in actions {
+                match action {
+                    Action::New => {
+                        append_each(&log, base, [appended]).await;
+                        appended += 1;
+                    }
+                    Action::Retry(_) if appended == 0 => {}
+                    Action::Retry(i) => append_each(&log, base, [i % appended]).await,
+                    Action::Run => run_to_end(runner(&log_dir, &log, &member)).await,
+                }
+            }
+            run_to_end(runner(&log_dir, &log, &member)).await;
+            tick(&store, &member, 0..3, base + 4 * HOUR).await;
+            assert_eq!(
+                closed_windows(&store, 1).await,
+                hourly_orders_of(base, 0..appended)
+            );
+        });
+    }
 }
 
 /// The closed windows of `orders_hourly` `version`, each written once.
