@@ -141,17 +141,10 @@ const PENDING_CLAIMS: usize = 1_000_000;
 /// pages every batch. A retry of an id claimed in an
 /// earlier write shows only then, as a claim that is not its id's first
 /// record: every member drops what it held back and the batches are read
-/// again, their ids claimed through the store.
-struct Pending {
-    /// Each id's first record among the claims not written: partition,
-    /// offset, and when the log stored it.
-    first: HashMap<String, (i32, i64, i64), crate::KeyHasher>,
-    /// Batches still to claim through the store before claiming in
-    /// memory again: after a claim made in memory turned out to be a
-    /// retry, and while they keep finding retries (a backfill's ids are
-    /// all claimed before).
-    careful: Careful,
-}
+/// again, their ids claimed through the store. Each id's first record
+/// among the claims not written: partition, offset, and when the log
+/// stored it.
+type Pending = HashMap<String, (i32, i64, i64), crate::KeyHasher>;
 
 /// Versions of definitions of one kind read through one runner.
 pub struct Set<M: Member> {
@@ -165,6 +158,11 @@ pub struct Set<M: Member> {
     /// `/readyz`.
     failed: Mutex<Option<String>>,
     pending: Mutex<Pending>,
+    /// Batches still to claim through the store before claiming in
+    /// memory again: after a claim made in memory turned out to be a
+    /// retry, and while they keep finding retries (a backfill's ids are
+    /// all claimed before).
+    careful: Careful,
 }
 
 /// The metric versions' set.
@@ -193,12 +191,10 @@ impl<M: Member> Set<M> {
             reads,
             members,
             failed: Mutex::new(None),
+            pending: Mutex::default(),
             // The first batch is claimed through the store: a set that
             // reads a history (a backfill) finds its ids claimed before.
-            pending: Mutex::new(Pending {
-                first: HashMap::default(),
-                careful: Careful::new(1),
-            }),
+            careful: Careful::new(1),
         }
     }
 
@@ -272,11 +268,7 @@ impl<M: Member> Set<M> {
             })
             .collect();
         if retries.contains(&true) {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .careful
-                .arm();
+            self.careful.arm();
         }
         Ok(retries)
     }
@@ -292,11 +284,9 @@ impl<M: Member> Set<M> {
         if self.store.dialect() == Dialect::Postgres {
             return false;
         }
-        {
-            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.first.len() >= PENDING_CLAIMS || pending.careful.take() {
-                return false;
-            }
+        let held = self.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if held >= PENDING_CLAIMS || self.careful.take() {
+            return false;
         }
         for (member, steps) in self.members.iter().zip(&parsed.steps) {
             if !member.would_hold(steps).await {
@@ -321,12 +311,10 @@ impl<M: Member> Set<M> {
                 let Some(id) = e.message_id() else {
                     return false;
                 };
-                match pending.first.get(id) {
+                match pending.get(id) {
                     Some(&(partition, offset, _)) => (partition, offset) != (e.partition, e.offset),
                     None => {
-                        pending
-                            .first
-                            .insert(id.to_owned(), (e.partition, e.offset, e.received));
+                        pending.insert(id.to_owned(), (e.partition, e.offset, e.received));
                         false
                     }
                 }
@@ -339,10 +327,7 @@ impl<M: Member> Set<M> {
     /// written, every member drops what it held back, and the runner
     /// reads the batches again from the store's offsets.
     async fn write_pending(&self) -> Result<(), CommitError> {
-        let first = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut pending.first)
-        };
+        let first = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if first.is_empty() {
             return Ok(());
         }
@@ -371,11 +356,7 @@ impl<M: Member> Set<M> {
         let Some((partition, cause)) = retry else {
             return Ok(());
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .careful
-            .arm();
+        self.careful.arm();
         for member in &self.members {
             member.discard().await;
         }

@@ -86,12 +86,6 @@ struct HeldBack {
     deleted: Vec<String>,
 }
 
-/// Whether `held` may take one more batch, by the time it has held.
-fn holds_for(held: &HeldBack) -> bool {
-    held.since
-        .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR)
-}
-
 impl HeldBack {
     fn add(
         &mut self,
@@ -187,6 +181,15 @@ impl RuleProcessor {
             counted: AtomicU64::new(0),
             held_matches: HELD_MATCHES,
         }
+    }
+
+    /// Whether `held` may take a batch of `matches` more matches: within
+    /// the bound of matches and the metrics' time.
+    fn holds(&self, held: &HeldBack, matches: usize) -> bool {
+        held.matches.len() + matches < self.held_matches
+            && held
+                .since
+                .is_none_or(|t| t.elapsed() < super::metrics::HOLD_BACK_FOR)
     }
 
     /// It holding back at most `matches` matches.
@@ -572,12 +575,7 @@ impl Member for RuleProcessor {
         let hold = match hold {
             Hold::Never => false,
             Hold::Always => true,
-            Hold::Backlog => {
-                !tick
-                    && deleted.is_empty()
-                    && held.matches.len() + matches.len() < self.held_matches
-                    && holds_for(held)
-            }
+            Hold::Backlog => !tick && deleted.is_empty() && self.holds(held, matches.len()),
         };
         let earlier = held.batches;
         held.add(topic, offsets, stored_clocks, &touched, matches, deleted);
@@ -592,9 +590,7 @@ impl Member for RuleProcessor {
 
     async fn would_hold(&self, steps: &Vec<RuleStep>) -> bool {
         let guard = self.engines.lock().await;
-        guard.1.matches.len() < self.held_matches
-            && holds_for(&guard.1)
-            && !steps.iter().any(|s| matches!(s, RuleStep::Delete(_)))
+        self.holds(&guard.1, 0) && !steps.iter().any(|s| matches!(s, RuleStep::Delete(_)))
     }
 
     async fn discard(&self) {
