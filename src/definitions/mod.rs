@@ -7,6 +7,7 @@
 mod condition;
 pub mod destination;
 mod duration;
+mod envelope;
 pub mod metric;
 mod reads;
 pub mod rule;
@@ -14,6 +15,7 @@ pub mod rule;
 pub use condition::Condition;
 pub use destination::{DestinationDefinition, DestinationSpec};
 pub use duration::parse_duration;
+pub use envelope::{Envelope, HEAD};
 pub use metric::{GroupBy, MetricDefinition, MetricSpec};
 pub use reads::Reads;
 pub use rule::{RuleDefinition, RuleKey, RuleSpec};
@@ -113,6 +115,12 @@ impl FieldPath {
         self.segments
             .iter()
             .try_fold(envelope, |value, segment| value.get(segment))
+    }
+
+    /// The envelope field it starts at, and the segments after it.
+    pub fn split_first(&self) -> (&str, &[String]) {
+        let (root, inner) = self.segments.split_first().expect("a path has a segment");
+        (root, inner)
     }
 
     pub fn as_string(&self) -> String {

@@ -10,13 +10,14 @@
 
 pub mod combine;
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use serde_json::Value;
 
-use crate::definitions::{GroupBy, MetricSpec};
+use crate::definitions::{Envelope, GroupBy, MetricSpec};
 use crate::windows::{
     Closed, Engine, GroupState, Millis, Observed, OpenWindow, Partial, Span, Stamp,
 };
@@ -48,16 +49,7 @@ pub enum Outcome {
 /// ([`Metric::linked_groups`]), its [`stamp`] and when it was received.
 /// A deletion's ids ([`deleted_ids`]) are in its properties, which a
 /// runner reads of a deletion whatever its definitions name.
-pub const EVERY_DEFINITION_READS: [&str; 8] = [
-    "type",
-    "event",
-    "userId",
-    "anonymousId",
-    "previousId",
-    "messageId",
-    "timestamp",
-    "receivedAt",
-];
+pub const EVERY_DEFINITION_READS: [&str; 8] = crate::definitions::HEAD;
 
 /// The envelope fields every metric looks at, read once an event.
 #[derive(Debug, Clone, Default)]
@@ -75,8 +67,8 @@ pub struct Head<'a> {
 }
 
 impl<'a> Head<'a> {
-    pub fn of(envelope: &'a Value) -> Head<'a> {
-        let text = |name: &str| envelope.get(name).and_then(Value::as_str);
+    pub fn of(envelope: &'a Envelope) -> Head<'a> {
+        let text = |name: &str| envelope.text(name);
         Head {
             kind: text("type"),
             event: text("event"),
@@ -128,11 +120,7 @@ impl Metric {
 
     /// Whether the definition takes this event. Records Traitline writes
     /// itself (deletions, computed traits) are never a metric's events.
-    pub fn selects(&self, envelope: &Value) -> bool {
-        self.selects_head(&Head::of(envelope), envelope)
-    }
-
-    fn selects_head(&self, head: &Head, envelope: &Value) -> bool {
+    fn selects_head(&self, head: &Head, envelope: &Envelope) -> bool {
         if matches!(head.kind, Some("delete" | "computed")) {
             return false;
         }
@@ -149,22 +137,18 @@ impl Metric {
         self.spec
             .condition
             .as_ref()
-            .is_none_or(|c| c.matches(envelope))
+            .is_none_or(|c| c.matches_event(envelope))
     }
 
     /// The group an event counts in. A per-user metric groups by `userId`,
     /// else by `anonymousId` (merged into the user's group when the ids
     /// are linked); a property group-by by its value, strings as they are
     /// and anything else as JSON text.
-    pub fn group(&self, envelope: &Value) -> Option<Key> {
-        self.group_head(&Head::of(envelope), envelope)
-    }
-
-    fn group_head(&self, head: &Head, envelope: &Value) -> Option<Key> {
+    fn group_head(&self, head: &Head, envelope: &Envelope) -> Option<Key> {
         match &self.spec.group_by {
             GroupBy::Global => Some(GLOBAL_KEY.clone()),
             GroupBy::User => head.user_key().or_else(|| head.anonymous_key()),
-            GroupBy::Field(path) => match path.get(envelope)? {
+            GroupBy::Field(path) => match envelope.path(path)?.as_ref() {
                 Value::Null => None,
                 Value::String(s) => Some(s.as_str().into()),
                 other => Some(other.to_string().into()),
@@ -173,11 +157,12 @@ impl Metric {
     }
 
     /// Takes one event in.
-    pub fn observe(&mut self, envelope: &Value) -> Outcome {
-        if !self.selects(envelope) {
+    pub fn observe(&mut self, envelope: &Envelope) -> Outcome {
+        let head = Head::of(envelope);
+        if !self.selects_head(&head, envelope) {
             return Outcome::NotSelected;
         }
-        match self.group(envelope) {
+        match self.group_head(&head, envelope) {
             Some(group) => self.observe_in(group, stamp(envelope).as_ref(), envelope),
             None => Outcome::NoGroup,
         }
@@ -185,14 +170,9 @@ impl Metric {
 
     /// The group an event this definition takes counts in, if any: what
     /// [`Metric::observe`] would give it to, so its state can be read back
-    /// from the store first.
-    pub fn selected_group(&self, envelope: &Value) -> Option<Key> {
-        self.selected_group_head(&Head::of(envelope), envelope)
-    }
-
-    /// [`Metric::selected_group`] with the envelope's [`Head`] read once
-    /// for every metric.
-    pub fn selected_group_head(&self, head: &Head, envelope: &Value) -> Option<Key> {
+    /// from the store first. The envelope's [`Head`] is read once for
+    /// every metric.
+    pub fn selected_group(&self, head: &Head, envelope: &Envelope) -> Option<Key> {
         self.selects_head(head, envelope)
             .then(|| self.group_head(head, envelope))
             .flatten()
@@ -200,8 +180,13 @@ impl Metric {
 
     /// Takes in an event of `group` (from [`Metric::selected_group`]) and
     /// its [`stamp`], worked out once for every metric.
-    pub fn observe_in(&mut self, group: Key, stamp: Option<&Stamp>, envelope: &Value) -> Outcome {
-        match self.observe_value(&group, stamp, self.field_value(envelope)) {
+    pub fn observe_in(
+        &mut self,
+        group: Key,
+        stamp: Option<&Stamp>,
+        envelope: &Envelope,
+    ) -> Outcome {
+        match self.observe_value(&group, stamp, self.field_value(envelope).as_deref()) {
             Some(observed) => Outcome::Observed { group, observed },
             None => Outcome::NoGroup,
         }
@@ -220,8 +205,8 @@ impl Metric {
     }
 
     /// The value of the metric's field in `envelope`, if it has one.
-    pub fn field_value<'v>(&self, envelope: &'v Value) -> Option<&'v Value> {
-        self.spec.field.as_ref().and_then(|f| f.get(envelope))
+    pub fn field_value<'v>(&self, envelope: &'v Envelope) -> Option<Cow<'v, Value>> {
+        self.spec.field.as_ref().and_then(|f| envelope.path(f))
     }
 
     /// The value of `group` as a computed trait: its latest open window's
@@ -237,7 +222,7 @@ impl Metric {
     /// The groups a deletion record removes from a per-user metric: every
     /// id the deleted profile had (`None` for other records, and for
     /// metrics not grouped by user, whose groups are not a person's).
-    pub fn deleted_groups<'a>(&self, head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>> {
+    pub fn deleted_groups<'a>(&self, head: &Head, envelope: &'a Envelope) -> Option<Vec<&'a str>> {
         if self.spec.group_by != GroupBy::User {
             return None;
         }
@@ -250,17 +235,12 @@ impl Metric {
     pub fn linked_groups<'a>(
         &self,
         head: &Head,
-        envelope: &'a Value,
+        envelope: &'a Envelope,
     ) -> Option<(&'a str, Vec<&'a str>)> {
         if self.spec.group_by != GroupBy::User || !matches!(head.kind, Some("alias" | "identify")) {
             return None;
         }
-        let text = |name: &str| {
-            envelope
-                .get(name)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-        };
+        let text = |name: &str| envelope.text(name).filter(|s| !s.is_empty());
         let into = text("userId")?;
         let linked = match text("type")? {
             "alias" => [text("previousId"), text("anonymousId")],
@@ -326,15 +306,16 @@ pub fn open_windows(
 /// Every id a deletion record (a GDPR deletion of a profile, in order
 /// with the user's events) names: its `userId`, `anonymousId` and
 /// `properties.ids`; `None` for any other record.
-pub fn deleted_ids<'a>(head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>> {
+pub fn deleted_ids<'a>(head: &Head, envelope: &'a Envelope) -> Option<Vec<&'a str>> {
     if head.kind != Some("delete") {
         return None;
     }
     let mut ids: Vec<&str> = ["userId", "anonymousId"]
         .iter()
-        .filter_map(|f| envelope.get(*f).and_then(Value::as_str))
+        .filter_map(|f| envelope.text(f))
         .chain(
             envelope
+                .json(crate::definitions::Reads::of(["properties"]))
                 .pointer("/properties/ids")
                 .and_then(Value::as_array)
                 .into_iter()
@@ -349,9 +330,9 @@ pub fn deleted_ids<'a>(head: &Head, envelope: &'a Value) -> Option<Vec<&'a str>>
 
 /// An event's time (its `timestamp`, corrected for clock skew at ingest)
 /// and message id.
-pub fn stamp(envelope: &Value) -> Option<Stamp> {
-    let at = crate::envelope::rfc3339::millis(envelope.get("timestamp")?.as_str()?)?;
-    let id = envelope.get("messageId")?.as_str()?;
+pub fn stamp(envelope: &Envelope) -> Option<Stamp> {
+    let at = crate::envelope::rfc3339::millis(envelope.text("timestamp")?)?;
+    let id = envelope.text("messageId")?;
     Some(Stamp { at, id: id.into() })
 }
 

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::combine::Combiner;
 use super::*;
-use crate::definitions::MetricDefinition;
+use crate::definitions::{Envelope, MetricDefinition};
 use crate::windows::{Closed, Span};
 
 const MIN: Millis = 60_000;
@@ -42,13 +42,15 @@ fn a_definition_takes_only_its_events_and_groups_them() {
         json!({"anonymousId": "a1", "properties": {"amount": 200}}),
     );
     let nobody = event(0, 5, json!({"properties": {"amount": 200}}));
-    assert!(matches!(m.observe(&big), Outcome::Observed { ref group, .. } if &**group == "u1"));
-    assert_eq!(m.observe(&small), Outcome::NotSelected);
-    assert_eq!(m.observe(&page), Outcome::NotSelected);
     assert!(
-        matches!(m.observe(&anonymous), Outcome::Observed { ref group, .. } if &**group == "a1")
+        matches!(m.observe(&Envelope::of(&big)), Outcome::Observed { ref group, .. } if &**group == "u1")
     );
-    assert_eq!(m.observe(&nobody), Outcome::NoGroup);
+    assert_eq!(m.observe(&Envelope::of(&small)), Outcome::NotSelected);
+    assert_eq!(m.observe(&Envelope::of(&page)), Outcome::NotSelected);
+    assert!(
+        matches!(m.observe(&Envelope::of(&anonymous)), Outcome::Observed { ref group, .. } if &**group == "a1")
+    );
+    assert_eq!(m.observe(&Envelope::of(&nobody)), Outcome::NoGroup);
     let closed = m.advance(Millis::MAX);
     let values: Vec<(&str, Value)> = closed
         .iter()
@@ -67,14 +69,18 @@ fn a_property_group_by_groups_by_its_value() {
         .iter()
         .enumerate()
     {
-        m.observe(&event(
+        m.observe(&Envelope::of(&event(
             0,
             i,
             json!({"userId": "u", "properties": {"country": country}}),
-        ));
+        )));
     }
     assert_eq!(
-        m.observe(&event(0, 9, json!({"userId": "u", "properties": {}}))),
+        m.observe(&Envelope::of(&event(
+            0,
+            9,
+            json!({"userId": "u", "properties": {}})
+        ))),
         Outcome::NoGroup
     );
     let mut groups: Vec<(String, u64)> = m
@@ -113,7 +119,10 @@ fn the_seed_moving_average_equals_a_direct_computation() {
             json!({"userId": "BTC-PERP", "properties": {"price": price}}),
         );
         e["event"] = json!("trade");
-        assert!(matches!(m.observe(&e), Outcome::Observed { .. }));
+        assert!(matches!(
+            m.observe(&Envelope::of(&e)),
+            Outcome::Observed { .. }
+        ));
     }
     let closed = m.advance(Millis::MAX);
     assert!(!closed.is_empty());
@@ -200,7 +209,7 @@ proptest! {
         let mut newest = Millis::MIN;
         let mut expected = Vec::new();
         for (at, _, _, e) in &arrivals {
-            let seen = whole.observe(e);
+            let seen = whole.observe(&Envelope::of(e));
             let counted = matches!(seen, Outcome::Observed { ref observed, .. } if observed.counted);
             prop_assert!(counted, "every event arrives within the lateness");
             newest = newest.max(*at);
@@ -214,7 +223,7 @@ proptest! {
         let mut combined = Vec::new();
         for (at, partition, _, e) in &arrivals {
             let p = *partition as usize;
-            let seen = parts[p].observe(e);
+            let seen = parts[p].observe(&Envelope::of(e));
             let counted = matches!(seen, Outcome::Observed { ref observed, .. } if observed.counted);
             prop_assert!(counted, "every event arrives within the lateness");
             clocks[p] = clocks[p].max(*at);
@@ -252,10 +261,22 @@ fn open_windows_merge_partitions_states_and_waiting_parts() {
     let mut ahead = metric(definition.clone());
     let mut behind = metric(definition);
     for (i, amount) in [(1, 5), (2, 7)] {
-        ahead.observe(&event(MIN, i, json!({"properties": {"amount": amount}})));
+        ahead.observe(&Envelope::of(&event(
+            MIN,
+            i,
+            json!({"properties": {"amount": amount}}),
+        )));
     }
-    behind.observe(&event(2 * MIN, 3, json!({"properties": {"amount": 30}})));
-    behind.observe(&event(11 * MIN, 4, json!({"properties": {"amount": 100}})));
+    behind.observe(&Envelope::of(&event(
+        2 * MIN,
+        3,
+        json!({"properties": {"amount": 30}}),
+    )));
+    behind.observe(&Envelope::of(&event(
+        11 * MIN,
+        4,
+        json!({"properties": {"amount": 100}}),
+    )));
     // The ahead partition's clock passed the first window: its part waits.
     let parts: Vec<(Span, Partial, u64)> = ahead
         .advance(10 * MIN)
@@ -289,9 +310,16 @@ fn deletions_and_computed_values_are_not_counted() {
     for (i, kind) in ["delete", "computed"].into_iter().enumerate() {
         let mut record = event(0, i, json!({"userId": "u1"}));
         record["type"] = json!(kind);
-        assert_eq!(m.observe(&record), Outcome::NotSelected, "{kind}");
+        assert_eq!(
+            m.observe(&Envelope::of(&record)),
+            Outcome::NotSelected,
+            "{kind}"
+        );
     }
     let mut page = event(0, 9, json!({"userId": "u1"}));
     page["type"] = json!("page");
-    assert!(matches!(m.observe(&page), Outcome::Observed { .. }));
+    assert!(matches!(
+        m.observe(&Envelope::of(&page)),
+        Outcome::Observed { .. }
+    ));
 }

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde_json::Value;
 
 use super::definition_stage::{DefinitionState, Runners, Staged, compiled};
 use super::metric_set::{Hold, Member, member};
@@ -16,7 +15,7 @@ use super::metrics::{Event, MetricProcessor, StateBudget, Step};
 use super::rules::{RuleProcessor, RuleStep};
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::config::Config;
-use crate::definitions::{MetricDefinition, MetricSpec, Reads, RuleDefinition, RuleSpec};
+use crate::definitions::{Envelope, MetricDefinition, MetricSpec, Reads, RuleDefinition, RuleSpec};
 use crate::log::EventLog;
 use crate::metric::Head;
 use crate::store::{DefinitionKind, Store};
@@ -97,7 +96,7 @@ impl Member for Defined {
         }
     }
 
-    fn step(&self, head: &Head, event: &Value, steps: &mut DefinedSteps) {
+    fn step(&self, head: &Head, event: &Envelope, steps: &mut DefinedSteps) {
         match (self, steps) {
             (Defined::Metric(m), DefinedSteps::Metric(steps)) => {
                 Member::step(&**m, head, event, steps);

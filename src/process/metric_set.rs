@@ -22,7 +22,7 @@ use super::{
     Checkpoint, Checkpoints, CommitError, Committed, Processor, Rejected, Runner, RunnerSettings,
 };
 use crate::config::Config;
-use crate::definitions::Reads;
+use crate::definitions::{Envelope, Reads};
 use crate::log::{EventLog, ReadError, StoredRecord, Topics};
 use crate::metric::Head;
 use crate::store::{Careful, Dialect, Store};
@@ -72,7 +72,7 @@ pub trait Member: Send + Sync + 'static {
 
     /// Works out what a batch does with `event` (whose head is `head`),
     /// after what `steps` holds.
-    fn step(&self, head: &Head, event: &serde_json::Value, steps: &mut Self::Steps);
+    fn step(&self, head: &Head, event: &Envelope, steps: &mut Self::Steps);
 
     /// Puts `more`, a later part of the batch, after `steps`.
     fn append(steps: &mut Self::Steps, more: Self::Steps);
@@ -221,13 +221,14 @@ impl<M: Member> Set<M> {
     fn parse(&self, records: Vec<StoredRecord>) -> Parsed<M> {
         let mut events = Vec::with_capacity(records.len());
         let mut steps = self.no_steps(records.len());
-        let parse = |record| Event::parse(record, self.reads);
-        for (event, value) in records.into_iter().filter_map(parse) {
-            let head = Head::of(&value);
-            for (member, steps) in self.members.iter().zip(&mut steps) {
-                member.step(&head, &value, steps);
-            }
-            events.push(event);
+        for record in records {
+            let read = |envelope: &Envelope| {
+                let head = Head::of(envelope);
+                for (member, steps) in self.members.iter().zip(&mut steps) {
+                    member.step(&head, envelope, steps);
+                }
+            };
+            events.extend(Event::parse(record, self.reads, read));
         }
         Parsed { events, steps }
     }
@@ -641,7 +642,7 @@ impl Member for MetricProcessor {
         Vec::with_capacity(capacity)
     }
 
-    fn step(&self, head: &Head, event: &serde_json::Value, steps: &mut Self::Steps) {
+    fn step(&self, head: &Head, event: &Envelope, steps: &mut Self::Steps) {
         steps.push(MetricProcessor::step(self, head, event));
     }
 

@@ -25,7 +25,7 @@ use serde_json::Value;
 use super::metric_set::{Hold, held_back_failure, hold_offsets};
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
-use crate::definitions::{GroupBy, MetricSpec, Reads};
+use crate::definitions::{Envelope, GroupBy, MetricSpec, Reads};
 use crate::log::StoredRecord;
 use crate::metric::{Head, Metric};
 use crate::store::{
@@ -303,32 +303,37 @@ pub struct Event {
 }
 
 impl Event {
-    /// Parses a record into the event and its JSON tree of the fields in
-    /// `reads` (a deletion's properties too); `None` when it is not JSON.
-    /// The caller drops the tree once the members have read it, while it
-    /// is still in the CPU's cache: a batch's trees kept to its commit
-    /// cost a cold walk to free and fresh pages to hold.
-    pub fn parse(record: StoredRecord, reads: Reads) -> Option<(Event, Value)> {
-        let mut value = reads.parse(&record.value).ok()?;
-        if value.get("type").and_then(Value::as_str) == Some("delete") {
-            value = Reads::ALL.parse(&record.value).ok()?;
+    /// Parses a record into the event, handing `read` its envelope with
+    /// the fields in `reads` (a deletion's properties too); `None` when it
+    /// is not JSON. The envelope lives only while `read` works out the
+    /// members' steps, while it is still in the CPU's cache: a batch's
+    /// envelopes kept to its commit would cost a cold walk to free and
+    /// fresh pages to hold.
+    pub fn parse(
+        record: StoredRecord,
+        reads: Reads,
+        read: impl FnOnce(&Envelope),
+    ) -> Option<Event> {
+        let mut envelope = Envelope::parse(&record.value, reads).ok()?;
+        if envelope.text("type") == Some("delete") {
+            envelope = Envelope::parse(&record.value, Reads::ALL).ok()?;
         }
-        let stamp = crate::metric::stamp(&value);
-        let event = Event {
+        read(&envelope);
+        let stamp = crate::metric::stamp(&envelope);
+        let unstamped_id = match stamp {
+            Some(_) => None,
+            None => envelope.text("messageId").map(str::to_owned),
+        };
+        let received = received_ms(&envelope);
+        drop(envelope);
+        Some(Event {
             partition: record.partition,
             offset: record.offset,
-            received: received_ms(&value),
-            unstamped_id: match stamp {
-                Some(_) => None,
-                None => value
-                    .get("messageId")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-            },
+            received,
+            unstamped_id,
             stamp,
             record: record.value,
-        };
-        Some((event, value))
+        })
     }
 
     pub fn message_id(&self) -> Option<&str> {
@@ -384,10 +389,9 @@ fn touched<'a>(
 }
 
 /// When an event was received (ms), else now.
-fn received_ms(event: &Value) -> Millis {
+fn received_ms(event: &Envelope) -> Millis {
     event
-        .get("receivedAt")
-        .and_then(Value::as_str)
+        .text("receivedAt")
         .and_then(crate::envelope::rfc3339::millis)
         .unwrap_or_else(crate::store::now_ms)
 }
@@ -496,7 +500,7 @@ impl MetricProcessor {
 
     /// What a batch does with `event` (whose head is `head`) for this
     /// metric.
-    pub fn step(&self, head: &Head, event: &Value) -> Step {
+    pub fn step(&self, head: &Head, event: &Envelope) -> Step {
         let metric = &self.selector;
         if let Some(ids) = metric.deleted_groups(head, event) {
             return Step::Delete(ids.into_iter().map(str::to_owned).collect());
@@ -507,14 +511,14 @@ impl MetricProcessor {
                 from.into_iter().map(str::to_owned).collect(),
             )
         });
-        let group = metric.selected_group_head(head, event);
+        let group = metric.selected_group(head, event);
         if link.is_none() && group.is_none() {
             return Step::Skip;
         }
         let value = group
             .as_ref()
             .and_then(|_| metric.field_value(event))
-            .cloned();
+            .map(std::borrow::Cow::into_owned);
         Step::Observe { link, group, value }
     }
 

@@ -27,7 +27,7 @@ use super::metrics::Event;
 use super::profiles::commit_error;
 use super::{CommitError, OffsetAdvance, PartitionTime};
 use crate::admin::time;
-use crate::definitions::{RuleKey, RuleSpec};
+use crate::definitions::{Envelope, RuleKey, RuleSpec};
 use crate::envelope::rfc3339;
 use crate::metric::Head;
 use crate::patterns::{Engine, Input, KeyState, Match, Observed};
@@ -220,10 +220,10 @@ impl RuleProcessor {
     }
 
     /// The event's key for this rule.
-    fn key(&self, head: &Head, event: &Value) -> Option<crate::metric::Key> {
+    fn key(&self, head: &Head, event: &Envelope) -> Option<crate::metric::Key> {
         match &self.spec.key {
             RuleKey::User => head.user_key(),
-            RuleKey::Field(path) => match path.get(event)? {
+            RuleKey::Field(path) => match event.path(path)?.as_ref() {
                 Value::String(s) if !s.is_empty() => Some(s.as_str().into()),
                 Value::Number(n) => Some(n.to_string().into()),
                 Value::Bool(b) => Some(b.to_string().into()),
@@ -257,7 +257,7 @@ impl RuleProcessor {
     }
 
     /// What a batch does with `event` (whose head is `head`).
-    fn step_of(&self, head: &Head, event: &Value) -> RuleStep {
+    fn step_of(&self, head: &Head, event: &Envelope) -> RuleStep {
         if self.spec.key == RuleKey::User
             && let Some(ids) = crate::metric::deleted_ids(head, event)
         {
@@ -271,7 +271,7 @@ impl RuleProcessor {
             .conditions
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.matches(event))
+            .filter(|(_, c)| c.matches_event(event))
             .fold(0u64, |bits, (i, _)| bits | 1 << i);
         if meets == 0 && !self.strict {
             return RuleStep::Skip;
@@ -281,7 +281,7 @@ impl RuleProcessor {
                 .spec
                 .keeps
                 .iter()
-                .filter_map(|f| Some(((*f).to_owned(), event.get(*f)?.clone())))
+                .filter_map(|f| Some(((*f).to_owned(), event.get(f)?.into_owned())))
                 .collect();
             Arc::new(Value::Object(kept))
         });
@@ -446,7 +446,7 @@ impl Member for RuleProcessor {
         Vec::with_capacity(capacity)
     }
 
-    fn step(&self, head: &Head, event: &Value, steps: &mut Vec<RuleStep>) {
+    fn step(&self, head: &Head, event: &Envelope, steps: &mut Vec<RuleStep>) {
         steps.push(self.step_of(head, event));
     }
 

@@ -23,6 +23,8 @@ pub struct Condition {
     /// condition is one part; one that reads earlier steps is split at
     /// its top-level `&&`s, and these are the parts that do not.
     own: Arc<Vec<Part>>,
+    /// The envelope fields `own` reads.
+    own_reads: super::Reads,
     /// The parts that read earlier steps' events (a rule step's
     /// condition), answered when a partial match could take the event.
     across: Arc<Vec<Part>>,
@@ -142,6 +144,7 @@ impl Condition {
         };
         Ok(Condition {
             source: source.to_owned(),
+            own_reads: super::Reads::of(own.iter().flat_map(|part| part.reads.iter().copied())),
             own: Arc::new(own),
             across: Arc::new(across),
             steps: read,
@@ -159,6 +162,11 @@ impl Condition {
         self.own
             .iter()
             .all(|part| part.matches(&self.env, envelope, &[]))
+    }
+
+    /// [`Condition::matches`] on an event as the runners read it.
+    pub fn matches_event(&self, event: &super::Envelope) -> bool {
+        self.matches(event.json(self.own_reads))
     }
 
     /// The envelope fields it reads of an event, its parts that read
