@@ -148,7 +148,7 @@ async fn dead_letters(
                 tasks.join_next().await;
             }
             let record = StoredRecord {
-                topic: spec.source.to_owned(),
+                topic: spec.source.into(),
                 partition: failure.partition,
                 offset: failure.offset,
                 timestamp_ms: failure.failed_at,

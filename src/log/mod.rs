@@ -31,7 +31,8 @@ pub struct Record {
 /// A record read back from the log, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecord {
-    pub topic: String,
+    /// Shared by every record a reader reads.
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// Milliseconds since the Unix epoch when the log stored the record.

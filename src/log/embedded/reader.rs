@@ -15,7 +15,7 @@ use super::*;
 
 /// Reads a topic of the embedded log, beside a running writer.
 pub struct EmbeddedReader {
-    pub(super) topic: String,
+    pub(super) topic: std::sync::Arc<str>,
     pub(super) topic_dir: PathBuf,
     pub(super) start: StartAt,
     /// Opened once the topic exists.
@@ -44,7 +44,7 @@ pub(super) struct PartitionReader {
 impl EmbeddedReader {
     pub fn open(dir: &Path, topic: &str, start: StartAt) -> Result<EmbeddedReader, ReadError> {
         let mut reader = EmbeddedReader {
-            topic: topic.to_owned(),
+            topic: topic.into(),
             topic_dir: dir.join(topic),
             start,
             partitions: Vec::new(),
@@ -57,7 +57,7 @@ impl EmbeddedReader {
 
     pub(super) fn error(&self, reason: impl ToString) -> ReadError {
         ReadError {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             reason: reason.to_string(),
         }
     }
@@ -122,7 +122,7 @@ impl EmbeddedReader {
                     Ok(mut f) => {
                         f.seek(SeekFrom::Start(part.position))
                             .map_err(|e| ReadError {
-                                topic: self.topic.clone(),
+                                topic: self.topic.to_string(),
                                 reason: e.to_string(),
                             })?;
                         part.scanner = Some(FrameScanner::new(
@@ -144,7 +144,7 @@ impl EmbeddedReader {
                     break;
                 }
                 match scanner.next_frame().map_err(|e| ReadError {
-                    topic: self.topic.clone(),
+                    topic: self.topic.to_string(),
                     reason: e.to_string(),
                 })? {
                     Scan::Frame(_)

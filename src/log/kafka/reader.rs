@@ -93,7 +93,7 @@ impl ConsumerContext for ReaderContext {
 /// consumer group gives it ([`KafkaReader::join_group`]).
 pub struct KafkaReader {
     consumer: StreamConsumer<ReaderContext>,
-    topic: String,
+    topic: std::sync::Arc<str>,
     /// Partitions at their end since their last record.
     at_end: HashSet<i32>,
     /// How many partitions this reader has now.
@@ -195,7 +195,7 @@ impl KafkaReader {
             .map_err(|e| error(e.to_string()))?;
         Ok(KafkaReader {
             consumer,
-            topic: topic.to_owned(),
+            topic: topic.into(),
             at_end: HashSet::new(),
             partitions: partitions.len(),
             rebalanced,
@@ -234,7 +234,7 @@ impl KafkaReader {
         })?;
         Ok(KafkaReader {
             consumer,
-            topic: topic.to_owned(),
+            topic: topic.into(),
             at_end: HashSet::new(),
             partitions: 0,
             rebalanced,
@@ -290,9 +290,11 @@ impl LogReader for KafkaReader {
             };
             match next {
                 Ok(message) => {
-                    self.at_end.remove(&message.partition());
+                    if !self.at_end.is_empty() {
+                        self.at_end.remove(&message.partition());
+                    }
                     records.push(StoredRecord {
-                        topic: message.topic().to_owned(),
+                        topic: self.topic.clone(),
                         partition: message.partition(),
                         offset: message.offset(),
                         timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
@@ -313,7 +315,7 @@ impl LogReader for KafkaReader {
                 }
                 Err(e) => {
                     return Err(ReadError {
-                        topic: self.topic.clone(),
+                        topic: self.topic.to_string(),
                         reason: e.to_string(),
                     });
                 }
@@ -336,7 +338,7 @@ impl LogReader for KafkaReader {
             });
             if !matches!(assigned, Ok(true)) {
                 return Err(ReadError {
-                    topic: self.topic.clone(),
+                    topic: self.topic.to_string(),
                     reason: format!("partition {partition} is not assigned to this instance"),
                 });
             }
@@ -350,7 +352,7 @@ impl LogReader for KafkaReader {
         self.consumer
             .seek(&self.topic, partition, offset, Duration::ZERO)
             .map_err(|e| ReadError {
-                topic: self.topic.clone(),
+                topic: self.topic.to_string(),
                 reason: format!("cannot seek partition {partition} to {offset:?}: {e}"),
             })
     }

@@ -431,7 +431,7 @@ async fn a_rule_writes_a_backlogs_batch_at_once_when_its_matches_reach_the_bound
                     "properties": {"amount": amount}, "timestamp": at.to_rfc3339(),
                 });
                 StoredRecord {
-                    topic: TOPIC.to_owned(),
+                    topic: TOPIC.into(),
                     partition: 0,
                     offset: offset as i64,
                     timestamp_ms: base + after * 1_000,
@@ -444,7 +444,7 @@ async fn a_rule_writes_a_backlogs_batch_at_once_when_its_matches_reach_the_bound
     // The clock far past the payments and the rule's lateness: the batch
     // completes both matches.
     let backlog = || Checkpoint {
-        topic: TOPIC.to_owned(),
+        topic: TOPIC.into(),
         offsets: vec![OffsetAdvance {
             partition: 0,
             expected: None,
