@@ -162,6 +162,16 @@ impl Envelope<'_> {
     }
 }
 
+impl super::condition::Fields for Envelope<'_> {
+    fn field(&self, name: &str) -> Option<super::condition::Field<'_>> {
+        use super::condition::Field;
+        match head_slot(name).and_then(|slot| self.head[slot].as_deref()) {
+            Some(text) => Some(Field::Text(text)),
+            None => self.rest.get(name).map(Field::Json),
+        }
+    }
+}
+
 /// Where head field `name` is in [`HEAD`]. (Asked of every field of
 /// every event: a match on the name compiles to a switch on its length.)
 fn head_slot(name: &str) -> Option<usize> {

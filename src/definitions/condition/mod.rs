@@ -14,6 +14,7 @@ mod native;
 
 use cel::extractors::Arguments;
 use native::{Fault, Native};
+pub(super) use native::{Field, Fields};
 
 /// A compiled condition.
 #[derive(Clone)]
@@ -23,8 +24,6 @@ pub struct Condition {
     /// condition is one part; one that reads earlier steps is split at
     /// its top-level `&&`s, and these are the parts that do not.
     own: Arc<Vec<Part>>,
-    /// The envelope fields `own` reads.
-    own_reads: super::Reads,
     /// The parts that read earlier steps' events (a rule step's
     /// condition), answered when a partial match could take the event.
     across: Arc<Vec<Part>>,
@@ -144,7 +143,6 @@ impl Condition {
         };
         Ok(Condition {
             source: source.to_owned(),
-            own_reads: super::Reads::of(own.iter().flat_map(|part| part.reads.iter().copied())),
             own: Arc::new(own),
             across: Arc::new(across),
             steps: read,
@@ -166,7 +164,9 @@ impl Condition {
 
     /// [`Condition::matches`] on an event as the runners read it.
     pub fn matches_event(&self, event: &super::Envelope) -> bool {
-        self.matches(event.json(self.own_reads))
+        self.own
+            .iter()
+            .all(|part| part.matches_event(&self.env, event))
     }
 
     /// The envelope fields it reads of an event, its parts that read
@@ -223,6 +223,19 @@ impl Part {
             Some(Ok(matches)) => matches,
             Some(Err(Fault::Error)) => false,
             Some(Err(Fault::Ask)) | None => self.interpret(env, envelope, steps),
+        }
+    }
+
+    /// [`Part::matches`] on an event as the runners read it: natively on
+    /// its head's text, and by the interpreter on its JSON.
+    fn matches_event(&self, env: &Arc<cel::Env>, event: &super::Envelope) -> bool {
+        match self.native.as_ref().map(|n| n.eval(event)) {
+            Some(Ok(matches)) => matches,
+            Some(Err(Fault::Error)) => false,
+            Some(Err(Fault::Ask)) | None => {
+                let reads = super::Reads::of(self.reads.iter().copied());
+                self.interpret(env, event.json(reads), &[])
+            }
         }
     }
 

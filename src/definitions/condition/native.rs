@@ -1,6 +1,7 @@
 //! Conditions of the common shape — envelope fields compared with
 //! literals, `in` a list of literals, `has`, joined by `&&`, `||` and `!`
-//! — evaluated on the JSON envelope directly. CEL needs each field the
+//! — evaluated on the event directly (its JSON, or an envelope holding its
+//! head as text: [`Fields`]). CEL needs each field the
 //! expression reads turned into its own values first (the whole
 //! `properties` object for `properties.amount > 100`), which costs more
 //! than the rest of a rule's work on an event.
@@ -17,6 +18,25 @@ use cel::common::ast::{Expr, LiteralValue, operators};
 use serde_json::Value;
 
 use super::ENVELOPE_FIELDS;
+
+/// What a condition reads an event's top-level fields from: its JSON, or
+/// an envelope that holds its head as text.
+pub trait Fields {
+    fn field(&self, name: &str) -> Option<Field<'_>>;
+}
+
+/// A top-level field's value.
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'a> {
+    Text(&'a str),
+    Json(&'a Value),
+}
+
+impl Fields for Value {
+    fn field(&self, name: &str) -> Option<Field<'_>> {
+        self.get(name).map(Field::Json)
+    }
+}
 
 /// A condition compiled for native evaluation.
 #[derive(Debug)]
@@ -122,11 +142,11 @@ impl Native {
 
     /// The condition's value on `envelope`, as the interpreter's
     /// `_&&_`, `_||_` and `!_` work it out.
-    pub fn eval(&self, envelope: &Value) -> Result<bool, Fault> {
+    pub fn eval<F: Fields + ?Sized>(&self, envelope: &F) -> Result<bool, Fault> {
         match self {
             Native::Const(b) => Ok(*b),
             Native::Field(path) => match path.resolve(envelope)? {
-                Value::Bool(b) => Ok(*b),
+                Field::Json(Value::Bool(b)) => Ok(*b),
                 _ => Err(Fault::Error),
             },
             Native::Not(inner) => inner.eval(envelope).map(|b| !b),
@@ -177,7 +197,7 @@ impl Native {
                 Ok(found)
             }
             Native::Has(path, field) => match path.resolve(envelope)? {
-                Value::Object(map) => Ok(map.contains_key(field)),
+                Field::Json(Value::Object(map)) => Ok(map.contains_key(field)),
                 _ => Err(Fault::Ask),
             },
         }
@@ -229,15 +249,22 @@ fn literal(expr: &IdedExpr) -> Option<Literal> {
 impl Path {
     /// The field's value; a missing variable or key, or a step into what
     /// is not an object, is the interpreter's error.
-    fn resolve<'v>(&self, envelope: &'v Value) -> Result<&'v Value, Fault> {
-        let mut value = envelope.get(self.root).ok_or(Fault::Error)?;
+    fn resolve<'v, F: Fields + ?Sized>(&self, envelope: &'v F) -> Result<Field<'v>, Fault> {
+        let root = envelope.field(self.root).ok_or(Fault::Error)?;
+        if self.fields.is_empty() {
+            return Ok(root);
+        }
+        // Text has no fields.
+        let Field::Json(mut value) = root else {
+            return Err(Fault::Error);
+        };
         for field in &self.fields {
             value = match value {
                 Value::Object(map) => map.get(field).ok_or(Fault::Error)?,
                 _ => return Err(Fault::Error),
             };
         }
-        Ok(value)
+        Ok(Field::Json(value))
     }
 }
 
@@ -256,22 +283,26 @@ enum Scalar<'a> {
 }
 
 impl Operand {
-    fn scalar<'a>(&'a self, envelope: &'a Value) -> Result<Scalar<'a>, Fault> {
-        match self {
-            Operand::Literal(literal) => Ok(literal.scalar()),
-            Operand::Field(path) => Ok(match path.resolve(envelope)? {
-                Value::Null => Scalar::Null,
-                Value::Bool(b) => Scalar::Bool(*b),
-                Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-                    (Some(u), _, _) => Scalar::UInt(u),
-                    (None, Some(i), _) => Scalar::Int(i),
-                    (None, None, Some(f)) => Scalar::Double(f),
-                    _ => return Err(Fault::Ask),
-                },
-                Value::String(s) => Scalar::String(s),
-                Value::Array(_) | Value::Object(_) => Scalar::Composite,
-            }),
-        }
+    fn scalar<'a, F: Fields + ?Sized>(&'a self, envelope: &'a F) -> Result<Scalar<'a>, Fault> {
+        let value = match self {
+            Operand::Literal(literal) => return Ok(literal.scalar()),
+            Operand::Field(path) => match path.resolve(envelope)? {
+                Field::Text(text) => return Ok(Scalar::String(text)),
+                Field::Json(value) => value,
+            },
+        };
+        Ok(match value {
+            Value::Null => Scalar::Null,
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Scalar::UInt(u),
+                (None, Some(i), _) => Scalar::Int(i),
+                (None, None, Some(f)) => Scalar::Double(f),
+                _ => return Err(Fault::Ask),
+            },
+            Value::String(s) => Scalar::String(s),
+            Value::Array(_) | Value::Object(_) => Scalar::Composite,
+        })
     }
 }
 

@@ -187,3 +187,45 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// A condition answers on an envelope as it does on the event's JSON,
+    /// natively (head fields as text) or by the interpreter.
+    #[test]
+    fn a_condition_answers_on_an_envelope_as_on_the_json(
+        kind in prop_oneof![Just(json!("track")), Just(json!("identify")), Just(json!(3)), Just(Value::Null)],
+        event in prop_oneof![Just(json!("Order Completed")), Just(json!("x")), Just(json!({"a": 1}))],
+        user in prop_oneof![Just(json!("u1")), Just(json!("")), Just(json!(7))],
+        amount in prop_oneof![Just(json!(5)), Just(json!(150.5)), Just(json!("150")), Just(json!(null))],
+        with_event in any::<bool>(),
+    ) {
+        let mut fields = serde_json::Map::new();
+        fields.insert("type".into(), kind);
+        if with_event {
+            fields.insert("event".into(), event);
+        }
+        fields.insert("userId".into(), user);
+        fields.insert("properties".into(), json!({"amount": amount, "tags": ["a"]}));
+        fields.insert("context".into(), json!({"os": {"name": "iOS"}}));
+        let whole = Value::Object(fields);
+        let text = whole.to_string();
+        for source in [
+            r#"type == "track""#,
+            r#"event == "Order Completed" && properties.amount > 100"#,
+            r#"type in ["track", "page"] || userId == "u1""#,
+            r#"has(properties.amount) && !(userId == "")"#,
+            "event.a == 1",
+            "userId.x == 1",
+            r#"size(userId) > 1"#,
+            r#"context.os.name == "iOS" && type != "identify""#,
+        ] {
+            let condition = crate::definitions::Condition::compile("where", source).unwrap();
+            let envelope = Envelope::parse(text.as_bytes(), condition.reads()).unwrap();
+            prop_assert_eq!(
+                condition.matches_event(&envelope),
+                condition.matches(&whole),
+                "{} on {}", source, text
+            );
+        }
+    }
+}
