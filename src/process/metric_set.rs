@@ -141,10 +141,74 @@ const PENDING_CLAIMS: usize = 1_000_000;
 /// pages every batch. A retry of an id claimed in an
 /// earlier write shows only then, as a claim that is not its id's first
 /// record: every member drops what it held back and the batches are read
-/// again, their ids claimed through the store. Each id's first record
-/// among the claims not written: partition, offset, and when the log
-/// stored it.
-type Pending = HashMap<String, (i32, i64, i64), crate::KeyHasher>;
+/// again, their ids claimed through the store.
+#[derive(Default)]
+struct Pending {
+    /// The ids, one after another: one allocation for a million claims
+    /// rather than one an id, and a table of plain entries.
+    ids: String,
+    /// Each id's first record among the claims not written.
+    first: hashbrown::HashTable<PendingClaim>,
+    hasher: crate::KeyHasher,
+}
+
+/// An id's place in [`Pending::ids`] and its first record: partition,
+/// offset, and when the log stored it.
+struct PendingClaim {
+    hash: u64,
+    start: usize,
+    len: usize,
+    partition: i32,
+    offset: i64,
+    received: i64,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.first.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_empty()
+    }
+
+    /// Claims `id` for the record at `partition` and `offset`: whether an
+    /// earlier record claimed it (a retry).
+    fn claim(&mut self, id: &str, partition: i32, offset: i64, received: i64) -> bool {
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, id);
+        let ids = &self.ids;
+        let same = |c: &PendingClaim| c.hash == hash && &ids[c.start..c.start + c.len] == id;
+        if let Some(first) = self.first.find(hash, same) {
+            return (first.partition, first.offset) != (partition, offset);
+        }
+        let start = self.ids.len();
+        self.ids.push_str(id);
+        let claim = PendingClaim {
+            hash,
+            start,
+            len: id.len(),
+            partition,
+            offset,
+            received,
+        };
+        self.first.insert_unique(hash, claim, |c| c.hash);
+        false
+    }
+
+    /// The claims as the store takes them, sorted by id.
+    fn sorted(&self) -> Vec<(&str, i32, i64, i64)> {
+        let mut claims: Vec<(&str, i32, i64, i64)> = self
+            .first
+            .iter()
+            .map(|c| {
+                let id = &self.ids[c.start..c.start + c.len];
+                (id, c.partition, c.offset, c.received)
+            })
+            .collect();
+        claims.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        claims
+    }
+}
 
 /// Versions of definitions of one kind read through one runner.
 pub struct Set<M: Member> {
@@ -312,13 +376,7 @@ impl<M: Member> Set<M> {
                 let Some(id) = e.message_id() else {
                     return false;
                 };
-                match pending.get(id) {
-                    Some(&(partition, offset, _)) => (partition, offset) != (e.partition, e.offset),
-                    None => {
-                        pending.insert(id.to_owned(), (e.partition, e.offset, e.received));
-                        false
-                    }
-                }
+                pending.claim(id, e.partition, e.offset, e.received)
             })
             .collect()
     }
@@ -332,11 +390,7 @@ impl<M: Member> Set<M> {
         if first.is_empty() {
             return Ok(());
         }
-        let mut claims: Vec<(&str, i32, i64, i64)> = first
-            .iter()
-            .map(|(id, &(partition, offset, received))| (id.as_str(), partition, offset, received))
-            .collect();
-        claims.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let claims = first.sorted();
         let retry = match self.store.claim_metric_ids(M::CLAIMS, &claims).await {
             Ok(claimed) => claims
                 .iter()
