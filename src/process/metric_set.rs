@@ -130,8 +130,13 @@ pub enum Hold {
 }
 
 /// Claims not written yet after which the set writes them even while
-/// every member holds its batches back (some 100 MB).
+/// every member holds its batches back (80 MB of table and the ids).
 const PENDING_CLAIMS: usize = 1_000_000;
+
+/// Bytes of ids not written yet after which the set writes them: long
+/// ids fill memory before a million do (and an id's place in
+/// [`Pending::ids`] is 32-bit).
+const PENDING_ID_BYTES: usize = 64 << 20;
 
 /// The message ids claimed while every member holds a backlog's batches
 /// back (SQLite only): each batch's claims in memory, checked against
@@ -156,16 +161,23 @@ struct Pending {
 /// offset, and when the log stored it.
 struct PendingClaim {
     hash: u64,
-    start: usize,
-    len: usize,
+    start: u32,
+    len: u32,
     partition: i32,
     offset: i64,
     received: i64,
 }
 
+impl PendingClaim {
+    fn id<'a>(&self, ids: &'a str) -> &'a str {
+        &ids[self.start as usize..][..self.len as usize]
+    }
+}
+
 impl Pending {
-    fn len(&self) -> usize {
-        self.first.len()
+    /// Whether the set writes them before it claims more in memory.
+    fn full(&self) -> bool {
+        self.first.len() >= PENDING_CLAIMS || self.ids.len() >= PENDING_ID_BYTES
     }
 
     fn is_empty(&self) -> bool {
@@ -177,16 +189,18 @@ impl Pending {
     fn claim(&mut self, id: &str, partition: i32, offset: i64, received: i64) -> bool {
         let hash = std::hash::BuildHasher::hash_one(&self.hasher, id);
         let ids = &self.ids;
-        let same = |c: &PendingClaim| c.hash == hash && &ids[c.start..c.start + c.len] == id;
+        let same = |c: &PendingClaim| c.hash == hash && c.id(ids) == id;
         if let Some(first) = self.first.find(hash, same) {
             return (first.partition, first.offset) != (partition, offset);
         }
-        let start = self.ids.len();
+        // A batch's ids past `PENDING_ID_BYTES` are a few megabytes (a
+        // Kafka fetch), far from 4 GiB.
+        let start = self.ids.len() as u32;
         self.ids.push_str(id);
         let claim = PendingClaim {
             hash,
             start,
-            len: id.len(),
+            len: id.len() as u32,
             partition,
             offset,
             received,
@@ -200,10 +214,7 @@ impl Pending {
         let mut claims: Vec<(&str, i32, i64, i64)> = self
             .first
             .iter()
-            .map(|c| {
-                let id = &self.ids[c.start..c.start + c.len];
-                (id, c.partition, c.offset, c.received)
-            })
+            .map(|c| (c.id(&self.ids), c.partition, c.offset, c.received))
             .collect();
         claims.sort_unstable_by(|a, b| a.0.cmp(b.0));
         claims
@@ -349,8 +360,12 @@ impl<M: Member> Set<M> {
         if self.store.dialect() == Dialect::Postgres {
             return false;
         }
-        let held = self.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if held >= PENDING_CLAIMS || self.careful.take() {
+        let full = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .full();
+        if full || self.careful.take() {
             return false;
         }
         for (member, steps) in self.members.iter().zip(&parsed.steps) {
@@ -887,6 +902,23 @@ mod tests {
             key: None,
             value: envelope.to_string().into_bytes(),
         }
+    }
+
+    #[test]
+    fn pending_claims_know_each_ids_first_record_and_fill_by_count_or_bytes() {
+        let mut pending = Pending::default();
+        assert!(!pending.claim("b", 0, 10, 1));
+        assert!(!pending.claim("a", 1, 4, 2));
+        assert!(!pending.claim("b", 0, 10, 1), "its first record again");
+        assert!(pending.claim("b", 2, 11, 3), "a retry in another record");
+        assert!(pending.claim("a", 1, 5, 3), "a retry in the same partition");
+        assert_eq!(pending.sorted(), vec![("a", 1, 4, 2), ("b", 0, 10, 1)]);
+        assert!(!pending.full());
+        let long = "x".repeat(PENDING_ID_BYTES / 2);
+        assert!(!pending.claim(&long, 0, 12, 4));
+        assert!(!pending.full());
+        assert!(!pending.claim(&format!("{long}y"), 0, 13, 4));
+        assert!(pending.full(), "by bytes, with three ids");
     }
 
     /// A set reads of an event only what its members read, and all of a
