@@ -63,6 +63,11 @@ impl<'a> Envelope<'a> {
         // the parser, and what is borrowed needs no check of its own then.
         let json =
             std::str::from_utf8(json).map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        if !json.trim_start().starts_with('{') {
+            // An event that is not an object has no fields to read (and
+            // no definition takes it).
+            return Ok(Envelope::other(serde_json::from_str(json)?));
+        }
         let mut deserializer = serde_json::Deserializer::from_str(json);
         let envelope = Projection(reads).deserialize(&mut deserializer)?;
         deserializer.end()?;
@@ -72,10 +77,7 @@ impl<'a> Envelope<'a> {
     /// `event`'s head and every other field, borrowed where they are text.
     pub fn of(event: &'a Value) -> Envelope<'a> {
         let Value::Object(fields) = event else {
-            return Envelope {
-                not_an_object: Some(event.clone()),
-                ..Envelope::default()
-            };
+            return Envelope::other(event.clone());
         };
         let mut envelope = Envelope::default();
         for (name, value) in fields {
@@ -143,6 +145,15 @@ impl<'a> Envelope<'a> {
             .map(Cow::Borrowed)
     }
 
+    /// The text at `path` when it is a head field that is text: read
+    /// without a JSON string made of it.
+    pub fn path_text(&self, path: &FieldPath) -> Option<&str> {
+        match path.split_first() {
+            (root, []) => self.text(root),
+            _ => None,
+        }
+    }
+
     /// Top-level field `name` as JSON.
     pub fn get(&self, name: &str) -> Option<Cow<'_, Value>> {
         match head_slot(name).and_then(|slot| self.head[slot].as_ref()) {
@@ -153,6 +164,14 @@ impl<'a> Envelope<'a> {
 }
 
 impl Envelope<'_> {
+    /// An event that is not a JSON object.
+    fn other(value: Value) -> Self {
+        Envelope {
+            not_an_object: Some(value),
+            ..Envelope::default()
+        }
+    }
+
     /// The fields read beyond the head, to fill.
     fn fields(&mut self) -> &mut Map<String, Value> {
         match &mut self.rest {
@@ -202,15 +221,6 @@ impl<'de> DeserializeSeed<'de> for Projection {
     }
 }
 
-impl<'de> Projection {
-    fn other(value: Value) -> Envelope<'de> {
-        Envelope {
-            not_an_object: Some(value),
-            ..Envelope::default()
-        }
-    }
-}
-
 impl<'de> Visitor<'de> for Projection {
     type Value = Envelope<'de>;
 
@@ -242,38 +252,6 @@ impl<'de> Visitor<'de> for Projection {
             }
         }
         Ok(envelope)
-    }
-
-    // An event that is not an object has no fields to read (and no
-    // definition takes it).
-    fn visit_bool<E>(self, v: bool) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::Bool(v)))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::from(v)))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::from(v)))
-    }
-
-    fn visit_f64<E>(self, v: f64) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::from(v)))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::from(v)))
-    }
-
-    fn visit_unit<E>(self) -> Result<Envelope<'de>, E> {
-        Ok(Projection::other(Value::Null))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Envelope<'de>, A::Error> {
-        Ok(Projection::other(Value::deserialize(
-            SeqAccessDeserializer::new(seq),
-        )?))
     }
 }
 

@@ -148,11 +148,16 @@ impl Metric {
         match &self.spec.group_by {
             GroupBy::Global => Some(GLOBAL_KEY.clone()),
             GroupBy::User => head.user_key().or_else(|| head.anonymous_key()),
-            GroupBy::Field(path) => match envelope.path(path)?.as_ref() {
-                Value::Null => None,
-                Value::String(s) => Some(s.as_str().into()),
-                other => Some(other.to_string().into()),
-            },
+            GroupBy::Field(path) => {
+                if let Some(text) = envelope.path_text(path) {
+                    return Some(text.into());
+                }
+                match envelope.path(path)?.as_ref() {
+                    Value::Null => None,
+                    Value::String(s) => Some(s.as_str().into()),
+                    other => Some(other.to_string().into()),
+                }
+            }
         }
     }
 

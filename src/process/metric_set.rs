@@ -130,7 +130,8 @@ pub enum Hold {
 }
 
 /// Claims not written yet after which the set writes them even while
-/// every member holds its batches back (80 MB of table and the ids).
+/// every member holds its batches back (some 90 MB of table, and the
+/// ids).
 const PENDING_CLAIMS: usize = 1_000_000;
 
 /// Bytes of ids not written yet after which the set writes them: long

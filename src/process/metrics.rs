@@ -284,8 +284,8 @@ impl HeldBack {
     }
 }
 
-/// One event of a batch, parsed once for every member of a set. Its JSON
-/// tree lives only while the members work out their steps (see
+/// One event of a batch, parsed once for every member of a set. Its
+/// envelope lives only while the members work out their steps (see
 /// [`Event::parse`]); what they need of it later is here.
 pub struct Event {
     pub partition: i32,

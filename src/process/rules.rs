@@ -223,12 +223,17 @@ impl RuleProcessor {
     fn key(&self, head: &Head, event: &Envelope) -> Option<crate::metric::Key> {
         match &self.spec.key {
             RuleKey::User => head.user_key(),
-            RuleKey::Field(path) => match event.path(path)?.as_ref() {
-                Value::String(s) if !s.is_empty() => Some(s.as_str().into()),
-                Value::Number(n) => Some(n.to_string().into()),
-                Value::Bool(b) => Some(b.to_string().into()),
-                _ => None,
-            },
+            RuleKey::Field(path) => {
+                if let Some(text) = event.path_text(path) {
+                    return (!text.is_empty()).then(|| text.into());
+                }
+                match event.path(path)?.as_ref() {
+                    Value::String(s) if !s.is_empty() => Some(s.as_str().into()),
+                    Value::Number(n) => Some(n.to_string().into()),
+                    Value::Bool(b) => Some(b.to_string().into()),
+                    _ => None,
+                }
+            }
         }
     }
 

@@ -30,8 +30,11 @@ fn the_head_is_read_as_text_and_the_fields_read_as_json() {
     assert_eq!(envelope.path(&amount).as_deref(), Some(&json!(12.5)));
     let user = FieldPath::parse("field", "userId").unwrap();
     assert_eq!(envelope.path(&user).as_deref(), Some(&json!("u1")));
+    assert_eq!(envelope.path_text(&user), Some("u1"));
     let inside_text = FieldPath::parse("field", "userId.x").unwrap();
     assert_eq!(envelope.path(&inside_text), None);
+    assert_eq!(envelope.path_text(&inside_text), None);
+    assert_eq!(envelope.path_text(&amount), None, "not a head field");
     assert_eq!(
         envelope.get("event").as_deref(),
         Some(&json!("Order Completed"))
@@ -183,6 +186,8 @@ proptest! {
                 let path = FieldPath::parse("field", name).unwrap();
                 let got = envelope.path(&path);
                 prop_assert_eq!(got.as_deref(), want.get(*name));
+                let text = want.get(*name).and_then(Value::as_str).filter(|_| HEAD.contains(name));
+                prop_assert_eq!(envelope.path_text(&path), text);
             }
         }
     }
