@@ -71,7 +71,7 @@ fn event_reads(c: &mut Criterion) {
     use traitline::definitions::{Envelope, Reads};
     let mut group = c.benchmark_group("event_reads");
     group.throughput(Throughput::Elements(1));
-    let every = Reads::of(traitline::metric::EVERY_DEFINITION_READS);
+    let every = Reads::of(traitline::definitions::HEAD);
     for (name, reads) in [
         ("whole", Reads::ALL),
         ("properties", every.with(Reads::of(["properties"]))),

@@ -18,7 +18,10 @@ use serde_json::{Map, Value};
 use super::{FieldPath, Reads};
 
 /// The head: the envelope fields every metric and rule reads of an event,
-/// whatever its definition names.
+/// whatever its definition names (its `metric::Head`, the ids an alias
+/// links, its stamp and when it was received). A deletion's ids are in
+/// its properties, which a runner reads of a deletion whatever its
+/// definitions name.
 pub const HEAD: [&str; 8] = [
     "type",
     "event",

@@ -44,13 +44,6 @@ pub enum Outcome {
     Observed { group: Key, observed: Observed },
 }
 
-/// What every metric and rule reads of an event, whatever its
-/// definition names: its [`Head`], the ids an alias links
-/// ([`Metric::linked_groups`]), its [`stamp`] and when it was received.
-/// A deletion's ids ([`deleted_ids`]) are in its properties, which a
-/// runner reads of a deletion whatever its definitions name.
-pub const EVERY_DEFINITION_READS: [&str; 8] = crate::definitions::HEAD;
-
 /// The envelope fields every metric looks at, read once an event.
 #[derive(Debug, Clone, Default)]
 pub struct Head<'a> {

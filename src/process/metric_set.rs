@@ -55,9 +55,9 @@ pub trait Member: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// The envelope fields its definition reads of an event, beyond
-    /// [`EVERY_DEFINITION_READS`].
+    /// the [`HEAD`].
     ///
-    /// [`EVERY_DEFINITION_READS`]: crate::metric::EVERY_DEFINITION_READS
+    /// [`HEAD`]: crate::definitions::HEAD
     fn reads(&self) -> Reads;
 
     fn version(&self) -> i64;
@@ -257,10 +257,11 @@ impl<M: Member> Set<M> {
     /// A set named `name` (in logs and the dead-letter records) of
     /// `members`.
     pub fn new(name: String, store: Store, members: Vec<Arc<M>>) -> Set<M> {
-        let reads = members.iter().fold(
-            Reads::of(crate::metric::EVERY_DEFINITION_READS),
-            |reads, m| reads.with(m.reads()),
-        );
+        let reads = members
+            .iter()
+            .fold(Reads::of(crate::definitions::HEAD), |reads, m| {
+                reads.with(m.reads())
+            });
         Set {
             name,
             store,
@@ -954,7 +955,7 @@ mod tests {
         );
         assert_eq!(
             set.reads,
-            Reads::of(crate::metric::EVERY_DEFINITION_READS).with(Reads::of(["context", "traits"]))
+            Reads::of(crate::definitions::HEAD).with(Reads::of(["context", "traits"]))
         );
         assert!(!set.reads.contains("properties") && !set.reads.contains("sentAt"));
 
