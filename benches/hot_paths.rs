@@ -2,7 +2,8 @@
 //! parse + check + normalize + serialize a message and a 100-message batch,
 //! the murmur2 partitioner, an embedded-log group commit, the profile
 //! rules on a batch, a metric's window engine and a rule's pattern engine,
-//! and parsing a stored event for a set of definitions.
+//! parsing a stored event for a set of definitions, and SQLite's write of
+//! a backlog's message-id claims.
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -406,8 +407,70 @@ fn destinations(c: &mut Criterion) {
     group.finish();
 }
 
+/// A backlog's held message-id claims written to SQLite at once (as
+/// `Set::write_pending` does): 100,000 ids, sorted, into a store holding
+/// 100,000 claims of the ids between them, as a second hold of the
+/// bench's ids lands among the first's.
+fn claims(c: &mut Criterion) {
+    const CLAIMS: usize = 100_000;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ids = |parity: usize| -> Vec<String> {
+        let mut ids: Vec<String> = (0..CLAIMS)
+            .map(|n| format!("bench-1a2b3c4d-{}-{}", n % 4, 2 * n + parity))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (before, held) = (ids(0), ids(1));
+    let claims = |ids: &[String]| -> Vec<(String, i32, i64, i64)> {
+        ids.iter()
+            .enumerate()
+            .map(|(n, id)| (id.clone(), (n % 8) as i32, n as i64, 1_764_000_000_000))
+            .collect()
+    };
+    let (before, held) = (claims(&before), claims(&held));
+    fn borrowed(claims: &[(String, i32, i64, i64)]) -> Vec<(&str, i32, i64, i64)> {
+        claims
+            .iter()
+            .map(|(id, p, o, r)| (id.as_str(), *p, *o, *r))
+            .collect()
+    }
+    let mut group = c.benchmark_group("claims");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(CLAIMS as u64));
+    group.bench_function("sqlite_100000_among_100000", |b| {
+        b.iter_batched(
+            || {
+                runtime.block_on(async {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = traitline::store::Store::open(None, dir.path())
+                        .await
+                        .unwrap();
+                    store
+                        .claim_metric_ids("metrics", &borrowed(&before))
+                        .await
+                        .unwrap();
+                    (dir, store)
+                })
+            },
+            |(dir, store)| {
+                runtime.block_on(async {
+                    store
+                        .claim_metric_ids("metrics", &borrowed(&held))
+                        .await
+                        .unwrap();
+                });
+                (dir, store)
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    claims,
     destinations,
     normalize,
     event_reads,
