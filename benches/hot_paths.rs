@@ -422,13 +422,13 @@ fn claims(c: &mut Criterion) {
         ids
     };
     let (before, held) = (ids(0), ids(1));
-    let claims = |ids: &[String]| -> Vec<(String, i32, i64, i64)> {
+    let positioned = |ids: &[String]| -> Vec<(String, i32, i64, i64)> {
         ids.iter()
             .enumerate()
             .map(|(n, id)| (id.clone(), (n % 8) as i32, n as i64, 1_764_000_000_000))
             .collect()
     };
-    let (before, held) = (claims(&before), claims(&held));
+    let (before, held) = (positioned(&before), positioned(&held));
     fn borrowed(claims: &[(String, i32, i64, i64)]) -> Vec<(&str, i32, i64, i64)> {
         claims
             .iter()
