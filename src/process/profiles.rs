@@ -184,7 +184,8 @@ pub fn commit_error(error: StoreError) -> CommitError {
         StoreError::Open { .. }
         | StoreError::Database(_)
         | StoreError::Conflict
-        | StoreError::Interrupted(_) => CommitError::Retryable(error.to_string()),
+        | StoreError::Interrupted(_)
+        | StoreError::Native { .. } => CommitError::Retryable(error.to_string()),
     }
 }
 

@@ -35,6 +35,24 @@ use sqlx::{AnyPool, PgPool, Row};
 
 use cache::StateCache;
 
+/// The SQLite store's file in the data directory.
+const SQLITE_FILE: &str = "traitline.db";
+
+/// Every SQLite connection's settings.
+const SQLITE_PRAGMAS: [&str; 4] = [
+    // Process crashes lose nothing with synchronous=NORMAL in WAL mode; a
+    // power loss may drop the last commits, and with them their offsets,
+    // so they are redone from the log: never half a batch.
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA busy_timeout = 10000",
+    // 32 MiB of pages a connection, not SQLite's 2 MiB: a batch's commit
+    // of profiles, claims and window states touches more than that, and
+    // would read them back from the OS (profiles + 10 metrics 7% faster,
+    // 100 MiB more at peak: docs/benchmarks.md).
+    "PRAGMA cache_size = -32768",
+];
+
 /// Which database a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -72,6 +90,10 @@ pub enum StoreError {
     /// down); nothing was committed.
     #[error("interrupted before the commit: {0}")]
     Interrupted(String),
+    /// SQLite failed, through its own API rather than sqlx's; the
+    /// transaction was rolled back.
+    #[error("the store failed: {message} (SQLite code {code})")]
+    Native { code: i32, message: String },
 }
 
 /// Profile states the processor keeps in memory unless configured.
@@ -136,6 +158,7 @@ mod cache;
 mod definitions;
 mod deliveries;
 mod metric_windows;
+mod native_claims;
 mod profiles;
 mod rules;
 mod settings;
@@ -157,6 +180,9 @@ pub struct Store {
     /// Profile batches still to look their message ids up in `events` on
     /// PostgreSQL before one goes without (see `try_apply`).
     careful_events: Arc<Careful>,
+    /// SQLite's claims through its own API (see [`native_claims`]);
+    /// `None` for PostgreSQL.
+    native_claims: Option<Arc<native_claims::NativeClaims>>,
 }
 
 /// How many more batches of a kind go the careful way (a lookup, an
@@ -199,7 +225,7 @@ impl Store {
                     setting: "data-dir",
                     reason: format!("cannot create {}: {e}", data_dir.display()),
                 })?;
-                let path = data_dir.join("traitline.db");
+                let path = data_dir.join(SQLITE_FILE);
                 (
                     format!("sqlite://{}?mode=rwc", path.display()),
                     Dialect::Sqlite,
@@ -222,22 +248,7 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        // Process crashes lose nothing with synchronous=NORMAL
-                        // in WAL mode; a power loss may drop the last commits,
-                        // and with them their offsets, so they are redone
-                        // from the log: never half a batch.
-                        for pragma in [
-                            "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = NORMAL",
-                            "PRAGMA busy_timeout = 10000",
-                            // 32 MiB of pages a connection, not SQLite's
-                            // 2 MiB: a batch's commit of profiles, claims
-                            // and window states touches more than that,
-                            // and would read them back from the OS
-                            // (profiles + 10 metrics 7% faster, 100 MiB
-                            // more at peak: docs/benchmarks.md).
-                            "PRAGMA cache_size = -32768",
-                        ] {
+                        for pragma in SQLITE_PRAGMAS {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }
                         Ok(())
@@ -312,6 +323,11 @@ impl Store {
             states: Arc::new(StateCache::new(DEFAULT_PROFILE_CACHE)),
             careful_claims: Arc::default(),
             careful_events: Arc::default(),
+            native_claims: (dialect == Dialect::Sqlite).then(|| {
+                Arc::new(native_claims::NativeClaims::new(
+                    &data_dir.join(SQLITE_FILE),
+                ))
+            }),
         })
     }
 

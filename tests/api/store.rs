@@ -25,6 +25,7 @@ both_logs!(
     a_message_id_is_remembered_while_its_event_is_stored,
     a_retried_message_id_is_found_after_many_batches_of_new_ones,
     a_claim_finds_each_ids_first_record_batch_after_batch,
+    a_large_claim_with_an_id_claimed_before_keeps_every_first_record,
     the_rules_claims_join_the_metrics_claims,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
@@ -257,6 +258,122 @@ async fn a_claim_finds_each_ids_first_record_batch_after_batch(backend: Backend)
         again.is_retry("b", 3, 3) && !again.is_retry("b", 2, 3),
         "b's first record is the one claimed with n3: {again:?}"
     );
+}
+
+/// A backlog's claims come by the hundred thousand, written a statement
+/// of many rows at a time (SQLite: through its own API, every id new or
+/// the write rolled back and made the long way). One id claimed before,
+/// deep in the batch: that id's first record stays the earlier one, every
+/// other claim in the batch is made, and none twice.
+async fn a_large_claim_with_an_id_claimed_before_keeps_every_first_record(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let owned = |partition: i32| -> Vec<(String, i32, i64)> {
+        (0..300)
+            .map(|i| {
+                (
+                    format!("id-{i:04}"),
+                    partition,
+                    i64::from(partition) * 1000 + i,
+                )
+            })
+            .collect()
+    };
+    let claim = |claims: Vec<(String, i32, i64)>| {
+        let store = store.clone();
+        async move {
+            let claims: Vec<(&str, i32, i64, i64)> = claims
+                .iter()
+                .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
+                .collect();
+            store.claim_metric_ids("metrics", &claims).await.unwrap()
+        }
+    };
+    assert_eq!(
+        claim(vec![("id-0200".into(), 7, 70)]).await,
+        Claimed::AllFirst
+    );
+    let first = claim(owned(1)).await;
+    assert!(first.is_retry("id-0200", 1, 1200), "claimed at 7:70 before");
+    assert!(!first.is_retry("id-0200", 7, 70));
+    for (id, partition, offset) in owned(1) {
+        if id != "id-0200" {
+            assert!(!first.is_retry(&id, partition, offset), "{id} is new");
+        }
+    }
+    // The same ids from elsewhere: every one a retry of its first record.
+    let again = claim(owned(2)).await;
+    for ((id, partition, offset), (_, first_partition, first_offset)) in
+        owned(2).into_iter().zip(owned(1))
+    {
+        assert!(again.is_retry(&id, partition, offset), "{id} was claimed");
+        if id != "id-0200" {
+            assert!(
+                !again.is_retry(&id, first_partition, first_offset),
+                "{id} first at 1:{first_offset}"
+            );
+        }
+    }
+    assert!(!again.is_retry("id-0200", 7, 70));
+    // New ids after the long way: still claimed, and each once.
+    let fresh: Vec<(String, i32, i64)> =
+        (0..300).map(|i| (format!("fresh-{i:04}"), 3, i)).collect();
+    assert_eq!(claim(fresh.clone()).await, Claimed::AllFirst);
+    let twice = claim(fresh.iter().map(|(id, _, o)| (id.clone(), 4, *o)).collect()).await;
+    assert!(
+        fresh
+            .iter()
+            .all(|(id, _, o)| twice.is_retry(id, 4, *o) && !twice.is_retry(id, 3, *o))
+    );
+}
+
+/// SQLite's claims wait for another writer of the file, as every write of
+/// the store does, and then go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_another_writer_of_the_sqlite_file() {
+    use sqlx::Connection;
+    let dir = TestDir::new();
+    let store = open(Backend::Embedded, &dir).await;
+    let file = format!("sqlite://{}", dir.path().join("traitline.db").display());
+    let mut writer = sqlx::SqliteConnection::connect(&file).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
+         VALUES ('metrics', 'held', 5, 50, 4000000)",
+    )
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    let claims: Vec<(String, i32, i64, i64)> = (0..200)
+        .map(|i| (format!("w-{i}"), 0, i, 4_000_000))
+        .chain([("held".to_owned(), 0, 200, 4_000_000)])
+        .collect();
+    let claiming = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let claims: Vec<(&str, i32, i64, i64)> = claims
+                .iter()
+                .map(|(id, p, o, r)| (id.as_str(), *p, *o, *r))
+                .collect();
+            store.claim_metric_ids("metrics", &claims).await
+        }
+    });
+    // The claim cannot finish while the other writer holds the file.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!claiming.is_finished(), "the claim waits for the writer");
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    let claimed = claiming
+        .await
+        .unwrap()
+        .expect("the claim goes in once the file is free");
+    assert!(
+        claimed.is_retry("held", 0, 200),
+        "the writer's claim came first"
+    );
+    assert!((0..200).all(|i| !claimed.is_retry(&format!("w-{i}"), 0, i)));
 }
 
 async fn a_cached_profile_is_used_only_while_it_is_the_stored_one(backend: Backend) {
