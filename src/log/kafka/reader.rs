@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -102,6 +102,25 @@ pub struct KafkaReader {
     recount: Arc<AtomicBool>,
     /// Whether partitions come from a consumer group (and may change).
     grouped: bool,
+}
+
+/// A group member's partitions are the group's to give: counts them
+/// again after a rebalance.
+fn recount(
+    consumer: &StreamConsumer<ReaderContext>,
+    grouped: bool,
+    recount: &AtomicBool,
+    partitions: &mut usize,
+) {
+    if grouped && recount.swap(false, Ordering::AcqRel) {
+        *partitions = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+    }
+}
+
+/// Every partition this reader has is at its end (and it has some: a
+/// group member waiting for its assignment is not caught up).
+fn all_at_end(at_end: &HashSet<i32>, partitions: usize) -> bool {
+    partitions > 0 && at_end.len() >= partitions
 }
 
 /// A consumer and the two flags its context raises on a rebalance.
@@ -214,15 +233,16 @@ impl KafkaReader {
     /// A group member's partitions are the group's to give: count them
     /// again after a rebalance.
     fn refresh_partitions(&mut self) {
-        if self.grouped && self.recount.swap(false, Ordering::AcqRel) {
-            self.partitions = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        }
+        recount(
+            &self.consumer,
+            self.grouped,
+            &self.recount,
+            &mut self.partitions,
+        );
     }
 
-    /// Every partition this reader has is at its end (and it has some:
-    /// a group member waiting for its assignment is not caught up).
     fn caught_up(&self) -> bool {
-        self.partitions > 0 && self.at_end.len() >= self.partitions
+        all_at_end(&self.at_end, self.partitions)
     }
 
     /// Joins consumer group `group` on `topic`: Kafka shares the
@@ -274,8 +294,20 @@ impl LogReader for KafkaReader {
         // of a quiet log reserves little.
         let mut records = Vec::with_capacity(max.min(4096));
         self.refresh_partitions();
+        let KafkaReader {
+            consumer,
+            topic,
+            at_end,
+            partitions,
+            recount: recounted,
+            grouped,
+            ..
+        } = &mut *self;
+        // One stream for the whole poll: `recv` makes one a record, and
+        // registering its waker and dropping it took a lock each time.
+        let mut stream = consumer.stream();
         while records.len() < max {
-            let caught_up = self.caught_up();
+            let caught_up = all_at_end(at_end, *partitions);
             if caught_up && !records.is_empty() {
                 break;
             }
@@ -285,23 +317,24 @@ impl LogReader for KafkaReader {
             // Batches grow with the backlog instead of every record
             // waiting out the window.
             let next = if records.is_empty() {
-                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
                     Err(_) => break,
                     Ok(next) => next,
                 }
             } else {
-                match self.consumer.recv().now_or_never() {
+                match stream.next().now_or_never() {
                     None => break,
                     Some(next) => next,
                 }
-            };
+            }
+            .expect("a Kafka stream never ends");
             match next {
                 Ok(message) => {
-                    if !self.at_end.is_empty() {
-                        self.at_end.remove(&message.partition());
+                    if !at_end.is_empty() {
+                        at_end.remove(&message.partition());
                     }
                     records.push(StoredRecord {
-                        topic: self.topic.clone(),
+                        topic: topic.clone(),
                         partition: message.partition(),
                         offset: message.offset(),
                         timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
@@ -310,9 +343,10 @@ impl LogReader for KafkaReader {
                     });
                 }
                 Err(KafkaError::PartitionEOF(p)) => {
-                    self.at_end.insert(p);
-                    self.refresh_partitions();
-                    if self.caught_up() && records.is_empty() {
+                    at_end.insert(p);
+                    recount(consumer, *grouped, recounted, partitions);
+                    if all_at_end(at_end, *partitions) && records.is_empty() {
+                        drop(stream);
                         return Ok(Polled {
                             records,
                             caught_up: true,
@@ -322,12 +356,13 @@ impl LogReader for KafkaReader {
                 }
                 Err(e) => {
                     return Err(ReadError {
-                        topic: self.topic.to_string(),
+                        topic: topic.to_string(),
                         reason: e.to_string(),
                     });
                 }
             }
         }
+        drop(stream);
         let caught_up = self.caught_up();
         Ok(Polled {
             records,

@@ -125,8 +125,11 @@ where
         queue: &NativeQueue,
         timeout: T,
     ) -> EventPollResult<KafkaResult<BorrowedMessage<'_>>> {
-        let now = Instant::now();
         let initial_timeout = timeout.into();
+        // Traitline's patch: no clock read for a poll that does not wait,
+        // as a stream's is for every message.
+        let now = (!initial_timeout.is_zero()).then(Instant::now);
+        let elapsed = || now.map_or(Duration::ZERO, |now| now.elapsed());
         let mut timeout = initial_timeout;
         let min_poll_interval = self.context().main_queue_min_poll_interval();
         loop {
@@ -168,13 +171,13 @@ where
                     }
                 }
                 EventPollResult::None => {
-                    timeout = initial_timeout.saturating_sub(now.elapsed());
+                    timeout = initial_timeout.saturating_sub(elapsed());
                     if timeout.is_zero() {
                         return EventPollResult::None;
                     }
                 }
                 EventPollResult::EventConsumed => {
-                    timeout = initial_timeout.saturating_sub(now.elapsed());
+                    timeout = initial_timeout.saturating_sub(elapsed());
                     if timeout.is_zero() {
                         return EventPollResult::EventConsumed;
                     }
