@@ -516,7 +516,7 @@ impl Store {
             Some(pg) => claim_pg(pg, &self.careful_claims, processor, claims).await,
             None => {
                 if let Some(native) = &self.native_claims
-                    && blocking(|| native.claim_all_new(processor, claims))?
+                    && native.claim_all_new(processor, claims).await?
                 {
                     return Ok(Claimed::AllFirst);
                 }
@@ -1255,15 +1255,6 @@ async fn metric_states_of_pg(
         .into_iter()
         .map(|(group, state, due)| (group, GroupRow { state, due }))
         .collect())
-}
-
-/// Runs `work`, which blocks, off the runtime's workers where it has
-/// others to hand their tasks to; in place on a runtime of one thread.
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
-    }
 }
 
 /// [`Store::claim_metric_ids`] on PostgreSQL, each column bound as one

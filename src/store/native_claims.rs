@@ -16,7 +16,7 @@
 use std::ffi::{CStr, CString, c_int};
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use libsqlite3_sys as ffi;
 
@@ -54,9 +54,29 @@ impl NativeClaims {
     /// Claims `claims` for `processor` in one transaction when every id
     /// is new: `Ok(true)`. `Ok(false)` when an id was claimed before (by
     /// an earlier batch or earlier in `claims`): nothing is written then.
-    /// Blocks while SQLite works (and while another writer holds the
-    /// file, up to the busy timeout).
-    pub(super) fn claim_all_new(
+    /// SQLite works on a blocking thread (which also waits out another
+    /// writer of the file, up to the busy timeout), on a copy of the
+    /// claims: blocking the caller's instead would stall the runtime,
+    /// and with it a task that holds the write lock this one waits for.
+    pub(super) async fn claim_all_new(
+        self: &Arc<Self>,
+        processor: &str,
+        claims: &[(&str, i32, i64, i64)],
+    ) -> Result<bool, StoreError> {
+        let native = self.clone();
+        let processor = processor.to_owned();
+        let owned = OwnedClaims::of(claims);
+        let written =
+            tokio::task::spawn_blocking(move || native.claim_blocking(&processor, &owned.claims()))
+                .await;
+        match written {
+            Ok(written) => written,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::Interrupted(e.to_string())),
+        }
+    }
+
+    fn claim_blocking(
         &self,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
@@ -71,6 +91,40 @@ impl NativeClaims {
         // `claims`, and no transaction may stay open.
         connection.settle(outcome.as_ref().is_ok_and(|all_new| *all_new))?;
         outcome
+    }
+}
+
+/// Claims as a blocking thread takes them: the ids one after another in
+/// one string, as they come.
+struct OwnedClaims {
+    ids: String,
+    /// Where each id ends in `ids`, and its record.
+    rows: Vec<(usize, i32, i64, i64)>,
+}
+
+impl OwnedClaims {
+    fn of(claims: &[(&str, i32, i64, i64)]) -> OwnedClaims {
+        let mut ids = String::with_capacity(claims.iter().map(|c| c.0.len()).sum());
+        let rows = claims
+            .iter()
+            .map(|(id, partition, offset, received_at)| {
+                ids.push_str(id);
+                (ids.len(), *partition, *offset, *received_at)
+            })
+            .collect();
+        OwnedClaims { ids, rows }
+    }
+
+    fn claims(&self) -> Vec<(&str, i32, i64, i64)> {
+        let mut start = 0;
+        self.rows
+            .iter()
+            .map(|&(end, partition, offset, received_at)| {
+                let id = &self.ids[start..end];
+                start = end;
+                (id, partition, offset, received_at)
+            })
+            .collect()
     }
 }
 
