@@ -289,10 +289,12 @@ impl KafkaReader {
 impl LogReader for KafkaReader {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError> {
         let deadline = tokio::time::Instant::now() + wait;
-        // Room for a few thousand records: a backlog's batch (tens of
-        // thousands) regrows a few times rather than from one, and a poll
-        // of a quiet log reserves little.
-        let mut records = Vec::with_capacity(max.min(4096));
+        // Room for a few thousand records, which a poll of a quiet log
+        // rarely fills; one that fills it is reading a backlog, and takes
+        // room for the whole batch at once rather than regrowing (and
+        // copying what it holds) three or four times.
+        let first_room = max.min(4096);
+        let mut records = Vec::with_capacity(first_room);
         self.refresh_partitions();
         let KafkaReader {
             consumer,
@@ -332,6 +334,9 @@ impl LogReader for KafkaReader {
                 Ok(message) => {
                     if !at_end.is_empty() {
                         at_end.remove(&message.partition());
+                    }
+                    if records.len() == first_room {
+                        records.reserve_exact(max - first_room);
                     }
                     records.push(StoredRecord {
                         topic: topic.clone(),
