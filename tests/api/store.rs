@@ -200,6 +200,16 @@ async fn a_retried_message_id_is_found_after_many_batches_of_new_ones(backend: B
     );
 }
 
+/// Claims `claims` (id, partition, offset) for the metrics, each received
+/// at the same time.
+async fn claim_for_metrics(store: &Store, claims: Vec<(String, i32, i64)>) -> Claimed {
+    let claims: Vec<(&str, i32, i64, i64)> = claims
+        .iter()
+        .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
+        .collect();
+    store.claim_metric_ids("metrics", &claims).await.unwrap()
+}
+
 /// Claims in a row find each id's first record whatever the batches
 /// before held: on PostgreSQL a claim is first a plain insert, which an id
 /// claimed before (or twice in the batch) makes fail whole, and the claims
@@ -207,16 +217,7 @@ async fn a_retried_message_id_is_found_after_many_batches_of_new_ones(backend: B
 async fn a_claim_finds_each_ids_first_record_batch_after_batch(backend: Backend) {
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
-    let claim = |claims: Vec<(String, i32, i64)>| {
-        let store = store.clone();
-        async move {
-            let claims: Vec<(&str, i32, i64, i64)> = claims
-                .iter()
-                .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
-                .collect();
-            store.claim_metric_ids("metrics", &claims).await.unwrap()
-        }
-    };
+    let claim = |claims| claim_for_metrics(&store, claims);
     let new = |round: i64| vec![(format!("n{round}"), 0, 100 + round)];
     let twice = claim(vec![("a".into(), 0, 1), ("a".into(), 1, 2)]).await;
     assert_eq!(
@@ -279,16 +280,7 @@ async fn a_large_claim_with_an_id_claimed_before_keeps_every_first_record(backen
             })
             .collect()
     };
-    let claim = |claims: Vec<(String, i32, i64)>| {
-        let store = store.clone();
-        async move {
-            let claims: Vec<(&str, i32, i64, i64)> = claims
-                .iter()
-                .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
-                .collect();
-            store.claim_metric_ids("metrics", &claims).await.unwrap()
-        }
-    };
+    let claim = |claims| claim_for_metrics(&store, claims);
     assert_eq!(
         claim(vec![("id-0200".into(), 7, 70)]).await,
         Claimed::AllFirst
