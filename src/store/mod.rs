@@ -379,6 +379,9 @@ impl Store {
 
     /// Closes every connection.
     pub async fn close(&self) {
+        if let Some(native) = &self.native_claims {
+            native.close().await;
+        }
         self.pool.close().await;
         if let Some(pg) = &self.pg {
             pg.close().await;

@@ -32,7 +32,14 @@ const ROWS: usize = 64;
 /// created the file and run the migrations).
 pub(super) struct NativeClaims {
     path: PathBuf,
-    connection: Mutex<Option<Connection>>,
+    connection: Mutex<State>,
+}
+
+enum State {
+    Unopened,
+    Open(Connection),
+    /// The store was closed: claims go the long way, whose pool says so.
+    Closed,
 }
 
 impl std::fmt::Debug for NativeClaims {
@@ -47,13 +54,29 @@ impl NativeClaims {
     pub(super) fn new(path: &Path) -> NativeClaims {
         NativeClaims {
             path: path.to_owned(),
-            connection: Mutex::new(None),
+            connection: Mutex::new(State::Unopened),
+        }
+    }
+
+    /// Closes the connection (the store is closing); claims made after
+    /// it are left to the pool, closed too. On a blocking thread: the last
+    /// connection to close checkpoints the WAL.
+    pub(super) async fn close(self: &Arc<Self>) {
+        let native = self.clone();
+        let closing = tokio::task::spawn_blocking(move || {
+            *native.connection.lock().unwrap_or_else(|e| e.into_inner()) = State::Closed;
+        });
+        if let Err(e) = closing.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
         }
     }
 
     /// Claims `claims` for `processor` in one transaction when every id
     /// is new: `Ok(true)`. `Ok(false)` when an id was claimed before (by
-    /// an earlier batch or earlier in `claims`): nothing is written then.
+    /// an earlier batch or earlier in `claims`), or the store is closed:
+    /// nothing is written then.
     /// SQLite works on a blocking thread (which also waits out another
     /// writer of the file, up to the busy timeout), on a copy of the
     /// claims: blocking the caller's instead would stall the runtime,
@@ -81,11 +104,13 @@ impl NativeClaims {
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
     ) -> Result<bool, StoreError> {
-        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        if connection.is_none() {
-            *connection = Some(Connection::open(&self.path)?);
+        let mut state = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*state, State::Unopened) {
+            *state = State::Open(Connection::open(&self.path)?);
         }
-        let connection = connection.as_mut().expect("opened above");
+        let State::Open(connection) = &mut *state else {
+            return Ok(false);
+        };
         let outcome = connection.claim_all_new(processor, claims);
         // Whatever happened, no statement may keep a pointer into
         // `claims`, and no transaction may stay open.

@@ -319,6 +319,32 @@ async fn a_large_claim_with_an_id_claimed_before_keeps_every_first_record(backen
     );
 }
 
+/// A closed store claims nothing, on SQLite's own connection either; what
+/// it claimed before is there when the file is opened again.
+#[tokio::test]
+async fn a_closed_sqlite_store_claims_nothing_and_keeps_its_claims() {
+    let dir = TestDir::new();
+    let store = open(Backend::Embedded, &dir).await;
+    let claims = vec![("before".to_owned(), 1, 10)];
+    assert_eq!(claim_for_metrics(&store, claims).await, Claimed::AllFirst);
+    store.close().await;
+    assert!(
+        store
+            .claim_metric_ids("metrics", &[("after", 1, 11, 4_000_000)])
+            .await
+            .is_err(),
+        "a closed store takes no claim"
+    );
+    let store = open(Backend::Embedded, &dir).await;
+    let again = claim_for_metrics(
+        &store,
+        vec![("before".to_owned(), 2, 20), ("after".to_owned(), 2, 21)],
+    )
+    .await;
+    assert!(again.is_retry("before", 2, 20), "claimed before the close");
+    assert!(!again.is_retry("after", 2, 21), "not claimed while closed");
+}
+
 /// SQLite's claims wait for another writer of the file, as every write of
 /// the store does, and then go in; on a runtime of one thread too, where
 /// a claim that blocked the thread would keep the writer from finishing.
