@@ -30,24 +30,18 @@ const ROWS: usize = 64;
 
 /// The claims' connection, opened on first use (after the pool has
 /// created the file and run the migrations).
+#[derive(Debug)]
 pub(super) struct NativeClaims {
     path: PathBuf,
     connection: Mutex<State>,
 }
 
+#[derive(Debug)]
 enum State {
     Unopened,
     Open(Connection),
     /// The store was closed: claims go the long way, whose pool says so.
     Closed,
-}
-
-impl std::fmt::Debug for NativeClaims {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NativeClaims")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
 }
 
 impl NativeClaims {
@@ -154,6 +148,7 @@ impl OwnedClaims {
 }
 
 /// One SQLite connection and its two prepared inserts.
+#[derive(Debug)]
 struct Connection {
     db: *mut ffi::sqlite3,
     /// [`ROWS`] claims a statement.

@@ -230,8 +230,7 @@ impl KafkaReader {
         })
     }
 
-    /// A group member's partitions are the group's to give: count them
-    /// again after a rebalance.
+    /// See [`recount`].
     fn refresh_partitions(&mut self) {
         recount(
             &self.consumer,
