@@ -66,6 +66,16 @@ impl<'a> Envelope<'a> {
         // the parser, and what is borrowed needs no check of its own then.
         let json =
             std::str::from_utf8(json).map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        match Envelope::scan(json, reads) {
+            Some(envelope) => Ok(envelope),
+            // What the scanner leaves, serde_json parses: the event, or
+            // the error it is refused with.
+            None => Envelope::parse_whole(json, reads),
+        }
+    }
+
+    /// [`Envelope::parse`] by serde_json's parser alone.
+    fn parse_whole(json: &'a str, reads: Reads) -> serde_json::Result<Envelope<'a>> {
         if !json.trim_start().starts_with('{') {
             // An event that is not an object has no fields to read (and
             // no definition takes it).
@@ -166,6 +176,52 @@ impl<'a> Envelope<'a> {
     }
 }
 
+impl<'a> Envelope<'a> {
+    /// The fast path of [`Envelope::parse`] (see [`scan`]): `None` for
+    /// what it leaves to serde_json.
+    fn scan(json: &'a str, reads: Reads) -> Option<Envelope<'a>> {
+        let mut envelope = Envelope::default();
+        scan::object_fields(json, |field| {
+            let key = if field.key_escaped {
+                Cow::Owned(serde_json::from_str(field.key_json(json)).ok()?)
+            } else {
+                Cow::Borrowed(field.key)
+            };
+            if let Some(slot) = head_slot(&key) {
+                let value = if !field.value.starts_with('"') {
+                    Field::Other(serde_json::from_str(field.value).ok()?)
+                } else if field.value_escaped {
+                    Field::Text(Cow::Owned(serde_json::from_str(field.value).ok()?))
+                } else {
+                    Field::Text(Cow::Borrowed(&field.value[1..field.value.len() - 1]))
+                };
+                envelope.put_head(slot, key, value);
+            } else if reads.contains(&key) {
+                let value = serde_json::from_str(field.value).ok()?;
+                envelope.fields().insert(key.into_owned(), value);
+            }
+            Some(())
+        })?;
+        Some(envelope)
+    }
+
+    /// Head field `key` (at `slot`): text is kept as text, anything else
+    /// among the other fields. A field given twice keeps its last value,
+    /// as a whole parse does.
+    fn put_head(&mut self, slot: usize, key: Cow<'a, str>, value: Field<'a>) {
+        match value {
+            Field::Text(text) => {
+                self.head[slot] = Some(text);
+                self.fields().remove(key.as_ref());
+            }
+            Field::Other(value) => {
+                self.head[slot] = None;
+                self.fields().insert(key.into_owned(), value);
+            }
+        }
+    }
+}
+
 impl Envelope<'_> {
     /// An event that is not a JSON object.
     fn other(value: Value) -> Self {
@@ -235,18 +291,7 @@ impl<'de> Visitor<'de> for Projection {
         let mut envelope = Envelope::default();
         while let Some(Key(key)) = map.next_key()? {
             if let Some(slot) = head_slot(&key) {
-                // A field given twice keeps its last value, as a whole
-                // parse does.
-                match map.next_value()? {
-                    Field::Text(text) => {
-                        envelope.head[slot] = Some(text);
-                        envelope.fields().remove(key.as_ref());
-                    }
-                    Field::Other(value) => {
-                        envelope.head[slot] = None;
-                        envelope.fields().insert(key.into_owned(), value);
-                    }
-                }
+                envelope.put_head(slot, key, map.next_value()?);
             } else if self.0.contains(&key) {
                 let value = map.next_value()?;
                 envelope.fields().insert(key.into_owned(), value);
@@ -350,5 +395,6 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
+mod scan;
 #[cfg(test)]
 mod tests;

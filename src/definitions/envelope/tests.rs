@@ -234,3 +234,107 @@ proptest! {
         }
     }
 }
+
+/// What an envelope holds, to compare one parsed two ways.
+fn parts<'e>(envelope: &'e Envelope) -> (Vec<Option<&'e str>>, &'e Value, Option<&'e Value>) {
+    (
+        envelope.head.iter().map(|text| text.as_deref()).collect(),
+        &envelope.rest,
+        envelope.not_an_object.as_ref(),
+    )
+}
+
+/// Events as serde_json writes them: every kind of value, numbers with
+/// fractions and exponents, strings with escapes and control characters.
+fn event_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        "[a-z\"\\\\é \u{1}\t/]{0,12}".prop_map(Value::from),
+    ];
+    let value = leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-zA-Z\"é]{0,6}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let fields = prop::collection::vec(
+        (
+            prop_oneof![
+                prop::sample::select(ENVELOPE_FIELDS.to_vec()).prop_map(str::to_owned),
+                "[a-z\"]{0,5}",
+            ],
+            value,
+        ),
+        0..10,
+    );
+    (fields, any::<bool>()).prop_map(|(fields, pretty)| {
+        let event = Value::Object(fields.into_iter().collect());
+        if pretty {
+            serde_json::to_string_pretty(&event).unwrap()
+        } else {
+            event.to_string()
+        }
+    })
+}
+
+/// Bytes that make JSON wrong, or right in another way.
+const EDITS: [&str; 26] = [
+    "\"", "\\", "{", "}", "[", "]", ",", ":", "0", "-", ".", "e", "+", " ", "\u{1}", "\t", "u",
+    "\\u00", "n", "true", "1e5", "é", "\u{a0}", "}}", ",]", ",}",
+];
+
+proptest! {
+    /// The scanner takes every event serde_json writes, reads it as
+    /// serde_json's parse does, and of an event edited at random takes
+    /// only what serde_json takes, read the same.
+    #[test]
+    fn the_scanner_reads_as_serde_json_and_takes_nothing_it_refuses(
+        text in event_text(),
+        edits in prop::collection::vec(
+            (
+                any::<prop::sample::Index>(),
+                any::<bool>(),
+                prop::sample::select(EDITS.to_vec()),
+                0..3usize,
+            ),
+            1..3,
+        ),
+        read in prop::sample::subsequence(ENVELOPE_FIELDS.to_vec(), 0..=ENVELOPE_FIELDS.len()),
+    ) {
+        let reads = Reads::of(read);
+        let scanned = Envelope::scan(&text, reads).expect("serde_json's own output is scanned");
+        let whole = Envelope::parse_whole(&text, reads).unwrap();
+        prop_assert_eq!(parts(&scanned), parts(&whole));
+
+        let mut edited = text.clone();
+        for (at, at_structure, insert, remove) in edits {
+            // At random, or at a quote, bracket, comma or colon.
+            let structure: Vec<usize> = edited.match_indices(['"', '{', '}', '[', ']', ',', ':']).map(|(i, _)| i).collect();
+            let mut at = if at_structure && !structure.is_empty() {
+                structure[at.index(structure.len())]
+            } else {
+                at.index(edited.len() + 1)
+            };
+            while !edited.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mut end = at;
+            for _ in 0..remove {
+                end += edited[end..].chars().next().map_or(0, char::len_utf8);
+            }
+            edited.replace_range(at..end, insert);
+        }
+        if let Some(scanned) = Envelope::scan(&edited, reads) {
+            let whole = Envelope::parse_whole(&edited, reads);
+            prop_assert!(whole.is_ok(), "the scanner took {:?}, which serde_json refuses", edited);
+            let whole = whole.unwrap();
+            prop_assert_eq!(parts(&scanned), parts(&whole));
+        }
+    }
+}
