@@ -183,9 +183,9 @@ impl<'a> Envelope<'a> {
         let mut envelope = Envelope::default();
         scan::object_fields(json, |field| {
             let key = if field.key_escaped {
-                Cow::Owned(serde_json::from_str(field.key_json(json)).ok()?)
+                Cow::Owned(serde_json::from_str(field.key_json).ok()?)
             } else {
-                Cow::Borrowed(field.key)
+                Cow::Borrowed(field.key_text())
             };
             if let Some(slot) = head_slot(&key) {
                 let value = if !field.value.starts_with('"') {

@@ -15,9 +15,9 @@ const MAX_DEPTH: u32 = 64;
 
 /// One top-level field as it lies in the event.
 pub(super) struct RawField<'a> {
-    /// The key's text between its quotes, as written.
-    pub key: &'a str,
-    /// Whether `key` has escapes: its meaning is then not its text.
+    /// The key's JSON, quotes included.
+    pub key_json: &'a str,
+    /// Whether the key has escapes: its meaning is then not its text.
     pub key_escaped: bool,
     /// The value's JSON.
     pub value: &'a str,
@@ -26,10 +26,9 @@ pub(super) struct RawField<'a> {
 }
 
 impl<'a> RawField<'a> {
-    /// The key's JSON, quotes included (to decode one with escapes).
-    pub fn key_json(&self, json: &'a str) -> &'a str {
-        let start = self.key.as_ptr() as usize - json.as_ptr() as usize;
-        &json[start - 1..start + self.key.len() + 1]
+    /// The key's text between its quotes, as written.
+    pub fn key_text(&self) -> &'a str {
+        &self.key_json[1..self.key_json.len() - 1]
     }
 }
 
@@ -50,10 +49,10 @@ pub(super) fn object_fields<'a>(
     scan.whitespace();
     if !scan.eat_if(b'}') {
         loop {
-            scan.eat(b'"')?;
             let key_start = scan.at;
+            scan.eat(b'"')?;
             let key_escaped = scan.string()?;
-            let key = &json[key_start..scan.at - 1];
+            let key_json = &json[key_start..scan.at];
             scan.whitespace();
             scan.eat(b':')?;
             scan.whitespace();
@@ -65,7 +64,7 @@ pub(super) fn object_fields<'a>(
                 false
             };
             each(RawField {
-                key,
+                key_json,
                 key_escaped,
                 value: &json[value_start..scan.at],
                 value_escaped,
@@ -300,7 +299,7 @@ mod tests {
     fn fields(json: &str) -> Option<Vec<(String, String)>> {
         let mut out = Vec::new();
         object_fields(json, |f| {
-            out.push((f.key.to_owned(), f.value.to_owned()));
+            out.push((f.key_text().to_owned(), f.value.to_owned()));
             Some(())
         })?;
         Some(out)
