@@ -340,7 +340,13 @@ pub async fn send(
 }
 
 pub fn client() -> reqwest::Client {
-    client_builder().build().expect("an HTTP client builds")
+    // A request that never answers fails its test naming the request,
+    // inside nextest's three minutes, rather than hanging until nextest
+    // kills the test with nothing to show where it waited.
+    client_builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("an HTTP client builds")
 }
 
 pub fn client_builder() -> reqwest::ClientBuilder {
