@@ -57,14 +57,12 @@ impl NativeClaims {
     /// connection to close checkpoints the WAL.
     pub(super) async fn close(self: &Arc<Self>) {
         let native = self.clone();
-        let closing = tokio::task::spawn_blocking(move || {
+        // Interrupted only as the runtime shuts down, when nothing is
+        // left to claim.
+        let _ = on_blocking_thread(move || {
             *native.connection.lock().unwrap_or_else(|e| e.into_inner()) = State::Closed;
-        });
-        if let Err(e) = closing.await
-            && e.is_panic()
-        {
-            std::panic::resume_unwind(e.into_panic());
-        }
+        })
+        .await;
     }
 
     /// Claims `claims` for `processor` in one transaction when every id
@@ -83,14 +81,7 @@ impl NativeClaims {
         let native = self.clone();
         let processor = processor.to_owned();
         let owned = OwnedClaims::of(claims);
-        let written =
-            tokio::task::spawn_blocking(move || native.claim_blocking(&processor, &owned.claims()))
-                .await;
-        match written {
-            Ok(written) => written,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(StoreError::Interrupted(e.to_string())),
-        }
+        on_blocking_thread(move || native.claim_blocking(&processor, &owned.claims())).await?
     }
 
     fn claim_blocking(
@@ -110,6 +101,17 @@ impl NativeClaims {
         // `claims`, and no transaction may stay open.
         connection.settle(outcome.as_ref().is_ok_and(|all_new| *all_new))?;
         outcome
+    }
+}
+
+/// Runs `work` on a blocking thread; a panic there goes on here.
+async fn on_blocking_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Ok(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StoreError::Interrupted(e.to_string())),
     }
 }
 
