@@ -286,7 +286,7 @@ impl Destination {
                         "destination {} cannot read the record as JSON: {e}",
                         self.spec.name
                     ),
-                    record: record.clone(),
+                    record: Box::new(record.clone()),
                 });
             }
         };
@@ -347,7 +347,7 @@ pub struct Payload {
 
 impl Payload {
     fn one(id: String, record: StoredRecord, key: Option<String>) -> Payload {
-        let body = Bytes::from(record.value);
+        let body = record.value;
         Payload {
             records: vec![Member {
                 id: id.clone(),
@@ -448,7 +448,7 @@ impl AtLeastOnce for Destination {
                     partition: record.partition,
                     offset: record.offset,
                     key,
-                    value: Bytes::from(record.value),
+                    value: record.value,
                 };
                 self.deliver_in_batch(member).await;
             } else {
@@ -460,7 +460,7 @@ impl AtLeastOnce for Destination {
 
     fn in_order_of(&self, record: &StoredRecord) -> Option<Vec<u8>> {
         match self.spec.ordering {
-            Ordering::PerUser => Some(record.key.clone().unwrap_or_default()),
+            Ordering::PerUser => Some(record.key.as_deref().unwrap_or_default().to_vec()),
             Ordering::Unordered => None,
         }
     }
@@ -514,7 +514,7 @@ mod tests {
             offset: 17,
             timestamp_ms: 0,
             key: None,
-            value: Vec::new(),
+            value: Bytes::new(),
         };
         let event = serde_json::json!({"messageId": "m-1"});
         assert_eq!(delivery_id("user_events", &event, &record), "m-1");

@@ -152,8 +152,8 @@ async fn dead_letters(
                 partition: failure.partition,
                 offset: failure.offset,
                 timestamp_ms: failure.failed_at,
-                key: failure.key.clone().map(String::into_bytes),
-                value: failure.body.into_bytes(),
+                key: failure.key.clone().map(Into::into),
+                value: failure.body.into(),
             };
             let (destination, counts) = (destination.clone(), counts.clone());
             tasks.spawn(async move {

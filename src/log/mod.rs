@@ -37,8 +37,11 @@ pub struct StoredRecord {
     pub offset: i64,
     /// Milliseconds since the Unix epoch when the log stored the record.
     pub timestamp_ms: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    /// Key and value share their buffer with the records read with them
+    /// ([`bytes::Bytes`]): a reader copies a poll's records into a few
+    /// large buffers, not two allocations a record.
+    pub key: Option<bytes::Bytes>,
+    pub value: bytes::Bytes,
 }
 
 /// Why an append failed. Nothing in a failed append may be acknowledged to

@@ -115,7 +115,7 @@ mod tests {
             offset: 0,
             timestamp_ms,
             key: None,
-            value: Vec::new(),
+            value: bytes::Bytes::new(),
         }
     }
 

@@ -902,7 +902,7 @@ mod tests {
             offset,
             timestamp_ms: 0,
             key: None,
-            value: envelope.to_string().into_bytes(),
+            value: envelope.to_string().into(),
         }
     }
 

@@ -292,7 +292,7 @@ pub struct Event {
     pub offset: i64,
     /// The record as the log holds it: what a late event is reported
     /// with.
-    pub record: Vec<u8>,
+    pub record: bytes::Bytes,
     /// Its message id when it has no stamp (a stamp holds the id): one
     /// copy of it an event.
     unstamped_id: Option<String>,

@@ -62,7 +62,9 @@ pub use stats::{PartitionLag, RunnerStats, SharedStats};
 /// letters (`user_events_rejected`) and the partition goes on.
 #[derive(Debug, Clone)]
 pub struct Rejected {
-    pub record: StoredRecord,
+    /// Boxed: a rejection is rare, and a `Result` with it in place would
+    /// carry a record's size on every success.
+    pub record: Box<StoredRecord>,
     pub reason: String,
 }
 

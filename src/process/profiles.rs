@@ -143,23 +143,25 @@ impl ProfileProcessor {
     }
 }
 
-/// The event in a record, with the record's text (its bytes, not a copy);
-/// the record back with the reason when it is not one.
-fn parse(mut record: StoredRecord) -> Result<(EventEnvelope, String), Rejected> {
-    let text = match String::from_utf8(std::mem::take(&mut record.value)) {
-        Ok(text) => text,
+/// The event in a record, with the record's text; the record back with
+/// the reason when it is not one.
+fn parse(record: StoredRecord) -> Result<(EventEnvelope, String), Rejected> {
+    let text = match std::str::from_utf8(&record.value) {
+        Ok(text) => text.to_owned(),
         Err(e) => {
-            let reason = format!("the record is not UTF-8: {}", e.utf8_error());
-            record.value = e.into_bytes();
-            return Err(Rejected { record, reason });
+            let reason = format!("the record is not UTF-8: {e}");
+            return Err(Rejected {
+                record: Box::new(record),
+                reason,
+            });
         }
     };
     match event_in(&text) {
         Ok(event) => Ok((event, text)),
-        Err(reason) => {
-            record.value = text.into_bytes();
-            Err(Rejected { record, reason })
-        }
+        Err(reason) => Err(Rejected {
+            record: Box::new(record),
+            reason,
+        }),
     }
 }
 

@@ -537,7 +537,7 @@ impl<P: Processor> Runner<P> {
                         panic_message(e.into_panic().as_ref())
                     );
                     let rejected = Rejected {
-                        record: copy.clone(),
+                        record: Box::new(copy.clone()),
                         reason,
                     };
                     (self.empty_batch(), vec![rejected])
@@ -589,7 +589,7 @@ impl<P: Processor> Runner<P> {
                             panic_message(e.into_panic().as_ref())
                         );
                         let rejects = [Rejected {
-                            record: copy.clone(),
+                            record: Box::new(copy.clone()),
                             reason,
                         }];
                         if !self.dead_letters.publish(&rejects, stop).await {

@@ -189,7 +189,7 @@ fn check_against_log(
             let expected: Vec<String> = log
                 .iter()
                 .filter(|r| r.partition == partition && (*first..=*last).contains(&r.offset))
-                .map(|r| String::from_utf8(r.value.clone()).unwrap())
+                .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
                 .collect();
             if objects[*key] != expected {
                 return Err(format!("{key} does not hold its records"));

@@ -457,7 +457,7 @@ async fn a_metric_defined_after_its_events_counts_them_from_history_exactly(back
             );
             assert_eq!(w["final"], true);
             (
-                r.key.clone(),
+                r.key.as_deref().map(<[u8]>::to_vec),
                 w["start"].clone(),
                 w["value"].clone(),
                 w["events"].clone(),

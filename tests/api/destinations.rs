@@ -418,7 +418,7 @@ async fn every_matching_event_is_delivered_signed_through_a_flaky_and_a_down_rec
         },
     )
     .await;
-    let key = String::from_utf8(delivered[0].key.clone().unwrap()).unwrap();
+    let key = String::from_utf8(delivered[0].key.as_deref().unwrap().to_vec()).unwrap();
     assert!(key.starts_with("crm:") && key.contains("-u"), "{key}");
     app.stop().await;
 }

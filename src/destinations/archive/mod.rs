@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -87,7 +88,7 @@ impl Archive {
 
     /// The line `record` is archived as (its value), `None` when the
     /// filter leaves it out.
-    fn line(&self, record: StoredRecord) -> Result<Option<Vec<u8>>, Rejected> {
+    fn line(&self, record: StoredRecord) -> Result<Option<Bytes>, Rejected> {
         let compact = !record.value.contains(&b'\n');
         if self.filter.is_none() && compact {
             return Ok(Some(record.value));
@@ -97,7 +98,7 @@ impl Archive {
             Err(e) => {
                 return Err(Rejected {
                     reason: format!("archive {} cannot read the record as JSON: {e}", self.name),
-                    record,
+                    record: Box::new(record),
                 });
             }
         };
@@ -111,7 +112,7 @@ impl Archive {
         Ok(Some(if compact {
             record.value
         } else {
-            serde_json::to_vec(&value).unwrap_or_default()
+            serde_json::to_vec(&value).unwrap_or_default().into()
         }))
     }
 

@@ -170,8 +170,8 @@ impl EmbeddedReader {
                             partition: part.partition,
                             offset: frame.offset as i64,
                             timestamp_ms: frame.timestamp_ms,
-                            key: frame.key,
-                            value: frame.value,
+                            key: frame.key.map(Into::into),
+                            value: frame.value.into(),
                         });
                     }
                     Scan::End | Scan::Partial | Scan::Corrupt => {

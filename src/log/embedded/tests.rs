@@ -102,7 +102,7 @@ async fn readers_in_the_writing_process_stop_at_the_synced_length() {
 
     let mut reader = EmbeddedReader::open(dir.path(), &topic, StartAt::Beginning).unwrap();
     let read = reader.poll(10, Duration::from_millis(50)).await.unwrap();
-    let values: Vec<&[u8]> = read.records.iter().map(|r| r.value.as_slice()).collect();
+    let values: Vec<&[u8]> = read.records.iter().map(|r| &r.value[..]).collect();
     assert_eq!(values, [&b"a"[..], b"b"], "the unsynced frame is not read");
 
     // Synced: now it is.
@@ -110,7 +110,7 @@ async fn readers_in_the_writing_process_stop_at_the_synced_length() {
     synced.store(std::fs::metadata(&path).unwrap().len(), Ordering::Release);
     let read = reader.poll(10, Duration::from_millis(50)).await.unwrap();
     assert_eq!(read.records.len(), 1);
-    assert_eq!(read.records[0].value, b"c");
+    assert_eq!(read.records[0].value, &b"c"[..]);
 }
 
 #[tokio::test]
@@ -144,7 +144,7 @@ async fn a_seek_starts_at_the_indexed_frame_before_the_target() {
     );
     let polled = reader.poll(10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(polled.records[0].offset, 2100);
-    assert_eq!(polled.records[0].value, b"v2100");
+    assert_eq!(polled.records[0].value, &b"v2100"[..]);
 
     // An entry that points at the wrong place is not trusted: the
     // seek reads from the start and still lands right.

@@ -435,8 +435,8 @@ async fn a_rule_writes_a_backlogs_batch_at_once_when_its_matches_reach_the_bound
                     partition: 0,
                     offset: offset as i64,
                     timestamp_ms: base + after * 1_000,
-                    key: Some(user.as_bytes().to_vec()),
-                    value: envelope.to_string().into_bytes(),
+                    key: Some(user.as_bytes().to_vec().into()),
+                    value: envelope.to_string().into(),
                 }
             })
             .collect()
