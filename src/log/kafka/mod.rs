@@ -3,6 +3,7 @@
 //! the reader ([`KafkaReader`]), and the client settings they share.
 
 mod admin;
+mod fetch;
 mod producer;
 mod reader;
 

@@ -8,17 +8,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
+use rdkafka::bindings as rd;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
 
 use super::base_config;
+use super::fetch::{FetchQueue, Fetched};
 use crate::config::KafkaSettings;
 use crate::log::{LogReader, Polled, ReadError, StartAt, StoredRecord};
 
@@ -32,6 +35,22 @@ struct ReaderContext {
     /// consumer's statistics (fetch responses carry it): lag without a
     /// broker round trip.
     high_watermarks: Mutex<HashMap<i32, i64>>,
+    /// Where the partitions' fetched messages go (see [`super::fetch`]):
+    /// here, so that a rebalance can split off the partitions it assigns
+    /// before their fetching starts. Taken out when the reader is
+    /// dropped, before the consumer.
+    fetch: Mutex<Option<FetchQueue>>,
+}
+
+impl ReaderContext {
+    /// Sends `partitions`' fetched messages to the fetch queue.
+    fn split(&self, client: *mut rd::rd_kafka_t, partitions: &TopicPartitionList) {
+        if let Some(fetch) = &*self.fetch.lock().unwrap_or_else(|e| e.into_inner()) {
+            for p in partitions.elements() {
+                fetch.split(client, p.topic(), p.partition());
+            }
+        }
+    }
 }
 
 impl ClientContext for ReaderContext {
@@ -65,6 +84,12 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.split(consumer.client().native_ptr(), list);
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let partitions = |list: &TopicPartitionList| {
             list.elements()
@@ -170,6 +195,7 @@ fn reader_consumer(
         rebalanced: rebalanced.clone(),
         recount: recount.clone(),
         high_watermarks: Mutex::default(),
+        fetch: Mutex::new(None),
     };
     let mut config = base_config(settings);
     config
@@ -195,7 +221,7 @@ fn reader_consumer(
     for (name, value) in &settings.options {
         config.set(name, value);
     }
-    let consumer = config
+    let consumer: StreamConsumer<ReaderContext> = config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -206,6 +232,12 @@ fn reader_consumer(
             topic: topic.to_owned(),
             reason: e.to_string(),
         })?;
+    let fetch = FetchQueue::new(consumer.client().native_ptr());
+    *consumer
+        .context()
+        .fetch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(fetch);
     Ok((consumer, rebalanced, recount))
 }
 
@@ -245,6 +277,9 @@ impl KafkaReader {
                 .add_partition_offset(topic, *p, offset)
                 .map_err(|e| error(e.to_string()))?;
         }
+        consumer
+            .context()
+            .split(consumer.client().native_ptr(), &assignment);
         consumer
             .assign(&assignment)
             .map_err(|e| error(e.to_string()))?;
@@ -315,16 +350,114 @@ impl KafkaReader {
     }
 }
 
+impl Drop for KafkaReader {
+    fn drop(&mut self) {
+        // librdkafka's queues go before their consumer.
+        self.consumer
+            .context()
+            .fetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+/// What one poll gathers, from either queue.
+struct Gathered<'a> {
+    records: Vec<StoredRecord>,
+    max: usize,
+    /// The records' first room (see [`KafkaReader::poll`]).
+    first_room: usize,
+    topic: &'a Arc<str>,
+    at_end: &'a mut HashSet<i32>,
+    copies: &'a mut Copies,
+    /// A partition reached its end: count the partitions again.
+    ended: bool,
+    failed: Option<KafkaError>,
+}
+
+impl Gathered<'_> {
+    fn full(&self) -> bool {
+        self.records.len() >= self.max || self.failed.is_some()
+    }
+
+    fn record(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) {
+        if !self.at_end.is_empty() {
+            self.at_end.remove(&partition);
+        }
+        if self.records.len() == self.first_room {
+            self.records.reserve_exact(self.max - self.first_room);
+        }
+        let key = key.map(|key| self.copies.copy(key));
+        self.records.push(StoredRecord {
+            topic: self.topic.clone(),
+            partition,
+            offset,
+            timestamp_ms,
+            key,
+            value: self.copies.copy(value),
+        });
+    }
+
+    fn ended(&mut self, partition: i32) {
+        self.at_end.insert(partition);
+        self.ended = true;
+    }
+
+    /// One item of the consumer queue's stream.
+    fn polled(&mut self, next: Option<Result<BorrowedMessage<'_>, KafkaError>>) {
+        match next.expect("a Kafka stream never ends") {
+            Ok(message) => self.record(
+                message.partition(),
+                message.offset(),
+                message.timestamp().to_millis().unwrap_or(0),
+                message.key(),
+                message.payload().unwrap_or_default(),
+            ),
+            Err(KafkaError::PartitionEOF(p)) => self.ended(p),
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
+    /// One message of the fetch queue.
+    fn fetched(&mut self, fetched: Fetched<'_>) {
+        match fetched {
+            Fetched::Record {
+                partition,
+                offset,
+                timestamp_ms,
+                key,
+                value,
+            } => self.record(partition, offset, timestamp_ms, key, value),
+            Fetched::End(p) => self.ended(p),
+            Fetched::Failed(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// Until `arrivals` is notified; never without a fetch queue.
+async fn arrival(arrivals: Option<&Notify>) {
+    match arrivals {
+        Some(arrivals) => arrivals.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 #[async_trait]
 impl LogReader for KafkaReader {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, ReadError> {
         let deadline = tokio::time::Instant::now() + wait;
-        // Room for a few thousand records, which a poll of a quiet log
-        // rarely fills; one that fills it is reading a backlog, and takes
-        // room for the whole batch at once rather than regrowing (and
-        // copying what it holds) three or four times.
-        let first_room = max.min(4096);
-        let mut records = Vec::with_capacity(first_room);
         self.refresh_partitions();
         let KafkaReader {
             consumer,
@@ -336,69 +469,89 @@ impl LogReader for KafkaReader {
             copies,
             ..
         } = &mut *self;
+        // Room for a few thousand records, which a poll of a quiet log
+        // rarely fills; one that fills it is reading a backlog, and takes
+        // room for the whole batch at once rather than regrowing (and
+        // copying what it holds) three or four times.
+        let first_room = max.min(4096);
+        let mut gathered = Gathered {
+            records: Vec::with_capacity(first_room),
+            max,
+            first_room,
+            topic,
+            at_end,
+            copies,
+            ended: false,
+            failed: None,
+        };
+        let context = consumer.context().clone();
+        let arrivals = context
+            .fetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(FetchQueue::arrivals);
         // One stream for the whole poll: `recv` makes one a record, and
         // registering its waker and dropping it took a lock each time.
         let mut stream = consumer.stream();
-        while records.len() < max {
-            let caught_up = all_at_end(at_end, *partitions);
-            if caught_up && !records.is_empty() {
-                break;
-            }
-            // Wait (up to `wait`) for the first record only; then take what
-            // librdkafka has fetched already, polled once without a timer
-            // (a timer a record was a twentieth of a metric runner's CPU).
+        loop {
+            // Take what is there, without a timer (a timer a record was a
+            // twentieth of a metric runner's CPU): the consumer queue (a
+            // rebalance, an error, a partition not split off) and the
+            // fetch queue, until neither has more or the batch is full.
             // Batches grow with the backlog instead of every record
             // waiting out the window.
-            let next = if records.is_empty() {
-                match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Err(_) => break,
-                    Ok(next) => next,
+            loop {
+                let mut taken = 0;
+                while !gathered.full() {
+                    let Some(next) = stream.next().now_or_never() else {
+                        break;
+                    };
+                    gathered.polled(next);
+                    taken += 1;
                 }
-            } else {
-                match stream.next().now_or_never() {
-                    None => break,
-                    Some(next) => next,
+                if !gathered.full()
+                    && let Some(fetch) = context
+                        .fetch
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                {
+                    let room = gathered.max - gathered.records.len();
+                    taken += fetch.take(room, |fetched| gathered.fetched(fetched));
+                }
+                if taken == 0 || gathered.full() {
+                    break;
                 }
             }
-            .expect("a Kafka stream never ends");
-            match next {
-                Ok(message) => {
-                    if !at_end.is_empty() {
-                        at_end.remove(&message.partition());
-                    }
-                    if records.len() == first_room {
-                        records.reserve_exact(max - first_room);
-                    }
-                    records.push(StoredRecord {
-                        topic: topic.clone(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                        key: message.key().map(|key| copies.copy(key)),
-                        value: copies.copy(message.payload().unwrap_or_default()),
-                    });
+            if let Some(e) = gathered.failed.take() {
+                return Err(ReadError {
+                    topic: topic.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+            if !gathered.records.is_empty() {
+                break;
+            }
+            // A poll that sees the last partition reach its end says so at
+            // once; one that finds them all there already waits for a
+            // record (else a caught-up reader's caller spins).
+            if std::mem::take(&mut gathered.ended) {
+                recount(consumer, *grouped, recounted, partitions);
+                if all_at_end(gathered.at_end, *partitions) {
+                    break;
                 }
-                Err(KafkaError::PartitionEOF(p)) => {
-                    at_end.insert(p);
-                    recount(consumer, *grouped, recounted, partitions);
-                    if all_at_end(at_end, *partitions) && records.is_empty() {
-                        drop(stream);
-                        return Ok(Polled {
-                            records,
-                            caught_up: true,
-                            reassigned: self.reassigned(),
-                        });
-                    }
-                }
-                Err(e) => {
-                    return Err(ReadError {
-                        topic: topic.to_string(),
-                        reason: e.to_string(),
-                    });
-                }
+            }
+            // Nothing yet: wait (up to `wait`) for the first record.
+            tokio::select! {
+                biased;
+                next = stream.next() => gathered.polled(next),
+                () = arrival(arrivals.as_deref()) => {}
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         drop(stream);
+        let records = gathered.records;
         let caught_up = self.caught_up();
         Ok(Polled {
             records,
