@@ -632,3 +632,37 @@ impl LogReader for KafkaReader {
             .copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Copies;
+
+    #[test]
+    fn copies_keep_every_record_whole_across_buffers() {
+        let mut copies = Copies::default();
+        // Sizes that fill buffers unevenly, an empty one, and one larger
+        // than a buffer.
+        let sizes = [
+            0,
+            1,
+            1_500,
+            700_000,
+            400_000,
+            Copies::CHUNK + 3,
+            10,
+            1_048_000,
+        ];
+        let originals: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| (0..size).map(|b| (b * 31 + i) as u8).collect())
+            .collect();
+        let copied: Vec<_> = originals.iter().map(|o| copies.copy(o)).collect();
+        for (original, copy) in originals.iter().zip(&copied) {
+            assert_eq!(&copy[..], &original[..]);
+        }
+        // A copy outlives the copier and the buffers after it.
+        drop(copies);
+        assert_eq!(&copied[3][..], &originals[3][..]);
+    }
+}
