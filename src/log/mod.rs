@@ -44,6 +44,19 @@ pub struct StoredRecord {
     pub value: bytes::Bytes,
 }
 
+impl StoredRecord {
+    /// The record with its key and value in allocations of their own, for
+    /// one kept after its batch (a delivery waiting out its destination):
+    /// a slice of a reader's buffer keeps the whole buffer alive.
+    pub fn detached(self) -> StoredRecord {
+        StoredRecord {
+            key: self.key.map(|key| bytes::Bytes::copy_from_slice(&key)),
+            value: bytes::Bytes::copy_from_slice(&self.value),
+            ..self
+        }
+    }
+}
+
 /// Why an append failed. Nothing in a failed append may be acknowledged to
 /// a client; some of its records may still be stored (a retry is then
 /// deduplicated by message id downstream).

@@ -191,6 +191,9 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     /// Starts the work of each record, each on a task of its own.
     fn start_work(&mut self, records: Vec<StoredRecord>) {
         for record in records {
+            // Its work may wait as long as a destination does (retries, a
+            // receiver that is down, max_in_flight records at once).
+            let record = record.detached();
             let partition = record.partition;
             let offset = record.offset;
             if self

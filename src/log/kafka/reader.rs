@@ -530,9 +530,6 @@ impl LogReader for KafkaReader {
                     reason: e.to_string(),
                 });
             }
-            if !gathered.records.is_empty() {
-                break;
-            }
             // A poll that sees the last partition reach its end says so at
             // once; one that finds them all there already waits for a
             // record (else a caught-up reader's caller spins).
@@ -541,6 +538,9 @@ impl LogReader for KafkaReader {
                 if all_at_end(gathered.at_end, *partitions) {
                     break;
                 }
+            }
+            if !gathered.records.is_empty() {
+                break;
             }
             // Nothing yet: wait (up to `wait`) for the first record.
             tokio::select! {
@@ -664,5 +664,25 @@ mod tests {
         // A copy outlives the copier and the buffers after it.
         drop(copies);
         assert_eq!(&copied[3][..], &originals[3][..]);
+    }
+
+    #[test]
+    fn a_detached_record_holds_its_own_bytes_not_the_readers_buffer() {
+        let mut copies = Copies::default();
+        let record = crate::log::StoredRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: Some(copies.copy(b"user-1")),
+            value: copies.copy(b"{\"type\":\"track\"}"),
+        };
+        let neighbour = copies.copy(b"the next record");
+        assert!(!record.value.is_unique(), "the buffer is shared");
+        let detached = record.clone().detached();
+        assert_eq!(detached, record);
+        assert!(detached.value.is_unique());
+        assert!(detached.key.as_ref().is_some_and(bytes::Bytes::is_unique));
+        drop((record, neighbour, copies));
     }
 }
