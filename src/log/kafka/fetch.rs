@@ -2,7 +2,7 @@
 //!
 //! librdkafka's event API hands a consumer's messages over one at a time
 //! (`rd_kafka_queue_poll`: a lock, a clock read and an event for each),
-//! which was some 8% of a metric runner's CPU. Its batch call,
+//! which costs some 8% of a metric runner's CPU. Its batch call,
 //! `rd_kafka_consume_batch_queue`, takes many under one lock, but on the
 //! consumer queue it would also serve what the event API leaves to the
 //! application: a rebalance (with no rebalance callback, which the
