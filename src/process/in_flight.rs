@@ -191,9 +191,6 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
     /// Starts the work of each record, each on a task of its own.
     fn start_work(&mut self, records: Vec<StoredRecord>) {
         for record in records {
-            // Its work may wait as long as a destination does (retries, a
-            // receiver that is down, max_in_flight records at once).
-            let record = record.detached();
             let partition = record.partition;
             let offset = record.offset;
             if self
@@ -213,6 +210,9 @@ impl<P: AtLeastOnce> InFlightRunner<P> {
                 self.started_up_to.insert(partition, offset + 1);
                 continue;
             }
+            // Its work may wait as long as a destination does (retries, a
+            // receiver that is down, max_in_flight records at once).
+            let record = record.detached();
             self.unfinished
                 .entry(partition)
                 .or_default()

@@ -495,7 +495,7 @@ impl LogReader for KafkaReader {
         // registering its waker and dropping it took a lock each time.
         let mut stream = consumer.stream();
         loop {
-            // Take what is there, without a timer (a timer a record was a
+            // Take what is there, without a timer (a timer a record costs a
             // twentieth of a metric runner's CPU): the consumer queue (a
             // rebalance, an error, a partition not split off) and the
             // fetch queue, until neither has more or the batch is full.
