@@ -155,6 +155,7 @@ pub(crate) use in_write_transaction;
 mod archive;
 mod batch;
 mod cache;
+pub mod claim_runs;
 mod definitions;
 mod deliveries;
 mod metric_windows;
