@@ -295,7 +295,17 @@ impl RunBuilder {
         self.claims == 0
     }
 
-    /// The run's summary and its blocks, in order.
+    pub fn claims(&self) -> u64 {
+        self.claims
+    }
+
+    /// The blocks closed since the last call, in order: a long run is
+    /// written as it is built rather than held whole.
+    pub fn take_blocks(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.blocks)
+    }
+
+    /// The run's summary and its blocks not yet taken, in order.
     pub fn finish(mut self) -> (RunSummary, Vec<Vec<u8>>) {
         if !self.block.is_empty() {
             self.blocks.push(self.block);
@@ -376,19 +386,17 @@ impl<'a> BlockCursor<'a> {
     }
 }
 
-/// Merges runs into `out`, each source giving one run's claims in order
-/// of id, the oldest run first. An id in more than one run (which the
-/// claims never write, as an id is looked for before it is claimed) keeps
-/// the oldest run's position: the first record is the one claimed first.
-/// A claim `keep` refuses (one past the deduplication window) is left out.
+/// Merges runs, each source giving one run's claims in order of id, the
+/// oldest run first: `out` takes the claims in order of id. An id in more
+/// than one run (which the claims never write, as an id is looked for
+/// before it is claimed) keeps the oldest run's position: the first
+/// record is the one claimed first. A claim `keep` refuses (one past the
+/// deduplication window) is left out.
 pub fn merge<E>(
     mut sources: Vec<impl FnMut() -> Result<Option<OwnedClaim>, E>>,
     keep: impl Fn(&Position) -> bool,
-    out: &mut RunBuilder,
-) -> Result<(), E>
-where
-    E: From<OutOfOrder>,
-{
+    mut out: impl FnMut(&str, Position) -> Result<(), E>,
+) -> Result<(), E> {
     /// A source's next claim; the heap's top is the least id, and of
     /// equal ids the oldest source's.
     struct Head {
@@ -429,7 +437,7 @@ where
             continue;
         }
         if keep(&claim.position) {
-            out.push(&claim.id, claim.position)?;
+            out(&claim.id, claim.position)?;
         }
         last = Some(claim.id);
     }

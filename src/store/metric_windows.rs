@@ -496,6 +496,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        if let Some(native) = &self.native_claims {
+            native.forget(processor).await?;
+        }
         Ok(())
     }
 
@@ -514,72 +517,13 @@ impl Store {
     ) -> Result<Claimed, StoreError> {
         match &self.pg {
             Some(pg) => claim_pg(pg, &self.careful_claims, processor, claims).await,
-            None => {
-                if let Some(native) = &self.native_claims
-                    && native.claim_all_new(processor, claims).await?
-                {
-                    return Ok(Claimed::AllFirst);
-                }
-                self.claim_any(processor, claims).await
-            }
+            None => match &self.native_claims {
+                Some(native) => native.claim(processor, claims).await,
+                None => Err(StoreError::Corrupt(
+                    "a SQLite store without its claims' connection".to_owned(),
+                )),
+            },
         }
-    }
-
-    /// [`Store::claim_metric_ids`] through the `Any` driver (SQLite).
-    async fn claim_any(
-        &self,
-        processor: &str,
-        claims: &[(&str, i32, i64, i64)],
-    ) -> Result<Claimed, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let mut inserted = 0;
-        for chunk in claims.chunks((ROWS - 1) / 4) {
-            // The processor once a statement, not once a row: a bound text
-            // is a copy of it. (`WHERE true` tells SQLite's parser that
-            // `ON` starts the upsert, not a join.)
-            let sql = format!(
-                "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
-                 SELECT ?, column1, column2, column3, column4 FROM (VALUES {}) WHERE true \
-                 ON CONFLICT DO NOTHING",
-                self.dialect.rows(chunk.len(), 4, 2)
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
-            for (id, partition, offset, received_at) in chunk {
-                query = query
-                    .bind(*id)
-                    .bind(*partition)
-                    .bind(*offset)
-                    .bind(*received_at);
-            }
-            inserted += query.execute(&mut *tx).await?.rows_affected();
-        }
-        let claimed = if inserted as usize == claims.len() {
-            Claimed::AllFirst
-        } else {
-            let mut first = FirstRecords::default();
-            for chunk in distinct_ids(claims).chunks(ROWS) {
-                let sql = format!(
-                    "SELECT message_id, partition, record_offset FROM metric_seen \
-                     WHERE processor = {} AND message_id IN ({})",
-                    self.dialect.params(1, 1),
-                    self.dialect.params(chunk.len(), 2)
-                );
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(processor);
-                for id in chunk {
-                    query = query.bind(*id);
-                }
-                for row in query.fetch_all(&mut *tx).await? {
-                    let position = (
-                        row.try_get::<Option<i32>, _>(1)?.unwrap_or(-1),
-                        row.try_get::<Option<i64>, _>(2)?.unwrap_or(-1),
-                    );
-                    first.insert(row.try_get(0)?, position);
-                }
-            }
-            Claimed::Positions(first)
-        };
-        tx.commit().await?;
-        Ok(claimed)
     }
 
     /// Closed windows not yet on `user_metrics`, in the order they

@@ -446,6 +446,9 @@ impl Store {
             .bind(before_ms)
             .execute(&self.pool)
             .await?;
+        if let Some(native) = &self.native_claims {
+            native.expire(before_ms).await?;
+        }
         sqlx::query("DELETE FROM metric_late WHERE recorded_at < $1 AND published = 1")
             .bind(before_ms)
             .execute(&self.pool)
@@ -639,6 +642,11 @@ fn migrations(dialect: Dialect) -> Vec<Migration> {
             ),
             spans,
             one_claim,
+            migration(
+                22,
+                "message-id claims as sorted runs",
+                include_str!("migrations/sqlite_22.sql"),
+            ),
         ],
     }
 }

@@ -1,18 +1,26 @@
-//! SQLite's message-id claims, written through SQLite's own C API.
+//! SQLite's message-id claims: sorted runs ([`super::claim_runs`]) in
+//! the tables `claim_runs` and `claim_blocks` (migration 22), written and
+//! read through SQLite's own C API on a connection of their own.
 //!
-//! A backlog claims every id it counts in one write when its hold ends
-//! (880,000 in the million-event bench), and through sqlx's `Any` driver
-//! each claim costs as much again as SQLite's B-tree work: every text is
-//! copied into an `Arc<String>` and again by SQLite (bound as transient),
-//! and every statement is bound anew from an argument list. Here a
-//! connection of its own keeps the insert prepared and binds the ids
-//! where they lie, for as long as the statement runs.
+//! A claim as a row of its own cost SQLite about a microsecond whatever
+//! its key, a third of a per-user count's CPU; a run of claims costs a
+//! few bytes each through the WAL, a hash and a look at each run's
+//! filter. Every run's filter and block index stay in memory (about 2
+//! bytes a claim kept), loaded when the connection opens; a lookup that
+//! a filter lets through reads one block.
 //!
-//! Only the common case is written here: every id new. When one was
-//! claimed before (a retry, an id given twice), the write is rolled back
-//! and [`super::Store::claim_metric_ids`] claims the batch the long way,
-//! which also reads the ids' first records.
+//! Each processor's runs are merged size-tiered: [`FANOUT`] runs of one
+//! size tier become one of the next, so a claim is rewritten once a tier
+//! (a handful of times over the deduplication window) and an id is asked
+//! of at most `FANOUT - 1` filters a tier. Claims past the window go
+//! when their run is rewritten: a run all of whose claims are older goes
+//! whole, and one with an eighth or more of them older is rewritten
+//! without them.
+//!
+//! Rows of `metric_seen` (claims stored before migration 22, or restored
+//! from a snapshot) are turned into runs when the connection opens.
 
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString, c_int};
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -21,26 +29,29 @@ use std::sync::{Arc, Mutex};
 use libsqlite3_sys as ffi;
 
 use super::StoreError;
+use super::claim_runs::{
+    BlockCursor, Corrupt, Filter, OutOfOrder, OwnedClaim, Position, RunBuilder, RunSummary,
+    id_hash, merge,
+};
+use super::metric_windows::{Claimed, FirstRecords};
 
-/// Claims a statement: SQLite's B-tree takes the rows of one statement
-/// as fast as those of a larger one (100,000 claims among 100,000: 117 ms
-/// at 64 rows, 127 ms at 499), and a smaller statement leaves fewer
-/// claims to insert one by one at a batch's end.
-const ROWS: usize = 64;
+/// Runs of one size tier merged into one of the next: more runs cost each
+/// lookup more filters, fewer rewrite each claim more often.
+const FANOUT: usize = 8;
 
-/// The claims' connection, opened on first use (after the pool has
-/// created the file and run the migrations).
+/// The SQLite claims' connection and the runs it knows, opened on first
+/// use (after the pool has created the file and run the migrations).
 #[derive(Debug)]
 pub(super) struct NativeClaims {
     path: PathBuf,
-    connection: Mutex<State>,
+    state: Mutex<State>,
 }
 
 #[derive(Debug)]
 enum State {
     Unopened,
-    Open(Connection),
-    /// The store was closed: claims go the long way, whose pool says so.
+    Open(Box<Claims>),
+    /// The store was closed.
     Closed,
 }
 
@@ -48,58 +59,89 @@ impl NativeClaims {
     pub(super) fn new(path: &Path) -> NativeClaims {
         NativeClaims {
             path: path.to_owned(),
-            connection: Mutex::new(State::Unopened),
+            state: Mutex::new(State::Unopened),
         }
     }
 
-    /// Closes the connection (the store is closing); claims made after
-    /// it are left to the pool, closed too. On a blocking thread: the last
-    /// connection to close checkpoints the WAL.
+    /// Closes the connection (the store is closing); a claim after it
+    /// fails. On a blocking thread: the last connection to close
+    /// checkpoints the WAL.
     pub(super) async fn close(self: &Arc<Self>) {
         let native = self.clone();
         // Interrupted only as the runtime shuts down, when nothing is
         // left to claim.
-        let _ = on_blocking_thread(move || {
-            *native.connection.lock().unwrap_or_else(|e| e.into_inner()) = State::Closed;
-        })
-        .await;
+        let _ = on_blocking_thread(move || *native.lock() = State::Closed).await;
     }
 
-    /// Claims `claims` for `processor` in one transaction when every id
-    /// is new: `Ok(true)`. `Ok(false)` when an id was claimed before (by
-    /// an earlier batch or earlier in `claims`), or the store is closed:
-    /// nothing is written then.
+    /// Forgets the runs in memory: the tables were replaced under them (a
+    /// snapshot restored). The next claim reads them again.
+    pub(super) async fn reopen(self: &Arc<Self>) -> Result<(), StoreError> {
+        let native = self.clone();
+        on_blocking_thread(move || {
+            let mut state = native.lock();
+            if matches!(*state, State::Open(_)) {
+                *state = State::Unopened;
+            }
+        })
+        .await
+    }
+
+    /// Claims each `(id, partition, offset, received_at)` for `processor`
+    /// unless the id was claimed before, in one transaction, and says
+    /// which records were their ids' first (see [`Claimed`]): the first
+    /// of an id's records in `claims` when the id is new.
     /// SQLite works on a blocking thread (which also waits out another
     /// writer of the file, up to the busy timeout), on a copy of the
     /// claims: blocking the caller's instead would stall the runtime,
     /// and with it a task that holds the write lock this one waits for.
-    pub(super) async fn claim_all_new(
+    pub(super) async fn claim(
         self: &Arc<Self>,
         processor: &str,
         claims: &[(&str, i32, i64, i64)],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Claimed, StoreError> {
         let native = self.clone();
         let processor = processor.to_owned();
         let owned = OwnedClaims::of(claims);
-        on_blocking_thread(move || native.claim_blocking(&processor, &owned.claims())).await?
+        on_blocking_thread(move || native.with_open(|open| open.claim(&processor, &owned.claims())))
+            .await?
     }
 
-    fn claim_blocking(
+    /// Drops the claims received before `before_ms` (the deduplication
+    /// window), a run at a time: see the module's comment.
+    pub(super) async fn expire(self: &Arc<Self>, before_ms: i64) -> Result<(), StoreError> {
+        let native = self.clone();
+        on_blocking_thread(move || native.with_open(|open| open.expire(before_ms))).await?
+    }
+
+    /// Drops every claim of `processor`.
+    pub(super) async fn forget(self: &Arc<Self>, processor: &str) -> Result<(), StoreError> {
+        let native = self.clone();
+        let processor = processor.to_owned();
+        on_blocking_thread(move || native.with_open(|open| open.forget(&processor))).await?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` on the open claims, opening them first if need be.
+    fn with_open<T>(
         &self,
-        processor: &str,
-        claims: &[(&str, i32, i64, i64)],
-    ) -> Result<bool, StoreError> {
-        let mut state = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        work: impl FnOnce(&mut Claims) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self.lock();
         if matches!(*state, State::Unopened) {
-            *state = State::Open(Connection::open(&self.path)?);
+            *state = State::Open(Box::new(Claims::open(&self.path)?));
         }
-        let State::Open(connection) = &mut *state else {
-            return Ok(false);
+        let State::Open(open) = &mut *state else {
+            return Err(StoreError::Native {
+                code: ffi::SQLITE_MISUSE,
+                message: "the store is closed".to_owned(),
+            });
         };
-        let outcome = connection.claim_all_new(processor, claims);
-        // Whatever happened, no statement may keep a pointer into
-        // `claims`, and no transaction may stay open.
-        connection.settle(outcome.as_ref().is_ok_and(|all_new| *all_new))?;
+        let outcome = work(open);
+        // Whatever happened, no transaction may stay open.
+        open.connection.roll_back_if_open()?;
         outcome
     }
 }
@@ -149,20 +191,493 @@ impl OwnedClaims {
     }
 }
 
-/// One SQLite connection and its two prepared inserts.
+/// One stored run: its number (its key beside the processor) and what
+/// is kept of it in memory.
+#[derive(Debug)]
+struct Run {
+    number: i64,
+    summary: RunSummary,
+}
+
+/// The open claims: the connection and every processor's runs, oldest
+/// first.
+#[derive(Debug)]
+struct Claims {
+    connection: Connection,
+    runs: HashMap<String, Vec<Run>>,
+    next_run: i64,
+}
+
+impl Claims {
+    fn open(path: &Path) -> Result<Claims, StoreError> {
+        let connection = Connection::open(path)?;
+        let mut claims = Claims {
+            connection,
+            runs: HashMap::new(),
+            next_run: 1,
+        };
+        claims.load()?;
+        claims.take_rows()?;
+        Ok(claims)
+    }
+
+    /// Reads every run's summary.
+    fn load(&mut self) -> Result<(), StoreError> {
+        let connection = &self.connection;
+        let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
+        let mut next_run = 1;
+        connection.query(connection.load_runs, &[], |row| {
+            let number = row.int(1);
+            next_run = next_run.max(number + 1);
+            let summary = RunSummary {
+                claims: u64::try_from(row.int(2))
+                    .map_err(|_| corrupt(Corrupt("a run's count is negative")))?,
+                newest_received: row.int(3),
+                oldest_received: row.int(4),
+                filter: Filter::from_bytes(row.blob(5)).map_err(corrupt)?,
+                firsts: RunSummary::firsts_from_bytes(row.blob(6)).map_err(corrupt)?,
+            };
+            runs.entry(row.text(0)?.to_owned())
+                .or_default()
+                .push(Run { number, summary });
+            Ok(())
+        })?;
+        self.runs = runs;
+        self.next_run = next_run;
+        Ok(())
+    }
+
+    /// Turns the rows of `metric_seen` into runs, a processor's rows into
+    /// one, and deletes the rows, in one transaction.
+    fn take_rows(&mut self) -> Result<(), StoreError> {
+        let connection = &self.connection;
+        let mut rows = 0u64;
+        connection.query(connection.count_rows, &[], |row| {
+            rows = row.int(0) as u64;
+            Ok(())
+        })?;
+        if rows == 0 {
+            return Ok(());
+        }
+        tracing::info!(
+            "turning {rows} stored message-id claims into sorted runs (once, after an upgrade or a restore)"
+        );
+        connection.execute("BEGIN IMMEDIATE")?;
+        let mut written: Vec<(String, Run)> = Vec::new();
+        let mut current: Option<(String, RunWriter)> = None;
+        let mut next_run = self.next_run;
+        connection.query(connection.read_rows, &[], |row| {
+            let processor = row.text(0)?;
+            if current.as_ref().is_none_or(|(p, _)| p != processor) {
+                if let Some((done, writer)) = current.take() {
+                    written.push((done.clone(), writer.finish(connection, &done)?));
+                }
+                current = Some((
+                    processor.to_owned(),
+                    RunWriter::new(next_run, rows as usize),
+                ));
+                next_run += 1;
+            }
+            let (processor, writer) = current.as_mut().expect("set above");
+            let position = Position {
+                partition: row.nullable_int(2).map_or(-1, |p| p as i32),
+                offset: row.nullable_int(3).unwrap_or(-1),
+                received: row.int(4),
+            };
+            writer.push(connection, processor, row.text(1)?, position)
+        })?;
+        if let Some((done, writer)) = current.take() {
+            written.push((done.clone(), writer.finish(connection, &done)?));
+        }
+        connection.execute("DELETE FROM metric_seen")?;
+        connection.execute("COMMIT")?;
+        self.next_run = next_run;
+        for (processor, run) in written {
+            self.runs.entry(processor).or_default().push(run);
+        }
+        let processors: Vec<String> = self.runs.keys().cloned().collect();
+        for processor in processors {
+            self.compact(&processor)?;
+        }
+        Ok(())
+    }
+
+    fn claim(
+        &mut self,
+        processor: &str,
+        claims: &[(&str, i32, i64, i64)],
+    ) -> Result<Claimed, StoreError> {
+        // In order of id, an id's records in the order given (a stable
+        // sort): its first is the one a new id is claimed for.
+        let mut order: Vec<usize> = (0..claims.len()).collect();
+        if !claims.is_sorted_by(|a, b| a.0 < b.0) {
+            order.sort_by(|&a, &b| claims[a].0.cmp(claims[b].0));
+        }
+        self.connection.execute("BEGIN IMMEDIATE")?;
+        let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
+        let mut blocks = BlockReader::new(&self.connection, processor, runs);
+        let mut writer = RunWriter::new(self.next_run, claims.len());
+        let mut positions: Vec<(&str, (i32, i64))> = Vec::with_capacity(claims.len());
+        let mut all_first = true;
+        let mut last: Option<&str> = None;
+        for i in order {
+            let (id, partition, offset, received) = claims[i];
+            if last == Some(id) {
+                // Another record of an id given before in `claims`.
+                all_first = false;
+                continue;
+            }
+            last = Some(id);
+            match blocks.find(id)? {
+                Some(stored) => {
+                    all_first = false;
+                    positions.push((id, (stored.partition, stored.offset)));
+                }
+                None => {
+                    let position = Position {
+                        partition,
+                        offset,
+                        received,
+                    };
+                    writer.push(&self.connection, processor, id, position)?;
+                    positions.push((id, (partition, offset)));
+                }
+            }
+        }
+        if !writer.is_empty() {
+            let run = writer.finish(&self.connection, processor)?;
+            self.connection.execute("COMMIT")?;
+            self.next_run += 1;
+            self.runs.entry(processor.to_owned()).or_default().push(run);
+            // The claims are in: a merge that fails leaves the runs as
+            // they were, to be merged after a later claim.
+            if let Err(e) = self.compact(processor) {
+                self.connection.roll_back_if_open()?;
+                tracing::warn!(
+                    "cannot merge the message-id claims of {processor} ({e}); they stay in more runs, which lookups read more slowly, until a later claim merges them"
+                );
+            }
+        } else {
+            self.connection.execute("ROLLBACK")?;
+        }
+        Ok(if all_first {
+            Claimed::AllFirst
+        } else {
+            Claimed::Positions(
+                positions
+                    .into_iter()
+                    .map(|(id, at)| (id.to_owned(), at))
+                    .collect::<FirstRecords>(),
+            )
+        })
+    }
+
+    /// Merges `processor`'s runs while some size tier holds [`FANOUT`].
+    fn compact(&mut self, processor: &str) -> Result<(), StoreError> {
+        loop {
+            let Some(runs) = self.runs.get(processor) else {
+                return Ok(());
+            };
+            let mut tiers: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
+            for run in runs {
+                tiers
+                    .entry(tier(run.summary.claims))
+                    .or_default()
+                    .push(run.number);
+            }
+            let Some(full) = tiers.into_values().find(|numbers| numbers.len() >= FANOUT) else {
+                return Ok(());
+            };
+            self.rewrite(processor, &full, i64::MIN)?;
+        }
+    }
+
+    /// Replaces the runs `numbers` of `processor` with one of their
+    /// claims received at or after `keep_from`, in one transaction.
+    fn rewrite(
+        &mut self,
+        processor: &str,
+        numbers: &[i64],
+        keep_from: i64,
+    ) -> Result<(), StoreError> {
+        let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
+        let chosen: Vec<&Run> = runs
+            .iter()
+            .filter(|r| numbers.contains(&r.number))
+            .collect();
+        let total: u64 = chosen.iter().map(|r| r.summary.claims).sum();
+        let connection = &self.connection;
+        connection.execute("BEGIN IMMEDIATE")?;
+        let mut writer = RunWriter::new(self.next_run, total as usize);
+        let sources = chosen
+            .iter()
+            .map(|run| {
+                let mut block = 0;
+                let mut read: std::vec::IntoIter<OwnedClaim> = Vec::new().into_iter();
+                move || -> Result<Option<OwnedClaim>, StoreError> {
+                    loop {
+                        if let Some(claim) = read.next() {
+                            return Ok(Some(claim));
+                        }
+                        if block == run.summary.firsts.len() {
+                            return Ok(None);
+                        }
+                        let bytes = connection.read_block(processor, run.number, block)?;
+                        block += 1;
+                        let mut cursor = BlockCursor::new(&bytes);
+                        let mut claims = Vec::new();
+                        while let Some((id, position)) = cursor.next_claim().map_err(corrupt)? {
+                            claims.push(OwnedClaim {
+                                id: id.to_owned(),
+                                position,
+                            });
+                        }
+                        read = claims.into_iter();
+                    }
+                }
+            })
+            .collect();
+        merge(
+            sources,
+            |position| position.received >= keep_from,
+            |id, position| writer.push(connection, processor, id, position),
+        )?;
+        for number in numbers {
+            connection.delete_run(processor, *number)?;
+        }
+        let merged = if writer.is_empty() {
+            None
+        } else {
+            Some(writer.finish(connection, processor)?)
+        };
+        connection.execute("COMMIT")?;
+        let runs = self.runs.entry(processor.to_owned()).or_default();
+        runs.retain(|r| !numbers.contains(&r.number));
+        if let Some(merged) = merged {
+            self.next_run += 1;
+            runs.push(merged);
+        }
+        Ok(())
+    }
+
+    fn expire(&mut self, before_ms: i64) -> Result<(), StoreError> {
+        let mut due: Vec<(String, i64)> = Vec::new();
+        for (processor, runs) in &self.runs {
+            for run in runs {
+                let s = &run.summary;
+                // Claims are assumed spread evenly over the run's span.
+                let expired = s.newest_received < before_ms
+                    || (s.oldest_received < before_ms
+                        && (before_ms - s.oldest_received) as f64
+                            >= (s.newest_received - s.oldest_received) as f64 / 8.0);
+                if expired {
+                    due.push((processor.clone(), run.number));
+                }
+            }
+        }
+        for (processor, number) in due {
+            self.rewrite(&processor, &[number], before_ms)?;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, processor: &str) -> Result<(), StoreError> {
+        let numbers: Vec<i64> = self
+            .runs
+            .get(processor)
+            .map(|runs| runs.iter().map(|r| r.number).collect())
+            .unwrap_or_default();
+        self.connection.execute("BEGIN IMMEDIATE")?;
+        for number in numbers {
+            self.connection.delete_run(processor, number)?;
+        }
+        self.connection.execute("COMMIT")?;
+        self.runs.remove(processor);
+        Ok(())
+    }
+}
+
+/// A run's size tier: [`FANOUT`] runs of one tier hold about as many
+/// claims as one of the next.
+fn tier(claims: u64) -> u32 {
+    claims.max(1).ilog(FANOUT as u64)
+}
+
+fn corrupt(e: Corrupt) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl From<OutOfOrder> for StoreError {
+    fn from(e: OutOfOrder) -> StoreError {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+/// A run being written inside an open transaction: blocks go to
+/// `claim_blocks` as they close, the summary to `claim_runs` at the end.
+struct RunWriter {
+    number: i64,
+    builder: RunBuilder,
+    written: i64,
+}
+
+impl RunWriter {
+    fn new(number: i64, claims: usize) -> RunWriter {
+        RunWriter {
+            number,
+            builder: RunBuilder::new(claims),
+            written: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.builder.is_empty()
+    }
+
+    fn push(
+        &mut self,
+        connection: &Connection,
+        processor: &str,
+        id: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        self.builder.push(id, position)?;
+        for block in self.builder.take_blocks() {
+            connection.insert_block(processor, self.number, self.written, &block)?;
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, connection: &Connection, processor: &str) -> Result<Run, StoreError> {
+        let (summary, blocks) = self.builder.finish();
+        for block in blocks {
+            connection.insert_block(processor, self.number, self.written, &block)?;
+            self.written += 1;
+        }
+        connection.insert_run(processor, self.number, &summary)?;
+        Ok(Run {
+            number: self.number,
+            summary,
+        })
+    }
+}
+
+/// Looks ids up in a processor's runs, in order of id, keeping each
+/// run's last block read (the next ids often fall in it).
+struct BlockReader<'a> {
+    connection: &'a Connection,
+    processor: &'a str,
+    runs: &'a [Run],
+    last: Vec<Option<(usize, Vec<u8>)>>,
+}
+
+impl<'a> BlockReader<'a> {
+    fn new(connection: &'a Connection, processor: &'a str, runs: &'a [Run]) -> BlockReader<'a> {
+        BlockReader {
+            connection,
+            processor,
+            runs,
+            last: runs.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Where `id` was claimed, if it was.
+    fn find(&mut self, id: &str) -> Result<Option<Position>, StoreError> {
+        if self.runs.is_empty() {
+            return Ok(None);
+        }
+        let hash = id_hash(id);
+        for (run, last) in self.runs.iter().zip(&mut self.last) {
+            let Some(block) = run.summary.block_for(id, hash) else {
+                continue;
+            };
+            if last.as_ref().is_none_or(|(at, _)| *at != block) {
+                let bytes = self
+                    .connection
+                    .read_block(self.processor, run.number, block)?;
+                *last = Some((block, bytes));
+            }
+            let (_, bytes) = last.as_ref().expect("read above");
+            if let Some(position) = BlockCursor::find(bytes, id).map_err(corrupt)? {
+                return Ok(Some(position));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// One SQLite connection and its prepared statements.
 #[derive(Debug)]
 struct Connection {
     db: *mut ffi::sqlite3,
-    /// [`ROWS`] claims a statement.
-    rows: *mut ffi::sqlite3_stmt,
-    /// One claim a statement, for a batch's last few.
-    one: *mut ffi::sqlite3_stmt,
+    insert_block: *mut ffi::sqlite3_stmt,
+    read_block: *mut ffi::sqlite3_stmt,
+    insert_run: *mut ffi::sqlite3_stmt,
+    delete_blocks: *mut ffi::sqlite3_stmt,
+    delete_run: *mut ffi::sqlite3_stmt,
+    load_runs: *mut ffi::sqlite3_stmt,
+    count_rows: *mut ffi::sqlite3_stmt,
+    read_rows: *mut ffi::sqlite3_stmt,
 }
 
 // SAFETY: a connection opened with SQLITE_OPEN_NOMUTEX may be used from
 // any thread, one at a time; the `Mutex` in `NativeClaims` sees to that,
 // and the statements are only used with their connection.
 unsafe impl Send for Connection {}
+
+/// A value bound to a statement's parameter.
+enum Bound<'a> {
+    Int(i64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+/// A row of a statement being stepped.
+struct Row(*mut ffi::sqlite3_stmt);
+
+impl Row {
+    fn int(&self, column: c_int) -> i64 {
+        // SAFETY: the statement is on a row; SQLite converts any value.
+        unsafe { ffi::sqlite3_column_int64(self.0, column) }
+    }
+
+    fn nullable_int(&self, column: c_int) -> Option<i64> {
+        // SAFETY: as `int`.
+        let null = unsafe { ffi::sqlite3_column_type(self.0, column) } == ffi::SQLITE_NULL;
+        (!null).then(|| self.int(column))
+    }
+
+    /// The column's bytes, valid until the statement steps again.
+    fn blob(&self, column: c_int) -> &[u8] {
+        // SAFETY: the pointer is read before the length, as SQLite asks;
+        // both stay valid until the next step, which `&self` outlives not.
+        unsafe {
+            let data = ffi::sqlite3_column_blob(self.0, column);
+            let len = ffi::sqlite3_column_bytes(self.0, column);
+            if data.is_null() || len <= 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(data.cast(), len as usize)
+            }
+        }
+    }
+
+    fn text(&self, column: c_int) -> Result<&str, StoreError> {
+        // SAFETY: as `blob`, for the text's bytes.
+        let bytes = unsafe {
+            let data = ffi::sqlite3_column_text(self.0, column);
+            let len = ffi::sqlite3_column_bytes(self.0, column);
+            if data.is_null() || len <= 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(data, len as usize)
+            }
+        };
+        std::str::from_utf8(bytes)
+            .map_err(|_| StoreError::Corrupt("a claim's text is not UTF-8".to_owned()))
+    }
+}
 
 impl Connection {
     fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -182,10 +697,17 @@ impl Connection {
                 ptr::null(),
             )
         };
+        let null = ptr::null_mut();
         let mut connection = Connection {
             db,
-            rows: ptr::null_mut(),
-            one: ptr::null_mut(),
+            insert_block: null,
+            read_block: null,
+            insert_run: null,
+            delete_blocks: null,
+            delete_run: null,
+            load_runs: null,
+            count_rows: null,
+            read_rows: null,
         };
         if rc != ffi::SQLITE_OK {
             return Err(connection.error(rc));
@@ -193,95 +715,156 @@ impl Connection {
         for pragma in super::SQLITE_PRAGMAS {
             connection.execute(pragma)?;
         }
-        connection.rows = connection.prepare(&insert(ROWS))?;
-        connection.one = connection.prepare(&insert(1))?;
+        connection.insert_block = connection.prepare(
+            "INSERT INTO claim_blocks (processor, run, block, claims) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        connection.read_block = connection.prepare(
+            "SELECT claims FROM claim_blocks WHERE processor = ?1 AND run = ?2 AND block = ?3",
+        )?;
+        connection.insert_run = connection.prepare(
+            "INSERT INTO claim_runs \
+             (processor, run, claims, newest_received, oldest_received, filter, firsts) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        connection.delete_blocks =
+            connection.prepare("DELETE FROM claim_blocks WHERE processor = ?1 AND run = ?2")?;
+        connection.delete_run =
+            connection.prepare("DELETE FROM claim_runs WHERE processor = ?1 AND run = ?2")?;
+        connection.load_runs = connection.prepare(
+            "SELECT processor, run, claims, newest_received, oldest_received, filter, firsts \
+             FROM claim_runs ORDER BY processor, run",
+        )?;
+        connection.count_rows = connection.prepare("SELECT COUNT(*) FROM metric_seen")?;
+        connection.read_rows = connection.prepare(
+            "SELECT processor, message_id, partition, record_offset, received_at \
+             FROM metric_seen ORDER BY processor, message_id",
+        )?;
         Ok(connection)
     }
 
-    /// See [`NativeClaims::claim_all_new`]; leaves the transaction open.
-    fn claim_all_new(
-        &mut self,
+    fn insert_block(
+        &self,
         processor: &str,
-        claims: &[(&str, i32, i64, i64)],
-    ) -> Result<bool, StoreError> {
-        self.execute("BEGIN IMMEDIATE")?;
-        let mut chunks = claims.chunks_exact(ROWS);
-        for chunk in chunks.by_ref() {
-            if !self.insert(self.rows, processor, chunk)? {
-                return Ok(false);
-            }
-        }
-        for claim in chunks.remainder() {
-            if !self.insert(self.one, processor, std::slice::from_ref(claim))? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        run: i64,
+        block: i64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let bound = [
+            Bound::Text(processor),
+            Bound::Int(run),
+            Bound::Int(block),
+            Bound::Blob(bytes),
+        ];
+        self.query(self.insert_block, &bound, |_| Ok(()))
     }
 
-    /// Runs `statement` (one row a claim) for `claims`: whether every
-    /// claim went in.
-    fn insert(
+    fn read_block(&self, processor: &str, run: i64, block: usize) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = None;
+        let bound = [
+            Bound::Text(processor),
+            Bound::Int(run),
+            Bound::Int(block as i64),
+        ];
+        self.query(self.read_block, &bound, |row| {
+            bytes = Some(row.blob(0).to_vec());
+            Ok(())
+        })?;
+        bytes.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "block {block} of claim run {run} of {processor} is missing"
+            ))
+        })
+    }
+
+    fn insert_run(
+        &self,
+        processor: &str,
+        run: i64,
+        summary: &RunSummary,
+    ) -> Result<(), StoreError> {
+        let filter = summary.filter.to_bytes();
+        let firsts = summary.firsts_bytes();
+        let bound = [
+            Bound::Text(processor),
+            Bound::Int(run),
+            Bound::Int(summary.claims as i64),
+            Bound::Int(summary.newest_received),
+            Bound::Int(summary.oldest_received),
+            Bound::Blob(&filter),
+            Bound::Blob(&firsts),
+        ];
+        self.query(self.insert_run, &bound, |_| Ok(()))
+    }
+
+    fn delete_run(&self, processor: &str, run: i64) -> Result<(), StoreError> {
+        let bound = [Bound::Text(processor), Bound::Int(run)];
+        self.query(self.delete_blocks, &bound, |_| Ok(()))?;
+        self.query(self.delete_run, &bound, |_| Ok(()))
+    }
+
+    /// Binds `bound` to `statement` (one of this connection's) and steps
+    /// it to its end, `row` taking each row; then resets it and clears
+    /// its bindings, whatever happened, so it keeps no pointer into
+    /// `bound`.
+    fn query(
         &self,
         statement: *mut ffi::sqlite3_stmt,
-        processor: &str,
-        claims: &[(&str, i32, i64, i64)],
-    ) -> Result<bool, StoreError> {
-        let bound = |rc: c_int| match rc {
-            ffi::SQLITE_OK => Ok(()),
-            rc => Err(self.error(rc)),
-        };
-        // SAFETY: `statement` is one of this connection's, with a
-        // parameter for the processor and four for each of `claims`. The
-        // texts are bound SQLITE_STATIC: they outlive its run, and
-        // `settle` clears the bindings before `claims` can go.
-        unsafe {
-            bound(bind_text(statement, 1, processor))?;
-            for (i, (id, partition, offset, received_at)) in claims.iter().enumerate() {
-                let at = 2 + 4 * i as c_int;
-                bound(bind_text(statement, at, id))?;
-                bound(ffi::sqlite3_bind_int(statement, at + 1, *partition))?;
-                bound(ffi::sqlite3_bind_int64(statement, at + 2, *offset))?;
-                bound(ffi::sqlite3_bind_int64(statement, at + 3, *received_at))?;
+        bound: &[Bound<'_>],
+        mut row: impl FnMut(&Row) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let outcome = (|| {
+            for (at, value) in (1..).zip(bound) {
+                // SAFETY: `statement` is this connection's and has these
+                // parameters. Texts and blobs are bound SQLITE_STATIC:
+                // they outlive the statement's run, and the bindings are
+                // cleared below before `bound` can go.
+                let rc = unsafe {
+                    match value {
+                        Bound::Int(n) => ffi::sqlite3_bind_int64(statement, at, *n),
+                        Bound::Text(text) => ffi::sqlite3_bind_text64(
+                            statement,
+                            at,
+                            text.as_ptr().cast(),
+                            text.len() as u64,
+                            ffi::SQLITE_STATIC(),
+                            ffi::SQLITE_UTF8 as u8,
+                        ),
+                        Bound::Blob(bytes) => ffi::sqlite3_bind_blob64(
+                            statement,
+                            at,
+                            bytes.as_ptr().cast(),
+                            bytes.len() as u64,
+                            ffi::SQLITE_STATIC(),
+                        ),
+                    }
+                };
+                if rc != ffi::SQLITE_OK {
+                    return Err(self.error(rc));
+                }
             }
-        }
-        // SAFETY: the statement is bound whole. Its error is read before
-        // the reset, which keeps the bindings and readies it for the next
-        // run.
+            loop {
+                // SAFETY: the statement is bound whole.
+                match unsafe { ffi::sqlite3_step(statement) } {
+                    ffi::SQLITE_ROW => row(&Row(statement))?,
+                    ffi::SQLITE_DONE => return Ok(()),
+                    rc => return Err(self.error(rc)),
+                }
+            }
+        })();
+        // SAFETY: the statement is this connection's; its error, if any,
+        // was read above.
         unsafe {
-            let rc = ffi::sqlite3_step(statement);
-            let failed = (rc != ffi::SQLITE_DONE).then(|| self.error(rc));
             ffi::sqlite3_reset(statement);
-            if let Some(error) = failed {
-                return Err(error);
-            }
+            ffi::sqlite3_clear_bindings(statement);
         }
-        // SAFETY: a plain read of the connection's last count.
-        let inserted = unsafe { ffi::sqlite3_changes64(self.db) };
-        Ok(inserted == claims.len() as i64)
+        outcome
     }
 
-    /// Ends the write: commits it when `commit`, else rolls back what
-    /// is open; clears the bindings.
-    fn settle(&mut self, commit: bool) -> Result<(), StoreError> {
-        // SAFETY: the statements are this connection's (or null, which
-        // SQLite ignores).
-        unsafe {
-            ffi::sqlite3_clear_bindings(self.rows);
-            ffi::sqlite3_clear_bindings(self.one);
-        }
+    /// Rolls back a transaction left open by a failure.
+    fn roll_back_if_open(&self) -> Result<(), StoreError> {
         // SAFETY: a plain read of the connection's state.
         if unsafe { ffi::sqlite3_get_autocommit(self.db) } != 0 {
             return Ok(());
-        }
-        if commit {
-            match self.execute("COMMIT") {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    let _ = self.execute("ROLLBACK");
-                    return Err(e);
-                }
-            }
         }
         self.execute("ROLLBACK")
     }
@@ -351,43 +934,19 @@ impl Drop for Connection {
         // finalizing a null statement is a no-op, and close takes a
         // null connection.
         unsafe {
-            ffi::sqlite3_finalize(self.rows);
-            ffi::sqlite3_finalize(self.one);
+            for statement in [
+                self.insert_block,
+                self.read_block,
+                self.insert_run,
+                self.delete_blocks,
+                self.delete_run,
+                self.load_runs,
+                self.count_rows,
+                self.read_rows,
+            ] {
+                ffi::sqlite3_finalize(statement);
+            }
             ffi::sqlite3_close(self.db);
         }
     }
-}
-
-/// Binds `text` to parameter `at` of `statement` without a copy.
-///
-/// # Safety
-///
-/// `text` must stay where it is until the parameter is bound anew, the
-/// bindings are cleared or the statement is finalized.
-unsafe fn bind_text(statement: *mut ffi::sqlite3_stmt, at: c_int, text: &str) -> c_int {
-    // SAFETY: the caller keeps `text` alive; its length is given, so it
-    // needs no NUL.
-    unsafe {
-        ffi::sqlite3_bind_text64(
-            statement,
-            at,
-            text.as_ptr().cast(),
-            text.len() as u64,
-            ffi::SQLITE_STATIC(),
-            ffi::SQLITE_UTF8 as u8,
-        )
-    }
-}
-
-/// The insert of `rows` claims a statement, the processor its first
-/// parameter. (`WHERE true` tells SQLite's parser that `ON` starts the
-/// upsert, not a join.)
-fn insert(rows: usize) -> String {
-    let values: Vec<&str> = vec!["(?, ?, ?, ?)"; rows];
-    format!(
-        "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
-         SELECT ?1, column1, column2, column3, column4 FROM (VALUES {}) WHERE true \
-         ON CONFLICT DO NOTHING",
-        values.join(", ")
-    )
 }

@@ -401,6 +401,10 @@ impl Store {
                 )?;
                 count += 1;
             }
+            drop(rows);
+            if table.name == "metric_seen" && self.dialect == Dialect::Sqlite {
+                count += write_claim_runs(&mut tx, out).await?;
+            }
             info.rows.insert(table.name.to_owned(), count);
         }
         drop(tx);
@@ -588,10 +592,61 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if self.dialect == Dialect::Sqlite && held.iter().any(|t| t.name == "metric_seen") {
+            // The restored claims replace the runs, and become runs when
+            // the claims' connection opens again.
+            sqlx::raw_sql("DELETE FROM claim_blocks; DELETE FROM claim_runs")
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
+        if let Some(native) = &self.native_claims {
+            native.reopen().await?;
+        }
         info.rows = end;
         Ok(Some(info))
     }
+}
+
+/// Writes SQLite's claims kept as runs as `metric_seen` rows, which is
+/// how every store restores them: the number written.
+async fn write_claim_runs(
+    tx: &mut AnyConnection,
+    out: &mut impl Write,
+) -> Result<u64, SnapshotError> {
+    use super::claim_runs::BlockCursor;
+    let mut blocks =
+        sqlx::query("SELECT processor, claims FROM claim_blocks ORDER BY processor, run, block")
+            .fetch(&mut *tx);
+    let mut count = 0;
+    while let Some(row) = blocks.try_next().await? {
+        let processor: String = row.try_get(0)?;
+        let bytes: Vec<u8> = row.try_get(1)?;
+        let mut cursor = BlockCursor::new(&bytes);
+        while let Some((id, at)) = cursor
+            .next_claim()
+            .map_err(|e| SnapshotError::Store(StoreError::Corrupt(e.to_string())))?
+        {
+            // -1: a claim stored before its position was kept (NULL).
+            let known = |n: i64| (n != -1).then_some(n).map_or(Value::Null, Value::from);
+            let values = vec![
+                Value::from(processor.as_str()),
+                Value::from(id),
+                Value::from(at.received),
+                known(i64::from(at.partition)),
+                known(at.offset),
+            ];
+            write_line(
+                out,
+                &Line::Row {
+                    table: "metric_seen".to_owned(),
+                    values,
+                },
+            )?;
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 fn read_row(row: &AnyRow, table: &Table) -> Result<Vec<Value>, sqlx::Error> {

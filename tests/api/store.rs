@@ -26,6 +26,7 @@ both_logs!(
     a_retried_message_id_is_found_after_many_batches_of_new_ones,
     a_claim_finds_each_ids_first_record_batch_after_batch,
     a_large_claim_with_an_id_claimed_before_keeps_every_first_record,
+    claims_past_the_window_are_forgotten_and_the_rest_kept,
     the_rules_claims_join_the_metrics_claims,
     a_cached_profile_is_used_only_while_it_is_the_stored_one,
     a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be,
@@ -319,6 +320,100 @@ async fn a_large_claim_with_an_id_claimed_before_keeps_every_first_record(backen
     );
 }
 
+/// Claims received before the deduplication window are forgotten when
+/// it is purged, and the rest kept: on SQLite a run all of whose claims
+/// are older goes whole, and a run that straddles the window is
+/// rewritten without its older claims.
+async fn claims_past_the_window_are_forgotten_and_the_rest_kept(backend: Backend) {
+    let dir = TestDir::new();
+    let store = open(backend, &dir).await;
+    let claim = |claims: Vec<(String, i32, i64, i64)>| {
+        let store = store.clone();
+        async move {
+            let claims: Vec<(&str, i32, i64, i64)> = claims
+                .iter()
+                .map(|(id, p, o, r)| (id.as_str(), *p, *o, *r))
+                .collect();
+            store.claim_metric_ids("metrics", &claims).await.unwrap()
+        }
+    };
+    let (old, recent, cutoff) = (1_000_000, 9_000_000, 5_000_000);
+    let all_old = (0..500).map(|i| (format!("old-{i}"), 0, i, old)).collect();
+    assert_eq!(claim(all_old).await, Claimed::AllFirst);
+    // One batch, half of it received before the cutoff.
+    let straddling = (0..500)
+        .map(|i| {
+            (
+                format!("mixed-{i}"),
+                1,
+                i,
+                if i % 2 == 0 { old } else { recent },
+            )
+        })
+        .collect();
+    assert_eq!(claim(straddling).await, Claimed::AllFirst);
+    store.purge(cutoff).await.unwrap();
+
+    let again: Vec<(String, i32, i64, i64)> = (0..500)
+        .flat_map(|i| {
+            [
+                (format!("old-{i}"), 2, i, recent),
+                (format!("mixed-{i}"), 2, 1000 + i, recent),
+            ]
+        })
+        .collect();
+    let found = claim(again).await;
+    for i in 0..500 {
+        assert!(
+            !found.is_retry(&format!("old-{i}"), 2, i),
+            "old-{i} was forgotten"
+        );
+        assert_eq!(
+            found.is_retry(&format!("mixed-{i}"), 2, 1000 + i),
+            i % 2 == 1,
+            "mixed-{i}: kept only if received after the cutoff"
+        );
+    }
+}
+
+/// Many batches of claims, merged as they add up (SQLite), are all found
+/// after the store is opened again, each at its first record.
+#[tokio::test]
+async fn sqlite_claims_merged_over_many_batches_are_found_after_a_restart() {
+    let dir = TestDir::new();
+    let store = open(Backend::Embedded, &dir).await;
+    let batch = |round: i64| -> Vec<(String, i32, i64)> {
+        (0..150)
+            .map(|i| {
+                (
+                    format!("{:032x}", (round * 150 + i) * 0x9E37_79B9),
+                    0,
+                    round * 150 + i,
+                )
+            })
+            .collect()
+    };
+    for round in 0..70 {
+        assert_eq!(
+            claim_for_metrics(&store, batch(round)).await,
+            Claimed::AllFirst
+        );
+    }
+    store.close().await;
+    let store = open(Backend::Embedded, &dir).await;
+    let every: Vec<(String, i32, i64)> = (0..70)
+        .flat_map(batch)
+        .map(|(id, _, offset)| (id, 1, offset))
+        .chain([("new".to_owned(), 1, -5)])
+        .collect();
+    let found = claim_for_metrics(&store, every.clone()).await;
+    for (id, _, offset) in &every[..every.len() - 1] {
+        assert!(found.is_retry(id, 1, *offset), "{id} was claimed");
+        assert!(!found.is_retry(id, 0, *offset), "{id} first at 0:{offset}");
+    }
+    assert!(!found.is_retry("new", 1, -5));
+}
+
 /// A closed store claims nothing, on SQLite's own connection either; what
 /// it claimed before is there when the file is opened again.
 #[tokio::test]
@@ -354,18 +449,19 @@ async fn a_claim_waits_for_another_writer_of_the_sqlite_file() {
     let dir = TestDir::new();
     let store = open(Backend::Embedded, &dir).await;
     let file = format!("sqlite://{}", dir.path().join("traitline.db").display());
+    store
+        .claim_metric_ids("metrics", &[("held", 5, 50, 4_000_000)])
+        .await
+        .unwrap();
     let mut writer = sqlx::SqliteConnection::connect(&file).await.unwrap();
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut writer)
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
-         VALUES ('metrics', 'held', 5, 50, 4000000)",
-    )
-    .execute(&mut writer)
-    .await
-    .unwrap();
+    sqlx::query("CREATE TABLE written_meanwhile (x INTEGER)")
+        .execute(&mut writer)
+        .await
+        .unwrap();
     let claims: Vec<(String, i32, i64, i64)> = (0..200)
         .map(|i| (format!("w-{i}"), 0, i, 4_000_000))
         .chain([("held".to_owned(), 0, 200, 4_000_000)])
@@ -390,7 +486,7 @@ async fn a_claim_waits_for_another_writer_of_the_sqlite_file() {
         .expect("the claim goes in once the file is free");
     assert!(
         claimed.is_retry("held", 0, 200),
-        "the writer's claim came first"
+        "the claim made before the writer's came first"
     );
     assert!((0..200).all(|i| !claimed.is_retry(&format!("w-{i}"), 0, i)));
 }
@@ -951,31 +1047,32 @@ async fn the_rules_claims_join_the_metrics_claims(backend: Backend) {
     use sqlx::Connection;
     let dir = TestDir::new();
     let url = database(backend).await;
-    let store = Store::open(url.as_deref(), dir.path()).await.unwrap();
-    let claim = |name: &'static str, claims: Vec<(&'static str, i32, i64)>| {
-        let store = store.clone();
-        async move {
-            let claims: Vec<(&str, i32, i64, i64)> = claims
-                .iter()
-                .map(|&(id, p, o)| (id, p, o, 4_000_000))
-                .collect();
-            store.claim_metric_ids(name, &claims).await.unwrap()
-        }
-    };
-    claim("rules", vec![("by-a-rule", 2, 7), ("by-both", 1, 3)]).await;
-    claim("metrics", vec![("by-both", 1, 3), ("by-a-metric", 0, 1)]).await;
-    store.close().await;
-    // Migration 21 applied again, as to a store an older version left.
-    let forget = "DELETE FROM _sqlx_migrations WHERE version = 21";
+    Store::open(url.as_deref(), dir.path())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // The claims as a version before migration 21 left them: rows, the
+    // rules' under their own name.
+    let older = [
+        "INSERT INTO metric_seen (processor, message_id, partition, record_offset, received_at) \
+         VALUES ('rules', 'by-a-rule', 2, 7, 4000000), ('rules', 'by-both', 1, 3, 4000000), \
+         ('metrics', 'by-both', 1, 3, 4000000), ('metrics', 'by-a-metric', 0, 1, 4000000)",
+        "DELETE FROM _sqlx_migrations WHERE version = 21",
+    ];
     match &url {
         Some(url) => {
             let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query(forget).execute(&mut connection).await.unwrap();
+            for sql in older {
+                sqlx::query(sql).execute(&mut connection).await.unwrap();
+            }
         }
         None => {
             let file = format!("sqlite://{}", dir.path().join("traitline.db").display());
             let mut connection = sqlx::SqliteConnection::connect(&file).await.unwrap();
-            sqlx::query(forget).execute(&mut connection).await.unwrap();
+            for sql in older {
+                sqlx::query(sql).execute(&mut connection).await.unwrap();
+            }
         }
     }
     let store = Store::open(url.as_deref(), dir.path()).await.unwrap();

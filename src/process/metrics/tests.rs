@@ -218,7 +218,7 @@ async fn batches_held_back_whose_write_fails_are_read_again_and_count_once() {
 async fn batches_held_back_whose_claims_fail_are_read_again_and_count_once() {
     // Read again, the batches claim their ids a batch at a time, which
     // fails too and is retried after a pause: one failed write is seen.
-    held_back_write_refused("metric_seen", 1).await;
+    held_back_write_refused("claim_blocks", 1).await;
 }
 
 /// Refuses inserts into `table` until the runner has failed to write

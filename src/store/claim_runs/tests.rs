@@ -162,8 +162,22 @@ fn a_merge_keeps_each_id_once_at_its_oldest_position_and_drops_what_expired() {
             }
         }
     });
-    merge(sources.collect(), |p| p.received >= cutoff, &mut out).unwrap();
-    let merged = out.finish();
+    let taken = std::cell::RefCell::new(Vec::new());
+    merge(
+        sources.collect(),
+        |p| p.received >= cutoff,
+        |id, position| {
+            out.push(id, position)?;
+            taken.borrow_mut().extend(out.take_blocks());
+            Ok::<_, OutOfOrder>(())
+        },
+    )
+    .unwrap();
+    let (summary, rest) = out.finish();
+    let mut blocks = taken.into_inner();
+    assert!(blocks.len() > 1, "blocks are taken as they close");
+    blocks.extend(rest);
+    let merged = (summary, blocks);
     let mut want = newer.clone();
     want.extend(older.clone());
     want.retain(|_, p| p.received >= cutoff);
