@@ -260,8 +260,9 @@ impl Claims {
             return Ok(());
         }
         tracing::info!(
-            "turning {rows} stored message-id claims into sorted runs (once, after an upgrade or a restore)"
+            "turning {rows} stored message-id claims into sorted runs (once, after an upgrade or a restore); claims wait until it is done"
         );
+        let started = std::time::Instant::now();
         connection.execute("BEGIN IMMEDIATE")?;
         let mut written: Vec<(String, Run)> = Vec::new();
         let mut current: Option<(String, RunWriter)> = None;
@@ -291,6 +292,10 @@ impl Claims {
         }
         connection.execute("DELETE FROM metric_seen")?;
         connection.execute("COMMIT")?;
+        tracing::info!(
+            "turned {rows} stored message-id claims into sorted runs in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         self.next_run = next_run;
         for (processor, run) in written {
             self.runs.entry(processor).or_default().push(run);

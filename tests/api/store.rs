@@ -1119,9 +1119,14 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
         .await
         .unwrap();
     let processor = traitline::process::metrics::processor_name("orders_hourly", 1);
-    // A claim as the rules made theirs before migration 21.
+    // A claim as the rules made theirs before migration 21, and one of
+    // the metrics' (on SQLite both are in runs, written out as rows).
     store
         .claim_metric_ids("rules", &[("by-a-rule", 3, 5, 4_000_000)])
+        .await
+        .unwrap();
+    store
+        .claim_metric_ids("metrics", &[("by-a-metric", 2, 4, 4_000_000)])
         .await
         .unwrap();
     let state = GroupRow {
@@ -1257,6 +1262,14 @@ async fn a_snapshot_carries_metrics_and_rules_and_an_old_one_leaves_them_be(back
     assert_eq!(
         restored.unpublished_alerts(10).await.unwrap()[0].id,
         alert.id
+    );
+    assert!(
+        restored
+            .claim_metric_ids("metrics", &[("by-a-metric", 2, 8, 4_000_000)])
+            .await
+            .unwrap()
+            .is_retry("by-a-metric", 2, 8),
+        "the metrics' claims are restored, first at 2:4"
     );
     // Each restore rewrites the claims whole, so this claim goes with the
     // next one.
