@@ -204,9 +204,15 @@ async fn a_retried_message_id_is_found_after_many_batches_of_new_ones(backend: B
 /// Claims `claims` (id, partition, offset) for the metrics, each received
 /// at the same time.
 async fn claim_for_metrics(store: &Store, claims: Vec<(String, i32, i64)>) -> Claimed {
+    let claims = claims.into_iter().map(|(id, p, o)| (id, p, o, 4_000_000));
+    claim_received(store, claims.collect()).await
+}
+
+/// Claims `claims` (id, partition, offset, received at) for the metrics.
+async fn claim_received(store: &Store, claims: Vec<(String, i32, i64, i64)>) -> Claimed {
     let claims: Vec<(&str, i32, i64, i64)> = claims
         .iter()
-        .map(|(id, p, o)| (id.as_str(), *p, *o, 4_000_000))
+        .map(|(id, p, o, r)| (id.as_str(), *p, *o, *r))
         .collect();
     store.claim_metric_ids("metrics", &claims).await.unwrap()
 }
@@ -327,16 +333,7 @@ async fn a_large_claim_with_an_id_claimed_before_keeps_every_first_record(backen
 async fn claims_past_the_window_are_forgotten_and_the_rest_kept(backend: Backend) {
     let dir = TestDir::new();
     let store = open(backend, &dir).await;
-    let claim = |claims: Vec<(String, i32, i64, i64)>| {
-        let store = store.clone();
-        async move {
-            let claims: Vec<(&str, i32, i64, i64)> = claims
-                .iter()
-                .map(|(id, p, o, r)| (id.as_str(), *p, *o, *r))
-                .collect();
-            store.claim_metric_ids("metrics", &claims).await.unwrap()
-        }
-    };
+    let claim = |claims| claim_received(&store, claims);
     let (old, recent, cutoff) = (1_000_000, 9_000_000, 5_000_000);
     let all_old = (0..500).map(|i| (format!("old-{i}"), 0, i, old)).collect();
     assert_eq!(claim(all_old).await, Claimed::AllFirst);
