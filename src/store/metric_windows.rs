@@ -505,11 +505,12 @@ impl Store {
     /// Claims message ids for `processor`: each `(id, partition, offset,
     /// received_at)` records that the id's first record is at that log
     /// position, unless an earlier claim did. An event counts when it is
-    /// its id's first record. Claiming needs no lookup of the ids already
-    /// counted (a claim is an insert; only when fewer rows go in than
-    /// were claimed are the ids' first records read), and is true of the
-    /// log whether or not the batch commits, so it is made before the
-    /// batch's transaction.
+    /// its id's first record. On PostgreSQL a claim is an insert, and
+    /// only when fewer rows go in than were claimed are the ids' first
+    /// records read; on SQLite the claims are sorted runs, each id looked
+    /// for through the runs' filters in memory (`src/store/native_claims.rs`).
+    /// A claim is true of the log whether or not the batch commits, so it
+    /// is made before the batch's transaction.
     pub async fn claim_metric_ids(
         &self,
         processor: &str,
