@@ -72,6 +72,11 @@ pub const METRIC_WATERMARK_LAG_SECONDS: &str = "traitline_metric_watermark_lag_s
 /// The estimated memory of the open window state a metric holds, by
 /// `metric` (kept within its share of `metric-state-budget-mb`).
 pub const METRIC_STATE_BYTES: &str = "traitline_metric_state_bytes";
+/// Message-id claims SQLite keeps as sorted runs (the deduplication
+/// window's), by `claims` (the name they are kept under).
+pub const CLAIMS_KEPT: &str = "traitline_claims_kept";
+/// The memory those claims' filters and block indexes hold, by `claims`.
+pub const CLAIMS_MEMORY_BYTES: &str = "traitline_claims_memory_bytes";
 /// Groups a metric evicted from memory to stay within its budget (their
 /// state is in the store, read back when needed), by `metric`.
 pub const METRIC_GROUPS_EVICTED: &str = "traitline_metric_groups_evicted_total";
@@ -159,6 +164,15 @@ fn describe() {
         METRIC_STATE_BYTES,
         Unit::Bytes,
         "Estimated memory of the open window state a metric holds, by metric"
+    );
+    describe_gauge!(
+        CLAIMS_KEPT,
+        "Message-id claims SQLite keeps as sorted runs, by the name they are kept under"
+    );
+    describe_gauge!(
+        CLAIMS_MEMORY_BYTES,
+        Unit::Bytes,
+        "Memory of the filters and block indexes of SQLite's message-id claims, by the name they are kept under"
     );
     describe_counter!(
         METRIC_GROUPS_EVICTED,

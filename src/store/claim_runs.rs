@@ -193,6 +193,16 @@ impl RunSummary {
             .checked_sub(1)
     }
 
+    /// The memory the summary holds: its filter and first ids.
+    pub fn bytes(&self) -> usize {
+        self.filter.bytes()
+            + self
+                .firsts
+                .iter()
+                .map(|first| first.len() + std::mem::size_of::<Box<str>>())
+                .sum::<usize>()
+    }
+
     /// The first ids, each after a varint of its length: how the store
     /// keeps them beside the filter.
     pub fn firsts_bytes(&self) -> Vec<u8> {

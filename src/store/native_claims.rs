@@ -218,7 +218,20 @@ impl Claims {
         };
         claims.load()?;
         claims.take_rows()?;
+        for processor in claims.runs.keys() {
+            claims.report(processor);
+        }
         Ok(claims)
+    }
+
+    /// Sets the gauges of `processor`'s claims.
+    fn report(&self, processor: &str) {
+        let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
+        let kept: u64 = runs.iter().map(|r| r.summary.claims).sum();
+        let bytes: usize = runs.iter().map(|r| r.summary.bytes()).sum();
+        let name = processor.to_owned();
+        metrics::gauge!(crate::metrics::CLAIMS_KEPT, "claims" => name.clone()).set(kept as f64);
+        metrics::gauge!(crate::metrics::CLAIMS_MEMORY_BYTES, "claims" => name).set(bytes as f64);
     }
 
     /// Reads every run's summary.
@@ -362,6 +375,7 @@ impl Claims {
                     "cannot merge the message-id claims of {processor} ({e}); they stay in more runs, which lookups read more slowly, until a later claim merges them"
                 );
             }
+            self.report(processor);
         } else {
             self.connection.execute("ROLLBACK")?;
         }
@@ -462,6 +476,7 @@ impl Claims {
             self.next_run += 1;
             runs.push(merged);
         }
+        self.report(processor);
         Ok(())
     }
 
@@ -498,6 +513,7 @@ impl Claims {
         }
         self.connection.execute("COMMIT")?;
         self.runs.remove(processor);
+        self.report(processor);
         Ok(())
     }
 }

@@ -200,3 +200,31 @@ async fn kafka_statistics_show_the_broker_up() {
     })
     .await;
 }
+
+/// Embedded, the metrics' message-id claims are SQLite's sorted runs:
+/// how many are kept, and the memory their filters hold, are gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_claims_kept_and_their_memory_are_gauges() {
+    let app = spawn_app(Backend::Embedded).await;
+    let metric = json!({"event": "Viewed", "group_by": "userId", "aggregate": "count",
+                        "window": {"kind": "tumbling", "size": "1h"}});
+    let defined = app
+        .client
+        .put(app.url("/v1/metrics/views_hourly"))
+        .basic_auth(crate::helpers::ADMIN_KEY, Some(""))
+        .json(&metric)
+        .send()
+        .await
+        .unwrap();
+    assert!(defined.status().is_success(), "{}", defined.status());
+    for i in 0..4 {
+        let event = json!({"userId": "c1", "event": "Viewed", "messageId": format!("claimed-{i}")});
+        assert_eq!(app.post("/v1/track", &event).await.status(), StatusCode::OK);
+    }
+    let claims = [("claims", "metrics")];
+    scrape_until(&app, "the claims' gauges", |now| {
+        sample(now, "traitline_claims_kept", &claims) >= Some(4.0)
+            && sample(now, "traitline_claims_memory_bytes", &claims) > Some(0.0)
+    })
+    .await;
+}
