@@ -6,7 +6,7 @@
 //! its key, a third of a per-user count's CPU; a run of claims costs a
 //! few bytes each through the WAL, a hash and a look at each run's
 //! filter. Every run's filter and block index stay in memory (about 2
-//! bytes a claim kept), loaded when the connection opens; a lookup that
+//! bytes a claim kept), read at the first write; a lookup that
 //! a filter lets through reads one block.
 //!
 //! Each processor's runs are merged size-tiered: [`FANOUT`] runs of one
@@ -18,7 +18,12 @@
 //! without them.
 //!
 //! Rows of `metric_seen` (claims stored before migration 22, or restored
-//! from a snapshot) are turned into runs when the connection opens.
+//! from a snapshot) are turned into runs at the next write.
+//!
+//! Another writer of the file (a second process on one data directory, a
+//! snapshot restored through the pool) is seen through `claim_epoch`,
+//! which every write that changes the runs moves: a write that finds it
+//! moved reads the runs again before it looks anything up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString, c_int};
@@ -71,19 +76,6 @@ impl NativeClaims {
         // Interrupted only as the runtime shuts down, when nothing is
         // left to claim.
         let _ = on_blocking_thread(move || *native.lock() = State::Closed).await;
-    }
-
-    /// Forgets the runs in memory: the tables were replaced under them (a
-    /// snapshot restored). The next claim reads them again.
-    pub(super) async fn reopen(self: &Arc<Self>) -> Result<(), StoreError> {
-        let native = self.clone();
-        on_blocking_thread(move || {
-            let mut state = native.lock();
-            if matches!(*state, State::Open(_)) {
-                *state = State::Unopened;
-            }
-        })
-        .await
     }
 
     /// Claims each `(id, partition, offset, received_at)` for `processor`
@@ -140,7 +132,12 @@ impl NativeClaims {
             });
         };
         let outcome = work(open);
-        // Whatever happened, no transaction may stay open.
+        // Whatever happened, no transaction may stay open; after a
+        // failure the runs in memory may be ahead of the file's, and are
+        // read again.
+        if outcome.is_err() {
+            open.epoch = -1;
+        }
         open.connection.roll_back_if_open()?;
         outcome
     }
@@ -206,22 +203,23 @@ struct Claims {
     connection: Connection,
     runs: HashMap<String, Vec<Run>>,
     next_run: i64,
+    /// The `claim_epoch` the runs in memory are of: every transaction
+    /// that changes the runs moves it, so a writer of the file other than
+    /// this connection (another process, a restore) is seen at the next
+    /// transaction's start, and the runs are read again.
+    epoch: i64,
 }
 
 impl Claims {
     fn open(path: &Path) -> Result<Claims, StoreError> {
         let connection = Connection::open(path)?;
-        let mut claims = Claims {
+        // The runs are read at the first write (no epoch is negative).
+        Ok(Claims {
             connection,
             runs: HashMap::new(),
             next_run: 1,
-        };
-        claims.load()?;
-        claims.take_rows()?;
-        for processor in claims.runs.keys() {
-            claims.report(processor);
-        }
-        Ok(claims)
+            epoch: -1,
+        })
     }
 
     /// Sets the gauges of `processor`'s claims.
@@ -234,8 +232,37 @@ impl Claims {
         metrics::gauge!(crate::metrics::CLAIMS_MEMORY_BYTES, "claims" => name).set(bytes as f64);
     }
 
+    /// Begins a write, with the runs in memory those of the file, and
+    /// the rows of `metric_seen` turned into runs.
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.connection.execute("BEGIN IMMEDIATE")?;
+        if self.connection.epoch()? != self.epoch {
+            self.load()?;
+            self.take_rows()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the runs again if another writer changed them (outside a
+    /// write: what is read may be changed before the next).
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.connection.epoch()? != self.epoch {
+            self.load()?;
+        }
+        Ok(())
+    }
+
+    /// Marks the runs changed by the write under way.
+    fn changed(&mut self) -> Result<(), StoreError> {
+        let connection = &self.connection;
+        connection.query(connection.bump_epoch, &[], |_| Ok(()))?;
+        self.epoch = connection.epoch()?;
+        Ok(())
+    }
+
     /// Reads every run's summary.
     fn load(&mut self) -> Result<(), StoreError> {
+        self.epoch = self.connection.epoch()?;
         let connection = &self.connection;
         let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
         let mut next_run = 1;
@@ -257,11 +284,15 @@ impl Claims {
         })?;
         self.runs = runs;
         self.next_run = next_run;
+        let processors: Vec<String> = self.runs.keys().cloned().collect();
+        for processor in processors {
+            self.report(&processor);
+        }
         Ok(())
     }
 
     /// Turns the rows of `metric_seen` into runs, a processor's rows into
-    /// one, and deletes the rows, in one transaction.
+    /// one, and deletes the rows, within the write under way.
     fn take_rows(&mut self) -> Result<(), StoreError> {
         let connection = &self.connection;
         let mut rows = 0u64;
@@ -276,7 +307,6 @@ impl Claims {
             "turning {rows} stored message-id claims into sorted runs (once, after an upgrade or a restore); claims wait until it is done"
         );
         let started = std::time::Instant::now();
-        connection.execute("BEGIN IMMEDIATE")?;
         let mut written: Vec<(String, Run)> = Vec::new();
         let mut current: Option<(String, RunWriter)> = None;
         let mut next_run = self.next_run;
@@ -304,18 +334,15 @@ impl Claims {
             written.push((done.clone(), writer.finish(connection, &done)?));
         }
         connection.execute("DELETE FROM metric_seen")?;
-        connection.execute("COMMIT")?;
+        self.changed()?;
         tracing::info!(
             "turned {rows} stored message-id claims into sorted runs in {:.1} s",
             started.elapsed().as_secs_f64()
         );
         self.next_run = next_run;
         for (processor, run) in written {
-            self.runs.entry(processor).or_default().push(run);
-        }
-        let processors: Vec<String> = self.runs.keys().cloned().collect();
-        for processor in processors {
-            self.compact(&processor)?;
+            self.runs.entry(processor.clone()).or_default().push(run);
+            self.report(&processor);
         }
         Ok(())
     }
@@ -331,7 +358,7 @@ impl Claims {
         if !claims.is_sorted_by(|a, b| a.0 < b.0) {
             order.sort_by(|&a, &b| claims[a].0.cmp(claims[b].0));
         }
-        self.connection.execute("BEGIN IMMEDIATE")?;
+        self.begin()?;
         let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
         let mut blocks = BlockReader::new(&self.connection, processor, runs);
         let mut writer = RunWriter::new(self.next_run, claims.len());
@@ -364,6 +391,7 @@ impl Claims {
         }
         if !writer.is_empty() {
             let run = writer.finish(&self.connection, processor)?;
+            self.changed()?;
             self.connection.execute("COMMIT")?;
             self.next_run += 1;
             self.runs.entry(processor.to_owned()).or_default().push(run);
@@ -371,13 +399,15 @@ impl Claims {
             // they were, to be merged after a later claim.
             if let Err(e) = self.compact(processor) {
                 self.connection.roll_back_if_open()?;
+                self.epoch = -1;
                 tracing::warn!(
                     "cannot merge the message-id claims of {processor} ({e}); they stay in more runs, which lookups read more slowly, until a later claim merges them"
                 );
             }
             self.report(processor);
         } else {
-            self.connection.execute("ROLLBACK")?;
+            // Nothing claimed, but `begin` may have turned rows into runs.
+            self.connection.execute("COMMIT")?;
         }
         Ok(if all_first {
             Claimed::AllFirst
@@ -419,14 +449,15 @@ impl Claims {
         numbers: &[i64],
         keep_from: i64,
     ) -> Result<(), StoreError> {
+        self.begin()?;
         let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
+        // Those another writer merged meanwhile are gone.
         let chosen: Vec<&Run> = runs
             .iter()
             .filter(|r| numbers.contains(&r.number))
             .collect();
         let total: u64 = chosen.iter().map(|r| r.summary.claims).sum();
         let connection = &self.connection;
-        connection.execute("BEGIN IMMEDIATE")?;
         let mut writer = RunWriter::new(self.next_run, total as usize);
         let sources = chosen
             .iter()
@@ -469,7 +500,8 @@ impl Claims {
         } else {
             Some(writer.finish(connection, processor)?)
         };
-        connection.execute("COMMIT")?;
+        self.changed()?;
+        self.connection.execute("COMMIT")?;
         let runs = self.runs.entry(processor.to_owned()).or_default();
         runs.retain(|r| !numbers.contains(&r.number));
         if let Some(merged) = merged {
@@ -481,6 +513,7 @@ impl Claims {
     }
 
     fn expire(&mut self, before_ms: i64) -> Result<(), StoreError> {
+        self.sync()?;
         let mut due: Vec<(String, i64)> = Vec::new();
         for (processor, runs) in &self.runs {
             for run in runs {
@@ -502,15 +535,16 @@ impl Claims {
     }
 
     fn forget(&mut self, processor: &str) -> Result<(), StoreError> {
+        self.begin()?;
         let numbers: Vec<i64> = self
             .runs
             .get(processor)
             .map(|runs| runs.iter().map(|r| r.number).collect())
             .unwrap_or_default();
-        self.connection.execute("BEGIN IMMEDIATE")?;
         for number in numbers {
             self.connection.delete_run(processor, number)?;
         }
+        self.changed()?;
         self.connection.execute("COMMIT")?;
         self.runs.remove(processor);
         self.report(processor);
@@ -640,6 +674,8 @@ struct Connection {
     load_runs: *mut ffi::sqlite3_stmt,
     count_rows: *mut ffi::sqlite3_stmt,
     read_rows: *mut ffi::sqlite3_stmt,
+    read_epoch: *mut ffi::sqlite3_stmt,
+    bump_epoch: *mut ffi::sqlite3_stmt,
 }
 
 // SAFETY: a connection opened with SQLITE_OPEN_NOMUTEX may be used from
@@ -729,6 +765,8 @@ impl Connection {
             load_runs: null,
             count_rows: null,
             read_rows: null,
+            read_epoch: null,
+            bump_epoch: null,
         };
         if rc != ffi::SQLITE_OK {
             return Err(connection.error(rc));
@@ -760,7 +798,18 @@ impl Connection {
             "SELECT processor, message_id, partition, record_offset, received_at \
              FROM metric_seen ORDER BY processor, message_id",
         )?;
+        connection.read_epoch = connection.prepare("SELECT epoch FROM claim_epoch")?;
+        connection.bump_epoch = connection.prepare("UPDATE claim_epoch SET epoch = epoch + 1")?;
         Ok(connection)
+    }
+
+    fn epoch(&self) -> Result<i64, StoreError> {
+        let mut epoch = 0;
+        self.query(self.read_epoch, &[], |row| {
+            epoch = row.int(0);
+            Ok(())
+        })?;
+        Ok(epoch)
     }
 
     fn insert_block(
@@ -964,6 +1013,8 @@ impl Drop for Connection {
                 self.load_runs,
                 self.count_rows,
                 self.read_rows,
+                self.read_epoch,
+                self.bump_epoch,
             ] {
                 ffi::sqlite3_finalize(statement);
             }

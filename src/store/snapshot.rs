@@ -593,16 +593,16 @@ impl Store {
             .await?;
         }
         if self.dialect == Dialect::Sqlite && held.iter().any(|t| t.name == "metric_seen") {
-            // The restored claims replace the runs, and become runs when
-            // the claims' connection opens again.
-            sqlx::raw_sql("DELETE FROM claim_blocks; DELETE FROM claim_runs")
-                .execute(&mut *tx)
-                .await?;
+            // The restored claims replace the runs, and become runs at
+            // the claims' next write, which the epoch's move tells.
+            sqlx::raw_sql(
+                "DELETE FROM claim_blocks; DELETE FROM claim_runs; \
+                 UPDATE claim_epoch SET epoch = epoch + 1",
+            )
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        if let Some(native) = &self.native_claims {
-            native.reopen().await?;
-        }
         info.rows = end;
         Ok(Some(info))
     }

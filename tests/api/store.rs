@@ -411,6 +411,45 @@ async fn sqlite_claims_merged_over_many_batches_are_found_after_a_restart() {
     assert!(!found.is_retry("new", 1, -5));
 }
 
+/// Two writers of one SQLite file (two processes on one data directory,
+/// here two stores) each keep the runs in memory, and each sees the
+/// other's claims: an id claimed by one is a retry to the other.
+#[tokio::test]
+async fn sqlite_claims_of_another_writer_of_the_file_are_seen() {
+    let dir = TestDir::new();
+    let (one, other) = (
+        open(Backend::Embedded, &dir).await,
+        open(Backend::Embedded, &dir).await,
+    );
+    let ids = |prefix: &str, partition: i32| -> Vec<(String, i32, i64)> {
+        (0..50)
+            .map(|i| (format!("{prefix}-{i}"), partition, i))
+            .collect()
+    };
+    assert_eq!(
+        claim_for_metrics(&one, ids("a", 0)).await,
+        Claimed::AllFirst
+    );
+    assert_eq!(
+        claim_for_metrics(&other, ids("b", 1)).await,
+        Claimed::AllFirst
+    );
+    let seen = claim_for_metrics(&other, ids("a", 2)).await;
+    assert!(
+        (0..50).all(|i| seen.is_retry(&format!("a-{i}"), 2, i)),
+        "{seen:?}"
+    );
+    let seen = claim_for_metrics(&one, ids("b", 3)).await;
+    assert!(
+        (0..50).all(|i| seen.is_retry(&format!("b-{i}"), 3, i)),
+        "{seen:?}"
+    );
+    assert_eq!(
+        claim_for_metrics(&one, ids("c", 4)).await,
+        Claimed::AllFirst
+    );
+}
+
 /// A closed store claims nothing, on SQLite's own connection either; what
 /// it claimed before is there when the file is opened again.
 #[tokio::test]

@@ -4,7 +4,7 @@
 -- its key; a run holds a batch's claims in order of id, prefix-compressed
 -- in blocks of about 4 KiB, with a filter that tells most absent ids
 -- without a block read (src/store/claim_runs.rs). The rows of
--- metric_seen are turned into runs when the claims' connection opens.
+-- metric_seen are turned into runs at the claims' next write.
 CREATE TABLE claim_runs (
     processor TEXT NOT NULL,
     run BIGINT NOT NULL,
@@ -24,3 +24,7 @@ CREATE TABLE claim_blocks (
     claims BLOB NOT NULL,
     PRIMARY KEY (processor, run, block)
 ) WITHOUT ROWID;
+-- Moved by every write that changes the runs: a connection that keeps
+-- them in memory reads them again when another moved it.
+CREATE TABLE claim_epoch (epoch BIGINT NOT NULL);
+INSERT INTO claim_epoch (epoch) VALUES (0);
