@@ -362,7 +362,9 @@ impl Claims {
         let runs = self.runs.get(processor).map_or(&[][..], Vec::as_slice);
         let mut blocks = BlockReader::new(&self.connection, processor, runs);
         let mut writer = RunWriter::new(self.next_run, claims.len());
-        let mut positions: Vec<(&str, (i32, i64))> = Vec::with_capacity(claims.len());
+        // Ids claimed before, at their stored first record: with the
+        // claims' own order they answer for every id when some are.
+        let mut stored: Vec<(&str, (i32, i64))> = Vec::new();
         let mut all_first = true;
         let mut last: Option<&str> = None;
         for i in order {
@@ -374,9 +376,9 @@ impl Claims {
             }
             last = Some(id);
             match blocks.find(id)? {
-                Some(stored) => {
+                Some(at) => {
                     all_first = false;
-                    positions.push((id, (stored.partition, stored.offset)));
+                    stored.push((id, (at.partition, at.offset)));
                 }
                 None => {
                     let position = Position {
@@ -385,7 +387,6 @@ impl Claims {
                         received,
                     };
                     writer.push(&self.connection, processor, id, position)?;
-                    positions.push((id, (partition, offset)));
                 }
             }
         }
@@ -409,16 +410,19 @@ impl Claims {
             // Nothing claimed, but `begin` may have turned rows into runs.
             self.connection.execute("COMMIT")?;
         }
-        Ok(if all_first {
-            Claimed::AllFirst
-        } else {
-            Claimed::Positions(
-                positions
-                    .into_iter()
-                    .map(|(id, at)| (id.to_owned(), at))
-                    .collect::<FirstRecords>(),
-            )
-        })
+        if all_first {
+            return Ok(Claimed::AllFirst);
+        }
+        let mut first = FirstRecords::default();
+        for (id, partition, offset, _) in claims {
+            first
+                .entry((*id).to_owned())
+                .or_insert((*partition, *offset));
+        }
+        for (id, at) in stored {
+            first.insert(id.to_owned(), at);
+        }
+        Ok(Claimed::Positions(first))
     }
 
     /// Merges `processor`'s runs while some size tier holds [`FANOUT`].
