@@ -815,9 +815,17 @@ async fn a_deleted_user_leaves_no_metric_windows(backend: Backend) {
             body["values"].as_array().unwrap().len()
         }
     };
-    eventually("u1's windows", Duration::from_secs(30), || async {
-        (windows("u1").await == 2 && windows("u2").await == 1).then_some(())
-    })
+    // The profiles have a runner of their own, which may commit after
+    // the metrics'.
+    eventually(
+        "u1's windows and profile",
+        Duration::from_secs(30),
+        || async {
+            let profile = app.get_as("/v1/profiles/u1", READ_KEY).await.0;
+            (windows("u1").await == 2 && windows("u2").await == 1 && profile == StatusCode::OK)
+                .then_some(())
+        },
+    )
     .await;
     let (status, profile) = app.get_as("/v1/profiles/u1", READ_KEY).await;
     assert_eq!(status, StatusCode::OK, "{profile}");
